@@ -1,0 +1,3 @@
+"""Pinion: a sidecarless service mesh for small k3s clusters."""
+
+__version__ = "0.1.0"

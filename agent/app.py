@@ -1,0 +1,82 @@
+"""Composition root: build every component from the Config, run them, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import prometheus_client
+
+from agent.config import Config
+from agent.controlplane.cni_server import CniServer, replay_pending
+from agent.controlplane.state import PodStateStore
+from agent.core.telemetry import TcpTelemetry
+from agent.dataplane.inpod import PodManager
+from agent.dataplane.netns import NetNs, NetnsSwitch
+from agent.dataplane.proxy import Proxy
+from agent.dataplane.redirect import choose_backend
+from agent.dataplane.sockets import SocketFactory
+from agent.observability.admin import AdminServer
+from agent.observability.metrics import build_registry
+
+log = logging.getLogger("pinion")
+
+
+async def run_agent(config: Config, cleanup: bool = False) -> int:
+    prometheus_client.disable_created_metrics()
+    switch = NetnsSwitch(NetNs.current())
+    backend = choose_backend(config.redirect)
+    telemetry = TcpTelemetry(time.monotonic, config.metrics_grace_seconds)
+    registry, metrics = build_registry(telemetry)
+    sockets = SocketFactory(switch, config.proxy_mark)
+    proxy = Proxy(sockets, telemetry, metrics, config.connect_timeout_seconds,
+                  config.write_buffer_high)
+    store = PodStateStore(config.state_dir)
+    store.prepare()
+    pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics)
+    admin = AdminServer(config.admin_host, config.admin_port, registry,
+                        lambda: _pods_view(pods))
+    cni = CniServer(config.cni_socket, pods, metrics)
+
+    await admin.start()
+    await pods.adopt()
+    await cni.start()
+    await replay_pending(config.pending_dir, pods)
+    admin.ready = True
+    log.info("agent %s serving: admin %s:%d, cni %s, redirect %s, %d pods", config.node_name,
+             config.admin_host, config.admin_port, config.cni_socket, backend.name,
+             len(pods.pods()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with asyncio.TaskGroup() as tasks:
+        sweeper = tasks.create_task(_sweep_forever(config, pods))
+        await stop.wait()
+        log.info("draining: %s", "removing all capture rules" if cleanup else
+                 "pods stay captured (fail closed) until the agent returns")
+        admin.ready = False
+        sweeper.cancel()
+        await cni.close()
+        await pods.shutdown(cleanup)
+        await proxy.close()
+        await admin.close()
+    return 0
+
+
+async def _sweep_forever(config: Config, pods: PodManager) -> None:
+    while True:
+        await asyncio.sleep(config.sweep_interval_seconds)
+        try:
+            await pods.sweep()
+            await replay_pending(config.pending_dir, pods)
+        except Exception:  # a sweep must never take the agent down; say why and go on
+            log.exception("periodic sweep failed")
+
+
+def _pods_view(pods: PodManager) -> list[dict[str, Any]]:
+    return [{**c.pod.to_json(), "backend": pods.backend_name,
+             "listening": all(s.is_serving() for s in c.servers)} for c in pods.pods()]

@@ -1,0 +1,140 @@
+"""The Unix-socket server the CNI plugin talks to: one JSON request line, one JSON reply.
+
+Also reads the requests a fail-open plugin spooled while the agent was away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from agent.dataplane.inpod import CaptureError, PodManager
+from agent.model import CaptureSettings, Pod, PodKey
+from agent.observability.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+CNI_INVALID_ENV = 4
+CNI_DECODE_FAILURE = 6
+CNI_INVALID_CONFIG = 7
+MAX_REQUEST = 64 * 1024
+READ_TIMEOUT = 10.0
+
+
+def pod_from_request(request: dict[str, Any]) -> Pod:
+    """Validate a plugin request into a Pod; a CaptureError says what was wrong."""
+    args = request.get("args") or {}
+    if not isinstance(args, dict):
+        raise CaptureError(CNI_INVALID_ENV, "CNI_ARGS must be key=value pairs")
+    missing = [k for k in ("K8S_POD_NAMESPACE", "K8S_POD_NAME") if not args.get(k)]
+    if missing:
+        raise CaptureError(CNI_INVALID_ENV, f"CNI_ARGS lacks {', '.join(missing)}; "
+                           "pinion-cni needs the pod's namespace and name")
+    for field in ("containerId", "netns"):
+        if not isinstance(request.get(field), str) or not request[field]:
+            raise CaptureError(CNI_INVALID_ENV, f"request lacks {field}")
+    try:
+        capture = CaptureSettings.from_cni_args(args, list(request.get("gateways") or []))
+    except ValueError as exc:
+        raise CaptureError(CNI_INVALID_ENV, f"bad PINION_* CNI arg: {exc}") from None
+    return Pod(
+        key=PodKey(args["K8S_POD_NAMESPACE"], args["K8S_POD_NAME"]),
+        uid=args.get("K8S_POD_UID", ""),
+        container_id=request["containerId"],
+        netns_path=request["netns"],
+        ips=tuple(request.get("ips") or ()),
+        service_account=args.get("PINION_SERVICE_ACCOUNT") or "default",
+        capture=capture,
+    )
+
+
+class CniServer:
+    def __init__(self, path: Path, pods: PodManager, metrics: AgentMetrics) -> None:
+        self._path = path
+        self._pods = pods
+        self._metrics = metrics
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._path.unlink(missing_ok=True)
+        old_umask = os.umask(0o177)  # the socket is for root's plugin only
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self._path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            reply = await self.handle_line(line)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError) as exc:
+            log.info("cni: dropped a client: %s", exc or type(exc).__name__)
+        finally:
+            writer.close()
+
+    async def handle_line(self, line: bytes) -> dict[str, Any]:
+        command = "unknown"
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            command = str(request.get("command", "")).upper()
+            await self.handle(command, request)
+            reply: dict[str, Any] = {"ok": True}
+        except ValueError as exc:
+            reply = _error(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {exc}")
+        except CaptureError as exc:
+            reply = _error(exc.code, exc.msg, exc.details)
+        result = "ok" if reply["ok"] else "error"
+        self._metrics.cni_requests.labels(command.lower()[:8], result).inc()
+        if not reply["ok"]:
+            log.warning("cni %s failed: %s", command, reply["msg"])
+        return reply
+
+    async def handle(self, command: str, request: dict[str, Any]) -> None:
+        if command == "ADD":
+            await self._pods.add(pod_from_request(request))
+        elif command == "DEL":
+            container_id = request.get("containerId")
+            if not isinstance(container_id, str) or not container_id:
+                raise CaptureError(CNI_INVALID_ENV, "DEL without containerId")
+            await self._pods.delete(container_id)
+        elif command == "CHECK":
+            problems = await self._pods.check(str(request.get("containerId", "")))
+            if problems:
+                raise CaptureError(CNI_INVALID_CONFIG, "pod is not fully captured: "
+                                   + "; ".join(problems))
+        else:
+            raise CaptureError(CNI_INVALID_ENV, f"unknown CNI command {command!r}")
+
+
+async def replay_pending(directory: Path, pods: PodManager) -> int:
+    """Capture pods a fail-open plugin let start while we were away. Returns how many."""
+    captured = 0
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            await pods.add(pod_from_request(json.loads(path.read_text())))
+            captured += 1
+        except (OSError, ValueError) as exc:
+            log.warning("pending request %s unreadable: %s", path.name, exc)
+        except CaptureError as exc:
+            log.warning("pending pod %s not captured: %s", path.name, exc.msg)
+        path.unlink(missing_ok=True)
+    return captured
+
+
+def _error(code: int, msg: str, details: str = "") -> dict[str, Any]:
+    return {"ok": False, "code": code, "msg": msg, "details": details}

@@ -1,0 +1,45 @@
+"""The agent's memory across restarts: one JSON file per captured pod in --state-dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from agent.model import Pod
+
+log = logging.getLogger(__name__)
+
+
+class PodStateStore:
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory / "pods"
+
+    def prepare(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, container_id: str) -> Path:
+        return self._dir / f"{container_id}.json"
+
+    def save(self, pod: Pod) -> None:
+        path = self._path(pod.container_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as out:
+            json.dump(pod.to_json(), out)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+
+    def delete(self, container_id: str) -> None:
+        self._path(container_id).unlink(missing_ok=True)
+
+    def load_all(self) -> list[Pod]:
+        pods = []
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                pods.append(Pod.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring unreadable pod state %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+        return pods

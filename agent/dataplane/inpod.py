@@ -1,0 +1,207 @@
+"""Pod lifecycle on this node: capture (rules + in-pod listeners), keep, release, re-adopt.
+
+Setting a pod up is all-or-nothing: if any step fails, or the pod's netns disappears while
+we work, every step already taken is undone and the caller gets a CaptureError."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from agent.config import Config
+from agent.controlplane.state import PodStateStore
+from agent.core.telemetry import TcpTelemetry
+from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
+from agent.dataplane.proxy import PodContext, Proxy
+from agent.dataplane.redirect import Backend, RedirectError, make_backend
+from agent.dataplane.redirect.plan import Plan, build_plan
+from agent.dataplane.sockets import SocketFactory
+from agent.model import Pod
+from agent.observability.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+# CNI error codes (SPEC.md): the plugin passes ours through to the runtime.
+CNI_CONTAINER_UNKNOWN = 3
+CNI_IO_FAILURE = 5
+CNI_TRY_AGAIN_LATER = 11
+
+
+class CaptureError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(slots=True)
+class CapturedPod:
+    pod: Pod
+    netns: NetNs
+    plan: Plan
+    context: PodContext
+    servers: list[asyncio.Server]
+
+
+class PodManager:
+    def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
+                 backend: Backend, proxy: Proxy, store: PodStateStore,
+                 telemetry: TcpTelemetry, metrics: AgentMetrics) -> None:
+        self._config = config
+        self._switch = switch
+        self._sockets = sockets
+        self._backend = backend
+        self._others = _other_backends(backend.name)
+        self._proxy = proxy
+        self._store = store
+        self._telemetry = telemetry
+        self._metrics = metrics
+        self._pods: dict[str, CapturedPod] = {}
+        self._lock = asyncio.Lock()  # one pod change at a time; each takes milliseconds
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    def pods(self) -> list[CapturedPod]:
+        return list(self._pods.values())
+
+    async def add(self, pod: Pod) -> None:
+        async with self._lock:
+            current = self._pods.get(pod.container_id)
+            if current is not None and current.netns.still_at_path():
+                await self._in_netns(current.netns, lambda: self._install(current.plan))
+                return  # a repeated ADD: rules re-asserted, listeners already up
+            for stale in [c for c in self._pods.values() if c.pod.key == pod.key]:
+                await self._release(stale)  # an older sandbox of the same pod
+            if current is not None:
+                await self._release(current)
+            self._pods[pod.container_id] = await self._capture(pod)
+            self._metrics.meshed_pods.set(len(self._pods))
+            log.info("captured pod %s (netns %s, %s)", pod.key, pod.netns_path, self._backend.name)
+
+    async def delete(self, container_id: str) -> bool:
+        async with self._lock:
+            captured = self._pods.get(container_id)
+            if captured is None:
+                self._store.delete(container_id)
+                return False
+            await self._release(captured)
+            log.info("released pod %s", captured.pod.key)
+            return True
+
+    async def check(self, container_id: str) -> list[str]:
+        """What is missing for this pod to be fully captured (empty = all in place)."""
+        captured = self._pods.get(container_id)
+        if captured is None:
+            return [f"pod with container id {container_id} is not captured by this agent"]
+        if not captured.netns.still_at_path():
+            return [f"network namespace {captured.netns.path} is gone"]
+        installed = await self._in_netns(captured.netns, self._backend.installed)
+        problems = [f"rule {name} missing" for name in sorted(captured.plan.names() - installed)]
+        problems += [f"listener {s.sockets[0].getsockname() if s.sockets else '?'} closed"
+                     for s in captured.servers if not s.is_serving()]
+        return problems
+
+    async def adopt(self) -> None:
+        """Re-capture the pods a previous run of the agent had (rules and listeners again)."""
+        for pod in self._store.load_all():
+            try:
+                await self.add(pod)
+            except CaptureError as exc:
+                log.warning("not re-adopting %s: %s", pod.key, exc.msg)
+                self._store.delete(pod.container_id)
+
+    async def sweep(self) -> None:
+        """Release pods whose netns vanished without a CNI DEL (bounded memory)."""
+        async with self._lock:
+            for captured in [c for c in self._pods.values() if not c.netns.still_at_path()]:
+                log.info("pod %s: netns %s is gone; releasing", captured.pod.key,
+                         captured.netns.path)
+                await self._release(captured)
+
+    async def shutdown(self, cleanup: bool) -> None:
+        """Stop serving. Rules stay (pods fail closed until we return) unless cleanup."""
+        async with self._lock:
+            for captured in list(self._pods.values()):
+                await self._release(captured, remove_rules=cleanup, forget=cleanup)
+
+    async def _capture(self, pod: Pod) -> CapturedPod:
+        try:
+            netns = NetNs(pod.netns_path)
+        except NetnsError as exc:
+            raise CaptureError(CNI_CONTAINER_UNKNOWN, str(exc.strerror)) from None
+        plan = build_plan(self._config.ports, self._config.proxy_mark, pod.capture)
+        ports = self._config.ports
+        context = PodContext(pod.key.namespace, pod.key.name, netns,
+                             frozenset((ports.outbound, ports.inbound, ports.tunnel)))
+        captured = CapturedPod(pod, netns, plan, context, [])
+        try:
+            await self._in_netns(netns, lambda: self._install(plan))
+            await self._listen(captured)
+            if not netns.still_at_path():
+                raise CaptureError(CNI_CONTAINER_UNKNOWN,
+                                   f"pod network namespace {netns.path} vanished during setup")
+            self._store.save(pod)
+        except BaseException as exc:
+            await self._release(captured)
+            if isinstance(exc, CaptureError):
+                raise
+            if isinstance(exc, (OSError, RedirectError, RuntimeError)):
+                raise CaptureError(CNI_IO_FAILURE, f"capturing pod {pod.key}: {exc}") from exc
+            raise
+        self._telemetry.pod_added(pod.key.namespace, pod.key.name)
+        return captured
+
+    def _install(self, plan: Plan) -> None:
+        """In the pod netns: never mix backends; then replace our rules atomically."""
+        for other in self._others:
+            if other.installed():
+                log.warning("removing %s rules left in this netns before using %s",
+                            other.name, self._backend.name)
+                other.remove()
+        self._backend.apply(plan)
+
+    async def _listen(self, captured: CapturedPod) -> None:
+        loop = asyncio.get_running_loop()
+        ports, netns, context = self._config.ports, captured.netns, captured.context
+        wanted = (("127.0.0.1", ports.outbound, self._proxy.protocol_factory(context, "outbound")),
+                  ("0.0.0.0", ports.inbound, self._proxy.protocol_factory(context, "inbound")),
+                  ("0.0.0.0", ports.tunnel, self._proxy.tunnel_factory(context)))
+        for host, port, factory in wanted:
+            sock = self._sockets.listener(netns, host, port)
+            captured.servers.append(await loop.create_server(factory, sock=sock))
+
+    async def _release(self, captured: CapturedPod, remove_rules: bool = True,
+                       forget: bool = True) -> None:
+        for server in captured.servers:
+            server.close()
+        for relay in list(captured.context.relays):
+            relay.abort()
+        if remove_rules and captured.netns.still_at_path():
+            try:
+                await self._in_netns(captured.netns, self._backend.remove)
+            except (OSError, RuntimeError) as exc:
+                log.warning("pod %s: could not remove rules: %s", captured.pod.key, exc)
+        captured.netns.close()
+        if self._pods.get(captured.pod.container_id) is captured:
+            del self._pods[captured.pod.container_id]
+            self._metrics.meshed_pods.set(len(self._pods))
+        if forget:
+            self._store.delete(captured.pod.container_id)
+        self._telemetry.pod_removed(captured.pod.key.namespace, captured.pod.key.name)
+
+    async def _in_netns(self, netns: NetNs, fn):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._switch.call, netns, fn)
+
+
+def _other_backends(chosen: str) -> list[Backend]:
+    others = []
+    for name in ("nftables", "iptables"):
+        if name == chosen:
+            continue
+        try:
+            others.append(make_backend(name))
+        except (OSError, ImportError, RedirectError) as exc:
+            log.debug("backend %s unavailable for the mixing guard: %s", name, exc)
+    return others

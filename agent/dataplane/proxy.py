@@ -1,0 +1,250 @@
+"""The shared TCP proxy: one asyncio process relaying every meshed pod's captured traffic.
+
+A connection accepted on a pod's 15001 (outbound) or 15006 (inbound) listener is paired
+with an upstream socket created inside the same pod's netns, then bytes flow both ways:
+half-close is forwarded as a FIN, a reset or error as an RST, and when one side's send
+buffer fills, reading from the other side pauses (no unbounded buffering)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from agent.core.telemetry import ConnectionRecord, TcpLabels, TcpTelemetry
+from agent.dataplane.netns import NetNs
+from agent.dataplane.sockets import SocketFactory, arm_reset, original_destination
+from agent.observability.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PodContext:
+    """What the proxy needs of a pod: where to make sockets, what to call it in metrics."""
+
+    namespace: str
+    name: str
+    netns: NetNs
+    own_ports: frozenset[int]
+    relays: set[Relay] = field(default_factory=set)
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed pair. Reading pauses while the other side cannot keep up."""
+
+    def __init__(self, relay: Relay, is_client: bool) -> None:
+        self.relay = relay
+        self.is_client = is_client
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(high=self.relay.buffer_high)
+        self.relay.side_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.forward(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_closed(self)
+        return True  # keep our writing half open until the other side finishes too
+
+    def pause_writing(self) -> None:
+        other = self.relay.other(self)
+        if other.transport is not None:
+            other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.relay.other(self)
+        if other.transport is not None and not other.transport.is_closing():
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.side_lost(self, exc)
+
+
+class Relay:
+    """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
+
+    def __init__(self, proxy: Proxy, pod: PodContext, direction: str) -> None:
+        self.proxy = proxy
+        self.pod = pod
+        self.direction = direction
+        self.buffer_high = proxy.buffer_high
+        self.client = _Side(self, is_client=True)
+        self.upstream = _Side(self, is_client=False)
+        self.record: ConnectionRecord | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.early: list[bytes] = []  # client bytes that beat the upstream connect
+        self.failed = False
+
+    def other(self, side: _Side) -> _Side:
+        return self.upstream if side is self.client else self.client
+
+    def side_made(self, side: _Side) -> None:
+        assert side.transport is not None
+        if side is self.client:
+            side.transport.pause_reading()  # nothing flows until upstream is connected
+            self.proxy.accepted(self)
+        elif self.early:  # uvloop may deliver a first read before honouring the pause
+            side.transport.writelines(self.early)
+            self.early.clear()
+
+    def forward(self, side: _Side, data: bytes) -> None:
+        assert self.record is not None
+        if side is self.client:
+            self.record.read(len(data))
+        else:
+            self.record.wrote(len(data))
+        target = self.other(side).transport
+        if target is None:
+            self.early.append(data)
+        elif not target.is_closing():
+            target.write(data)
+
+    def half_closed(self, side: _Side) -> None:
+        target = self.other(side)
+        if target.transport is None or target.transport.is_closing():
+            return
+        if target.eof:  # both directions finished: close (flushes what is buffered)
+            for each in (self.client, self.upstream):
+                if each.transport is not None:
+                    each.transport.close()
+        elif target.transport.can_write_eof():
+            target.transport.write_eof()
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+        other = self.other(side)
+        if exc is not None:
+            self.failed = True
+        if other.transport is not None and not other.transport.is_closing():
+            if exc is not None:
+                self.reset(other)
+            else:
+                other.transport.close()
+        if other.transport is None or other.transport.is_closing():
+            self.finish()
+
+    def reset(self, side: _Side) -> None:
+        """Close with RST, telling the peer the other end failed."""
+        if side.transport is None:
+            return
+        sock = side.transport.get_extra_info("socket")
+        if sock is not None:
+            arm_reset(sock)
+        side.transport.abort()
+
+    def abort(self) -> None:
+        self.failed = True
+        for side in (self.client, self.upstream):
+            self.reset(side)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.record is not None and self.record.close(self.failed):
+            self.pod.relays.discard(self)
+
+
+class Proxy:
+    """Accepts on in-pod listeners and connects upstream from the same pod's netns."""
+
+    def __init__(self, sockets: SocketFactory, telemetry: TcpTelemetry, metrics: AgentMetrics,
+                 connect_timeout: float, buffer_high: int) -> None:
+        self._sockets = sockets
+        self._telemetry = telemetry
+        self._metrics = metrics
+        self._connect_timeout = connect_timeout
+        self.buffer_high = buffer_high
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def protocol_factory(self, pod: PodContext, direction: str) -> Callable[[], _Side]:
+        def make() -> _Side:
+            return Relay(self, pod, direction).client
+
+        return make
+
+    def tunnel_factory(self, pod: PodContext) -> Callable[[], asyncio.Protocol]:
+        """15008 is reserved in every pod for the mTLS mesh tunnel. Until identities are
+        configured on this agent, a tunnel connection is refused with RST and counted."""
+        metrics = self._metrics
+
+        class Refuse(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                metrics.proxy_errors.labels("inbound", "tunnel_unavailable").inc()
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    arm_reset(sock)
+                transport.abort()
+
+        return Refuse
+
+    def accepted(self, relay: Relay) -> None:
+        pod = relay.pod
+        relay.record = self._telemetry.open(TcpLabels(relay.direction, pod.namespace, pod.name))
+        pod.relays.add(relay)
+        task = asyncio.get_running_loop().create_task(self._connect(relay))
+        relay.connecting = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, relay: Relay) -> None:
+        client = relay.client.transport
+        assert client is not None
+        destination = self._destination(relay, client.get_extra_info("socket"))
+        if destination is None:
+            relay.abort()
+            return
+        try:
+            sock = self._sockets.upstream(relay.pod.netns)
+        except OSError as exc:
+            self._refuse(relay, "socket", f"cannot create upstream socket: {exc}")
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, destination), self._connect_timeout)
+            await loop.create_connection(lambda: relay.upstream, sock=sock)
+        except asyncio.CancelledError:
+            sock.close()
+            relay.abort()
+            return
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
+            self._refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
+            return
+        finally:
+            relay.connecting = None
+        if not client.is_closing():
+            client.resume_reading()
+
+    def _destination(self, relay: Relay, sock: socket.socket) -> tuple[str, int] | None:
+        try:
+            host, port = original_destination(sock)
+        except OSError:
+            self._refuse(relay, "not_redirected", "connection was not redirected to the proxy")
+            return None
+        if port in relay.pod.own_ports:
+            self._refuse(relay, "loop", f"original destination {host}:{port} is a proxy port")
+            return None
+        return host, port
+
+    def _refuse(self, relay: Relay, reason: str, detail: str) -> None:
+        pod = relay.pod
+        self._metrics.proxy_errors.labels(relay.direction, reason).inc()
+        log.info("%s %s/%s: %s", relay.direction, pod.namespace, pod.name, detail)
+        relay.abort()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

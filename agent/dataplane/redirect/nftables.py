@@ -1,0 +1,136 @@
+"""The nftables backend: one `ip pinion` table per pod netns, replaced in one transaction.
+
+Talks to the kernel through libnftables (ctypes), so no `nft` process is forked per pod.
+Like every backend it acts on the calling thread's network namespace."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+
+from agent.dataplane.redirect.plan import COMMENT_PREFIX, Hook, Match, Plan, Rule
+
+TABLE = "ip pinion"
+_CHAINS = {Hook.INBOUND: ("inbound", "prerouting"), Hook.OUTBOUND: ("outbound", "output")}
+_NFT_CTX_OUTPUT_JSON = 1 << 4
+
+
+class NftError(RuntimeError):
+    pass
+
+
+class _Libnftables:
+    """Thin wrapper: one fresh context per command, so each binds to the caller's netns."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        self._lib = lib
+        self._lock = threading.Lock()
+
+    def run(self, commands: str, json_output: bool = False) -> str:
+        lib = self._lib
+        with self._lock:
+            ctx = lib.nft_ctx_new(0)
+            if not ctx:
+                raise NftError("nft_ctx_new failed")
+            try:
+                lib.nft_ctx_buffer_output(ctx)
+                lib.nft_ctx_buffer_error(ctx)
+                if json_output:
+                    lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
+                status = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+                output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+                error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
+            finally:
+                lib.nft_ctx_free(ctx)
+        if status != 0:
+            raise NftError(error.strip() or f"nft failed with status {status}")
+        return output
+
+
+class NftablesBackend:
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self._nft = _Libnftables()
+
+    def render(self, plan: Plan) -> str:
+        lines = [f"table {TABLE} {{"]
+        for hook, (chain, nf_hook) in _CHAINS.items():
+            lines.append(f"\tchain {chain} {{")
+            lines.append(f"\t\ttype nat hook {nf_hook} priority -100; policy accept;")
+            lines += [f"\t\t{_render_rule(rule)}" for rule in plan.for_hook(hook)]
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def apply(self, plan: Plan) -> None:
+        """Replace the whole table atomically: add-then-delete makes it idempotent."""
+        self._nft.run(f"add table {TABLE}\ndelete table {TABLE}\n" + self.render(plan))
+
+    def remove(self) -> None:
+        self._nft.run(f"add table {TABLE}\ndelete table {TABLE}\n")
+
+    def installed(self) -> set[str]:
+        try:
+            output = self._nft.run(f"list table {TABLE}", json_output=True)
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                return set()
+            raise
+        items = json.loads(output).get("nftables", [])
+        comments = (item["rule"].get("comment", "") for item in items if "rule" in item)
+        return {c for c in comments if c.startswith(COMMENT_PREFIX)}
+
+    def count_rules(self) -> int:
+        """All rules in this netns, any table: how much the node itself uses nftables."""
+        output = self._nft.run("list ruleset", json_output=True)
+        return sum(1 for item in json.loads(output).get("nftables", []) if "rule" in item)
+
+
+def _render_rule(rule: Rule) -> str:
+    parts = _render_match(rule.match)
+    if rule.redirect_port is not None:
+        if not rule.match.tcp:
+            raise ValueError(f"{rule.name}: redirect needs a TCP match")
+        parts.append(f"redirect to :{rule.redirect_port}")
+    else:
+        parts.append("return")
+    parts.append(f'comment "{rule.comment}"')
+    return " ".join(parts)
+
+
+def _render_match(match: Match) -> list[str]:
+    parts: list[str] = []
+    if match.mark is not None:
+        parts.append(f"meta mark {match.mark:#x}")
+    if match.in_iface:
+        parts.append(f'iifname "{match.in_iface}"')
+    if match.out_iface:
+        parts.append(f'oifname "{match.out_iface}"')
+    if match.src_cidrs:
+        parts.append(f"ip saddr {_set(match.src_cidrs)}")
+    if match.dst_cidrs:
+        parts.append(f"ip daddr {_set(match.dst_cidrs)}")
+    if match.tcp and match.dst_ports:
+        parts.append(f"tcp dport {_set(match.dst_ports)}")
+    elif match.tcp:
+        parts.append("meta l4proto tcp")
+    return parts
+
+
+def _set(values: tuple[str, ...] | tuple[int, ...]) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    return "{ " + ", ".join(str(v) for v in values) + " }"

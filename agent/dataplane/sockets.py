@@ -1,0 +1,59 @@
+"""The socket factory: listeners and upstream sockets inside pod namespaces, marked, and
+the original destination of a redirected connection. The proxy never touches namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+from agent.dataplane.netns import NetNs, NetnsSwitch
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class SocketFactory:
+    def __init__(self, switch: NetnsSwitch, mark: int) -> None:
+        self._switch = switch
+        self._mark = mark
+
+    def listener(self, netns: NetNs, host: str, port: int, backlog: int = 1024) -> socket.socket:
+        """A listening TCP socket bound inside `netns`."""
+        sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def upstream(self, netns: NetNs) -> socket.socket:
+        """A non-blocking TCP socket in `netns` carrying the Pinion mark, so capture skips it.
+
+        Created in the pod's namespace, its source address is the pod's own IP."""
+        sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a REDIRECTed connection was going, from conntrack (SO_ORIGINAL_DST)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def arm_reset(sock: socket.socket) -> None:
+    """Make the next close send RST instead of FIN (propagating a peer's reset)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

@@ -1,0 +1,101 @@
+"""What the agent knows about a pod: its key, its identity-bearing metadata and capture settings."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PodKey:
+    """A pod is known by namespace/name; the uid tells incarnations apart."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    """Per-pod knobs of the traffic-capture plan (Istio/Linkerd annotation equivalents)."""
+
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+    probe_sources: tuple[str, ...] = ()
+
+    @classmethod
+    def from_cni_args(cls, args: dict[str, str], gateways: list[str]) -> CaptureSettings:
+        """Read PINION_EXCLUDE_* CNI args; kubelet probes come from the pod's gateway (cni0)."""
+        return cls(
+            exclude_outbound_ports=_ports(args.get("PINION_EXCLUDE_OUTBOUND_PORTS", "")),
+            exclude_inbound_ports=_ports(args.get("PINION_EXCLUDE_INBOUND_PORTS", "")),
+            exclude_outbound_cidrs=_cidrs(args.get("PINION_EXCLUDE_OUTBOUND_CIDRS", "")),
+            probe_sources=tuple(str(ipaddress.IPv4Address(g)) for g in gateways),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """A meshed pod on this node, as announced by the CNI plugin."""
+
+    key: PodKey
+    uid: str
+    container_id: str
+    netns_path: str
+    ips: tuple[str, ...]
+    service_account: str = "default"
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.key.namespace,
+            "name": self.key.name,
+            "uid": self.uid,
+            "containerId": self.container_id,
+            "netns": self.netns_path,
+            "ips": list(self.ips),
+            "serviceAccount": self.service_account,
+            "capture": {
+                "excludeOutboundPorts": list(self.capture.exclude_outbound_ports),
+                "excludeInboundPorts": list(self.capture.exclude_inbound_ports),
+                "excludeOutboundCidrs": list(self.capture.exclude_outbound_cidrs),
+                "probeSources": list(self.capture.probe_sources),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Pod:
+        capture = data.get("capture", {})
+        return cls(
+            key=PodKey(data["namespace"], data["name"]),
+            uid=data["uid"],
+            container_id=data["containerId"],
+            netns_path=data["netns"],
+            ips=tuple(data["ips"]),
+            service_account=data.get("serviceAccount", "default"),
+            capture=CaptureSettings(
+                exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
+                exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),
+                exclude_outbound_cidrs=tuple(capture.get("excludeOutboundCidrs", ())),
+                probe_sources=tuple(capture.get("probeSources", ())),
+            ),
+        )
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    ports = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        port = int(part)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range")
+        ports.append(port)
+    return tuple(sorted(set(ports)))
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    parts = filter(None, (p.strip() for p in text.split(",")))
+    return tuple(str(ipaddress.IPv4Network(p, strict=False)) for p in parts)

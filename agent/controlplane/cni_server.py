@@ -24,6 +24,11 @@ MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0
 
 
+def opted_out(args: dict[str, Any]) -> bool:
+    """PINION_MESH=disabled: the standalone form of the `pinion.dev/mesh: disabled` label."""
+    return str(args.get("PINION_MESH", "")).lower() == "disabled"
+
+
 def pod_from_request(request: dict[str, Any]) -> Pod:
     """Validate a plugin request into a Pod; a CaptureError says what was wrong."""
     args = request.get("args") or {}
@@ -105,6 +110,9 @@ class CniServer:
         return reply
 
     async def handle(self, command: str, request: dict[str, Any]) -> None:
+        args = request.get("args")
+        if command in ("ADD", "CHECK") and isinstance(args, dict) and opted_out(args):
+            return  # the pod asked not to be meshed: nothing to do, nothing to check
         if command == "ADD":
             await self._pods.add(pod_from_request(request))
         elif command == "DEL":
@@ -126,8 +134,10 @@ async def replay_pending(directory: Path, pods: PodManager) -> int:
     captured = 0
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            await pods.add(pod_from_request(json.loads(path.read_text())))
-            captured += 1
+            request = json.loads(path.read_text())
+            if not opted_out(request.get("args") or {}):
+                await pods.add(pod_from_request(request))
+                captured += 1
         except (OSError, ValueError) as exc:
             log.warning("pending request %s unreadable: %s", path.name, exc)
         except CaptureError as exc:

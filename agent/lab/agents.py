@@ -1,0 +1,140 @@
+"""Running a real `pinion agent` inside a lab node, as a hostNetwork DaemonSet pod would run,
+and reading its admin endpoint from inside that node's netns."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.dataplane.netns import NetNs, NetnsSwitch
+from agent.lab.topology import Lab, Node
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = REPO / "cni" / "pinion-cni"
+ADMIN_PORT = 4191
+
+
+class LabAgent:
+    def __init__(self, lab: Lab, node: Node, redirect: str = "nftables",
+                 fail_policy: str = "closed", extra_args: Iterable[str] = ()) -> None:
+        self.node = node
+        self.redirect = redirect
+        self.fail_policy = fail_policy
+        self.extra_args = list(extra_args)
+        self.dir = lab.workdir / f"agent-{node.name}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cni_socket = self.dir / "cni.sock"
+        self.state_dir = self.dir / "state"
+        self.pending_dir = self.dir / "pending"
+        self.log_path = self.dir / "agent.log"
+        self.admin = (node.underlay_ip, ADMIN_PORT)
+        self.process: subprocess.Popen[Any] | None = None
+
+    def plugin_config(self) -> dict[str, Any]:
+        """The pinion-cni entry of this node's conflist (lab: plugin run from the repo)."""
+        return {"type": "pinion-cni", "_path": str(PLUGIN), "agentSocket": str(self.cni_socket),
+                "failPolicy": self.fail_policy, "pendingDir": str(self.pending_dir),
+                "timeoutSeconds": 20}
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "agent", "agent", "--node-name", self.node.name,
+                "--admin-addr", f"{self.admin[0]}:{self.admin[1]}",
+                "--cni-socket", str(self.cni_socket), "--state-dir", str(self.state_dir),
+                "--pending-dir", str(self.pending_dir), "--redirect", self.redirect,
+                *self.extra_args]
+
+    def start(self, wait: bool = True) -> LabAgent:
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn
+        self.process = self.node.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=str(REPO))
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"agent on {self.node.name} exited: {self.log()[-2000:]}")
+            try:
+                if self.get("/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent on {self.node.name} not ready: {self.log()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the agent (by its PID) and wait for it to exit."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        """GET from the admin endpoint, over a socket made inside the node's netns."""
+        sock = node_socket(self.node)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.admin)
+            conn = http.client.HTTPConnection(*self.admin, timeout=timeout)
+            conn.sock = sock
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            sock.close()
+
+    def metrics(self) -> Metrics:
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return Metrics(body)
+
+    def rss_bytes(self) -> int:
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+class Metrics:
+    """Prometheus text parsed into samples; `value` sums the samples matching some labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [s for family in text_string_to_metric_families(text)
+                        for s in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(s.value for s in self.samples if s.name == name
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def node_socket(node: Node) -> socket.socket:
+    home = NetNs.current()
+    target = NetNs(node.netns_path)
+    try:
+        return NetnsSwitch(home).call(target, socket.socket)
+    finally:
+        target.close()
+        home.close()

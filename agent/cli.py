@@ -73,12 +73,14 @@ def _run_agent(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.app import run_agent
 
-    try:
-        import uvloop  # optional: faster event loop
+    runner = asyncio.run
+    if os.environ.get("PINION_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop  # optional: a faster event loop
 
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+            runner = uvloop.run
+        except ImportError:
+            pass
     return runner(run_agent(config, cleanup=args.cleanup))
 
 

@@ -42,6 +42,7 @@ class _Side(asyncio.Protocol):
         self.is_client = is_client
         self.transport: asyncio.Transport | None = None
         self.eof = False
+        self.write_blocked = False  # our send buffer is over the high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -57,11 +58,13 @@ class _Side(asyncio.Protocol):
         return True  # keep our writing half open until the other side finishes too
 
     def pause_writing(self) -> None:
+        self.write_blocked = True
         other = self.relay.other(self)
         if other.transport is not None:
             other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_blocked = False
         other = self.relay.other(self)
         if other.transport is not None and not other.transport.is_closing():
             other.transport.resume_reading()
@@ -106,6 +109,8 @@ class Relay:
         target = self.other(side).transport
         if target is None:
             self.early.append(data)
+            if sum(map(len, self.early)) > self.buffer_high and side.transport is not None:
+                side.transport.pause_reading()  # uvloop may not honour the first pause
         elif not target.is_closing():
             target.write(data)
 
@@ -223,8 +228,8 @@ class Proxy:
             return
         finally:
             relay.connecting = None
-        if not client.is_closing():
-            client.resume_reading()
+        if not client.is_closing() and not relay.upstream.write_blocked:
+            client.resume_reading()  # else resume_writing will, once upstream drains
 
     def _destination(self, relay: Relay, sock: socket.socket) -> tuple[str, int] | None:
         try:

@@ -25,3 +25,60 @@ def require_root() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+# ---------------------------------------------------------------- a two-node meshed lab
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from agent.lab.agents import REPO, LabAgent  # noqa: E402
+from agent.lab.topology import Lab, Pod  # noqa: E402
+
+
+@dataclass
+class Mesh:
+    """Two lab nodes, one real agent on each, pods announced through the real CNI chain."""
+
+    lab: Lab
+    agents: list[LabAgent]
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def pod(self, node: int, name: str, meshed: bool = True, **args: str) -> Pod:
+        if not meshed:
+            args["PINION_MESH"] = "disabled"
+        return self.lab.add_pod(self.lab.nodes[node], name, args=args)
+
+    def serve(self, pod: Pod, module: str, *argv: str) -> None:
+        """Start a lab server module in the pod and wait for its "listening" line."""
+        server = pod.spawn([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
+                           text=True, cwd=str(REPO))
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        self.servers.append(server)
+
+    def http(self, pod: Pod, url: str) -> str:
+        result = pod.run(["curl", "-sS", "--max-time", "5", url], timeout=15)
+        return str(result.stdout)
+
+
+@pytest.fixture(params=["nftables", "iptables"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def mesh(backend: str) -> Iterator[Mesh]:
+    agents: list[LabAgent] = []
+    lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
+    try:
+        agents += [LabAgent(lab, node, redirect=backend) for node in lab.nodes]
+        for agent in agents:
+            agent.start()
+        yield Mesh(lab, agents)
+    finally:
+        for agent in agents:
+            agent.stop()
+        lab.close()

@@ -1,0 +1,44 @@
+# `sudo make demo` and `sudo make test` work on a fresh Debian machine and are safe to rerun.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
+                curl wrk nginx-light procps python3-venv python3-dev gcc
+
+.PHONY: deps venv test unit netns demo bench lint clean
+
+deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev,fast]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+netns: deps venv
+	$(PY) -m pytest -q tests/netns
+
+test: deps venv lint
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/netns
+
+demo: deps venv
+	$(PY) -m agent demo
+
+bench: deps venv
+	$(PY) bench/foundation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

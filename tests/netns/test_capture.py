@@ -1,0 +1,225 @@
+"""A meshed pod's TCP goes through its node's agent, on the real kernel, with both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from agent.lab.agents import Metrics
+from tests.netns.conftest import Mesh
+
+pytestmark = pytest.mark.netns
+
+HTTP = "agent.lab.httpserver"
+TCP = "agent.lab.tcpserver"
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def _rules_in(pod_netns: str) -> str:
+    nft = subprocess.run(["ip", "netns", "exec", pod_netns, "nft", "list", "ruleset"],
+                         capture_output=True, text=True, check=True).stdout
+    ipt = subprocess.run(["ip", "netns", "exec", pod_netns, "iptables-legacy-save"],
+                         capture_output=True, text=True, check=True).stdout
+    return nft + ipt
+
+
+def _listening_ports(pod_netns: str) -> set[int]:
+    out = subprocess.run(["ip", "netns", "exec", pod_netns, "ss", "-Hltn"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def test_outbound_goes_through_the_agent_and_keeps_the_pods_source_ip(mesh: Mesh) -> None:
+    client = mesh.pod(0, "client")
+    legacy = mesh.pod(1, "legacy", meshed=False)
+    mesh.serve(legacy, HTTP, "--port", "8080")
+
+    seen = mesh.http(client, f"http://{legacy.ip}:8080/whoami")
+
+    assert seen.strip() == client.ip  # the destination sees the pod's own IP
+    metrics = mesh.agents[0].metrics()
+    assert metrics.value("tcp_open_total", direction="outbound", pod="client") == 1
+    assert metrics.value("tcp_read_bytes_total", direction="outbound", pod="client") > 0
+    assert metrics.value("tcp_write_bytes_total", direction="outbound", pod="client") > 0
+    assert _eventually(lambda: mesh.agents[0].metrics().value(
+        "tcp_close_total", pod="client", classification="success") == 1)
+    assert mesh.agents[1].metrics().value("tcp_open_total") == 0  # legacy is not meshed
+
+
+def test_inbound_to_a_meshed_pod_goes_through_15006(mesh: Mesh) -> None:
+    web = mesh.pod(1, "web")
+    outsider = mesh.pod(0, "outsider", meshed=False)
+    mesh.serve(web, HTTP, "--port", "8080")
+
+    assert mesh.http(outsider, f"http://{web.ip}:8080/").strip() == "ok"
+
+    inbound = mesh.agents[1].metrics()
+    assert inbound.value("tcp_open_total", direction="inbound", pod="web") == 1
+    assert inbound.value("tcp_read_bytes_total", direction="inbound", pod="web") > 0
+
+
+def test_meshed_to_meshed_across_nodes_is_counted_on_both_agents(mesh: Mesh) -> None:
+    client, web = mesh.pod(0, "client"), mesh.pod(1, "web")
+    mesh.serve(web, HTTP, "--port", "8080")
+
+    for _ in range(3):
+        assert len(mesh.http(client, f"http://{web.ip}:8080/bytes/5000")) == 5000
+
+    out, inb = mesh.agents[0].metrics(), mesh.agents[1].metrics()
+    assert out.value("tcp_open_total", direction="outbound", pod="client") == 3
+    assert inb.value("tcp_open_total", direction="inbound", pod="web") == 3
+    assert out.value("tcp_write_bytes_total", pod="client") >= 15000
+    assert inb.value("tcp_write_bytes_total", pod="web") >= 15000
+
+
+def test_loopback_and_dns_are_not_captured(mesh: Mesh) -> None:
+    client = mesh.pod(0, "client")
+    dns = mesh.pod(0, "dns", meshed=False)
+    mesh.serve(client, TCP, "--port", "9000", "--host", "127.0.0.1", "--mode", "echo")
+    mesh.serve(dns, TCP, "--port", "53", "--mode", "echo")
+    mesh.serve(client, HTTP, "--port", "8081")
+    script = ("import socket,sys\n"
+              "for host, port in [('127.0.0.1', 9000), (sys.argv[1], 53), (sys.argv[2], 8081)]:\n"
+              "    s = socket.create_connection((host, port), timeout=5)\n"
+              "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n' if port == 8081 else b'ping')\n"
+              "    assert s.recv(64), (host, port)\n"
+              "    s.close()\n")
+
+    client.run([sys.executable, "-c", script, dns.ip, client.ip])
+
+    assert mesh.agents[0].metrics().value("tcp_open_total") == 0  # own IP, loopback, DNS
+
+
+def test_delete_leaves_no_rule_and_no_listener(mesh: Mesh, backend: str) -> None:
+    pod = mesh.pod(0, "web")
+    assert "pinion/" in _rules_in(pod.netns)
+    assert {15001, 15006, 15008} <= _listening_ports(pod.netns)
+
+    _cni_del_via_plugin(mesh, pod)
+
+    assert "pinion" not in _rules_in(pod.netns).lower()
+    assert not {15001, 15006, 15008} & _listening_ports(pod.netns)
+    assert json.loads(mesh.agents[0].get("/pods")[1]) == []
+
+
+def _cni_del_via_plugin(mesh: Mesh, pod) -> None:  # type: ignore[no-untyped-def]
+    """DEL through the real plugin while the netns still exists (the lab deletes it later)."""
+    config = {"cniVersion": "1.0.0", "name": "lab", **mesh.agents[0].plugin_config()}
+    config.pop("_path")
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": pod.container_id, "CNI_NETNS": pod.netns_path,
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
+           "CNI_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
+           "PATH": "/usr/bin:/bin"}
+    plugin = mesh.agents[0].plugin_config()["_path"]
+    done = subprocess.run([sys.executable, plugin], input=json.dumps(config), env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_restarted_agent_recaptures_existing_pods(mesh: Mesh) -> None:
+    client, legacy = mesh.pod(0, "client"), mesh.pod(1, "legacy", meshed=False)
+    mesh.serve(legacy, HTTP, "--port", "8080")
+    url = f"http://{legacy.ip}:8080/"
+    agent = mesh.agents[0]
+    assert mesh.http(client, url).strip() == "ok"
+
+    agent.stop(sig=9)  # crash: rules stay, nobody listens -> the pod fails closed
+    down = client.run(["curl", "-sS", "--max-time", "3", url], check=False)
+    assert down.returncode != 0
+
+    agent.start()
+    assert mesh.http(client, url).strip() == "ok"
+    pods = json.loads(agent.get("/pods")[1])
+    assert [p["name"] for p in pods] == ["client"] and pods[0]["listening"]
+    assert agent.metrics().value("tcp_open_total", pod="client") == 1  # counted after restart
+
+
+def test_half_close_is_forwarded(mesh: Mesh) -> None:
+    client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
+    mesh.serve(server, TCP, "--port", "7000", "--mode", "echo-after-eof")
+    script = ("import socket,sys\n"
+              "s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"
+              "s.sendall(b'x' * 100000)\n"
+              "s.shutdown(socket.SHUT_WR)\n"
+              "reply = b''\n"
+              "while chunk := s.recv(100):\n"
+              "    reply += chunk\n"
+              "print(reply.decode())\n")
+
+    result = client.run([sys.executable, "-c", script, server.ip])
+
+    assert result.stdout.strip() == "got 100000 bytes"
+    assert _eventually(lambda: [agent.metrics().value("tcp_close_total", classification="success")
+                                for agent in mesh.agents] == [1, 1])
+
+
+def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
+    client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
+    mesh.serve(server, TCP, "--port", "7000", "--mode", "reset")
+    script = ("import socket,sys,time\n"
+              "s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"
+              "s.sendall(b'hello')\n"
+              "try:\n"
+              "    data = s.recv(10)\n"
+              "    print('eof' if data == b'' else 'data')\n"
+              "except ConnectionResetError:\n"
+              "    print('reset')\n")
+
+    assert client.run([sys.executable, "-c", script, server.ip]).stdout.strip() == "reset"
+    assert _eventually(lambda: mesh.agents[0].metrics().value(
+        "tcp_close_total", classification="failure") == 1)
+
+
+def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
+    client, legacy = mesh.pod(0, "client"), mesh.pod(1, "legacy", meshed=False)
+    result = client.run(["curl", "-sS", "--max-time", "5", f"http://{legacy.ip}:9/"], check=False)
+    assert "reset" in result.stderr.lower() or "refused" in result.stderr.lower()
+    metrics = mesh.agents[0].metrics()
+    assert metrics.value("pinion_proxy_errors_total", reason="econnrefused") == 1
+    assert _eventually(lambda: mesh.agents[0].metrics().value(
+        "tcp_close_total", classification="failure") == 1)
+
+
+def test_a_stalled_reader_does_not_make_the_agent_buffer(mesh: Mesh) -> None:
+    client, sink = mesh.pod(0, "client"), mesh.pod(1, "sink")
+    mesh.serve(sink, TCP, "--port", "7000", "--mode", "sink", "--rcvbuf", "65536")
+    rss_before = mesh.agents[0].rss_bytes() + mesh.agents[1].rss_bytes()
+    script = ("import socket,sys\n"
+              "s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)\n"
+              "sent = 0\n"
+              "try:\n"
+              "    while sent < 200_000_000:\n"
+              "        sent += s.send(b'x' * 65536)\n"
+              "except (TimeoutError, socket.timeout):\n"
+              "    pass\n"
+              "print(sent)\n")
+
+    accepted = int(client.run([sys.executable, "-c", script, sink.ip], timeout=60).stdout)
+
+    # Socket buffers on four sockets plus the agents' 64 KiB high-water marks, not 200 MB.
+    assert accepted < 32 * 1024 * 1024
+    growth = mesh.agents[0].rss_bytes() + mesh.agents[1].rss_bytes() - rss_before
+    assert growth < 16 * 1024 * 1024
+
+
+
+def test_metrics_endpoint_is_prometheus_text(mesh: Mesh) -> None:
+    status, body = mesh.agents[0].get("/metrics")
+    assert status == 200
+    Metrics(body)  # parses
+    assert mesh.agents[0].get("/live")[0] == 200
+    assert mesh.agents[0].get("/nope")[0] == 404

@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,6 +41,9 @@ from agent.lab.topology import Lab, Node, Pod
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 OPT_OUT = {"PINION_MESH": "disabled"}
+# What containerd/k3s (systemd services) give CNI plugins; pinion-cni's `#!/usr/bin/env python3`
+# resolves on it. A login shell's PATH may put a slow shim (pyenv: ~80 ms) first instead.
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,23 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "uvloop in the agent": uvloop_state(),
-        "host python3 (runs pinion-cni)": run_quiet(["python3", "--version"]).replace("Python ", ""),
+        "python3 running pinion-cni": plugin_python(),
         "nginx": run_quiet(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": run_quiet(["wrk", "-v"]).splitlines()[0].split(" [")[0],
-        "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "load average at start": load_average(),
     }
+
+
+def plugin_python() -> str:
+    """The python3 pinion-cni's shebang finds on the container runtime's PATH."""
+    python3 = shutil.which("python3", path=RUNTIME_PATH)
+    if python3 is None:
+        return "none on " + RUNTIME_PATH
+    return f"{run_quiet([python3, '--version']).replace('Python ', '')} ({python3})"
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def uvloop_state() -> str:
@@ -196,7 +212,7 @@ def time_add_and_del(lab: Lab, agent: LabAgent, choice: PluginChoice, variant: C
     node = agent.node
     choice.with_pinion = variant.with_pinion
     conflist = lab.conflist(node)
-    runtime = CniRuntime(run_in_netns=node.netns)
+    runtime = CniRuntime(run_in_netns=node.netns, env_extra={"PATH": RUNTIME_PATH})
     container_id = secrets.token_hex(32)
     args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "bench", "K8S_POD_NAME": f"cni-{tag}",
             "K8S_POD_UID": str(uuid.uuid4()), **variant.args}
@@ -234,7 +250,7 @@ def bench_cni(lab: Lab, agent: LabAgent, choice: PluginChoice, settings: Setting
 
 def plugin_start_seconds(node: Node) -> float:
     """pinion-cni VERSION run the way the lab runs plugins: process start, no agent talk."""
-    env = {**os.environ, "CNI_COMMAND": "VERSION"}
+    env = {**os.environ, "PATH": RUNTIME_PATH, "CNI_COMMAND": "VERSION"}
     return timed(["ip", "netns", "exec", node.netns, str(PLUGIN)], 10, env)
 
 
@@ -503,6 +519,7 @@ def cni_notes(result: CniResult, settings: Settings) -> list[str]:
         f"{result.pods_per_variant} pods per chain (after {settings.warmup_pairs} unmeasured "
         "warm-up rounds), one pod at a time on node0 (no other pod on the node), chain order "
         "rotated every round. p99 is nearest-rank: with fewer than 100 samples, the slowest.",
+        f"Plugins run with the container runtime's PATH (`{RUNTIME_PATH}`). "
         f"Lab overhead in every plugin call: `ip netns exec <node>` costs "
         f"{ms(result.netns_exec_seconds)} ms (a real runtime calls plugins directly); "
         f"pinion-cni `VERSION` (process start only, through `ip netns exec`) takes "
@@ -625,9 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     agents: dict[int, LabAgent] = {}
     choice = PluginChoice(agents)
     with Lab(nodes=2, extra_plugins=choice) as lab:  # closing stops the agents by PID
+        print(f"lab {lab.run_id}: namespaces pn{lab.run_id}-*", file=sys.stderr)
         for node in lab.nodes:
             agents[node.index] = LabAgent(lab, node).start()
         measure(lab, agents, choice, report)
+    report.facts["load average at end"] = load_average()
     print(report.markdown())
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_json(), indent=2))

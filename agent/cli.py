@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--cni-socket", help="Unix socket for pinion-cni (default /run/pinion/cni.sock)")
     agent.add_argument("--identity-dir", help="trust anchor + issuer made by `pinion identity init`")
     agent.add_argument("--state-dir", help="where captured pods are remembered (default /var/lib/pinion)")
-    agent.add_argument("--pending-dir", help="where a fail-open plugin spools ADDs (default /run/pinion/pending)")
+    agent.add_argument("--pending-dir",
+                       help="where a fail-open plugin spools ADDs (default /run/pinion/pending)")
     agent.add_argument("--redirect", choices=REDIRECT_MODES, help="capture backend (default auto)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--cleanup", action="store_true",

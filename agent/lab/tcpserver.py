@@ -10,6 +10,7 @@ Prints "listening" once bound."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import struct
 import threading
@@ -40,11 +41,8 @@ MODES = {"echo-after-eof": _echo_after_eof, "reset": _reset, "sink": _sink, "ech
 
 
 def _handle(conn: socket.socket, mode: str) -> None:
-    with conn:
-        try:
-            MODES[mode](conn)
-        except OSError:
-            pass
+    with conn, contextlib.suppress(OSError):
+        MODES[mode](conn)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def choose_backend(requested: str) -> Backend:
     try:
         ipt = make_backend("iptables")
         legacy_rules = ipt.count_rules()
-    except (OSError, ImportError) as exc:
+    except (OSError, ImportError, RuntimeError) as exc:
         log.info("redirect: nftables (legacy iptables unavailable: %s)", exc)
         return nft
     chosen = ipt if legacy_rules > nft_rules else nft

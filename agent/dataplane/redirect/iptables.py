@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from agent.dataplane.redirect.plan import COMMENT_PREFIX, Hook, Match, Plan, Rule
 
@@ -95,9 +96,17 @@ class IptablesBackend:
     _lock = threading.Lock()  # python-iptables' table handles are process-wide singletons
 
     def __init__(self) -> None:
-        import iptc  # imported here: ~2 MB and libxtables, only when this backend is chosen
+        self._module: Any = None
 
-        self._iptc = iptc
+    @property
+    def _iptc(self):  # type: ignore[no-untyped-def]
+        """python-iptables costs ~20 MB RSS (libxtables and its extensions): load it only
+        when legacy tables are really read or written, never just to look for them."""
+        if self._module is None:
+            import iptc
+
+            self._module = iptc
+        return self._module
 
     def render(self, plan: Plan) -> str:
         chains = [f":{chain} - [0:0]" for chain, _ in _CHAINS.values()]
@@ -143,9 +152,12 @@ class IptablesBackend:
 
     def count_rules(self) -> int:
         """Rules in the legacy tables of this netns: does the node itself use iptables?"""
+        names = _legacy_tables()
+        if not names:
+            return 0
         with self._lock:
             total = 0
-            for name in _legacy_tables():
+            for name in names:
                 table = self._open(name)
                 try:
                     total += sum(len(chain.rules) for chain in table.chains)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 REDIRECT_MODES = ("auto", "iptables", "nftables", "ebpf")
 
@@ -55,6 +59,9 @@ class Config:
         if redirect not in REDIRECT_MODES:
             raise ValueError(f"--redirect must be one of {', '.join(REDIRECT_MODES)}, not {redirect!r}")
         identity_dir = get("identity_dir")
+        proxy_mark = _number(get("proxy_mark", str(DEFAULT_PROXY_MARK)), "proxy mark", int)
+        if not 0 < proxy_mark < 2**32:
+            raise ValueError(f"proxy mark must be within 1..0xffffffff, not {proxy_mark:#x}")
         return cls(
             node_name=node_name,
             admin_host=admin_host,
@@ -64,15 +71,30 @@ class Config:
             identity_dir=Path(identity_dir) if identity_dir else None,
             pending_dir=Path(get("pending_dir", "/run/pinion/pending") or ""),
             redirect=redirect,
-            proxy_mark=int(get("proxy_mark", str(DEFAULT_PROXY_MARK)) or "0", 0),
-            metrics_grace_seconds=float(get("metrics_grace_seconds", "300") or "0"),
-            sweep_interval_seconds=float(get("sweep_interval_seconds", "10") or "0"),
+            proxy_mark=proxy_mark,
+            metrics_grace_seconds=_number(get("metrics_grace_seconds", "300"), "grace", float),
+            sweep_interval_seconds=_number(get("sweep_interval_seconds", "10"), "sweep", float),
             log_level=get("log_level", "info") or "info",
         )
+
+
+def _number(text: str | None, what: str, kind: type[T]) -> T:
+    try:
+        value = kind(text, 0) if kind is int else kind(text)  # type: ignore[call-arg]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{what} must not be negative, not {text}")
+    return value
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected IP:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected IP:PORT, got {text!r} ({host!r} is not an IP)") from None
+    return host, int(port)

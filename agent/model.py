@@ -34,7 +34,7 @@ class CaptureSettings:
             exclude_outbound_ports=_ports(args.get("PINION_EXCLUDE_OUTBOUND_PORTS", "")),
             exclude_inbound_ports=_ports(args.get("PINION_EXCLUDE_INBOUND_PORTS", "")),
             exclude_outbound_cidrs=_cidrs(args.get("PINION_EXCLUDE_OUTBOUND_CIDRS", "")),
-            probe_sources=tuple(str(ipaddress.IPv4Address(g)) for g in gateways),
+            probe_sources=_ipv4_only(gateways),
         )
 
 
@@ -84,6 +84,12 @@ class Pod:
                 probe_sources=tuple(capture.get("probeSources", ())),
             ),
         )
+
+
+def _ipv4_only(addresses: list[str]) -> tuple[str, ...]:
+    """Capture is IPv4 for now: a dual-stack pod's IPv6 gateway is not an error."""
+    parsed = (ipaddress.ip_address(a) for a in addresses)
+    return tuple(str(a) for a in parsed if a.version == 4)
 
 
 def _ports(text: str) -> tuple[int, ...]:

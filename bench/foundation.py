@@ -11,6 +11,7 @@ a markdown report on stdout; `--json PATH` also saves every raw sample.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -55,12 +56,16 @@ class Settings:
     rounds: int
     rss_pods: int = 20
     connections: int = 16
+    paced_seconds: float = 5.0
+    paced_rate: int = 1000
     warmup_pairs: int = 2
     settle_seconds: float = 2.0
 
     @classmethod
     def of(cls, quick: bool) -> Settings:
-        return cls(cni_pods=10, wrk_seconds=5, rounds=1) if quick else cls(40, 10, 3)
+        if quick:
+            return cls(cni_pods=10, wrk_seconds=5, rounds=1, paced_seconds=3.0)
+        return cls(cni_pods=40, wrk_seconds=10, rounds=3)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -124,6 +129,7 @@ def machine_facts() -> dict[str, str]:
                       if line.startswith("model name")), "?")
     return {
         "date": datetime.date.today().isoformat(),
+        "pinion commit": pinion_commit(),
         "cpus (nproc)": str(len(os.sched_getaffinity(0))),
         "cpu model": cpu_model,
         "kernel": platform.release(),
@@ -134,6 +140,14 @@ def machine_facts() -> dict[str, str]:
         "wrk": run_quiet(["wrk", "-v"]).splitlines()[0].split(" [")[0],
         "load average at start": load_average(),
     }
+
+
+def pinion_commit() -> str:
+    """HEAD of the checkout that runs (agent + plugin), and whether they differ from it."""
+    repo = str(PLUGIN.parents[1])
+    head = run_quiet(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
+    dirty = run_quiet(["git", "-C", repo, "status", "--porcelain", "--", "agent", "cni"])
+    return f"{head} (agent/ or cni/ modified)" if dirty else head
 
 
 def plugin_python() -> str:
@@ -404,54 +418,141 @@ def parse_wrk(output: str) -> WrkStats:
 
 
 @dataclass
+class AgentUsage:
+    """What both agents spent during one measurement: CPU and connections they opened."""
+
+    cpu_seconds: float = 0.0
+    connections: float = 0.0
+
+
+@contextlib.contextmanager
+def agent_usage(case: TrafficCase, agents: dict[int, LabAgent]) -> Iterator[AgentUsage]:
+    """Count agent CPU and connections around a block; fail if the path was not as expected."""
+    def snapshot() -> AgentUsage:
+        return AgentUsage(sum(cpu_seconds(agent_pid(a)) for a in agents.values()),
+                          sum(a.metrics().value("tcp_open_total") for a in agents.values()))
+
+    usage, before = AgentUsage(), snapshot()
+    yield usage
+    after = snapshot()
+    usage.cpu_seconds = after.cpu_seconds - before.cpu_seconds
+    usage.connections = after.connections - before.connections
+    if (usage.connections > 0) != case.proxied:
+        raise RuntimeError(f"{case.key}: agents opened {usage.connections:g} connections; "
+                           f"expected {'some' if case.proxied else 'none'}")
+
+
+@dataclass
 class WrkRun:
     case: str
     round: int
     stats: WrkStats
-    agent_cpu_seconds: float
-    proxied_connections: float
+    usage: AgentUsage
 
     @property
     def cpu_per_1k_requests(self) -> float:
-        return self.agent_cpu_seconds * 1000 / max(1, self.stats.requests)
-
-
-def proxied_connections(agents: dict[int, LabAgent]) -> float:
-    return sum(a.metrics().value("tcp_open_total") for a in agents.values())
+        return self.usage.cpu_seconds * 1000 / max(1, self.stats.requests)
 
 
 def run_wrk(case: TrafficCase, agents: dict[int, LabAgent], settings: Settings, seconds: int,
             round_index: int) -> WrkRun:
-    """One bounded wrk run from the case's client pod, agent CPU and connections counted."""
+    """One bounded wrk run (saturating) from the case's client pod."""
     argv = ["wrk", "-t1", f"-c{settings.connections}", f"-d{seconds}s", "--latency",
             "--timeout", "5s", case.url]
-    connections_before = proxied_connections(agents)
-    cpu_before = sum(cpu_seconds(agent_pid(a)) for a in agents.values())
-    done = case.client.run(argv, check=False, timeout=seconds + 30)
-    cpu_used = sum(cpu_seconds(agent_pid(a)) for a in agents.values()) - cpu_before
-    proxied = proxied_connections(agents) - connections_before
+    with agent_usage(case, agents) as usage:
+        done = case.client.run(argv, check=False, timeout=seconds + 30)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
-    if (proxied > 0) != case.proxied:
-        raise RuntimeError(f"{case.key}: agents opened {proxied:g} connections; "
-                           f"expected {'some' if case.proxied else 'none'}")
-    return WrkRun(case.key, round_index, parse_wrk(done.stdout), cpu_used, proxied)
+    return WrkRun(case.key, round_index, parse_wrk(done.stdout), usage)
+
+
+@dataclass
+class PacedRun:
+    case: str
+    round: int
+    stats: dict[str, float]  # requests, errors, seconds, p50_ms, p99_ms
+    usage: AgentUsage
+
+    @property
+    def cpu_per_1k_requests(self) -> float:
+        """Equals vCPU per 1,000 req/s: (cpu / t) / (requests / t / 1000)."""
+        return self.usage.cpu_seconds * 1000 / max(1, self.stats["requests"])
+
+
+def run_paced(case: TrafficCase, agents: dict[int, LabAgent], settings: Settings,
+              round_index: int) -> PacedRun:
+    """The paced client (this file, --paced-client) from the case's client pod."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--paced-client", case.url,
+            "--rate", str(settings.paced_rate), "--seconds", str(settings.paced_seconds),
+            "--connections", str(settings.connections)]
+    with agent_usage(case, agents) as usage:
+        done = case.client.run(argv, check=False, timeout=settings.paced_seconds + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"paced client failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return PacedRun(case.key, round_index, json.loads(done.stdout), usage)
+
+
+def rotated(cases: Sequence[TrafficCase], round_index: int) -> list[TrafficCase]:
+    shift = round_index % len(cases)
+    return [*cases[shift:], *cases[:shift]]
 
 
 def bench_traffic(cases: Sequence[TrafficCase], agents: dict[int, LabAgent],
-                  settings: Settings) -> list[WrkRun]:
-    """A 1 s warm-up per case, then `rounds` rounds with the case order rotated each round."""
+                  settings: Settings) -> tuple[list[WrkRun], list[PacedRun]]:
+    """A 1 s warm-up per case, then rounds of wrk and paced runs, case order rotated."""
     for case in cases:
         wait_until_served(case)
         run_wrk(case, agents, settings, 1, -1)
-    runs = []
+    saturated: list[WrkRun] = []
+    paced: list[PacedRun] = []
     for round_index in range(settings.rounds):
-        shift = round_index % len(cases)
-        for case in [*cases[shift:], *cases[:shift]]:
-            runs.append(run_wrk(case, agents, settings, settings.wrk_seconds, round_index))
-            print(f"  round {round_index + 1} {case.key}: {runs[-1].stats.rps:,.0f} req/s",
+        for case in rotated(cases, round_index):
+            saturated.append(run_wrk(case, agents, settings, settings.wrk_seconds, round_index))
+            paced.append(run_paced(case, agents, settings, round_index))
+            print(f"  round {round_index + 1} {case.key}: {saturated[-1].stats.rps:,.0f} req/s; "
+                  f"at {settings.paced_rate}/s p99 {paced[-1].stats['p99_ms']:.2f} ms",
                   file=sys.stderr)
-    return runs
+    return saturated, paced
+
+
+# ---------------------------------------------------------------- the paced client (in a pod)
+
+
+async def paced_client(url: str, rate: int, seconds: float, connections: int) -> dict[str, float]:
+    """`rate` GETs per second spread over keep-alive connections; latency from send to body."""
+    host, _, path = url.removeprefix("http://").partition("/")
+    streams = [await asyncio.open_connection(host, 80) for _ in range(connections)]
+    request = f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    first = time.perf_counter() + 0.1
+    per_connection = int(rate * seconds) // connections
+    results = await asyncio.gather(*(
+        paced_connection(stream, request, first + index / rate, connections / rate, per_connection)
+        for index, stream in enumerate(streams)))
+    latencies = [value for values, _ in results for value in values]
+    return {"requests": len(latencies), "errors": sum(errors for _, errors in results),
+            "seconds": time.perf_counter() - first, "p50_ms": median(latencies) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3}
+
+
+async def paced_connection(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                           request: bytes, first: float, period: float,
+                           count: int) -> tuple[list[float], int]:
+    reader, writer = stream
+    latencies: list[float] = []
+    errors = 0
+    for index in range(count):
+        delay = first + index * period - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        latencies.append(time.perf_counter() - sent)
+        errors += not head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    return latencies, errors
 
 
 @dataclass
@@ -538,33 +639,40 @@ def memory_table(points: Sequence[MemoryPoint]) -> list[str]:
     return lines
 
 
-def summarize_case(runs: Sequence[WrkRun]) -> dict[str, float]:
-    med = median
-    return {
-        "rps": med([r.stats.rps for r in runs]),
-        "rps_min": min(r.stats.rps for r in runs),
-        "rps_max": max(r.stats.rps for r in runs),
-        "p50_ms": med([r.stats.p50_ms for r in runs]),
-        "p99_ms": med([r.stats.p99_ms for r in runs]),
-        "cpu_per_1k": med([r.cpu_per_1k_requests for r in runs]),
-        "agent_vcpu": med([r.agent_cpu_seconds / r.stats.seconds for r in runs]),
-        "connections": med([r.proxied_connections for r in runs]),
-        "errors": sum(r.stats.errors for r in runs),
-    }
-
-
-def traffic_table(cases: Sequence[TrafficCase], runs: Sequence[WrkRun]) -> list[str]:
-    summary = {c.key: summarize_case([r for r in runs if r.case == c.key]) for c in cases}
-    lines = ["| case | req/s (median) | req/s range | p50 ms | p99 ms | vs direct | "
-             "agent CPU s per 1,000 req | agents busy, vCPU | proxied conns | errors |",
+def saturated_table(cases: Sequence[TrafficCase], runs: Sequence[WrkRun]) -> list[str]:
+    lines = ["| case | req/s | req/s range | p50 ms | p99 ms | vs direct | agents' CPU s per "
+             "1,000 req | agents busy, vCPU | agent conns | errors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rps = {c.key: median([r.stats.rps for r in runs if r.case == c.key]) for c in cases}
     for case in cases:
-        s, base = summary[case.key], summary[case.baseline]
+        mine = [r for r in runs if r.case == case.key]
         lines.append(
-            f"| {case.label} | {s['rps']:,.0f} | {s['rps_min']:,.0f}–{s['rps_max']:,.0f} "
-            f"| {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['rps'] / base['rps']:.2f}× "
-            f"| {s['cpu_per_1k']:.3f} | {s['agent_vcpu']:.2f} | {s['connections']:g} "
-            f"| {s['errors']:g} |")
+            f"| {case.label} | {rps[case.key]:,.0f} "
+            f"| {min(r.stats.rps for r in mine):,.0f}–{max(r.stats.rps for r in mine):,.0f} "
+            f"| {median([r.stats.p50_ms for r in mine]):.2f} "
+            f"| {median([r.stats.p99_ms for r in mine]):.2f} "
+            f"| {rps[case.key] / rps[case.baseline]:.2f}× "
+            f"| {median([r.cpu_per_1k_requests for r in mine]):.3f} "
+            f"| {median([r.usage.cpu_seconds / r.stats.seconds for r in mine]):.2f} "
+            f"| {median([r.usage.connections for r in mine]):g} "
+            f"| {sum(r.stats.errors for r in mine):g} |")
+    return lines
+
+
+def paced_table(cases: Sequence[TrafficCase], runs: Sequence[PacedRun]) -> list[str]:
+    lines = ["| case | p50 ms | p99 ms | p50 added ms | p99 added ms | agents' vCPU per "
+             "1,000 req/s | requests | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    p50 = {c.key: median([r.stats["p50_ms"] for r in runs if r.case == c.key]) for c in cases}
+    p99 = {c.key: median([r.stats["p99_ms"] for r in runs if r.case == c.key]) for c in cases}
+    for case in cases:
+        mine = [r for r in runs if r.case == case.key]
+        lines.append(
+            f"| {case.label} | {p50[case.key]:.3f} | {p99[case.key]:.3f} "
+            f"| {p50[case.key] - p50[case.baseline]:+.3f} | {p99[case.key] - p99[case.baseline]:+.3f} "
+            f"| {median([r.cpu_per_1k_requests for r in mine]):.3f} "
+            f"| {sum(r.stats['requests'] for r in mine):,.0f} "
+            f"| {sum(r.stats['errors'] for r in mine):g} |")
     return lines
 
 
@@ -575,7 +683,8 @@ class Report:
     cni: CniResult | None = None
     memory: list[MemoryPoint] = field(default_factory=list)
     cases: list[TrafficCase] = field(default_factory=list)
-    runs: list[WrkRun] = field(default_factory=list)
+    saturated: list[WrkRun] = field(default_factory=list)
+    paced: list[PacedRun] = field(default_factory=list)
 
     def markdown(self) -> str:
         s = self.settings
@@ -585,18 +694,25 @@ class Report:
             lines += ["## CNI ADD latency", "", *cni_table(self.cni), *cni_notes(self.cni, s), ""]
         if self.memory:
             lines += ["## Agent memory (VmRSS; peak = VmHWM)", "", *memory_table(self.memory), ""]
-        if self.runs:
-            lines += [f"## Keep-alive HTTP, `wrk -t1 -c{s.connections} -d{s.wrk_seconds}s --latency`"
-                      f" → nginx 1 KiB, medians of {s.rounds} interleaved rounds", "",
-                      *traffic_table(self.cases, self.runs), ""]
+        if self.saturated:
+            lines += [f"## Keep-alive HTTP at saturation: `wrk -t1 -c{s.connections} "
+                      f"-d{s.wrk_seconds}s --latency` → nginx 1 KiB; medians of {s.rounds} "
+                      "interleaved rounds", "", *saturated_table(self.cases, self.saturated), ""]
+        if self.paced:
+            lines += [f"## Keep-alive HTTP at {s.paced_rate:,} req/s over {s.connections} "
+                      f"connections ({s.paced_seconds:g} s per run, paced client); medians of "
+                      f"{s.rounds} interleaved rounds", "", *paced_table(self.cases, self.paced), ""]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        def runs(items: Sequence[WrkRun | PacedRun]) -> list[dict[str, Any]]:
+            return [{**dataclasses.asdict(r), "cpu_per_1k_requests": r.cpu_per_1k_requests}
+                    for r in items]
+
         return {"facts": self.facts, "settings": dataclasses.asdict(self.settings),
                 "cni": dataclasses.asdict(self.cni) if self.cni else None,
                 "memory": [dataclasses.asdict(p) for p in self.memory],
-                "traffic": [{**dataclasses.asdict(r), "cpu_per_1k_requests": r.cpu_per_1k_requests}
-                            for r in self.runs]}
+                "saturated": runs(self.saturated), "paced": runs(self.paced)}
 
 
 # ---------------------------------------------------------------- the run
@@ -622,7 +738,7 @@ def measure(lab: Lab, agents: dict[int, LabAgent], choice: PluginChoice, report:
     try:
         build_traffic_lab(lab, traffic)
         print("measuring traffic …", file=sys.stderr)
-        report.runs = bench_traffic(traffic.cases, agents, settings)
+        report.saturated, report.paced = bench_traffic(traffic.cases, agents, settings)
         report.cases = traffic.cases
         settle(settings)
         report.memory.append(memory_point("after the traffic runs", agents))
@@ -630,13 +746,27 @@ def measure(lab: Lab, agents: dict[int, LabAgent], choice: PluginChoice, report:
         stop_processes(traffic.servers)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 pods, 5 s wrk runs, 1 round")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write raw samples here")
+    paced = parser.add_argument_group("paced client (what the benchmark runs inside a pod)")
+    paced.add_argument("--paced-client", metavar="URL", help="run only the paced client")
+    paced.add_argument("--rate", type=int, default=1000)
+    paced.add_argument("--seconds", type=float, default=5.0)
+    paced.add_argument("--connections", type=int, default=16)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
+    if args.paced_client is None and os.geteuid() != 0:
         parser.error("needs root (network namespaces, netfilter, cgroups)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.paced_client is not None:
+        print(json.dumps(asyncio.run(paced_client(args.paced_client, args.rate, args.seconds,
+                                                  args.connections))))
+        return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every `finally` below still runs
     report = Report(machine_facts(), Settings.of(args.quick))
     agents: dict[int, LabAgent] = {}

@@ -17,11 +17,25 @@ from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
+CNI_IO_FAILURE = 5
 CNI_INVALID_ENV = 4
 CNI_DECODE_FAILURE = 6
 CNI_INVALID_CONFIG = 7
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0
+
+
+def decode_request(raw: bytes | str) -> dict[str, Any]:
+    """One plugin request: a JSON object whose `args`, if present, is an object."""
+    try:
+        request = json.loads(raw)
+    except ValueError as exc:
+        raise CaptureError(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {exc}") from None
+    if not isinstance(request, dict):
+        raise CaptureError(CNI_DECODE_FAILURE, "malformed request from pinion-cni: not a JSON object")
+    if not isinstance(request.get("args", {}), dict):
+        raise CaptureError(CNI_INVALID_ENV, "CNI_ARGS must be key=value pairs")
+    return request
 
 
 def opted_out(args: dict[str, Any]) -> bool:
@@ -93,18 +107,18 @@ class CniServer:
     async def handle_line(self, line: bytes) -> dict[str, Any]:
         command = "unknown"
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("not a JSON object")
+            request = decode_request(line)
             command = str(request.get("command", "")).upper()
             await self.handle(command, request)
             reply: dict[str, Any] = {"ok": True}
-        except ValueError as exc:
-            reply = _error(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {exc}")
         except CaptureError as exc:
             reply = _error(exc.code, exc.msg, exc.details)
+        except Exception as exc:  # the plugin always gets an answer, and we say why
+            log.exception("cni %s: unexpected failure", command)
+            reply = _error(CNI_IO_FAILURE, f"pinion agent failed on {command}: {exc}")
         result = "ok" if reply["ok"] else "error"
-        self._metrics.cni_requests.labels(command.lower()[:8], result).inc()
+        label = command.lower() if command in ("ADD", "DEL", "CHECK") else "unknown"
+        self._metrics.cni_requests.labels(label, result).inc()
         if not reply["ok"]:
             log.warning("cni %s failed: %s", command, reply["msg"])
         return reply
@@ -134,14 +148,19 @@ async def replay_pending(directory: Path, pods: PodManager) -> int:
     captured = 0
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            request = json.loads(path.read_text())
+            request = decode_request(path.read_bytes())
+        except (OSError, CaptureError) as exc:
+            log.warning("pending request %s unreadable: %s", path.name, getattr(exc, "msg", exc))
+            path.unlink(missing_ok=True)
+            continue
+        try:
             if not opted_out(request.get("args") or {}):
                 await pods.add(pod_from_request(request))
                 captured += 1
-        except (OSError, ValueError) as exc:
-            log.warning("pending request %s unreadable: %s", path.name, exc)
         except CaptureError as exc:
             log.warning("pending pod %s not captured: %s", path.name, exc.msg)
+        except Exception:  # one bad file must not block the others, nor start-up
+            log.exception("pending request %s failed", path.name)
         path.unlink(missing_ok=True)
     return captured
 

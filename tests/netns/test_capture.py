@@ -185,8 +185,12 @@ def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
 
 def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
     client, legacy = mesh.pod(0, "client"), mesh.pod(1, "legacy", meshed=False)
+    started = time.monotonic()
     result = client.run(["curl", "-sS", "--max-time", "5", f"http://{legacy.ip}:9/"], check=False)
-    assert "reset" in result.stderr.lower() or "refused" in result.stderr.lower()
+    # Our RST reaches curl during connect (7: as if refused directly) or on read (56: reset);
+    # either way at once, never a hang until the timeout (28).
+    assert result.returncode in (7, 56), result.stderr
+    assert time.monotonic() - started < 3
     metrics = mesh.agents[0].metrics()
     assert metrics.value("pinion_proxy_errors_total", reason="econnrefused") == 1
     assert _eventually(lambda: mesh.agents[0].metrics().value(

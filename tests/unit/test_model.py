@@ -1,0 +1,110 @@
+"""What the agent knows about a pod: capture settings read from CNI args, and the Pod
+record that is saved to disk and read back after a restart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.model import CaptureSettings, Pod, PodKey
+
+
+def settings(*gateways: str, **args: str) -> CaptureSettings:
+    """Capture settings from PINION_* args, for a pod behind these gateways."""
+    return CaptureSettings.from_cni_args(args, list(gateways))
+
+
+def test_no_pinion_args_means_nothing_is_excluded() -> None:
+    assert settings() == CaptureSettings()
+
+
+def test_excluded_ports_are_trimmed_deduplicated_and_sorted() -> None:
+    capture = settings(PINION_EXCLUDE_OUTBOUND_PORTS="80, 443,80",
+                       PINION_EXCLUDE_INBOUND_PORTS="9100,22,")
+
+    assert capture.exclude_outbound_ports == (80, 443)
+    assert capture.exclude_inbound_ports == (22, 9100)
+
+
+@pytest.mark.parametrize("arg", ["PINION_EXCLUDE_OUTBOUND_PORTS", "PINION_EXCLUDE_INBOUND_PORTS"])
+@pytest.mark.parametrize(("value", "message"), [
+    ("0", "port 0 out of range"),
+    ("65536", "port 65536 out of range"),
+    ("-1", "port -1 out of range"),
+    ("abc", "invalid literal"),
+    ("80;443", "invalid literal"),
+])
+def test_a_port_that_is_not_a_port_is_refused(arg: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings(**{arg: value})
+
+
+def test_excluded_cidrs_are_normalised_to_their_network() -> None:
+    capture = settings(PINION_EXCLUDE_OUTBOUND_CIDRS="10.1.2.3/8, 192.168.1.0/24,169.254.169.254")
+
+    assert capture.exclude_outbound_cidrs == ("10.0.0.0/8", "192.168.1.0/24", "169.254.169.254/32")
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "not-a-cidr", "10.0.0.300/8"])
+def test_a_cidr_that_is_not_one_is_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        settings(PINION_EXCLUDE_OUTBOUND_CIDRS=value)
+
+
+def test_kubelet_probes_come_from_the_pods_gateway() -> None:
+    assert settings("10.42.0.1").probe_sources == ("10.42.0.1",)
+
+
+def test_a_dual_stack_pods_ipv6_gateway_does_not_fail_the_capture() -> None:
+    """pinion-cni forwards every gateway of the prevResult; the `ip` table is IPv4 only."""
+    assert settings("10.42.0.1", "fd00:42::1").probe_sources == ("10.42.0.1",)
+
+
+WEB = Pod(
+    key=PodKey("shop", "web-5d8f"),
+    uid="5b1e-42",
+    container_id="c0ffee01",
+    netns_path="/var/run/netns/cni-1",
+    ips=("10.42.0.5",),
+    service_account="web",
+    capture=CaptureSettings(
+        exclude_outbound_ports=(80, 443),
+        exclude_inbound_ports=(22,),
+        exclude_outbound_cidrs=("10.0.0.0/8",),
+        probe_sources=("10.42.0.1",),
+    ),
+)
+
+
+def test_a_pod_survives_a_round_trip_through_json_on_disk() -> None:
+    text = json.dumps(WEB.to_json())
+
+    assert Pod.from_json(json.loads(text)) == WEB
+
+
+def test_the_saved_pod_uses_the_cni_field_names() -> None:
+    assert WEB.to_json() == {
+        "namespace": "shop",
+        "name": "web-5d8f",
+        "uid": "5b1e-42",
+        "containerId": "c0ffee01",
+        "netns": "/var/run/netns/cni-1",
+        "ips": ["10.42.0.5"],
+        "serviceAccount": "web",
+        "capture": {
+            "excludeOutboundPorts": [80, 443],
+            "excludeInboundPorts": [22],
+            "excludeOutboundCidrs": ["10.0.0.0/8"],
+            "probeSources": ["10.42.0.1"],
+        },
+    }
+
+
+def test_a_pod_saved_without_optional_fields_reads_back_with_defaults() -> None:
+    pod = Pod.from_json({"namespace": "shop", "name": "web", "uid": "", "containerId": "c1",
+                         "netns": "/proc/1/ns/net", "ips": []})
+
+    assert pod.service_account == "default"
+    assert pod.capture == CaptureSettings()
+    assert str(pod.key) == "shop/web"

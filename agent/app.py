@@ -29,6 +29,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     prometheus_client.disable_created_metrics()
     switch = NetnsSwitch(NetNs.current())
     backend = choose_backend(config.redirect)
+    backend.prepare()
     telemetry = TcpTelemetry(time.monotonic, config.metrics_grace_seconds)
     registry, metrics = build_registry(telemetry)
     sockets = SocketFactory(switch, config.proxy_mark)

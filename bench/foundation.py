@@ -2,8 +2,10 @@
 
 One run builds a two-node lab, starts a real agent per node and measures side by side,
 interleaved: (1) CNI ADD/DEL latency with and without pinion-cni in the chain, (2) the
-agents' memory, (3) keep-alive HTTP through the agents vs direct (nginx + wrk). It prints
-a markdown report on stdout; `--json PATH` also saves every raw sample.
+agents' memory, (3) keep-alive HTTP to nginx through the agents vs direct, both saturating
+(wrk) and paced at 1,000 req/s (the small client at the end of this file, which the run
+starts inside a pod as `--paced-client URL`). It prints a markdown report on stdout;
+`--json PATH` also saves every raw sample.
 
     sudo .venv/bin/python bench/foundation.py [--quick] [--json out.json]
 """
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +159,13 @@ def plugin_python() -> str:
     if python3 is None:
         return "none on " + RUNTIME_PATH
     return f"{run_quiet([python3, '--version']).replace('Python ', '')} ({python3})"
+
+
+def foreign_netns(run_id: str) -> int:
+    """Network namespaces of other labs on this machine: someone else is busy too."""
+    netns_dir = Path("/var/run/netns")
+    names = [p.name for p in netns_dir.iterdir()] if netns_dir.is_dir() else []
+    return sum(not name.startswith(f"pn{run_id}-") for name in names)
 
 
 def load_average() -> str:
@@ -290,7 +300,7 @@ def add_idle_pods(lab: Lab, node: Node, count: int) -> list[Pod]:
     return [lab.add_pod(node, f"idle-{index}", namespace="bench") for index in range(count)]
 
 
-# ---------------------------------------------------------------- 3. traffic: nginx + wrk
+# ---------------------------------------------------------------- 3. traffic: nginx, wrk, paced
 
 
 NGINX_CONF = """\
@@ -515,46 +525,6 @@ def bench_traffic(cases: Sequence[TrafficCase], agents: dict[int, LabAgent],
     return saturated, paced
 
 
-# ---------------------------------------------------------------- the paced client (in a pod)
-
-
-async def paced_client(url: str, rate: int, seconds: float, connections: int) -> dict[str, float]:
-    """`rate` GETs per second spread over keep-alive connections; latency from send to body."""
-    host, _, path = url.removeprefix("http://").partition("/")
-    streams = [await asyncio.open_connection(host, 80) for _ in range(connections)]
-    request = f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    first = time.perf_counter() + 0.1
-    per_connection = int(rate * seconds) // connections
-    results = await asyncio.gather(*(
-        paced_connection(stream, request, first + index / rate, connections / rate, per_connection)
-        for index, stream in enumerate(streams)))
-    latencies = [value for values, _ in results for value in values]
-    return {"requests": len(latencies), "errors": sum(errors for _, errors in results),
-            "seconds": time.perf_counter() - first, "p50_ms": median(latencies) * 1e3,
-            "p99_ms": percentile(latencies, 0.99) * 1e3}
-
-
-async def paced_connection(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                           request: bytes, first: float, period: float,
-                           count: int) -> tuple[list[float], int]:
-    reader, writer = stream
-    latencies: list[float] = []
-    errors = 0
-    for index in range(count):
-        delay = first + index * period - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sent = time.perf_counter()
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-        await reader.readexactly(int(length.group(1)) if length else 0)
-        latencies.append(time.perf_counter() - sent)
-        errors += not head.startswith(b"HTTP/1.1 200")
-    writer.close()
-    return latencies, errors
-
-
 @dataclass
 class TrafficLab:
     cases: list[TrafficCase]
@@ -582,6 +552,55 @@ def build_traffic_lab(lab: Lab, traffic: TrafficLab) -> None:
         TrafficCase("one_agent", "same node, agent1 outbound → agent1 inbound", near_mesh,
                     servers["mesh"], "direct_same_node", True),
     ])
+
+
+# ---------------------------------------------------------------- the paced client (in a pod)
+
+
+async def paced_client(url: str, rate: int, seconds: float, connections: int) -> dict[str, float]:
+    """`rate` GETs per second spread over keep-alive connections; latency from send to body."""
+    target = urllib.parse.urlsplit(url)
+    host, port = target.hostname or "", target.port or 80
+    streams = [await asyncio.open_connection(host, port) for _ in range(connections)]
+    request = f"GET {target.path or '/'} HTTP/1.1\r\nHost: {target.netloc}\r\n\r\n".encode()
+    first = time.perf_counter() + 0.2  # after every connection's warm-up exchange
+    per_connection = int(rate * seconds) // connections
+    results = await asyncio.gather(*(
+        paced_connection(stream, request, first + index / rate, connections / rate, per_connection)
+        for index, stream in enumerate(streams)))
+    latencies = [value for values, _ in results for value in values]
+    return {"requests": len(latencies), "errors": sum(errors for _, errors in results),
+            "seconds": time.perf_counter() - first, "p50_ms": median(latencies) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3}
+
+
+async def paced_connection(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                           request: bytes, first: float, period: float,
+                           count: int) -> tuple[list[float], int]:
+    """One warm-up exchange (not counted), then `count` exchanges on a fixed schedule."""
+    latencies: list[float] = []
+    errors = 0
+    await exchange(stream, request)
+    for index in range(count):
+        delay = first + index * period - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        ok = await exchange(stream, request)
+        latencies.append(time.perf_counter() - sent)
+        errors += not ok
+    stream[1].close()
+    return latencies, errors
+
+
+async def exchange(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes) -> bool:
+    """Send one GET, read the head and the Content-Length body; True for a 200."""
+    reader, writer = stream
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    await reader.readexactly(int(length.group(1)) if length else 0)
+    return head.startswith(b"HTTP/1.1 200")
 
 
 # ---------------------------------------------------------------- the report
@@ -725,6 +744,7 @@ def settle(settings: Settings) -> None:
 def measure(lab: Lab, agents: dict[int, LabAgent], choice: PluginChoice, report: Report) -> None:
     """The whole sequence, in one lab: memory idle, CNI, memory with pods, traffic, memory."""
     settings = report.settings
+    others = [foreign_netns(lab.run_id)]
     settle(settings)
     report.memory.append(memory_point("idle, just started", agents))
     print("measuring CNI ADD/DEL …", file=sys.stderr)
@@ -737,18 +757,22 @@ def measure(lab: Lab, agents: dict[int, LabAgent], choice: PluginChoice, report:
     traffic = TrafficLab([])
     try:
         build_traffic_lab(lab, traffic)
+        others.append(foreign_netns(lab.run_id))
         print("measuring traffic …", file=sys.stderr)
         report.saturated, report.paced = bench_traffic(traffic.cases, agents, settings)
         report.cases = traffic.cases
         settle(settings)
         report.memory.append(memory_point("after the traffic runs", agents))
+        others.append(foreign_netns(lab.run_id))
     finally:
         stop_processes(traffic.servers)
+        report.facts["other labs' netns (start / traffic / end)"] = " / ".join(map(str, others))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10 pods, 5 s wrk runs, 1 round")
+    parser.add_argument("--quick", action="store_true",
+                        help="10 pods per chain, 5 s wrk and 3 s paced runs, 1 round")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write raw samples here")
     paced = parser.add_argument_group("paced client (what the benchmark runs inside a pod)")
     paced.add_argument("--paced-client", metavar="URL", help="run only the paced client")

@@ -201,7 +201,10 @@ def _other_backends(chosen: str) -> list[Backend]:
         if name == chosen:
             continue
         try:
-            others.append(make_backend(name))
-        except (OSError, ImportError, RedirectError) as exc:
+            other = make_backend(name)
+            if other.count_rules():  # the node uses it: ready it in our own netns, now
+                other.prepare()
+            others.append(other)
+        except (OSError, ImportError, RedirectError, RuntimeError) as exc:
             log.debug("backend %s unavailable for the mixing guard: %s", name, exc)
     return others

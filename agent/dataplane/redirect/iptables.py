@@ -128,8 +128,17 @@ class IptablesBackend:
                 table.close()
 
     def prepare(self) -> None:
-        """Load libxtables and the extensions our rules use (~185 ms, once per process), so
-        the first pod's ADD does not pay for it. Builds a rule in memory; commits nothing."""
+        """Called once in the agent's own netns, before any pod is touched.
+
+        Loads libxtables and the extensions our rules use (~175 ms), so the first ADD does
+        not pay for it. And opens, for good, every legacy table of the node: python-iptables
+        walks all tables named in the *process's* netns to classify a rule's target; a
+        closed handle there crashes it, and a table not yet open would be created inside
+        whichever pod netns the walking thread is in."""
+        with self._lock:
+            for name in _legacy_tables():
+                if name != "nat":
+                    self._iptc.Table(name, autocommit=False)
         rule = self._iptc.Rule()
         rule.protocol = "tcp"
         for match in ("tcp", "multiport", "mark", "comment"):
@@ -171,7 +180,8 @@ class IptablesBackend:
                 try:
                     total += sum(len(chain.rules) for chain in table.chains)
                 finally:
-                    table.close()
+                    if name == "nat":  # only nat is closed between uses: see prepare()
+                        table.close()
             return total
 
     def _open(self, name: str = "nat"):  # type: ignore[no-untyped-def]

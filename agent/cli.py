@@ -97,9 +97,9 @@ def _run_rules(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pinion rules: {exc}", file=sys.stderr)
         return 2
-    from agent.config import DEFAULT_PROXY_MARK
+    from agent.config import DEFAULT_PROXY_MARK, DEFAULT_REPLY_MARK
 
-    plan = build_plan(Ports(), DEFAULT_PROXY_MARK, capture)
+    plan = build_plan(Ports(), DEFAULT_PROXY_MARK, DEFAULT_REPLY_MARK, capture)
     sys.stdout.write(make_backend(args.backend).render(plan))
     return 0
 

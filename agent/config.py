@@ -14,6 +14,8 @@ REDIRECT_MODES = ("auto", "iptables", "nftables", "ebpf")
 
 # Pinion's socket mark: ASCII "PIN". Distinct from Istio's 0x539 so both can coexist.
 DEFAULT_PROXY_MARK = 0x50494E
+# Conntrack/route mark that brings an app's replies back to the proxy (must differ).
+DEFAULT_REPLY_MARK = 0x50494F
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class Config:
     pending_dir: Path = Path("/run/pinion/pending")
     redirect: str = "auto"
     proxy_mark: int = DEFAULT_PROXY_MARK
+    reply_mark: int = DEFAULT_REPLY_MARK
     ports: Ports = Ports()
     metrics_grace_seconds: float = 300.0
     sweep_interval_seconds: float = 10.0

@@ -14,7 +14,7 @@ from agent.controlplane.state import PodStateStore
 from agent.core.telemetry import TcpTelemetry
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.proxy import PodContext, Proxy
-from agent.dataplane.redirect import Backend, RedirectError, make_backend
+from agent.dataplane.redirect import Backend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.sockets import SocketFactory
 from agent.model import Pod
@@ -99,6 +99,8 @@ class PodManager:
             return [f"network namespace {captured.netns.path} is gone"]
         installed = await self._in_netns(captured.netns, self._backend.installed)
         problems = [f"rule {name} missing" for name in sorted(captured.plan.names() - installed)]
+        problems += [f"{what} missing" for what in
+                     await self._in_netns(captured.netns, lambda: routing.missing(captured.plan))]
         problems += [f"listener {s.sockets[0].getsockname() if s.sockets else '?'} closed"
                      for s in captured.servers if not s.is_serving()]
         return problems
@@ -131,7 +133,8 @@ class PodManager:
             netns = NetNs(pod.netns_path)
         except NetnsError as exc:
             raise CaptureError(CNI_CONTAINER_UNKNOWN, str(exc.strerror)) from None
-        plan = build_plan(self._config.ports, self._config.proxy_mark, pod.capture)
+        plan = build_plan(self._config.ports, self._config.proxy_mark, self._config.reply_mark,
+                          pod.capture)
         ports = self._config.ports
         context = PodContext(pod.key.namespace, pod.key.name, netns,
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)))
@@ -160,7 +163,12 @@ class PodManager:
                 log.warning("removing %s rules left in this netns before using %s",
                             other.name, self._backend.name)
                 other.remove()
+        routing.ensure(plan)  # replies find their way back before anything is captured
         self._backend.apply(plan)
+
+    def _uninstall(self, plan: Plan) -> None:
+        self._backend.remove()
+        routing.remove(plan)
 
     async def _listen(self, captured: CapturedPod) -> None:
         loop = asyncio.get_running_loop()
@@ -180,7 +188,7 @@ class PodManager:
             relay.abort()
         if remove_rules and captured.netns.still_at_path():
             try:
-                await self._in_netns(captured.netns, self._backend.remove)
+                await self._in_netns(captured.netns, lambda: self._uninstall(captured.plan))
             except (OSError, RuntimeError) as exc:
                 log.warning("pod %s: could not remove rules: %s", captured.pod.key, exc)
         captured.netns.close()

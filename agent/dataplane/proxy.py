@@ -208,8 +208,10 @@ class Proxy:
         if destination is None:
             relay.abort()
             return
+        # Inbound, the app sees the real client (as with Istio ambient), not the proxy.
+        source = client.get_extra_info("peername") if relay.direction == "inbound" else None
         try:
-            sock = self._sockets.upstream(relay.pod.netns)
+            sock = self._upstream_socket(relay.pod, source)
         except OSError as exc:
             self._refuse(relay, "socket", f"cannot create upstream socket: {exc}")
             return
@@ -230,6 +232,15 @@ class Proxy:
             relay.connecting = None
         if not client.is_closing() and not relay.upstream.write_blocked:
             client.resume_reading()  # else resume_writing will, once upstream drains
+
+    def _upstream_socket(self, pod: PodContext, source: tuple[str, int] | None) -> socket.socket:
+        for _ in range(3):
+            try:
+                return self._sockets.upstream(pod.netns, source)
+            except OSError as exc:
+                if source is None or exc.errno != errno.EADDRINUSE:
+                    raise
+        return self._sockets.upstream(pod.netns)  # keep serving, without the client's IP
 
     def _destination(self, relay: Relay, sock: socket.socket) -> tuple[str, int] | None:
         try:

@@ -10,6 +10,7 @@ import struct
 from agent.dataplane.netns import NetNs, NetnsSwitch
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP_TRANSPARENT = 19  # linux/in.h
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -31,19 +32,32 @@ class SocketFactory:
             raise
         return sock
 
-    def upstream(self, netns: NetNs) -> socket.socket:
+    def upstream(self, netns: NetNs, source: tuple[str, int] | None = None) -> socket.socket:
         """A non-blocking TCP socket in `netns` carrying the Pinion mark, so capture skips it.
 
-        Created in the pod's namespace, its source address is the pod's own IP."""
+        Created in the pod's namespace, its source address is the pod's own IP; or, given
+        `source` (a client's address), a transparent socket that speaks as that client."""
         sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
+            if source is not None:
+                _bind_as(sock, source)
         except OSError:
             sock.close()
             raise
         return sock
+
+
+def _bind_as(sock: socket.socket, client: tuple[str, int]) -> None:
+    """Bind to the client's IP and a port other than the client's own: the same 4-tuple
+    would be the client's original (redirected) conntrack entry, and be redirected again."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((client[0], 0))
+    if sock.getsockname()[1] == client[1]:  # 1 in ~28,000: pick again, explicitly
+        raise OSError(98, "transparent bind chose the client's own port")
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

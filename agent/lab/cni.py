@@ -30,6 +30,9 @@ INCOMPATIBLE_VERSION_CODE = 1
 _VERSIONS_WITHOUT_CHECK = frozenset({"0.1.0", "0.2.0", "0.3.0", "0.3.1"})
 
 
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 class CniError(Exception):
     """A CNI plugin (or the runtime running it) reported an error."""
 
@@ -198,7 +201,9 @@ class CniRuntime:
 
     def _environment(self, command: str, request: _Request) -> dict[str, str]:
         return {
-            **os.environ,
+            # What a container runtime gives its plugins: a system PATH, not the caller's
+            # (a pyenv shim in front of python3 would triple the plugin's start-up).
+            "PATH": RUNTIME_PATH,
             **self.env_extra,
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": request.container_id,

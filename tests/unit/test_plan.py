@@ -10,18 +10,23 @@ import re
 import pytest
 
 from agent.cli import main
-from agent.config import DEFAULT_PROXY_MARK, Ports
+from agent.config import DEFAULT_PROXY_MARK, DEFAULT_REPLY_MARK, Ports
 from agent.dataplane.redirect.iptables import IptablesBackend, translate
 from agent.dataplane.redirect.nftables import NftablesBackend
-from agent.dataplane.redirect.plan import COMMENT_PREFIX, Hook, Plan, build_plan
+from agent.dataplane.redirect.plan import COMMENT_PREFIX, Action, Hook, Plan, build_plan
 from agent.model import CaptureSettings
 
 DEFAULT_CAPTURE = CaptureSettings(probe_sources=("10.42.0.1",))
 
 NFTABLES_DEFAULT = """\
 table ip pinion {
+\tchain reply_mark {
+\t\ttype route hook output priority mangle; policy accept;
+\t\tmeta mark 0x50494e oifname "lo" ct mark set 0x50494f comment "pinion/proxy-delivery-connmark"
+\t\tmeta mark 0x0 ct mark 0x50494f meta mark set ct mark comment "pinion/app-reply-mark"
+\t}
 \tchain inbound {
-\t\ttype nat hook prerouting priority -100; policy accept;
+\t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tmeta mark 0x50494e return comment "pinion/inbound-skip-proxy"
 \t\tiifname "lo" return comment "pinion/inbound-skip-loopback"
 \t\ttcp dport 15008 return comment "pinion/inbound-skip-tunnel"
@@ -40,6 +45,12 @@ table ip pinion {
 """
 
 IPTABLES_DEFAULT = """\
+*mangle
+:PINION_REPLY_MARK - [0:0]
+-A OUTPUT -m comment --comment "pinion/reply-mark-jump" -j PINION_REPLY_MARK
+-A PINION_REPLY_MARK -o lo -m mark --mark 0x50494e -m comment --comment "pinion/proxy-delivery-connmark" -j CONNMARK --set-mark 0x50494f
+-A PINION_REPLY_MARK -m mark --mark 0x0 -m connmark --mark 0x50494f -m comment --comment "pinion/app-reply-mark" -j CONNMARK --restore-mark
+COMMIT
 *nat
 :PINION_INBOUND - [0:0]
 :PINION_OUTPUT - [0:0]
@@ -69,7 +80,7 @@ BUSY_CAPTURE = CaptureSettings(
 
 
 def plan_for(capture: CaptureSettings = DEFAULT_CAPTURE) -> Plan:
-    return build_plan(Ports(), DEFAULT_PROXY_MARK, capture)
+    return build_plan(Ports(), DEFAULT_PROXY_MARK, DEFAULT_REPLY_MARK, capture)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +105,8 @@ def test_a_default_pod_gets_these_rules_in_this_order() -> None:
     plan = plan_for()
 
     assert [rule.comment for rule in plan.rules] == [
+        "pinion/proxy-delivery-connmark",
+        "pinion/app-reply-mark",
         "pinion/inbound-skip-proxy",
         "pinion/inbound-skip-loopback",
         "pinion/inbound-skip-tunnel",
@@ -108,7 +121,7 @@ def test_a_default_pod_gets_these_rules_in_this_order() -> None:
 
 
 @pytest.mark.parametrize("capture", [CaptureSettings(), DEFAULT_CAPTURE, BUSY_CAPTURE])
-@pytest.mark.parametrize("hook", list(Hook))
+@pytest.mark.parametrize("hook", [Hook.INBOUND, Hook.OUTBOUND])
 def test_in_each_hook_every_skip_comes_before_the_one_capture_rule(
         capture: CaptureSettings, hook: Hook) -> None:
     rules = plan_for(capture).for_hook(hook)
@@ -232,16 +245,34 @@ def test_iptables_gives_every_rule_a_pinion_comment(iptables: IptablesBackend) -
     rule_lines = [line for line in text.splitlines() if line.startswith("-A ")]
     assert len(rule_lines) == len(rules)
     assert all(re.search(r'-m comment --comment "pinion/[a-z-]+"', line) for line in rule_lines)
-    jumps = {"pinion/inbound-jump", "pinion/outbound-jump"}
+    jumps = {"pinion/reply-mark-jump", "pinion/inbound-jump", "pinion/outbound-jump"}
     assert {rule.comment for rule in rules} == plan.names() | jumps
 
 
 def test_iptables_jumps_into_its_chains_before_any_chain_rule() -> None:
     rules = translate(plan_for())
 
-    assert [(r.chain, r.target) for r in rules[:2]] == [
-        ("PREROUTING", "PINION_INBOUND"), ("OUTPUT", "PINION_OUTPUT")]
-    assert all(r.chain.startswith("PINION_") for r in rules[2:])
+    assert [(r.table, r.chain, r.target) for r in rules[:3]] == [
+        ("mangle", "OUTPUT", "PINION_REPLY_MARK"),
+        ("nat", "PREROUTING", "PINION_INBOUND"), ("nat", "OUTPUT", "PINION_OUTPUT")]
+    assert all(r.chain.startswith("PINION_") for r in rules[3:])
+
+
+def test_replies_to_the_proxys_transparent_sockets_are_marked_and_routed_home() -> None:
+    """Inbound delivery speaks as the client; the app's replies must come back to us."""
+    plan = plan_for()
+    delivery, reply = plan.for_hook(Hook.REPLY_MARK)
+
+    assert delivery.match.mark == DEFAULT_PROXY_MARK and delivery.match.out_iface == "lo"
+    assert delivery.action is Action.SET_CONNMARK and delivery.mark_value == DEFAULT_REPLY_MARK
+    assert reply.match.mark == 0 and reply.match.ct_mark == DEFAULT_REPLY_MARK
+    assert reply.action is Action.RESTORE_MARK
+    assert plan.reply_mark == DEFAULT_REPLY_MARK != DEFAULT_PROXY_MARK
+
+
+def test_the_two_marks_must_differ() -> None:
+    with pytest.raises(ValueError, match="must differ"):
+        build_plan(Ports(), 0x10, 0x10, DEFAULT_CAPTURE)
 
 
 @pytest.mark.parametrize("capture", [CaptureSettings(), DEFAULT_CAPTURE, BUSY_CAPTURE])

@@ -9,10 +9,16 @@ import ctypes
 import json
 import threading
 
-from agent.dataplane.redirect.plan import COMMENT_PREFIX, Hook, Match, Plan, Rule
+from agent.dataplane.redirect.plan import COMMENT_PREFIX, Action, Hook, Match, Plan, Rule
 
 TABLE = "ip pinion"
-_CHAINS = {Hook.INBOUND: ("inbound", "prerouting"), Hook.OUTBOUND: ("outbound", "output")}
+# hook -> (chain name, chain declaration)
+_CHAINS = {
+    Hook.REPLY_MARK: ("reply_mark", "type route hook output priority mangle; policy accept;"),
+    Hook.INBOUND: ("inbound", "type nat hook prerouting priority dstnat; policy accept;"),
+    Hook.OUTBOUND: ("outbound", "type nat hook output priority -100; policy accept;"),
+}
+_ACTIONS = {Action.RETURN: "return", Action.RESTORE_MARK: "meta mark set ct mark"}
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 
 
@@ -67,9 +73,9 @@ class NftablesBackend:
 
     def render(self, plan: Plan) -> str:
         lines = [f"table {TABLE} {{"]
-        for hook, (chain, nf_hook) in _CHAINS.items():
+        for hook, (chain, declaration) in _CHAINS.items():
             lines.append(f"\tchain {chain} {{")
-            lines.append(f"\t\ttype nat hook {nf_hook} priority -100; policy accept;")
+            lines.append(f"\t\t{declaration}")
             lines += [f"\t\t{_render_rule(rule)}" for rule in plan.for_hook(hook)]
             lines.append("\t}")
         lines.append("}")
@@ -113,12 +119,14 @@ class NftablesBackend:
 
 def _render_rule(rule: Rule) -> str:
     parts = _render_match(rule.match)
-    if rule.redirect_port is not None:
-        if not rule.match.tcp:
-            raise ValueError(f"{rule.name}: redirect needs a TCP match")
+    if rule.action is Action.REDIRECT:
+        if not rule.match.tcp or rule.redirect_port is None:
+            raise ValueError(f"{rule.name}: redirect needs a TCP match and a port")
         parts.append(f"redirect to :{rule.redirect_port}")
+    elif rule.action is Action.SET_CONNMARK:
+        parts.append(f"ct mark set {rule.mark_value:#x}")
     else:
-        parts.append("return")
+        parts.append(_ACTIONS[rule.action])
     parts.append(f'comment "{rule.comment}"')
     return " ".join(parts)
 
@@ -127,6 +135,8 @@ def _render_match(match: Match) -> list[str]:
     parts: list[str] = []
     if match.mark is not None:
         parts.append(f"meta mark {match.mark:#x}")
+    if match.ct_mark is not None:
+        parts.append(f"ct mark {match.ct_mark:#x}")
     if match.in_iface:
         parts.append(f'iifname "{match.in_iface}"')
     if match.out_iface:

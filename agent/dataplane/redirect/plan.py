@@ -13,10 +13,19 @@ COMMENT_PREFIX = "pinion/"
 
 
 class Hook(Enum):
-    """Where a chain sits: inbound = nat PREROUTING, outbound = nat OUTPUT."""
+    """Where a chain sits: inbound = nat PREROUTING, outbound = nat OUTPUT,
+    reply-mark = mangle OUTPUT (a mark change there re-routes the packet)."""
 
     INBOUND = "inbound"
     OUTBOUND = "outbound"
+    REPLY_MARK = "reply-mark"
+
+
+class Action(Enum):
+    RETURN = "return"  # leave the packet alone
+    REDIRECT = "redirect"  # to the proxy port in Rule.redirect_port
+    SET_CONNMARK = "set-mark"  # connection mark := Rule.mark_value
+    RESTORE_MARK = "restore-mark"  # packet mark := connection mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +34,7 @@ class Match:
 
     tcp: bool = False
     mark: int | None = None
+    ct_mark: int | None = None
     in_iface: str | None = None
     out_iface: str | None = None
     src_cidrs: tuple[str, ...] = ()
@@ -37,7 +47,9 @@ class Rule:
     name: str
     hook: Hook
     match: Match
-    redirect_port: int | None = None  # None = return (leave the packet alone)
+    action: Action = Action.RETURN
+    redirect_port: int | None = None
+    mark_value: int | None = None
 
     @property
     def comment(self) -> str:
@@ -46,7 +58,12 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """Rules, plus the policy route that delivers replies to the proxy's transparent sockets:
+    packets marked `reply_mark` are looked up in `route_table`, which says: all is local."""
+
     rules: tuple[Rule, ...]
+    reply_mark: int
+    route_table: int
 
     def names(self) -> set[str]:
         return {rule.comment for rule in self.rules}
@@ -55,10 +72,25 @@ class Plan:
         return tuple(rule for rule in self.rules if rule.hook is hook)
 
 
-def build_plan(ports: Ports, mark: int, capture: CaptureSettings) -> Plan:
-    """The in-pod capture rules, in the shape of Istio's in-pod mode (design.md)."""
-    inbound, outbound = Hook.INBOUND, Hook.OUTBOUND
+ROUTE_TABLE = 15006
+
+
+def build_plan(ports: Ports, mark: int, reply_mark: int, capture: CaptureSettings) -> Plan:
+    """The in-pod capture rules, in the shape of Istio's in-pod mode (design.md).
+
+    Inbound delivery keeps the client's address: the proxy connects to the app from a
+    transparent socket bound to the client's IP. The app's replies to that IP must come
+    back to the proxy, not leave the pod: connections the proxy opens to the pod itself
+    (over lo) get `reply_mark` in conntrack, the app's unmarked replies take it on, and
+    packets so marked are routed locally (Plan.route_table). The proxy's own sockets keep
+    `mark` (skip capture, normal routing); the two marks must differ."""
+    if mark == reply_mark:
+        raise ValueError("the proxy mark and the reply mark must differ")
+    inbound, outbound, reply = Hook.INBOUND, Hook.OUTBOUND, Hook.REPLY_MARK
     rules = [
+        Rule("proxy-delivery-connmark", reply, Match(mark=mark, out_iface="lo"),
+             Action.SET_CONNMARK, mark_value=reply_mark),
+        Rule("app-reply-mark", reply, Match(mark=0, ct_mark=reply_mark), Action.RESTORE_MARK),
         Rule("inbound-skip-proxy", inbound, Match(mark=mark)),
         Rule("inbound-skip-loopback", inbound, Match(in_iface="lo")),
         Rule("inbound-skip-tunnel", inbound, Match(tcp=True, dst_ports=(ports.tunnel,))),
@@ -69,7 +101,7 @@ def build_plan(ports: Ports, mark: int, capture: CaptureSettings) -> Plan:
         excluded = capture.exclude_inbound_ports
         rules.append(Rule("inbound-skip-ports", inbound, Match(tcp=True, dst_ports=excluded)))
     rules += [
-        Rule("inbound-capture", inbound, Match(tcp=True), redirect_port=ports.inbound),
+        Rule("inbound-capture", inbound, Match(tcp=True), Action.REDIRECT, ports.inbound),
         Rule("outbound-skip-proxy", outbound, Match(mark=mark)),
         Rule("outbound-skip-loopback", outbound, Match(out_iface="lo")),
         Rule("outbound-skip-local", outbound, Match(dst_cidrs=("127.0.0.0/8",))),
@@ -81,5 +113,5 @@ def build_plan(ports: Ports, mark: int, capture: CaptureSettings) -> Plan:
     if capture.exclude_outbound_cidrs:
         cidrs = capture.exclude_outbound_cidrs
         rules.append(Rule("outbound-skip-cidrs", outbound, Match(dst_cidrs=cidrs)))
-    rules.append(Rule("outbound-capture", outbound, Match(tcp=True), redirect_port=ports.outbound))
-    return Plan(tuple(rules))
+    rules.append(Rule("outbound-capture", outbound, Match(tcp=True), Action.REDIRECT, ports.outbound))
+    return Plan(tuple(rules), reply_mark, ROUTE_TABLE)

@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc
 
-.PHONY: deps venv test unit netns demo bench lint clean
+.PHONY: deps venv test unit netns demo bench bench-quick lint clean
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -37,8 +37,11 @@ test: deps venv lint
 demo: deps venv
 	$(PY) -m agent demo
 
-bench: deps venv
-	$(PY) bench/foundation.py
+bench: deps venv  ## foundation benchmark (root, ~4 min): markdown on stdout, raw samples in JSON
+	$(PY) bench/foundation.py --json bench-results.json | tee bench-results.md
+
+bench-quick: deps venv  ## smoke run of the same (~1 min)
+	$(PY) bench/foundation.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -296,8 +296,9 @@ def memory_point(moment: str, agents: dict[int, LabAgent]) -> MemoryPoint:
     )
 
 
-def add_idle_pods(lab: Lab, node: Node, count: int) -> list[Pod]:
-    return [lab.add_pod(node, f"idle-{index}", namespace="bench") for index in range(count)]
+def add_idle_pods(lab: Lab, node: Node, count: int, first: int = 0) -> list[Pod]:
+    return [lab.add_pod(node, f"idle-{index}", namespace="bench")
+            for index in range(first, first + count)]
 
 
 # ---------------------------------------------------------------- 3. traffic: nginx, wrk, paced
@@ -754,6 +755,9 @@ def measure(lab: Lab, agents: dict[int, LabAgent], choice: PluginChoice, report:
     add_idle_pods(lab, lab.nodes[0], settings.rss_pods)
     settle(settings)
     report.memory.append(memory_point(f"{settings.rss_pods} meshed idle pods on node0", agents))
+    add_idle_pods(lab, lab.nodes[0], 50 - settings.rss_pods, first=settings.rss_pods)
+    settle(settings)
+    report.memory.append(memory_point("50 meshed idle pods on node0", agents))
     traffic = TrafficLab([])
     try:
         build_traffic_lab(lab, traffic)

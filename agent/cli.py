@@ -13,7 +13,7 @@ from agent.config import REDIRECT_MODES, Config, Ports
 from agent.model import CaptureSettings
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
-                "redirect", "pending_dir", "log_level")
+                "redirect", "pending_dir", "log_level", "probe_sources")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--pending-dir",
                        help="where a fail-open plugin spools ADDs (default /run/pinion/pending)")
     agent.add_argument("--redirect", choices=REDIRECT_MODES, help="capture backend (default auto)")
+    agent.add_argument("--probe-sources", metavar="IP,IP",
+                       help="addresses kubelet probes come from, never captured, besides each "
+                            "pod's gateway (e.g. a SNAT address)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "

@@ -45,6 +45,7 @@ class Config:
     connect_timeout_seconds: float = 10.0
     write_buffer_high: int = 64 * 1024
     log_level: str = "info"
+    probe_sources: tuple[str, ...] = ()  # beyond each pod's gateway (kubelet's usual source)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -78,6 +79,7 @@ class Config:
             metrics_grace_seconds=_number(get("metrics_grace_seconds", "300"), "grace", float),
             sweep_interval_seconds=_number(get("sweep_interval_seconds", "10"), "sweep", float),
             log_level=get("log_level", "info") or "info",
+            probe_sources=_addresses(get("probe_sources", "") or ""),
         )
 
 
@@ -89,6 +91,13 @@ def _number(text: str | None, what: str, kind: type[T]) -> T:
     if value < 0:
         raise ValueError(f"{what} must not be negative, not {text}")
     return value
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.IPv4Address(a.strip())) for a in text.split(",") if a.strip())
+    except ValueError as exc:
+        raise ValueError(f"probe sources: {exc}") from None
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -6,6 +6,7 @@ we work, every step already taken is undone and the caller gets a CaptureError."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -133,8 +134,12 @@ class PodManager:
             netns = NetNs(pod.netns_path)
         except NetnsError as exc:
             raise CaptureError(CNI_CONTAINER_UNKNOWN, str(exc.strerror)) from None
+        capture = pod.capture
+        if self._config.probe_sources:
+            sources = tuple(dict.fromkeys(capture.probe_sources + self._config.probe_sources))
+            capture = dataclasses.replace(capture, probe_sources=sources)
         plan = build_plan(self._config.ports, self._config.proxy_mark, self._config.reply_mark,
-                          pod.capture)
+                          capture)
         ports = self._config.ports
         context = PodContext(pod.key.namespace, pod.key.name, netns,
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)))

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -87,6 +88,8 @@ class Relay:
         self.connecting: asyncio.Task[None] | None = None
         self.early: list[bytes] = []  # client bytes that beat the upstream connect
         self.failed = False
+        self.destination: tuple[str, int] | None = None
+        self.started = time.monotonic()
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -155,8 +158,13 @@ class Relay:
         self.finish()
 
     def finish(self) -> None:
+        """Exactly once per connection: the close is counted and, at debug level, logged."""
         if self.record is not None and self.record.close(self.failed):
             self.pod.relays.discard(self)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
+                          self.pod.name, self.destination, "failed" if self.failed else "closed",
+                          (time.monotonic() - self.started) * 1000)
 
 
 class Proxy:
@@ -204,7 +212,7 @@ class Proxy:
     async def _connect(self, relay: Relay) -> None:
         client = relay.client.transport
         assert client is not None
-        destination = self._destination(relay, client.get_extra_info("socket"))
+        destination = relay.destination = self._destination(relay, client.get_extra_info("socket"))
         if destination is None:
             relay.abort()
             return

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from agent.lab.agents import LabAgent
+from agent.lab.agents import REPO, LabAgent
 from agent.lab.cni import CniError
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import Mesh
@@ -162,3 +163,28 @@ def test_sweep_releases_a_pod_whose_netns_vanished_without_del(mesh: Mesh) -> No
     while _pod_names(mesh.agents[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _pod_names(mesh.agents[0]) == []
+
+
+def test_kubelet_probes_are_not_captured(lone_node: tuple[Lab, list[LabAgent]]) -> None:
+    """Probes come from the node: from the pod's gateway (cni0) by default, or from an
+    address named with --probe-sources. Any other source on the node is captured."""
+    lab, agents = lone_node
+    node = lab.nodes[0]
+    agent = LabAgent(lab, node, extra_args=["--probe-sources", "10.42.0.250"]).start()
+    agents.append(agent)
+    web = lab.add_pod(node, "web")
+    server = web.spawn([sys.executable, "-m", "agent.lab.httpserver", "--port", "8080"],
+                       stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    node.run(["ip", "addr", "add", "10.42.0.250/24", "dev", "cni0"])
+    node.run(["ip", "addr", "add", "10.42.0.251/24", "dev", "cni0"])
+
+    def probe(source: str) -> str:
+        return str(node.run(["curl", "-sS", "--max-time", "5", "--interface", source,
+                             f"http://{web.ip}:8080/whoami"]).stdout).strip()
+
+    assert probe(node.gateway_ip) == node.gateway_ip
+    assert probe("10.42.0.250") == "10.42.0.250"
+    assert agent.metrics().value("tcp_open_total", direction="inbound") == 0
+    assert probe("10.42.0.251") == "10.42.0.251"  # not a probe source: captured
+    assert agent.metrics().value("tcp_open_total", direction="inbound") == 1

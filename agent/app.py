@@ -42,6 +42,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
                         lambda: _pods_view(pods))
     cni = CniServer(config.cni_socket, pods, metrics)
 
+    if config.identity_dir is not None:
+        log.info("identity: %s noted; this build has no mTLS tunnel yet, so port 15008 "
+                 "refuses connections and node-to-node traffic is plain TCP", config.identity_dir)
     await admin.start()
     await pods.adopt()
     await cni.start()

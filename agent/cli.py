@@ -33,10 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     agent = sub.add_parser("agent", help="run the node agent (standalone, no Kubernetes)")
-    agent.add_argument("--node-name")
+    agent.add_argument("--node-name", help="this node's name (required; or PINION_NODE_NAME)")
     agent.add_argument("--admin-addr", help="IP:PORT of the admin endpoint (default 127.0.0.1:4191)")
     agent.add_argument("--cni-socket", help="Unix socket for pinion-cni (default /run/pinion/cni.sock)")
-    agent.add_argument("--identity-dir", help="trust anchor + issuer made by `pinion identity init`")
+    agent.add_argument("--identity-dir",
+                       help="trust anchor + issuer for workload certificates (accepted; the "
+                            "mTLS tunnel that uses it is not in this build)")
     agent.add_argument("--state-dir", help="where captured pods are remembered (default /var/lib/pinion)")
     agent.add_argument("--pending-dir",
                        help="where a fail-open plugin spools ADDs (default /run/pinion/pending)")

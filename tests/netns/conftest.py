@@ -59,6 +59,23 @@ class Mesh:
         assert server.stdout.readline().strip() == "listening"
         self.servers.append(server)
 
+    def plugin(self, command: str, pod: Pod, node: int = 0,
+               prev_result: dict[str, object] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real pinion-cni by hand, as a runtime would (the lab runs whole chains)."""
+        import json
+
+        agent = self.agents[node]
+        config: dict[str, object] = {"cniVersion": "1.0.0", "name": "lab", **agent.plugin_config()}
+        plugin = str(config.pop("_path"))
+        if prev_result is not None:
+            config["prevResult"] = prev_result
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": pod.container_id,
+               "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
+               "CNI_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
+               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        return subprocess.run(["/usr/bin/python3", plugin], input=json.dumps(config), env=env,
+                              capture_output=True, text=True, timeout=30)
+
     def http(self, pod: Pod, url: str) -> str:
         result = pod.run(["curl", "-sS", "--max-time", "5", url], timeout=15)
         return str(result.stdout)

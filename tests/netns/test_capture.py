@@ -115,26 +115,13 @@ def test_delete_leaves_no_rule_and_no_listener(mesh: Mesh, backend: str) -> None
     assert {15001, 15006, 15008} <= _listening_ports(pod.netns)
     assert "fwmark 0x50494f lookup 15006" in _ip_rules(pod.netns)
 
-    _cni_del_via_plugin(mesh, pod)
+    done = mesh.plugin("DEL", pod)
+    assert done.returncode == 0, done.stdout + done.stderr
 
     assert "pinion" not in _rules_in(pod.netns).lower()
     assert not {15001, 15006, 15008} & _listening_ports(pod.netns)
     assert "fwmark" not in _ip_rules(pod.netns)
     assert json.loads(mesh.agents[0].get("/pods")[1]) == []
-
-
-def _cni_del_via_plugin(mesh: Mesh, pod) -> None:  # type: ignore[no-untyped-def]
-    """DEL through the real plugin while the netns still exists (the lab deletes it later)."""
-    config = {"cniVersion": "1.0.0", "name": "lab", **mesh.agents[0].plugin_config()}
-    config.pop("_path")
-    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": pod.container_id, "CNI_NETNS": pod.netns_path,
-           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-           "CNI_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
-           "PATH": "/usr/bin:/bin"}
-    plugin = mesh.agents[0].plugin_config()["_path"]
-    done = subprocess.run([sys.executable, plugin], input=json.dumps(config), env=env,
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_restarted_agent_recaptures_existing_pods(mesh: Mesh) -> None:

@@ -39,7 +39,6 @@ writes are pending therefore bounds it too).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Literal
 
@@ -60,10 +59,20 @@ from agent.core.tunnel_frames import (
     SYN,
     VERSION,
     WINDOW_UPDATE,
+    ConnectionTerminated,
+    DataReceived,
     ErrorCode,
+    Event,
     LocalProtocolError,
+    PingReceived,
+    PongReceived,
     ProtocolError,
     RemoteProtocolError,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowOpened,
     decode_open_header,
     describe_code,
     encode_open_header,
@@ -94,95 +103,6 @@ RESET_MEMORY: Final = 256
 _U32: Final = 2**32 - 1
 
 
-# ---------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    """Server side: the client opened a stream to `port`; accept or reset it."""
-
-    stream_id: int
-    port: int
-    metadata: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAccepted:
-    """Client side: the server accepted the stream (its upstream connect succeeded)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    """Stream bytes; `acknowledge(stream_id, len(data))` once they are consumed."""
-
-    stream_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the stream: no more bytes will come from it."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The peer reset (or refused) the stream; it is closed. `error_code`: an ErrorCode."""
-
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
-    """A stream whose `send_data` fell short may send again (`window(stream_id)` > 0)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class PingReceived:
-    """The peer pinged; the reply is already queued."""
-
-    opaque: int
-
-
-@dataclass(frozen=True, slots=True)
-class PongReceived:
-    """Reply to one of our pings."""
-
-    opaque: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """GOAWAY received (`by_peer`), or we found the peer at fault and sent GOAWAY.
-
-    error_code NO_ERROR: no new streams, open streams go on. Any other code: the
-    connection and all its streams are gone; close the TLS connection after writing
-    `data_to_send()`."""
-
-    error_code: int
-    reason: str
-    by_peer: bool
-
-
-Event = (
-    StreamOpened
-    | StreamAccepted
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | WindowOpened
-    | PingReceived
-    | PongReceived
-    | ConnectionTerminated
-)
-
-
 # ---------------------------------------------------------------------- stream states
 
 
@@ -192,6 +112,8 @@ class StreamState(Enum):
     HALF_CLOSED_LOCAL = "half-closed (local)"
     HALF_CLOSED_REMOTE = "half-closed (remote)"
     CLOSED = "closed"
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
 
 
 class _Action(Enum):
@@ -203,6 +125,8 @@ class _Action(Enum):
     RECV_FIN = "receive FIN"
     SEND_RST = "send RST"
     RECV_RST = "receive RST"
+
+    __hash__ = object.__hash__
 
 
 _LOCAL_ACTIONS: Final = frozenset({_Action.SEND_SYN, _Action.SEND_DATA, _Action.SEND_FIN, _Action.SEND_RST})

@@ -1,4 +1,5 @@
-"""Wire format of the Pinion mesh tunnel: frame header, codes, limits and the open header.
+"""Wire format of the Pinion mesh tunnel (frame header, codes, limits, open header), and the
+events frames turn into.
 
 The tunnel multiplexes many TCP streams over one mutually authenticated TLS connection
 between two node agents. This module owns the bytes; `agent.core.tunnel` owns the state
@@ -77,6 +78,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
@@ -144,6 +146,95 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something this format forbids; the connection is terminated."""
+
+
+# --------------------------------------------------- events (what frames become)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Server side: the client opened a stream to `port`; accept or reset it."""
+
+    stream_id: int
+    port: int
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """Client side: the server accepted the stream (its upstream connect succeeded)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Stream bytes; `acknowledge(stream_id, len(data))` once they are consumed."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream: no more bytes will come from it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer reset (or refused) the stream; it is closed. `error_code`: an ErrorCode."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """A stream whose `send_data` fell short may send again (`window(stream_id)` > 0)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    """The peer pinged; the reply is already queued."""
+
+    opaque: int
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """Reply to one of our pings."""
+
+    opaque: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """GOAWAY received (`by_peer`), or we found the peer at fault and sent GOAWAY.
+
+    error_code NO_ERROR: no new streams, open streams go on. Any other code: the
+    connection and all its streams are gone; close the TLS connection after writing
+    `data_to_send()`."""
+
+    error_code: int
+    reason: str
+    by_peer: bool
+
+
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowOpened
+    | PingReceived
+    | PongReceived
+    | ConnectionTerminated
+)
 
 
 # Plain ints for the per-frame hot path (IntEnum attribute lookups cost).

@@ -99,9 +99,12 @@ class Relay:
         if side is self.client:
             side.transport.pause_reading()  # nothing flows until upstream is connected
             self.proxy.accepted(self)
-        elif self.early:  # uvloop may deliver a first read before honouring the pause
-            side.transport.writelines(self.early)
-            self.early.clear()
+        else:  # uvloop may deliver a first read, even the FIN, before honouring the pause
+            if self.early:
+                side.transport.writelines(self.early)
+                self.early.clear()
+            if self.client.eof:
+                self.half_closed(self.client)
 
     def forward(self, side: _Side, data: bytes) -> None:
         assert self.record is not None
@@ -120,7 +123,7 @@ class Relay:
     def half_closed(self, side: _Side) -> None:
         target = self.other(side)
         if target.transport is None or target.transport.is_closing():
-            return
+            return  # no upstream yet: side.eof is kept, and side_made passes the FIN on
         if target.eof:  # both directions finished: close (flushes what is buffered)
             for each in (self.client, self.upstream):
                 if each.transport is not None:

@@ -222,3 +222,22 @@ def test_metrics_endpoint_is_prometheus_text(mesh: Mesh) -> None:
     Metrics(body)  # parses
     assert mesh.agents[0].get("/live")[0] == 200
     assert mesh.agents[0].get("/nope")[0] == 404
+
+
+def test_an_immediate_half_close_is_not_lost_while_upstream_connects(mesh: Mesh) -> None:
+    """Send a byte and shut down writes at once, before the agent can have connected
+    upstream: the FIN must still reach the server (which answers only after EOF)."""
+    client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
+    mesh.serve(server, TCP, "--port", "7000", "--mode", "echo-after-eof")
+    script = ("import socket,sys\n"
+              "for _ in range(30):\n"
+              "    s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"
+              "    s.sendall(b'x')\n"
+              "    s.shutdown(socket.SHUT_WR)\n"
+              "    assert s.recv(100) == b'got 1 bytes'\n"
+              "    s.close()\n"
+              "print('ok')\n")
+
+    result = client.run([sys.executable, "-c", script, server.ip], timeout=120, check=False)
+
+    assert result.stdout.strip() == "ok", result.stderr[-500:]

@@ -26,7 +26,7 @@ log = logging.getLogger("pinion")
 
 
 async def run_agent(config: Config, cleanup: bool = False) -> int:
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     switch = NetnsSwitch(NetNs.current())
     backend = choose_backend(config.redirect)
     backend.prepare()

@@ -1,4 +1,4 @@
-"""The `pinion` command: agent, rules, demo."""
+"""The `pinion` command: agent, rules, demo, cni."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import REDIRECT_MODES, Config, Ports
 from agent.model import CaptureSettings
+
+if TYPE_CHECKING:
+    from agent.controlplane.cni_install import HostLayout, InstallSettings
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
                 "redirect", "pending_dir", "log_level", "probe_sources")
@@ -65,7 +70,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--redirect", choices=("iptables", "nftables"), default="nftables")
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
+    _add_cni_parser(sub)
     return parser
+
+
+def _add_cni_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cni = sub.add_parser("cni", help="put pinion-cni into this node's CNI chain, or take it out")
+    actions = cni.add_subparsers(metavar="ACTION")
+    install = actions.add_parser(
+        "install", help="copy the plugin and write Pinion's conflist (the primary + pinion-cni)")
+    _add_cni_location_flags(install)
+    install.add_argument("--agent-socket", default="/run/pinion/cni.sock", metavar="PATH",
+                         help="the agent's socket as the plugin sees it on the host "
+                              "(default /run/pinion/cni.sock)")
+    install.add_argument("--fail-policy", choices=("closed", "open"), default="closed",
+                         help="closed: a pod does not start uncaptured (default)")
+    install.add_argument("--watch", action="store_true",
+                         help="keep Pinion's conflist in step with the primary until SIGTERM")
+    install.add_argument("--poll", action="store_true", help="with --watch: poll, not inotify")
+    install.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+                         help="seconds between polls (default 2)")
+    install.add_argument("--uninstall-on-exit", action="store_true",
+                         help="with --watch: uninstall when stopped (SIGTERM/SIGINT)")
+    install.set_defaults(run=_run_cni_install)
+    uninstall = actions.add_parser("uninstall", help="remove exactly what `cni install` added")
+    _add_cni_location_flags(uninstall)
+    uninstall.set_defaults(run=_run_cni_uninstall)
+
+
+def _add_cni_location_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+                        help="where the host's / is mounted (default /)")
+    parser.add_argument("--conf-dir", type=Path, metavar="DIR",
+                        help="CNI conf dir, as a path the installer opens (default: detected "
+                             "under --host-root, k3s or /etc/cni/net.d)")
+    parser.add_argument("--bin-dir", type=Path, metavar="DIR",
+                        help="CNI bin dir, as a path the installer opens (default: detected, "
+                             "k3s data/cni or data/current/bin, or /opt/cni/bin)")
+    parser.add_argument("--plugin", type=Path, metavar="PATH",
+                        help="the pinion-cni executable to install (default: cni/pinion-cni "
+                             "next to this package)")
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -114,6 +158,71 @@ def _run_demo(args: argparse.Namespace) -> int:
     from agent.lab.demo import run_demo
 
     return run_demo(redirect=args.redirect, requests=args.requests)
+
+
+def _cni_setup(args: argparse.Namespace, action: str) -> tuple[HostLayout, bytes | None]:
+    """The detected host layout and the plugin's bytes (None if unreadable)."""
+    import agent
+    from agent.controlplane.cni_install import detect_layout
+
+    plugin_path = args.plugin or Path(agent.__file__).resolve().parents[1] / "cni" / "pinion-cni"
+    try:
+        plugin: bytes | None = plugin_path.read_bytes()
+    except OSError as exc:
+        print(f"pinion cni {action}: cannot read the plugin {plugin_path}: {exc}", file=sys.stderr)
+        plugin = None
+    return detect_layout(args.host_root, args.conf_dir, args.bin_dir), plugin
+
+
+def _run_cni_install(args: argparse.Namespace) -> int:
+    from agent.controlplane import cni_install
+
+    agent_socket = Path(args.agent_socket)
+    if not agent_socket.is_absolute() or args.poll_interval <= 0:
+        print("pinion cni install: --agent-socket must be an absolute path and "
+              "--poll-interval > 0", file=sys.stderr)
+        return 2
+    layout, plugin = _cni_setup(args, "install")
+    if plugin is None:
+        return 1
+    settings = cni_install.InstallSettings(
+        layout, plugin, {"agentSocket": args.agent_socket, "failPolicy": args.fail_policy},
+        socket_directory=args.host_root / agent_socket.parent.relative_to("/"))
+    if args.watch:
+        return _watch_cni(args, settings)
+    outcome = cni_install.reconcile(settings)
+    print(f"pinion cni install: {outcome.message}", file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def _watch_cni(args: argparse.Namespace, settings: InstallSettings) -> int:
+    """`install --watch`: reconcile on every change until SIGTERM/SIGINT."""
+    import signal
+
+    from agent.controlplane import cni_install
+
+    _setup_logging("info")
+    stop = cni_install.StopSignal()
+    previous = {number: signal.signal(number, lambda *_: stop.set())
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    source = cni_install.make_change_source(settings.layout.conf_dir, args.poll, args.poll_interval)
+    try:
+        cni_install.watch(settings, source, stop, uninstall_on_exit=args.uninstall_on_exit)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        source.close()
+        stop.close()
+    return 0
+
+
+def _run_cni_uninstall(args: argparse.Namespace) -> int:
+    from agent.controlplane import cni_install
+
+    layout, plugin = _cni_setup(args, "uninstall")
+    outcome = cni_install.uninstall(layout, plugin)
+    print(f"pinion cni uninstall: {outcome.message}", file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
 
 
 def _setup_logging(level: str) -> None:

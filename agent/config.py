@@ -85,7 +85,7 @@ class Config:
 
 def _number(text: str | None, what: str, kind: type[T]) -> T:
     try:
-        value = kind(text, 0) if kind is int else kind(text)  # type: ignore[call-arg]
+        value = kind(text or "", 0) if kind is int else kind(text or "")  # type: ignore[call-arg]
     except (TypeError, ValueError):
         raise ValueError(f"{what}: {text!r} is not a number") from None
     if value < 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -182,7 +183,12 @@ class PodManager:
                   ("0.0.0.0", ports.inbound, self._proxy.protocol_factory(context, "inbound")),
                   ("0.0.0.0", ports.tunnel, self._proxy.tunnel_factory(context)))
         for host, port, factory in wanted:
-            sock = self._sockets.listener(netns, host, port)
+            try:
+                sock = self._sockets.listener(netns, host, port)
+            except OSError as exc:
+                hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
+                raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
+                                   f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
             captured.servers.append(await loop.create_server(factory, sock=sock))
 
     async def _release(self, captured: CapturedPod, remove_rules: bool = True,

@@ -199,7 +199,7 @@ class Proxy:
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     arm_reset(sock)
-                transport.abort()
+                cast(asyncio.Transport, transport).abort()
 
         return Refuse
 

@@ -194,7 +194,7 @@ class IptablesBackend:
         if not set(_TABLES) & set(_legacy_tables()):
             return set()  # looking must not create legacy tables in this netns
         with self._lock, self._tables() as tables:
-            found = set()
+            found: set[str] = set()
             for table in tables.values():
                 for chain in table.chains:
                     for rule in chain.rules:

@@ -188,3 +188,14 @@ def test_kubelet_probes_are_not_captured(lone_node: tuple[Lab, list[LabAgent]]) 
     assert agent.metrics().value("tcp_open_total", direction="inbound") == 0
     assert probe("10.42.0.251") == "10.42.0.251"  # not a probe source: captured
     assert agent.metrics().value("tcp_open_total", direction="inbound") == 1
+
+
+def test_the_cni_socket_is_for_root_only(lone_node: tuple[Lab, list[LabAgent]]) -> None:
+    lab, agents = lone_node
+    agent = LabAgent(lab, lab.nodes[0])
+    agent.cni_socket = agent.dir / "run" / "cni.sock"  # a directory the agent must create
+    agents.append(agent.start())
+
+    assert agent.cni_socket.is_socket()
+    assert agent.cni_socket.stat().st_mode & 0o777 == 0o600
+    assert agent.cni_socket.parent.stat().st_mode & 0o777 == 0o700

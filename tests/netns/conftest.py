@@ -81,6 +81,15 @@ class Mesh:
         return str(result.stdout)
 
 
+def capture_rules(pod: Pod) -> list[str]:
+    """Every Pinion rule in the pod's netns, from both nftables and legacy iptables."""
+    text = ""
+    for argv in (["nft", "list", "ruleset"], ["iptables-legacy-save"]):
+        text += subprocess.run(["ip", "netns", "exec", pod.netns, *argv], capture_output=True,
+                               text=True, check=True).stdout
+    return [line.strip() for line in text.splitlines() if "pinion/" in line]
+
+
 @pytest.fixture(params=["nftables", "iptables"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agent.lab.cni import CniError
-from tests.netns.conftest import Mesh
+from tests.netns.conftest import Mesh, capture_rules
 
 pytestmark = pytest.mark.netns
 
@@ -109,12 +109,9 @@ def test_restarting_with_the_other_backend_never_mixes_them(busy_mesh: Mesh, bac
     agent.redirect = other
     agent.start()
 
-    nft = subprocess.run(["ip", "netns", "exec", client.netns, "nft", "list", "ruleset"],
-                         capture_output=True, text=True, check=True).stdout
-    ipt = subprocess.run(["ip", "netns", "exec", client.netns, "iptables-legacy-save"],
-                         capture_output=True, text=True, check=True).stdout
-    assert ("pinion/" in nft) == (other == "nftables")
-    assert ("pinion/" in ipt) == (other == "iptables")
+    rules = capture_rules(client)
+    iptables_rules = [rule for rule in rules if rule.startswith("-A ")]
+    assert rules and (iptables_rules == rules if other == "iptables" else iptables_rules == [])
     _still_serving(busy_mesh)
 
 

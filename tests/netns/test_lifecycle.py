@@ -14,17 +14,13 @@ import pytest
 from agent.lab.agents import REPO, LabAgent
 from agent.lab.cni import CniError
 from agent.lab.topology import Lab, Pod
-from tests.netns.conftest import Mesh
+from tests.netns.conftest import Mesh, capture_rules
 
 pytestmark = pytest.mark.netns
 
 
 def _pinion_rules(pod: Pod) -> str:
-    nft = subprocess.run(["ip", "netns", "exec", pod.netns, "nft", "list", "ruleset"],
-                         capture_output=True, text=True, check=True).stdout
-    ipt = subprocess.run(["ip", "netns", "exec", pod.netns, "iptables-legacy-save"],
-                         capture_output=True, text=True, check=True).stdout
-    return "\n".join(line for line in (nft + ipt).splitlines() if "pinion/" in line)
+    return "\n".join(capture_rules(pod))
 
 
 def _pod_names(agent: LabAgent) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from agent.lab.cni import CniError
 from agent.lab.topology import Pod
-from tests.netns.conftest import Mesh
+from tests.netns.conftest import Mesh, capture_rules
 
 pytestmark = pytest.mark.netns
 
@@ -22,11 +22,7 @@ def _captured(mesh: Mesh, node: int = 0) -> set[str]:
 
 
 def _has_rules(pod: Pod) -> bool:
-    out = subprocess.run(["ip", "netns", "exec", pod.netns, "nft", "list", "ruleset"],
-                         capture_output=True, text=True).stdout
-    out += subprocess.run(["ip", "netns", "exec", pod.netns, "iptables-legacy-save"],
-                          capture_output=True, text=True).stdout
-    return "pinion/outbound-capture" in out
+    return any("pinion/outbound-capture" in rule for rule in capture_rules(pod))
 
 
 def _netns_names() -> set[str]:

@@ -1,0 +1,155 @@
+"""Protocol detection from a connection's first client bytes, and the per-connection observer
+that sniffs, then hands the byte streams to the HTTP/1 or HTTP/2 observer.
+
+`detect(first_bytes)` is pure: HTTP/1.x when the bytes are (a prefix of) a request line
+`METHOD SP target SP HTTP/1.x CRLF`, HTTP/2 on the 24-byte prior-knowledge preface, OPAQUE
+for everything else (TLS ClientHello 0x16 0x03.., binary protocols, text protocols). It
+returns None while the answer could still change, and decides by DETECT_LIMIT bytes at most:
+a request line still valid after 64 bytes (a long URL) is taken as HTTP/1, as Linkerd does
+(`linkerd/proxy/http/src/detect.rs`: "if the bytes so far look like http1, we'll assume it is").
+
+`ConnectionObserver` needs no timer because it never delays bytes: it keeps at most
+DETECT_LIMIT bytes of prefix, and if the *server* speaks before the client has said enough
+(server-speaks-first protocols: MySQL, SMTP, SSH), the connection is OPAQUE. A proxy that
+wants to decide *before* forwarding (to route by protocol) calls `detect` itself and owns
+the give-up timer (Linkerd uses ~10 s); on expiry it treats the connection as OPAQUE.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+from agent.core.accounting import PROTOCOL_ERROR, Observer, OpaqueObserver, Record
+from agent.core.http1 import Http1Observer
+from agent.core.http2 import Http2Observer
+
+
+class Protocol(enum.Enum):
+    HTTP1 = "http/1"
+    HTTP2 = "h2"
+    OPAQUE = "opaque"
+
+
+DETECT_LIMIT: Final = 64
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# A complete request line; methods are upper-case tokens (llhttp knows only those).
+_REQUEST_LINE: Final = re.compile(rb"[A-Z][A-Z_-]{0,23} [!-~]+ HTTP/1\.[0-9]\r\n")
+# Everything a request line can look like before it is complete.
+_VERSION_PREFIXES: Final = b"|".join(
+    re.escape(b"HTTP/1.x\r\n"[:n]) for n in range(9, -1, -1)
+).replace(b"x", b"[0-9]")
+_PARTIAL_REQUEST_LINE: Final = re.compile(
+    rb"[A-Z][A-Z_-]{0,23}(?: (?:[!-~]+(?: (?:" + _VERSION_PREFIXES + rb"))?)?)?"
+)
+
+
+def detect(first_bytes: bytes) -> Protocol | None:
+    """The protocol a connection speaks, from the client's first bytes; None: need more."""
+    head = first_bytes[:DETECT_LIMIT]
+    if not head:
+        return None
+    if head.startswith(H2_PREFACE):
+        return Protocol.HTTP2
+    if H2_PREFACE.startswith(head):
+        return None  # b"P", b"PRI * HTTP/2" ...: could still be either
+    if _REQUEST_LINE.match(head):
+        return Protocol.HTTP1
+    if _PARTIAL_REQUEST_LINE.fullmatch(head):
+        return Protocol.HTTP1 if len(head) >= DETECT_LIMIT else None
+    return Protocol.OPAQUE  # TLS (0x16 0x03 ..), binary and other text protocols
+
+
+def observer_for(protocol: Protocol) -> Observer:
+    if protocol is Protocol.HTTP1:
+        return Http1Observer()
+    if protocol is Protocol.HTTP2:
+        return Http2Observer()
+    return OpaqueObserver()
+
+
+class ConnectionObserver:
+    """One connection's observer: sniffs the first client bytes, then delegates.
+
+    Also the last line of defence: if a protocol observer ever raises (a bug: they are
+    written not to), the connection turns opaque and its in-flight requests end as
+    failures, so the relay and the exactly-once accounting both survive.
+    """
+
+    __slots__ = ("_carried_started", "_inner", "_prefix", "protocol")
+
+    def __init__(self) -> None:
+        self._prefix = b""
+        self._inner: Observer | None = None
+        self._carried_started = 0  # started, not yet taken, by an observer that failed
+        self.protocol: Protocol | None = None
+
+    @property
+    def opaque(self) -> bool:
+        return self._inner is not None and self._inner.opaque
+
+    def client_bytes(self, data: bytes, now: float) -> list[Record]:
+        inner = self._inner
+        if inner is None:
+            prefix = self._prefix + data if self._prefix else data
+            protocol = detect(prefix)
+            if protocol is None:
+                self._prefix = prefix
+                return []
+            inner = self._decide(protocol)
+            data = prefix
+        elif inner.opaque:
+            return []
+        try:
+            return inner.client_bytes(data, now)
+        except Exception:
+            return self._abandon()
+
+    def server_bytes(self, data: bytes, now: float) -> list[Record]:
+        inner = self._inner
+        if inner is None:
+            self._decide(Protocol.OPAQUE)  # the server spoke first: not HTTP
+            return []
+        if inner.opaque:
+            return []
+        try:
+            return inner.server_bytes(data, now)
+        except Exception:
+            return self._abandon()
+
+    def closed(self, now: float, reset: bool) -> list[Record]:
+        inner = self._inner
+        if inner is None:
+            self._decide(Protocol.OPAQUE)
+            return []
+        try:
+            return inner.closed(now, reset)
+        except Exception:
+            return self._abandon()
+
+    def take_started(self) -> int:
+        carried, self._carried_started = self._carried_started, 0
+        return carried + (0 if self._inner is None else self._inner.take_started())
+
+    def abandon(self, error: str) -> list[Record]:
+        if self._inner is None:
+            self._decide(Protocol.OPAQUE)
+            return []
+        return self._inner.abandon(error)
+
+    def _decide(self, protocol: Protocol) -> Observer:
+        self.protocol = protocol
+        self._prefix = b""
+        self._inner = observer_for(protocol)
+        return self._inner
+
+    def _abandon(self) -> list[Record]:
+        inner, self._inner = self._inner, OpaqueObserver()
+        try:
+            assert inner is not None
+            self._carried_started += inner.take_started()
+            return inner.abandon(PROTOCOL_ERROR)
+        except Exception:
+            return []

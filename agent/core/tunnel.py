@@ -79,23 +79,10 @@ from agent.core.tunnel_frames import (
     pack_header,
 )
 
-__all__ = [
-    "Connection",
-    "ConnectionTerminated",
-    "DataReceived",
-    "ErrorCode",
-    "Event",
-    "LocalProtocolError",
-    "PingReceived",
-    "PongReceived",
-    "ProtocolError",
-    "RemoteProtocolError",
-    "StreamAccepted",
-    "StreamEnded",
-    "StreamOpened",
-    "StreamReset",
-    "StreamState",
-    "WindowOpened",
+__all__ = [  # the public API; the wire format is in tunnel_frames
+    "Connection", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event",
+    "LocalProtocolError", "PingReceived", "PongReceived", "ProtocolError", "RemoteProtocolError",
+    "StreamAccepted", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowOpened",
 ]
 
 Role = Literal["client", "server"]
@@ -128,8 +115,6 @@ class _Action(Enum):
 
     __hash__ = object.__hash__
 
-
-_LOCAL_ACTIONS: Final = frozenset({_Action.SEND_SYN, _Action.SEND_DATA, _Action.SEND_FIN, _Action.SEND_RST})
 
 _S, _A = StreamState, _Action
 _TRANSITIONS: Final[dict[tuple[StreamState, _Action], StreamState]] = {
@@ -288,13 +273,14 @@ class Connection:
         if size == 0:
             return 0
         stream.send_window -= size
-        payload = data if type(data) is bytes else bytes(data)
+        # Keep no reference to a caller's mutable buffer; a whole `bytes` is not copied.
+        payload = data[:size] if type(data) is bytes else bytes(memoryview(data)[:size])
         outbound = self._outbound
         if size <= MAX_FRAME_PAYLOAD:
-            outbound += (HEADER.pack(VERSION, DATA, 0, stream_id, size), payload[:size])
+            outbound += (HEADER.pack(VERSION, DATA, 0, stream_id, size), payload)
             return size
         for start in range(0, size, MAX_FRAME_PAYLOAD):
-            chunk = payload[start : min(start + MAX_FRAME_PAYLOAD, size)]
+            chunk = payload[start : start + MAX_FRAME_PAYLOAD]
             outbound += (HEADER.pack(VERSION, DATA, 0, stream_id, len(chunk)), chunk)
         return size
 
@@ -382,12 +368,10 @@ class Connection:
             view.release()
         if failure is not None:
             self._fail(failure, events)
-        elif self._terminated:
-            pass
-        elif source is inbound:
+        elif source is inbound and not self._terminated:
             del inbound[:consumed]
-        elif consumed < len(data):
-            inbound += data[consumed:]
+        elif consumed < len(data) and not self._terminated:
+            inbound += data[consumed:]  # the start of a frame: less than one frame
         return events
 
     def _parse(self, view: memoryview, events: list[Event]) -> int:
@@ -423,7 +407,11 @@ class Connection:
         else:
             stream = self._streams.get(stream_id)
             if stream is None:
-                self._on_data_for_closed(stream_id)
+                if stream_id in self._recently_reset:
+                    return
+                if not self._was_opened(stream_id):
+                    raise RemoteProtocolError(f"DATA on stream {stream_id}, which was never opened")
+                self._send_reset(stream_id, ErrorCode.STREAM_CLOSED)  # closed and forgotten
                 return
             if self._client and not stream.accepted:
                 raise RemoteProtocolError(f"DATA on stream {stream_id} before ACK")
@@ -458,13 +446,6 @@ class Connection:
         self._transition(stream_id, stream, _A.RECV_SYN)
         self._streams[stream_id] = stream
         events.append(StreamOpened(stream_id, port, metadata))
-
-    def _on_data_for_closed(self, stream_id: int) -> None:
-        if stream_id in self._recently_reset:
-            return
-        if not self._was_opened(stream_id):
-            raise RemoteProtocolError(f"DATA on stream {stream_id}, which was never opened")
-        self._send_reset(stream_id, ErrorCode.STREAM_CLOSED)
 
     def _on_control(self, frame_type: int, flags: int, stream_id: int, value: int,
                     events: list[Event]) -> None:
@@ -552,7 +533,7 @@ class Connection:
     def _transition(self, stream_id: int, stream: _Stream, action: _Action) -> None:
         new_state = _TRANSITIONS.get((stream.state, action))
         if new_state is None:
-            error = LocalProtocolError if action in _LOCAL_ACTIONS else RemoteProtocolError
+            error = LocalProtocolError if action.name.startswith("SEND") else RemoteProtocolError
             raise error(f"cannot {action.value} on stream {stream_id} in state {stream.state.value}")
         stream.state = new_state
         if new_state is StreamState.CLOSED:
@@ -577,7 +558,7 @@ class Connection:
         return stream
 
     def _was_opened(self, stream_id: int) -> bool:
-        if stream_id % 2 == 0:
+        if stream_id <= 0 or stream_id % 2 == 0:
             return False
         if self._client:
             return stream_id < self._next_stream_id

@@ -10,7 +10,7 @@ Frames
 ------
 Every frame starts with a 12-byte header, all integers big-endian (struct ">BBHII")::
 
-    offset 0  version    u8   always 1 (a peer sending anything else is rejected)
+    offset 0  version    u8   always 1 (not yamux's 0: the two must not mix); else rejected
     offset 1  type       u8   0 DATA, 1 WINDOW_UPDATE, 2 PING, 3 GOAWAY
     offset 2  flags      u16  0x1 SYN, 0x2 ACK, 0x4 FIN, 0x8 RST; other bits must be 0
     offset 4  stream id  u32  0 = the connection itself
@@ -41,18 +41,23 @@ Connection preface
 Each side's first frame is WINDOW_UPDATE on stream 0 with flags 0 and `length` = the
 receive window (0 .. 2**31-1) it grants the peer on every stream, in place of a settings
 exchange. Both sides send it at once, without waiting. Until a side has received the
-peer's preface its send windows are 0: it may open streams but not send stream bytes.
+peer's preface its send windows are 0: it may open streams but not send stream bytes (so
+only the first stream of a new connection can wait, once, for the server's preface).
 
 Streams
 -------
 Only the client (the side that made the TLS connection) opens streams. Client stream ids
-are odd, start at 1 and strictly increase; even ids are reserved. A stream opens with
+are odd, start at 1 and strictly increase (a SYN that breaks this, or sent by the server,
+is a PROTOCOL_ERROR); even ids are reserved. A stream opens with
 DATA|SYN carrying the open header; the client may send stream bytes right after it
 without waiting (they are covered by the server's preface window). The server's first
 frame on a stream is WINDOW_UPDATE|ACK (accepted; `length` is extra credit, usually 0)
 or WINDOW_UPDATE|RST (refused, e.g. REFUSED_STREAM when it is at its stream limit or
-going away, CONNECT_ERROR when the destination port refused). Each direction ends with
-FIN; a stream whose two directions are ended, or that was reset, is closed.
+going away, CONNECT_ERROR when the destination port refused); any other frame before it is
+a PROTOCOL_ERROR. Each direction ends with FIN; a stream whose two directions are ended,
+or that was reset, is closed. Frames for a closed stream: WINDOW_UPDATE and RST are
+ignored (they race legitimately), so is anything for a stream the receiver reset itself;
+DATA otherwise gets RST STREAM_CLOSED. A frame for an id never opened is a PROTOCOL_ERROR.
 
 Flow control is per stream and per direction: a sender may have at most `window` bytes
 of DATA payload outstanding; the receiver returns credit with WINDOW_UPDATE as its
@@ -69,9 +74,12 @@ Open header (payload of DATA|SYN), big-endian::
 Keys are unique; no bytes may follow the last entry; the whole header is at most 4096
 bytes. Usual keys: namespace, pod, workload_kind, workload_name, service_account, node.
 
-Error codes (GOAWAY and RST share them; unknown codes are passed through as integers)
-are listed in `ErrorCode`. GOAWAY with NO_ERROR means "no new streams; streams already
-open run to completion"; any other code ends the connection and every stream on it.
+Error codes, shared by GOAWAY and RST (unknown ones are passed on as integers): 0
+NO_ERROR, 1 PROTOCOL_ERROR, 2 INTERNAL_ERROR, 3 FLOW_CONTROL_ERROR, 4 STREAM_CLOSED,
+5 FRAME_SIZE_ERROR, 6 REFUSED_STREAM, 7 CANCEL, 8 CONNECT_ERROR. GOAWAY with NO_ERROR
+means "no new streams; streams already open run to completion"; any other code ends the
+connection and every stream on it. A receiver that finds a rule above broken sends
+GOAWAY with the code and closes the connection.
 """
 
 from __future__ import annotations
@@ -263,7 +271,10 @@ def encode_open_header(port: int, metadata: Mapping[str, str]) -> bytes:
         raise LocalProtocolError(f"{len(metadata)} metadata entries, at most {MAX_METADATA_ENTRIES}")
     parts = [_PORT_AND_COUNT.pack(port, len(metadata))]
     for key, value in metadata.items():
-        raw_key, raw_value = key.encode(), value.encode()
+        try:
+            raw_key, raw_value = key.encode(), value.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            raise LocalProtocolError(f"metadata {key!r} is not encodable as UTF-8") from None
         if not 1 <= len(raw_key) <= MAX_METADATA_KEY:
             raise LocalProtocolError(f"metadata key {key!r} must be 1..{MAX_METADATA_KEY} bytes")
         if len(raw_value) > MAX_METADATA_VALUE:

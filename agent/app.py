@@ -13,7 +13,7 @@ import prometheus_client
 from agent.config import Config
 from agent.controlplane.cni_server import CniServer, replay_pending
 from agent.controlplane.state import PodStateStore
-from agent.core.telemetry import TcpTelemetry
+from agent.core.telemetry import Telemetry
 from agent.dataplane.inpod import PodManager
 from agent.dataplane.netns import NetNs, NetnsSwitch
 from agent.dataplane.proxy import Proxy
@@ -30,7 +30,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     switch = NetnsSwitch(NetNs.current())
     backend = choose_backend(config.redirect)
     backend.prepare()
-    telemetry = TcpTelemetry(time.monotonic, config.metrics_grace_seconds)
+    telemetry = Telemetry(time.monotonic, config.metrics_grace_seconds)
     registry, metrics = build_registry(telemetry)
     sockets = SocketFactory(switch, config.proxy_mark)
     proxy = Proxy(sockets, telemetry, metrics, config.connect_timeout_seconds,

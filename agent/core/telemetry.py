@@ -1,13 +1,24 @@
-"""Per-pod TCP counters, kept as plain integers on the hot path and rendered at scrape time.
+"""Per-pod TCP and HTTP counters, kept as plain numbers on the hot path and rendered at
+scrape time.
 
 Every connection gets exactly one ConnectionRecord: opened once, closed once (even when
-aborted), so open/close totals always balance. Series of a removed pod linger for a grace
-period, then go, so memory stays bounded as pods come and go."""
+aborted), so open/close totals always balance. Every HTTP request counted as started ends
+in exactly one response Record (agent/core/accounting.py). Series of a removed pod linger
+for a grace period, then go, so memory stays bounded as pods come and go."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Final
+
+from agent.core.accounting import Record
+
+# Linkerd's response_latency_ms bucket bounds (ms); +Inf is implied.
+LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+                             1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
+_GRPC_STATUSES: Final = range(17)  # OK .. UNAUTHENTICATED; others are "other" (bounded labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +28,49 @@ class TcpLabels:
     pod: str
     tls: str = "disabled"
     peer: str = "src"  # counts are of the pod-side connection, as Linkerd's peer="src"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLabels:
+    direction: str
+    namespace: str
+    pod: str
+    tls: str = "disabled"
+
+
+class HttpCounters:
+    """request_total, response_total by (classification, status, grpc status), and the
+    latency histogram (per-bucket counts; the exposition makes them cumulative)."""
+
+    __slots__ = ("latency_buckets", "latency_count", "latency_sum", "requests", "responses")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.responses: dict[tuple[str, str, str], int] = {}
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def record(self, record: Record) -> None:
+        key = (record.classification, _status_label(record.status_code),
+               _grpc_label(record.grpc_status))
+        self.responses[key] = self.responses.get(key, 0) + 1
+        if record.latency_ms is not None:
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, record.latency_ms)] += 1
+            self.latency_sum += record.latency_ms
+            self.latency_count += 1
+
+
+def _status_label(status: int | None) -> str:
+    if status is None:
+        return ""
+    return str(status) if 100 <= status <= 599 else "other"
+
+
+def _grpc_label(status: int | None) -> str:
+    if status is None:
+        return ""
+    return str(status) if status in _GRPC_STATUSES else "other"
 
 
 class TcpCounters:
@@ -66,12 +120,19 @@ class ConnectionRecord:
         return True
 
 
-class TcpTelemetry:
+class Telemetry:
     def __init__(self, clock: Callable[[], float], grace_seconds: float) -> None:
         self._clock = clock
         self._grace = grace_seconds
         self._series: dict[TcpLabels, TcpCounters] = {}
+        self._http: dict[HttpLabels, HttpCounters] = {}
         self._expiry: dict[tuple[str, str], float] = {}
+
+    def http(self, labels: HttpLabels) -> HttpCounters:
+        counters = self._http.get(labels)
+        if counters is None:
+            counters = self._http[labels] = HttpCounters()
+        return counters
 
     def open(self, labels: TcpLabels) -> ConnectionRecord:
         counters = self._series.get(labels)
@@ -94,6 +155,8 @@ class TcpTelemetry:
         doomed = [labels for labels in self._series if (labels.namespace, labels.pod) in due]
         for labels in doomed:
             del self._series[labels]
+        for http_labels in [h for h in self._http if (h.namespace, h.pod) in due]:
+            del self._http[http_labels]
         for key in due:
             del self._expiry[key]
         return len(doomed)
@@ -101,5 +164,8 @@ class TcpTelemetry:
     def series(self) -> Iterator[tuple[TcpLabels, TcpCounters]]:
         return iter(list(self._series.items()))
 
+    def http_series(self) -> Iterator[tuple[HttpLabels, HttpCounters]]:
+        return iter(list(self._http.items()))
+
     def __len__(self) -> int:
-        return len(self._series)
+        return len(self._series) + len(self._http)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from agent.config import Config
 from agent.controlplane.state import PodStateStore
-from agent.core.telemetry import TcpTelemetry
+from agent.core.telemetry import Telemetry
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.proxy import PodContext, Proxy
 from agent.dataplane.redirect import Backend, RedirectError, make_backend, routing
@@ -48,7 +48,7 @@ class CapturedPod:
 class PodManager:
     def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
                  backend: Backend, proxy: Proxy, store: PodStateStore,
-                 telemetry: TcpTelemetry, metrics: AgentMetrics) -> None:
+                 telemetry: Telemetry, metrics: AgentMetrics) -> None:
         self._config = config
         self._switch = switch
         self._sockets = sockets

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from agent.core.telemetry import ConnectionRecord, TcpLabels, TcpTelemetry
+from agent.core.accounting import Record
+from agent.core.detect import ConnectionObserver
+from agent.core.telemetry import ConnectionRecord, HttpCounters, HttpLabels, TcpLabels, Telemetry
 from agent.dataplane.netns import NetNs
 from agent.dataplane.sockets import SocketFactory, arm_reset, original_destination
 from agent.observability.metrics import AgentMetrics
@@ -90,6 +92,10 @@ class Relay:
         self.failed = False
         self.destination: tuple[str, int] | None = None
         self.started = time.monotonic()
+        # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
+        # without holding, changing or delaying a byte; dropped once the stream is opaque.
+        self.observer: ConnectionObserver | None = ConnectionObserver()
+        self.http: HttpCounters | None = None
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -108,10 +114,15 @@ class Relay:
 
     def forward(self, side: _Side, data: bytes) -> None:
         assert self.record is not None
+        observer = self.observer
         if side is self.client:
             self.record.read(len(data))
+            if observer is not None:
+                self.account(observer.client_bytes(data, time.monotonic()), observer)
         else:
             self.record.wrote(len(data))
+            if observer is not None:
+                self.account(observer.server_bytes(data, time.monotonic()), observer)
         target = self.other(side).transport
         if target is None:
             self.early.append(data)
@@ -119,6 +130,18 @@ class Relay:
                 side.transport.pause_reading()  # uvloop may not honour the first pause
         elif not target.is_closing():
             target.write(data)
+
+    def account(self, records: list[Record], observer: ConnectionObserver) -> None:
+        started = observer.take_started()
+        if started or records:
+            http = self.http
+            if http is None:
+                http = self.http = self.proxy.http_counters(self)
+            http.requests += started
+            for record in records:
+                http.record(record)
+        if observer.opaque:
+            self.observer = None  # in-flight requests were already ended as failures
 
     def half_closed(self, side: _Side) -> None:
         target = self.other(side)
@@ -164,6 +187,9 @@ class Relay:
         """Exactly once per connection: the close is counted and, at debug level, logged."""
         if self.record is not None and self.record.close(self.failed):
             self.pod.relays.discard(self)
+            observer = self.observer
+            if observer is not None:
+                self.account(observer.closed(time.monotonic(), reset=self.failed), observer)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
                           self.pod.name, self.destination, "failed" if self.failed else "closed",
@@ -173,7 +199,7 @@ class Relay:
 class Proxy:
     """Accepts on in-pod listeners and connects upstream from the same pod's netns."""
 
-    def __init__(self, sockets: SocketFactory, telemetry: TcpTelemetry, metrics: AgentMetrics,
+    def __init__(self, sockets: SocketFactory, telemetry: Telemetry, metrics: AgentMetrics,
                  connect_timeout: float, buffer_high: int) -> None:
         self._sockets = sockets
         self._telemetry = telemetry
@@ -202,6 +228,11 @@ class Proxy:
                 cast(asyncio.Transport, transport).abort()
 
         return Refuse
+
+    def http_counters(self, relay: Relay) -> HttpCounters:
+        """The first request of a connection: find its pod's HTTP series."""
+        pod = relay.pod
+        return self._telemetry.http(HttpLabels(relay.direction, pod.namespace, pod.name))
 
     def accepted(self, relay: Relay) -> None:
         pod = relay.pod

@@ -1,22 +1,30 @@
-"""The node endpoint's metrics: Linkerd's TCP schema per pod, plus the agent's own health."""
+"""The node endpoint's metrics: Linkerd's TCP and HTTP schema per pod, plus the agent's
+own health. Per-pod series are rendered at scrape time from plain counters."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from agent.core.telemetry import TcpLabels, TcpTelemetry
+from agent.core.telemetry import LATENCY_BUCKETS_MS, HttpCounters, TcpLabels, Telemetry
 
 _LABELS = ("direction", "namespace", "pod", "tls", "peer")
+_HTTP_LABELS = ("direction", "namespace", "pod", "tls")
+_BOUNDS = [*(str(b) for b in LATENCY_BUCKETS_MS), "+Inf"]
 
 
 class TcpCollector(Collector):
-    """Renders TcpTelemetry at scrape time; expires deleted pods' series first."""
+    """Renders Telemetry at scrape time; expires deleted pods' series first."""
 
-    def __init__(self, telemetry: TcpTelemetry) -> None:
+    def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
 
     def collect(self) -> Iterator[Metric]:
@@ -36,6 +44,31 @@ class TcpCollector(Collector):
             closed.add_metric([*values, "success"], counters.close_success)
             closed.add_metric([*values, "failure"], counters.close_failure)
         yield from (opened, current, read, wrote, closed)
+        yield from _http_families(self._telemetry)
+
+
+def _http_families(telemetry: Telemetry) -> Iterator[Metric]:
+    requests = CounterMetricFamily("request", "HTTP requests started", labels=_HTTP_LABELS)
+    responses = CounterMetricFamily("response", "HTTP responses (or failures) by outcome",
+                                    labels=(*_HTTP_LABELS, "classification", "status_code",
+                                            "grpc_status"))
+    latency = HistogramMetricFamily("response_latency_ms", "Time from request start to "
+                                    "response headers, in milliseconds", labels=_HTTP_LABELS)
+    for labels, counters in telemetry.http_series():
+        values = [labels.direction, labels.namespace, labels.pod, labels.tls]
+        requests.add_metric(values, counters.requests)
+        for (classification, status, grpc), count in sorted(counters.responses.items()):
+            responses.add_metric([*values, classification, status, grpc], count)
+        latency.add_metric(values, _cumulative(counters), counters.latency_sum)
+    yield from (requests, responses, latency)
+
+
+def _cumulative(counters: HttpCounters) -> list[tuple[str, float]]:
+    total, buckets = 0, list[tuple[str, float]]()
+    for bound, count in zip(_BOUNDS, counters.latency_buckets, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 def _values(labels: TcpLabels) -> list[str]:
@@ -54,7 +87,7 @@ class AgentMetrics:
                                     "before relaying", ("direction", "reason"), registry=registry)
 
 
-def build_registry(telemetry: TcpTelemetry) -> tuple[CollectorRegistry, AgentMetrics]:
+def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TcpCollector(telemetry))
     ProcessCollector(registry=registry)

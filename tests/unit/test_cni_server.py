@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.controlplane.cni_server import CniServer, replay_pending
-from agent.core.telemetry import TcpTelemetry
+from agent.core.telemetry import Telemetry
 from agent.dataplane.inpod import CaptureError, PodManager
 from agent.model import CaptureSettings, Pod, PodKey
 from agent.observability.metrics import build_registry
@@ -86,7 +86,7 @@ class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.pods = FakePods()
         self.registry: CollectorRegistry
-        self.registry, metrics = build_registry(TcpTelemetry(lambda: 0.0, 300.0))
+        self.registry, metrics = build_registry(Telemetry(lambda: 0.0, 300.0))
         self.server = CniServer(tmp_path / "cni.sock", cast(PodManager, self.pods), metrics)
 
     def send(self, raw: bytes) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.core.telemetry import TcpLabels, TcpTelemetry
+from agent.core.telemetry import TcpLabels, Telemetry
 from agent.observability.metrics import build_registry
 
 GRACE = 300.0
@@ -29,7 +29,7 @@ def scrape(registry: CollectorRegistry, prefix: str = "tcp_") -> list[str]:
 
 
 def test_one_failed_inbound_connection_renders_in_linkerds_tcp_schema() -> None:
-    telemetry = TcpTelemetry(FakeClock(), GRACE)
+    telemetry = Telemetry(FakeClock(), GRACE)
     registry, _ = build_registry(telemetry)
     connection = telemetry.open(TcpLabels("inbound", "default", "web"))
     connection.read(10)
@@ -57,7 +57,7 @@ def test_one_failed_inbound_connection_renders_in_linkerds_tcp_schema() -> None:
 
 
 def test_an_open_connection_shows_in_the_gauge_until_it_closes() -> None:
-    telemetry = TcpTelemetry(FakeClock(), GRACE)
+    telemetry = Telemetry(FakeClock(), GRACE)
     registry, _ = build_registry(telemetry)
     connection = telemetry.open(TcpLabels("inbound", "default", "web"))
 
@@ -68,14 +68,14 @@ def test_an_open_connection_shows_in_the_gauge_until_it_closes() -> None:
 
 
 def test_with_no_connections_only_the_metric_headers_are_rendered() -> None:
-    registry, _ = build_registry(TcpTelemetry(FakeClock(), GRACE))
+    registry, _ = build_registry(Telemetry(FakeClock(), GRACE))
 
     assert [line for line in scrape(registry) if not line.startswith("#")] == []
 
 
 def test_a_scrape_after_the_grace_period_no_longer_shows_a_removed_pod() -> None:
     clock = FakeClock()
-    telemetry = TcpTelemetry(clock, GRACE)
+    telemetry = Telemetry(clock, GRACE)
     registry, _ = build_registry(telemetry)
     telemetry.open(TcpLabels("inbound", "default", "web")).close(failed=False)
     telemetry.open(TcpLabels("inbound", "default", "db")).close(failed=False)
@@ -91,7 +91,7 @@ def test_a_scrape_after_the_grace_period_no_longer_shows_a_removed_pod() -> None
 
 
 def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
-    registry, metrics = build_registry(TcpTelemetry(FakeClock(), GRACE))
+    registry, metrics = build_registry(Telemetry(FakeClock(), GRACE))
 
     metrics.meshed_pods.set(2)
     metrics.cni_requests.labels("add", "ok").inc()
@@ -106,8 +106,8 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
 
 
 def test_each_registry_is_its_own_so_tests_and_agents_do_not_share_state() -> None:
-    first, first_metrics = build_registry(TcpTelemetry(FakeClock(), GRACE))
-    second, _ = build_registry(TcpTelemetry(FakeClock(), GRACE))
+    first, first_metrics = build_registry(Telemetry(FakeClock(), GRACE))
+    second, _ = build_registry(Telemetry(FakeClock(), GRACE))
 
     first_metrics.meshed_pods.set(5)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.telemetry import TcpCounters, TcpLabels, TcpTelemetry
+from agent.core.telemetry import TcpCounters, TcpLabels, Telemetry
 
 GRACE = 300.0
 WEB_IN = TcpLabels("inbound", "default", "web")
@@ -27,12 +27,12 @@ class FakeClock:
         self.now += seconds
 
 
-def make_telemetry() -> tuple[TcpTelemetry, FakeClock]:
+def make_telemetry() -> tuple[Telemetry, FakeClock]:
     clock = FakeClock()
-    return TcpTelemetry(clock, GRACE), clock
+    return Telemetry(clock, GRACE), clock
 
 
-def counters_of(telemetry: TcpTelemetry) -> dict[TcpLabels, TcpCounters]:
+def counters_of(telemetry: Telemetry) -> dict[TcpLabels, TcpCounters]:
     return dict(telemetry.series())
 
 

@@ -49,6 +49,8 @@ class Pod:
     ips: tuple[str, ...]
     service_account: str = "default"
     capture: CaptureSettings = field(default_factory=CaptureSettings)
+    # Ports relayed as opaque TCP, never parsed for HTTP (Linkerd's opaque-ports annotation).
+    opaque_ports: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class Pod:
             "netns": self.netns_path,
             "ips": list(self.ips),
             "serviceAccount": self.service_account,
+            "opaquePorts": list(self.opaque_ports),
             "capture": {
                 "excludeOutboundPorts": list(self.capture.exclude_outbound_ports),
                 "excludeInboundPorts": list(self.capture.exclude_inbound_ports),
@@ -77,6 +80,7 @@ class Pod:
             netns_path=data["netns"],
             ips=tuple(data["ips"]),
             service_account=data.get("serviceAccount", "default"),
+            opaque_ports=tuple(data.get("opaquePorts", ())),
             capture=CaptureSettings(
                 exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
                 exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),
@@ -90,6 +94,11 @@ def _ipv4_only(addresses: list[str]) -> tuple[str, ...]:
     """Capture is IPv4 for now: a dual-stack pod's IPv6 gateway is not an error."""
     parsed = (ipaddress.ip_address(a) for a in addresses)
     return tuple(str(a) for a in parsed if a.version == 4)
+
+
+def parse_ports(text: str) -> tuple[int, ...]:
+    """"80, 443,80" -> (80, 443); a port out of range is a ValueError."""
+    return _ports(text)
 
 
 def _ports(text: str) -> tuple[int, ...]:

@@ -143,7 +143,8 @@ class PodManager:
                           capture)
         ports = self._config.ports
         context = PodContext(pod.key.namespace, pod.key.name, netns,
-                             frozenset((ports.outbound, ports.inbound, ports.tunnel)))
+                             frozenset((ports.outbound, ports.inbound, ports.tunnel)),
+                             frozenset(pod.opaque_ports))
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             await self._in_netns(netns, lambda: self._install(plan))

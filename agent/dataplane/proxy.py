@@ -34,6 +34,7 @@ class PodContext:
     name: str
     netns: NetNs
     own_ports: frozenset[int]
+    opaque_ports: frozenset[int] = frozenset()
     relays: set[Relay] = field(default_factory=set)
 
 
@@ -250,6 +251,8 @@ class Proxy:
         if destination is None:
             relay.abort()
             return
+        if destination[1] in relay.pod.opaque_ports:
+            relay.observer = None  # declared opaque: relay bytes, parse nothing
         # Inbound, the app sees the real client (as with Istio ambient), not the proxy.
         source = client.get_extra_info("peername") if relay.direction == "inbound" else None
         try:

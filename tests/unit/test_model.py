@@ -92,6 +92,7 @@ def test_the_saved_pod_uses_the_cni_field_names() -> None:
         "netns": "/var/run/netns/cni-1",
         "ips": ["10.42.0.5"],
         "serviceAccount": "web",
+        "opaquePorts": [],
         "capture": {
             "excludeOutboundPorts": [80, 443],
             "excludeInboundPorts": [22],

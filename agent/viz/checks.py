@@ -1,0 +1,225 @@
+"""`pinion check`: is each agent reachable, live, ready, exporting parseable metrics, listening
+in every pod it meshes, with a sane clock; and (`--pre`) can an agent run on this host.
+The decisions are pure functions of replies and probe results; `ask_agent` and HostProbes are
+the only I/O."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.viz.render import CHECK, CROSS, section
+from agent.viz.scrape import AgentError, Reply, get, parse_metrics, parse_pods
+
+CLOCK_SKEW_LIMIT = 60.0   # seconds an agent's process may seem to have started in the future
+CNI_BRIDGE = "/usr/lib/cni/bridge"
+MIN_PLUGIN_PYTHON = (3, 9)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    title: str
+    ok: bool
+    detail: tuple[str, ...] = ()
+    hint: str | None = None
+
+    def lines(self) -> list[str]:
+        lines = [f"{CHECK if self.ok else CROSS} {self.title}"]
+        lines += [f"    {line}" for line in self.detail]
+        if not self.ok and self.hint:
+            lines.append(f"    hint: {self.hint}")
+        return lines
+
+
+def render_results(sections: Sequence[tuple[str, Sequence[CheckResult]]]) -> str:
+    blocks = [section(title) + "".join(f"{line}\n" for r in results for line in r.lines())
+              for title, results in sections]
+    ok = all(r.ok for _, results in sections for r in results)
+    return "\n".join(blocks) + f"\nStatus check results are {CHECK if ok else CROSS}\n"
+
+
+def all_ok(sections: Sequence[tuple[str, Sequence[CheckResult]]]) -> bool:
+    return all(r.ok for _, results in sections for r in results)
+
+
+# --- agents ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AgentReplies:
+    """What an agent answered: a Reply per path, or why there was none."""
+
+    agent: str
+    unreachable: str | None = None
+    replies: dict[str, Reply | str] = field(default_factory=dict)
+
+
+def ask_agent(agent: str, timeout: float) -> AgentReplies:
+    replies: dict[str, Reply | str] = {}
+    for path in ("/live", "/ready", "/metrics", "/pods"):
+        try:
+            replies[path] = get(agent, path, timeout)
+        except AgentError as exc:
+            if not replies:
+                return AgentReplies(agent, unreachable=str(exc))
+            replies[path] = str(exc)
+    return AgentReplies(agent, None, replies)
+
+
+def _status_check(replies: AgentReplies, path: str, hint: str) -> CheckResult:
+    reply = replies.replies.get(path, "not asked")
+    title = f"{path} returns 200"
+    if isinstance(reply, str):
+        return CheckResult(title, False, (reply,), hint)
+    first_line = reply.text.strip().splitlines()[0] if reply.text.strip() else ""
+    detail = () if reply.status == 200 else (f"got {reply.status}: {first_line}".rstrip(": "),)
+    return CheckResult(title, reply.status == 200, detail, hint)
+
+
+def _body(replies: AgentReplies, path: str) -> tuple[bytes | None, str | None]:
+    reply = replies.replies.get(path, "not asked")
+    if isinstance(reply, str):
+        return None, reply
+    if reply.status != 200:
+        return None, f"GET {path} answered {reply.status}"
+    return reply.body, None
+
+
+def _metrics_check(replies: AgentReplies) -> tuple[CheckResult, dict[str, float]]:
+    title, hint = "metrics parse", "GET /metrics must serve Prometheus text format"
+    body, problem = _body(replies, "/metrics")
+    if body is None:
+        return CheckResult(title, False, (str(problem),), hint), {}
+    try:
+        samples = parse_metrics(body.decode("utf-8", "replace"))
+    except ValueError as exc:
+        return CheckResult(title, False, (str(exc),), hint), {}
+    unlabelled = {s.name: s.value for s in samples if not s.labels}
+    return CheckResult(title, True), unlabelled
+
+
+def _pods_check(replies: AgentReplies) -> CheckResult:
+    title = "every meshed pod is listening"
+    hint = "the agent could not open its ports in these pods' network namespaces; see its log"
+    body, problem = _body(replies, "/pods")
+    if body is None:
+        return CheckResult(title, False, (str(problem),), hint)
+    try:
+        pods = parse_pods(body)
+    except ValueError as exc:
+        return CheckResult(title, False, (str(exc),), hint)
+    deaf = [f"{p.get('namespace', '?')}/{p.get('name', '?')} is not listening"
+            for p in pods if p.get("listening") is not True]
+    return CheckResult(title, not deaf, tuple(deaf), hint)
+
+
+def clock_check(unlabelled: dict[str, float] | None, now: float) -> CheckResult:
+    """The agent's process must not have started more than CLOCK_SKEW_LIMIT s in our future."""
+    title = "agent clock is sane"
+    hint = ("synchronise the clocks (NTP); a node without a real-time clock (a Raspberry Pi) "
+            "can boot with a wrong time, and certificates depend on it")
+    if unlabelled is None:
+        return CheckResult(title, False, ("no metrics to read process_start_time_seconds from",), hint)
+    started = unlabelled.get("process_start_time_seconds")
+    if started is None:
+        return CheckResult(title, False, ("process_start_time_seconds is not in /metrics",), hint)
+    ahead = started - now
+    if ahead > CLOCK_SKEW_LIMIT:
+        return CheckResult(title, False, (f"the agent started {ahead:.0f}s in the future "
+                                          f"(more than {CLOCK_SKEW_LIMIT:.0f}s ahead of this host)",), hint)
+    return CheckResult(title, True)
+
+
+def agent_results(replies: AgentReplies, now: float) -> list[CheckResult]:
+    """The ✓/✗ results for one agent; after an unreachable one nothing else is judged."""
+    if replies.unreachable is not None:
+        return [CheckResult("agent is reachable", False, (replies.unreachable,),
+                            f"is `pinion agent --admin-addr {replies.agent}` running and "
+                            "reachable from here?")]
+    metrics, unlabelled = _metrics_check(replies)
+    return [CheckResult("agent is reachable", True),
+            _status_check(replies, "/live", "the admin endpoint answers but is not live"),
+            _status_check(replies, "/ready", "the agent answers 503 until it serves; see its log"),
+            metrics,
+            _pods_check(replies),
+            clock_check(unlabelled if metrics.ok else None, now)]
+
+
+# --- this host (--pre) ----------------------------------------------------------------------
+
+def _read_mounts() -> str:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            return mounts.read()
+    except OSError:
+        return ""
+
+
+def _host_python() -> tuple[int, int] | None:
+    """Version of the `python3` on PATH: the interpreter the host runs cni/pinion-cni with."""
+    try:
+        done = subprocess.run(["python3", "-c", "import sys; print(*sys.version_info[:2])"],
+                              capture_output=True, text=True, timeout=10, check=True)
+        major, minor = done.stdout.split()
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class HostProbes:
+    """How --pre looks at this host; tests pass their own."""
+
+    euid: Callable[[], int] = os.geteuid
+    which: Callable[[str], str | None] = shutil.which
+    exists: Callable[[str], bool] = os.path.exists
+    mounts: Callable[[], str] = _read_mounts
+    python3: Callable[[], tuple[int, int] | None] = _host_python
+
+
+HOST_PROBES = HostProbes()
+
+
+def _netfilter(probes: HostProbes) -> CheckResult:
+    found = [f"{tool} at {path}" for tool in ("nft", "iptables-legacy") if (path := probes.which(tool))]
+    return CheckResult("nft or iptables-legacy is installed", bool(found), tuple(found[:1]),
+                       "install nftables (or iptables, for iptables-legacy): the agent writes "
+                       "capture rules with one of them")
+
+
+def _cgroup2(probes: HostProbes) -> CheckResult:
+    mounted = any(len(fields) > 2 and fields[2] == "cgroup2"
+                  for fields in (line.split() for line in probes.mounts().splitlines()))
+    return CheckResult("cgroup v2 is mounted", mounted, (),
+                       "boot with systemd.unified_cgroup_hierarchy=1 (Raspberry Pi OS: append it to "
+                       "cmdline.txt); eBPF capture attaches to pods' cgroup v2")
+
+
+def _python(probes: HostProbes) -> CheckResult:
+    version = probes.python3()
+    wanted = ".".join(map(str, MIN_PLUGIN_PYTHON))
+    ok = version is not None and version >= MIN_PLUGIN_PYTHON
+    detail = () if ok else (("no python3 on PATH",) if version is None
+                            else (f"python3 is {version[0]}.{version[1]}",))
+    return CheckResult(f"python3 >= {wanted} for the CNI plugin", ok, detail,
+                       f"the host runs cni/pinion-cni with its own python3; install python3 >= {wanted}")
+
+
+def host_results(probes: HostProbes) -> list[CheckResult]:
+    """--pre: what running an agent on this host needs."""
+    return [CheckResult("running as root", probes.euid() == 0, (),
+                        "run the agent as root: it writes netfilter rules and enters pods' "
+                        "network namespaces"),
+            _netfilter(probes),
+            CheckResult(f"{CNI_BRIDGE} is present", probes.exists(CNI_BRIDGE), (),
+                        "install containernetworking-plugins (bridge + host-local, the first "
+                        "plugins of the lab's CNI chain)"),
+            _cgroup2(probes),
+            _python(probes)]
+
+
+def python_version() -> tuple[int, int]:
+    return sys.version_info[0], sys.version_info[1]

@@ -1,4 +1,4 @@
-"""The `pinion` command: agent, rules, demo, cni."""
+"""The `pinion` command: agent, rules, demo, cni, and stat, edges, top, check."""
 
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)
+    _add_viz_parsers(sub)
     return parser
 
 
@@ -96,6 +97,13 @@ def _add_cni_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     uninstall = actions.add_parser("uninstall", help="remove exactly what `cni install` added")
     _add_cni_location_flags(uninstall)
     uninstall.set_defaults(run=_run_cni_uninstall)
+
+
+def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """stat, edges, top, check: read agents' admin endpoints (agent/viz)."""
+    from agent.viz.commands import add_viz_commands
+
+    add_viz_commands(sub)
 
 
 def _add_cni_location_flags(parser: argparse.ArgumentParser) -> None:

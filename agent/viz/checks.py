@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -220,6 +219,3 @@ def host_results(probes: HostProbes) -> list[CheckResult]:
             _cgroup2(probes),
             _python(probes)]
 
-
-def python_version() -> tuple[int, int]:
-    return sys.version_info[0], sys.version_info[1]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from agent.viz.stats import INBOUND, OUTBOUND, Sample
 
 _TRAFFIC = frozenset({"request_total", "response_total", "tcp_open_total"})
+_EdgeKey = tuple[str, str, str | None, str | None]   # src ns, src pod, dst, dst ns
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ def _destination(labels: Mapping[str, str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _outbound(samples: Iterable[Sample]) -> dict[tuple[str, str, str | None, str | None], list[Mapping[str, str]]]:
-    grouped: dict[tuple[str, str, str | None, str | None], list[Mapping[str, str]]] = {}
+def _outbound(samples: Iterable[Sample]) -> dict[_EdgeKey, list[Mapping[str, str]]]:
+    grouped: dict[_EdgeKey, list[Mapping[str, str]]] = {}
     for sample in samples:
         labels = sample.labels
         if sample.name in _TRAFFIC and labels.get("direction") == OUTBOUND and labels.get("pod"):

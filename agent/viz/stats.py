@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -128,8 +128,10 @@ class Golden:
     responses: float = 0.0
     buckets: dict[float, float] = field(default_factory=dict)
     tcp_open_connections: float = 0.0
+    observed: bool = False     # some request/response/latency series was in the window
 
     def merge(self, other: Golden) -> None:
+        self.observed = self.observed or other.observed
         self.rps += other.rps
         self.successes += other.successes
         self.responses += other.responses
@@ -147,6 +149,7 @@ class Golden:
 
 
 def _add_window_sample(golden: Golden, sample: Sample, elapsed: float) -> None:
+    golden.observed = True
     if sample.name == REQUESTS:
         golden.rps += sample.value / elapsed
     elif sample.name == RESPONSES:

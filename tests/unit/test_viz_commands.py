@@ -1,0 +1,311 @@
+"""`pinion stat/edges/top/check` end to end against fake admin endpoints on 127.0.0.1: canned
+Prometheus text that moves between scrapes, /pods, /ready, /live."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from agent.cli import main
+from agent.viz import checks
+from tests.unit.test_viz_stats import AFTER, BEFORE, WINDOW_P95, WINDOW_P99, metrics_text, pod_series
+
+WEB = "web-7d4b9c8f6d-x2x9q"
+
+
+def pod_entry(name: str, namespace: str = "default", listening: bool = True,
+              account: str = "web") -> dict[str, Any]:
+    return {"namespace": namespace, "name": name, "uid": f"uid-{name}", "containerId": "c",
+            "netns": f"/var/run/netns/{name}", "ips": ["10.42.0.5"], "serviceAccount": account,
+            "capture": {}, "backend": "nftables", "listening": listening}
+
+
+class FakeAgent:
+    """An admin endpoint: /metrics answers each text in turn (then keeps the last)."""
+
+    def __init__(self, metrics: Sequence[str], pods: Sequence[dict[str, Any]] = (),
+                 ready: int = 200, live: int = 200) -> None:
+        self.metrics, self.scrapes = list(metrics), 0
+        self.routes = {"/pods": (200, json.dumps(list(pods))),
+                       "/ready": (ready, "ready\n" if ready == 200 else "not ready\n"),
+                       "/live": (live, "live\n")}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = agent.answer(self.path)
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def answer(self, path: str) -> tuple[int, str]:
+        if path == "/metrics":
+            text = self.metrics[min(self.scrapes, len(self.metrics) - 1)]
+            self.scrapes += 1
+            return 200, text
+        return self.routes.get(path, (404, "not found\n"))
+
+    def __enter__(self) -> FakeAgent:
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dead_agent() -> Iterator[str]:
+    """An address nothing listens on: connecting is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield f"127.0.0.1:{port}"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- stat -------------------------------------------------------------------------------------
+
+def test_stat_pods_shows_the_inbound_golden_metrics_of_the_window(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([BEFORE, AFTER], [pod_entry(WEB)]) as agent:
+        code, out, err = run(capsys, "stat", "pods", "--agent", agent.address, "--window", "0.5")
+    assert (code, err) == (0, "")
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "MESHED", "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN"]
+    cells = row.split()
+    assert cells[:3] == [WEB, "1/1", "90.00%"]
+    assert 100 / 1.5 < float(cells[3]) <= 100 / 0.5
+    assert cells[4:] == ["8.8ms", "75ms", "95ms", "3"]
+    assert all(len(line) <= 80 for line in out.splitlines())
+
+
+def test_stat_json_has_linkerds_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([BEFORE, AFTER], [pod_entry(WEB)]) as agent:
+        code, out, _ = run(capsys, "stat", "deployments", "--agent", agent.address, "--window", "0.3",
+                           "-o", "json")
+    [row] = json.loads(out)
+    assert code == 0
+    assert set(row) == {"namespace", "kind", "name", "meshed", "success", "rps", "latency_ms_p50",
+                        "latency_ms_p95", "latency_ms_p99", "tcp_open_connections"}
+    assert (row["kind"], row["name"], row["meshed"], row["success"]) == ("deployment", "web", "1/1", 0.9)
+    assert 100 / 1.3 < row["rps"] <= 100 / 0.3
+    assert (row["latency_ms_p50"], row["latency_ms_p95"], row["latency_ms_p99"]) == (8.75, WINDOW_P95,
+                                                                                   WINDOW_P99)
+    assert row["tcp_open_connections"] == 3
+
+
+def test_stat_groups_deployments_and_counts_meshed_pods(capsys: pytest.CaptureFixture[str]) -> None:
+    second = "web-7d4b9c8f6d-k8m4t"
+    text = metrics_text(pod_series("default", WEB, ok=5), pod_series("default", second, ok=5),
+                        pod_series("default", "db-0", ok=1), pod_series("kube-system", "dns-0"))
+    with FakeAgent([text], [pod_entry(WEB), pod_entry("db-0")]) as agent:
+        code, out, _ = run(capsys, "stat", "deployments", "--agent", agent.address, "--window", "0.1")
+    assert code == 0
+    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["db-0", "1/1", "-"],
+                                                                    ["web", "1/2", "-"]]
+    with FakeAgent([text], []) as agent:
+        _, out, _ = run(capsys, "stat", "pods", "-A", "--agent", agent.address, "--window", "0.1")
+    assert out.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
+    assert "kube-system" in out
+
+
+def test_stat_shows_the_reachable_agents_and_names_the_unreachable_one(
+        capsys: pytest.CaptureFixture[str], dead_agent: str) -> None:
+    with FakeAgent([BEFORE, AFTER], [pod_entry(WEB)]) as agent:
+        code, out, err = run(capsys, "stat", "pods", "--agent", agent.address, "--agent", dead_agent,
+                             "--window", "0.2", "--timeout", "2")
+    assert code == 1
+    assert WEB in out and "90.00%" in out
+    assert err == f"pinion stat: {dead_agent}: unreachable: connection refused\n"
+
+
+def test_stat_with_no_pods_in_the_namespace_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([BEFORE]) as agent:
+        code, out, err = run(capsys, "stat", "pods", "-n", "shop", "--agent", agent.address,
+                             "--window", "0.1")
+    assert (code, out, err) == (0, "", "No pods found in namespace shop.\n")
+
+
+# --- edges ------------------------------------------------------------------------------------
+
+def test_edges_with_destination_labels(capsys: pytest.CaptureFixture[str]) -> None:
+    text = metrics_text(
+        pod_series("default", "web", "outbound", ok=3, extra={"dst_namespace": "default",
+                                                               "dst_pod": "api-1", "server_id": "x"}),
+        pod_series("default", "web", "outbound", ok=1, tls="disabled",
+                   extra={"dst_namespace": "default", "dst_pod": "legacy-0"}))
+    with FakeAgent([text]) as agent:
+        code, out, err = run(capsys, "edges", "pods", "--agent", agent.address)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["SRC  DST       SRC_NS   DST_NS   SECURED",
+                                "web  api-1     default  default  ✓",
+                                "web  legacy-0  default  default  ✗"]
+
+
+def test_edges_without_destination_labels_do_not_invent_them(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([metrics_text(pod_series("default", "web", "outbound", ok=3))]) as agent:
+        code, out, _ = run(capsys, "edges", "pods", "--agent", agent.address)
+        _, json_out, json_err = run(capsys, "edges", "pods", "--agent", agent.address, "-o", "json")
+    assert code == 0
+    assert out.splitlines() == ["SRC  DST  SRC_NS   DST_NS  SECURED",
+                                "web  -    default  -       ✓",
+                                "note: DST - = no dst_* labels yet; known once the pod registry/tunnel is in"]
+    assert json.loads(json_out) == [{"src": "web", "src_namespace": "default", "dst": None,
+                                     "dst_namespace": None, "secured": True, "tls": "true",
+                                     "server_id": None, "client_id": None}]
+    assert json_err.startswith("note: DST - = no dst_* labels yet")
+
+
+# --- top --------------------------------------------------------------------------------------
+
+def test_top_refreshes_busiest_first_for_the_given_iterations(capsys: pytest.CaptureFixture[str]) -> None:
+    scrapes = [metrics_text(pod_series("default", "web", ok=n * 10, latencies={20: n * 10}, tcp_open=2),
+                            pod_series("default", "api", ok=n, failed=n),
+                            pod_series("default", "web", "outbound", ok=n))
+               for n in range(3)]
+    with FakeAgent(scrapes) as agent:
+        code, out, err = run(capsys, "top", "--agent", agent.address, "--interval", "0.1",
+                             "--iterations", "2")
+        assert agent.scrapes == 3
+    assert (code, err) == (0, "")
+    blocks = out.split("\n\n")
+    assert len(blocks) == 2
+    for block in blocks:
+        lines = block.strip().splitlines()
+        assert lines[0].startswith("pinion top: 1 agent(s), every 0.1s, ")
+        assert lines[1].split() == ["POD", "DIRECTION", "RPS", "SUCCESS", "P99", "TCP_CONN"]
+        assert [line.split()[:2] for line in lines[2:]] == [
+            ["default/web", "inbound"], ["default/api", "inbound"], ["default/web", "outbound"]]
+        assert lines[2].split()[3:] == ["100.00%", "20ms", "2"]
+        assert lines[3].split()[3] == "50.00%"
+
+
+# --- check ------------------------------------------------------------------------------------
+
+def _green(address: str) -> str:
+    title = f"agent {address}"
+    return (f"{title}\n{'-' * len(title)}\n"
+            "✓ agent is reachable\n✓ /live returns 200\n✓ /ready returns 200\n✓ metrics parse\n"
+            "✓ every meshed pod is listening\n✓ agent clock is sane\n")
+
+
+def test_check_all_green(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([metrics_text(start_time=time.time() - 30)], [pod_entry(WEB)]) as agent:
+        code, out, _ = run(capsys, "check", "--agent", agent.address)
+    assert code == 0
+    assert out == _green(agent.address) + "\nStatus check results are ✓\n"
+
+
+def test_check_unreachable_agent_fails_and_the_other_is_still_checked(
+        capsys: pytest.CaptureFixture[str], dead_agent: str) -> None:
+    with FakeAgent([metrics_text(start_time=time.time())]) as agent:
+        code, out, _ = run(capsys, "check", "--agent", dead_agent, "--agent", agent.address)
+    title = f"agent {dead_agent}"
+    assert code == 1
+    assert out == (f"{title}\n{'-' * len(title)}\n✗ agent is reachable\n"
+                   f"    {dead_agent}: unreachable: connection refused\n"
+                   f"    hint: is `pinion agent --admin-addr {dead_agent}` running and reachable from here?\n"
+                   f"\n{_green(agent.address)}\nStatus check results are ✗\n")
+
+
+@pytest.mark.parametrize(("agent_kwargs", "start_offset", "failed_lines"), [
+    ({"ready": 503}, 0, ["✗ /ready returns 200", "    got 503: not ready",
+                         "    hint: the agent answers 503 until it serves; see its log"]),
+    ({"pods": [pod_entry(WEB), pod_entry("api-0", "shop", listening=False)]}, 0,
+     ["✗ every meshed pod is listening", "    shop/api-0 is not listening",
+      "    hint: the agent could not open its ports in these pods' network namespaces; see its log"]),
+    ({}, 3600, ["✗ agent clock is sane",
+                "    the agent started 3600s in the future (more than 60s ahead of this host)",
+                "    hint: synchronise the clocks (NTP); a node without a real-time clock (a Raspberry "
+                "Pi) can boot with a wrong time, and certificates depend on it"]),
+])
+def test_check_failures(capsys: pytest.CaptureFixture[str], agent_kwargs: dict[str, Any],
+                        start_offset: float, failed_lines: list[str]) -> None:
+    text = metrics_text(start_time=time.time() + start_offset)
+    with FakeAgent([text], **agent_kwargs) as agent:
+        code, out, _ = run(capsys, "check", "--agent", agent.address)
+    assert code == 1
+    lines = out.splitlines()
+    first = lines.index(failed_lines[0])
+    assert lines[first:first + len(failed_lines)] == failed_lines
+    assert sum(line.startswith("✗") for line in lines) == 1
+    assert lines[-1] == "Status check results are ✗"
+
+
+def test_check_metrics_that_do_not_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent(["request_total{pod=\"web\" 1\n"]) as agent:
+        code, out, _ = run(capsys, "check", "--agent", agent.address)
+    assert code == 1
+    assert "✗ metrics parse" in out.splitlines()
+    assert "✗ agent clock is sane" in out.splitlines()
+
+
+def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeAgent([metrics_text(start_time=time.time())], ready=503) as agent:
+        code, out, _ = run(capsys, "check", "--agent", agent.address, "-o", "json")
+    document = json.loads(out)
+    assert (code, document["success"]) == (1, False)
+    [category] = document["categories"]
+    assert [c["result"] for c in category["checks"]] == ["success", "success", "error", "success",
+                                                          "success", "success"]
+
+
+# --- check --pre ------------------------------------------------------------------------------
+
+def test_check_pre_all_green(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "HOST_PROBES", checks.HostProbes(
+        euid=lambda: 0, which=lambda tool: "/usr/sbin/nft" if tool == "nft" else None,
+        exists=lambda path: path == "/usr/lib/cni/bridge",
+        mounts=lambda: "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n", python3=lambda: (3, 11)))
+    code, out, _ = run(capsys, "check", "--pre")
+    assert code == 0
+    assert out.splitlines() == [
+        "this host: prerequisites for running an agent", "-" * 45,
+        "✓ running as root", "✓ nft or iptables-legacy is installed", "    nft at /usr/sbin/nft",
+        "✓ /usr/lib/cni/bridge is present", "✓ cgroup v2 is mounted",
+        "✓ python3 >= 3.9 for the CNI plugin", "", "Status check results are ✓"]
+
+
+def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "HOST_PROBES", checks.HostProbes(
+        euid=lambda: 1000, which=lambda tool: None, exists=lambda path: False,
+        mounts=lambda: "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n", python3=lambda: (3, 7)))
+    code, out, _ = run(capsys, "check", "--pre")
+    lines = out.splitlines()
+    assert code == 1
+    assert [line for line in lines if line.startswith(("✓", "✗"))] == [
+        "✗ running as root", "✗ nft or iptables-legacy is installed", "✗ /usr/lib/cni/bridge is present",
+        "✗ cgroup v2 is mounted", "✗ python3 >= 3.9 for the CNI plugin"]
+    assert "    python3 is 3.7" in lines
+    assert sum(line.startswith("    hint: ") for line in lines) == 5
+    assert lines[-1] == "Status check results are ✗"
+
+
+def test_agent_flag_must_be_host_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["check", "--agent", "localhost"])
+    assert "expected HOST:PORT" in capsys.readouterr().err

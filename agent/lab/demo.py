@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import secrets
 import select
 import signal
@@ -24,6 +25,7 @@ from types import FrameType
 
 from agent.lab.agents import REPO, LabAgent, Metrics
 from agent.lab.topology import Lab, LabError, Pod
+from agent.viz.stats import histogram_quantile
 
 REDIRECTS = ("iptables", "nftables")
 MAX_REQUESTS = 10_000
@@ -78,6 +80,7 @@ class Tally:
 
     statuses: Counter[str] = field(default_factory=Counter)
     connections: Counter[tuple[str, str]] = field(default_factory=Counter)
+    served: Counter[tuple[str, str]] = field(default_factory=Counter)  # (meshed pod, status)
 
 
 def say(line: str) -> None:
@@ -129,6 +132,7 @@ def _show(lab: Lab, agents: dict[int, LabAgent], redirect: str, requests: int) -
     meshed = set().union(*(_meshed_pods(agent) for agent in agents.values()))
     _print_table(pods, metrics, meshed)
     _check_counts(pods, metrics, tally)
+    _print_golden(pods, metrics, tally)
     _conclude(metrics)
     return 0
 
@@ -233,6 +237,8 @@ def _drive(pods: dict[str, Pod], requests: int) -> Tally:
             tally.connections[(flow.source.name, "outbound")] += connections
         if flow.target.name not in NOT_MESHED:
             tally.connections[(flow.target.name, "inbound")] += connections
+            for status, count in statuses.items():
+                tally.served[(flow.target.name, status)] += count
     return tally
 
 
@@ -402,6 +408,35 @@ def _check_counts(pods: dict[str, Pod], metrics: dict[str, Metrics], tally: Tall
     say(f"counts match curl: {outbound} outbound and {inbound} inbound connections, none missed")
 
 
+def _print_golden(pods: dict[str, Pod], metrics: dict[str, Metrics], tally: Tally) -> None:
+    """Inbound golden metrics per serving pod, checked against what curl got back."""
+    say("golden metrics the agents measured (inbound, HTTP parsed from the relayed bytes):")
+    print(f"  {'POD':<9} {'NODE':<6} {'REQUESTS':>8} {'SUCCESS':>8} {'P50':>8} {'P99':>8}")
+    for name in sorted({pod for pod, _ in tally.served}):
+        pod = pods[name]
+        node_metrics = metrics[pod.node.name]
+        labels = {"direction": "inbound", "pod": name}
+        sent = sum(n for (target, _), n in tally.served.items() if target == name)
+        failed = tally.served[(name, "500")]
+        requests = node_metrics.value("request_total", **labels)
+        failures = node_metrics.value("response_total", classification="failure", **labels)
+        if requests != sent or failures != failed:
+            raise DemoError(f"{name}: curl sent {sent} requests ({failed} answered 500); the "
+                            f"agent counted {requests:.0f} ({failures:.0f} failures)")
+        p50, p99 = (_quantile(node_metrics, q, labels) for q in (0.5, 0.99))
+        success = f"{100 * (requests - failures) / requests:.1f}%"
+        print(f"  {name:<9} {pod.node.name:<6} {requests:>8.0f} {success:>8} {p50:>8} {p99:>8}")
+    say("request and failure counts match what curl got back (the 500s are failures)")
+
+
+def _quantile(node_metrics: Metrics, q: float, labels: dict[str, str]) -> str:
+    buckets = [(float(s.labels["le"]), s.value) for s in node_metrics.samples
+               if s.name == "response_latency_ms_bucket"
+               and all(s.labels.get(k) == v for k, v in labels.items())]
+    value = histogram_quantile(q, buckets)
+    return "-" if math.isnan(value) else f"{value:.2f}ms"
+
+
 def _conclude(metrics: dict[str, Metrics]) -> None:
     tls = sorted(
         {
@@ -413,12 +448,13 @@ def _conclude(metrics: dict[str, Metrics]) -> None:
     )
     say("shown: every meshed pod's TCP, same node and across nodes, went through its")
     print("  node's agent; legacy stayed outside it; client-0 kept its source IP.")
+    say("shown: per-pod golden metrics (success rate, latency) from the relayed bytes;")
+    print("  `pinion stat pods -A --agent <node>:4191` shows them live, like linkerd viz.")
     if tls == ["disabled"]:
         say('not shown yet: TLS. Every series says tls="disabled": node-to-node bytes were')
         print("  plain TCP; mTLS between nodes arrives with the identity work (issue 3).")
     else:
         say(f"tls labels on the agents' series: {', '.join(tls)}")
-    say("not shown yet: HTTP success rate and latency (agents export TCP metrics only)")
 
 
 # ---------------------------------------------------------------- teardown

@@ -62,6 +62,17 @@ def detect(first_bytes: bytes) -> Protocol | None:
     return Protocol.OPAQUE  # TLS (0x16 0x03 ..), binary and other text protocols
 
 
+EARLY_SERVER_LIMIT: Final = 4096
+
+
+def _starts_like_settings(data: bytes) -> bool:
+    """An HTTP/2 frame header (as far as present) of a SETTINGS frame on stream 0."""
+    header = data[:9]
+    if len(header) >= 4 and header[3] != 0x4:
+        return False
+    return len(header) < 9 or header[5:9] == b"\x00\x00\x00\x00"
+
+
 def observer_for(protocol: Protocol) -> Observer:
     if protocol is Protocol.HTTP1:
         return Http1Observer()
@@ -78,10 +89,11 @@ class ConnectionObserver:
     failures, so the relay and the exactly-once accounting both survive.
     """
 
-    __slots__ = ("_carried_started", "_inner", "_prefix", "protocol")
+    __slots__ = ("_carried_started", "_early_server", "_inner", "_prefix", "protocol")
 
     def __init__(self) -> None:
         self._prefix = b""
+        self._early_server = b""  # an HTTP/2 server's SETTINGS that beat the client preface
         self._inner: Observer | None = None
         self._carried_started = 0  # started, not yet taken, by an observer that failed
         self.protocol: Protocol | None = None
@@ -103,14 +115,26 @@ class ConnectionObserver:
         elif inner.opaque:
             return []
         try:
-            return inner.client_bytes(data, now)
+            records = inner.client_bytes(data, now)
+            early, self._early_server = self._early_server, b""
+            if early and self.protocol is Protocol.HTTP2:
+                records += inner.server_bytes(early, now)
+            return records
         except Exception:
             return self._abandon()
 
     def server_bytes(self, data: bytes, now: float) -> list[Record]:
         inner = self._inner
         if inner is None:
-            self._decide(Protocol.OPAQUE)  # the server spoke first: not HTTP
+            # An HTTP/2 server sends SETTINGS on accept, and on the server's node they can
+            # reach us before the client's preface: keep them (bounded) and let the client
+            # decide. Any other server-first bytes (SMTP, MySQL, SSH...) mean opaque.
+            early = self._early_server + data
+            if len(early) <= EARLY_SERVER_LIMIT and _starts_like_settings(early):
+                self._early_server = early
+                return []
+            self._early_server = b""
+            self._decide(Protocol.OPAQUE)
             return []
         if inner.opaque:
             return []
@@ -142,6 +166,8 @@ class ConnectionObserver:
     def _decide(self, protocol: Protocol) -> Observer:
         self.protocol = protocol
         self._prefix = b""
+        if protocol is not Protocol.HTTP2:
+            self._early_server = b""
         self._inner = observer_for(protocol)
         return self._inner
 

@@ -123,3 +123,34 @@ def test_a_crashing_observer_is_contained() -> None:
     assert observer.take_started() == 2
     assert observer.opaque
     assert observer.client_bytes(GET, 3.0) == []
+
+
+SERVER_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
+
+
+@pytest.mark.parametrize("split", [1, 4, 9, len(SERVER_SETTINGS)])
+def test_an_http2_server_may_speak_first_with_its_settings(split: int) -> None:
+    """On the server's node the server's SETTINGS can beat the client's preface to us."""
+    observer = ConnectionObserver()
+    assert observer.server_bytes(SERVER_SETTINGS[:split], 0.0) == []
+    assert observer.server_bytes(SERVER_SETTINGS[split:], 0.0) == []
+    assert observer.protocol is None
+
+    observer.client_bytes(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", 0.0)
+
+    assert observer.protocol is Protocol.HTTP2 and not observer.opaque
+
+
+@pytest.mark.parametrize("banner", [b"220 mail.example ESMTP\r\n", b"\x00\x00\x06\x01\x00\x00\x00",
+                                    b"\x00\x00\x06\x04\x00\x00\x00\x00\x01"])
+def test_any_other_server_first_bytes_make_the_connection_opaque(banner: bytes) -> None:
+    observer = ConnectionObserver()
+    observer.server_bytes(banner, 0.0)
+    observer.client_bytes(b"GET / HTTP/1.1\r\n\r\n", 0.0)
+    assert observer.protocol is Protocol.OPAQUE
+
+
+def test_early_server_bytes_are_bounded() -> None:
+    observer = ConnectionObserver()
+    observer.server_bytes(b"\x00\x40\x00\x04\x00\x00\x00\x00\x00" + b"\x00" * 8000, 0.0)
+    assert observer.protocol is Protocol.OPAQUE

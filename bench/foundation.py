@@ -44,6 +44,8 @@ from agent.lab.topology import Lab, Node, Pod
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
+# Meshed, but port 80 relayed as opaque TCP: what the HTTP accounting costs, side by side.
+OPAQUE_HTTP = {"PINION_OPAQUE_PORTS": "80"}
 OPT_OUT = {"PINION_MESH": "disabled"}
 # What containerd/k3s (systemd services) give CNI plugins; pinion-cni's `#!/usr/bin/env python3`
 # resolves on it. A login shell's PATH may put a slow shim (pyenv: ~80 ms) first instead.
@@ -536,11 +538,13 @@ def build_traffic_lab(lab: Lab, traffic: TrafficLab) -> None:
     """Direct (opted-out) and meshed client/server pods, cross-node and same-node, nginx up."""
     node0, node1 = lab.nodes[0], lab.nodes[1]
     servers = {"direct": lab.add_pod(node1, "srv-direct", args=OPT_OUT),
-               "mesh": lab.add_pod(node1, "srv-mesh")}
+               "mesh": lab.add_pod(node1, "srv-mesh"),
+               "opaque": lab.add_pod(node1, "srv-opaque", args=OPAQUE_HTTP)}
     for kind, pod in servers.items():
         traffic.servers.append(start_nginx(pod, write_nginx_site(lab.workdir, kind)))
     far_direct = lab.add_pod(node0, "cli-direct", args=OPT_OUT)
     far_mesh = lab.add_pod(node0, "cli-mesh")
+    far_opaque = lab.add_pod(node0, "cli-opaque", args=OPAQUE_HTTP)
     near_direct = lab.add_pod(node1, "cli-near-direct", args=OPT_OUT)
     near_mesh = lab.add_pod(node1, "cli-near-mesh")
     traffic.cases.extend([
@@ -548,6 +552,8 @@ def build_traffic_lab(lab: Lab, traffic: TrafficLab) -> None:
                     servers["direct"], "direct", False),
         TrafficCase("two_agents", "cross-node, agent0 outbound → agent1 inbound", far_mesh,
                     servers["mesh"], "direct", True),
+        TrafficCase("two_agents_opaque", "cross-node, both agents, port 80 opaque (TCP only)",
+                    far_opaque, servers["opaque"], "direct", True),
         TrafficCase("direct_same_node", "same node, direct (both pods opted out)", near_direct,
                     servers["direct"], "direct_same_node", False),
         TrafficCase("one_agent", "same node, agent1 outbound → agent1 inbound", near_mesh,

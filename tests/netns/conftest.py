@@ -31,7 +31,7 @@ def require_root() -> None:
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 from agent.lab.agents import REPO, LabAgent  # noqa: E402
@@ -79,6 +79,18 @@ class Mesh:
     def http(self, pod: Pod, url: str) -> str:
         result = pod.run(["curl", "-sS", "--max-time", "5", url], timeout=15)
         return str(result.stdout)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `check` until it holds or `timeout` passes (counters move just after a close)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
 
 
 def capture_rules(pod: Pod) -> list[str]:

@@ -6,26 +6,17 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import pytest
 
 from agent.lab.agents import Metrics
-from tests.netns.conftest import Mesh, capture_rules
+from tests.netns.conftest import Mesh, capture_rules, eventually
 
 pytestmark = pytest.mark.netns
 
 HTTP = "agent.lab.httpserver"
 TCP = "agent.lab.tcpserver"
 
-
-def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def _ip_rules(pod_netns: str) -> str:
@@ -51,7 +42,7 @@ def test_outbound_goes_through_the_agent_and_keeps_the_pods_source_ip(mesh: Mesh
     assert metrics.value("tcp_open_total", direction="outbound", pod="client") == 1
     assert metrics.value("tcp_read_bytes_total", direction="outbound", pod="client") > 0
     assert metrics.value("tcp_write_bytes_total", direction="outbound", pod="client") > 0
-    assert _eventually(lambda: mesh.agents[0].metrics().value(
+    assert eventually(lambda: mesh.agents[0].metrics().value(
         "tcp_close_total", pod="client", classification="success") == 1)
     assert mesh.agents[1].metrics().value("tcp_open_total") == 0  # legacy is not meshed
 
@@ -149,7 +140,7 @@ def test_half_close_is_forwarded(mesh: Mesh) -> None:
     result = client.run([sys.executable, "-c", script, server.ip])
 
     assert result.stdout.strip() == "got 100000 bytes"
-    assert _eventually(lambda: [agent.metrics().value("tcp_close_total", classification="success")
+    assert eventually(lambda: [agent.metrics().value("tcp_close_total", classification="success")
                                 for agent in mesh.agents] == [1, 1])
 
 
@@ -166,7 +157,7 @@ def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
               "    print('reset')\n")
 
     assert client.run([sys.executable, "-c", script, server.ip]).stdout.strip() == "reset"
-    assert _eventually(lambda: mesh.agents[0].metrics().value(
+    assert eventually(lambda: mesh.agents[0].metrics().value(
         "tcp_close_total", classification="failure") == 1)
 
 
@@ -180,7 +171,7 @@ def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
     assert time.monotonic() - started < 3
     metrics = mesh.agents[0].metrics()
     assert metrics.value("pinion_proxy_errors_total", reason="econnrefused") == 1
-    assert _eventually(lambda: mesh.agents[0].metrics().value(
+    assert eventually(lambda: mesh.agents[0].metrics().value(
         "tcp_close_total", classification="failure") == 1)
 
 

@@ -8,14 +8,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.lab.agents import REPO, Metrics
 from agent.lab.topology import Pod
-from tests.netns.conftest import Mesh
+from tests.netns.conftest import Mesh, eventually
 
 pytestmark = pytest.mark.netns
 
@@ -41,20 +40,12 @@ print(json.dumps(statuses))
 """
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
 
 def _wait_listening(pod: Pod, port: int, timeout: float = 10.0) -> None:
     def listening() -> bool:
         out = pod.run(["ss", "-Hltn", f"sport = :{port}"]).stdout
         return bool(out.strip())
-    assert _eventually(listening, timeout), f"nothing listens on {pod.name}:{port}"
+    assert eventually(listening, timeout), f"nothing listens on {pod.name}:{port}"
 
 
 def _get_many(client: Pod, server: Pod, paths: list[str], connections: int = 4,
@@ -87,7 +78,7 @@ def _assert_golden(mesh: Mesh, requests: int, responses: dict[tuple[str, str, st
     """Exact counts on both agents, once every response has been accounted."""
     def settled() -> bool:
         return all(_responses(m, d, p) == responses for m, d, p in _sides(mesh, client, server))
-    _eventually(settled)
+    eventually(settled)
     for metrics, direction, pod in _sides(mesh, client, server):
         labels = {"direction": direction, "pod": pod}
         assert metrics.value("request_total", **labels) == requests, direction
@@ -292,7 +283,7 @@ def _normal_traffic_is_exact(mesh: Mesh, client: Pod, web: Pod, rounds: int) -> 
 
 
 def _hostile_connections_are_tcp(mesh: Mesh, count: int) -> None:
-    assert _eventually(lambda: [
+    assert eventually(lambda: [
         mesh.agents[0].metrics().value("tcp_close_total", direction="outbound", pod="attacker"),
         mesh.agents[1].metrics().value("tcp_close_total", direction="inbound", pod="target"),
     ] == [count, count])
@@ -357,7 +348,7 @@ def test_a_client_that_stops_reading_a_large_response_is_not_buffered(mesh: Mesh
     assert rss_stalled - rss_before < RSS_HEADROOM
     _hostile_connections_are_tcp(mesh, 1)
     # The response never completed: one request, ended as a failure on both sides.
-    assert _eventually(lambda: all(m.value("request_total", direction=d, pod=p) == 1 and
+    assert eventually(lambda: all(m.value("request_total", direction=d, pod=p) == 1 and
                                    m.value("response_total", direction=d, pod=p,
                                            classification="failure") == 1
                                    for m, d, p in _sides(mesh, "attacker", "target")))

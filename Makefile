@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
-                nghttp2-client nghttp2-server prometheus
+                nghttp2-client nghttp2-server prometheus apache2-utils
 
 .PHONY: deps venv test unit netns demo bench bench-quick lint clean
 
@@ -38,8 +38,9 @@ test: deps venv lint
 demo: deps venv
 	$(PY) -m agent demo
 
-bench: deps venv  ## foundation benchmark (root, ~4 min): markdown on stdout, raw samples in JSON
+bench: deps venv  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
 	$(PY) bench/foundation.py --json bench-results.json | tee bench-results.md
+	$(PY) bench/newconn.py | tee -a bench-results.md
 
 bench-quick: deps venv  ## smoke run of the same (~1 min)
 	$(PY) bench/foundation.py --quick

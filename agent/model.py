@@ -31,8 +31,8 @@ class CaptureSettings:
     def from_cni_args(cls, args: dict[str, str], gateways: list[str]) -> CaptureSettings:
         """Read PINION_EXCLUDE_* CNI args; kubelet probes come from the pod's gateway (cni0)."""
         return cls(
-            exclude_outbound_ports=_ports(args.get("PINION_EXCLUDE_OUTBOUND_PORTS", "")),
-            exclude_inbound_ports=_ports(args.get("PINION_EXCLUDE_INBOUND_PORTS", "")),
+            exclude_outbound_ports=parse_ports(args.get("PINION_EXCLUDE_OUTBOUND_PORTS", "")),
+            exclude_inbound_ports=parse_ports(args.get("PINION_EXCLUDE_INBOUND_PORTS", "")),
             exclude_outbound_cidrs=_cidrs(args.get("PINION_EXCLUDE_OUTBOUND_CIDRS", "")),
             probe_sources=_ipv4_only(gateways),
         )
@@ -98,10 +98,6 @@ def _ipv4_only(addresses: list[str]) -> tuple[str, ...]:
 
 def parse_ports(text: str) -> tuple[int, ...]:
     """"80, 443,80" -> (80, 443); a port out of range is a ValueError."""
-    return _ports(text)
-
-
-def _ports(text: str) -> tuple[int, ...]:
     ports = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         port = int(part)

@@ -284,18 +284,13 @@ def _run_flow(flow: Flow, deadline: float) -> tuple[Counter[str], int]:
     return statuses, connections
 
 
+# curl inside a pod: silent, never through a proxy from the environment, bounded in time.
+_CURL = ("curl", "-s", "--noproxy", "*", "--max-time", str(REQUEST_SECONDS))
+
+
 def _curl_argv(ip: str, paths: Sequence[str]) -> list[str]:
     """One curl, one keep-alive connection, one `<status> <new connections>` line per request."""
-    argv = [
-        "curl",
-        "-s",
-        "--noproxy",
-        "*",
-        "--max-time",
-        str(REQUEST_SECONDS),
-        "-w",
-        "%{http_code} %{num_connects}\\n",
-    ]
+    argv = [*_CURL, "-w", "%{http_code} %{num_connects}\\n"]
     for path in paths:
         argv += ["-o", "/dev/null", f"http://{ip}:{HTTP_PORT}{path}"]
     return argv
@@ -319,15 +314,7 @@ def _check_source_ip(pods: dict[str, Pod], tally: Tally) -> None:
     """A non-meshed server must see a meshed client's own pod IP, not the node's or the proxy's."""
     client, server = pods["client-0"], pods["legacy"]
     completed = client.run(
-        [
-            "curl",
-            "-s",
-            "--noproxy",
-            "*",
-            "--max-time",
-            str(REQUEST_SECONDS),
-            f"http://{server.ip}:{HTTP_PORT}/whoami",
-        ],
+        [*_CURL, f"http://{server.ip}:{HTTP_PORT}/whoami"],
         check=False,
     )
     seen = completed.stdout.strip()

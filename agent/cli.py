@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)
+    _add_identity_parser(sub)
     _add_viz_parsers(sub)
     return parser
 
@@ -97,6 +98,19 @@ def _add_cni_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     uninstall = actions.add_parser("uninstall", help="remove exactly what `cni install` added")
     _add_cni_location_flags(uninstall)
     uninstall.set_defaults(run=_run_cni_uninstall)
+
+
+def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    identity = sub.add_parser("identity", help="the mesh's trust anchor and issuer (standalone mode)")
+    actions = identity.add_subparsers(metavar="ACTION")
+    init = actions.add_parser("init", help="write a new trust anchor + issuer into an identity dir "
+                                           "(for `pinion agent --identity-dir`)")
+    init.add_argument("--dir", type=Path, required=True, metavar="DIR", help="the identity dir")
+    init.add_argument("--trust-domain", default="cluster.local", metavar="TD",
+                      help="SPIFFE trust domain (default cluster.local)")
+    init.add_argument("--force", action="store_true",
+                      help="replace existing keys (every certificate issued so far stops verifying)")
+    init.set_defaults(run=_run_identity_init)
 
 
 def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -231,6 +245,22 @@ def _run_cni_uninstall(args: argparse.Namespace) -> int:
     outcome = cni_install.uninstall(layout, plugin)
     print(f"pinion cni uninstall: {outcome.message}", file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
+
+
+def _run_identity_init(args: argparse.Namespace) -> int:
+    from agent.controlplane.identity.files import init_identity_dir
+
+    try:
+        written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
+    except FileExistsError as exc:
+        print(f"pinion identity init: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"pinion identity init: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path} ({path.stat().st_mode & 0o777:04o})")
+    return 0
 
 
 def _setup_logging(level: str) -> None:

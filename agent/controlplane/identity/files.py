@@ -1,0 +1,135 @@
+"""The identity directory: a trust anchor, an issuer, the trust bundle and the trust domain.
+
+    trust-anchor.crt  trust-anchor.key   the root (keep its key offline once issuers exist)
+    issuer.crt        issuer.key         the intermediate that signs workload certificates
+    trust-bundle.crt                     every anchor the mesh trusts (several during rotation)
+    trust-domain                         one line, e.g. cluster.local
+
+`pinion identity init` writes it; an agent given `--identity-dir` reads it. Keys are 0600 in a
+0700 directory, each file written to a temporary name and renamed, so a reader never sees half.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.controlplane.identity.crypto import (
+    CryptoError,
+    cert_info,
+    generate_key,
+    issue_intermediate,
+    self_signed_ca,
+)
+from agent.controlplane.identity.spiffe import check_trust_domain
+
+TRUST_ANCHOR_CERT = "trust-anchor.crt"
+TRUST_ANCHOR_KEY = "trust-anchor.key"
+ISSUER_CERT = "issuer.crt"
+ISSUER_KEY = "issuer.key"
+TRUST_BUNDLE = "trust-bundle.crt"
+TRUST_DOMAIN = "trust-domain"
+
+YEAR = 365 * 86400.0
+# CA certificates start a little in the past so a node whose clock lags still accepts them.
+CA_BACKDATE = 300.0
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----\r?\n?", re.DOTALL)
+
+
+def init_identity_dir(path: Path, trust_domain: str = "cluster.local", anchor_lifetime: float = 10 * YEAR,
+                      issuer_lifetime: float = YEAR, *, force: bool = False,
+                      clock: Callable[[], float] = time.time) -> list[Path]:
+    """Create a trust anchor and an issuer under `path`; returns the files written, in order.
+
+    Refuses (FileExistsError) to replace existing keys unless `force`: every certificate in the
+    mesh chains to them.
+    """
+    check_trust_domain(trust_domain)
+    if not 0 < issuer_lifetime <= anchor_lifetime:
+        raise ValueError("the issuer must outlive zero seconds and not outlive the anchor")
+    existing = [name for name in (TRUST_ANCHOR_KEY, ISSUER_KEY) if (path / name).exists()]
+    if existing and not force:
+        raise FileExistsError(f"{path} already holds {', '.join(existing)}; use --force to replace them")
+    files = _new_authority(trust_domain, anchor_lifetime, issuer_lifetime, clock())
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for name, data, mode in files:
+        write_atomically(path / name, data, mode)
+    _fsync_directory(path)
+    return [path / name for name, _, _ in files]
+
+
+def _new_authority(trust_domain: str, anchor_lifetime: float, issuer_lifetime: float,
+                   now: float) -> list[tuple[str, bytes, int]]:
+    """(file name, contents, mode) for a fresh anchor + issuer, keys first."""
+    not_before = now - CA_BACKDATE
+    with generate_key() as anchor_key, generate_key() as issuer_key:
+        anchor = self_signed_ca(anchor_key, f"root.pinion.{trust_domain}", not_before, now + anchor_lifetime,
+                                trust_domain)
+        issuer = issue_intermediate(issuer_key, issuer_cert_pem=anchor, issuer_key=anchor_key,
+                                    common_name=f"identity.pinion.{trust_domain}", not_before=not_before,
+                                    not_after=now + issuer_lifetime, trust_domain=trust_domain)
+        return [
+            (TRUST_ANCHOR_KEY, anchor_key.private_pem(), 0o600),
+            (ISSUER_KEY, issuer_key.private_pem(), 0o600),
+            (TRUST_ANCHOR_CERT, anchor, 0o644),
+            (ISSUER_CERT, issuer, 0o644),
+            (TRUST_BUNDLE, anchor, 0o644),
+            (TRUST_DOMAIN, f"{trust_domain}\n".encode(), 0o644),
+        ]
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` via a temporary file and rename; the file has exactly `mode`."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a crash; O_EXCL below must not trip on it
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have taken bits away from (or, for 0644, kept) `mode`
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def split_pem_certificates(pem: bytes) -> list[bytes]:
+    """Each `CERTIFICATE` block of `pem`, in order, newline-terminated."""
+    return [block if block.endswith(b"\n") else block + b"\n" for block in _PEM_CERT.findall(pem)]
+
+
+def load_trust_bundle(path: Path) -> list[bytes]:
+    """The anchors the mesh trusts (PEM, one per element); `path` is the directory or the bundle file.
+
+    Every block must be a CA certificate; an empty bundle is an error (it would trust nothing).
+    """
+    bundle_file = path / TRUST_BUNDLE if path.is_dir() else path
+    certificates = split_pem_certificates(bundle_file.read_bytes())
+    if not certificates:
+        raise ValueError(f"{bundle_file} holds no PEM certificate")
+    for index, certificate in enumerate(certificates):
+        try:
+            is_ca = cert_info(certificate).is_ca
+        except CryptoError as exc:
+            raise ValueError(f"{bundle_file}: certificate {index + 1} does not parse: {exc}") from exc
+        if not is_ca:
+            raise ValueError(f"{bundle_file}: certificate {index + 1} is not a CA certificate")
+    return certificates
+
+
+def read_trust_domain(path: Path) -> str:
+    """The trust domain named in the directory's `trust-domain` file."""
+    return check_trust_domain((path / TRUST_DOMAIN).read_text().strip())

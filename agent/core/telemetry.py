@@ -22,12 +22,32 @@ _GRPC_STATUSES: Final = range(17)  # OK .. UNAUTHENTICATED; others are "other" (
 
 
 @dataclass(frozen=True, slots=True)
+class PeerLabels:
+    """Who is on the other end, when the mesh knows: the verified SPIFFE ID of the client
+    (inbound) or the server (outbound), and the destination pod (outbound). Empty = unknown;
+    empty labels are left out of the exposition."""
+
+    tls: str = "disabled"  # "true" over the mesh tunnel
+    client_id: str = ""
+    server_id: str = ""
+    dst_namespace: str = ""
+    dst_pod: str = ""
+
+
+PLAINTEXT: Final = PeerLabels()
+
+
+@dataclass(frozen=True, slots=True)
 class TcpLabels:
     direction: str  # "inbound" | "outbound"
     namespace: str
     pod: str
-    tls: str = "disabled"
+    peer_labels: PeerLabels = PLAINTEXT
     peer: str = "src"  # counts are of the pod-side connection, as Linkerd's peer="src"
+
+    @property
+    def tls(self) -> str:
+        return self.peer_labels.tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +55,11 @@ class HttpLabels:
     direction: str
     namespace: str
     pod: str
-    tls: str = "disabled"
+    peer_labels: PeerLabels = PLAINTEXT
+
+    @property
+    def tls(self) -> str:
+        return self.peer_labels.tls
 
 
 class HttpCounters:

@@ -4,6 +4,7 @@ own health. Per-pod series are rendered at scrape time from plain counters."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import (
@@ -14,10 +15,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.core.telemetry import LATENCY_BUCKETS_MS, HttpCounters, TcpLabels, Telemetry
+from agent.core.telemetry import LATENCY_BUCKETS_MS, HttpCounters, PeerLabels, TcpLabels, Telemetry
 
-_LABELS = ("direction", "namespace", "pod", "tls", "peer")
-_HTTP_LABELS = ("direction", "namespace", "pod", "tls")
 _BOUNDS = [*(str(b) for b in LATENCY_BUCKETS_MS), "+Inf"]
 
 
@@ -29,37 +28,41 @@ class TcpCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self._telemetry.expire()
-        opened = CounterMetricFamily("tcp_open", "Connections opened", labels=_LABELS)
-        current = GaugeMetricFamily("tcp_open_connections", "Connections open now", labels=_LABELS)
-        read = CounterMetricFamily("tcp_read_bytes", "Bytes read from the peer", labels=_LABELS)
-        wrote = CounterMetricFamily("tcp_write_bytes", "Bytes written to the peer", labels=_LABELS)
-        closed = CounterMetricFamily("tcp_close", "Connections closed",
-                                     labels=(*_LABELS, "classification"))
+        opened = CounterMetricFamily("tcp_open", "Connections opened")
+        current = GaugeMetricFamily("tcp_open_connections", "Connections open now")
+        read = CounterMetricFamily("tcp_read_bytes", "Bytes read from the peer")
+        wrote = CounterMetricFamily("tcp_write_bytes", "Bytes written to the peer")
+        closed = CounterMetricFamily("tcp_close", "Connections closed")
         for labels, counters in self._telemetry.series():
-            values = _values(labels)
-            opened.add_metric(values, counters.open_total)
-            current.add_metric(values, counters.open_connections)
-            read.add_metric(values, counters.read_bytes)
-            wrote.add_metric(values, counters.write_bytes)
-            closed.add_metric([*values, "success"], counters.close_success)
-            closed.add_metric([*values, "failure"], counters.close_failure)
+            values = tcp_label_values(labels)
+            opened.add_sample("tcp_open_total", values, counters.open_total)
+            current.add_sample("tcp_open_connections", values, counters.open_connections)
+            read.add_sample("tcp_read_bytes_total", values, counters.read_bytes)
+            wrote.add_sample("tcp_write_bytes_total", values, counters.write_bytes)
+            closed.add_sample("tcp_close_total", {**values, "classification": "success"},
+                              counters.close_success)
+            closed.add_sample("tcp_close_total", {**values, "classification": "failure"},
+                              counters.close_failure)
         yield from (opened, current, read, wrote, closed)
         yield from _http_families(self._telemetry)
 
 
 def _http_families(telemetry: Telemetry) -> Iterator[Metric]:
-    requests = CounterMetricFamily("request", "HTTP requests started", labels=_HTTP_LABELS)
-    responses = CounterMetricFamily("response", "HTTP responses (or failures) by outcome",
-                                    labels=(*_HTTP_LABELS, "classification", "status_code",
-                                            "grpc_status"))
+    requests = CounterMetricFamily("request", "HTTP requests started")
+    responses = CounterMetricFamily("response", "HTTP responses (or failures) by outcome")
     latency = HistogramMetricFamily("response_latency_ms", "Time from request start to "
-                                    "response headers, in milliseconds", labels=_HTTP_LABELS)
+                                    "response headers, in milliseconds")
     for labels, counters in telemetry.http_series():
-        values = [labels.direction, labels.namespace, labels.pod, labels.tls]
-        requests.add_metric(values, counters.requests)
+        values = _with_peer({"direction": labels.direction, "namespace": labels.namespace,
+                             "pod": labels.pod}, labels.peer_labels)
+        requests.add_sample("request_total", values, counters.requests)
         for (classification, status, grpc), count in sorted(counters.responses.items()):
-            responses.add_metric([*values, classification, status, grpc], count)
-        latency.add_metric(values, _cumulative(counters), counters.latency_sum)
+            responses.add_sample("response_total", {**values, "classification": classification,
+                                                    "status_code": status, "grpc_status": grpc}, count)
+        for bound, cumulative in _cumulative(counters):
+            latency.add_sample("response_latency_ms_bucket", {**values, "le": bound}, cumulative)
+        latency.add_sample("response_latency_ms_count", values, counters.latency_count)
+        latency.add_sample("response_latency_ms_sum", values, counters.latency_sum)
     yield from (requests, responses, latency)
 
 
@@ -71,8 +74,49 @@ def _cumulative(counters: HttpCounters) -> list[tuple[str, float]]:
     return buckets
 
 
-def _values(labels: TcpLabels) -> list[str]:
-    return [labels.direction, labels.namespace, labels.pod, labels.tls, labels.peer]
+def tcp_label_values(labels: TcpLabels) -> dict[str, str]:
+    return _with_peer({"direction": labels.direction, "namespace": labels.namespace,
+                       "pod": labels.pod, "peer": labels.peer}, labels.peer_labels)
+
+
+def _with_peer(values: dict[str, str], peer: PeerLabels) -> dict[str, str]:
+    """Add tls and whatever the mesh knows of the peer; unknown (empty) labels stay out."""
+    values["tls"] = peer.tls
+    for name in ("client_id", "server_id", "dst_namespace", "dst_pod"):
+        value = getattr(peer, name)
+        if value:
+            values[name] = value
+    return values
+
+
+class IdentitySource(Protocol):
+    issued: int
+    renewals: int
+    renewal_failures: int
+
+    def expiry(self) -> dict[str, float]: ...
+
+
+class IdentityCollector(Collector):
+    """Workload certificates: when each identity's certificate expires, issues and renewals."""
+
+    def __init__(self, identities: IdentitySource) -> None:
+        self._identities = identities
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily("pinion_identity_certificate_expiry_timestamp_seconds",
+                                   "When the current certificate of each local identity expires "
+                                   "(the earliest among its pods)", labels=("identity",))
+        for identity, not_after in sorted(self._identities.expiry().items()):
+            expiry.add_metric([identity], not_after)
+        issued = CounterMetricFamily("pinion_identity_certificates_issued",
+                                     "Workload certificates issued (first and renewed)")
+        issued.add_metric([], self._identities.issued)
+        renewals = CounterMetricFamily("pinion_identity_renewals", "Certificate renewals by result",
+                                       labels=("result",))
+        renewals.add_metric(["success"], self._identities.renewals)
+        renewals.add_metric(["failure"], self._identities.renewal_failures)
+        yield from (expiry, issued, renewals)
 
 
 class AgentMetrics:
@@ -85,6 +129,12 @@ class AgentMetrics:
                                     ("command", "result"), registry=registry)
         self.proxy_errors = Counter("pinion_proxy_errors", "Connections refused or failed "
                                     "before relaying", ("direction", "reason"), registry=registry)
+        self.tunnel_connections = Gauge("pinion_tunnel_connections", "mTLS mesh tunnel "
+                                        "connections open now (each carries many streams)",
+                                        ("direction",), registry=registry)
+        self.handshake_failures = Counter("pinion_tunnel_handshake_failures", "mTLS handshakes "
+                                          "(or identity checks) of the mesh tunnel that failed",
+                                          ("direction", "reason"), registry=registry)
 
 
 def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:

@@ -38,6 +38,41 @@ class CaptureSettings:
         )
 
 
+INBOUND_MODES = ("permissive", "mesh-only")
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPolicy:
+    """Who may reach a pod. `permissive`: plaintext through 15006 and any meshed client;
+    `mesh-only`: only mTLS through the tunnel. A non-empty `allowed_clients` (SPIFFE IDs)
+    further limits which meshed clients are let in."""
+
+    mode: str = "permissive"
+    allowed_clients: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in INBOUND_MODES:
+            raise ValueError(f"inbound policy must be one of {', '.join(INBOUND_MODES)}, "
+                             f"not {self.mode!r}")
+        for client in self.allowed_clients:
+            if not client.startswith("spiffe://"):
+                raise ValueError(f"allowed client {client!r} is not a spiffe:// ID")
+
+    @property
+    def plaintext_allowed(self) -> bool:
+        return self.mode == "permissive"
+
+    def admits(self, client_id: str) -> bool:
+        return not self.allowed_clients or client_id in self.allowed_clients
+
+    @classmethod
+    def from_cni_args(cls, args: dict[str, str]) -> InboundPolicy:
+        """PINION_INBOUND_POLICY and PINION_ALLOWED_CLIENTS (comma-separated SPIFFE IDs)."""
+        clients = (c.strip() for c in args.get("PINION_ALLOWED_CLIENTS", "").split(","))
+        return cls(args.get("PINION_INBOUND_POLICY") or "permissive",
+                   tuple(sorted(set(filter(None, clients)))))
+
+
 @dataclass(frozen=True, slots=True)
 class Pod:
     """A meshed pod on this node, as announced by the CNI plugin."""
@@ -51,6 +86,12 @@ class Pod:
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     # Ports relayed as opaque TCP, never parsed for HTTP (Linkerd's opaque-ports annotation).
     opaque_ports: tuple[int, ...] = ()
+    inbound: InboundPolicy = field(default_factory=InboundPolicy)
+
+    @property
+    def ipv4(self) -> str | None:
+        """The pod's IPv4 address (capture and the tunnel are IPv4 for now)."""
+        return next((ip for ip in self.ips if ipaddress.ip_address(ip).version == 4), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +103,8 @@ class Pod:
             "ips": list(self.ips),
             "serviceAccount": self.service_account,
             "opaquePorts": list(self.opaque_ports),
+            "inboundPolicy": self.inbound.mode,
+            "allowedClients": list(self.inbound.allowed_clients),
             "capture": {
                 "excludeOutboundPorts": list(self.capture.exclude_outbound_ports),
                 "excludeInboundPorts": list(self.capture.exclude_inbound_ports),
@@ -81,6 +124,8 @@ class Pod:
             ips=tuple(data["ips"]),
             service_account=data.get("serviceAccount", "default"),
             opaque_ports=tuple(data.get("opaquePorts", ())),
+            inbound=InboundPolicy(data.get("inboundPolicy", "permissive"),
+                                  tuple(data.get("allowedClients", ()))),
             capture=CaptureSettings(
                 exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
                 exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),

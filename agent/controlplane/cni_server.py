@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.dataplane.inpod import CaptureError, PodManager
-from agent.model import CaptureSettings, Pod, PodKey, parse_ports
+from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, parse_ports
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
     try:
         capture = CaptureSettings.from_cni_args(args, list(request.get("gateways") or []))
         opaque_ports = parse_ports(args.get("PINION_OPAQUE_PORTS", ""))
+        inbound = InboundPolicy.from_cni_args(args)
     except ValueError as exc:
         raise CaptureError(CNI_INVALID_ENV, f"bad PINION_* CNI arg: {exc}") from None
     return Pod(
@@ -69,6 +70,7 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
         service_account=args.get("PINION_SERVICE_ACCOUNT") or "default",
         capture=capture,
         opaque_ports=opaque_ports,
+        inbound=inbound,
     )
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from agent.model import CaptureSettings, Pod, PodKey
+from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey
 
 
 def settings(*gateways: str, **args: str) -> CaptureSettings:
@@ -68,6 +68,7 @@ WEB = Pod(
     netns_path="/var/run/netns/cni-1",
     ips=("10.42.0.5",),
     service_account="web",
+    inbound=InboundPolicy("mesh-only", ("spiffe://cluster.local/ns/shop/sa/front",)),
     capture=CaptureSettings(
         exclude_outbound_ports=(80, 443),
         exclude_inbound_ports=(22,),
@@ -93,6 +94,8 @@ def test_the_saved_pod_uses_the_cni_field_names() -> None:
         "ips": ["10.42.0.5"],
         "serviceAccount": "web",
         "opaquePorts": [],
+        "inboundPolicy": "mesh-only",
+        "allowedClients": ["spiffe://cluster.local/ns/shop/sa/front"],
         "capture": {
             "excludeOutboundPorts": [80, 443],
             "excludeInboundPorts": [22],
@@ -109,3 +112,18 @@ def test_a_pod_saved_without_optional_fields_reads_back_with_defaults() -> None:
     assert pod.service_account == "default"
     assert pod.capture == CaptureSettings()
     assert str(pod.key) == "shop/web"
+
+
+def test_inbound_policy_comes_from_cni_args_and_rejects_what_it_cannot_enforce() -> None:
+    policy = InboundPolicy.from_cni_args({
+        "PINION_INBOUND_POLICY": "mesh-only",
+        "PINION_ALLOWED_CLIENTS": "spiffe://cluster.local/ns/a/sa/x, spiffe://cluster.local/ns/a/sa/x,"})
+    assert policy == InboundPolicy("mesh-only", ("spiffe://cluster.local/ns/a/sa/x",))
+    assert not policy.plaintext_allowed
+    assert policy.admits("spiffe://cluster.local/ns/a/sa/x")
+    assert not policy.admits("spiffe://cluster.local/ns/a/sa/y")
+    assert InboundPolicy().plaintext_allowed and InboundPolicy().admits("spiffe://any/ns/a/sa/b")
+    with pytest.raises(ValueError, match="mesh-only"):
+        InboundPolicy.from_cni_args({"PINION_INBOUND_POLICY": "strict"})
+    with pytest.raises(ValueError, match="spiffe"):
+        InboundPolicy.from_cni_args({"PINION_ALLOWED_CLIENTS": "web"})

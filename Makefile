@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
-                nghttp2-client nghttp2-server prometheus apache2-utils
+                nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump
 
 .PHONY: deps venv test unit netns demo bench bench-quick lint clean
 

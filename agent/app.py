@@ -37,14 +37,12 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
                   config.write_buffer_high)
     store = PodStateStore(config.state_dir)
     store.prepare()
-    pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics)
+    identities = _identities(config, proxy, sockets, registry, metrics)
+    pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics, identities)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
                         lambda: _pods_view(pods))
     cni = CniServer(config.cni_socket, pods, metrics)
 
-    if config.identity_dir is not None:
-        log.info("identity: %s noted; this build has no mTLS tunnel yet, so port 15008 "
-                 "refuses connections and node-to-node traffic is plain TCP", config.identity_dir)
     await admin.start()
     await pods.adopt()
     await cni.start()
@@ -58,12 +56,15 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(_sweep_forever(config, pods))
+        sweeper = tasks.create_task(_sweep_forever(config, pods, proxy))
+        renewer = tasks.create_task(identities.run()) if identities is not None else None
         await stop.wait()
         log.info("draining: %s", "removing all capture rules" if cleanup else
                  "pods stay captured (fail closed) until the agent returns")
         admin.ready = False
         sweeper.cancel()
+        if renewer is not None:
+            renewer.cancel()
         await cni.close()
         await pods.shutdown(cleanup)
         await proxy.close()
@@ -71,10 +72,32 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     return 0
 
 
-async def _sweep_forever(config: Config, pods: PodManager) -> None:
+def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: Any,
+                metrics: Any) -> Any:
+    """With --identity-dir: per-pod certificates and the mTLS tunnel; else None (plain TCP)."""
+    if config.identity_dir is None:
+        log.info("identity: none configured (--identity-dir): port 15008 refuses connections "
+                 "and node-to-node traffic is plain TCP")
+        return None
+    from agent.controlplane.identity.setup import standalone_identities
+    from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
+    from agent.observability.metrics import IdentityCollector
+
+    identities = standalone_identities(config)
+    registry.register(IdentityCollector(identities))
+    settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
+                            networks=config.mesh_networks)
+    proxy.mesh = MeshClient(sockets, identities, metrics, settings)
+    proxy.acceptor = TunnelAcceptor(identities, metrics, settings, proxy)
+    return identities
+
+
+async def _sweep_forever(config: Config, pods: PodManager, proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(config.sweep_interval_seconds)
         try:
+            if proxy.mesh is not None:
+                proxy.mesh.reap_idle()
             await pods.sweep()
             await replay_pending(config.pending_dir, pods)
         except Exception:  # a sweep must never take the agent down; say why and go on

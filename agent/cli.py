@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from agent.controlplane.cni_install import HostLayout, InstallSettings
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
-                "redirect", "pending_dir", "log_level", "probe_sources")
+                "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
+                "certificate_lifetime", "mesh_networks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--admin-addr", help="IP:PORT of the admin endpoint (default 127.0.0.1:4191)")
     agent.add_argument("--cni-socket", help="Unix socket for pinion-cni (default /run/pinion/cni.sock)")
     agent.add_argument("--identity-dir",
-                       help="trust anchor + issuer for workload certificates (accepted; the "
-                            "mTLS tunnel that uses it is not in this build)")
+                       help="trust bundle + issuer (`pinion identity init`): this agent issues "
+                            "its pods' certificates and runs the mTLS mesh tunnel on 15008")
+    agent.add_argument("--tls-ciphers", metavar="chacha20|aes|SUITES",
+                       help="TLS 1.3 suite preference (default: by the CPU's AES instructions)")
+    agent.add_argument("--certificate-lifetime", metavar="SECONDS",
+                       help="workload certificate lifetime (default 86400; renewed at half-life)")
+    agent.add_argument("--mesh-networks", metavar="CIDR,CIDR",
+                       help="where meshed pods may be; only there is 15008 tried (default: "
+                            "RFC 1918 and 100.64.0.0/10)")
     agent.add_argument("--state-dir", help="where captured pods are remembered (default /var/lib/pinion)")
     agent.add_argument("--pending-dir",
                        help="where a fail-open plugin spools ADDs (default /run/pinion/pending)")

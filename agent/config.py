@@ -18,6 +18,11 @@ DEFAULT_PROXY_MARK = 0x50494E
 DEFAULT_REPLY_MARK = 0x50494F
 
 
+# Where meshed pods may be: the outbound side probes 15008 only there (RFC 1918 + CGNAT,
+# which covers k3s's 10.42.0.0/16); any other destination goes straight out as plain TCP.
+DEFAULT_MESH_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+
+
 @dataclass(frozen=True, slots=True)
 class Ports:
     """The ports the agent owns inside every meshed pod's netns (design.md)."""
@@ -46,6 +51,10 @@ class Config:
     write_buffer_high: int = 64 * 1024
     log_level: str = "info"
     probe_sources: tuple[str, ...] = ()  # beyond each pod's gateway (kubelet's usual source)
+    tls_ciphers: str | None = None  # None: ChaCha20 first without AES instructions, else AES-GCM
+    certificate_lifetime_seconds: float = 86400.0
+    tunnel_idle_seconds: float = 60.0
+    mesh_networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -80,6 +89,11 @@ class Config:
             sweep_interval_seconds=_number(get("sweep_interval_seconds", "10"), "sweep", float),
             log_level=get("log_level", "info") or "info",
             probe_sources=_addresses(get("probe_sources", "") or ""),
+            tls_ciphers=get("tls_ciphers"),
+            certificate_lifetime_seconds=_positive(get("certificate_lifetime", "86400"),
+                                                   "certificate lifetime"),
+            tunnel_idle_seconds=_number(get("tunnel_idle_seconds", "60"), "tunnel idle", float),
+            mesh_networks=_networks(get("mesh_networks", "") or "") or DEFAULT_MESH_NETWORKS,
         )
 
 
@@ -91,6 +105,21 @@ def _number(text: str | None, what: str, kind: type[T]) -> T:
     if value < 0:
         raise ValueError(f"{what} must not be negative, not {text}")
     return value
+
+
+def _positive(text: str | None, what: str) -> float:
+    value = _number(text, what, float)
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1 second, not {text}")
+    return value
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.IPv4Network(n.strip(), strict=False))
+                     for n in text.split(",") if n.strip())
+    except ValueError as exc:
+        raise ValueError(f"mesh networks: {exc}") from None
 
 
 def _addresses(text: str) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.config import Config
 from agent.controlplane.state import PodStateStore
@@ -21,6 +22,9 @@ from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.sockets import SocketFactory
 from agent.model import Pod
 from agent.observability.metrics import AgentMetrics
+
+if TYPE_CHECKING:
+    from agent.controlplane.identity.store import IdentityManager
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,10 @@ class CapturedPod:
 class PodManager:
     def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
                  backend: Backend, proxy: Proxy, store: PodStateStore,
-                 telemetry: Telemetry, metrics: AgentMetrics) -> None:
+                 telemetry: Telemetry, metrics: AgentMetrics,
+                 identities: IdentityManager | None = None) -> None:
         self._config = config
+        self._identities = identities
         self._switch = switch
         self._sockets = sockets
         self._backend = backend
@@ -144,9 +150,13 @@ class PodManager:
         ports = self._config.ports
         context = PodContext(pod.key.namespace, pod.key.name, netns,
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)),
-                             frozenset(pod.opaque_ports))
+                             frozenset(pod.opaque_ports), ip=pod.ipv4, inbound=pod.inbound,
+                             metadata={"namespace": pod.key.namespace, "pod": pod.key.name,
+                                       "service_account": pod.service_account,
+                                       "node": self._config.node_name})
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
+            context.identity = await self._certify(pod)
             await self._in_netns(netns, lambda: self._install(plan))
             await self._listen(captured)
             if not netns.still_at_path():
@@ -162,6 +172,20 @@ class PodManager:
             raise
         self._telemetry.pod_added(pod.key.namespace, pod.key.name)
         return captured
+
+    async def _certify(self, pod: Pod) -> str | None:
+        """The pod's own certificate (key in memory only); None without identities."""
+        if self._identities is None:
+            return None
+        from agent.controlplane.identity.spiffe import SpiffeId
+
+        identity = SpiffeId(self._identities.trust_domain, pod.key.namespace, pod.service_account)
+        try:
+            await self._identities.ensure(str(pod.key), identity)
+        except Exception as exc:  # the signer's failure: the pod must not start unmeshed
+            raise CaptureError(CNI_TRY_AGAIN_LATER, f"pod {pod.key}: no certificate for "
+                               f"{identity}: {exc}") from exc
+        return str(pod.key)
 
     def _install(self, plan: Plan) -> None:
         """In the pod netns: never mix backends; then replace our rules atomically."""
@@ -182,7 +206,7 @@ class PodManager:
         ports, netns, context = self._config.ports, captured.netns, captured.context
         wanted = (("127.0.0.1", ports.outbound, self._proxy.protocol_factory(context, "outbound")),
                   ("0.0.0.0", ports.inbound, self._proxy.protocol_factory(context, "inbound")),
-                  ("0.0.0.0", ports.tunnel, self._proxy.tunnel_factory(context)))
+                  ("0.0.0.0", ports.tunnel, None))
         for host, port, factory in wanted:
             try:
                 sock = self._sockets.listener(netns, host, port)
@@ -190,7 +214,10 @@ class PodManager:
                 hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
                 raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
                                    f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
-            captured.servers.append(await loop.create_server(factory, sock=sock))
+            if factory is None:
+                captured.servers.append(await self._proxy.serve_tunnel(context, sock))
+            else:
+                captured.servers.append(await loop.create_server(factory, sock=sock))
 
     async def _release(self, captured: CapturedPod, remove_rules: bool = True,
                        forget: bool = True) -> None:
@@ -198,6 +225,10 @@ class PodManager:
             server.close()
         for relay in list(captured.context.relays):
             relay.abort()
+        for session in list(captured.context.tunnels):
+            session.close()
+        if self._identities is not None and captured.context.identity is not None:
+            self._identities.forget(captured.context.identity)
         if remove_rules and captured.netns.still_at_path():
             try:
                 await self._in_netns(captured.netns, lambda: self._uninstall(captured.plan))

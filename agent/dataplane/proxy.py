@@ -14,14 +14,27 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
-from agent.core.telemetry import ConnectionRecord, HttpCounters, HttpLabels, TcpLabels, Telemetry
+from agent.core.telemetry import (
+    PLAINTEXT,
+    ConnectionRecord,
+    HttpCounters,
+    HttpLabels,
+    PeerLabels,
+    TcpLabels,
+    Telemetry,
+)
 from agent.dataplane.netns import NetNs
 from agent.dataplane.sockets import SocketFactory, arm_reset, original_destination
+from agent.model import InboundPolicy
 from agent.observability.metrics import AgentMetrics
+
+if TYPE_CHECKING:
+    from agent.dataplane.mesh import MeshClient, TunnelAcceptor
+    from agent.dataplane.tunnel import TunnelSession
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +48,12 @@ class PodContext:
     netns: NetNs
     own_ports: frozenset[int]
     opaque_ports: frozenset[int] = frozenset()
+    ip: str | None = None
+    identity: str | None = None  # the key of its certificate; None: not in the mesh tunnel
+    inbound: InboundPolicy = field(default_factory=InboundPolicy)
+    metadata: dict[str, str] = field(default_factory=dict)  # sent with each tunnel stream
     relays: set[Relay] = field(default_factory=set)
+    tunnels: set[TunnelSession] = field(default_factory=set)
 
 
 class _Side(asyncio.Protocol):
@@ -87,11 +105,15 @@ class Relay:
         self.buffer_high = proxy.buffer_high
         self.client = _Side(self, is_client=True)
         self.upstream = _Side(self, is_client=False)
-        self.record: ConnectionRecord | None = None
+        self.record: ConnectionRecord | None = None  # opened once the path is chosen
+        self.peer_labels: PeerLabels = PLAINTEXT
         self.connecting: asyncio.Task[None] | None = None
         self.early: list[bytes] = []  # client bytes that beat the upstream connect
         self.failed = False
         self.destination: tuple[str, int] | None = None
+        self.source: tuple[str, int] | None = None  # inbound: the client the app should see
+        self.early_read = 0  # client bytes read before the connection's labels were known
+        self.early_at = 0.0
         self.started = time.monotonic()
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
@@ -113,15 +135,31 @@ class Relay:
             if self.client.eof:
                 self.half_closed(self.client)
 
+    def open_record(self, telemetry: Telemetry, peer: PeerLabels) -> None:
+        pod = self.pod
+        self.peer_labels = peer
+        record = self.record = telemetry.open(TcpLabels(self.direction, pod.namespace, pod.name, peer))
+        if self.early_read:
+            record.read(self.early_read)
+            for data in self.early:
+                observer = self.observer
+                if observer is None:
+                    break
+                self.account(observer.client_bytes(data, self.early_at), observer)
+
     def forward(self, side: _Side, data: bytes) -> None:
-        assert self.record is not None
-        observer = self.observer
+        record, observer = self.record, self.observer
         if side is self.client:
-            self.record.read(len(data))
-            if observer is not None:
-                self.account(observer.client_bytes(data, time.monotonic()), observer)
+            if record is None:  # uvloop's early read: counted once the labels are known
+                self.early_read += len(data)
+                self.early_at = self.early_at or time.monotonic()
+            else:
+                record.read(len(data))
+                if observer is not None:
+                    self.account(observer.client_bytes(data, time.monotonic()), observer)
         else:
-            self.record.wrote(len(data))
+            if record is not None:
+                record.wrote(len(data))
             if observer is not None:
                 self.account(observer.server_bytes(data, time.monotonic()), observer)
         target = self.other(side).transport
@@ -186,7 +224,10 @@ class Relay:
 
     def finish(self) -> None:
         """Exactly once per connection: the close is counted and, at debug level, logged."""
-        if self.record is not None and self.record.close(self.failed):
+        if self.record is None:  # ended before its path was chosen
+            self.open_record(self.proxy.telemetry, self.peer_labels)
+        assert self.record is not None
+        if self.record.close(self.failed):
             self.pod.relays.discard(self)
             observer = self.observer
             if observer is not None:
@@ -198,15 +239,19 @@ class Relay:
 
 
 class Proxy:
-    """Accepts on in-pod listeners and connects upstream from the same pod's netns."""
+    """Accepts on in-pod listeners and connects upstream from the same pod's netns; with a
+    mesh, outbound connections to meshed pods become streams of a tunnel session, and the
+    streams arriving on a pod's 15008 become inbound connections to the pod."""
 
     def __init__(self, sockets: SocketFactory, telemetry: Telemetry, metrics: AgentMetrics,
                  connect_timeout: float, buffer_high: int) -> None:
         self._sockets = sockets
-        self._telemetry = telemetry
+        self.telemetry = telemetry
         self._metrics = metrics
         self._connect_timeout = connect_timeout
         self.buffer_high = buffer_high
+        self.mesh: MeshClient | None = None
+        self.acceptor: TunnelAcceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def protocol_factory(self, pod: PodContext, direction: str) -> Callable[[], _Side]:
@@ -215,9 +260,11 @@ class Proxy:
 
         return make
 
-    def tunnel_factory(self, pod: PodContext) -> Callable[[], asyncio.Protocol]:
-        """15008 is reserved in every pod for the mTLS mesh tunnel. Until identities are
-        configured on this agent, a tunnel connection is refused with RST and counted."""
+    async def serve_tunnel(self, pod: PodContext, sock: socket.socket) -> Any:
+        """15008: the mTLS mesh tunnel. A pod without a certificate (no identity configured
+        on this agent) refuses tunnel connections with RST, counted."""
+        if self.acceptor is not None and pod.identity is not None:
+            return self.acceptor.serve(pod, sock)
         metrics = self._metrics
 
         class Refuse(asyncio.Protocol):
@@ -228,17 +275,32 @@ class Proxy:
                     arm_reset(sock)
                 cast(asyncio.Transport, transport).abort()
 
-        return Refuse
+        return await asyncio.get_running_loop().create_server(Refuse, sock=sock)
+
+    def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
+                 metadata: dict[str, str]) -> None:
+        """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
+        if port in pod.own_ports or pod.ip is None:
+            self._metrics.proxy_errors.labels("inbound", "loop").inc()
+            session.refuse(stream_id, 8)  # CONNECT_ERROR
+            return
+        relay = Relay(self, pod, "inbound")
+        relay.destination = (pod.ip, port)
+        relay.source = session.peername  # the client pod's own IP, as the app should see it
+        relay.peer_labels = session.labels
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tunnel stream %d from %s (%s) to %s/%s:%d", stream_id, session.peer_id,
+                      metadata.get("pod", "?"), pod.namespace, pod.name, port)
+        session.attach(stream_id, relay.client)
 
     def http_counters(self, relay: Relay) -> HttpCounters:
         """The first request of a connection: find its pod's HTTP series."""
         pod = relay.pod
-        return self._telemetry.http(HttpLabels(relay.direction, pod.namespace, pod.name))
+        return self.telemetry.http(HttpLabels(relay.direction, pod.namespace, pod.name,
+                                              relay.peer_labels))
 
     def accepted(self, relay: Relay) -> None:
-        pod = relay.pod
-        relay.record = self._telemetry.open(TcpLabels(relay.direction, pod.namespace, pod.name))
-        pod.relays.add(relay)
+        relay.pod.relays.add(relay)
         task = asyncio.get_running_loop().create_task(self._connect(relay))
         relay.connecting = task
         self._tasks.add(task)
@@ -247,16 +309,59 @@ class Proxy:
     async def _connect(self, relay: Relay) -> None:
         client = relay.client.transport
         assert client is not None
-        destination = relay.destination = self._destination(relay, client.get_extra_info("socket"))
-        if destination is None:
-            relay.abort()
-            return
+        destination = relay.destination
+        if destination is None:  # captured by a rule: where was it going?
+            destination = relay.destination = self._destination(relay, client.get_extra_info("socket"))
+            if destination is None:
+                return
+            if relay.direction == "inbound":
+                if not relay.pod.inbound.plaintext_allowed:
+                    self._refuse(relay, "policy_plaintext", "plaintext refused: the pod's inbound "
+                                 "policy is mesh-only")
+                    return
+                relay.source = client.get_extra_info("peername")
         if destination[1] in relay.pod.opaque_ports:
             relay.observer = None  # declared opaque: relay bytes, parse nothing
-        # Inbound, the app sees the real client (as with Istio ambient), not the proxy.
-        source = client.get_extra_info("peername") if relay.direction == "inbound" else None
+        if relay.direction == "outbound" and self.mesh is not None:
+            try:
+                if await self._through_tunnel(relay, destination):
+                    return
+            except asyncio.CancelledError:
+                relay.abort()
+                return
+        relay.open_record(self.telemetry, relay.peer_labels)
+        await self._connect_upstream(relay, destination)
+
+    async def _through_tunnel(self, relay: Relay, destination: tuple[str, int]) -> bool:
+        """Open a tunnel stream for an outbound connection; False: the destination is not
+        meshed (plain TCP). A meshed destination that fails is refused, never downgraded."""
+        from agent.dataplane.mesh import TunnelError
+
+        assert self.mesh is not None
         try:
-            sock = self._upstream_socket(relay.pod, source)
+            session = await self.mesh.session_for(relay.pod, destination[0])
+        except TunnelError as exc:
+            self._refuse(relay, exc.reason, str(exc))
+            return True
+        finally:
+            relay.connecting = None
+        if session is None:
+            return False
+        client = relay.client.transport
+        if client is None or client.is_closing():
+            relay.finish()
+            return True
+        relay.open_record(self.telemetry, session.labels)
+        session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
+        if not relay.upstream.write_blocked:
+            client.resume_reading()
+        return True
+
+    async def _connect_upstream(self, relay: Relay, destination: tuple[str, int]) -> None:
+        client = relay.client.transport
+        assert client is not None
+        try:
+            sock = self._upstream_socket(relay.pod, relay.source)
         except OSError as exc:
             self._refuse(relay, "socket", f"cannot create upstream socket: {exc}")
             return
@@ -305,6 +410,10 @@ class Proxy:
         relay.abort()
 
     async def close(self) -> None:
+        if self.mesh is not None:
+            self.mesh.close_all()
+        if self.acceptor is not None:
+            await self.acceptor.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

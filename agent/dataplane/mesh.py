@@ -1,0 +1,355 @@
+"""Where the mesh tunnel meets pods: the client pool that carries a pod's outbound streams
+to meshed destinations, and the 15008 acceptor in every meshed pod.
+
+Client side: one TLS connection per (source pod, destination pod IP), made from the source
+pod's netns with its own certificate, shared by every stream between the two (up to the
+stream limit, then a second one), closed after sitting idle. Whether a destination is
+meshed is learnt by trying its 15008 once: refused = not meshed, remembered for a while,
+and its traffic goes as plain TCP. A destination seen meshed is never downgraded to
+plaintext while that is remembered. Server side: the TLS handshake requires a client
+certificate from the trust bundle and the trust domain; the pod's policy may limit the
+client identities; each stream becomes an inbound relay to the pod's own port."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.config import DEFAULT_MESH_NETWORKS
+from agent.core.telemetry import PeerLabels
+from agent.dataplane.sockets import SocketFactory, arm_reset
+from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
+
+if TYPE_CHECKING:
+    from agent.dataplane.proxy import PodContext
+    from agent.observability.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Identities(Protocol):
+    """What the tunnel needs of the identity manager."""
+
+    @property
+    def trust_domain(self) -> str: ...
+
+    def server_context(self, pod_key: str) -> ssl.SSLContext: ...
+    def client_context(self, pod_key: str) -> ssl.SSLContext: ...
+
+
+class TunnelError(Exception):
+    """This connection cannot go through the mesh (and must not go in plaintext)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    port: int = 15008
+    dial_timeout: float = 1.0  # connect to 15008: a meshed pod answers at once
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0  # close a client connection with no stream this long
+    not_meshed_ttl: float = 60.0  # remember "refused" this long
+    meshed_ttl: float = 600.0  # and "meshed" this long (no downgrade meanwhile)
+    networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS  # others are never probed
+    max_streams: int = 256
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Find a dead peer (a half-open tunnel) within ~90 s instead of hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+class MeshClient:
+    """Outbound: a pooled, verified tunnel session for (source pod, destination IP)."""
+
+    def __init__(self, sockets: SocketFactory, identities: Identities, metrics: AgentMetrics,
+                 settings: MeshSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sockets = sockets
+        self._identities = identities
+        self._metrics = metrics
+        self._settings = settings
+        self._clock = clock
+        self._networks = tuple(ipaddress.IPv4Network(n) for n in settings.networks)
+        self._sessions: dict[tuple[str, str], list[TunnelSession]] = {}
+        self._dialing: dict[tuple[str, str], asyncio.Task[TunnelSession | None]] = {}
+        self._not_meshed: dict[str, float] = {}
+        self._meshed: dict[str, float] = {}
+
+    async def session_for(self, pod: PodContext, destination: str) -> TunnelSession | None:
+        """A session to `destination`'s 15008, or None: not meshed, go in plaintext."""
+        if pod.identity is None or not self._may_be_meshed(destination):
+            return None
+        key = (pod.identity, destination)
+        for session in self._sessions.get(key, ()):
+            if session.available:
+                return session
+        dialing = self._dialing.get(key)
+        if dialing is None:  # its own task: a client that gives up does not cancel it
+            dialing = self._dialing[key] = asyncio.get_running_loop().create_task(
+                self._dial(pod, destination))
+            dialing.add_done_callback(lambda task: self._dialed(key, task))
+        return await asyncio.shield(dialing)
+
+    def _dialed(self, key: tuple[str, str], task: asyncio.Task[TunnelSession | None]) -> None:
+        if self._dialing.get(key) is task:
+            del self._dialing[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here: the waiters, if any, got it too
+
+    def _may_be_meshed(self, destination: str) -> bool:
+        until = self._not_meshed.get(destination)
+        if until is not None:
+            if until > self._clock():
+                return False
+            del self._not_meshed[destination]
+        address = ipaddress.IPv4Address(destination)
+        return any(address in network for network in self._networks)
+
+    async def _dial(self, pod: PodContext, destination: str) -> TunnelSession | None:
+        settings, loop = self._settings, asyncio.get_running_loop()
+        try:
+            sock = self._sockets.upstream(pod.netns)
+        except OSError as exc:
+            raise TunnelError("socket", f"cannot create tunnel socket: {exc}") from None
+        try:
+            set_keepalive(sock)
+            await asyncio.wait_for(loop.sock_connect(sock, (destination, settings.port)),
+                                   settings.dial_timeout)
+        except ConnectionRefusedError:
+            sock.close()
+            self._refused(destination)
+            return None
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
+            raise TunnelError(f"tunnel_{reason}",
+                              f"mesh tunnel to {destination}:{settings.port}: {exc or 'timeout'}") from None
+        except BaseException:
+            sock.close()
+            raise
+        session = await self._handshake(pod, destination, sock)
+        self._meshed[destination] = self._clock() + settings.meshed_ttl
+        self._sessions.setdefault((pod.identity or "", destination), []).append(session)
+        pod.tunnels.add(session)
+        return session
+
+    def _refused(self, destination: str) -> None:
+        if self._meshed.get(destination, 0.0) > self._clock():
+            raise TunnelError("tunnel_refused", f"{destination} was meshed and now refuses "
+                              f"port {self._settings.port}: not falling back to plaintext")
+        self._not_meshed[destination] = self._clock() + self._settings.not_meshed_ttl
+        log.debug("%s refuses the mesh tunnel: not meshed, plain TCP for %.0f s",
+                  destination, self._settings.not_meshed_ttl)
+
+    async def _handshake(self, pod: PodContext, destination: str, sock: socket.socket) -> TunnelSession:
+        loop, settings = asyncio.get_running_loop(), self._settings
+        key = (pod.identity or "", destination)
+
+        def closed(session: TunnelSession) -> None:
+            sessions = self._sessions.get(key)
+            if sessions is not None and session in sessions:
+                sessions.remove(session)
+                if not sessions:
+                    del self._sessions[key]
+            pod.tunnels.discard(session)
+            self._metrics.tunnel_connections.labels("outbound").dec()
+
+        try:
+            context = self._identities.client_context(pod.identity or "")
+            transport, session = await loop.create_connection(
+                lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams),
+                sock=sock, ssl=context, server_hostname="",
+                ssl_handshake_timeout=settings.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
+            sock.close()
+            reason = handshake_failure_reason(exc)
+            self._metrics.handshake_failures.labels("outbound", reason).inc()
+            raise TunnelError(f"tunnel_{reason}", f"mesh tunnel to {destination}: TLS "
+                              f"handshake failed ({reason}): {exc}") from None
+        self._metrics.tunnel_connections.labels("outbound").inc()
+        try:
+            server_id = verify_identity(transport, self._identities.trust_domain)
+        except IdentityRejected as exc:
+            self._metrics.handshake_failures.labels("outbound", exc.reason).inc()
+            session.close()
+            raise TunnelError(f"tunnel_{exc.reason}", f"mesh tunnel to {destination}: {exc}") from None
+        session.peer_id = server_id
+        namespace = server_id.split("/ns/", 1)[1].split("/", 1)[0] if "/ns/" in server_id else ""
+        session.labels = PeerLabels(tls="true", server_id=server_id, dst_namespace=namespace)
+        return session
+
+    def reap_idle(self) -> int:
+        """Close client sessions without a stream for longer than the idle timeout."""
+        now = asyncio.get_running_loop().time()
+        idle = [s for sessions in self._sessions.values() for s in sessions
+                if not s.streams and now - s.idle_since > self._settings.idle_timeout]
+        for session in idle:
+            session.close()
+        cutoff = self._clock()
+        for cache in (self._not_meshed, self._meshed):
+            for destination in [d for d, until in cache.items() if until <= cutoff]:
+                del cache[destination]
+        return len(idle)
+
+    def close_all(self) -> None:
+        for task in list(self._dialing.values()):
+            task.cancel()
+        for sessions in list(self._sessions.values()):
+            for session in list(sessions):
+                session.close()
+
+
+class IdentityRejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def verify_identity(transport: asyncio.BaseTransport, trust_domain: str,
+                    allowed: tuple[str, ...] = ()) -> str:
+    """The peer's SPIFFE ID, checked against the trust domain and `allowed` (if any)."""
+    from agent.controlplane.identity.tls import IdentityError, verify_peer
+
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        identity = verify_peer(ssl_object, trust_domain)
+    except IdentityError as exc:
+        raise IdentityRejected(exc.reason, str(exc)) from None
+    text = str(identity)
+    if allowed and text not in allowed:
+        raise IdentityRejected("not_allowed", f"{text} is not in the pod's allowed clients")
+    return text
+
+
+class InboundStreams(Protocol):
+    """The proxy, as the acceptor sees it: turns an accepted stream into a relay."""
+
+    def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
+                 metadata: dict[str, str]) -> None: ...
+
+
+class TunnelAcceptor:
+    """Port 15008 in every meshed pod: TLS first, then the pod's policy, then streams.
+
+    The listener is served by our own accept loop, not `create_server`: each accepted socket
+    gets the pod's *current* server context (certificates are renewed), and a failed
+    handshake is counted by reason instead of only being logged by the event loop."""
+
+    def __init__(self, identities: Identities, metrics: AgentMetrics, settings: MeshSettings,
+                 streams: InboundStreams) -> None:
+        self._identities = identities
+        self._metrics = metrics
+        self._settings = settings
+        self._streams = streams
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def serve(self, pod: PodContext, listener: socket.socket) -> TunnelListener:
+        server = TunnelListener(listener)
+        server.task = self._spawn(self._accept_forever(pod, server))
+        return server
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _accept_forever(self, pod: PodContext, server: TunnelListener) -> None:
+        loop = asyncio.get_running_loop()
+        while server.is_serving():
+            try:
+                sock, _ = await loop.sock_accept(server.sockets[0])
+            except OSError as exc:
+                if not server.is_serving():
+                    return
+                log.warning("pod %s/%s: accepting on 15008: %s", pod.namespace, pod.name, exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
+                continue
+            server.connections.add(self._spawn(self._handshake(pod, sock)))
+
+    async def _handshake(self, pod: PodContext, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        peer = sock.getpeername()
+        try:
+            sock.setblocking(False)
+            set_keepalive(sock)
+            context = self._identities.server_context(pod.identity or "")
+            await loop.connect_accepted_socket(
+                lambda: self._session(pod), sock, ssl=context,
+                ssl_handshake_timeout=self._settings.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
+            reason = handshake_failure_reason(exc)
+            self._refused(pod, peer, reason, f"TLS handshake failed: {exc}")
+            arm_reset(sock)
+            sock.close()
+
+    def _session(self, pod: PodContext) -> TunnelSession:
+        def on_stream(session: TunnelSession, stream_id: int, port: int, metadata: dict[str, str]) -> None:
+            self._streams.tunneled(pod, session, stream_id, port, metadata)
+
+        def admit(session: TunnelSession, transport: asyncio.BaseTransport) -> bool:
+            try:
+                client_id = verify_identity(transport, self._identities.trust_domain,
+                                            pod.inbound.allowed_clients)
+            except IdentityRejected as exc:
+                self._refused(pod, session.peername, exc.reason, str(exc))
+                return False
+            session.peer_id = client_id
+            session.labels = PeerLabels(tls="true", client_id=client_id)
+            pod.tunnels.add(session)
+            self._metrics.tunnel_connections.labels("inbound").inc()
+            return True
+
+        def closed(session: TunnelSession) -> None:
+            if session in pod.tunnels:
+                pod.tunnels.discard(session)
+                self._metrics.tunnel_connections.labels("inbound").dec()
+
+        return TunnelSession("server", on_stream=on_stream, on_closed=closed, admit=admit,
+                             max_streams=self._settings.max_streams)
+
+    def _refused(self, pod: PodContext, peer: object, reason: str, detail: str) -> None:
+        self._metrics.handshake_failures.labels("inbound", reason).inc()
+        log.info("mesh tunnel into %s/%s from %s refused: %s", pod.namespace, pod.name, peer, detail)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class TunnelListener:
+    """A pod's 15008 listener, with the parts of asyncio.Server the pod manager uses."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sockets = [sock]
+        self.task: asyncio.Task[None] | None = None
+        self.connections: set[asyncio.Task[None]] = set()
+        self._serving = True
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        for task in [self.task, *self.connections]:
+            if task is not None:
+                task.cancel()
+        self.sockets[0].close()

@@ -1,0 +1,408 @@
+"""The mesh tunnel's I/O shell: mutual-TLS connections between agents on port 15008, each
+driving one sans-IO `agent.core.tunnel.Connection`, with every stream on them presented to
+the relay as an asyncio transport. The relay cannot tell a stream from a socket.
+
+- `TunnelSession`: one TLS connection (client or server role). It feeds the bytes it reads
+  to the Connection, turns events into calls on its streams, and writes what the
+  Connection queues. Losing the TLS connection resets every stream on it.
+- `StreamTransport`: one stream. Writes go out as DATA within the peer's window (the rest
+  waits for WindowOpened, and the relay is told to pause); received bytes are acknowledged
+  only while the relay reads, so a slow reader stalls its own stream, never its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+from agent.core import tunnel as core
+from agent.core.telemetry import PeerLabels
+from agent.core.tunnel_frames import DEFAULT_WINDOW, describe_code
+
+log = logging.getLogger(__name__)
+
+
+class StreamTransport:
+    """One tunnel stream, with the parts of asyncio.Transport the relay uses."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.protocol = protocol
+        self._high = 64 * 1024
+        self._pending: list[bytes] = []  # written, waiting for the peer's window
+        self._pending_size = 0
+        self._eof_wanted = False  # write_eof called while bytes were pending
+        self._eof_sent = False
+        self._closing = False
+        self._lost = False
+        self._paused = False  # the relay paused reading: hold bytes, hold credit
+        self._held: list[bytes] = []
+        self._held_eof = False
+        self._write_paused = False
+        self.accepted = session.is_client  # a server stream is accepted when the relay reads
+
+    # ---------------------------------------------------------------- transport API
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self.session.peername
+        return default  # no "socket": a stream has none to reset by SO_LINGER
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = high if high is not None else self._high
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.is_closing() or not data:
+            return
+        self._ensure_accepted()
+        if self._pending:
+            self._hold_output(data)
+            return
+        connection = self.session.connection
+        try:
+            sent = connection.send_data(self.stream_id, data)
+        except core.LocalProtocolError:
+            return  # the stream was reset meanwhile; connection_lost is on its way
+        if sent < len(data):
+            self._hold_output(data[sent:])
+        self.session.flush()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def write_eof(self) -> None:
+        if self.is_closing() or self._eof_sent:
+            return
+        self._ensure_accepted()
+        if self._pending:
+            self._eof_wanted = True
+            return
+        self._send_fin()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._ensure_accepted()
+        if not self._paused:
+            return
+        self._paused = False
+        held = self._held
+        while held and not self._paused:
+            self.data_received(held.pop(0))
+        if self._held_eof and not self._paused:
+            self._held_eof = False
+            self.eof_received()
+        self.session.flush()  # the credit for what was just delivered
+
+    def close(self) -> None:
+        """Graceful: our FIN once pending bytes are out; the stream ends with the peer's."""
+        if self._closing or self._lost:
+            return
+        self.write_eof()
+        self._closing = True
+        if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
+            self._lose(None)
+
+    def abort(self) -> None:
+        """Reset the stream (RST); CONNECT_ERROR when a server stream was never accepted."""
+        if self._lost:
+            return
+        code = core.ErrorCode.CANCEL if self.accepted else core.ErrorCode.CONNECT_ERROR
+        connection = self.session.connection
+        if not connection.terminated:
+            connection.reset_stream(self.stream_id, code)
+            self.session.flush()
+        self._closing = True
+        asyncio.get_running_loop().call_soon(self._lose, None)
+
+    # ---------------------------------------------------------------- from the session
+
+    def data_received(self, data: bytes) -> None:
+        if self._lost:
+            return
+        if self._paused:
+            self._held.append(data)
+            return
+        if not self._closing:
+            self.protocol.data_received(data)
+        self.session.connection.acknowledge(self.stream_id, len(data))
+
+    def eof_received(self) -> None:
+        if self._paused:
+            self._held_eof = True
+            return
+        if not self._closing:
+            self.protocol.eof_received()
+        if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
+            self._lose(None)
+
+    def window_opened(self) -> None:
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        connection = self.session.connection
+        for index, data in enumerate(pending):
+            sent = connection.send_data(self.stream_id, data)
+            if sent < len(data):
+                rest = [data[sent:], *pending[index + 1:]]
+                self._pending, self._pending_size = rest, sum(map(len, rest))
+                break
+        self.session.flush()
+        if self._pending:
+            return
+        if self._eof_wanted:
+            self._send_fin()
+        if self._write_paused and not self.session.write_paused:
+            self._write_paused = False
+            self.protocol.resume_writing()
+
+    def pause_writing(self) -> None:
+        if not self._write_paused:
+            self._write_paused = True
+            self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._write_paused and self._pending_size <= self._high:
+            self._write_paused = False
+            self.protocol.resume_writing()
+
+    def reset_by_peer(self, error_code: int) -> None:
+        self._lose(ConnectionResetError(f"stream reset by peer ({describe_code(error_code)})"))
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._held.clear()
+        self._pending.clear()
+        self.session.forget(self.stream_id)
+        self.protocol.connection_lost(exc)
+
+    # ---------------------------------------------------------------- internals
+
+    def _hold_output(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._high:
+            self.pause_writing()
+
+    def _send_fin(self) -> None:
+        self._eof_wanted = False
+        self._eof_sent = True
+        try:
+            self.session.connection.end_stream(self.stream_id)
+        except core.LocalProtocolError:
+            return
+        self.session.flush()
+        if self._closing and \
+                self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
+            self._lose(None)
+
+    def _ensure_accepted(self) -> None:
+        if not self.accepted:
+            self.accepted = True
+            self.session.connection.accept_stream(self.stream_id)
+            self.session.flush()
+
+
+StreamOpenedHandler = Callable[["TunnelSession", int, int, dict[str, str]], None]
+
+
+class TunnelSession(asyncio.Protocol):
+    """One TLS connection between two agents and the streams multiplexed on it."""
+
+    def __init__(self, role: core.Role, on_stream: StreamOpenedHandler | None = None,
+                 on_closed: Callable[[TunnelSession], None] | None = None,
+                 admit: Callable[[TunnelSession, asyncio.BaseTransport], bool] | None = None,
+                 initial_window: int = DEFAULT_WINDOW, max_streams: int = 256) -> None:
+        self.connection = core.Connection(role, initial_window, max_streams)
+        self.is_client = role == "client"
+        self.transport: asyncio.Transport | None = None
+        self.peername: tuple[str, int] | None = None
+        self.peer_id = ""  # the verified SPIFFE ID, once the handshake is checked
+        self.labels = PeerLabels()
+        self.streams: dict[int, StreamTransport] = {}
+        self.write_paused = False
+        self.idle_since: float = 0.0
+        self._on_stream = on_stream
+        self._on_closed = on_closed
+        self._admit = admit
+        self._closed = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peername = transport.get_extra_info("peername")
+        self.idle_since = asyncio.get_running_loop().time()
+        if self._admit is not None and not self._admit(self, transport):
+            self._closed = True  # identity refused: not a word, not a stream
+            self.transport.abort()
+            return
+        self.flush()  # our preface
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        for event in self.connection.receive_data(data):
+            self._dispatch(event)
+        self.flush()
+        if self.connection.terminated:
+            self._shutdown(ConnectionResetError(self._why()))
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close, and reset whatever streams remain
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in list(self.streams.values()):
+            stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shutdown(exc or ConnectionResetError("mesh tunnel connection closed"))
+
+    # ----------------------------------------------------------------- streams
+
+    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: dict[str, str]) -> None:
+        """Client: a new stream to `port` for `protocol` (its connection_made is called)."""
+        stream_id = self.connection.open_stream(port, metadata)
+        self.attach(stream_id, protocol)
+        self.flush()
+
+    def attach(self, stream_id: int, protocol: asyncio.Protocol) -> StreamTransport:
+        stream = self.streams[stream_id] = StreamTransport(self, stream_id, protocol)
+        protocol.connection_made(cast(asyncio.Transport, stream))
+        if self.write_paused:
+            stream.pause_writing()
+        return stream
+
+    def refuse(self, stream_id: int, error_code: int = core.ErrorCode.REFUSED_STREAM) -> None:
+        self.connection.reset_stream(stream_id, error_code)
+        self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        if not self.streams:
+            self.idle_since = asyncio.get_running_loop().time()
+            if self.connection.finished and not self._closed:
+                self.close()
+
+    @property
+    def available(self) -> bool:
+        """Can take a new stream now."""
+        connection = self.connection
+        return (not self._closed and not connection.going_away
+                and connection.stream_count < connection.max_streams)
+
+    def flush(self) -> None:
+        data = self.connection.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self, error_code: int = core.ErrorCode.NO_ERROR) -> None:
+        """GOAWAY, then close the TLS connection (streams still open are reset)."""
+        if self._closed:
+            return
+        if not self.connection.terminated:
+            self.connection.goaway(error_code)
+            self.flush()
+        self._shutdown(ConnectionResetError("mesh tunnel connection closed by this agent"))
+
+    # ---------------------------------------------------------------- internals
+
+    def _dispatch(self, event: core.Event) -> None:
+        if isinstance(event, core.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.data_received(event.data)
+            else:  # nobody reads it: give the credit back rather than stall the peer
+                self.connection.acknowledge(event.stream_id, len(event.data))
+        elif isinstance(event, core.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.eof_received()
+        elif isinstance(event, core.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.reset_by_peer(event.error_code)
+        elif isinstance(event, core.WindowOpened):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.window_opened()
+        elif isinstance(event, core.StreamOpened):
+            if self._on_stream is None:
+                self.refuse(event.stream_id)
+            else:
+                self._on_stream(self, event.stream_id, event.port, dict(event.metadata))
+        elif isinstance(event, core.ConnectionTerminated):
+            if event.error_code != core.ErrorCode.NO_ERROR or not event.by_peer:
+                log.info("mesh tunnel with %s: %s", self.peername, event.reason)
+            elif not self.streams:
+                self.close()  # the peer is going away and nothing is left to finish
+
+    def _why(self) -> str:
+        error = self.connection.error
+        return f"mesh tunnel protocol error: {error}" if error else "mesh tunnel ended by the peer"
+
+    def _shutdown(self, exc: Exception) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+        for stream in list(self.streams.values()):
+            stream._lose(exc)
+        self.streams.clear()
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+
+# ------------------------------------------------------------------- handshake errors
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A short, bounded label for why a TLS handshake failed (a metrics label)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+            return "expired"
+        if code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+            return "not_yet_valid"
+        if code in (2, 18, 19, 20, 21):  # no issuer / self-signed: another trust anchor
+            return "unknown_ca"
+        return "bad_certificate"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        for marker, label in (("EXPIRED", "expired"), ("UNKNOWN_CA", "unknown_ca"),
+                              ("DID_NOT_RETURN_A_CERTIFICATE", "no_certificate"),
+                              ("CERTIFICATE_REQUIRED", "no_certificate"),
+                              ("BAD_CERTIFICATE", "bad_certificate"),
+                              ("PROTOCOL_VERSION", "protocol_version"),
+                              ("NO_SHARED_CIPHER", "no_shared_cipher"),
+                              ("HTTP_REQUEST", "not_tls"), ("WRONG_VERSION_NUMBER", "not_tls"),
+                              ("UNSUPPORTED_PROTOCOL", "protocol_version"),
+                              ("PACKET_LENGTH_TOO_LONG", "not_tls"),
+                              ("RECORD_LAYER_FAILURE", "not_tls")):
+            if marker in reason:
+                return label
+        return "tls_error"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "eof"
+    return "error"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from agent.lab.agents import REPO, LabAgent, Metrics
+from agent.lab.capture import UNDERLAY_INTERFACE, UnderlayCapture
 from agent.lab.topology import Lab, LabError, Pod
 from agent.viz.stats import histogram_quantile
 
@@ -72,6 +73,7 @@ class Flow:
     target: Pod
     paths: tuple[str, ...]
     connections: int
+    header: str = ""  # sent with every request (meshed flows carry the secret to look for)
 
 
 @dataclass
@@ -126,7 +128,13 @@ def run_demo(redirect: str = "nftables", requests: int = 200) -> int:
 
 def _show(lab: Lab, agents: dict[int, LabAgent], redirect: str, requests: int) -> int:
     pods = _build(lab, agents, redirect)
-    tally = _drive(pods, requests)
+    secret = f"x-demo-secret: {secrets.token_hex(8)}"
+    capture = UnderlayCapture(lab.nodes[1], lab.workdir / "underlay.pcap")
+    try:
+        tally = _drive(pods, requests, secret)
+    finally:
+        wire = capture.stop()
+    _check_wire(capture, wire, secret)
     _check_source_ip(pods, tally)
     metrics = {node.name: agents[node.index].metrics() for node in lab.nodes}
     meshed = set().union(*(_meshed_pods(agent) for agent in agents.values()))
@@ -173,8 +181,15 @@ def _shielded() -> contextlib.AbstractContextManager[None]:
 
 
 def _build(lab: Lab, agents: dict[int, LabAgent], redirect: str) -> dict[str, Pod]:
+    from agent.controlplane.identity.files import init_identity_dir
+
+    identity = lab.workdir / "identity"
+    init_identity_dir(identity, trust_domain="cluster.local")
+    say(f"identity: trust anchor + issuer for spiffe://cluster.local in {identity} "
+        "(pinion identity init)")
     for node in lab.nodes:
-        agent = agents[node.index] = LabAgent(lab, node, redirect=redirect).start()
+        agent = agents[node.index] = LabAgent(lab, node, redirect=redirect,
+                                              extra_args=["--identity-dir", str(identity)]).start()
         say(f"{node.name}: agent ready at {agent.admin[0]}:{agent.admin[1]} ({redirect} capture)")
     say("CNI chain on each node: bridge → host-local → pinion-cni (tells the agent)")
     pods: dict[str, Pod] = {}
@@ -224,12 +239,12 @@ def _serve_http(pod: Pod) -> None:
 # ---------------------------------------------------------------- traffic
 
 
-def _drive(pods: dict[str, Pod], requests: int) -> Tally:
+def _drive(pods: dict[str, Pod], requests: int, secret: str) -> Tally:
     """Run every flow, bounded by request count and by TRAFFIC_SECONDS overall."""
     say("HTTP traffic (curl inside the pods, keep-alive):")
     deadline = time.monotonic() + TRAFFIC_SECONDS
     tally = Tally()
-    for flow in _flows(pods, requests):
+    for flow in _flows(pods, requests, secret):
         statuses, connections = _run_flow(flow, deadline)
         _report_flow(flow, statuses, connections)
         tally.statuses.update(statuses)
@@ -242,12 +257,13 @@ def _drive(pods: dict[str, Pod], requests: int) -> Tally:
     return tally
 
 
-def _flows(pods: dict[str, Pod], requests: int) -> list[Flow]:
+def _flows(pods: dict[str, Pod], requests: int, secret: str) -> list[Flow]:
     failing = max(1, requests // FAILING_EVERY)
     paths = ("/",) * (requests - failing) + ("/status/500",) * failing
     side = ("/",) * SIDE_REQUESTS
     connections = min(CONNECTIONS_PER_FLOW, requests)
-    flows = [Flow(pods[client], pods[web], paths, connections) for client in CLIENTS for web in WEBS]
+    flows = [Flow(pods[client], pods[web], paths, connections, secret)
+             for client in CLIENTS for web in WEBS]
     flows += [Flow(pods[client], pods["legacy"], side, 1) for client in CLIENTS]
     flows += [Flow(pods["legacy"], pods[web], side, 1) for web in WEBS]
     return flows
@@ -258,7 +274,8 @@ def _run_flow(flow: Flow, deadline: float) -> tuple[Counter[str], int]:
     chunks = [flow.paths[index :: flow.connections] for index in range(flow.connections)]
     processes = [
         flow.source.spawn(
-            _curl_argv(flow.target.ip, chunk), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            _curl_argv(flow.target.ip, chunk, flow.header), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
         )
         for chunk in chunks
     ]
@@ -288,9 +305,9 @@ def _run_flow(flow: Flow, deadline: float) -> tuple[Counter[str], int]:
 _CURL = ("curl", "-s", "--noproxy", "*", "--max-time", str(REQUEST_SECONDS))
 
 
-def _curl_argv(ip: str, paths: Sequence[str]) -> list[str]:
+def _curl_argv(ip: str, paths: Sequence[str], header: str = "") -> list[str]:
     """One curl, one keep-alive connection, one `<status> <new connections>` line per request."""
-    argv = [*_CURL, "-w", "%{http_code} %{num_connects}\\n"]
+    argv = [*_CURL, "-w", "%{http_code} %{num_connects}\\n", *(("-H", header) if header else ())]
     for path in paths:
         argv += ["-o", "/dev/null", f"http://{ip}:{HTTP_PORT}{path}"]
     return argv
@@ -308,6 +325,22 @@ def _route(flow: Flow) -> str:
 
 def _statuses(statuses: Counter[str]) -> str:
     return ", ".join(f"{count} × {status}" for status, count in sorted(statuses.items()))
+
+
+def _check_wire(capture: UnderlayCapture, wire: bytes, secret: str) -> None:
+    """What crossed between the nodes: meshed pods' bytes only as TLS on 15008."""
+    tunnel = capture.count("tcp port 15008")
+    plain = capture.count(f"tcp port {HTTP_PORT}")
+    if tunnel == 0:
+        raise DemoError("no packet of the mesh tunnel (15008) crossed between the nodes")
+    if secret.encode() in wire:
+        raise DemoError("a meshed pod's request header crossed the underlay in plaintext")
+    if b"\x16\x03\x01" not in wire:
+        raise DemoError("no TLS handshake seen on the underlay")
+    say(f"between the nodes (tcpdump on node1/{UNDERLAY_INTERFACE}): {tunnel} packets of the mTLS "
+        "tunnel (15008),")
+    print(f"  {plain} of plain HTTP with the non-meshed legacy pod. The header every meshed")
+    print(f"  request carried ('{secret.split(':')[0]}: …') appears 0 times: TLS on the wire.")
 
 
 def _check_source_ip(pods: dict[str, Pod], tally: Tally) -> None:
@@ -437,11 +470,8 @@ def _conclude(metrics: dict[str, Metrics]) -> None:
     print("  node's agent; legacy stayed outside it; client-0 kept its source IP.")
     say("shown: per-pod golden metrics (success rate, latency) from the relayed bytes;")
     print("  `pinion stat pods -A --agent <node>:4191` shows them live, like linkerd viz.")
-    if tls == ["disabled"]:
-        say('not shown yet: TLS. Every series says tls="disabled": node-to-node bytes were')
-        print("  plain TCP; mTLS between nodes arrives with the identity work (issue 3).")
-    else:
-        say(f"tls labels on the agents' series: {', '.join(tls)}")
+    say(f"tls labels on the agents' series: {', '.join(tls)}")
+    print('  (tls="true": through the mTLS tunnel, labelled with client_id / server_id)')
 
 
 # ---------------------------------------------------------------- teardown

@@ -19,6 +19,7 @@ from agent.controlplane.identity.crypto import generate_key, make_csr
 from agent.controlplane.identity.files import TRUST_BUNDLE, init_identity_dir
 from agent.controlplane.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO, LabAgent
+from agent.lab.capture import UnderlayCapture
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import Mesh, eventually
 
@@ -66,35 +67,12 @@ def curl(pod: Pod, url: str, *extra: str, check: bool = True) -> subprocess.Comp
     return pod.run(["curl", "-sS", "--max-time", "5", *extra, url], timeout=15, check=check)
 
 
-class Capture:
-    """tcpdump on a node's underlay interface (ul0), written to a pcap file."""
-
-    def __init__(self, mesh: Mesh, node: int, path: Path) -> None:
-        self.path = path
-        self.process = mesh.lab.nodes[node].spawn(
-            ["tcpdump", "-Z", "root", "--immediate-mode", "-i", "ul0", "-U", "-w", str(path), "tcp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert self.process.stderr is not None
-        line = self.process.stderr.readline()  # "listening on ul0 ..." once it captures
-        assert "listening" in line, line
-
-    def stop(self) -> bytes:
-        self.process.terminate()
-        self.process.wait(10)
-        return self.path.read_bytes()
-
-    def count(self, expression: str) -> int:
-        result = subprocess.run(["tcpdump", "-nn", "-r", str(self.path), expression],
-                                capture_output=True, text=True, check=True)
-        return len(result.stdout.splitlines())
-
-
 def test_node_to_node_bytes_are_tls_and_the_server_sees_the_client_pods_ip(
         tls_mesh: Mesh, tmp_path: Path) -> None:
     client, server = tls_mesh.pod(0, "client"), tls_mesh.pod(1, "server")
     tls_mesh.serve(server, HTTP_SERVER, "--port", "8080")
     marker = "pinion-secret-marker-4f1d"
-    capture = Capture(tls_mesh, 1, tmp_path / "underlay.pcap")
+    capture = UnderlayCapture(tls_mesh.lab.nodes[1], tmp_path / "underlay.pcap")
 
     seen_as = curl(client, f"http://{server.ip}:8080/whoami?{marker}")
     body = curl(client, f"http://{server.ip}:8080/{marker}", "-H", f"X-Marker: {marker}")

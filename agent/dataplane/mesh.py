@@ -91,12 +91,14 @@ class MeshClient:
 
     async def session_for(self, pod: PodContext, destination: str) -> TunnelSession | None:
         """A session to `destination`'s 15008, or None: not meshed, go in plaintext."""
-        if pod.identity is None or not self._may_be_meshed(destination):
+        if pod.identity is None:
             return None
         key = (pod.identity, destination)
-        for session in self._sessions.get(key, ()):
+        for session in self._sessions.get(key, ()):  # the common case: one is open already
             if session.available:
                 return session
+        if not self._may_be_meshed(destination):
+            return None
         dialing = self._dialing.get(key)
         if dialing is None:  # its own task: a client that gives up does not cancel it
             dialing = self._dialing[key] = asyncio.get_running_loop().create_task(

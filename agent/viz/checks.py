@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from agent.viz.render import CHECK, CROSS, section
 from agent.viz.scrape import AgentError, Reply, get, parse_metrics, parse_pods
+from agent.viz.stats import Sample
 
 CLOCK_SKEW_LIMIT = 60.0   # seconds an agent's process may seem to have started in the future
 CNI_BRIDGE = "/usr/lib/cni/bridge"
@@ -87,17 +88,40 @@ def _body(replies: AgentReplies, path: str) -> tuple[bytes | None, str | None]:
     return reply.body, None
 
 
-def _metrics_check(replies: AgentReplies) -> tuple[CheckResult, dict[str, float]]:
+def _metrics_check(replies: AgentReplies) -> tuple[CheckResult, Sequence[Sample]]:
     title, hint = "metrics parse", "GET /metrics must serve Prometheus text format"
     body, problem = _body(replies, "/metrics")
     if body is None:
-        return CheckResult(title, False, (str(problem),), hint), {}
+        return CheckResult(title, False, (str(problem),), hint), ()
     try:
         samples = parse_metrics(body.decode("utf-8", "replace"))
     except ValueError as exc:
-        return CheckResult(title, False, (str(exc),), hint), {}
-    unlabelled = {s.name: s.value for s in samples if not s.labels}
-    return CheckResult(title, True), unlabelled
+        return CheckResult(title, False, (str(exc),), hint), ()
+    return CheckResult(title, True), samples
+
+
+EXPIRY = "pinion_identity_certificate_expiry_timestamp_seconds"
+RENEWAL_MARGIN = 300.0  # a certificate this close to its end should have been renewed long ago
+
+
+def certificates_check(samples: Sequence[Sample], now: float) -> CheckResult | None:
+    """Every workload certificate the agent holds is valid for a while yet (None: it holds
+    none: no --identity-dir, or no meshed pod)."""
+    title = "workload certificates are valid"
+    expiries = {s.labels.get("identity", "?"): s.value for s in samples if s.name == EXPIRY}
+    if not expiries:
+        return None
+    failures = sum(s.value for s in samples if s.name == "pinion_identity_renewals_total"
+                   and s.labels.get("result") == "failure")
+    bad = [f"{identity} {'expired' if when <= now else 'expires'} "
+           f"{abs(when - now):.0f}s {'ago' if when <= now else 'from now'}"
+           for identity, when in sorted(expiries.items()) if when - now < RENEWAL_MARGIN]
+    detail = [f"{len(expiries)} identities, soonest expiry in "
+              f"{(min(expiries.values()) - now) / 3600:.1f} h"]
+    if failures:
+        detail.append(f"{failures:.0f} renewal failures so far")
+    return CheckResult(title, not bad, tuple(bad or detail),
+                       "renewals are failing: is the issuer reachable and valid? see the agent log")
 
 
 def _pods_check(replies: AgentReplies) -> CheckResult:
@@ -138,13 +162,15 @@ def agent_results(replies: AgentReplies, now: float) -> list[CheckResult]:
         return [CheckResult("agent is reachable", False, (replies.unreachable,),
                             f"is `pinion agent --admin-addr {replies.agent}` running and "
                             "reachable from here?")]
-    metrics, unlabelled = _metrics_check(replies)
+    metrics, samples = _metrics_check(replies)
+    unlabelled = {s.name: s.value for s in samples if not s.labels}
     return [CheckResult("agent is reachable", True),
             _status_check(replies, "/live", "the admin endpoint answers but is not live"),
             _status_check(replies, "/ready", "the agent answers 503 until it serves; see its log"),
             metrics,
             _pods_check(replies),
-            clock_check(unlabelled if metrics.ok else None, now)]
+            clock_check(unlabelled if metrics.ok else None, now),
+            *filter(None, [certificates_check(samples, now)])]
 
 
 # --- this host (--pre) ----------------------------------------------------------------------

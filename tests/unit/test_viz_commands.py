@@ -309,3 +309,20 @@ def test_agent_flag_must_be_host_port(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["check", "--agent", "localhost"])
     assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_check_judges_workload_certificates_by_their_expiry() -> None:
+    from agent.viz.checks import EXPIRY, certificates_check
+    from agent.viz.stats import Sample
+
+    now = 1_000_000.0
+    fresh = Sample(EXPIRY, {"identity": "spiffe://cluster.local/ns/a/sa/web"}, now + 12 * 3600)
+    stale = Sample(EXPIRY, {"identity": "spiffe://cluster.local/ns/a/sa/db"}, now - 30)
+    failing = Sample("pinion_identity_renewals_total", {"result": "failure"}, 3)
+
+    healthy = certificates_check([fresh], now)
+    assert healthy is not None and healthy.ok and healthy.detail == ("1 identities, soonest expiry in 12.0 h",)
+    broken = certificates_check([fresh, stale, failing], now)
+    assert broken is not None and not broken.ok
+    assert broken.detail == ("spiffe://cluster.local/ns/a/sa/db expired 30s ago",)
+    assert certificates_check([], now) is None  # an agent without identities: nothing to judge

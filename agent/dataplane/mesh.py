@@ -288,6 +288,7 @@ class TunnelAcceptor:
         peer = sock.getpeername()
         try:
             sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
             set_keepalive(sock)
             context = self._identities.server_context(pod.identity or "")
             await loop.connect_accepted_socket(

@@ -139,7 +139,8 @@ def render(saturated: list, paced: list, new_conns: dict[str, list[tuple[float, 
     full = med(handshakes)
     rows.append(f"| full mTLS handshakes/s (`openssl s_time -new`, P-256 both ends) | {full:,.0f} | – | "
                 f"mesh new conns = **{conns['mtls'] / full:.1f}×** this |")
-    rows.append(f"| agent RSS at the end (node0 / node1) | – | {rss.get(0, 0):.1f} / {rss.get(1, 0):.1f} MiB | |")
+    rows.append(f"| agent RSS at the end (node0 / node1) | – | "
+                f"{rss.get(0, 0):.1f} / {rss.get(1, 0):.1f} MiB | |")
     return "\n".join(rows) + "\n"
 
 
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         init_identity_dir(identity_dir)
         try:
             for node in lab.nodes:
-                agents[node.index] = LabAgent(lab, node, extra_args=["--identity-dir", str(identity_dir)]).start()
+                agents[node.index] = LabAgent(
+                    lab, node, extra_args=["--identity-dir", str(identity_dir)]).start()
             table = measure(lab, agents, identity_dir, settings)
         finally:
             for agent in agents.values():

@@ -321,7 +321,8 @@ def test_check_judges_workload_certificates_by_their_expiry() -> None:
     failing = Sample("pinion_identity_renewals_total", {"result": "failure"}, 3)
 
     healthy = certificates_check([fresh], now)
-    assert healthy is not None and healthy.ok and healthy.detail == ("1 identities, soonest expiry in 12.0 h",)
+    assert healthy is not None and healthy.ok
+    assert healthy.detail == ("1 identities, soonest expiry in 12.0 h",)
     broken = certificates_check([fresh, stale, failing], now)
     assert broken is not None and not broken.ok
     assert broken.detail == ("spiffe://cluster.local/ns/a/sa/db expired 30s ago",)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.controlplane.state import PodStateStore
-from agent.core.telemetry import Telemetry
+from agent.core.telemetry import TcpLabels, Telemetry
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.proxy import PodContext, Proxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
@@ -67,6 +67,9 @@ class PodManager:
         self._metrics = metrics
         self._pods: dict[str, CapturedPod] = {}
         self._lock = asyncio.Lock()  # one pod change at a time; each takes milliseconds
+        self._kernel_seen: dict[str, tuple[int, int, int, int]] = {}  # container id -> counts
+        if self._cgroups is not None:
+            telemetry.on_scrape(self._count_in_kernel)
 
     @property
     def backend_name(self) -> str:
@@ -79,7 +82,7 @@ class PodManager:
         async with self._lock:
             current = self._pods.get(pod.container_id)
             if current is not None and current.netns.still_at_path():
-                await self._in_netns(current.netns, lambda: self._install(current.plan, pod))
+                await self._in_netns(current.netns, lambda: self._install(current.plan, current.pod))
                 return  # a repeated ADD: rules re-asserted, listeners already up
             for stale in [c for c in self._pods.values() if c.pod.key == pod.key]:
                 await self._release(stale)  # an older sandbox of the same pod
@@ -144,6 +147,27 @@ class PodManager:
         if self._cgroups is None:
             return {}
         return {"programs": self._cgroups.programs(captured.pod)}
+
+    def _count_in_kernel(self) -> None:
+        """Fold the eBPF programs' counts of connections the proxy does not terminate
+        (excluded ports and CIDRs) into the pods' outbound TCP series, as deltas."""
+        assert self._cgroups is not None
+        try:
+            stats = self._cgroups.stats()
+        except OSError as exc:
+            log.warning("reading in-kernel TCP counts: %s", exc)
+            return
+        for container_id, now in stats.items():
+            captured = self._pods.get(container_id)
+            if captured is None:
+                continue
+            counts = (now.opened, now.closed, now.read_bytes, now.write_bytes)
+            before = self._kernel_seen.get(container_id, (0, 0, 0, 0))
+            self._kernel_seen[container_id] = counts
+            if counts != before:
+                labels = TcpLabels("outbound", captured.pod.key.namespace, captured.pod.key.name)
+                self._telemetry.counted_elsewhere(labels, *(a - b for a, b in zip(counts, before,
+                                                                                 strict=True)))
 
     async def _capture(self, pod: Pod) -> CapturedPod:
         try:
@@ -254,6 +278,7 @@ class PodManager:
         if self._pods.get(captured.pod.container_id) is captured:
             del self._pods[captured.pod.container_id]
             self._metrics.meshed_pods.set(len(self._pods))
+        self._kernel_seen.pop(captured.pod.container_id, None)
         if forget:
             self._store.delete(captured.pod.container_id)
         self._telemetry.pod_removed(captured.pod.key.namespace, captured.pod.key.name)

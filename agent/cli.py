@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     rules.set_defaults(run=_run_rules)
 
     demo = sub.add_parser("demo", help="build a throwaway two-node lab and show the mesh at work")
-    demo.add_argument("--redirect", choices=("iptables", "nftables"), default="nftables")
+    demo.add_argument("--redirect", choices=("iptables", "nftables", "ebpf"), default="nftables")
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)

@@ -69,9 +69,12 @@ class Mesh:
         plugin = str(config.pop("_path"))
         if prev_result is not None:
             config["prevResult"] = prev_result
+        cni_args = f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}"
+        if pod.cgroup_path is not None:  # as the lab's runtime passes it
+            cni_args += f";PINION_CGROUP={pod.cgroup_path}"
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": pod.container_id,
                "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-               "CNI_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
+               "CNI_ARGS": cni_args,
                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         return subprocess.run(["/usr/bin/python3", plugin], input=json.dumps(config), env=env,
                               capture_output=True, text=True, timeout=30)

@@ -22,7 +22,7 @@ ATTACH_TYPES = {
 }
 BPF_F_ALLOW_MULTI = 1 << 1
 BPF_ANY, BPF_NOEXIST = 0, 1
-_LOG_SIZE = 1 << 20
+_LOG_SIZE = 1 << 18
 _INFO_SIZE = 80  # struct bpf_prog_info up to and including name[16]
 
 
@@ -100,24 +100,41 @@ def _check(result: int, what: str) -> int:
 def load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
                  programs: tuple[str, ...]) -> None:
     """Load the object with its maps pinned at pin_dir/<map> (reused if already pinned),
-    then pin each program at pin_dir/<program>. The pins keep everything alive."""
+    then pin each program at pin_dir/<program>. The pins keep everything alive.
+
+    A failed load is repeated with a log buffer, for the verifier's words: a successful
+    one then costs no buffer (glibc keeps freed megabytes in the heap: RSS)."""
+    try:
+        _load_and_pin(object_path, pin_dir, maps, programs, None)
+    except BpfError as first:
+        if first.errno not in (errno.EACCES, errno.EINVAL):
+            raise
+        log = ctypes.create_string_buffer(_LOG_SIZE)
+        try:
+            _load_and_pin(object_path, pin_dir, maps, programs, log)
+        except BpfError as second:
+            raise BpfError(second.errno or first.errno, second.what,
+                           _tail(log.value)) from None
+        raise  # the second load worked: report the first failure anyway
+
+
+def _load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
+                  programs: tuple[str, ...], log: ctypes.Array[ctypes.c_char] | None) -> None:
     bpf = lib()
     obj = bpf.bpf_object__open_file(str(object_path).encode(), None)
     if not obj:
         raise BpfError(ctypes.get_errno() or errno.ENOENT, f"opening {object_path}")
-    logs: dict[str, ctypes.Array[ctypes.c_char]] = {}
     try:
         for name in maps:
             handle = _find(bpf.bpf_object__find_map_by_name, obj, name, object_path)
             _check(bpf.bpf_map__set_pin_path(handle, str(pin_dir / name).encode()), f"map {name}")
         for name in programs:
             handle = _find(bpf.bpf_object__find_program_by_name, obj, name, object_path)
-            logs[name] = ctypes.create_string_buffer(_LOG_SIZE)
-            bpf.bpf_program__set_log_buf(handle, logs[name], _LOG_SIZE)
+            if log is not None:  # shared: loading stops at the first program rejected
+                bpf.bpf_program__set_log_buf(handle, log, _LOG_SIZE)
         result = bpf.bpf_object__load(obj)
         if result < 0:
-            log = next((_tail(buf.value) for buf in logs.values() if buf.value), "")
-            raise BpfError(-result, f"loading {object_path.name}", log)
+            raise BpfError(-result, f"loading {object_path.name}")
         for name in programs:
             handle = _find(bpf.bpf_object__find_program_by_name, obj, name, object_path)
             _check(bpf.bpf_program__pin(handle, str(pin_dir / name).encode()), f"pinning {name}")

@@ -60,7 +60,8 @@ class PodManager:
         self._sockets = sockets
         self._backend = backend
         self._cgroups = backend if isinstance(backend, CgroupBackend) else None
-        self._others = _other_backends(backend.netfilter.name if self._cgroups else backend.name)
+        netfilter = self._cgroups.netfilter if self._cgroups is not None else backend
+        self._others = _other_backends(netfilter.name)  # ebpf's inbound rules are netfilter's
         self._proxy = proxy
         self._store = store
         self._telemetry = telemetry

@@ -3,6 +3,7 @@ where a pod's cgroup is found."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from agent.dataplane import cgroups
 from agent.dataplane.redirect import bpfmaps
 from agent.dataplane.redirect.plan import Action, Hook, Match, Plan, Rule, build_plan
 from agent.model import CaptureSettings
+from agent.viz import checks
+from agent.viz.scrape import Reply
 
 CAPTURE = CaptureSettings(exclude_outbound_ports=(80, 443), exclude_inbound_ports=(22,),
                           exclude_outbound_cidrs=("10.0.0.0/8", "192.168.1.0/24"),
@@ -188,3 +191,37 @@ def test_an_unresolvable_cgroup_says_what_was_tried(tmp_path: Path) -> None:
         cgroups.pod_cgroup(tmp_path, "", "")
     with pytest.raises(cgroups.CgroupError):
         cgroups.pod_cgroup(tmp_path, "/../../etc", "")
+
+
+# ---------------------------------------------------------------- pinion check
+
+def _replies(pods: list[dict[str, object]]) -> checks.AgentReplies:
+    return checks.AgentReplies("10.0.0.1:4191", replies={
+        "/live": Reply(200, b"ok"), "/ready": Reply(200, b"ok"),
+        "/metrics": Reply(200, b"process_start_time_seconds 1\n"),
+        "/pods": Reply(200, json.dumps(pods).encode())})
+
+
+def _pod(name: str, attached: tuple[bool, bool, bool]) -> dict[str, object]:
+    kinds = ("connect4", "connect6", "sockops")
+    return {"namespace": "shop", "name": name, "listening": True, "backend": "ebpf",
+            "programs": [{"program": f"pinion_{k}", "attach": k, "id": 7, "attached": a,
+                          "cgroup": f"/sys/fs/cgroup/kubepods/pod-{name}"}
+                         for k, a in zip(kinds, attached, strict=True)]}
+
+
+def test_check_shows_where_each_pods_programs_hang_and_fails_on_a_missing_one() -> None:
+    results = checks.agent_results(_replies([_pod("web", (True, True, True)),
+                                             _pod("api", (False, True, True))]), now=10.0)
+
+    [programs] = [r for r in results if "eBPF" in r.title]
+    assert not programs.ok
+    assert programs.detail == (
+        "shop/web: connect4, connect6, sockops on /sys/fs/cgroup/kubepods/pod-web",
+        "shop/api: connect6, sockops on /sys/fs/cgroup/kubepods/pod-api (NOT attached: connect4)")
+
+
+def test_check_says_nothing_of_ebpf_for_a_netfilter_agent() -> None:
+    pods = [{"namespace": "shop", "name": "web", "listening": True, "backend": "nftables"}]
+
+    assert not any("eBPF" in r.title for r in checks.agent_results(_replies(pods), now=10.0))

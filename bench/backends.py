@@ -176,7 +176,7 @@ def report(cases: list[Case], settings: Settings, libbpf_mib: tuple[float, float
              f"- {settings.rounds} interleaved rounds; per round and case {settings.connects} "
              f"connects, wrk -c16 {settings.wrk_seconds} s keep-alive, ab -n "
              f"{settings.ab_requests} -c16 (new connection per request); medians", "",
-             "| case | connect p50 µs | connect p99 µs | keep-alive req/s | new conn/s | "
+             "| case | connect p50 µs | connect p99 µs | keep-alive req/s (range) | new conn/s (range) | "
              "agents' CPU s / 1k req | agents' CPU s / 1k conns | client agent RSS MiB (idle → after) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case in cases:
@@ -185,11 +185,15 @@ def report(cases: list[Case], settings: Settings, libbpf_mib: tuple[float, float
         cpu_conn = "–" if case.key == "direct" else f"{statistics.median(case.ab_cpu):.3f}"
         lines.append(f"| {case.key} | {statistics.median(case.connect_us):.0f} | "
                      f"{percentile(case.connect_us, 0.99):.0f} | "
-                     f"{statistics.median(case.wrk_rps):,.0f} | {statistics.median(case.ab_rate):,.0f} | "
+                     f"{_spread(case.wrk_rps)} | {_spread(case.ab_rate)} | "
                      f"{cpu_req} | {cpu_conn} | {rss} |")
     lines += ["", f"libbpf in a fresh Python: dlopen(libbpf.so.1) +{libbpf_mib[0]:.1f} MiB RSS, "
               f"then opening and loading bpf/capture.o +{libbpf_mib[1]:.1f} MiB in all."]
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
 
 
 def main(argv: list[str] | None = None) -> int:

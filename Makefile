@@ -4,9 +4,10 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
-                nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump
+                nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
+                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
 
-.PHONY: deps venv test unit netns demo bench bench-quick lint clean
+.PHONY: deps venv bpf test unit netns demo bench bench-quick lint clean
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -23,27 +24,36 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev,fast]'
 	touch $@
 
+# eBPF capture programs, compiled ahead of time (no BTF, no kernel headers on the node).
+BPF_OBJECTS := $(patsubst %.c,%.o,$(wildcard bpf/*.c))
+BPF_CFLAGS   = -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell gcc -dumpmachine)
+
+bpf: $(BPF_OBJECTS)
+
+bpf/%.o: bpf/%.c
+	clang $(BPF_CFLAGS) -c $< -o $@
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
-netns: deps venv
+netns: deps venv bpf
 	$(PY) -m pytest -q tests/netns
 
-test: deps venv lint
+test: deps venv bpf lint
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/netns
 
-demo: deps venv
+demo: deps venv bpf
 	$(PY) -m agent demo
 
-bench: deps venv  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
+bench: deps venv bpf  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
 	$(PY) bench/foundation.py --json bench-results.json | tee bench-results.md
 	$(PY) bench/newconn.py | tee -a bench-results.md
 
-bench-quick: deps venv  ## smoke run of the same (~1 min)
+bench-quick: deps venv bpf  ## smoke run of the same (~1 min)
 	$(PY) bench/foundation.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS)

@@ -28,7 +28,7 @@ log = logging.getLogger("pinion")
 async def run_agent(config: Config, cleanup: bool = False) -> int:
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     switch = NetnsSwitch(NetNs.current())
-    backend = choose_backend(config.redirect)
+    backend = choose_backend(config.redirect, config)
     backend.prepare()
     telemetry = Telemetry(time.monotonic, config.metrics_grace_seconds)
     registry, metrics = build_registry(telemetry)
@@ -106,4 +106,5 @@ async def _sweep_forever(config: Config, pods: PodManager, proxy: Proxy) -> None
 
 def _pods_view(pods: PodManager) -> list[dict[str, Any]]:
     return [{**c.pod.to_json(), "backend": pods.backend_name,
-             "listening": all(s.is_serving() for s in c.servers)} for c in pods.pods()]
+             "listening": all(s.is_serving() for s in c.servers), **pods.programs(c)}
+            for c in pods.pods()]

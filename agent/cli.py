@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
-                "certificate_lifetime", "mesh_networks")
+                "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="addresses kubelet probes come from, never captured, besides each "
                             "pod's gateway (e.g. a SNAT address)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
+    agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "
                             "leaving pods captured for the next agent")
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     rules.set_defaults(run=_run_rules)
 
     demo = sub.add_parser("demo", help="build a throwaway two-node lab and show the mesh at work")
-    demo.add_argument("--redirect", choices=("iptables", "nftables"), default="nftables")
+    demo.add_argument("--redirect", choices=("iptables", "nftables", "ebpf"), default="nftables")
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)

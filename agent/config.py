@@ -55,6 +55,8 @@ class Config:
     certificate_lifetime_seconds: float = 86400.0
     tunnel_idle_seconds: float = 60.0
     mesh_networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS
+    bpf_dir: Path | None = None  # eBPF pins: default /sys/fs/bpf/pinion
+    bpf_object: Path | None = None  # the compiled bpf/capture.o: default next to the package
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -94,7 +96,13 @@ class Config:
                                                    "certificate lifetime"),
             tunnel_idle_seconds=_number(get("tunnel_idle_seconds", "60"), "tunnel idle", float),
             mesh_networks=_networks(get("mesh_networks", "") or "") or DEFAULT_MESH_NETWORKS,
+            bpf_dir=_path(get("bpf_dir")),
+            bpf_object=_path(get("bpf_object")),
         )
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
 
 
 def _number(text: str | None, what: str, kind: type[T]) -> T:

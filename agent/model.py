@@ -87,6 +87,8 @@ class Pod:
     # Ports relayed as opaque TCP, never parsed for HTTP (Linkerd's opaque-ports annotation).
     opaque_ports: tuple[int, ...] = ()
     inbound: InboundPolicy = field(default_factory=InboundPolicy)
+    # The pod-level cgroup v2 (PINION_CGROUP), where eBPF capture attaches; "" = find it by uid.
+    cgroup: str = ""
 
     @property
     def ipv4(self) -> str | None:
@@ -105,6 +107,7 @@ class Pod:
             "opaquePorts": list(self.opaque_ports),
             "inboundPolicy": self.inbound.mode,
             "allowedClients": list(self.inbound.allowed_clients),
+            "cgroup": self.cgroup,
             "capture": {
                 "excludeOutboundPorts": list(self.capture.exclude_outbound_ports),
                 "excludeInboundPorts": list(self.capture.exclude_inbound_ports),
@@ -126,6 +129,7 @@ class Pod:
             opaque_ports=tuple(data.get("opaquePorts", ())),
             inbound=InboundPolicy(data.get("inboundPolicy", "permissive"),
                                   tuple(data.get("allowedClients", ()))),
+            cgroup=data.get("cgroup", ""),
             capture=CaptureSettings(
                 exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
                 exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),

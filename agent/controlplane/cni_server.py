@@ -71,6 +71,7 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
         capture=capture,
         opaque_ports=opaque_ports,
         inbound=inbound,
+        cgroup=args.get("PINION_CGROUP", ""),
     )
 
 

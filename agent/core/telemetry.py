@@ -151,6 +151,28 @@ class Telemetry:
         self._series: dict[TcpLabels, TcpCounters] = {}
         self._http: dict[HttpLabels, HttpCounters] = {}
         self._expiry: dict[tuple[str, str], float] = {}
+        self._refreshers: list[Callable[[], None]] = []
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` before every scrape (to pull counts kept elsewhere, e.g. in-kernel)."""
+        self._refreshers.append(refresh)
+
+    def refresh(self) -> None:
+        for refresh in self._refreshers:
+            refresh()
+
+    def counted_elsewhere(self, labels: TcpLabels, opened: int, closed: int, read_bytes: int,
+                          write_bytes: int) -> None:
+        """Add connections the proxy never saw (counted in the kernel) to the same series:
+        `opened` new connections, `closed` of them done (as successes), and their bytes."""
+        counters = self._series.get(labels)
+        if counters is None:
+            counters = self._series[labels] = TcpCounters()
+        counters.open_total += opened
+        counters.open_connections += opened - closed
+        counters.close_success += closed
+        counters.read_bytes += read_bytes
+        counters.write_bytes += write_bytes
 
     def http(self, labels: HttpLabels) -> HttpCounters:
         counters = self._http.get(labels)

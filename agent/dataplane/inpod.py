@@ -10,14 +10,14 @@ import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.controlplane.state import PodStateStore
-from agent.core.telemetry import Telemetry
+from agent.core.telemetry import TcpLabels, Telemetry
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.proxy import PodContext, Proxy
-from agent.dataplane.redirect import Backend, RedirectError, make_backend, routing
+from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.sockets import SocketFactory
 from agent.model import Pod
@@ -59,13 +59,18 @@ class PodManager:
         self._switch = switch
         self._sockets = sockets
         self._backend = backend
-        self._others = _other_backends(backend.name)
+        self._cgroups = backend if isinstance(backend, CgroupBackend) else None
+        netfilter = self._cgroups.netfilter if self._cgroups is not None else backend
+        self._others = _other_backends(netfilter.name)  # ebpf's inbound rules are netfilter's
         self._proxy = proxy
         self._store = store
         self._telemetry = telemetry
         self._metrics = metrics
         self._pods: dict[str, CapturedPod] = {}
         self._lock = asyncio.Lock()  # one pod change at a time; each takes milliseconds
+        self._kernel_seen: dict[str, tuple[int, int, int, int]] = {}  # container id -> counts
+        if self._cgroups is not None:
+            telemetry.on_scrape(self._count_in_kernel)
 
     @property
     def backend_name(self) -> str:
@@ -78,7 +83,7 @@ class PodManager:
         async with self._lock:
             current = self._pods.get(pod.container_id)
             if current is not None and current.netns.still_at_path():
-                await self._in_netns(current.netns, lambda: self._install(current.plan))
+                await self._in_netns(current.netns, lambda: self._install(current.plan, current.pod))
                 return  # a repeated ADD: rules re-asserted, listeners already up
             for stale in [c for c in self._pods.values() if c.pod.key == pod.key]:
                 await self._release(stale)  # an older sandbox of the same pod
@@ -135,6 +140,35 @@ class PodManager:
         async with self._lock:
             for captured in list(self._pods.values()):
                 await self._release(captured, remove_rules=cleanup, forget=cleanup)
+            if self._cgroups is not None:
+                self._cgroups.close(cleanup)
+
+    def programs(self, captured: CapturedPod) -> dict[str, Any]:
+        """What /pods shows of a pod's eBPF programs (nothing for netfilter backends)."""
+        if self._cgroups is None:
+            return {}
+        return {"programs": self._cgroups.programs(captured.pod)}
+
+    def _count_in_kernel(self) -> None:
+        """Fold the eBPF programs' counts of connections the proxy does not terminate
+        (excluded ports and CIDRs) into the pods' outbound TCP series, as deltas."""
+        assert self._cgroups is not None
+        try:
+            stats = self._cgroups.stats()
+        except OSError as exc:
+            log.warning("reading in-kernel TCP counts: %s", exc)
+            return
+        for container_id, now in stats.items():
+            captured = self._pods.get(container_id)
+            if captured is None:
+                continue
+            counts = (now.opened, now.closed, now.read_bytes, now.write_bytes)
+            before = self._kernel_seen.get(container_id, (0, 0, 0, 0))
+            self._kernel_seen[container_id] = counts
+            if counts != before:
+                labels = TcpLabels("outbound", captured.pod.key.namespace, captured.pod.key.name)
+                self._telemetry.counted_elsewhere(labels, *(a - b for a, b in zip(counts, before,
+                                                                                 strict=True)))
 
     async def _capture(self, pod: Pod) -> CapturedPod:
         try:
@@ -157,7 +191,7 @@ class PodManager:
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             context.identity = await self._certify(pod)
-            await self._in_netns(netns, lambda: self._install(plan))
+            await self._in_netns(netns, lambda: self._install(plan, pod))
             await self._listen(captured)
             if not netns.still_at_path():
                 raise CaptureError(CNI_CONTAINER_UNKNOWN,
@@ -187,7 +221,7 @@ class PodManager:
                                f"{identity}: {exc}") from exc
         return str(pod.key)
 
-    def _install(self, plan: Plan) -> None:
+    def _install(self, plan: Plan, pod: Pod) -> None:
         """In the pod netns: never mix backends; then replace our rules atomically."""
         for other in self._others:
             if other.installed():
@@ -196,6 +230,8 @@ class PodManager:
                 other.remove()
         routing.ensure(plan)  # replies find their way back before anything is captured
         self._backend.apply(plan)
+        if self._cgroups is not None:
+            self._cgroups.attach(pod, plan)
 
     def _uninstall(self, plan: Plan) -> None:
         self._backend.remove()
@@ -229,6 +265,11 @@ class PodManager:
             session.close()
         if self._identities is not None and captured.context.identity is not None:
             self._identities.forget(captured.context.identity)
+        if remove_rules and self._cgroups is not None:
+            try:  # programs hang on the cgroup and maps: no netns needed, it may be gone
+                await asyncio.to_thread(self._cgroups.detach, captured.pod)
+            except (OSError, RuntimeError) as exc:
+                log.warning("pod %s: could not detach eBPF programs: %s", captured.pod.key, exc)
         if remove_rules and captured.netns.still_at_path():
             try:
                 await self._in_netns(captured.netns, lambda: self._uninstall(captured.plan))
@@ -238,6 +279,7 @@ class PodManager:
         if self._pods.get(captured.pod.container_id) is captured:
             del self._pods[captured.pod.container_id]
             self._metrics.meshed_pods.set(len(self._pods))
+        self._kernel_seen.pop(captured.pod.container_id, None)
         if forget:
             self._store.delete(captured.pod.container_id)
         self._telemetry.pod_removed(captured.pod.key.namespace, captured.pod.key.name)

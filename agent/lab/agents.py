@@ -4,6 +4,7 @@ and reading its admin endpoint from inside that node's netns."""
 from __future__ import annotations
 
 import http.client
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from agent.lab.topology import Lab, Node
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "cni" / "pinion-cni"
 ADMIN_PORT = 4191
+BPF_LAB_ROOT = Path("/sys/fs/bpf/pinion")
 
 
 class LabAgent:
@@ -38,6 +40,9 @@ class LabAgent:
         self.log_path = self.dir / "agent.log"
         self.admin = (node.underlay_ip, ADMIN_PORT)
         self.process: subprocess.Popen[Any] | None = None
+        # eBPF pins of this lab's agents: in bpffs, outside the workdir; removed with the lab
+        self.bpf_dir = BPF_LAB_ROOT / f"lab-{lab.run_id}"
+        lab.on_close(f"bpf pins {self.bpf_dir}", lambda: shutil.rmtree(self.bpf_dir, ignore_errors=True))
 
     def plugin_config(self) -> dict[str, Any]:
         """The pinion-cni entry of this node's conflist (lab: plugin run from the repo)."""
@@ -50,7 +55,7 @@ class LabAgent:
                 "--admin-addr", f"{self.admin[0]}:{self.admin[1]}",
                 "--cni-socket", str(self.cni_socket), "--state-dir", str(self.state_dir),
                 "--pending-dir", str(self.pending_dir), "--redirect", self.redirect,
-                *self.extra_args]
+                "--bpf-dir", str(self.bpf_dir), *self.extra_args]
 
     def start(self, wait: bool = True) -> LabAgent:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn

@@ -247,11 +247,12 @@ class Node:
     underlay_ip: str
     pod_cidr: str
     gateway_ip: str
+    cgroup_path: Path | None = None  # the node's own cgroup, as a DaemonSet pod has one
     _processes: _ProcessSet = field(default_factory=_ProcessSet, repr=False)
 
     def spawn(self, argv: Sequence[str], **popen_kw: Any) -> subprocess.Popen[Any]:
-        """Start a process in the node netns; the lab stops it on close()."""
-        process = _spawn_in(self.netns_path, None, argv, popen_kw)
+        """Start a process in the node netns and cgroup; the lab stops it on close()."""
+        process = _spawn_in(self.netns_path, self.cgroup_path, argv, popen_kw)
         self._processes.track(process)
         return process
 
@@ -373,6 +374,10 @@ class Lab:
         self.pods.clear()
         _settle(self._undo.unwind(), strict=False)
 
+    def on_close(self, what: str, action: Callable[[], object]) -> None:
+        """Run `action` when the lab closes (before what existed when it was registered)."""
+        self._undo.push(what, action, best_effort=True)
+
     def conflist(self, node: Node, cni_version: str = "1.0.0") -> dict[str, Any]:
         """The CNI chain pods on `node` get: bridge + host-local, then the extra plugins."""
         bridge: dict[str, Any] = {
@@ -491,7 +496,7 @@ class Lab:
         _ip("-n", netns, "link", "set", "ul0", "up")
         self._node_run(node, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
         if self.cgroup_root is not None:
-            _make_cgroup(self._undo, self.cgroup_root / node.name)
+            node.cgroup_path = _make_cgroup(self._undo, self.cgroup_root / node.name)
         return node
 
     @staticmethod
@@ -515,6 +520,8 @@ class Lab:
         if self.cgroup_root is not None:
             cgroup = _make_cgroup(undo, self.cgroup_root / node.name / netns[len(node.netns) + 1 :])
         uid, container_id = str(uuid.uuid4()), secrets.token_hex(32)
+        if cgroup is not None and self.cgroup_root is not None:  # as the runtime would know it
+            args = {"PINION_CGROUP": f"/{cgroup.relative_to(self.cgroup_root.parent)}", **args}
         cni_args = {
             "IgnoreUnknown": "1",
             "K8S_POD_NAMESPACE": namespace,

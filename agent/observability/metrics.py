@@ -27,6 +27,7 @@ class TcpCollector(Collector):
         self._telemetry = telemetry
 
     def collect(self) -> Iterator[Metric]:
+        self._telemetry.refresh()
         self._telemetry.expire()
         opened = CounterMetricFamily("tcp_open", "Connections opened")
         current = GaugeMetricFamily("tcp_open_connections", "Connections open now")

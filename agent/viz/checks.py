@@ -139,6 +139,31 @@ def _pods_check(replies: AgentReplies) -> CheckResult:
     return CheckResult(title, not deaf, tuple(deaf), hint)
 
 
+def _programs_check(replies: AgentReplies) -> CheckResult | None:
+    """eBPF capture: every pod's programs are attached to its cgroup (says where). None when
+    the agent captures with netfilter only."""
+    body, _ = _body(replies, "/pods")
+    try:
+        pods = parse_pods(body) if body is not None else []
+    except ValueError:
+        return None  # _pods_check has said so
+    with_programs = [p for p in pods if isinstance(p.get("programs"), list)]
+    if not with_programs:
+        return None
+    detail, ok = [], True
+    for pod in with_programs:
+        name = f"{pod.get('namespace', '?')}/{pod.get('name', '?')}"
+        programs = [p for p in pod["programs"] if isinstance(p, dict)]
+        missing = [str(p.get("attach")) for p in programs if p.get("attached") is not True]
+        ok = ok and bool(programs) and not missing
+        where = programs[0].get("cgroup", "?") if programs else "no cgroup"
+        attached = ", ".join(str(p.get("attach")) for p in programs if p.get("attached") is True)
+        detail.append(f"{name}: {attached or 'nothing'} on {where}"
+                      + (f" (NOT attached: {', '.join(missing)})" if missing else ""))
+    return CheckResult("every meshed pod's eBPF programs are attached", ok, tuple(detail),
+                       "re-announce the pod (CNI ADD) or restart the agent; see its log")
+
+
 def clock_check(unlabelled: dict[str, float] | None, now: float) -> CheckResult:
     """The agent's process must not have started more than CLOCK_SKEW_LIMIT s in our future."""
     title = "agent clock is sane"
@@ -164,11 +189,13 @@ def agent_results(replies: AgentReplies, now: float) -> list[CheckResult]:
                             "reachable from here?")]
     metrics, samples = _metrics_check(replies)
     unlabelled = {s.name: s.value for s in samples if not s.labels}
+    programs = _programs_check(replies)
     return [CheckResult("agent is reachable", True),
             _status_check(replies, "/live", "the admin endpoint answers but is not live"),
             _status_check(replies, "/ready", "the agent answers 503 until it serves; see its log"),
             metrics,
             _pods_check(replies),
+            *([programs] if programs is not None else []),
             clock_check(unlabelled if metrics.ok else None, now),
             *filter(None, [certificates_check(samples, now)])]
 

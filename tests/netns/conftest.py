@@ -69,9 +69,12 @@ class Mesh:
         plugin = str(config.pop("_path"))
         if prev_result is not None:
             config["prevResult"] = prev_result
+        cni_args = f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}"
+        if pod.cgroup_path is not None:  # as the lab's runtime passes it
+            cni_args += f";PINION_CGROUP={pod.cgroup_path}"
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": pod.container_id,
                "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-               "CNI_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
+               "CNI_ARGS": cni_args,
                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         return subprocess.run(["/usr/bin/python3", plugin], input=json.dumps(config), env=env,
                               capture_output=True, text=True, timeout=30)
@@ -94,15 +97,37 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def capture_rules(pod: Pod) -> list[str]:
-    """Every Pinion rule in the pod's netns, from both nftables and legacy iptables."""
+    """Every Pinion rule in the pod's netns, from both nftables and legacy iptables, and
+    every Pinion eBPF program attached to the pod's cgroup."""
     text = ""
     for argv in (["nft", "list", "ruleset"], ["iptables-legacy-save"]):
         text += subprocess.run(["ip", "netns", "exec", pod.netns, *argv], capture_output=True,
                                text=True, check=True).stdout
-    return [line.strip() for line in text.splitlines() if "pinion/" in line]
+    return [line.strip() for line in text.splitlines() if "pinion/" in line] + bpf_programs(pod)
 
 
-@pytest.fixture(params=["nftables", "iptables"])
+def bpf_programs(pod: Pod) -> list[str]:
+    """Pinion's programs attached to the pod's cgroup, as `bpftool cgroup show` lists them."""
+    if pod.cgroup_path is None or not pod.cgroup_path.exists():
+        return []
+    return [f"bpf {p['attach_type']} {p['name']} id {p['id']}" for p in cgroup_programs(pod.cgroup_path)
+            if p["name"].startswith("pinion_")]
+
+
+def cgroup_programs(cgroup: object) -> list[dict[str, object]]:
+    import json
+
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True,
+                         text=True, check=True).stdout
+    return list(json.loads(out.strip() or "[]"))
+
+
+def outbound_capture(backend: str) -> str:
+    """What capture_rules() shows for a pod's outbound capture with this backend."""
+    return "pinion_connect4" if backend == "ebpf" else "pinion/outbound-capture"
+
+
+@pytest.fixture(params=["nftables", "iptables", "ebpf"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -115,6 +140,8 @@ def mesh(backend: str) -> Iterator[Mesh]:
         agents += [LabAgent(lab, node, redirect=backend) for node in lab.nodes]
         for agent in agents:
             agent.start()
+            if backend == "ebpf":  # a fallback to netfilter must not pass for eBPF
+                assert "redirect: ebpf" in agent.log(), agent.log()[-2000:]
         yield Mesh(lab, agents)
     finally:
         for agent in agents:

@@ -14,7 +14,7 @@ import pytest
 from agent.lab.agents import REPO, LabAgent
 from agent.lab.cni import CniError
 from agent.lab.topology import Lab, Pod
-from tests.netns.conftest import Mesh, capture_rules
+from tests.netns.conftest import Mesh, capture_rules, cgroup_programs, outbound_capture
 
 pytestmark = pytest.mark.netns
 
@@ -32,9 +32,14 @@ def test_check_passes_for_a_captured_pod_and_names_what_is_missing(mesh: Mesh,
     pod = mesh.pod(0, "web")
     mesh.lab.check_pod(pod)
 
-    flush = (["nft", "delete", "table", "ip", "pinion"] if backend == "nftables"
-             else ["iptables-legacy", "-t", "nat", "-F", "PINION_OUTPUT"])
-    subprocess.run(["ip", "netns", "exec", pod.netns, *flush], check=True)
+    if backend == "ebpf":  # the outbound capture is the connect4 program on the pod's cgroup
+        [connect4] = [p for p in cgroup_programs(pod.cgroup_path) if p["name"] == "pinion_connect4"]
+        subprocess.run(["bpftool", "cgroup", "detach", str(pod.cgroup_path), "connect4",
+                        "id", str(connect4["id"])], check=True)
+    else:
+        flush = (["nft", "delete", "table", "ip", "pinion"] if backend == "nftables"
+                 else ["iptables-legacy", "-t", "nat", "-F", "PINION_OUTPUT"])
+        subprocess.run(["ip", "netns", "exec", pod.netns, *flush], check=True)
 
     with pytest.raises(CniError) as failure:
         mesh.lab.check_pod(pod)
@@ -57,7 +62,7 @@ def test_del_for_a_pod_never_seen_succeeds(mesh: Mesh) -> None:
     assert _send(mesh.agents[0], {"command": "DEL", "containerId": "never-seen"}) == {"ok": True}
 
 
-def test_a_burst_of_adds_captures_every_pod(mesh: Mesh) -> None:
+def test_a_burst_of_adds_captures_every_pod(mesh: Mesh, backend: str) -> None:
     pods: list[Pod] = []
     errors: list[BaseException] = []
 
@@ -74,7 +79,7 @@ def test_a_burst_of_adds_captures_every_pod(mesh: Mesh) -> None:
         thread.join(60)
     assert errors == []
     assert _pod_names(mesh.agents[0]) == sorted(f"burst{i}" for i in range(12))
-    assert all("pinion/outbound-capture" in _pinion_rules(pod) for pod in pods)
+    assert all(outbound_capture(backend) in _pinion_rules(pod) for pod in pods)
 
 
 @pytest.fixture
@@ -103,8 +108,8 @@ def test_cleanup_on_shutdown_removes_every_rule_and_forgets_the_pods(
 
 
 @pytest.mark.parametrize("node_uses_legacy", [True, False])
-def test_auto_follows_the_backend_the_node_uses(lone_node: tuple[Lab, list[LabAgent]],
-                                                node_uses_legacy: bool) -> None:
+def test_auto_prefers_ebpf_and_its_inbound_rules_follow_the_node(
+        lone_node: tuple[Lab, list[LabAgent]], node_uses_legacy: bool) -> None:
     lab, agents = lone_node
     node = lab.nodes[0]
     if node_uses_legacy:
@@ -113,9 +118,31 @@ def test_auto_follows_the_backend_the_node_uses(lone_node: tuple[Lab, list[LabAg
 
     pod = lab.add_pod(node, "web")
 
+    assert json.loads(agents[0].get("/pods")[1])[0]["backend"] == "ebpf"
+    rules = _pinion_rules(pod)
+    assert "pinion_connect4" in rules
+    assert ("-A PINION_INBOUND" in rules) == node_uses_legacy
+    assert ("pinion/inbound-capture" in rules) and "pinion/outbound-capture" not in rules
+
+
+@pytest.mark.parametrize("node_uses_legacy", [True, False])
+def test_auto_without_ebpf_follows_the_backend_the_node_uses(
+        lone_node: tuple[Lab, list[LabAgent]], node_uses_legacy: bool) -> None:
+    lab, agents = lone_node
+    node = lab.nodes[0]
+    if node_uses_legacy:
+        node.run(["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"])
+    no_object = str(lab.workdir / "missing.o")  # as on a node where the programs cannot load
+    agents.append(LabAgent(lab, node, redirect="auto", extra_args=["--bpf-object", no_object]).start())
+
+    pod = lab.add_pod(node, "web")
+
     expected = "iptables" if node_uses_legacy else "nftables"
     assert json.loads(agents[0].get("/pods")[1])[0]["backend"] == expected
     assert ("-A PINION_OUTPUT" in _pinion_rules(pod)) == node_uses_legacy
+    reasons = [line for line in agents[0].log().splitlines() if "redirect:" in line]
+    assert len(reasons) == 1 and f"redirect: {expected}, not ebpf" in reasons[0]
+    assert "missing.o" in reasons[0]
 
 
 def test_fail_open_starts_the_pod_and_the_returning_agent_captures_it(
@@ -147,11 +174,15 @@ def _send(agent: LabAgent, request: dict[str, object]) -> dict[str, object]:
 def test_sweep_releases_a_pod_whose_netns_vanished_without_del(mesh: Mesh) -> None:
     """The runtime lost the DEL: the agent notices the netns is gone and lets the pod go."""
     subprocess.run(["ip", "netns", "add", f"pn{mesh.lab.run_id}-orphan"], check=True)
+    assert mesh.lab.cgroup_root is not None
+    cgroup = mesh.lab.cgroup_root / "orphan"  # eBPF capture needs the pod's cgroup
+    cgroup.mkdir()
     try:
         reply = _send(mesh.agents[0], {
             "command": "ADD", "containerId": "orphan",
             "netns": f"/var/run/netns/pn{mesh.lab.run_id}-orphan",
-            "args": {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "orphan"}})
+            "args": {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "orphan",
+                     "PINION_CGROUP": str(cgroup)}})
         assert reply == {"ok": True}
     finally:
         subprocess.run(["ip", "netns", "del", f"pn{mesh.lab.run_id}-orphan"], check=True)
@@ -159,6 +190,8 @@ def test_sweep_releases_a_pod_whose_netns_vanished_without_del(mesh: Mesh) -> No
     while _pod_names(mesh.agents[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _pod_names(mesh.agents[0]) == []
+    assert [p for p in cgroup_programs(cgroup) if str(p["name"]).startswith("pinion_")] == []
+    cgroup.rmdir()
 
 
 def test_kubelet_probes_are_not_captured(lone_node: tuple[Lab, list[LabAgent]]) -> None:

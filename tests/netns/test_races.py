@@ -22,7 +22,9 @@ def _captured(mesh: Mesh, node: int = 0) -> set[str]:
 
 
 def _has_rules(pod: Pod) -> bool:
-    return any("pinion/outbound-capture" in rule for rule in capture_rules(pod))
+    """Outbound capture in place: the netfilter rule, or the connect4 program (ebpf)."""
+    return any(marker in rule for rule in capture_rules(pod)
+               for marker in ("pinion/outbound-capture", "pinion_connect4"))
 
 
 def _netns_names() -> set[str]:

@@ -96,6 +96,7 @@ def test_the_saved_pod_uses_the_cni_field_names() -> None:
         "opaquePorts": [],
         "inboundPolicy": "mesh-only",
         "allowedClients": ["spiffe://cluster.local/ns/shop/sa/front"],
+        "cgroup": "",
         "capture": {
             "excludeOutboundPorts": [80, 443],
             "excludeInboundPorts": [22],

@@ -174,3 +174,31 @@ def _send(agent: LabAgent, request: dict[str, object]) -> dict[str, object]:
         conn.connect(str(agent.cni_socket))
         conn.sendall(json.dumps(request).encode() + b"\n")
         return dict(json.loads(conn.makefile("rb").readline()))
+
+
+def test_ipv6_is_left_alone_and_ipv4_mapped_connects_are_captured(
+        node: tuple[Lab, list[LabAgent]]) -> None:
+    lab, agents = node
+    agents += [LabAgent(lab, n, redirect="ebpf").start() for n in lab.nodes]
+    client = lab.add_pod(lab.nodes[0], "client")
+    web = lab.add_pod(lab.nodes[1], "web", args={"PINION_MESH": "disabled"})
+    _serve(web)
+    script = ("import socket, sys\n"
+              "server = socket.socket(socket.AF_INET6)\n"
+              "server.bind(('::1', 9000)); server.listen()\n"
+              "plain6 = socket.create_connection(('::1', 9000), timeout=5)\n"
+              "assert server.accept()[1][0] == '::1'\n"
+              "mapped = socket.socket(socket.AF_INET6)\n"
+              "mapped.settimeout(5)\n"
+              "mapped.connect(('::ffff:' + sys.argv[1], 8080))\n"
+              "mapped.sendall(b'GET /whoami HTTP/1.0\\r\\n\\r\\n')\n"
+              "reply = b''\n"
+              "while chunk := mapped.recv(4096):\n"
+              "    reply += chunk\n"
+              "print(reply.decode().strip().rsplit(chr(10), 1)[-1])\n")
+
+    seen = client.run([sys.executable, "-c", script, web.ip]).stdout.strip()
+
+    assert seen.endswith(client.ip)  # through the agent, with the pod's own source IP
+    assert eventually(lambda: agents[0].metrics().value(
+        "tcp_open_total", direction="outbound", pod="client") == 1)

@@ -51,6 +51,7 @@ demo: deps venv bpf
 bench: deps venv bpf  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
 	$(PY) bench/foundation.py --json bench-results.json | tee bench-results.md
 	$(PY) bench/newconn.py | tee -a bench-results.md
+	$(PY) bench/backends.py | tee -a bench-results.md
 
 bench-quick: deps venv bpf  ## smoke run of the same (~1 min)
 	$(PY) bench/foundation.py --quick

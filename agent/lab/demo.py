@@ -28,7 +28,7 @@ from agent.lab.capture import UNDERLAY_INTERFACE, UnderlayCapture
 from agent.lab.topology import Lab, LabError, Pod
 from agent.viz.stats import histogram_quantile
 
-REDIRECTS = ("iptables", "nftables")
+REDIRECTS = ("iptables", "nftables", "ebpf")
 MAX_REQUESTS = 10_000
 HTTP_PORT = 8080
 CONNECTIONS_PER_FLOW = 4  # keep-alive connections each client opens to each web pod

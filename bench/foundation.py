@@ -40,7 +40,7 @@ from typing import Any
 
 from agent.lab.agents import PLUGIN, LabAgent
 from agent.lab.cni import CniRuntime
-from agent.lab.topology import Lab, Node, Pod
+from agent.lab.topology import Lab, Node, Pod, stop_processes
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
@@ -348,19 +348,6 @@ def start_nginx(pod: Pod, site: Path) -> subprocess.Popen[Any]:
                           "-c", str(site / "nginx.conf")], stdout=log, stderr=subprocess.STDOUT)
     finally:
         log.close()
-
-
-def stop_processes(processes: Sequence[subprocess.Popen[Any]]) -> None:
-    """Stop processes this benchmark started, by PID: SIGTERM, wait, then SIGKILL."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,6 @@ class TcpLabels:
     peer_labels: PeerLabels = PLAINTEXT
     peer: str = "src"  # counts are of the pod-side connection, as Linkerd's peer="src"
 
-    @property
-    def tls(self) -> str:
-        return self.peer_labels.tls
-
 
 @dataclass(frozen=True, slots=True)
 class HttpLabels:
@@ -56,10 +52,6 @@ class HttpLabels:
     namespace: str
     pod: str
     peer_labels: PeerLabels = PLAINTEXT
-
-    @property
-    def tls(self) -> str:
-        return self.peer_labels.tls
 
 
 class HttpCounters:

@@ -102,7 +102,7 @@ class MeshClient:
         dialing = self._dialing.get(key)
         if dialing is None:  # its own task: a client that gives up does not cancel it
             dialing = self._dialing[key] = asyncio.get_running_loop().create_task(
-                self._dial(pod, destination))
+                self._dial(pod, key))
             dialing.add_done_callback(lambda task: self._dialed(key, task))
         return await asyncio.shield(dialing)
 
@@ -121,8 +121,10 @@ class MeshClient:
         address = ipaddress.IPv4Address(destination)
         return any(address in network for network in self._networks)
 
-    async def _dial(self, pod: PodContext, destination: str) -> TunnelSession | None:
+    async def _dial(self, pod: PodContext, key: tuple[str, str]) -> TunnelSession | None:
+        """Connect to the destination's 15008 from the pod's netns, then the TLS handshake."""
         settings, loop = self._settings, asyncio.get_running_loop()
+        destination = key[1]
         try:
             sock = self._sockets.upstream(pod.netns)
         except OSError as exc:
@@ -143,9 +145,9 @@ class MeshClient:
         except BaseException:
             sock.close()
             raise
-        session = await self._handshake(pod, destination, sock)
+        session = await self._handshake(pod, key, sock)
         self._meshed[destination] = self._clock() + settings.meshed_ttl
-        self._sessions.setdefault((pod.identity or "", destination), []).append(session)
+        self._sessions.setdefault(key, []).append(session)
         pod.tunnels.add(session)
         return session
 
@@ -157,9 +159,9 @@ class MeshClient:
         log.debug("%s refuses the mesh tunnel: not meshed, plain TCP for %.0f s",
                   destination, self._settings.not_meshed_ttl)
 
-    async def _handshake(self, pod: PodContext, destination: str, sock: socket.socket) -> TunnelSession:
+    async def _handshake(self, pod: PodContext, key: tuple[str, str], sock: socket.socket) -> TunnelSession:
         loop, settings = asyncio.get_running_loop(), self._settings
-        key = (pod.identity or "", destination)
+        identity, destination = key
 
         def closed(session: TunnelSession) -> None:
             sessions = self._sessions.get(key)
@@ -171,7 +173,7 @@ class MeshClient:
             self._metrics.tunnel_connections.labels("outbound").dec()
 
         try:
-            context = self._identities.client_context(pod.identity or "")
+            context = self._identities.client_context(identity)
             transport, session = await loop.create_connection(
                 lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams),
                 sock=sock, ssl=context, server_hostname="",

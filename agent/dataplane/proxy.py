@@ -27,6 +27,8 @@ from agent.core.telemetry import (
     TcpLabels,
     Telemetry,
 )
+from agent.core.tunnel_frames import ErrorCode
+from agent.dataplane.mesh import TunnelError
 from agent.dataplane.netns import NetNs
 from agent.dataplane.sockets import SocketFactory, arm_reset, original_destination
 from agent.model import InboundPolicy
@@ -112,8 +114,7 @@ class Relay:
         self.failed = False
         self.destination: tuple[str, int] | None = None
         self.source: tuple[str, int] | None = None  # inbound: the client the app should see
-        self.early_read = 0  # client bytes read before the connection's labels were known
-        self.early_at = 0.0
+        self.early_at = 0.0  # when the first client byte came, if before the path was chosen
         self.started = time.monotonic()
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
@@ -135,12 +136,14 @@ class Relay:
             if self.client.eof:
                 self.half_closed(self.client)
 
-    def open_record(self, telemetry: Telemetry, peer: PeerLabels) -> None:
+    def open_record(self, peer: PeerLabels) -> None:
+        """The path is chosen: count the connection under its labels (and any early bytes)."""
         pod = self.pod
         self.peer_labels = peer
-        record = self.record = telemetry.open(TcpLabels(self.direction, pod.namespace, pod.name, peer))
-        if self.early_read:
-            record.read(self.early_read)
+        labels = TcpLabels(self.direction, pod.namespace, pod.name, peer)
+        record = self.record = self.proxy.telemetry.open(labels)
+        if self.early:  # read before the path was chosen (no upstream yet: all still held)
+            record.read(sum(map(len, self.early)))
             for data in self.early:
                 observer = self.observer
                 if observer is None:
@@ -151,7 +154,6 @@ class Relay:
         record, observer = self.record, self.observer
         if side is self.client:
             if record is None:  # uvloop's early read: counted once the labels are known
-                self.early_read += len(data)
                 self.early_at = self.early_at or time.monotonic()
             else:
                 record.read(len(data))
@@ -225,7 +227,7 @@ class Relay:
     def finish(self) -> None:
         """Exactly once per connection: the close is counted and, at debug level, logged."""
         if self.record is None:  # ended before its path was chosen
-            self.open_record(self.proxy.telemetry, self.peer_labels)
+            self.open_record(self.peer_labels)
         assert self.record is not None
         if self.record.close(self.failed):
             self.pod.relays.discard(self)
@@ -282,7 +284,7 @@ class Proxy:
         """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
         if port in pod.own_ports or pod.ip is None:
             self._metrics.proxy_errors.labels("inbound", "loop").inc()
-            session.refuse(stream_id, 8)  # CONNECT_ERROR
+            session.refuse(stream_id, ErrorCode.CONNECT_ERROR)
             return
         relay = Relay(self, pod, "inbound")
         relay.destination = (pod.ip, port)
@@ -329,14 +331,12 @@ class Proxy:
             except asyncio.CancelledError:
                 relay.abort()
                 return
-        relay.open_record(self.telemetry, relay.peer_labels)
+        relay.open_record(relay.peer_labels)
         await self._connect_upstream(relay, destination)
 
     async def _through_tunnel(self, relay: Relay, destination: tuple[str, int]) -> bool:
         """Open a tunnel stream for an outbound connection; False: the destination is not
         meshed (plain TCP). A meshed destination that fails is refused, never downgraded."""
-        from agent.dataplane.mesh import TunnelError
-
         assert self.mesh is not None
         try:
             session = await self.mesh.session_for(relay.pod, destination[0])
@@ -351,7 +351,7 @@ class Proxy:
         if client is None or client.is_closing():
             relay.finish()
             return True
-        relay.open_record(self.telemetry, session.labels)
+        relay.open_record(session.labels)
         session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
         if not relay.upstream.write_blocked:
             client.resume_reading()

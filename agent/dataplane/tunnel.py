@@ -401,7 +401,7 @@ def handshake_failure_reason(exc: BaseException) -> str:
             if marker in reason:
                 return label
         return "tls_error"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is the same class since 3.11
         return "timeout"
     if isinstance(exc, ConnectionError | EOFError):
         return "eof"

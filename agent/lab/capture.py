@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from agent.lab.topology import Node
+from agent.lab.topology import Node, stop_processes
 
 UNDERLAY_INTERFACE = "ul0"
 
@@ -29,12 +29,7 @@ class UnderlayCapture:
 
     def stop(self) -> bytes:
         """Stop capturing (by PID); the raw pcap bytes."""
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        stop_processes([self.process])
         return self.path.read_bytes()
 
     def count(self, expression: str) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agent.dataplane import cgroups
 from agent.lab.cni import CniRuntime
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,21 @@ class _ProcessSet:
 
     def stop_all(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         processes, self._processes = self._processes, []
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + grace
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=_STOP_GRACE_SECONDS)
+        stop_processes(processes, grace)
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[Any]], grace: float = _STOP_GRACE_SECONDS) -> None:
+    """Stop processes we started, by PID only: SIGTERM all, wait up to `grace`, then SIGKILL."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=_STOP_GRACE_SECONDS)
 
 
 # ---------------------------------------------------------------- commands and namespaces
@@ -191,14 +197,9 @@ def _run_in(
         return subprocess.run(list(argv), preexec_fn=enter, check=check, timeout=timeout, **run_kw)
 
 
-def cgroup2_mount(mounts_text: str | None = None) -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (pure or hybrid layout), if anywhere."""
-    text = Path("/proc/mounts").read_text() if mounts_text is None else mounts_text
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    return None
+def cgroup2_mount() -> Path | None:
+    """Where this host's cgroup v2 hierarchy is mounted, if anywhere."""
+    return cgroups.cgroup2_mount(Path("/proc/mounts").read_text())
 
 
 def _make_cgroup(undo: _UndoStack, path: Path) -> Path:

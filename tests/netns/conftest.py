@@ -29,10 +29,12 @@ def require_root() -> None:
 
 # ---------------------------------------------------------------- a two-node meshed lab
 
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from agent.lab.agents import REPO, LabAgent  # noqa: E402
 from agent.lab.topology import Lab, Pod  # noqa: E402
@@ -45,6 +47,7 @@ class Mesh:
     lab: Lab
     agents: list[LabAgent]
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
+    identity_dir: Path | None = None  # the agents' --identity-dir, when the mesh runs mTLS
 
     def pod(self, node: int, name: str, meshed: bool = True, **args: str) -> Pod:
         if not meshed:
@@ -132,18 +135,27 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def mesh(backend: str) -> Iterator[Mesh]:
+@contextlib.contextmanager
+def running_mesh(backend: str, extra_args: Sequence[str] = (),
+                 identity_dir: Path | None = None) -> Iterator[Mesh]:
+    """Two lab nodes with an agent each (`extra_args` added); all removed afterwards."""
     agents: list[LabAgent] = []
     lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
+    mesh = Mesh(lab, agents, identity_dir=identity_dir)
     try:
-        agents += [LabAgent(lab, node, redirect=backend) for node in lab.nodes]
+        agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args) for node in lab.nodes]
         for agent in agents:
             agent.start()
             if backend == "ebpf":  # a fallback to netfilter must not pass for eBPF
                 assert "redirect: ebpf" in agent.log(), agent.log()[-2000:]
-        yield Mesh(lab, agents)
+        yield mesh
     finally:
         for agent in agents:
             agent.stop()
         lab.close()
+
+
+@pytest.fixture
+def mesh(backend: str) -> Iterator[Mesh]:
+    with running_mesh(backend) as running:
+        yield running

@@ -5,6 +5,7 @@ certificate renewal drops no connection."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -18,49 +19,33 @@ from agent.controlplane.identity.authority import LocalSigner
 from agent.controlplane.identity.crypto import generate_key, make_csr
 from agent.controlplane.identity.files import TRUST_BUNDLE, init_identity_dir
 from agent.controlplane.identity.spiffe import SpiffeId
-from agent.lab.agents import REPO, LabAgent
+from agent.lab.agents import REPO
 from agent.lab.capture import UnderlayCapture
-from agent.lab.topology import Lab, Pod
-from tests.netns.conftest import Mesh, eventually
+from agent.lab.topology import Pod
+from tests.netns.conftest import Mesh, eventually, running_mesh
 
 HTTP_SERVER = "agent.lab.httpserver"
 
 
-def start_tls_mesh(tmp_path: Path, backend: str = "nftables", lifetime: str = "86400") -> Mesh:
+@contextlib.contextmanager
+def tls_mesh_running(tmp_path: Path, backend: str, lifetime: str = "86400") -> Iterator[Mesh]:
+    """Two agents sharing one identity dir; their logs are printed (pytest shows them for a
+    failed test)."""
     identity = tmp_path / "identity"
     init_identity_dir(identity, trust_domain="cluster.local")
-    agents: list[LabAgent] = []
-    lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
-    try:
-        agents += [LabAgent(lab, node, redirect=backend,
-                            extra_args=["--identity-dir", str(identity),
-                                        "--certificate-lifetime", lifetime])
-                   for node in lab.nodes]
-        for agent in agents:
-            agent.start()
-    except BaseException:
-        for agent in agents:
-            agent.stop()
-        lab.close()
-        raise
-    mesh = Mesh(lab, agents)
-    mesh.identity_dir = identity  # type: ignore[attr-defined]
-    return mesh
+    args = ["--identity-dir", str(identity), "--certificate-lifetime", lifetime]
+    with running_mesh(backend, args, identity) as mesh:
+        try:
+            yield mesh
+        finally:
+            for agent in mesh.agents:
+                print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
 
 
 @pytest.fixture
 def tls_mesh(tmp_path: Path, backend: str) -> Iterator[Mesh]:
-    mesh = start_tls_mesh(tmp_path, backend)
-    try:
+    with tls_mesh_running(tmp_path, backend) as mesh:
         yield mesh
-    finally:
-        for agent in mesh.agents:  # shown by pytest when the test failed
-            print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
-        for server in mesh.servers:
-            server.kill()
-        for agent in mesh.agents:
-            agent.stop()
-        mesh.lab.close()
 
 
 def curl(pod: Pod, url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -158,7 +143,8 @@ def test_15008_refuses_strangers_and_keeps_serving(tls_mesh: Mesh, tmp_path: Pat
     client, server = tls_mesh.pod(0, "client"), tls_mesh.pod(1, "server")
     prober = tls_mesh.pod(0, "prober", meshed=False)  # a meshed pod's own 15008 dials are captured
     tls_mesh.serve(server, HTTP_SERVER, "--port", "8080")
-    identity_dir: Path = tls_mesh.identity_dir  # type: ignore[attr-defined]
+    identity_dir = tls_mesh.identity_dir
+    assert identity_dir is not None
     bundle = identity_dir / TRUST_BUNDLE
     stranger_dir = tmp_path / "stranger"
     init_identity_dir(stranger_dir, trust_domain="other.example")
@@ -246,8 +232,7 @@ def test_an_allow_list_admits_only_the_named_identities(tls_mesh: Mesh) -> None:
 
 
 def test_certificate_renewal_under_traffic_drops_no_connection(tmp_path: Path) -> None:
-    mesh = start_tls_mesh(tmp_path, lifetime="4")  # renewed every ~2 s
-    try:
+    with tls_mesh_running(tmp_path, "nftables", lifetime="4") as mesh:  # renewed every ~2 s
         client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
         mesh.serve(server, HTTP_SERVER, "--port", "8080")
         # one long download over a slow-reading client, spanning several renewals...
@@ -268,9 +253,3 @@ def test_certificate_renewal_under_traffic_drops_no_connection(tmp_path: Path) -
         assert all(count >= 2 for count in renewed), renewed
         failed = mesh.agents[0].metrics().value("tcp_close_total", classification="failure")
         assert failed == 0
-    finally:
-        for server_process in mesh.servers:
-            server_process.kill()
-        for agent in mesh.agents:
-            agent.stop()
-        mesh.lab.close()

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import pytest
 
 from agent.lab.agents import REPO, node_socket
-from agent.lab.topology import Node, Pod
+from agent.lab.topology import Node, Pod, stop_processes
 from tests.netns.conftest import Mesh
 from tests.netns.test_golden_metrics import GRPC, HTTP, HTTP1_CLIENT
 
@@ -95,13 +95,8 @@ class Prometheus:
                 stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_processes([self.process])
 
     def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
         """GET /api/v1/query; the result list (vector or matrix)."""

@@ -1,34 +1,14 @@
-"""Durable, atomic file operations on the host: write via a temp file + rename, remove.
-
-Temp files are `.pinion-*.tmp` in the target's own directory: same filesystem, so the
-rename is atomic, and not a config extension, so a runtime never reads one.
-"""
+"""Durable file operations on the host's CNI directories: ensure, remove (atomic writes
+come from agent.durable: `.pinion-*.tmp` temp files, which a runtime never reads)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
-from agent.controlplane.cni_install.layout import TEMP_PREFIX, TEMP_SUFFIX
+from agent.durable import atomic_write, fsync_directory
 
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` (mode `mode`) so readers see old or new, never a mix."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # keep the original error
-            os.unlink(temporary)
-        raise
-    fsync_directory(path.parent)
+__all__ = ["atomic_write", "ensure_file", "ensure_private_directory", "fsync_directory", "remove_file"]
 
 
 def ensure_file(path: Path, data: bytes, mode: int) -> bool:
@@ -67,12 +47,3 @@ def ensure_private_directory(path: Path) -> bool:
         return False
     os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
     return True
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in `directory` survive a crash."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -27,8 +27,6 @@ CONFIG_EXTENSIONS = (".conf", ".conflist", ".json")
 # Our conflist must sort before the primary; the second name is for primaries like
 # "00-aaa.conflist" ('-' sorts before '0'). Both sort after any name starting with '.'.
 OWN_NAMES = ("00-pinion.conflist", "0-pinion.conflist")
-TEMP_PREFIX = ".pinion-"
-TEMP_SUFFIX = ".tmp"  # not a config extension: the runtime never reads a half-written file
 PLUGIN_FILE_NAME = "pinion-cni"
 MAX_CONFIG_BYTES = 1 << 20
 _MAX_SYMLINK_HOPS = 40

@@ -25,6 +25,7 @@ from agent.controlplane.identity.crypto import (
     self_signed_ca,
 )
 from agent.controlplane.identity.spiffe import check_trust_domain
+from agent.durable import atomic_write
 
 TRUST_ANCHOR_CERT = "trust-anchor.crt"
 TRUST_ANCHOR_KEY = "trust-anchor.key"
@@ -57,8 +58,7 @@ def init_identity_dir(path: Path, trust_domain: str = "cluster.local", anchor_li
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     for name, data, mode in files:
-        write_atomically(path / name, data, mode)
-    _fsync_directory(path)
+        atomic_write(path / name, data, mode)
     return [path / name for name, _, _ in files]
 
 
@@ -80,30 +80,6 @@ def _new_authority(trust_domain: str, anchor_lifetime: float, issuer_lifetime: f
             (TRUST_BUNDLE, anchor, 0o644),
             (TRUST_DOMAIN, f"{trust_domain}\n".encode(), 0o644),
         ]
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` via a temporary file and rename; the file has exactly `mode`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.unlink(missing_ok=True)  # left by a crash; O_EXCL below must not trip on it
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have taken bits away from (or, for 0644, kept) `mode`
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def split_pem_certificates(pem: bytes) -> list[bytes]:

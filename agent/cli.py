@@ -1,4 +1,4 @@
-"""The `pinion` command: agent, rules, demo, cni, and stat, edges, top, check."""
+"""The `pinion` command: agent, rules, demo, cni, identity, install, and stat, edges, top, check."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)
     _add_identity_parser(sub)
+    _add_install_parser(sub)
     _add_viz_parsers(sub)
     return parser
 
@@ -121,6 +122,21 @@ def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     init.add_argument("--force", action="store_true",
                       help="replace existing keys (every certificate issued so far stops verifying)")
     init.set_defaults(run=_run_identity_init)
+
+
+def _add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    install = sub.add_parser(
+        "install", help="print the Kubernetes manifests with new issuer credentials, for "
+                        "`pinion install | kubectl apply -f -`")
+    install.add_argument("--trust-domain", metavar="TD",
+                         help="SPIFFE trust domain (default cluster.local; with --identity-dir, the dir's)")
+    install.add_argument("--identity-dir", type=Path, metavar="DIR",
+                         help="use the issuer and trust bundle of this `pinion identity init` dir "
+                              "instead of generating them (its anchor key is not emitted)")
+    install.add_argument("--image", metavar="IMAGE", help="the image of every container")
+    install.add_argument("--redirect", choices=REDIRECT_MODES, help="the agents' capture backend")
+    install.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    install.set_defaults(run=_run_install)
 
 
 def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -270,6 +286,35 @@ def _run_identity_init(args: argparse.Namespace) -> int:
         return 2
     for path in written:
         print(f"wrote {path} ({path.stat().st_mode & 0o777:04o})")
+    return 0
+
+
+def _run_install(args: argparse.Namespace) -> int:
+    """Manifests on stdout; what happened to the trust anchor on stderr."""
+    from agent.deploy import install
+
+    try:
+        if args.identity_dir is not None:
+            credentials = install.IssuerCredentials.from_identity_dir(args.identity_dir)
+            if args.trust_domain not in (None, credentials.trust_domain):
+                raise install.InstallError(f"--trust-domain {args.trust_domain} differs from "
+                                           f"{args.identity_dir}'s {credentials.trust_domain}")
+        else:
+            credentials = install.IssuerCredentials.generate(args.trust_domain or "cluster.local")
+        overrides = install.Overrides(args.image, args.redirect, args.log_level)
+        documents = install.render(install.load_manifests(), credentials, overrides)
+    except install.InstallError as exc:
+        print(f"pinion install: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(install.to_yaml(documents, credentials.trust_domain))
+    if args.identity_dir is not None:
+        print(f"pinion install: issuer and trust bundle from {args.identity_dir}; its trust "
+              "anchor key stays there and is not in the output", file=sys.stderr)
+    else:
+        print(f"pinion install: generated a trust anchor for {credentials.trust_domain} and an issuer "
+              "valid for one year; the anchor's private key was not kept (it never enters the "
+              "cluster), so no new issuer can be signed by it. To keep an anchor, run `pinion "
+              "identity init --dir DIR` and `pinion install --identity-dir DIR`.", file=sys.stderr)
     return 0
 
 

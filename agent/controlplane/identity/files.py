@@ -54,17 +54,23 @@ def init_identity_dir(path: Path, trust_domain: str = "cluster.local", anchor_li
     existing = [name for name in (TRUST_ANCHOR_KEY, ISSUER_KEY) if (path / name).exists()]
     if existing and not force:
         raise FileExistsError(f"{path} already holds {', '.join(existing)}; use --force to replace them")
-    files = _new_authority(trust_domain, anchor_lifetime, issuer_lifetime, clock())
+    files = new_authority(trust_domain, anchor_lifetime, issuer_lifetime, clock=clock)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-    for name, data, mode in files:
-        atomic_write(path / name, data, mode)
-    return [path / name for name, _, _ in files]
+    for name, data in files.items():
+        atomic_write(path / name, data, 0o600 if name.endswith(".key") else 0o644)
+    return [path / name for name in files]
 
 
-def _new_authority(trust_domain: str, anchor_lifetime: float, issuer_lifetime: float,
-                   now: float) -> list[tuple[str, bytes, int]]:
-    """(file name, contents, mode) for a fresh anchor + issuer, keys first."""
+def new_authority(trust_domain: str = "cluster.local", anchor_lifetime: float = 10 * YEAR,
+                  issuer_lifetime: float = YEAR, *,
+                  clock: Callable[[], float] = time.time) -> dict[str, bytes]:
+    """A fresh anchor + issuer in memory: {file name: contents} of an identity directory, keys
+    first. (`pinion install` puts the issuer into a Secret and writes the anchor key nowhere.)"""
+    check_trust_domain(trust_domain)
+    if not 0 < issuer_lifetime <= anchor_lifetime:
+        raise ValueError("the issuer must outlive zero seconds and not outlive the anchor")
+    now = clock()
     not_before = now - CA_BACKDATE
     with generate_key() as anchor_key, generate_key() as issuer_key:
         anchor = self_signed_ca(anchor_key, f"root.pinion.{trust_domain}", not_before, now + anchor_lifetime,
@@ -72,14 +78,14 @@ def _new_authority(trust_domain: str, anchor_lifetime: float, issuer_lifetime: f
         issuer = issue_intermediate(issuer_key, issuer_cert_pem=anchor, issuer_key=anchor_key,
                                     common_name=f"identity.pinion.{trust_domain}", not_before=not_before,
                                     not_after=now + issuer_lifetime, trust_domain=trust_domain)
-        return [
-            (TRUST_ANCHOR_KEY, anchor_key.private_pem(), 0o600),
-            (ISSUER_KEY, issuer_key.private_pem(), 0o600),
-            (TRUST_ANCHOR_CERT, anchor, 0o644),
-            (ISSUER_CERT, issuer, 0o644),
-            (TRUST_BUNDLE, anchor, 0o644),
-            (TRUST_DOMAIN, f"{trust_domain}\n".encode(), 0o644),
-        ]
+        return {
+            TRUST_ANCHOR_KEY: anchor_key.private_pem(),
+            ISSUER_KEY: issuer_key.private_pem(),
+            TRUST_ANCHOR_CERT: anchor,
+            ISSUER_CERT: issuer,
+            TRUST_BUNDLE: anchor,
+            TRUST_DOMAIN: f"{trust_domain}\n".encode(),
+        }
 
 
 def split_pem_certificates(pem: bytes) -> list[bytes]:

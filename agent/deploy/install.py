@@ -27,7 +27,7 @@ import yaml
 
 from agent.controlplane.identity import files
 from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.crypto import CryptoError, cert_info
+from agent.controlplane.identity.crypto import CryptoError, signed_by
 from agent.controlplane.identity.spiffe import check_trust_domain
 
 NAMESPACE = "pinion-system"
@@ -67,20 +67,19 @@ class IssuerCredentials:
     @classmethod
     def from_identity_dir(cls, path: Path) -> IssuerCredentials:
         """The issuer of a `pinion identity init` directory, checked: its key matches its CA
-        certificate, the bundle holds CA certificates, and one of them issued the issuer."""
+        certificate, the bundle holds CA certificates, and one of them signed the issuer."""
         try:
             trust_domain = LocalSigner.from_dir(path).trust_domain
             anchors = files.load_trust_bundle(path)
             issuer_cert = (path / files.ISSUER_CERT).read_bytes()
             issuer_key = (path / files.ISSUER_KEY).read_bytes()
             bundle = (path / files.TRUST_BUNDLE).read_bytes()
-            issued_by = cert_info(issuer_cert).issuer
-            anchor_names = [cert_info(anchor).subject for anchor in anchors]
+            chains = any(signed_by(issuer_cert, anchor) for anchor in anchors)
         except (OSError, ValueError, CryptoError, IssueError) as exc:
             raise InstallError(f"{path} is not a usable identity directory: {exc}") from exc
-        if issued_by not in anchor_names:
-            raise InstallError(f"{path}: {files.ISSUER_CERT} was issued by {issued_by!r}, which is "
-                               f"not in {files.TRUST_BUNDLE} ({', '.join(anchor_names)})")
+        if not chains:
+            raise InstallError(f"{path}: {files.ISSUER_CERT} is not signed by any anchor of "
+                               f"{files.TRUST_BUNDLE}: agents would reject every certificate it issues")
         return cls(trust_domain, issuer_cert, issuer_key, bundle)
 
     def secret_data(self) -> dict[str, str]:

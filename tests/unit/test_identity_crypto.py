@@ -25,6 +25,7 @@ from agent.controlplane.identity.crypto import (
     load_private_key,
     make_csr,
     self_signed_ca,
+    signed_by,
 )
 
 CART = "spiffe://cluster.local/ns/shop/sa/cart"
@@ -185,6 +186,16 @@ def test_the_leaf_holds_the_csr_key(authority: Authority) -> None:
 
     assert key_matches(leaf, key)
     assert not key_matches(leaf, other)
+
+
+def test_signed_by_checks_the_signature_not_the_names(authority: Authority) -> None:
+    impostor = self_signed_ca(generate_key(), "root.pinion.cluster.local", NOW - 60, NOW + DAY,
+                              "cluster.local")
+
+    assert signed_by(authority.issuer, authority.anchor)
+    assert signed_by(leaf_for(authority), authority.issuer)
+    assert not signed_by(authority.issuer, impostor)  # same subject name, another key
+    assert not signed_by(leaf_for(authority), authority.anchor)
 
 
 def test_serials_are_random_128_bit_and_positive(authority: Authority) -> None:

@@ -117,6 +117,7 @@ _CRYPTO_FUNCTIONS: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "X509_get_ext_d2i": (_P, (_P, _I, _PI, _PI)),
     "X509_get_extension_flags": (ctypes.c_uint32, (_P,)),
     "X509_check_private_key": (_I, (_P, _P)),
+    "X509_verify": (_I, (_P, _P)),
     "X509_sign": (_I, (_P, _P, _P)),
     "PEM_write_bio_X509": (_I, (_P, _P)),
     "PEM_read_bio_X509": (_P, (_P, _P, _P, _P)),

@@ -53,6 +53,7 @@ __all__ = [
     "load_private_key",
     "make_csr",
     "self_signed_ca",
+    "signed_by",
 ]
 
 GEN_URI = 6
@@ -159,6 +160,15 @@ def key_matches(cert_pem: bytes, key: PrivateKey) -> bool:
     with clean_errors(), ExitStack() as stack:
         matches: bool = crypto.X509_check_private_key(_read_cert(stack, cert_pem), key.handle) == 1
         return matches
+
+
+def signed_by(cert_pem: bytes, issuer_cert_pem: bytes) -> bool:
+    """Whether the first certificate in `cert_pem` carries a signature by `issuer_cert_pem`'s key
+    (the signature only: no names, dates or extensions are checked)."""
+    with clean_errors(), ExitStack() as stack:
+        issuer_key = ptr(crypto.X509_get0_pubkey(_read_cert(stack, issuer_cert_pem)), "X509_get0_pubkey")
+        verified: bool = crypto.X509_verify(_read_cert(stack, cert_pem), issuer_key) == 1
+        return verified
 
 
 def make_csr(key: PrivateKey, spiffe_id: str) -> bytes:

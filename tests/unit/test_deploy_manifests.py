@@ -1,0 +1,444 @@
+"""deploy/ and `pinion install`: valid Kubernetes 1.30 objects (kubernetes-validate, strict
+schemas), and the things a schema cannot see: mounts have volumes, accounts exist, RBAC and
+capabilities are exactly the contract's, the agent's flags parse, the Secret carries the
+issuer and never the anchor, and the issuer chains to the bundle (`openssl verify`)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from agent import cli
+from agent.config import Config
+from agent.controlplane.cni_install import layout
+from agent.controlplane.identity import files
+from agent.deploy import install
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KUBERNETES_VERSION = "1.30.0"
+NAMESPACE = "pinion-system"
+IMAGE = "ghcr.io/pinion-mesh/pinion:0.1.0"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def objects_in(path: Path) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document is not None]
+
+
+def checked_in() -> list[dict[str, Any]]:
+    return [document for path in sorted(DEPLOY.glob("*.yaml")) for document in objects_in(path)]
+
+
+def run_install(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["install", *argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def installed() -> list[dict[str, Any]]:
+    code, out, _ = run_install()
+    assert code == 0
+    return [document for document in yaml.safe_load_all(out) if document is not None]
+
+
+def find(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_specs(documents: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for document in documents:
+        if document["kind"] in ("DaemonSet", "Deployment"):
+            yield document["metadata"]["name"], document["spec"]["template"]["spec"]
+
+
+def container(documents: list[dict[str, Any]], workload: str, name: str) -> dict[str, Any]:
+    spec = dict(pod_specs(documents))[workload]
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
+def secret_values(documents: list[dict[str, Any]]) -> dict[str, bytes]:
+    secret = find(documents, "Secret", "pinion-issuer")
+    return {key: base64.b64decode(value) for key, value in secret["data"].items()}
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; outside CI a missing tool skips, in CI it fails."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: a missing tool fails)")
+        pytest.skip(message)
+    return path
+
+
+# --- the files and the schemas --------------------------------------------------------------
+
+def test_install_renders_every_manifest_file_and_nothing_else() -> None:
+    assert sorted(install.MANIFEST_FILES) == sorted(p.name for p in DEPLOY.glob("*.yaml"))
+    assert Path(str(install.manifest_directory())).resolve() == DEPLOY.resolve()
+
+
+def test_kubernetes_validate_has_the_1_30_schemas() -> None:
+    namespace = objects_in(DEPLOY / "00-namespace.yaml")[0]
+    assert kubernetes_validate.validate(namespace, KUBERNETES_VERSION, strict=True) == "1.30"
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
+def test_checked_in_manifests_validate_against_kubernetes_1_30(path: Path) -> None:
+    for document in objects_in(path):
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_install_output_validates_against_kubernetes_1_30(installed: list[dict[str, Any]]) -> None:
+    for document in installed:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    daemonset = copy.deepcopy(find(checked_in(), "DaemonSet", "pinion-agent"))
+    daemonset["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
+
+
+# --- what a schema cannot see ---------------------------------------------------------------
+
+@pytest.fixture(params=["checked-in", "installed"])
+def objects(request: pytest.FixtureRequest, installed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return checked_in() if request.param == "checked-in" else installed
+
+
+def test_everything_namespaced_is_in_pinion_system(objects: list[dict[str, Any]]) -> None:
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    for document in objects:
+        namespace = document["metadata"].get("namespace")
+        assert namespace == (None if document["kind"] in cluster_scoped else NAMESPACE), document["kind"]
+    assert find(objects, "Namespace", NAMESPACE)
+
+
+def test_every_volume_mount_has_a_volume_and_every_volume_is_mounted(objects: list[dict[str, Any]]) -> None:
+    for workload, spec in pod_specs(objects):
+        volumes = {volume["name"] for volume in spec.get("volumes", [])}
+        mounted = {mount["name"] for c in spec["containers"] + spec.get("initContainers", [])
+                   for mount in c.get("volumeMounts", [])}
+        assert mounted <= volumes, f"{workload}: mounts without a volume: {mounted - volumes}"
+        assert volumes <= mounted, f"{workload}: volumes nobody mounts: {volumes - mounted}"
+
+
+def test_each_workload_runs_as_a_service_account_of_rbac_yaml(objects: list[dict[str, Any]]) -> None:
+    rbac = objects_in(DEPLOY / "rbac.yaml")
+    accounts = {(d["metadata"]["name"], d["metadata"]["namespace"])
+                for d in rbac if d["kind"] == "ServiceAccount"}
+    assert dict((w, s["serviceAccountName"]) for w, s in pod_specs(objects)) == {
+        "pinion-agent": "pinion-agent", "pinion-issuer": "pinion-issuer"}
+    assert {("pinion-agent", NAMESPACE), ("pinion-issuer", NAMESPACE)} <= accounts
+
+
+def rules_of(document: dict[str, Any]) -> set[tuple[str, str, tuple[str, ...], str]]:
+    """(apiGroup, resource, resourceNames, verb) for every combination a rule grants."""
+    return {(group, resource, tuple(rule.get("resourceNames", ())), verb)
+            for rule in document["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_rbac_grants_exactly_what_docs_kubernetes_md_says() -> None:
+    rbac = objects_in(DEPLOY / "rbac.yaml")
+    agent = {("", r, (), v) for r in ("pods", "namespaces", "services") for v in ("get", "list", "watch")}
+    agent |= {("discovery.k8s.io", "endpointslices", (), v) for v in ("list", "watch")}
+    assert rules_of(find(rbac, "ClusterRole", "pinion-agent")) == agent
+    assert rules_of(find(rbac, "ClusterRole", "pinion-issuer")) == {
+        ("authentication.k8s.io", "tokenreviews", (), "create"),
+        ("", "pods", (), "get"), ("", "pods", (), "list")}
+    assert rules_of(find(rbac, "Role", "pinion-issuer-trust-bundle")) == {
+        ("", "configmaps", ("pinion-trust-bundle",), "get"),
+        ("", "configmaps", ("pinion-trust-bundle",), "update")}
+    assert {d["kind"] for d in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                         "Role", "RoleBinding"}
+
+
+def test_each_binding_gives_its_role_to_its_own_account_only() -> None:
+    rbac = objects_in(DEPLOY / "rbac.yaml")
+    bindings = {(d["kind"], d["roleRef"]["kind"], d["roleRef"]["name"]):
+                [(s["kind"], s["name"], s["namespace"]) for s in d["subjects"]]
+                for d in rbac if d["kind"].endswith("Binding")}
+    agent = [("ServiceAccount", "pinion-agent", NAMESPACE)]
+    issuer = [("ServiceAccount", "pinion-issuer", NAMESPACE)]
+    assert bindings == {("ClusterRoleBinding", "ClusterRole", "pinion-agent"): agent,
+                        ("ClusterRoleBinding", "ClusterRole", "pinion-issuer"): issuer,
+                        ("RoleBinding", "Role", "pinion-issuer-trust-bundle"): issuer}
+
+
+def walk(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item)
+
+
+def test_nothing_is_privileged_and_capabilities_are_exactly_the_listed_ones(
+        objects: list[dict[str, Any]]) -> None:
+    assert ("privileged", True) not in list(walk(objects))
+    wanted = {("pinion-agent", "agent"): {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF"},
+              ("pinion-agent", "cni-installer"): set(), ("pinion-issuer", "issuer"): set()}
+    found = {}
+    for workload, spec in pod_specs(objects):
+        for c in spec["containers"]:
+            context = c["securityContext"]
+            assert context["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert context["readOnlyRootFilesystem"] is True, c["name"]
+            assert context["allowPrivilegeEscalation"] is False, c["name"]
+            found[workload, c["name"]] = set(context["capabilities"].get("add", []))
+    assert found == wanted
+
+
+def test_the_issuer_runs_as_non_root_with_the_runtime_seccomp_profile(objects: list[dict[str, Any]]) -> None:
+    specs = dict(pod_specs(objects))
+    assert specs["pinion-issuer"]["securityContext"]["runAsNonRoot"] is True
+    assert specs["pinion-issuer"]["securityContext"]["runAsUser"] != 0
+    for spec in specs.values():
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    mount = container(objects, "pinion-issuer", "issuer")["volumeMounts"][0]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/var/run/pinion/issuer", True)
+    assert specs["pinion-issuer"]["volumes"][0]["secret"]["secretName"] == "pinion-issuer"
+
+
+def mounts_by_path(workload_container: dict[str, Any], spec: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in workload_container["volumeMounts"]}
+
+
+def test_the_agent_pod_is_on_the_host_network_on_every_node(objects: list[dict[str, Any]]) -> None:
+    daemonset = find(objects, "DaemonSet", "pinion-agent")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert (spec["hostNetwork"], spec["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                                   "rollingUpdate": {"maxUnavailable": 1}}
+    assert container(objects, "pinion-agent", "agent")["securityContext"]["runAsUser"] == 0
+
+
+def test_the_agent_mounts_what_capture_needs(objects: list[dict[str, Any]]) -> None:
+    spec = dict(pod_specs(objects))["pinion-agent"]
+    mounts = mounts_by_path(container(objects, "pinion-agent", "agent"), spec)
+    host_paths = {path: (volume["hostPath"]["path"], mount.get("mountPropagation"),
+                         mount.get("readOnly", False))
+                  for path, (mount, volume) in mounts.items() if "hostPath" in volume}
+    assert host_paths == {
+        "/run/pinion": ("/run/pinion", None, False),
+        "/var/lib/pinion": ("/var/lib/pinion", None, False),
+        "/run/netns": ("/run/netns", "HostToContainer", False),
+        "/sys/fs/bpf": ("/sys/fs/bpf", "HostToContainer", False),  # Bidirectional needs privileged
+        "/sys/fs/cgroup": ("/sys/fs/cgroup", None, True),
+    }
+    token = mounts["/var/run/secrets/pinion"][1]["projected"]["sources"]
+    assert token == [{"serviceAccountToken": {"audience": "pinion-issuer", "expirationSeconds": 3600,
+                                              "path": "token"}}]
+    assert mounts["/var/run/pinion/trust-bundle"][1]["configMap"]["name"] == "pinion-trust-bundle"
+
+
+def expand(arguments: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) expansion of a container's args."""
+    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], a) for a in arguments]
+
+
+def container_env(objects: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, str]:
+    settings = find(objects, "ConfigMap", "pinion-config")["data"]
+    env = {}
+    for variable in c.get("env", []):
+        source = variable.get("valueFrom", {})
+        if "configMapKeyRef" in source:
+            assert source["configMapKeyRef"]["name"] == "pinion-config"
+            env[variable["name"]] = settings[source["configMapKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            env[variable["name"]] = {"spec.nodeName": "node-a"}[source["fieldRef"]["fieldPath"]]
+    return env
+
+
+def test_the_agent_command_is_one_pinion_agent_accepts(objects: list[dict[str, Any]]) -> None:
+    agent = container(objects, "pinion-agent", "agent")
+    env = container_env(objects, agent)
+    assert env["PINION_NODE_NAME"] == "node-a"
+    argv = agent["command"][1:] + expand(agent["args"], env)
+    args = cli._parser().parse_args(argv)
+    assert args.run is cli._run_agent
+    values = {name: env.get(f"PINION_{name.upper()}") for name in cli._AGENT_FLAGS}
+    values.update({k: v for k, v in vars(args).items() if k in cli._AGENT_FLAGS and v is not None})
+    config = Config.from_mapping(values)
+    assert (config.node_name, config.admin_host, config.admin_port) == ("node-a", "0.0.0.0", 4191)
+    assert (str(config.cni_socket), str(config.state_dir), config.redirect) == (
+        "/run/pinion/cni.sock", "/var/lib/pinion", "auto")
+
+
+def test_the_cni_installer_sees_every_directory_the_layout_may_choose(objects: list[dict[str, Any]]) -> None:
+    installer = container(objects, "pinion-agent", "cni-installer")
+    args = cli._parser().parse_args(installer["command"][1:] + installer["args"])
+    assert (args.run, args.watch, args.uninstall_on_exit) == (cli._run_cni_install, True, True)
+    spec = dict(pod_specs(objects))["pinion-agent"]
+    mounts = mounts_by_path(installer, spec)
+    for mount_path, (_, volume) in mounts.items():  # each host path appears where it is on the host
+        assert mount_path == str(args.host_root / volume["hostPath"]["path"].lstrip("/"))
+    needed = [layout.K3S_CONF_DIR, layout.K3S_BIN_DIR, layout.K3S_OLD_BIN_DIR, layout.STANDARD_CONF_DIR,
+              layout.STANDARD_BIN_DIR, Path(args.agent_socket).parent.relative_to("/")]
+    for relative in needed:
+        target = args.host_root / relative
+        assert any(target.is_relative_to(m) for m in mounts), f"{target} is not mounted"
+    # A mount below k3s/agent would create that directory on a kubeadm node: it would look like k3s.
+    assert not any(Path(m).is_relative_to(args.host_root / layout.K3S_AGENT_DIR) for m in mounts)
+
+
+def test_probes_and_ports(objects: list[dict[str, Any]]) -> None:
+    for workload, name, port in (("pinion-agent", "agent", 4191), ("pinion-issuer", "issuer", 9990)):
+        c = container(objects, workload, name)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["admin"] == port
+        assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "admin"}
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    agent = container(objects, "pinion-agent", "agent")
+    assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "48Mi"}
+    assert agent["resources"]["limits"] == {"memory": "256Mi"}
+
+
+def test_services_select_their_pods(objects: list[dict[str, Any]]) -> None:
+    metrics = find(objects, "Service", "pinion-agent-metrics")
+    assert metrics["spec"]["clusterIP"] == "None"
+    assert metrics["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert metrics["metadata"]["annotations"]["prometheus.io/port"] == "4191"
+    assert metrics["spec"]["ports"] == [{"name": "admin", "port": 4191, "targetPort": "admin",
+                                         "protocol": "TCP"}]
+    issuer = find(objects, "Service", "pinion-issuer")
+    assert [p["port"] for p in issuer["spec"]["ports"]] == [8443]
+    for service, workload in ((metrics, "DaemonSet/pinion-agent"), (issuer, "Deployment/pinion-issuer")):
+        labels = find(objects, *workload.split("/"))["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_every_container_uses_the_image_if_present(objects: list[dict[str, Any]]) -> None:
+    for _, spec in pod_specs(objects):
+        for c in spec["containers"]:
+            assert (c["image"], c["imagePullPolicy"]) == (IMAGE, "IfNotPresent")
+
+
+def test_the_checked_in_trust_bundle_is_a_placeholder_that_no_agent_would_accept(tmp_path: Path) -> None:
+    bundle = find(checked_in(), "ConfigMap", "pinion-trust-bundle")["data"]["trust-bundle.crt"]
+    assert "pinion install" in bundle
+    (tmp_path / "trust-bundle.crt").write_text(bundle)
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        files.load_trust_bundle(tmp_path)
+    assert "Secret" not in {d["kind"] for d in checked_in()}  # only `pinion install` writes it
+
+
+# --- the issuer's credentials in `pinion install` -------------------------------------------
+
+def test_the_secret_holds_the_issuer_and_never_the_anchor_key(installed: list[dict[str, Any]]) -> None:
+    values = secret_values(installed)
+    assert sorted(values) == sorted(["issuer.crt", "issuer.key", "trust-bundle.crt", "trust-domain"])
+    assert find(installed, "Secret", "pinion-issuer")["type"] == "Opaque"
+    assert values["trust-domain"] == b"cluster.local\n"
+    everything = yaml.safe_dump_all(installed) + "".join(v.decode() for v in values.values())
+    assert everything.count("PRIVATE KEY-----\n") == 2  # BEGIN and END of issuer.key, nothing else
+    bundle = find(installed, "ConfigMap", "pinion-trust-bundle")["data"]["trust-bundle.crt"]
+    assert bundle.encode() == values["trust-bundle.crt"]
+    assert find(installed, "ConfigMap", "pinion-config")["data"]["trust-domain"] == "cluster.local"
+
+
+def test_the_issuer_verifies_against_the_bundle_with_openssl(installed: list[dict[str, Any]],
+                                                            tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+    values = secret_values(installed)
+    assert len(files.split_pem_certificates(values["trust-bundle.crt"])) == 1
+    for name in ("trust-bundle.crt", "issuer.crt", "issuer.key"):
+        (tmp_path / name).write_bytes(values[name])
+    subprocess.run([openssl, "x509", "-noout", "-in", tmp_path / "trust-bundle.crt"], check=True)
+    verified = subprocess.run([openssl, "verify", "-CAfile", tmp_path / "trust-bundle.crt",
+                               tmp_path / "issuer.crt"], capture_output=True, text=True)
+    assert verified.returncode == 0 and verified.stdout.strip().endswith(": OK"), verified.stderr
+    key = subprocess.run([openssl, "pkey", "-in", tmp_path / "issuer.key", "-pubout"],
+                         capture_output=True, check=True).stdout
+    cert = subprocess.run([openssl, "x509", "-in", tmp_path / "issuer.crt", "-noout", "-pubkey"],
+                          capture_output=True, check=True).stdout
+    assert key == cert
+
+
+def test_each_install_makes_a_new_anchor_and_says_its_key_was_not_kept() -> None:
+    first, second = run_install(), run_install("--trust-domain", "pi.example")
+    assert first[0] == second[0] == 0
+    assert "private key was not kept" in first[2] and "pinion identity init" in first[2]
+    docs = [list(yaml.safe_load_all(out)) for _, out, _ in (first, second)]
+    bundles = [secret_values([d for d in stream if d])["trust-bundle.crt"] for stream in docs]
+    assert bundles[0] != bundles[1]
+    assert secret_values([d for d in docs[1] if d])["trust-domain"] == b"pi.example\n"
+
+
+def test_identity_dir_supplies_the_issuer_and_keeps_its_anchor_key(tmp_path: Path) -> None:
+    files.init_identity_dir(tmp_path / "id", "home.arpa")
+    code, out, err = run_install("--identity-dir", str(tmp_path / "id"))
+    assert code == 0 and "stays there" in err
+    documents = [d for d in yaml.safe_load_all(out) if d]
+    values = secret_values(documents)
+    for name in ("issuer.crt", "issuer.key", "trust-bundle.crt"):
+        assert values[name] == (tmp_path / "id" / name).read_bytes()
+    assert values["trust-domain"] == b"home.arpa\n"
+    anchor_key = (tmp_path / "id" / "trust-anchor.key").read_text().strip().splitlines()[1]
+    assert anchor_key not in out and base64.b64encode(anchor_key.encode()).decode()[:40] not in out
+
+
+def test_identity_dir_refusals(tmp_path: Path) -> None:
+    files.init_identity_dir(tmp_path / "id", "home.arpa")
+    code, out, err = run_install("--identity-dir", str(tmp_path / "id"), "--trust-domain", "other.example")
+    assert (code, out) == (1, "") and "differs" in err
+    code, out, err = run_install("--identity-dir", str(tmp_path / "missing"))
+    assert (code, out) == (1, "") and "not a usable identity directory" in err
+    files.init_identity_dir(tmp_path / "other", "home.arpa")
+    (tmp_path / "id" / "trust-bundle.crt").write_bytes((tmp_path / "other" / "trust-bundle.crt").read_bytes())
+    code, out, err = run_install("--identity-dir", str(tmp_path / "id"))
+    assert (code, out) == (1, "") and "is not signed by any anchor" in err
+
+
+def test_overrides_change_only_what_they_name() -> None:
+    code, out, _ = run_install("--image", "registry.local/pinion:dev", "--redirect", "nftables",
+                               "--log-level", "debug")
+    assert code == 0
+    documents = [d for d in yaml.safe_load_all(out) if d]
+    assert find(documents, "ConfigMap", "pinion-config")["data"] == {
+        "trust-domain": "cluster.local", "redirect": "nftables", "log-level": "debug"}
+    images = {c["image"] for _, spec in pod_specs(documents) for c in spec["containers"]}
+    assert images == {"registry.local/pinion:dev"}
+    agent = container(documents, "pinion-agent", "agent")
+    assert "--redirect=nftables" in expand(agent["args"], container_env(documents, agent))
+
+
+def test_the_stream_puts_dependencies_first(installed: list[dict[str, Any]]) -> None:
+    kinds = [d["kind"] for d in installed]
+    assert kinds[0] == "Namespace"
+    assert kinds.index("Secret") < kinds.index("Deployment") < kinds.index("DaemonSet")
+    assert max(i for i, k in enumerate(kinds) if k == "ServiceAccount") < kinds.index("Deployment")
+
+
+def test_the_agent_never_imports_yaml() -> None:
+    code = "import sys, agent.app, agent.cli; sys.exit('yaml' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

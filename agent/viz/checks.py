@@ -10,13 +10,16 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.viz.render import CHECK, CROSS, section
 from agent.viz.scrape import AgentError, Reply, get, parse_metrics, parse_pods
 from agent.viz.stats import Sample
 
 CLOCK_SKEW_LIMIT = 60.0   # seconds an agent's process may seem to have started in the future
-CNI_BRIDGE = "/usr/lib/cni/bridge"
+BPFFS = "/sys/fs/bpf"
+# Read-only commands that fail unless the kernel can do nftables / iptables (nat) rules.
+NETFILTER_PROBES = (("nft", "list", "tables"), ("iptables-legacy", "-t", "nat", "-S"))
 MIN_PLUGIN_PYTHON = (3, 9)
 
 
@@ -202,12 +205,16 @@ def agent_results(replies: AgentReplies, now: float) -> list[CheckResult]:
 
 # --- this host (--pre) ----------------------------------------------------------------------
 
-def _read_mounts() -> str:
+def _read_text(path: str) -> str | None:
     try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            return mounts.read()
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
     except OSError:
-        return ""
+        return None
+
+
+def _read_mounts() -> str:
+    return _read_text("/proc/self/mounts") or ""
 
 
 def _host_python() -> tuple[int, int] | None:
@@ -221,33 +228,114 @@ def _host_python() -> tuple[int, int] | None:
         return None
 
 
+def _succeeds(argv: Sequence[str]) -> bool:
+    try:
+        return subprocess.run(list(argv), capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@dataclass(frozen=True)
+class CniConfig:
+    """Where this host's CNI configs are (k3s or standard) and the primary one, if any."""
+
+    flavour: str
+    conf_dir: str
+    primary: str | None
+    problem: str | None = None
+
+
+def _cni_config(host_root: Path = Path("/")) -> CniConfig:
+    from agent.controlplane.cni_install import detect_layout
+    from agent.controlplane.cni_install.layout import scan_conf_dir
+
+    layout = detect_layout(host_root)
+    try:
+        primary = scan_conf_dir(layout.conf_dir).primary
+    except FileNotFoundError:
+        return CniConfig(layout.flavour, str(layout.conf_dir), None, "the directory does not exist")
+    except OSError as exc:
+        return CniConfig(layout.flavour, str(layout.conf_dir), None, str(exc))
+    return CniConfig(layout.flavour, str(layout.conf_dir), primary)
+
+
 @dataclass(frozen=True)
 class HostProbes:
     """How --pre looks at this host; tests pass their own."""
 
     euid: Callable[[], int] = os.geteuid
     which: Callable[[str], str | None] = shutil.which
-    exists: Callable[[str], bool] = os.path.exists
     mounts: Callable[[], str] = _read_mounts
     python3: Callable[[], tuple[int, int] | None] = _host_python
+    read_text: Callable[[str], str | None] = _read_text
+    kernel_release: Callable[[], str] = lambda: os.uname().release
+    cni_config: Callable[[], CniConfig] = _cni_config
+    succeeds: Callable[[Sequence[str]], bool] = _succeeds
 
 
 HOST_PROBES = HostProbes()
 
 
+def _kernel_module(probes: HostProbes, module: str) -> str | None:
+    """How the kernel has `module`: "loaded", "built in", "a module", or None."""
+    loaded = probes.read_text("/proc/modules") or ""
+    if any(line.split()[0] == module for line in loaded.splitlines() if line.strip()):
+        return "loaded"
+    modules = f"/lib/modules/{probes.kernel_release()}"
+    for index, how in (("modules.builtin", "built in"), ("modules.dep", "a module")):
+        if f"/{module}.ko" in (probes.read_text(f"{modules}/{index}") or ""):
+            return how
+    return None
+
+
 def _netfilter(probes: HostProbes) -> CheckResult:
-    found = [f"{tool} at {path}" for tool in ("nft", "iptables-legacy") if (path := probes.which(tool))]
-    return CheckResult("nft or iptables-legacy is installed", bool(found), tuple(found[:1]),
-                       "install nftables (or iptables, for iptables-legacy): the agent writes "
-                       "capture rules with one of them")
+    """Kernel support, seen in the module lists, or else proven by a host tool that works."""
+    found = [f"{module} ({how})" for module in ("nf_tables", "ip_tables")
+             if (how := _kernel_module(probes, module))]
+    if not found:  # no module lists (a kernel without /proc/modules, /lib/modules): ask a tool
+        found = [f"`{' '.join(argv)}` works" for argv in NETFILTER_PROBES
+                 if probes.which(argv[0]) and probes.succeeds(argv)][:1]
+    return CheckResult("nftables or iptables is usable", bool(found), tuple(found),
+                       "the agent writes capture rules with nftables or iptables: load nf_tables "
+                       "(modprobe nf_tables) or use a kernel that has it")
+
+
+def _mounted(probes: HostProbes, fstype: str) -> list[str]:
+    """Where filesystems of `fstype` are mounted."""
+    return [fields[1] for fields in (line.split() for line in probes.mounts().splitlines())
+            if len(fields) > 2 and fields[2] == fstype]
 
 
 def _cgroup2(probes: HostProbes) -> CheckResult:
-    mounted = any(len(fields) > 2 and fields[2] == "cgroup2"
-                  for fields in (line.split() for line in probes.mounts().splitlines()))
-    return CheckResult("cgroup v2 is mounted", mounted, (),
+    where = _mounted(probes, "cgroup2")
+    return CheckResult("cgroup v2 is mounted", bool(where), tuple(f"at {path}" for path in where[:1]),
                        "boot with systemd.unified_cgroup_hierarchy=1 (Raspberry Pi OS: append it to "
                        "cmdline.txt); eBPF capture attaches to pods' cgroup v2")
+
+
+def _memory_cgroup(probes: HostProbes) -> CheckResult:
+    """/proc/cgroups: "memory <hierarchy> <cgroups> <enabled>", for cgroup v1 and v2 alike."""
+    rows = [line.split() for line in (probes.read_text("/proc/cgroups") or "").splitlines()]
+    enabled = any(len(row) >= 4 and row[0] == "memory" and row[3] == "1" for row in rows)
+    return CheckResult("the memory cgroup controller is enabled", enabled, (),
+                       "k3s needs it: on Raspberry Pi OS append `cgroup_memory=1 cgroup_enable=memory` "
+                       "to /boot/firmware/cmdline.txt (older: /boot/cmdline.txt) and reboot")
+
+
+def _bpffs(probes: HostProbes) -> CheckResult:
+    mounted = BPFFS in _mounted(probes, "bpf")
+    return CheckResult(f"bpffs is mounted at {BPFFS}", mounted, (),
+                       f"`mount -t bpf bpf {BPFFS}` (systemd mounts it at boot): the agent pins its "
+                       "eBPF programs there; without it `--redirect auto` uses netfilter")
+
+
+def _cni(probes: HostProbes) -> CheckResult:
+    found = probes.cni_config()
+    title = f"a primary CNI config in {found.conf_dir} ({found.flavour})"
+    detail = (found.primary,) if found.primary else ((found.problem,) if found.problem else ())
+    return CheckResult(title, found.primary is not None, detail,
+                       "pinion-cni is chained after the node's network plugin: on k3s, flannel writes "
+                       "10-flannel.conflist when k3s starts; elsewhere install a CNI network first")
 
 
 def _python(probes: HostProbes) -> CheckResult:
@@ -261,14 +349,13 @@ def _python(probes: HostProbes) -> CheckResult:
 
 
 def host_results(probes: HostProbes) -> list[CheckResult]:
-    """--pre: what running an agent on this host needs."""
+    """--pre: what running an agent on this host (a k3s node, or standalone) needs."""
     return [CheckResult("running as root", probes.euid() == 0, (),
                         "run the agent as root: it writes netfilter rules and enters pods' "
                         "network namespaces"),
             _netfilter(probes),
-            CheckResult(f"{CNI_BRIDGE} is present", probes.exists(CNI_BRIDGE), (),
-                        "install containernetworking-plugins (bridge + host-local, the first "
-                        "plugins of the lab's CNI chain)"),
             _cgroup2(probes),
+            _memory_cgroup(probes),
+            _bpffs(probes),
+            _cni(probes),
             _python(probes)]
-

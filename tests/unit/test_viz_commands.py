@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,34 +276,86 @@ def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 # --- check --pre ------------------------------------------------------------------------------
 
-def test_check_pre_all_green(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checks, "HOST_PROBES", checks.HostProbes(
-        euid=lambda: 0, which=lambda tool: "/usr/sbin/nft" if tool == "nft" else None,
-        exists=lambda path: path == "/usr/lib/cni/bridge",
-        mounts=lambda: "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n", python3=lambda: (3, 11)))
+K3S_NODE = {
+    "/proc/modules": "nf_tables 319488 1 nft_chain_nat, Live 0x0\nnfnetlink 20480 3 nf_tables, Live 0x0\n",
+    "/proc/cgroups": "#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpu\t0\t80\t1\nmemory\t0\t80\t1\n",
+}
+K3S_MOUNTS = ("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n"
+              "bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0\n")
+K3S_CNI = checks.CniConfig("k3s", "/var/lib/rancher/k3s/agent/etc/cni/net.d", "10-flannel.conflist")
+
+
+def host(**overrides: object) -> checks.HostProbes:
+    """A k3s node on Raspberry Pi OS with every prerequisite, unless overridden."""
+    probes = {"euid": lambda: 0, "which": lambda tool: None, "mounts": lambda: K3S_MOUNTS,
+              "python3": lambda: (3, 11), "read_text": K3S_NODE.get, "kernel_release": lambda: "6.6.51+rpt",
+              "cni_config": lambda: K3S_CNI, "succeeds": lambda argv: False}
+    return checks.HostProbes(**{**probes, **overrides})  # type: ignore[arg-type]
+
+
+def test_check_pre_all_green_on_a_k3s_node(capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "HOST_PROBES", host())
     code, out, _ = run(capsys, "check", "--pre")
     assert code == 0
     assert out.splitlines() == [
         "this host: prerequisites for running an agent", "-" * 45,
-        "✓ running as root", "✓ nft or iptables-legacy is installed", "    nft at /usr/sbin/nft",
-        "✓ /usr/lib/cni/bridge is present", "✓ cgroup v2 is mounted",
+        "✓ running as root", "✓ nftables or iptables is usable", "    nf_tables (loaded)",
+        "✓ cgroup v2 is mounted", "    at /sys/fs/cgroup",
+        "✓ the memory cgroup controller is enabled", "✓ bpffs is mounted at /sys/fs/bpf",
+        "✓ a primary CNI config in /var/lib/rancher/k3s/agent/etc/cni/net.d (k3s)",
+        "    10-flannel.conflist",
         "✓ python3 >= 3.9 for the CNI plugin", "", "Status check results are ✓"]
 
 
 def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checks, "HOST_PROBES", checks.HostProbes(
-        euid=lambda: 1000, which=lambda tool: None, exists=lambda path: False,
-        mounts=lambda: "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n", python3=lambda: (3, 7)))
+    raspberry_pi_os_defaults = "cpu\t0\t80\t1\nmemory\t0\t80\t0\n"  # cgroup_disable=memory
+    no_conf_dir = checks.CniConfig("standard", "/etc/cni/net.d", None, "the directory does not exist")
+    monkeypatch.setattr(checks, "HOST_PROBES", host(
+        euid=lambda: 1000, mounts=lambda: "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n",
+        read_text={"/proc/cgroups": raspberry_pi_os_defaults}.get, python3=lambda: (3, 7),
+        cni_config=lambda: no_conf_dir))
     code, out, _ = run(capsys, "check", "--pre")
     lines = out.splitlines()
     assert code == 1
     assert [line for line in lines if line.startswith(("✓", "✗"))] == [
-        "✗ running as root", "✗ nft or iptables-legacy is installed", "✗ /usr/lib/cni/bridge is present",
-        "✗ cgroup v2 is mounted", "✗ python3 >= 3.9 for the CNI plugin"]
-    assert "    python3 is 3.7" in lines
-    assert sum(line.startswith("    hint: ") for line in lines) == 5
+        "✗ running as root", "✗ nftables or iptables is usable", "✗ cgroup v2 is mounted",
+        "✗ the memory cgroup controller is enabled", "✗ bpffs is mounted at /sys/fs/bpf",
+        "✗ a primary CNI config in /etc/cni/net.d (standard)", "✗ python3 >= 3.9 for the CNI plugin"]
+    assert "    python3 is 3.7" in lines and "    the directory does not exist" in lines
+    assert any("cgroup_memory=1 cgroup_enable=memory" in line for line in lines)
+    assert sum(line.startswith("    hint: ") for line in lines) == 7
     assert lines[-1] == "Status check results are ✗"
+
+
+def test_check_pre_finds_netfilter_in_the_module_lists_or_by_asking_a_tool() -> None:
+    release = "6.1.0-28-arm64"
+    builtin = {f"/lib/modules/{release}/modules.builtin": "kernel/net/netfilter/nf_tables.ko\n"}
+    loadable = {f"/lib/modules/{release}/modules.dep": "kernel/net/ipv4/netfilter/ip_tables.ko.xz: x\n"}
+    for files, detail in ((builtin, "nf_tables (built in)"), (loadable, "ip_tables (a module)")):
+        [result] = [r for r in checks.host_results(host(read_text=files.get, kernel_release=lambda: release))
+                    if r.title == "nftables or iptables is usable"]
+        assert (result.ok, result.detail) == (True, (detail,))
+    # No module lists at all (/proc/modules and /lib/modules absent): a working read-only tool proves it.
+    asked: list[tuple[str, ...]] = []
+    probes = host(read_text={}.get, which=lambda tool: f"/usr/sbin/{tool}",
+                  succeeds=lambda argv: asked.append(tuple(argv)) or argv[0] == "iptables-legacy")
+    [result] = [r for r in checks.host_results(probes) if r.title == "nftables or iptables is usable"]
+    assert (result.ok, result.detail) == (True, ("`iptables-legacy -t nat -S` works",))
+    assert asked == [("nft", "list", "tables"), ("iptables-legacy", "-t", "nat", "-S")]
+
+
+def test_check_pre_finds_the_primary_cni_config_not_ours(tmp_path: Path) -> None:
+    from agent.controlplane.cni_install import layout
+
+    conf_dir = tmp_path / layout.K3S_CONF_DIR
+    conf_dir.mkdir(parents=True)
+    (conf_dir / "00-pinion.conflist").write_text('{"pinion": {"managedBy": "pinion cni install"}}')
+    found = checks._cni_config(tmp_path)
+    assert (found.flavour, found.primary) == ("k3s", None)  # our own config is not a primary
+    (conf_dir / "10-flannel.conflist").write_text("{}")
+    assert checks._cni_config(tmp_path).primary == "10-flannel.conflist"
 
 
 def test_agent_flag_must_be_host_port(capsys: pytest.CaptureFixture[str]) -> None:

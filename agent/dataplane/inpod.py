@@ -79,6 +79,9 @@ class PodManager:
     def pods(self) -> list[CapturedPod]:
         return list(self._pods.values())
 
+    def captured(self, container_id: str) -> CapturedPod | None:
+        return self._pods.get(container_id)
+
     async def add(self, pod: Pod) -> None:
         async with self._lock:
             current = self._pods.get(pod.container_id)

@@ -11,7 +11,7 @@ from typing import Any
 import prometheus_client
 
 from agent.config import Config
-from agent.controlplane.cni_server import CniServer, replay_pending
+from agent.controlplane.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
 from agent.controlplane.state import PodStateStore
 from agent.core.telemetry import Telemetry
 from agent.dataplane.inpod import PodManager
@@ -39,15 +39,19 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     store.prepare()
     identities = _identities(config, proxy, sockets, registry, metrics)
     pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics, identities)
+    cluster = _kubernetes(config, pods, proxy, identities)
+    admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
                         lambda: _pods_view(pods))
-    cni = CniServer(config.cni_socket, pods, metrics)
+    cni = CniServer(config.cni_socket, pods, metrics, admission)
 
     await admin.start()
     await pods.adopt()
+    if cluster is not None:
+        cluster.admission.load()
     await cni.start()
-    await replay_pending(config.pending_dir, pods)
-    admin.ready = True
+    await replay_pending(config.pending_dir, admission)
+    admin.ready = cluster is None  # in Kubernetes mode: once this node's pods are listed
     log.info("agent %s serving: admin %s:%d, cni %s, redirect %s, %d pods", config.node_name,
              config.admin_host, config.admin_port, config.cni_socket, backend.name,
              len(pods.pods()))
@@ -56,15 +60,20 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(_sweep_forever(config, pods, proxy))
-        renewer = tasks.create_task(identities.run()) if identities is not None else None
+        background = [tasks.create_task(_sweep_forever(config, pods, proxy, admission))]
+        if identities is not None:
+            background.append(tasks.create_task(identities.run()))
+        if cluster is not None:
+            background.append(tasks.create_task(cluster.run()))
+            background.append(tasks.create_task(_ready_when_synced(cluster, admin)))
         await stop.wait()
         log.info("draining: %s", "removing all capture rules" if cleanup else
                  "pods stay captured (fail closed) until the agent returns")
         admin.ready = False
-        sweeper.cancel()
-        if renewer is not None:
-            renewer.cancel()
+        for task in background:
+            task.cancel()
+        if cluster is not None:
+            await cluster.close()
         await cni.close()
         await pods.shutdown(cleanup)
         await proxy.close()
@@ -74,8 +83,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
 
 def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: Any,
                 metrics: Any) -> Any:
-    """With --identity-dir: per-pod certificates and the mTLS tunnel; else None (plain TCP)."""
-    if config.identity_dir is None:
+    """Per-pod certificates and the mTLS tunnel: signed by this agent with --identity-dir,
+    by the issuer service in Kubernetes mode; else None (plain TCP)."""
+    if config.identity_dir is None and config.kubernetes is None:
         log.info("identity: none configured (--identity-dir): port 15008 refuses connections "
                  "and node-to-node traffic is plain TCP")
         return None
@@ -83,7 +93,12 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
     from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
     from agent.observability.metrics import IdentityCollector
 
-    identities = standalone_identities(config)
+    if config.identity_dir is not None:
+        identities = standalone_identities(config)
+    else:
+        from agent.controlplane.identity.setup import issuer_identities
+
+        identities = issuer_identities(config)
     registry.register(IdentityCollector(identities))
     settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
                             networks=config.mesh_networks)
@@ -92,14 +107,33 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
     return identities
 
 
-async def _sweep_forever(config: Config, pods: PodManager, proxy: Proxy) -> None:
+def _kubernetes(config: Config, pods: PodManager, proxy: Proxy, identities: Any) -> Any:
+    """Kubernetes mode: watches decide who is meshed and route Service VIPs; else None."""
+    if config.kubernetes is None:
+        return None
+    from agent.controlplane.cluster.watching import KubernetesMode
+
+    trust_domain = identities.trust_domain if identities is not None else config.trust_domain
+    cluster = KubernetesMode(config, pods, trust_domain)
+    proxy.router = cluster.state
+    log.info("kubernetes mode: %s, node %s", config.kubernetes, config.node_name)
+    return cluster
+
+
+async def _ready_when_synced(cluster: Any, admin: AdminServer) -> None:
+    await cluster.admission.synced.wait()
+    admin.ready = True
+
+
+async def _sweep_forever(config: Config, pods: PodManager, proxy: Proxy, admission: Admission) -> None:
     while True:
         await asyncio.sleep(config.sweep_interval_seconds)
         try:
             if proxy.mesh is not None:
                 proxy.mesh.reap_idle()
             await pods.sweep()
-            await replay_pending(config.pending_dir, pods)
+            await admission.sweep()
+            await replay_pending(config.pending_dir, admission)
         except Exception:  # a sweep must never take the agent down; say why and go on
             log.exception("periodic sweep failed")
 

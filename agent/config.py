@@ -23,6 +23,12 @@ DEFAULT_REPLY_MARK = 0x50494F
 DEFAULT_MESH_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 
 
+# Kubernetes mode (docs/kubernetes.md): where the issuer is, and what the DaemonSet mounts.
+DEFAULT_ISSUER_URL = "https://pinion-issuer.pinion-system.svc:8443"
+DEFAULT_TOKEN_FILE = "/var/run/secrets/pinion/token"
+DEFAULT_TRUST_BUNDLE = "/var/run/pinion/trust-bundle/trust-bundle.crt"
+
+
 @dataclass(frozen=True, slots=True)
 class Ports:
     """The ports the agent owns inside every meshed pod's netns (design.md)."""
@@ -57,6 +63,14 @@ class Config:
     mesh_networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS
     bpf_dir: Path | None = None  # eBPF pins: default /sys/fs/bpf/pinion
     bpf_object: Path | None = None  # the compiled bpf/capture.o: default next to the package
+    # Kubernetes mode (docs/kubernetes.md): None = standalone; "in-cluster" or a kubeconfig path.
+    kubernetes: str | None = None
+    issuer_url: str = DEFAULT_ISSUER_URL
+    issuer_id: str | None = None  # default spiffe://<trust domain>/ns/pinion-system/sa/pinion-issuer
+    token_file: Path = Path(DEFAULT_TOKEN_FILE)
+    trust_bundle: Path = Path(DEFAULT_TRUST_BUNDLE)
+    trust_domain: str = "cluster.local"
+    pod_wait_seconds: float = 10.0  # how long a CNI ADD waits for the pod to appear in the watch
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -98,6 +112,13 @@ class Config:
             mesh_networks=_networks(get("mesh_networks", "") or "") or DEFAULT_MESH_NETWORKS,
             bpf_dir=_path(get("bpf_dir")),
             bpf_object=_path(get("bpf_object")),
+            kubernetes=get("kubernetes"),
+            issuer_url=get("issuer_url", DEFAULT_ISSUER_URL) or DEFAULT_ISSUER_URL,
+            issuer_id=get("issuer_id"),
+            token_file=Path(get("token_file", DEFAULT_TOKEN_FILE) or DEFAULT_TOKEN_FILE),
+            trust_bundle=Path(get("trust_bundle", DEFAULT_TRUST_BUNDLE) or DEFAULT_TRUST_BUNDLE),
+            trust_domain=get("trust_domain", "cluster.local") or "cluster.local",
+            pod_wait_seconds=_number(get("pod_wait_seconds", "10"), "pod wait", float),
         )
 
 

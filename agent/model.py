@@ -33,7 +33,7 @@ class CaptureSettings:
         return cls(
             exclude_outbound_ports=parse_ports(args.get("PINION_EXCLUDE_OUTBOUND_PORTS", "")),
             exclude_inbound_ports=parse_ports(args.get("PINION_EXCLUDE_INBOUND_PORTS", "")),
-            exclude_outbound_cidrs=_cidrs(args.get("PINION_EXCLUDE_OUTBOUND_CIDRS", "")),
+            exclude_outbound_cidrs=parse_cidrs(args.get("PINION_EXCLUDE_OUTBOUND_CIDRS", "")),
             probe_sources=_ipv4_only(gateways),
         )
 
@@ -89,6 +89,9 @@ class Pod:
     inbound: InboundPolicy = field(default_factory=InboundPolicy)
     # The pod-level cgroup v2 (PINION_CGROUP), where eBPF capture attaches; "" = find it by uid.
     cgroup: str = ""
+    # The controlling workload (Kubernetes mode), for Linkerd's `deployment="web"` labels.
+    owner_kind: str = ""
+    owner_name: str = ""
 
     @property
     def ipv4(self) -> str | None:
@@ -96,6 +99,12 @@ class Pod:
         return next((ip for ip in self.ips if ipaddress.ip_address(ip).version == 4), None)
 
     def to_json(self) -> dict[str, Any]:
+        data = self._fields_json()
+        if self.owner_kind:
+            data["owner"] = {"kind": self.owner_kind, "name": self.owner_name}
+        return data
+
+    def _fields_json(self) -> dict[str, Any]:
         return {
             "namespace": self.key.namespace,
             "name": self.key.name,
@@ -130,6 +139,8 @@ class Pod:
             inbound=InboundPolicy(data.get("inboundPolicy", "permissive"),
                                   tuple(data.get("allowedClients", ()))),
             cgroup=data.get("cgroup", ""),
+            owner_kind=(data.get("owner") or {}).get("kind", ""),
+            owner_name=(data.get("owner") or {}).get("name", ""),
             capture=CaptureSettings(
                 exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
                 exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),
@@ -156,6 +167,7 @@ def parse_ports(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(ports)))
 
 
-def _cidrs(text: str) -> tuple[str, ...]:
+def parse_cidrs(text: str) -> tuple[str, ...]:
+    """"10.0.0.0/8, 192.168.1.7" -> normalised IPv4 networks; a bad one is a ValueError."""
     parts = filter(None, (p.strip() for p in text.split(",")))
     return tuple(str(ipaddress.IPv4Network(p, strict=False)) for p in parts)

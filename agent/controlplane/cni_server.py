@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.dataplane.inpod import CaptureError, PodManager
 from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, parse_ports
@@ -75,10 +75,40 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
     )
 
 
-class CniServer:
-    def __init__(self, path: Path, pods: PodManager, metrics: AgentMetrics) -> None:
-        self._path = path
+class Admission(Protocol):
+    """Decides what an announced pod gets: captured, or left alone (and remembered)."""
+
+    async def admit(self, pod: Pod, args: dict[str, Any]) -> None: ...
+    async def release(self, container_id: str) -> None: ...
+    async def check(self, container_id: str) -> list[str]: ...
+    async def sweep(self) -> None: ...
+
+
+class StandaloneAdmission:
+    """No Kubernetes: every announced pod is captured unless its CNI args opt it out."""
+
+    def __init__(self, pods: PodManager) -> None:
         self._pods = pods
+
+    async def admit(self, pod: Pod, args: dict[str, Any]) -> None:
+        if not opted_out(args):
+            await self._pods.add(pod)
+
+    async def release(self, container_id: str) -> None:
+        await self._pods.delete(container_id)
+
+    async def check(self, container_id: str) -> list[str]:
+        return await self._pods.check(container_id)
+
+    async def sweep(self) -> None:
+        """Nothing of its own to forget: the PodManager sweeps captured pods."""
+
+
+class CniServer:
+    def __init__(self, path: Path, pods: PodManager, metrics: AgentMetrics,
+                 admission: Admission | None = None) -> None:
+        self._path = path
+        self._admission = admission or StandaloneAdmission(pods)
         self._metrics = metrics
         self._server: asyncio.Server | None = None
 
@@ -133,14 +163,15 @@ class CniServer:
         if command in ("ADD", "CHECK") and isinstance(args, dict) and opted_out(args):
             return  # the pod asked not to be meshed: nothing to do, nothing to check
         if command == "ADD":
-            await self._pods.add(pod_from_request(request))
+            pod = pod_from_request(request)
+            await self._admission.admit(pod, request.get("args") or {})
         elif command == "DEL":
             container_id = request.get("containerId")
             if not isinstance(container_id, str) or not container_id:
                 raise CaptureError(CNI_INVALID_ENV, "DEL without containerId")
-            await self._pods.delete(container_id)
+            await self._admission.release(container_id)
         elif command == "CHECK":
-            problems = await self._pods.check(str(request.get("containerId", "")))
+            problems = await self._admission.check(str(request.get("containerId", "")))
             if problems:
                 raise CaptureError(CNI_INVALID_CONFIG, "pod is not fully captured: "
                                    + "; ".join(problems))
@@ -148,8 +179,9 @@ class CniServer:
             raise CaptureError(CNI_INVALID_ENV, f"unknown CNI command {command!r}")
 
 
-async def replay_pending(directory: Path, pods: PodManager) -> int:
-    """Capture pods a fail-open plugin let start while we were away. Returns how many."""
+async def replay_pending(directory: Path, admission: Admission) -> int:
+    """Capture pods a fail-open plugin let start while we were away. Returns how many
+    requests were admitted (captured, or in Kubernetes mode perhaps left alone)."""
     captured = 0
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
@@ -159,8 +191,9 @@ async def replay_pending(directory: Path, pods: PodManager) -> int:
             path.unlink(missing_ok=True)
             continue
         try:
-            if not opted_out(request.get("args") or {}):
-                await pods.add(pod_from_request(request))
+            args = request.get("args") or {}
+            if not opted_out(args):
+                await admission.admit(pod_from_request(request), args)
                 captured += 1
         except CaptureError as exc:
             log.warning("pending pod %s not captured: %s", path.name, exc.msg)

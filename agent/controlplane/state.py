@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class PodStateStore:
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory / "pods"
+    def __init__(self, directory: Path, subdir: str = "pods") -> None:
+        self._dir = directory / subdir
 
     def prepare(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -32,6 +32,9 @@ class PeerLabels:
     server_id: str = ""
     dst_namespace: str = ""
     dst_pod: str = ""
+    dst_owner_kind: str = ""  # rendered as dst_<kind>="<name>", e.g. dst_deployment="web"
+    dst_owner_name: str = ""
+    dst_service: str = ""  # the Service whose virtual IP the client connected to
 
 
 PLAINTEXT: Final = PeerLabels()
@@ -44,6 +47,8 @@ class TcpLabels:
     pod: str
     peer_labels: PeerLabels = PLAINTEXT
     peer: str = "src"  # counts are of the pod-side connection, as Linkerd's peer="src"
+    owner_kind: str = ""  # the pod's workload, rendered as <kind>="<name>" (deployment="web")
+    owner_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,8 @@ class HttpLabels:
     namespace: str
     pod: str
     peer_labels: PeerLabels = PLAINTEXT
+    owner_kind: str = ""
+    owner_name: str = ""
 
 
 class HttpCounters:

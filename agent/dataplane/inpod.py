@@ -79,6 +79,9 @@ class PodManager:
     def pods(self) -> list[CapturedPod]:
         return list(self._pods.values())
 
+    def captured(self, container_id: str) -> CapturedPod | None:
+        return self._pods.get(container_id)
+
     async def add(self, pod: Pod) -> None:
         async with self._lock:
             current = self._pods.get(pod.container_id)
@@ -166,7 +169,9 @@ class PodManager:
             before = self._kernel_seen.get(container_id, (0, 0, 0, 0))
             self._kernel_seen[container_id] = counts
             if counts != before:
-                labels = TcpLabels("outbound", captured.pod.key.namespace, captured.pod.key.name)
+                pod = captured.pod
+                labels = TcpLabels("outbound", pod.key.namespace, pod.key.name,
+                                   owner_kind=pod.owner_kind, owner_name=pod.owner_name)
                 self._telemetry.counted_elsewhere(labels, *(a - b for a, b in zip(counts, before,
                                                                                  strict=True)))
 
@@ -185,9 +190,8 @@ class PodManager:
         context = PodContext(pod.key.namespace, pod.key.name, netns,
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)),
                              frozenset(pod.opaque_ports), ip=pod.ipv4, inbound=pod.inbound,
-                             metadata={"namespace": pod.key.namespace, "pod": pod.key.name,
-                                       "service_account": pod.service_account,
-                                       "node": self._config.node_name})
+                             metadata=_tunnel_metadata(pod, self._config.node_name),
+                             owner_kind=pod.owner_kind, owner_name=pod.owner_name)
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             context.identity = await self._certify(pod)
@@ -301,3 +305,12 @@ def _other_backends(chosen: str) -> list[Backend]:
         except (OSError, ImportError, RedirectError, RuntimeError) as exc:
             log.debug("backend %s unavailable for the mixing guard: %s", name, exc)
     return others
+
+
+def _tunnel_metadata(pod: Pod, node: str) -> dict[str, str]:
+    """What each tunnel stream tells the server side about its client pod."""
+    metadata = {"namespace": pod.key.namespace, "pod": pod.key.name,
+                "service_account": pod.service_account, "node": node}
+    if pod.owner_kind:
+        metadata.update(workload_kind=pod.owner_kind, workload_name=pod.owner_name)
+    return metadata

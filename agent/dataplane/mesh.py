@@ -89,20 +89,23 @@ class MeshClient:
         self._not_meshed: dict[str, float] = {}
         self._meshed: dict[str, float] = {}
 
-    async def session_for(self, pod: PodContext, destination: str) -> TunnelSession | None:
-        """A session to `destination`'s 15008, or None: not meshed, go in plaintext."""
+    async def session_for(self, pod: PodContext, destination: str,
+                          expected: str = "") -> TunnelSession | None:
+        """A session to `destination`'s 15008, or None: not meshed, go in plaintext.
+        `expected`: the SPIFFE ID the destination must prove (Kubernetes mode knows it
+        from the pod registry, and never probes); "" = find out by trying 15008 once."""
         if pod.identity is None:
             return None
         key = (pod.identity, destination)
         for session in self._sessions.get(key, ()):  # the common case: one is open already
-            if session.available:
+            if session.available and (not expected or session.peer_id == expected):
                 return session
-        if not self._may_be_meshed(destination):
+        if not expected and not self._may_be_meshed(destination):
             return None
         dialing = self._dialing.get(key)
         if dialing is None:  # its own task: a client that gives up does not cancel it
             dialing = self._dialing[key] = asyncio.get_running_loop().create_task(
-                self._dial(pod, key))
+                self._dial(pod, key, expected))
             dialing.add_done_callback(lambda task: self._dialed(key, task))
         return await asyncio.shield(dialing)
 
@@ -121,7 +124,7 @@ class MeshClient:
         address = ipaddress.IPv4Address(destination)
         return any(address in network for network in self._networks)
 
-    async def _dial(self, pod: PodContext, key: tuple[str, str]) -> TunnelSession | None:
+    async def _dial(self, pod: PodContext, key: tuple[str, str], expected: str) -> TunnelSession | None:
         """Connect to the destination's 15008 from the pod's netns, then the TLS handshake."""
         settings, loop = self._settings, asyncio.get_running_loop()
         destination = key[1]
@@ -135,6 +138,9 @@ class MeshClient:
                                    settings.dial_timeout)
         except ConnectionRefusedError:
             sock.close()
+            if expected:
+                raise TunnelError("tunnel_refused", f"{destination} is a meshed pod ({expected}) and "
+                                  f"refuses port {settings.port}: not falling back to plaintext") from None
             self._refused(destination)
             return None
         except (OSError, TimeoutError) as exc:
@@ -145,7 +151,7 @@ class MeshClient:
         except BaseException:
             sock.close()
             raise
-        session = await self._handshake(pod, key, sock)
+        session = await self._handshake(pod, key, sock, expected)
         self._meshed[destination] = self._clock() + settings.meshed_ttl
         self._sessions.setdefault(key, []).append(session)
         pod.tunnels.add(session)
@@ -159,7 +165,8 @@ class MeshClient:
         log.debug("%s refuses the mesh tunnel: not meshed, plain TCP for %.0f s",
                   destination, self._settings.not_meshed_ttl)
 
-    async def _handshake(self, pod: PodContext, key: tuple[str, str], sock: socket.socket) -> TunnelSession:
+    async def _handshake(self, pod: PodContext, key: tuple[str, str], sock: socket.socket,
+                         expected: str) -> TunnelSession:
         loop, settings = asyncio.get_running_loop(), self._settings
         identity, destination = key
 
@@ -187,6 +194,9 @@ class MeshClient:
         self._metrics.tunnel_connections.labels("outbound").inc()
         try:
             server_id = verify_identity(transport, self._identities.trust_domain)
+            if expected and server_id != expected:
+                raise IdentityRejected("unexpected_identity", f"server proved {server_id}, "
+                                       f"but the pod at {destination} is {expected}")
         except IdentityRejected as exc:
             self._metrics.handshake_failures.labels("outbound", exc.reason).inc()
             session.close()

@@ -8,13 +8,14 @@ buffer fills, reading from the other side pauses (no unbounded buffering)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
@@ -35,10 +36,18 @@ from agent.model import InboundPolicy
 from agent.observability.metrics import AgentMetrics
 
 if TYPE_CHECKING:
+    from agent.controlplane.cluster.state import Route
     from agent.dataplane.mesh import MeshClient, TunnelAcceptor
     from agent.dataplane.tunnel import TunnelSession
 
 log = logging.getLogger(__name__)
+
+
+class Router(Protocol):
+    """Where an outbound connection really goes (a Service VIP resolved to an endpoint),
+    whether that is a meshed pod and whom it must prove to be, and its dst_* labels."""
+
+    def route(self, destination: tuple[str, int]) -> Route: ...
 
 
 @dataclass(slots=True)
@@ -54,6 +63,8 @@ class PodContext:
     identity: str | None = None  # the key of its certificate; None: not in the mesh tunnel
     inbound: InboundPolicy = field(default_factory=InboundPolicy)
     metadata: dict[str, str] = field(default_factory=dict)  # sent with each tunnel stream
+    owner_kind: str = ""  # its workload (Kubernetes mode), for deployment="web" labels
+    owner_name: str = ""
     relays: set[Relay] = field(default_factory=set)
     tunnels: set[TunnelSession] = field(default_factory=set)
 
@@ -140,7 +151,8 @@ class Relay:
         """The path is chosen: count the connection under its labels (and any early bytes)."""
         pod = self.pod
         self.peer_labels = peer
-        labels = TcpLabels(self.direction, pod.namespace, pod.name, peer)
+        labels = TcpLabels(self.direction, pod.namespace, pod.name, peer,
+                           owner_kind=pod.owner_kind, owner_name=pod.owner_name)
         record = self.record = self.proxy.telemetry.open(labels)
         if self.early:  # read before the path was chosen (no upstream yet: all still held)
             record.read(sum(map(len, self.early)))
@@ -254,6 +266,7 @@ class Proxy:
         self.buffer_high = buffer_high
         self.mesh: MeshClient | None = None
         self.acceptor: TunnelAcceptor | None = None
+        self.router: Router | None = None  # Kubernetes mode: Service VIPs and pod labels
         self._tasks: set[asyncio.Task[None]] = set()
 
     def protocol_factory(self, pod: PodContext, direction: str) -> Callable[[], _Side]:
@@ -299,7 +312,7 @@ class Proxy:
         """The first request of a connection: find its pod's HTTP series."""
         pod = relay.pod
         return self.telemetry.http(HttpLabels(relay.direction, pod.namespace, pod.name,
-                                              relay.peer_labels))
+                                              relay.peer_labels, pod.owner_kind, pod.owner_name))
 
     def accepted(self, relay: Relay) -> None:
         relay.pod.relays.add(relay)
@@ -324,9 +337,14 @@ class Proxy:
                 relay.source = client.get_extra_info("peername")
         if destination[1] in relay.pod.opaque_ports:
             relay.observer = None  # declared opaque: relay bytes, parse nothing
-        if relay.direction == "outbound" and self.mesh is not None:
+        route = None
+        if relay.direction == "outbound" and self.router is not None:
+            route = self.router.route(destination)  # a Service VIP becomes an endpoint
+            destination = relay.destination = route.destination
+            relay.peer_labels = route.labels
+        if relay.direction == "outbound" and self.mesh is not None and (route is None or route.meshed):
             try:
-                if await self._through_tunnel(relay, destination):
+                if await self._through_tunnel(relay, destination, route):
                     return
             except asyncio.CancelledError:
                 relay.abort()
@@ -334,12 +352,14 @@ class Proxy:
         relay.open_record(relay.peer_labels)
         await self._connect_upstream(relay, destination)
 
-    async def _through_tunnel(self, relay: Relay, destination: tuple[str, int]) -> bool:
+    async def _through_tunnel(self, relay: Relay, destination: tuple[str, int],
+                              route: Route | None) -> bool:
         """Open a tunnel stream for an outbound connection; False: the destination is not
         meshed (plain TCP). A meshed destination that fails is refused, never downgraded."""
         assert self.mesh is not None
         try:
-            session = await self.mesh.session_for(relay.pod, destination[0])
+            session = await self.mesh.session_for(relay.pod, destination[0],
+                                                  route.identity if route is not None else "")
         except TunnelError as exc:
             self._refuse(relay, exc.reason, str(exc))
             return True
@@ -351,7 +371,10 @@ class Proxy:
         if client is None or client.is_closing():
             relay.finish()
             return True
-        relay.open_record(session.labels)
+        labels = session.labels
+        if route is not None:  # what the registry knows of the destination, and the proof
+            labels = dataclasses.replace(route.labels, tls="true", server_id=labels.server_id)
+        relay.open_record(labels)
         session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
         if not relay.upstream.write_blocked:
             client.resume_reading()

@@ -54,8 +54,9 @@ def _http_families(telemetry: Telemetry) -> Iterator[Metric]:
     latency = HistogramMetricFamily("response_latency_ms", "Time from request start to "
                                     "response headers, in milliseconds")
     for labels, counters in telemetry.http_series():
-        values = _with_peer({"direction": labels.direction, "namespace": labels.namespace,
-                             "pod": labels.pod}, labels.peer_labels)
+        values = _with_peer(_own({"direction": labels.direction, "namespace": labels.namespace,
+                                  "pod": labels.pod}, labels.owner_kind, labels.owner_name),
+                            labels.peer_labels)
         requests.add_sample("request_total", values, counters.requests)
         for (classification, status, grpc), count in sorted(counters.responses.items()):
             responses.add_sample("response_total", {**values, "classification": classification,
@@ -76,17 +77,27 @@ def _cumulative(counters: HttpCounters) -> list[tuple[str, float]]:
 
 
 def tcp_label_values(labels: TcpLabels) -> dict[str, str]:
-    return _with_peer({"direction": labels.direction, "namespace": labels.namespace,
-                       "pod": labels.pod, "peer": labels.peer}, labels.peer_labels)
+    return _with_peer(_own({"direction": labels.direction, "namespace": labels.namespace,
+                            "pod": labels.pod, "peer": labels.peer}, labels.owner_kind, labels.owner_name),
+                      labels.peer_labels)
+
+
+def _own(values: dict[str, str], kind: str, name: str) -> dict[str, str]:
+    """The pod's workload as Linkerd labels it: deployment="web" (nothing when unknown)."""
+    if kind and kind not in values:
+        values[kind] = name
+    return values
 
 
 def _with_peer(values: dict[str, str], peer: PeerLabels) -> dict[str, str]:
     """Add tls and whatever the mesh knows of the peer; unknown (empty) labels stay out."""
     values["tls"] = peer.tls
-    for name in ("client_id", "server_id", "dst_namespace", "dst_pod"):
+    for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service"):
         value = getattr(peer, name)
         if value:
             values[name] = value
+    if peer.dst_owner_kind:
+        values["dst_" + peer.dst_owner_kind] = peer.dst_owner_name
     return values
 
 

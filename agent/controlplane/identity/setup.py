@@ -32,3 +32,17 @@ def standalone_identities(config: Config) -> IdentityManager:
              suites, why)
     return IdentityManager(signer, bundle, trust_domain, suites,
                            lifetime=config.certificate_lifetime_seconds)
+
+
+def issuer_identities(config: Config) -> IdentityManager:
+    """Kubernetes mode: certificates signed by the issuer service (docs/kubernetes.md)."""
+    from agent.controlplane.identity.remote import kubernetes_identities
+
+    suites, why = choose_suites(config.tls_ciphers)
+    issuer_id = config.issuer_id or f"spiffe://{config.trust_domain}/ns/pinion-system/sa/pinion-issuer"
+    log.info("identity: issuer %s (%s), trust domain %s; TLS 1.3 suites %s (%s)", config.issuer_url,
+             issuer_id, config.trust_domain, suites, why)
+    return kubernetes_identities(issuer_url=config.issuer_url, issuer_id=issuer_id,
+                                 token_file=config.token_file, bundle_path=config.trust_bundle,
+                                 trust_domain=config.trust_domain, suites=suites,
+                                 lifetime=config.certificate_lifetime_seconds)

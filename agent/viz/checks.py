@@ -314,9 +314,16 @@ def _cgroup2(probes: HostProbes) -> CheckResult:
 
 
 def _memory_cgroup(probes: HostProbes) -> CheckResult:
-    """/proc/cgroups: "memory <hierarchy> <cgroups> <enabled>", for cgroup v1 and v2 alike."""
+    """/proc/cgroups ("memory <hierarchy> <cgroups> <enabled>", cgroup v1 and v2 alike), or where
+    a kernel has dropped it, the controllers of the cgroup v2 root."""
     rows = [line.split() for line in (probes.read_text("/proc/cgroups") or "").splitlines()]
-    enabled = any(len(row) >= 4 and row[0] == "memory" and row[3] == "1" for row in rows)
+    memory = [row for row in rows if len(row) >= 4 and row[0] == "memory"]
+    if memory:
+        enabled = memory[0][3] == "1"
+    else:
+        roots = _mounted(probes, "cgroup2")[:1]
+        enabled = any("memory" in (probes.read_text(f"{root}/cgroup.controllers") or "").split()
+                      for root in roots)
     return CheckResult("the memory cgroup controller is enabled", enabled, (),
                        "k3s needs it: on Raspberry Pi OS append `cgroup_memory=1 cgroup_enable=memory` "
                        "to /boot/firmware/cmdline.txt (older: /boot/cmdline.txt) and reboot")

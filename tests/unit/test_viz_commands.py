@@ -329,6 +329,15 @@ def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str]
     assert lines[-1] == "Status check results are ✗"
 
 
+def test_check_pre_reads_the_memory_controller_from_cgroup2_without_proc_cgroups() -> None:
+    def memory(controllers: str) -> bool:
+        files = {"/sys/fs/cgroup/cgroup.controllers": controllers}
+        return next(r.ok for r in checks.host_results(host(read_text=files.get))
+                    if r.title == "the memory cgroup controller is enabled")
+
+    assert memory("cpuset cpu io memory pids\n") and not memory("cpuset cpu io pids\n")
+
+
 def test_check_pre_finds_netfilter_in_the_module_lists_or_by_asking_a_tool() -> None:
     release = "6.1.0-28-arm64"
     builtin = {f"/lib/modules/{release}/modules.builtin": "kernel/net/netfilter/nf_tables.ko\n"}

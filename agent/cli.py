@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
-                "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object")
+                "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
+                "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pinion", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    agent = sub.add_parser("agent", help="run the node agent (standalone, no Kubernetes)")
+    agent = sub.add_parser("agent", help="run the node agent (standalone, or watching Kubernetes)")
     agent.add_argument("--node-name", help="this node's name (required; or PINION_NODE_NAME)")
     agent.add_argument("--admin-addr", help="IP:PORT of the admin endpoint (default 127.0.0.1:4191)")
     agent.add_argument("--cni-socket", help="Unix socket for pinion-cni (default /run/pinion/cni.sock)")
@@ -62,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
     agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")
+    kube = agent.add_argument_group("Kubernetes mode (docs/kubernetes.md)")
+    kube.add_argument("--kubeconfig", metavar="PATH",
+                      help="watch this cluster (default: in-cluster config when run in a pod)")
+    kube.add_argument("--standalone", action="store_true",
+                      help="no Kubernetes, even in a pod: the CNI args say everything")
+    kube.add_argument("--issuer-url", metavar="URL", help="where CSRs go "
+                      "(default https://pinion-issuer.pinion-system.svc:8443)")
+    kube.add_argument("--issuer-id", metavar="SPIFFE", help="who the issuer must prove to be")
+    kube.add_argument("--token-file", metavar="PATH",
+                      help="projected service-account token (default /var/run/secrets/pinion/token)")
+    kube.add_argument("--trust-bundle", metavar="PATH", help="the mounted trust bundle "
+                      "(default /var/run/pinion/trust-bundle/trust-bundle.crt)")
+    kube.add_argument("--trust-domain", metavar="TD", help="default cluster.local")
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "
                             "leaving pods captured for the next agent")
@@ -147,6 +161,7 @@ def _add_cni_location_flags(parser: argparse.ArgumentParser) -> None:
 def _run_agent(args: argparse.Namespace) -> int:
     values = {name: os.environ.get(f"PINION_{name.upper()}") for name in _AGENT_FLAGS}
     values.update({k: v for k, v in vars(args).items() if k in _AGENT_FLAGS and v is not None})
+    values["kubernetes"] = _kubernetes_mode(args)
     try:
         config = Config.from_mapping(values)
     except ValueError as exc:
@@ -164,6 +179,17 @@ def _run_agent(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     return runner(run_agent(config, cleanup=args.cleanup))
+
+
+def _kubernetes_mode(args: argparse.Namespace) -> str | None:
+    """A kubeconfig path, "in-cluster" when running in a pod, or None (standalone)."""
+    if args.standalone:
+        return None
+    if args.kubeconfig or os.environ.get("PINION_KUBECONFIG"):
+        return str(args.kubeconfig or os.environ["PINION_KUBECONFIG"])
+    from agent.controlplane.kube.config import KubeConfig
+
+    return "in-cluster" if KubeConfig.in_cluster_available() else None
 
 
 def _run_rules(args: argparse.Namespace) -> int:

@@ -300,13 +300,29 @@ def test_a_csr_that_does_not_parse_is_400_after_authorization(world: World) -> N
 # --- errors -----------------------------------------------------------------------------------
 
 
-def test_kubernetes_unavailable_is_503_error(world: World) -> None:
+def test_kubernetes_unavailable_is_503_error_with_the_detail_kept_for_the_log(world: World) -> None:
     world.reviews.failure = KubeUnavailable("POST /apis/...: connection refused")
 
     reply = world.ask(csr_body(CART))
 
     assert (reply.status, reply.result, reply.body["reason"]) == (503, "error", "error")
-    assert "connection refused" in reply.body["error"]
+    assert reply.body["error"] == "the Kubernetes API is unavailable; retry later"
+    assert "connection refused" in reply.message
+
+
+def test_a_kubernetes_api_that_does_not_answer_is_503_after_the_deadline(world: World) -> None:
+    class Hanging(FakeReviews):
+        async def review(self, token: str, audience: str) -> Review:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    signer = LocalSigner.from_dir(world.identity_dir)
+    world.issuer = CertificateIssuer(world.issuer.policy, signer, Hanging(), world.pods, deadline=0.05)
+
+    reply = world.ask(csr_body(CART))
+
+    assert (reply.status, reply.result) == (503, "error")
+    assert "no answer within" in reply.message
 
 
 def test_a_bug_costs_one_request_not_the_issuer(world: World, caplog: pytest.LogCaptureFixture) -> None:
@@ -314,7 +330,7 @@ def test_a_bug_costs_one_request_not_the_issuer(world: World, caplog: pytest.Log
 
     reply = world.ask(csr_body(CART))
 
-    assert (reply.status, reply.result) == (500, "error")
+    assert (reply.status, reply.result, reply.body["error"]) == (500, "error", "internal error")
     assert "ZeroDivisionError" in caplog.text
     world.reviews.failure = None
     assert world.ask(csr_body(CART)).status == 200

@@ -327,6 +327,18 @@ def test_every_request_logs_one_line(identity_dir: Path, tmp_path: Path,
     assert "agent-n1" not in " ".join(lines)  # the token is never logged
 
 
+def test_what_a_client_sends_cannot_forge_log_lines(identity_dir: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="agent.controlplane.identity.issuer_server")
+
+    async def scenario(issuer: Running) -> None:
+        await raw(issuer.port, b"POST /v1/\x1b[31mfake\x08 HTTP/1.1\r\n\r\n")
+
+    serve(identity_dir, tmp_path, scenario)
+    (line,) = [r.getMessage() for r in caplog.records if r.name.endswith("issuer_server")]
+    assert "POST /v1/?[31mfake? -> 404 bad_request" in line
+
+
 # --- KubeSigner's own failures ------------------------------------------------------------------
 
 

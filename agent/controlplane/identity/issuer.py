@@ -8,6 +8,7 @@ Protocols (issuer_kube.py implements them over the API); the HTTPS shell is issu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ MAX_BODY_BYTES = 64 * 1024
 RESULTS = ("issued", "unauthenticated", "wrong_service_account", "not_on_node", "bad_request", "error")
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 _STATUS_RESULT = {401: "unauthenticated", 400: "bad_request"}
+_UNAVAILABLE = {"error": "the Kubernetes API is unavailable; retry later", "reason": "error"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +102,11 @@ class Reply:
     body: dict[str, Any]
     identity: str = ""
     node: str = ""
+    detail: str = ""  # for the log only: what the caller is not told
 
     @property
     def message(self) -> str:
-        return str(self.body.get("error", ""))
+        return self.detail or str(self.body.get("error", ""))
 
 
 class Refusal(Exception):
@@ -119,7 +122,9 @@ class CertificateIssuer:
     """Decides one `POST /v1/certificates` at a time; caches nothing between requests."""
 
     def __init__(self, policy: IssuerPolicy, signer: LocalSigner, reviewer: TokenReviewer,
-                 pods: PodDirectory, clock: Callable[[], float] = time.time) -> None:
+                 pods: PodDirectory, clock: Callable[[], float] = time.time, *,
+                 deadline: float = 20.0) -> None:
+        """`deadline`: seconds a request may wait on the Kubernetes API before it is answered 503."""
         if signer.trust_domain != policy.trust_domain:
             raise ValueError(f"the signer's trust domain {signer.trust_domain} is not {policy.trust_domain}")
         self.policy = policy
@@ -127,6 +132,7 @@ class CertificateIssuer:
         self._reviewer = reviewer
         self._pods = pods
         self._clock = clock
+        self._deadline = deadline
 
     async def handle(self, authorization: str | None, body: bytes) -> Reply:
         """The reply to a request with this Authorization header and body. Never raises."""
@@ -135,20 +141,21 @@ class CertificateIssuer:
             token = bearer_token(authorization)
             request = parse_request(body, self.policy)
             identity = str(request.identity)
-            node = await self.caller_node(token)
-            await self.check_scheduled(request.identity, node)
+            async with asyncio.timeout(self._deadline):
+                node = await self.caller_node(token)
+                await self.check_scheduled(request.identity, node)
             return self._issue(request, node)
         except Refusal as refusal:
             result = _STATUS_RESULT.get(refusal.status, refusal.reason)
             return Reply(refusal.status, result, {"error": str(refusal), "reason": refusal.reason},
                          identity, node)
-        except KubeUnavailable as exc:
-            return Reply(503, "error", {"error": f"Kubernetes API unavailable: {exc}", "reason": "error"},
-                         identity, node)
+        except (KubeUnavailable, TimeoutError) as exc:
+            detail = str(exc) or f"no answer within {self._deadline:.0f}s"
+            return Reply(503, "error", _UNAVAILABLE, identity, node, f"Kubernetes API: {detail}")
         except Exception as exc:  # a bug must cost one request, not the issuer
             log.exception("issuer: unexpected failure for %s", identity or "a request")
-            return Reply(500, "error", {"error": f"internal error: {type(exc).__name__}", "reason": "error"},
-                         identity, node)
+            return Reply(500, "error", {"error": "internal error", "reason": "error"}, identity, node,
+                         f"internal error: {exc!r}")
 
     async def caller_node(self, token: str) -> str:
         """The node of the agent whose token this is; Refusal 401/403 when it is not an agent's."""

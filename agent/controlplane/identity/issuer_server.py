@@ -162,7 +162,7 @@ class IssuerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.monotonic()
         peer = _peer(writer)
-        method = path = "-"
+        method = path = "-"  # until the request line is read
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 method, path, headers, body = await _read_request(reader)
@@ -170,8 +170,7 @@ class IssuerServer:
         except _BadHttp as exc:
             reply = Reply(400, "bad_request", {"error": str(exc), "reason": "bad_request"})
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
-            log.info("issuer: %s %s %s: connection ended before a full request (%s)", peer, method, path,
-                     type(exc).__name__)
+            log.info("issuer: %s: connection ended before a full request (%s)", peer, type(exc).__name__)
             writer.close()
             return
         self._requests.labels(reply.result).inc()
@@ -234,8 +233,14 @@ async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:
 def _log_reply(peer: str, method: str, path: str, reply: Reply, seconds: float) -> None:
     what = " ".join(part for part in (reply.identity, f"node={reply.node}" if reply.node else "") if part)
     detail = f": {reply.message}" if reply.status != 200 else ""
-    log.info("issuer: %s %s %s -> %d %s %s %.1fms%s", peer, method, path[:100], reply.status, reply.result,
-             what or "-", seconds * 1000, detail)
+    log.info("issuer: %s %s %s -> %d %s %s %.1fms%s", peer, _printable(method, 16), _printable(path, 100),
+             reply.status, reply.result, what or "-", seconds * 1000, detail)
+
+
+def _printable(text: str, limit: int) -> str:
+    """At most `limit` characters of what a client sent, with nothing that could forge a log line."""
+    clipped = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clipped + ("…" if len(text) > limit else "")
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
@@ -255,6 +260,7 @@ async def run_issuer(settings: IssuerSettings) -> int:
     try:
         signer = LocalSigner.from_dir(settings.identity_dir)
         bundle = (settings.identity_dir / files.TRUST_BUNDLE).read_text(encoding="ascii")
+        serving = ServingCertificate(signer)
         client = KubeClient(KubeConfig.load(settings.kubeconfig))
     except (OSError, ValueError, IssueError) as exc:
         log.error("issuer: cannot start: %s", exc)
@@ -265,7 +271,6 @@ async def run_issuer(settings: IssuerSettings) -> int:
     policy = IssuerPolicy(signer.trust_domain, settings.agent_namespace, settings.agent_service_account,
                           settings.audience, settings.max_lifetime)
     issuer = CertificateIssuer(policy, signer, KubeTokenReviewer(client), KubePodDirectory(client))
-    serving = ServingCertificate(signer)
     server = IssuerServer(issuer, serving.context, registry)
     admin = AdminServer(*settings.admin, registry, lambda: [])
     try:

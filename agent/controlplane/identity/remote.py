@@ -56,7 +56,7 @@ class KubeSigner:
     async def sign(self, csr_pem: bytes, identity: SpiffeId, lifetime: float) -> Issued:
         token = self._token()
         body = json.dumps({"csr": csr_pem.decode("ascii"), "identity": str(identity),
-                           "lifetimeSeconds": int(lifetime)}).encode()
+                           "lifetimeSeconds": max(1, round(lifetime))}).encode()
         try:
             async with asyncio.timeout(self.timeout):
                 status, answer = await self._exchange(token, body)

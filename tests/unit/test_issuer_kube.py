@@ -5,7 +5,6 @@ failures turned into KubeUnavailable (or None for a pod that does not exist)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,16 +18,10 @@ from agent.controlplane.identity.issuer_kube import (
     publish_trust_bundle,
     review_from_status,
 )
+from agent.controlplane.kube.client import ApiError
 
 BUNDLE = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
 CONFIGMAPS = "/api/v1/namespaces/pinion-system/configmaps"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
 
 
 @dataclass
@@ -36,17 +29,17 @@ class FakeApi:
     """Answers (method, path) from a table; an exception in the table is raised."""
 
     answers: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    calls: list[tuple[str, str, Mapping[str, str] | None, Any]] = field(default_factory=list)
+    calls: list[tuple[str, str, dict[str, str] | None, Any]] = field(default_factory=list)
 
     def on(self, method: str, path: str, *answers: Any) -> None:
         self.answers.setdefault((method, path), []).extend(answers)
 
-    async def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                      body: Any = None) -> Any:
+    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                      body: dict[str, Any] | None = None) -> Any:
         self.calls.append((method, path, params, body))
         queue = self.answers.get((method, path))
         if not queue:
-            raise ApiError(404, "NotFound")
+            raise ApiError(404, "NotFound", f"{path} not found")
         answer = queue.pop(0) if len(queue) > 1 else queue[0]
         if isinstance(answer, Exception):
             raise answer
@@ -92,7 +85,7 @@ def test_odd_user_fields_are_dropped_not_trusted() -> None:
 
 def test_a_failing_token_review_is_kube_unavailable() -> None:
     api = FakeApi()
-    api.on("POST", "/apis/authentication.k8s.io/v1/tokenreviews", ApiError(403, "Forbidden"))
+    api.on("POST", "/apis/authentication.k8s.io/v1/tokenreviews", ApiError(403, "Forbidden", "RBAC"))
 
     with pytest.raises(KubeUnavailable, match="403 Forbidden"):
         asyncio.run(KubeTokenReviewer(api).review("tok", "pinion-issuer"))
@@ -115,7 +108,7 @@ def test_pods_on_a_node_are_listed_with_a_field_selector() -> None:
 
 def test_a_missing_pod_is_none_and_other_failures_are_kube_unavailable() -> None:
     api = FakeApi()
-    api.on("GET", "/api/v1/namespaces/pinion-system/pods/broken", ApiError(500, "InternalError"))
+    api.on("GET", "/api/v1/namespaces/pinion-system/pods/broken", ApiError(500, "InternalError", "etcd"))
     directory = KubePodDirectory(api)
 
     assert asyncio.run(directory.get_pod("pinion-system", "gone")) is None
@@ -174,7 +167,7 @@ def test_a_different_bundle_is_replaced_keeping_other_keys_and_the_resource_vers
 def test_publishing_is_retried_with_backoff_until_it_works(caplog: pytest.LogCaptureFixture) -> None:
     api = FakeApi()
     path = f"{CONFIGMAPS}/pinion-trust-bundle"
-    api.on("GET", path, ApiError(503, "ServiceUnavailable"), ApiError(503, "ServiceUnavailable"),
+    api.on("GET", path, ApiError(503, "ServiceUnavailable", ""), ApiError(503, "ServiceUnavailable", ""),
            ConnectionResetError("reset"), {"data": {"trust-bundle.crt": BUNDLE}})
     delays: list[float] = []
 

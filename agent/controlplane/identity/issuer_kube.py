@@ -2,7 +2,7 @@
 
 Each class wraps a KubeClient (agent.controlplane.kube.client); only its `request` coroutine is used,
 so tests may hand in anything with that method. API failures become KubeUnavailable (the issuer
-answers 503 and the agent retries); a 404 where absence means something becomes None.
+answers 503 and the agent retries); a 404 (ApiError) where absence means something becomes None.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import quote
 
 from agent.controlplane.identity.issuer import KubeUnavailable, PodPlacement, Review
+from agent.controlplane.kube.client import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,14 @@ MAX_BACKOFF = 60.0
 
 
 class ApiRequester(Protocol):
-    async def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                      body: Any = None) -> Any: ...
+    """What the issuer uses of KubeClient."""
+
+    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                      body: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
 
-async def _call(client: ApiRequester, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                body: Any = None) -> dict[str, Any]:
+async def _call(client: ApiRequester, method: str, path: str, *, params: dict[str, str] | None = None,
+                body: dict[str, Any] | None = None) -> dict[str, Any]:
     """One API call's JSON object; any failure is KubeUnavailable."""
     answer = await _call_or_missing(client, method, path, params=params, body=body, missing_ok=False)
     assert answer is not None  # only a 404 with missing_ok gives None
@@ -43,14 +46,16 @@ async def _get_if_exists(client: ApiRequester, path: str) -> dict[str, Any] | No
 
 
 async def _call_or_missing(client: ApiRequester, method: str, path: str, *, missing_ok: bool,
-                           params: Mapping[str, str] | None = None,
-                           body: Any = None) -> dict[str, Any] | None:
+                           params: dict[str, str] | None = None,
+                           body: dict[str, Any] | None = None) -> dict[str, Any] | None:
     try:
         answer = await client.request(method, path, params=params, body=body)
-    except Exception as exc:
-        if missing_ok and getattr(exc, "status", None) == 404:
+    except ApiError as exc:
+        if missing_ok and exc.status == 404:
             return None
         raise KubeUnavailable(f"{method} {path}: {exc}") from exc
+    except Exception as exc:  # transport, timeout, protocol: the API is unreachable for now
+        raise KubeUnavailable(f"{method} {path}: {exc!r}") from exc
     if not isinstance(answer, dict):
         raise KubeUnavailable(f"{method} {path}: the answer is not a JSON object")
     return answer

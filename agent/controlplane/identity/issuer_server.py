@@ -39,6 +39,7 @@ from agent.controlplane.identity.issuer_kube import (
 )
 from agent.controlplane.identity.spiffe import issuer_id
 from agent.controlplane.identity.tls import load_credentials
+from agent.controlplane.kube.client import KubeClient, KubeConfig, KubeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +255,14 @@ def _utc(when: float) -> str:
 
 async def run_issuer(settings: IssuerSettings) -> int:
     """Serve until SIGTERM/SIGINT; 1 if the identity dir, the kubeconfig or a port is unusable."""
-    from agent.controlplane.kube.client import KubeClient, KubeConfig
     from agent.observability.admin import AdminServer
 
     try:
         signer = LocalSigner.from_dir(settings.identity_dir)
         bundle = (settings.identity_dir / files.TRUST_BUNDLE).read_text(encoding="ascii")
         serving = ServingCertificate(signer)
-        client = KubeClient(KubeConfig.load(settings.kubeconfig))
-    except (OSError, ValueError, IssueError) as exc:
+        client = KubeClient(KubeConfig.load(str(settings.kubeconfig) if settings.kubeconfig else None))
+    except (OSError, ValueError, IssueError, KubeConfigError) as exc:
         log.error("issuer: cannot start: %s", exc)
         return 1
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

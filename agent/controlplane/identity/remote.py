@@ -9,6 +9,7 @@ IdentityManager retries with backoff. Standard library only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from pathlib import Path
@@ -89,6 +90,8 @@ class KubeSigner:
             return await _read_response(reader)
         finally:
             writer.close()
+            with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)  # the TLS close_notify, then the socket
 
 
 def _client_context(bundle_pem: bytes) -> ssl.SSLContext:

@@ -11,8 +11,7 @@ import pytest
 
 from agent.cli import _parser
 from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.remote import KubeSigner
-from agent.controlplane.identity.setup import follow_trust_bundle, kubernetes_identities
+from agent.controlplane.identity.remote import KubeSigner, follow_trust_bundle, kubernetes_identities
 from agent.controlplane.identity.spiffe import SpiffeId
 from agent.controlplane.identity.tls import AES_FIRST
 

@@ -24,8 +24,7 @@ import pytest
 from agent.controlplane.identity.authority import IssueError
 from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
 from agent.controlplane.identity.files import init_identity_dir, split_pem_certificates
-from agent.controlplane.identity.remote import IssuerRefused, KubeSigner
-from agent.controlplane.identity.setup import kubernetes_identities
+from agent.controlplane.identity.remote import IssuerRefused, KubeSigner, kubernetes_identities
 from agent.controlplane.identity.spiffe import SpiffeId, issuer_id
 from agent.controlplane.identity.tls import AES_FIRST
 from agent.controlplane.kube.client import KubeClient, KubeConfig

@@ -115,6 +115,8 @@ class _Api:
                     break
         except (BadRequest, ValueError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutdown() cancels handlers; this task is the top of its connection, so it just ends
         finally:
             self.connections.discard(writer)
             self.handlers.discard(task)

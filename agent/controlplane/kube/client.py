@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -143,11 +143,12 @@ class KubeClient:
             head, data = await self._exchange(method, target, headers, payload)
         return _decode(head, data)
 
-    def watch(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    def watch(self, path: str, params: dict[str, str]) -> AsyncGenerator[dict[str, Any], None]:
         """Events of one watch (watch=1 is added); ends when the server ends the stream.
 
         An ERROR event raises Gone (code 410) or ApiError. A stream cut short raises ConnectionError.
-        Close it early with contextlib.aclosing, or the connection waits for the generator's finalizer.
+        It is an async generator (an AsyncIterator with aclose()): leave early through
+        contextlib.aclosing, or the connection stays open until the generator is finalized.
         """
         return self._watch(path, {**params, "watch": "1"})
 
@@ -218,7 +219,7 @@ class KubeClient:
         _keepalive(writer.get_extra_info("socket"))
         return _Connection(reader, writer)
 
-    async def _watch(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    async def _watch(self, path: str, params: dict[str, str]) -> AsyncGenerator[dict[str, Any], None]:
         async with asyncio.timeout(self._timeout):
             connection = await self._connect()
         self._watching.add(connection)
@@ -232,14 +233,15 @@ class KubeClient:
                 if head.status != 200:
                     _decode(head, await body.read_all(MAX_EVENT_BYTES))
                     raise ProtocolError(f"watch answered {head.status} {head.reason}, not 200")
-            async for event in _events(body, _watch_deadline(params)):
-                yield event
+            async with contextlib.aclosing(_events(body, _watch_deadline(params))) as events:
+                async for event in events:
+                    yield event
         finally:
             self._watching.discard(connection)
             connection.abort()
 
 
-async def _events(body: BodyReader, deadline: float | None) -> AsyncIterator[dict[str, Any]]:
+async def _events(body: BodyReader, deadline: float | None) -> AsyncGenerator[dict[str, Any], None]:
     """Decode newline-delimited watch events; reads (never the consumer) are bounded by the deadline."""
     splitter = LineSplitter(MAX_EVENT_BYTES)
     when = None if deadline is None else asyncio.get_running_loop().time() + deadline

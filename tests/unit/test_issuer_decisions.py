@@ -71,7 +71,8 @@ class FakePods:
     async def get_pod(self, namespace: str, name: str) -> PodPlacement | None:
         return next((p for p in self.pods if (p.namespace, p.name) == (namespace, name)), None)
 
-    async def pods_on_node(self, namespace: str, node: str) -> list[PodPlacement]:
+    async def pods_on_node(self, namespace: str, node: str, service_account: str) -> list[PodPlacement]:
+        """Only the node's pods, but every service account and phase: the issuer must filter again."""
         return [p for p in self.pods if p.namespace == namespace and p.node == node]
 
 

@@ -128,6 +128,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeApiS
     for name, node, service_account in (("cart-1", "n1", "cart"), ("web-1", "n2", "web"),
                                         ("pinion-agent-a", "n1", "pinion-agent")):
         api.apply(pod(name, "pinion-system" if "agent" in name else "shop", node, service_account))
+    api.apply(pod("report-1", "shop", "n1", "report", phase="Succeeded"))
     api.add_token("agent-n1", username=AGENT, extra={NODE_NAME: ["n1"]}, audiences=("pinion-issuer",))
     api.add_token("agent-by-pod", username=AGENT, extra={POD_NAME: ["pinion-agent-a"]},
                   audiences=("pinion-issuer",))
@@ -202,6 +203,12 @@ def refusal(issuer: Issuer, token: str, identity: SpiffeId) -> IssuerRefused:
 
 def test_a_pod_on_another_node_is_refused(issuer: Issuer) -> None:
     refused = refusal(issuer, "agent-n1", WEB)
+
+    assert (refused.status, refused.reason) == (403, "not_on_node")
+
+
+def test_a_finished_pod_on_the_callers_node_is_refused(issuer: Issuer) -> None:
+    refused = refusal(issuer, "agent-n1", SpiffeId("cluster.local", "shop", "report"))
 
     assert (refused.status, refused.reason) == (403, "not_on_node")
 

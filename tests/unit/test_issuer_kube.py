@@ -91,7 +91,7 @@ def test_a_failing_token_review_is_kube_unavailable() -> None:
         asyncio.run(KubeTokenReviewer(api).review("tok", "pinion-issuer"))
 
 
-def test_pods_on_a_node_are_listed_with_a_field_selector() -> None:
+def test_pods_of_a_service_account_on_a_node_are_listed_with_a_field_selector() -> None:
     api = FakeApi()
     api.on("GET", "/api/v1/namespaces/shop/pods", {"items": [
         {"metadata": {"namespace": "shop", "name": "cart-1", "uid": "u1"},
@@ -99,9 +99,10 @@ def test_pods_on_a_node_are_listed_with_a_field_selector() -> None:
         {"metadata": {"namespace": "shop", "name": "bare"}, "spec": {"nodeName": "n1"}},
         "not a pod"]})
 
-    pods = asyncio.run(KubePodDirectory(api).pods_on_node("shop", "n1"))
+    pods = asyncio.run(KubePodDirectory(api).pods_on_node("shop", "n1", "cart"))
 
-    assert api.calls[0][2] == {"fieldSelector": "spec.nodeName=n1"}
+    assert api.calls[0][2] == {"fieldSelector": "spec.nodeName=n1,spec.serviceAccountName=cart,"
+                                                "status.phase!=Succeeded,status.phase!=Failed"}
     assert pods == [PodPlacement("shop", "cart-1", "u1", "n1", "cart", "Running"),
                     PodPlacement("shop", "bare", "", "n1", "default", "")]
 
@@ -121,7 +122,7 @@ def test_a_transport_failure_is_kube_unavailable() -> None:
     api.on("GET", "/api/v1/namespaces/shop/pods", ConnectionRefusedError("refused"))
 
     with pytest.raises(KubeUnavailable, match="refused"):
-        asyncio.run(KubePodDirectory(api).pods_on_node("shop", "n1"))
+        asyncio.run(KubePodDirectory(api).pods_on_node("shop", "n1", "cart"))
 
 
 # --- the trust bundle ConfigMap ----------------------------------------------------------------

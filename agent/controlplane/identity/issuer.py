@@ -68,8 +68,9 @@ class PodDirectory(Protocol):
         """The pod, or None if it does not exist."""
         ...
 
-    async def pods_on_node(self, namespace: str, node: str) -> list[PodPlacement]:
-        """The namespace's pods scheduled on `node`."""
+    async def pods_on_node(self, namespace: str, node: str, service_account: str) -> list[PodPlacement]:
+        """The namespace's unfinished pods running as `service_account` and scheduled on `node` (the
+        caller checks each again, so an implementation may return more)."""
         ...
 
 
@@ -194,7 +195,7 @@ class CertificateIssuer:
 
     async def check_scheduled(self, identity: SpiffeId, node: str) -> None:
         """Refusal 403 unless a live pod running as `identity` is scheduled on `node`."""
-        for pod in await self._pods.pods_on_node(identity.namespace, node):
+        for pod in await self._pods.pods_on_node(identity.namespace, node, identity.service_account):
             if (pod.node == node and pod.namespace == identity.namespace
                     and pod.service_account == identity.service_account
                     and pod.phase not in _FINISHED_PHASES):

@@ -100,9 +100,12 @@ class KubePodDirectory:
         pod = await _get_if_exists(self._client, path)
         return None if pod is None else placement(pod)
 
-    async def pods_on_node(self, namespace: str, node: str) -> list[PodPlacement]:
+    async def pods_on_node(self, namespace: str, node: str, service_account: str) -> list[PodPlacement]:
+        """The API server narrows the list (a busy node's pods would be a large answer)."""
         path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods"
-        answer = await _call(self._client, "GET", path, params={"fieldSelector": f"spec.nodeName={node}"})
+        selector = (f"spec.nodeName={node},spec.serviceAccountName={service_account},"
+                    "status.phase!=Succeeded,status.phase!=Failed")
+        answer = await _call(self._client, "GET", path, params={"fieldSelector": selector})
         items = answer.get("items")
         return [placement(pod) for pod in items if isinstance(pod, dict)] if isinstance(items, list) else []
 

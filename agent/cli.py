@@ -1,4 +1,4 @@
-"""The `pinion` command: agent, rules, demo, cni, and stat, edges, top, check."""
+"""The `pinion` command: agent, rules, demo, cni, identity, issuer, and stat, edges, top, check."""
 
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)
     _add_identity_parser(sub)
+    _add_issuer_parser(sub)
     _add_viz_parsers(sub)
     return parser
 
@@ -135,6 +136,30 @@ def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     init.add_argument("--force", action="store_true",
                       help="replace existing keys (every certificate issued so far stops verifying)")
     init.set_defaults(run=_run_identity_init)
+
+
+def _add_issuer_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pinion issuer`: the Kubernetes-mode certificate issuer (flags: docs/kubernetes.md)."""
+    issuer = sub.add_parser("issuer", help="run the certificate issuer service (Kubernetes mode)")
+    issuer.add_argument("--identity-dir", default="/var/run/pinion/issuer", metavar="DIR",
+                        help="the mounted Secret pinion-issuer: issuer.crt/.key, trust-bundle.crt, "
+                             "trust-domain (default /var/run/pinion/issuer)")
+    issuer.add_argument("--listen", default="0.0.0.0:8443", metavar="IP:PORT",
+                        help="HTTPS (TLS 1.3) for POST /v1/certificates (default 0.0.0.0:8443)")
+    issuer.add_argument("--admin-addr", default="0.0.0.0:9990", metavar="IP:PORT",
+                        help="/ready, /live, /metrics (default 0.0.0.0:9990)")
+    issuer.add_argument("--kubeconfig", metavar="PATH",
+                        help="API server and credentials (default in-cluster)")
+    issuer.add_argument("--agent-service-account", default="pinion-system:pinion-agent", metavar="NS:NAME",
+                        help="whose tokens may ask for certificates (default pinion-system:pinion-agent)")
+    issuer.add_argument("--audience", default="pinion-issuer",
+                        help="the audience agents' tokens must carry (default pinion-issuer)")
+    issuer.add_argument("--bundle-configmap", default="pinion-system/pinion-trust-bundle", metavar="NS/NAME",
+                        help="where the trust bundle is published at start "
+                             "(default pinion-system/pinion-trust-bundle)")
+    issuer.add_argument("--max-lifetime", default="86400", metavar="SECONDS",
+                        help="the longest certificate lifetime granted (default 86400)")
+    issuer.set_defaults(run=_run_issuer)
 
 
 def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -297,6 +322,21 @@ def _run_identity_init(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path} ({path.stat().st_mode & 0o777:04o})")
     return 0
+
+
+def _run_issuer(args: argparse.Namespace) -> int:
+    from agent.controlplane.identity.issuer_server import IssuerSettings, run_issuer
+
+    try:
+        settings = IssuerSettings.parse(
+            identity_dir=args.identity_dir, listen=args.listen, admin_addr=args.admin_addr,
+            kubeconfig=args.kubeconfig, agent_service_account=args.agent_service_account,
+            audience=args.audience, bundle_configmap=args.bundle_configmap, max_lifetime=args.max_lifetime)
+    except ValueError as exc:
+        print(f"pinion issuer: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging("info")
+    return asyncio.run(run_issuer(settings))
 
 
 def _setup_logging(level: str) -> None:

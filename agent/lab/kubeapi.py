@@ -30,6 +30,7 @@ import json
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import tempfile
 import threading
@@ -367,8 +368,11 @@ class FakeApiServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, directory: str | Path | None = None, *,
                  bookmark_interval: float = 1.0, history_limit: int = 10_000,
-                 token: str | None = None) -> None:
+                 token: str | None = None, listen_socket: socket.socket | None = None) -> None:
+        """`listen_socket`: a bound, listening socket to serve on instead of host:port (a
+        netns test makes it inside a lab node's netns, so agents there can reach it)."""
         self.host = host
+        self._listen_socket = listen_socket
         self.port = port
         self._own_directory = directory is None
         self.directory = Path(directory if directory is not None else tempfile.mkdtemp(prefix="kubeapi-"))
@@ -487,8 +491,12 @@ class FakeApiServer:
     async def _serve(self) -> None:
         assert self._certs is not None
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._api.handle, self.host, self.port,
-                                            ssl=_server_context(self._certs), limit=1 << 16)
+        if self._listen_socket is not None:
+            server = await asyncio.start_server(self._api.handle, sock=self._listen_socket,
+                                                ssl=_server_context(self._certs), limit=1 << 16)
+        else:
+            server = await asyncio.start_server(self._api.handle, self.host, self.port,
+                                                ssl=_server_context(self._certs), limit=1 << 16)
         async with server:
             self.port = server.sockets[0].getsockname()[1]
             self._api.server_address = self.url.removeprefix("https://")

@@ -336,6 +336,10 @@ class _Api:
         resource = _resource_of({"apiVersion": api_version, "kind": kind})
         return self.store.delete(resource, namespace if resource.namespaced else None, name)
 
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> JsonObject:
+        resource = _resource_of({"apiVersion": api_version, "kind": kind})
+        return self.store.get(resource, namespace if resource.namespaced else None, name)
+
     def drop_watches(self) -> None:
         for writer in list(self.watches):
             writer.transport.abort()
@@ -438,6 +442,10 @@ class FakeApiServer:
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
         return self._on_loop(lambda: copy.deepcopy(self._api.delete(api_version, kind, namespace, name)))
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
+        """One stored object (a StoreError with 404 when absent)."""
+        return self._on_loop(lambda: copy.deepcopy(self._api.get(api_version, kind, namespace, name)))
 
     def add_token(self, token: str, *, username: str, uid: str = "", groups: tuple[str, ...] = (),
                   extra: dict[str, list[str]] | None = None, audiences: tuple[str, ...] = (API_AUDIENCE,),

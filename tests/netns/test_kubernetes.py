@@ -23,6 +23,7 @@ import pytest
 from agent.controlplane.identity.files import init_identity_dir
 from agent.lab.agents import LabAgent, node_socket
 from agent.lab.kubeapi import FakeApiServer
+from agent.lab.kubestore import StoreError
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import REPO, eventually
 
@@ -30,6 +31,9 @@ pytestmark = pytest.mark.netns
 
 HTTP_SERVER = "agent.lab.httpserver"
 API_PORT = 6443
+ISSUER_HOST = "10.250.0.1"  # node0's underlay address (agent.lab.topology.UNDERLAY_PREFIX)
+ISSUER_PORT = 8443
+ISSUER_ADMIN_PORT = 9990
 
 
 @dataclass
@@ -97,20 +101,31 @@ def listening_socket(lab: Lab) -> socket.socket:
 
 
 @contextmanager
-def kubernetes_cluster(tmp_path: Path, backend: str = "nftables") -> Iterator[Cluster]:
+def kubernetes_cluster(tmp_path: Path, backend: str = "nftables", issuer: bool = False) -> Iterator[Cluster]:
+    """Two nodes, the API server, one agent per node in Kubernetes mode. Certificates come
+    from --identity-dir, or with `issuer` from a real `pinion issuer` on node0, as in deploy/."""
     identity = tmp_path / "identity"
     init_identity_dir(identity, trust_domain="cluster.local")
     agents: list[LabAgent] = []
     lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
     api: FakeApiServer | None = None
+    issuer_log = tmp_path / "issuer.log"
     try:
         api = FakeApiServer(lab.nodes[0].underlay_ip, API_PORT, tmp_path / "kubeapi",
                             listen_socket=listening_socket(lab)).start()
         cluster = Cluster(lab, api, agents)
         cluster.namespace("shop", {"pinion.dev/mesh": "enabled"})
         cluster.namespace("legacy")
-        args = ["--kubeconfig", str(api.kubeconfig), "--identity-dir", str(identity)]
-        agents += [LabAgent(lab, node, redirect=backend, extra_args=args) for node in lab.nodes]
+        if issuer:
+            cluster.namespace("pinion-system")
+            start_issuer(lab, api, identity, issuer_log)
+        for node in lab.nodes:
+            args = ["--kubeconfig", str(api.kubeconfig)]
+            if issuer:
+                args += agent_credentials(api, node.name, identity, tmp_path)
+            else:
+                args += ["--identity-dir", str(identity)]
+            agents.append(LabAgent(lab, node, redirect=backend, extra_args=args))
         for agent in agents:
             agent.start()
         yield cluster
@@ -118,9 +133,39 @@ def kubernetes_cluster(tmp_path: Path, backend: str = "nftables") -> Iterator[Cl
         for agent in agents:
             agent.stop()
             print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
+        if issuer_log.exists():
+            print(f"--- issuer log ---\n{issuer_log.read_text()[-4000:]}")
         lab.close()
         if api is not None:
             api.stop()
+
+
+def start_issuer(lab: Lab, api: FakeApiServer, identity: Path, log_path: Path) -> None:
+    """`pinion issuer` in node0's netns, as its Deployment would run (the Secret = the dir)."""
+    node = lab.nodes[0]
+    with open(log_path, "a") as log:
+        node.spawn([sys.executable, "-m", "agent", "issuer", "--identity-dir", str(identity),
+                    "--listen", f"{node.underlay_ip}:{ISSUER_PORT}",
+                    "--admin-addr", f"{node.underlay_ip}:{ISSUER_ADMIN_PORT}",
+                    "--kubeconfig", str(api.kubeconfig)], stdout=log, stderr=subprocess.STDOUT,
+                   cwd=str(REPO))
+    ready = f"http://{node.underlay_ip}:{ISSUER_ADMIN_PORT}/ready"
+    def answers() -> bool:
+        return node.run(["curl", "-sf", "--max-time", "1", ready], check=False).returncode == 0
+
+    assert eventually(answers, 15), log_path.read_text()
+
+
+def agent_credentials(api: FakeApiServer, node: str, identity: Path, tmp_path: Path) -> list[str]:
+    """What the DaemonSet mounts: a projected token (audience pinion-issuer, bound to this
+    node) and the trust bundle ConfigMap."""
+    token = f"agent-{node}-{uuid.uuid4().hex}"
+    api.add_token(token, username="system:serviceaccount:pinion-system:pinion-agent",
+                  extra={"authentication.kubernetes.io/node-name": [node]}, audiences=("pinion-issuer",))
+    token_file = tmp_path / f"token-{node}"
+    token_file.write_text(token)
+    return ["--issuer-url", f"https://{ISSUER_HOST}:{ISSUER_PORT}", "--token-file", str(token_file),
+            "--trust-bundle", str(identity / "trust-bundle.crt"), "--trust-domain", "cluster.local"]
 
 
 @pytest.fixture
@@ -210,3 +255,30 @@ def test_the_mesh_is_decided_by_the_registry_not_by_probing(cluster: Cluster) ->
     assert metrics.value("request_total", direction="outbound", namespace="shop", pod="client",
                          deployment="front", tls="disabled", dst_pod="old", dst_namespace="legacy",
                          dst_deployment="web") == 1
+
+
+def test_with_the_issuer_service_pods_get_certificates_only_through_it(tmp_path: Path) -> None:
+    with kubernetes_cluster(tmp_path, issuer=True) as cluster:
+        client = cluster.pod(0, "client", deployment="front")
+        server = cluster.pod(1, "web-b")
+        cluster.serve(server, "--port", "8080")
+
+        assert curl(client, f"http://{server.ip}:8080/whoami").stdout.strip() == client.ip
+
+        metrics = cluster.agents[0].metrics()
+        assert metrics.value("request_total", direction="outbound", namespace="shop", pod="client",
+                             deployment="front", tls="true", dst_pod="web-b", dst_namespace="shop",
+                             dst_deployment="web", server_id="spiffe://cluster.local/ns/shop/sa/web") == 1
+        node = cluster.lab.nodes[0]
+        issuer_metrics = node.run(["curl", "-sS", f"http://{node.underlay_ip}:{ISSUER_ADMIN_PORT}/metrics"]).stdout
+        assert 'pinion_issuer_requests_total{result="issued"} 2.0' in issuer_metrics
+        published = (tmp_path / "identity" / "trust-bundle.crt").read_text()
+
+        def bundle() -> str:
+            try:
+                obj = cluster.api.get("v1", "ConfigMap", "pinion-system", "pinion-trust-bundle")
+            except StoreError:  # not published yet
+                return ""
+            return str(obj["data"]["trust-bundle.crt"])
+
+        assert eventually(lambda: bundle() == published, 10)

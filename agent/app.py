@@ -63,6 +63,10 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
         background = [tasks.create_task(_sweep_forever(config, pods, proxy, admission))]
         if identities is not None:
             background.append(tasks.create_task(identities.run()))
+        if identities is not None and config.identity_dir is None:  # the issuer's mounted bundle
+            from agent.controlplane.identity.remote import follow_trust_bundle
+
+            background.append(tasks.create_task(follow_trust_bundle(config.trust_bundle, identities)))
         if cluster is not None:
             background.append(tasks.create_task(cluster.run()))
             background.append(tasks.create_task(_ready_when_synced(cluster, admin)))

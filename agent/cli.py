@@ -1,4 +1,4 @@
-"""The `pinion` command: agent, rules, demo, cni, identity, install, and stat, edges, top, check."""
+"""The `pinion` command: agent, rules, demo, cni, identity, issuer, install, and stat, edges, top, check."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
-                "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object")
+                "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
+                "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pinion", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    agent = sub.add_parser("agent", help="run the node agent (standalone, no Kubernetes)")
+    agent = sub.add_parser("agent", help="run the node agent (standalone, or watching Kubernetes)")
     agent.add_argument("--node-name", help="this node's name (required; or PINION_NODE_NAME)")
     agent.add_argument("--admin-addr", help="IP:PORT of the admin endpoint (default 127.0.0.1:4191)")
     agent.add_argument("--cni-socket", help="Unix socket for pinion-cni (default /run/pinion/cni.sock)")
@@ -62,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
     agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")
+    kube = agent.add_argument_group("Kubernetes mode (docs/kubernetes.md)")
+    kube.add_argument("--kubeconfig", metavar="PATH",
+                      help="watch this cluster (default: in-cluster config when run in a pod)")
+    kube.add_argument("--standalone", action="store_true",
+                      help="no Kubernetes, even in a pod: the CNI args say everything")
+    kube.add_argument("--issuer-url", metavar="URL", help="where CSRs go "
+                      "(default https://pinion-issuer.pinion-system.svc:8443)")
+    kube.add_argument("--issuer-id", metavar="SPIFFE", help="who the issuer must prove to be")
+    kube.add_argument("--token-file", metavar="PATH",
+                      help="projected service-account token (default /var/run/secrets/pinion/token)")
+    kube.add_argument("--trust-bundle", metavar="PATH", help="the mounted trust bundle "
+                      "(default /var/run/pinion/trust-bundle/trust-bundle.crt)")
+    kube.add_argument("--trust-domain", metavar="TD", help="default cluster.local")
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "
                             "leaving pods captured for the next agent")
@@ -82,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
     _add_cni_parser(sub)
     _add_identity_parser(sub)
+    _add_issuer_parser(sub)
     _add_install_parser(sub)
     _add_viz_parsers(sub)
     return parser
@@ -124,6 +139,30 @@ def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     init.set_defaults(run=_run_identity_init)
 
 
+def _add_issuer_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pinion issuer`: the Kubernetes-mode certificate issuer (flags: docs/kubernetes.md)."""
+    issuer = sub.add_parser("issuer", help="run the certificate issuer service (Kubernetes mode)")
+    issuer.add_argument("--identity-dir", default="/var/run/pinion/issuer", metavar="DIR",
+                        help="the mounted Secret pinion-issuer: issuer.crt/.key, trust-bundle.crt, "
+                             "trust-domain (default /var/run/pinion/issuer)")
+    issuer.add_argument("--listen", default="0.0.0.0:8443", metavar="IP:PORT",
+                        help="HTTPS (TLS 1.3) for POST /v1/certificates (default 0.0.0.0:8443)")
+    issuer.add_argument("--admin-addr", default="0.0.0.0:9990", metavar="IP:PORT",
+                        help="/ready, /live, /metrics (default 0.0.0.0:9990)")
+    issuer.add_argument("--kubeconfig", metavar="PATH",
+                        help="API server and credentials (default in-cluster)")
+    issuer.add_argument("--agent-service-account", default="pinion-system:pinion-agent", metavar="NS:NAME",
+                        help="whose tokens may ask for certificates (default pinion-system:pinion-agent)")
+    issuer.add_argument("--audience", default="pinion-issuer",
+                        help="the audience agents' tokens must carry (default pinion-issuer)")
+    issuer.add_argument("--bundle-configmap", default="pinion-system/pinion-trust-bundle", metavar="NS/NAME",
+                        help="where the trust bundle is published at start "
+                             "(default pinion-system/pinion-trust-bundle)")
+    issuer.add_argument("--max-lifetime", default="86400", metavar="SECONDS",
+                        help="the longest certificate lifetime granted (default 86400)")
+    issuer.set_defaults(run=_run_issuer)
+
+
 def _add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     install = sub.add_parser(
         "install", help="print the Kubernetes manifests with new issuer credentials, for "
@@ -163,6 +202,7 @@ def _add_cni_location_flags(parser: argparse.ArgumentParser) -> None:
 def _run_agent(args: argparse.Namespace) -> int:
     values = {name: os.environ.get(f"PINION_{name.upper()}") for name in _AGENT_FLAGS}
     values.update({k: v for k, v in vars(args).items() if k in _AGENT_FLAGS and v is not None})
+    values["kubernetes"] = _kubernetes_mode(args)
     try:
         config = Config.from_mapping(values)
     except ValueError as exc:
@@ -180,6 +220,17 @@ def _run_agent(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     return runner(run_agent(config, cleanup=args.cleanup))
+
+
+def _kubernetes_mode(args: argparse.Namespace) -> str | None:
+    """A kubeconfig path, "in-cluster" when running in a pod, or None (standalone)."""
+    if args.standalone:
+        return None
+    if args.kubeconfig or os.environ.get("PINION_KUBECONFIG"):
+        return str(args.kubeconfig or os.environ["PINION_KUBECONFIG"])
+    from agent.controlplane.kube.config import KubeConfig
+
+    return "in-cluster" if KubeConfig.in_cluster_available() else None
 
 
 def _run_rules(args: argparse.Namespace) -> int:
@@ -287,6 +338,21 @@ def _run_identity_init(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path} ({path.stat().st_mode & 0o777:04o})")
     return 0
+
+
+def _run_issuer(args: argparse.Namespace) -> int:
+    from agent.controlplane.identity.issuer_server import IssuerSettings, run_issuer
+
+    try:
+        settings = IssuerSettings.parse(
+            identity_dir=args.identity_dir, listen=args.listen, admin_addr=args.admin_addr,
+            kubeconfig=args.kubeconfig, agent_service_account=args.agent_service_account,
+            audience=args.audience, bundle_configmap=args.bundle_configmap, max_lifetime=args.max_lifetime)
+    except ValueError as exc:
+        print(f"pinion issuer: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging("info")
+    return asyncio.run(run_issuer(settings))
 
 
 def _run_install(args: argparse.Namespace) -> int:

@@ -520,7 +520,8 @@ class Lab:
         cgroup = None
         if self.cgroup_root is not None:
             cgroup = _make_cgroup(undo, self.cgroup_root / node.name / netns[len(node.netns) + 1 :])
-        uid, container_id = str(uuid.uuid4()), secrets.token_hex(32)
+        # The API server's uid when a test made the pod object first (Kubernetes mode).
+        uid, container_id = args.get("K8S_POD_UID") or str(uuid.uuid4()), secrets.token_hex(32)
         if cgroup is not None and self.cgroup_root is not None:  # as the runtime would know it
             args = {"PINION_CGROUP": f"/{cgroup.relative_to(self.cgroup_root.parent)}", **args}
         cni_args = {

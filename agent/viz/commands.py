@@ -21,6 +21,7 @@ from agent.viz.stats import (
     Sample,
     StatRow,
     busiest_first,
+    deployments_of,
     golden_by,
     inbound_pod,
     merge_into,
@@ -124,6 +125,7 @@ class WindowView(Generic[K]):
     golden: dict[K, Golden] = field(default_factory=dict)
     meshed: set[PodKey] = field(default_factory=set)
     seen: set[PodKey] = field(default_factory=set)
+    owners: dict[PodKey, str] = field(default_factory=dict)  # pod -> its Deployment, when known
     errors: list[str] = field(default_factory=list)
 
 
@@ -141,6 +143,7 @@ def window_view(before: Sequence[scrape.Scrape], after: Sequence[scrape.Scrape],
         merge_into(view.golden, golden_by(deltas, second.samples, elapsed, key))
         view.meshed |= meshed_pods(second.pods)
         view.seen |= pods_in(second.samples)
+        view.owners.update(deployments_of(second.samples, second.pods))
     return view
 
 
@@ -176,7 +179,7 @@ def run_stat(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
     first = scrape.scrape_all(agents, args.timeout)
     sleep(args.window)
     view = window_view(first, scrape.scrape_all(agents, args.timeout), inbound_pod)
-    rows = stat_rows(args.resource, view.golden, view.meshed, view.seen, _namespace(args))
+    rows = stat_rows(args.resource, view.golden, view.meshed, view.seen, _namespace(args), view.owners)
     _report(view.errors, "stat")
     if args.output == "json":
         sys.stdout.write(stat_json(rows, args.resource.removesuffix("s")))

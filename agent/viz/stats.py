@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 REQUESTS = "request_total"
 RESPONSES = "response_total"
@@ -208,8 +208,8 @@ _DEPLOYMENT_POD = re.compile(rf"^(?P<owner>.+)-{_SAFE}{{6,10}}-{_SAFE}{{5}}$")
 
 def owner_name(pod: str) -> str:
     """The Deployment a pod belongs to, guessed from its name; a pod without that shape
-    (StatefulSet, DaemonSet, bare pod) is its own owner. A heuristic until the agents export
-    real owner labels (`deployment`, ...)."""
+    (StatefulSet, DaemonSet, bare pod) is its own owner. Used when the agent does not know
+    (standalone mode); in Kubernetes mode the `deployment` label says it."""
     match = _DEPLOYMENT_POD.match(pod)
     return match.group("owner") if match else pod
 
@@ -224,14 +224,19 @@ class StatRow:
 
 
 def stat_rows(resource: str, golden: Mapping[PodKey, Golden], meshed: set[PodKey],
-              seen: set[PodKey], namespace: str | None) -> list[StatRow]:
-    """One row per pod (resource "pods") or per Deployment-like owner ("deployments") among
-    every pod an agent meshes or has series for, optionally in one namespace only."""
+              seen: set[PodKey], namespace: str | None,
+              owners: Mapping[PodKey, str] | None = None) -> list[StatRow]:
+    """One row per pod (resource "pods") or per Deployment ("deployments": the agents'
+    `deployment` label, else guessed from the pod name) among every pod an agent meshes or
+    has series for, optionally in one namespace only."""
     rows: dict[tuple[str, str], StatRow] = {}
+    owners = owners or {}
     for pod in sorted(meshed | seen | set(golden)):
         if namespace is not None and pod.namespace != namespace:
             continue
-        name = owner_name(pod.name) if resource == "deployments" else pod.name
+        name = pod.name
+        if resource == "deployments":
+            name = owners.get(pod) or owner_name(pod.name)
         row = rows.setdefault((pod.namespace, name), StatRow(pod.namespace, name, 0, 0, Golden()))
         row.total += 1
         row.meshed += pod in meshed
@@ -245,6 +250,17 @@ def busiest_first(golden: Mapping[K, Golden]) -> list[tuple[K, Golden]]:
 
 def pods_in(samples: Iterable[Sample]) -> set[PodKey]:
     return {pod for sample in samples if (pod := pod_of(sample)) is not None}
+
+
+def deployments_of(samples: Iterable[Sample], entries: Iterable[Mapping[str, Any]]) -> dict[PodKey, str]:
+    """Pod -> Deployment, from the `deployment` label of series and the owner in GET /pods."""
+    owners = {pod: sample.labels["deployment"] for sample in samples
+              if sample.labels.get("deployment") and (pod := pod_of(sample)) is not None}
+    for entry in entries:
+        owner = entry.get("owner")
+        if isinstance(owner, dict) and owner.get("kind") == "deployment" and entry.get("name"):
+            owners[PodKey(str(entry.get("namespace", "")), str(entry["name"]))] = str(owner.get("name"))
+    return owners
 
 
 def meshed_pods(entries: Iterable[Mapping[str, object]]) -> set[PodKey]:

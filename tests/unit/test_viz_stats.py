@@ -12,7 +12,9 @@ from agent.viz.scrape import parse_metrics
 from agent.viz.stats import (
     Golden,
     PodKey,
+    Sample,
     counter_delta,
+    deployments_of,
     golden_by,
     histogram_quantile,
     inbound_pod,
@@ -218,3 +220,19 @@ def test_deployments_group_pods_and_add_their_traffic() -> None:
     all_rows = stat_rows("pods", golden, {web_a, PodKey("other", "db-0")}, {web_b}, None)
     assert [(r.namespace, r.name) for r in all_rows] == [
         ("default", "web-7d4b9c8f6d-k8m4t"), ("default", "web-7d4b9c8f6d-x2x9q"), ("other", "db-0")]
+
+
+def test_the_agents_deployment_label_beats_the_guess_from_the_pod_name() -> None:
+    """Kubernetes mode: the agent knows the owner (a pod named like no Deployment's, or a
+    Deployment whose name itself ends like a hash)."""
+    odd, api = PodKey("shop", "frontend-blue"), PodKey("shop", "api-v2-5d8f9c7b6-abcde")
+    samples = [Sample("request_total", {"namespace": "shop", "pod": "frontend-blue", "deployment": "frontend",
+                                        "direction": "inbound"}, 3.0)]
+    entries = [{"namespace": "shop", "name": api.name, "owner": {"kind": "deployment", "name": "api-v2"}},
+               {"namespace": "shop", "name": "db-0", "owner": {"kind": "statefulset", "name": "db"}}]
+
+    owners = deployments_of(samples, entries)
+    rows = stat_rows("deployments", {}, {odd, api, PodKey("shop", "db-0")}, set(), "shop", owners)
+
+    assert owners == {odd: "frontend", api: "api-v2"}
+    assert [r.name for r in rows] == ["api-v2", "db-0", "frontend"]

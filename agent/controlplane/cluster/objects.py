@@ -232,7 +232,7 @@ def project_slice(obj: dict[str, Any]) -> SliceRecord | None:
     ports = tuple((str(p.get("name") or ""), p["port"]) for p in obj.get("ports") or ()
                   if isinstance(p, dict) and isinstance(p.get("port"), int)
                   and str(p.get("protocol") or "TCP") == "TCP")
-    addresses = []
+    addresses: list[str] = []
     for endpoint in obj.get("endpoints") or ():
         if not isinstance(endpoint, dict):
             continue

@@ -125,7 +125,7 @@ class ClusterState:
         if found is None:
             return None
         key, service_port = found
-        endpoints = []
+        endpoints: list[tuple[str, int]] = []
         for slice_key in sorted(self._slices_of.get(key, ())):
             record = self._slices[slice_key]
             number = _target_port(service_port, record)

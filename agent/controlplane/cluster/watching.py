@@ -57,7 +57,7 @@ class KubernetesMode:
 
     def _watch(self, path: str, params: dict[str, str], project: Callable[[dict[str, Any]], T | None],
                on_event: Callable[[str, str, T | None, T | None], None]) -> Reflector[T]:
-        return Reflector(self.client, path, params, project, on_event)
+        return Reflector(self.client, path, project, on_event=on_event, params=params)
 
     def _namespace_event(self, kind: str, key: str, old: NamespaceRecord | None,
                          new: NamespaceRecord | None) -> None:

@@ -51,6 +51,15 @@ class SpiffeId:
 
 for_pod = SpiffeId.for_pod
 
+# Who the Kubernetes-mode issuer service is (docs/kubernetes.md): agents accept no other signer.
+ISSUER_NAMESPACE = "pinion-system"
+ISSUER_SERVICE_ACCOUNT = "pinion-issuer"
+
+
+def issuer_id(trust_domain: str) -> SpiffeId:
+    """spiffe://<trust-domain>/ns/pinion-system/sa/pinion-issuer."""
+    return SpiffeId(trust_domain, ISSUER_NAMESPACE, ISSUER_SERVICE_ACCOUNT)
+
 
 def check_trust_domain(trust_domain: str) -> str:
     """`trust_domain` if it is a valid SPIFFE trust domain name; else ValueError."""

@@ -91,6 +91,10 @@ class IdentityManager:
         return self._trust_domain
 
     @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    @property
     def suites(self) -> str:
         """The TLS 1.3 suite order every context gets."""
         return self._suites

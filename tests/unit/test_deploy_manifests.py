@@ -291,6 +291,35 @@ def test_the_agent_command_is_one_pinion_agent_accepts(objects: list[dict[str, A
     assert (config.node_name, config.admin_host, config.admin_port) == ("node-a", "0.0.0.0", 4191)
     assert (str(config.cni_socket), str(config.state_dir), config.redirect) == (
         "/run/pinion/cni.sock", "/var/lib/pinion", "auto")
+    assert config.trust_domain == find(objects, "ConfigMap", "pinion-config")["data"]["trust-domain"]
+    # The Kubernetes-mode defaults the agent reads are where the pod mounts them.
+    spec = dict(pod_specs(objects))["pinion-agent"]
+    mounts = mounts_by_path(agent, spec)
+    token, bundle = mounts["/var/run/secrets/pinion"], mounts["/var/run/pinion/trust-bundle"]
+    assert config.token_file.parent == Path(token[0]["mountPath"])
+    assert config.token_file.name == token[1]["projected"]["sources"][0]["serviceAccountToken"]["path"]
+    assert config.trust_bundle == Path(bundle[0]["mountPath"]) / files.TRUST_BUNDLE
+
+
+def test_the_issuer_command_is_one_pinion_issuer_accepts(objects: list[dict[str, Any]]) -> None:
+    from agent.controlplane.identity.issuer_server import IssuerSettings
+
+    issuer = container(objects, "pinion-issuer", "issuer")
+    args = cli._parser().parse_args(issuer["command"][1:] + issuer["args"])
+    assert args.run is cli._run_issuer
+    settings = IssuerSettings.parse(
+        identity_dir=args.identity_dir, listen=args.listen, admin_addr=args.admin_addr,
+        kubeconfig=args.kubeconfig, agent_service_account=args.agent_service_account,
+        audience=args.audience, bundle_configmap=args.bundle_configmap, max_lifetime=args.max_lifetime)
+    ports = {p["name"]: p["containerPort"] for p in issuer["ports"]}
+    assert (settings.listen[1], settings.admin[1]) == (ports["https"], ports["admin"])
+    assert str(settings.identity_dir) == issuer["volumeMounts"][0]["mountPath"]
+    assert (settings.bundle_namespace, settings.bundle_name) == (NAMESPACE, "pinion-trust-bundle")
+    assert (settings.agent_namespace, settings.agent_service_account) == (NAMESPACE, "pinion-agent")
+    agent_token = dict(pod_specs(objects))["pinion-agent"]["volumes"]
+    audiences = [s["serviceAccountToken"]["audience"] for v in agent_token if "projected" in v
+                 for s in v["projected"]["sources"]]
+    assert audiences == [settings.audience]
 
 
 def test_the_cni_installer_sees_every_directory_the_layout_may_choose(objects: list[dict[str, Any]]) -> None:
@@ -442,3 +471,53 @@ def test_the_stream_puts_dependencies_first(installed: list[dict[str, Any]]) -> 
 def test_the_agent_never_imports_yaml() -> None:
     code = "import sys, agent.app, agent.cli; sys.exit('yaml' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# --- kubectl against the in-test API server -------------------------------------------------
+
+@pytest.fixture
+def api_server(tmp_path: Path) -> Iterator[Any]:
+    from agent.lab.kubeapi import FakeApiServer
+
+    server = FakeApiServer(host="127.0.0.1", port=0, directory=tmp_path / "api").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def kubectl_dry_run(server: Any, tmp_path: Path, target: str, stdin: str | None = None) -> list[str]:
+    """`kubectl apply --dry-run=client` (which still asks the server what exists, by discovery)."""
+    kubectl = require_tool("kubectl")
+    result = subprocess.run([kubectl, "--kubeconfig", str(server.kubeconfig),
+                             "--cache-dir", str(tmp_path / "cache"),
+                             "apply", "--dry-run=client", "--validate=false", "-f", target],
+                            input=stdin, capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def created(documents: list[dict[str, Any]]) -> list[str]:
+    """What kubectl says for each object it would create: `<kind>[.<group>]/<name> created (dry run)`."""
+    lines = []
+    for document in documents:
+        group = document["apiVersion"].rpartition("/")[0]
+        resource = document["kind"].lower() + (f".{group}" if group else "")
+        lines.append(f"{resource}/{document['metadata']['name']} created (dry run)")
+    return sorted(lines)
+
+
+def test_kubectl_would_create_every_object_of_deploy(api_server: Any, tmp_path: Path) -> None:
+    output = kubectl_dry_run(api_server, tmp_path, str(DEPLOY))
+    assert sorted(output) == created(checked_in())
+    assert "daemonset.apps/pinion-agent created (dry run)" in output
+
+
+def test_kubectl_would_create_every_object_of_pinion_install(api_server: Any, tmp_path: Path) -> None:
+    code, stream, _ = run_install()
+    assert code == 0
+    output = kubectl_dry_run(api_server, tmp_path, "-", stdin=stream)
+    documents = [d for d in yaml.safe_load_all(stream) if d]
+    assert sorted(output) == created(documents)
+    assert "secret/pinion-issuer created (dry run)" in output

@@ -161,7 +161,7 @@ def _containers(documents: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # (no PyYAML stubs installed)
     """Multi-line strings (PEM) as literal blocks, so the output reads like the manifests."""
 
 

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_dir",
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
-                "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain")
+                "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
+                "pod_uid")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,6 +71,7 @@ class Config:
     trust_bundle: Path = Path(DEFAULT_TRUST_BUNDLE)
     trust_domain: str = "cluster.local"
     pod_wait_seconds: float = 10.0  # how long a CNI ADD waits for the pod to appear in the watch
+    pod_uid: str = ""  # the agent's own pod (PINION_POD_UID from the downward API), for its cgroup
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -119,6 +120,7 @@ class Config:
             trust_bundle=Path(get("trust_bundle", DEFAULT_TRUST_BUNDLE) or DEFAULT_TRUST_BUNDLE),
             trust_domain=get("trust_domain", "cluster.local") or "cluster.local",
             pod_wait_seconds=_number(get("pod_wait_seconds", "10"), "pod wait", float),
+            pod_uid=get("pod_uid", "") or "",
         )
 
 

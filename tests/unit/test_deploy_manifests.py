@@ -274,7 +274,8 @@ def container_env(objects: list[dict[str, Any]], c: dict[str, Any]) -> dict[str,
             assert source["configMapKeyRef"]["name"] == "pinion-config"
             env[variable["name"]] = settings[source["configMapKeyRef"]["key"]]
         elif "fieldRef" in source:
-            env[variable["name"]] = {"spec.nodeName": "node-a"}[source["fieldRef"]["fieldPath"]]
+            downward = {"spec.nodeName": "node-a", "metadata.uid": "0d5c7a1e-uid"}
+            env[variable["name"]] = downward[source["fieldRef"]["fieldPath"]]
     return env
 
 

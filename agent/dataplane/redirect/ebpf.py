@@ -40,12 +40,14 @@ _ID_SIZE = 16
 class EbpfSettings:
     object_path: Path
     pin_dir: Path  # this agent's: <root>/<node>-<hash of its state dir>
+    pod_uid: str = ""  # the agent's own pod (DaemonSet: downward API), to find its cgroup
 
     @classmethod
     def from_config(cls, config: Config) -> EbpfSettings:
         root = config.bpf_dir or DEFAULT_PIN_ROOT
         state = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
-        return cls(config.bpf_object or DEFAULT_OBJECT, root / f"{config.node_name}-{state}")
+        return cls(config.bpf_object or DEFAULT_OBJECT, root / f"{config.node_name}-{state}",
+                   config.pod_uid)
 
 
 @dataclass(slots=True)
@@ -97,12 +99,26 @@ class EbpfBackend:
         try:
             self._stale_ids = _retire_other_versions(self._settings.pin_dir, digest)
             self._load_or_adopt(object_path)
-            proc = self._proc_cgroup or Path("/proc/self/cgroup").read_text()
-            self._agent_cgroup = cgroups.own_cgroup(proc, self._mount)
+            self._agent_cgroup = self._own_cgroup(self._mount)
             self._ensure_attached(self._agent_cgroup, (bpfmaps.AGENT_PROGRAM,))
         except (OSError, cgroups.CgroupError) as exc:
             self._close_fds()
             raise RedirectError(str(exc)) from exc
+
+    def _own_cgroup(self, mount: Path) -> Path:
+        """Where the getsockopt program goes: the agent's own cgroup, never the root one.
+        In a pod, a cgroup namespace makes /proc/self/cgroup read "0::/"; the pod's real
+        cgroup is then found from its uid (PINION_POD_UID, from the downward API)."""
+        if self._settings.pod_uid:
+            return cgroups.pod_cgroup(mount, "", self._settings.pod_uid, ("", "k3s"))
+        proc = self._proc_cgroup or Path("/proc/self/cgroup").read_text()
+        own = cgroups.own_cgroup(proc, mount)
+        if own == mount:
+            raise cgroups.CgroupError(
+                "the agent is in the root cgroup (or a cgroup namespace hides its own): its "
+                "getsockopt program would run for every process on the node; run it in its own "
+                "cgroup, or in a pod give it PINION_POD_UID (downward API metadata.uid)")
+        return own
 
     def _load_or_adopt(self, object_path: Path) -> None:
         assert self._pins is not None

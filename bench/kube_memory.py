@@ -8,7 +8,8 @@
    JSON each: labels, annotations, owner reference, a container with env, ports, probes, status).
    A child process builds a KubeClient, warms its connection, reads VmRSS, runs a Reflector until
    synced, collects garbage and reads VmRSS again; (after - before) / N is the cost per pod. Once
-   with the small projection an agent keeps, once keeping whole objects, for comparison.
+   with the small projection an agent keeps, once keeping whole objects, for comparison; and with
+   glibc's mmap threshold pinned, which stops it keeping freed list-page buffers (see the docs).
 
     .venv/bin/python bench/kube_memory.py [--pods 2000] [--runs 3] [--third-party]
 
@@ -186,7 +187,7 @@ class PodSummary:
 
 def summarize(obj: dict[str, Any]) -> PodSummary:
     metadata, spec = obj["metadata"], obj.get("spec", {})
-    owner = next(iter(metadata.get("ownerReferences") or ()), {})
+    owner: dict[str, Any] = next(iter(metadata.get("ownerReferences") or ()), {})
     labels = metadata.get("labels") or {}
     kept = tuple((sys.intern(key), sys.intern(labels[key])) for key in KEPT_LABELS if key in labels)
     return PodSummary(sys.intern(metadata["namespace"]), metadata["name"], metadata["uid"],
@@ -202,11 +203,11 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-async def measure_reflector(kubeconfig: str, whole: bool) -> dict[str, Any]:
+async def measure_reflector(kubeconfig: str, whole: bool, page_size: int) -> dict[str, Any]:
     client = KubeClient(KubeConfig.load(kubeconfig), timeout=30.0)
     await client.request("GET", "/api/v1/namespaces", params={"limit": "1"})  # TLS session, pool, buffers
     project = (lambda obj: obj) if whole else summarize
-    reflector: Reflector[Any] = Reflector(client, "/api/v1/pods", project)
+    reflector: Reflector[Any] = Reflector(client, "/api/v1/pods", project, page_size=page_size)
     gc.collect()
     before, hwm_before = status_kib("VmRSS"), status_kib("VmHWM")
     started = time.monotonic()
@@ -257,19 +258,23 @@ def api_server_process(directory: Path) -> Any:
         process.wait(10)
 
 
-def child_run(kubeconfig: Path, whole: bool, environment: dict[str, str]) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", str(kubeconfig)] + (["--whole"] if whole else [])
+def child_run(kubeconfig: Path, whole: bool, page_size: int, environment: dict[str, str]) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", str(kubeconfig), "--page-size", str(page_size)]
+    command += ["--whole"] if whole else []
     result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     return dict(json.loads(result.stdout))
 
 
-def per_pod(kubeconfig: Path, whole: bool, runs: int, environment: dict[str, str]) -> dict[str, float]:
-    samples = [child_run(kubeconfig, whole, environment) for _ in range(runs)]
-    count = samples[0]["count"]
+def per_pod(kubeconfig: Path, whole: bool, page_size: int, runs: int,
+            environment: dict[str, str]) -> dict[str, float]:
+    samples = [child_run(kubeconfig, whole, page_size, environment) for _ in range(runs)]
+    per_pod_kib = [(s["after"] - s["before"]) / s["count"] for s in samples]
     return {
-        "count": count,
+        "count": samples[0]["count"],
+        "min_kib": min(per_pod_kib),
+        "max_kib": max(per_pod_kib),
         "rss_mib": statistics.median(s["after"] - s["before"] for s in samples) / 1024,
-        "per_pod_kib": statistics.median((s["after"] - s["before"]) / s["count"] for s in samples),
+        "per_pod_kib": statistics.median(per_pod_kib),
         "peak_mib": statistics.median(s["hwm_after"] - s["hwm_before"] for s in samples) / 1024,
         "total_mib": statistics.median(s["after"] for s in samples) / 1024,
         "seconds": statistics.median(s["seconds"] for s in samples),
@@ -277,7 +282,7 @@ def per_pod(kubeconfig: Path, whole: bool, runs: int, environment: dict[str, str
 
 
 def report(imports: dict[str, int], third: dict[str, int], versions: dict[str, str], pod_json: int,
-           projected: dict[str, float], whole: dict[str, float]) -> str:
+           rows: dict[str, dict[str, float]]) -> str:
     base = imports["standard library only"]
     lines = ["| imports (fresh `python -c`, median of 5) | VmRSS MiB | over the stdlib |",
              "| --- | ---: | ---: |"]
@@ -290,14 +295,15 @@ def report(imports: dict[str, int], third: dict[str, int], versions: dict[str, s
                 lines.append(f"| {label} | {kib / 1024:.1f} | +{(kib - third_base) / 1024:.1f} |")
         lines.append(f"\nThird-party versions: lightkube {versions['lightkube']}, "
                      f"kubernetes {versions['kubernetes']}.")
-    lines += ["", f"Reflector over {projected['count']:,} pods (mean {pod_json:,} bytes of JSON each), "
-              "medians of the runs:", "",
-              "| kept per pod | RSS after sync − before | per pod | peak (VmHWM) growth "
+    count = next(iter(rows.values()))["count"]
+    lines += ["", f"Reflector over {count:,} pods (mean {pod_json:,} bytes of JSON each), run medians:",
+              "", "| kept per pod | RSS after sync − before | per pod (runs' range) | peak (VmHWM) growth "
               "| process RSS after | list time |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, row in (("projection (PodSummary, 9 fields)", projected), ("whole object (dict)", whole)):
-        lines.append(f"| {label} | {row['rss_mib']:.1f} MiB | {row['per_pod_kib']:.2f} KiB | "
-                     f"{row['peak_mib']:.1f} MiB | {row['total_mib']:.1f} MiB | {row['seconds']:.2f} s |")
+    for label, row in rows.items():
+        lines.append(f"| {label} | {row['rss_mib']:.1f} MiB | {row['per_pod_kib']:.2f} KiB "
+                     f"({row['min_kib']:.1f}–{row['max_kib']:.1f}) | {row['peak_mib']:.1f} MiB | "
+                     f"{row['total_mib']:.1f} MiB | {row['seconds']:.2f} s |")
     return "\n".join(lines)
 
 
@@ -308,9 +314,10 @@ def main() -> int:
     parser.add_argument("--third-party", action="store_true", help="also measure lightkube and kubernetes")
     parser.add_argument("--child", metavar="KUBECONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--page-size", type=int, default=500, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(asyncio.run(measure_reflector(args.child, args.whole))))
+        print(json.dumps(asyncio.run(measure_reflector(args.child, args.whole, args.page_size))))
         return 0
     with tempfile.TemporaryDirectory(prefix="kube-memory-") as directory:
         environment = bytecode_environment(str(Path(directory) / "pycache"))
@@ -319,10 +326,16 @@ def main() -> int:
         third, versions = third_party_imports(environment) if args.third_party else ({}, {})
         with api_server_process(Path(directory) / "api") as kubeconfig:
             pod_json = asyncio.run(populate(kubeconfig, args.pods))
-            child_run(kubeconfig, False, environment)  # warm-up: compiles the child's bytecode
-            projected = per_pod(kubeconfig, False, args.runs, environment)
-            whole = per_pod(kubeconfig, True, args.runs, environment)
-    print(report(imports, third, versions, pod_json, projected, whole))
+            child_run(kubeconfig, False, 500, environment)  # warm-up: compiles the child's bytecode
+            rows = {
+                "projection (PodSummary, 9 fields), pages of 500": per_pod(kubeconfig, False, 500, args.runs,
+                                                                          environment),
+                "projection, pages of 100": per_pod(kubeconfig, False, 100, args.runs, environment),
+                "projection, pages of 500, `MALLOC_MMAP_THRESHOLD_=131072`": per_pod(
+                    kubeconfig, False, 500, args.runs, environment | {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+                "whole object (dict), pages of 500": per_pod(kubeconfig, True, 500, args.runs, environment),
+            }
+    print(report(imports, third, versions, pod_json, rows))
     return 0
 
 

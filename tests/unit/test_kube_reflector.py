@@ -6,6 +6,7 @@ in-test API server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from agent.controlplane.kube.client import KubeClient, KubeConfig
+from agent.controlplane.kube.listing import ListReader
 from agent.controlplane.kube.reflector import Backoff, Reflector, Update, apply_event, object_key, replace_all
 from agent.lab.kubeapi import FakeApiServer
 
@@ -83,6 +85,29 @@ def test_backoff_doubles_to_thirty_seconds_with_jitter_and_resets() -> None:
     assert all(n / 2 <= d <= n for d, n in zip(delays, nominal, strict=True))
     backoff.reset()
     assert 0.25 <= backoff.next() <= 0.5
+
+
+@pytest.mark.parametrize("document", [
+    {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "7", "continue": "c"},
+     "items": [pod("a"), pod("b", note='with "quotes", [brackets], {braces} and \\ ')]},
+    {"items": [{"x": [1, {"y": None}]}], "metadata": {"resourceVersion": "9"}},  # items first
+    {"kind": "PodList", "items": []},
+    {"kind": "PodList", "items": None},
+    {},
+])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_list_items_are_decoded_one_by_one_like_json_loads(document: dict[str, Any],
+                                                           indent: int | None) -> None:
+    reader = ListReader(json.dumps(document, indent=indent))
+    items = list(reader.items())
+    assert items == (document.get("items") or [])
+    assert reader.fields == {key: value for key, value in document.items() if key != "items" or value is None}
+
+
+@pytest.mark.parametrize("text", ['{"items": [1, 2', '[1]', '{"items": [1] "x": 2}', '{"a" 1}', ""])
+def test_a_malformed_list_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        list(ListReader(text).items())
 
 
 # --- against the in-test API server ------------------------------------------------------------------

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import ssl
-import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -138,10 +137,18 @@ class KubeClient:
         """One request; the decoded JSON answer. ApiError/Gone on refusal, OSError/TimeoutError on failure."""
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = self._headers(content_type if payload is not None else None)
-        target = self._target(path, params)
         async with asyncio.timeout(self._timeout):
-            head, data = await self._exchange(method, target, headers, payload)
+            head, data = await self._exchange(method, self._target(path, params), headers, payload)
         return _decode(head, data)
+
+    async def request_bytes(self, method: str, path: str, *, params: dict[str, str] | None = None) -> bytes:
+        """The raw body of a successful answer (a list page, to decode item by item); errors as request()."""
+        async with asyncio.timeout(self._timeout):
+            head, data = await self._exchange(method, self._target(path, params), self._headers(None), None)
+        if not 200 <= head.status < 300:
+            _decode(head, data)  # raises ApiError for a Status
+            raise ProtocolError(f"unexpected {head.status} {head.reason}")
+        return data
 
     def watch(self, path: str, params: dict[str, str]) -> AsyncGenerator[dict[str, Any], None]:
         """Events of one watch (watch=1 is added); ends when the server ends the stream.
@@ -324,6 +331,8 @@ def _pem_files(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
             for descriptor in descriptors:
                 os.close(descriptor)
         return
+    import tempfile  # only where memfd_create is missing; tempfile costs ~0.8 MB of imports
+
     with tempfile.TemporaryDirectory() as directory:
         paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
         for path, data in zip(paths, (cert_pem, key_pem), strict=True):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from agent.controlplane.kube.client import ApiError, Gone, KubeClient
+from agent.controlplane.kube.http1 import ProtocolError
+from agent.controlplane.kube.listing import ListReader
 
 __all__ = ["Backoff", "Reflector", "Update", "apply_event", "object_key", "replace_all"]
 
@@ -153,12 +155,7 @@ class Reflector(Generic[T]):
         revision = ""
         params = {**self._params, "limit": str(self._page_size)}
         while True:
-            page = await self._client.request("GET", self._path, params=params)
-            for item in page.get("items") or ():
-                projection = self._project(item)
-                if projection is not None:
-                    fresh[object_key(item)] = projection
-            metadata = page.get("metadata") or {}
+            metadata = await self._list_page(params, fresh)
             revision = revision or str(metadata.get("resourceVersion") or "")
             if not metadata.get("continue"):
                 break
@@ -169,6 +166,21 @@ class Reflector(Generic[T]):
         for update in replace_all(self.store, fresh):
             self._emit(update)
         self.synced.set()
+
+    async def _list_page(self, params: dict[str, str], fresh: dict[str, T]) -> dict[str, Any]:
+        """Project one page into `fresh`, decoding one item at a time; the page's list metadata."""
+        body = await self._client.request_bytes("GET", self._path, params=params)
+        try:
+            page = ListReader(body.decode("utf-8"))
+            del body  # the text is all that is needed now: do not hold both
+            for item in page.items():
+                projection = self._project(item)
+                if projection is not None:
+                    fresh[object_key(item)] = projection
+        except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
+            raise ProtocolError(f"list page is not JSON: {error}") from error
+        metadata = page.fields.get("metadata")
+        return metadata if isinstance(metadata, dict) else {}
 
     async def _watch(self) -> None:
         """One watch stream, until the server ends it (returns) or it fails (raises)."""

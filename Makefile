@@ -15,6 +15,9 @@ deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generator
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# kubectl (apply --dry-run=client of deploy/): any one will do; Debian's package if none
+	@command -v kubectl >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
 
 venv: $(VENV)/.installed
 

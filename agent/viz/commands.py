@@ -101,6 +101,9 @@ def _add_top_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     check = sub.add_parser("check", help="✓/✗ health of agents (or, with --pre, of this host)")
     check.add_argument("--pre", action="store_true",
                        help="check this host's prerequisites for running an agent instead")
+    check.add_argument("--kubeconfig", metavar="PATH",
+                       help="also check the cluster (API, issuer, agent DaemonSet, trust bundle) "
+                            "and every agent it runs; with --pre: can Pinion be installed")
     _common_flags(check)
     check.set_defaults(run=run_check)
 
@@ -279,15 +282,22 @@ def run_top(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
 # --- check ----------------------------------------------------------------------------------
 
 def run_check(args: argparse.Namespace) -> int:
+    sections: list[tuple[str, Sequence[checks.CheckResult]]] = []
+    discovered: list[str] = []
+    if args.kubeconfig:
+        from agent.viz.cluster_checks import cluster_results
+
+        results, discovered = cluster_results(args.kubeconfig, pre=args.pre, timeout=args.timeout)
+        sections.append(("kubernetes" if args.pre else "pinion in the cluster", results))
     if args.pre:
-        sections = [("this host: prerequisites for running an agent",
-                     checks.host_results(checks.HOST_PROBES))]
-    else:
-        agents = _agents(args)
+        sections.append(("this host: prerequisites for running an agent",
+                         checks.host_results(checks.HOST_PROBES)))
+    elif not args.kubeconfig or discovered or args.agent:
+        agents = list(dict.fromkeys(args.agent or discovered)) or _agents(args)
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(agents)))) as pool:
             answers = list(pool.map(lambda agent: checks.ask_agent(agent, args.timeout), agents))
         now = time.time()
-        sections = [(f"agent {a.agent}", checks.agent_results(a, now)) for a in answers]
+        sections += [(f"agent {a.agent}", checks.agent_results(a, now)) for a in answers]
     if args.output == "json":
         sys.stdout.write(render.to_json(_check_json(sections)))
     else:

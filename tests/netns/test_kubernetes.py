@@ -282,3 +282,31 @@ def test_with_the_issuer_service_pods_get_certificates_only_through_it(tmp_path:
             return str(obj["data"]["trust-bundle.crt"])
 
         assert eventually(lambda: bundle() == published, 10)
+
+
+def test_a_compacted_history_and_dropped_watches_relist_without_releasing_anyone(cluster: Cluster) -> None:
+    """An API server restart: every watch stream ends mid-chunk and the old resourceVersions
+    are gone (410 on the next watch). The agents relist, keep what they captured, and follow
+    the changes made while they were away."""
+    web = cluster.pod(0, "web-a")
+    old = cluster.pod(0, "old", "legacy")
+    def pod_lists() -> int:
+        return sum(1 for method, path in cluster.api.requests
+                   if method == "GET" and "/pods" in path and "watch" not in path)
+
+    lists_before = pod_lists()
+
+    cluster.api.compact()
+    cluster.api.drop_watches()
+    cluster.namespace("legacy", {"pinion.dev/mesh": "enabled"})  # while the watches are down
+
+    assert eventually(lambda: cluster.captured(0) == {"shop/web-a", "legacy/old"}, 15)
+    assert eventually(lambda: pod_lists() > lists_before, 15)  # the pod watches listed again (410)
+    assert "released pod shop/web-a" not in cluster.agents[0].log()
+    # the relisted registry is current: old is now a meshed destination, reached over mTLS
+    cluster.serve(old, "--port", "8080")
+    assert curl(web, f"http://{old.ip}:8080/whoami").stdout.strip() == web.ip
+    assert cluster.agents[0].metrics().value(
+        "request_total", direction="outbound", namespace="shop", pod="web-a", deployment="web",
+        tls="true", dst_pod="old", dst_namespace="legacy", dst_deployment="web",
+        server_id="spiffe://cluster.local/ns/legacy/sa/web") == 1

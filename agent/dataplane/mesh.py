@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.telemetry import PeerLabels
-from agent.dataplane.sockets import SocketFactory, arm_reset
+from agent.dataplane.sockets import SocketFactory, arm_reset, connect
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -134,8 +134,7 @@ class MeshClient:
             raise TunnelError("socket", f"cannot create tunnel socket: {exc}") from None
         try:
             set_keepalive(sock)
-            await asyncio.wait_for(loop.sock_connect(sock, (destination, settings.port)),
-                                   settings.dial_timeout)
+            await connect(loop, sock, (destination, settings.port), settings.dial_timeout)
         except ConnectionRefusedError:
             sock.close()
             if expected:

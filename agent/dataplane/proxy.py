@@ -31,7 +31,7 @@ from agent.core.telemetry import (
 from agent.core.tunnel_frames import ErrorCode
 from agent.dataplane.mesh import TunnelError
 from agent.dataplane.netns import NetNs
-from agent.dataplane.sockets import SocketFactory, arm_reset, original_destination
+from agent.dataplane.sockets import SocketFactory, arm_reset, connect, original_destination
 from agent.model import InboundPolicy
 from agent.observability.metrics import AgentMetrics
 
@@ -390,7 +390,7 @@ class Proxy:
             return
         try:
             loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(sock, destination), self._connect_timeout)
+            await connect(loop, sock, destination, self._connect_timeout)
             await loop.create_connection(lambda: relay.upstream, sock=sock)
         except asyncio.CancelledError:
             sock.close()

@@ -3,7 +3,10 @@ the original destination of a redirected connection. The proxy never touches nam
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 
@@ -58,6 +61,41 @@ def _bind_as(sock: socket.socket, client: tuple[str, int]) -> None:
     sock.bind((client[0], 0))
     if sock.getsockname()[1] == client[1]:  # 1 in ~28,000: pick again, explicitly
         raise OSError(98, "transparent bind chose the client's own port")
+
+
+async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int],
+                  timeout: float) -> None:
+    """Connect a non-blocking socket to an IP address, or raise OSError / TimeoutError.
+
+    Not `loop.sock_connect`: uvloop resolves even a literal IP address there, with
+    `getaddrinfo` in its thread pool (a thread hand-off for every connection). The writer
+    is removed before this returns or raises (also when cancelled), so the caller may close
+    the socket at once."""
+    code = sock.connect_ex(address)
+    if code == 0:
+        return
+    if code != errno.EINPROGRESS:
+        raise OSError(code, os.strerror(code))
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _settle, future, 0.0)
+    timer = loop.call_later(timeout, _settle, future, timeout)
+    try:
+        await future
+    finally:
+        loop.remove_writer(fd)
+        timer.cancel()
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code != 0:
+        raise OSError(code, os.strerror(code))
+
+
+def _settle(future: asyncio.Future[None], timed_out_after: float) -> None:
+    if not future.done():
+        if timed_out_after:
+            future.set_exception(TimeoutError(f"no answer in {timed_out_after:g} s"))
+        else:
+            future.set_result(None)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

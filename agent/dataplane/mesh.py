@@ -89,6 +89,16 @@ class MeshClient:
         self._not_meshed: dict[str, float] = {}
         self._meshed: dict[str, float] = {}
 
+    def pooled(self, pod: PodContext, destination: str, expected: str = "") -> TunnelSession | None:
+        """An open session to `destination` that takes a new stream now (no waiting);
+        with `expected`, only one whose server proved that SPIFFE ID."""
+        if pod.identity is None:
+            return None
+        for session in self._sessions.get((pod.identity, destination), ()):
+            if session.available and (not expected or session.peer_id == expected):
+                return session
+        return None
+
     async def session_for(self, pod: PodContext, destination: str,
                           expected: str = "") -> TunnelSession | None:
         """A session to `destination`'s 15008, or None: not meshed, go in plaintext.
@@ -97,9 +107,9 @@ class MeshClient:
         if pod.identity is None:
             return None
         key = (pod.identity, destination)
-        for session in self._sessions.get(key, ()):  # the common case: one is open already
-            if session.available and (not expected or session.peer_id == expected):
-                return session
+        session = self.pooled(pod, destination, expected)  # the common case: one is open
+        if session is not None:
+            return session
         if not expected and not self._may_be_meshed(destination):
             return None
         dialing = self._dialing.get(key)

@@ -315,25 +315,42 @@ class Proxy:
                                               relay.peer_labels, pod.owner_kind, pod.owner_name))
 
     def accepted(self, relay: Relay) -> None:
+        """Route a new connection. The common meshed case costs no task: a pooled tunnel
+        session takes the stream at once; connecting upstream or dialing a tunnel waits in
+        the relay's own task."""
         relay.pod.relays.add(relay)
-        task = asyncio.get_running_loop().create_task(self._connect(relay))
+        routed = self._route(relay)
+        if routed is None:
+            return
+        destination, route = routed
+        meshed = (relay.direction == "outbound" and self.mesh is not None
+                  and (route is None or route.meshed))
+        if meshed:
+            assert self.mesh is not None
+            session = self.mesh.pooled(relay.pod, destination[0],
+                                       route.identity if route is not None else "")
+            if session is not None:
+                self._open_stream(relay, session, destination, route)
+                return
+        task = asyncio.get_running_loop().create_task(self._connect(relay, destination, route, meshed))
         relay.connecting = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, relay: Relay) -> None:
-        client = relay.client.transport
-        assert client is not None
+    def _route(self, relay: Relay) -> tuple[tuple[str, int], Route | None] | None:
+        """Where the connection goes, and whether it may (None: refused, counted)."""
         destination = relay.destination
         if destination is None:  # captured by a rule: where was it going?
+            client = relay.client.transport
+            assert client is not None
             destination = relay.destination = self._destination(relay, client.get_extra_info("socket"))
             if destination is None:
-                return
+                return None
             if relay.direction == "inbound":
                 if not relay.pod.inbound.plaintext_allowed:
                     self._refuse(relay, "policy_plaintext", "plaintext refused: the pod's inbound "
                                  "policy is mesh-only")
-                    return
+                    return None
                 relay.source = client.get_extra_info("peername")
         if destination[1] in relay.pod.opaque_ports:
             relay.observer = None  # declared opaque: relay bytes, parse nothing
@@ -342,7 +359,11 @@ class Proxy:
             route = self.router.route(destination)  # a Service VIP becomes an endpoint
             destination = relay.destination = route.destination
             relay.peer_labels = route.labels
-        if relay.direction == "outbound" and self.mesh is not None and (route is None or route.meshed):
+        return destination, route
+
+    async def _connect(self, relay: Relay, destination: tuple[str, int], route: Route | None,
+                       meshed: bool) -> None:
+        if meshed:
             try:
                 if await self._through_tunnel(relay, destination, route):
                     return
@@ -367,10 +388,15 @@ class Proxy:
             relay.connecting = None
         if session is None:
             return False
+        self._open_stream(relay, session, destination, route)
+        return True
+
+    def _open_stream(self, relay: Relay, session: TunnelSession, destination: tuple[str, int],
+                     route: Route | None) -> None:
         client = relay.client.transport
         if client is None or client.is_closing():
             relay.finish()
-            return True
+            return
         labels = session.labels
         if route is not None:  # what the registry knows of the destination, and the proof
             labels = dataclasses.replace(route.labels, tls="true", server_id=labels.server_id)
@@ -378,7 +404,6 @@ class Proxy:
         session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
         if not relay.upstream.write_blocked:
             client.resume_reading()
-        return True
 
     async def _connect_upstream(self, relay: Relay, destination: tuple[str, int]) -> None:
         client = relay.client.transport

@@ -238,6 +238,7 @@ class TunnelSession(asyncio.Protocol):
         self._on_closed = on_closed
         self._admit = admit
         self._closed = False
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -310,6 +311,15 @@ class TunnelSession(asyncio.Protocol):
                 and connection.stream_count < connection.max_streams)
 
     def flush(self) -> None:
+        """Write what the connection queued, at the end of this event-loop iteration: the
+        frames of every stream that moved in one iteration leave in one TLS record and one
+        send, instead of one each (an ACK, a response and its FIN are often three)."""
+        if not self._flush_scheduled and self.transport is not None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._flush_scheduled = False
         data = self.connection.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -364,6 +374,7 @@ class TunnelSession(asyncio.Protocol):
             return
         self._closed = True
         if self.transport is not None:
+            self._write_queued()  # a GOAWAY, the last frames: before the TLS close_notify
             self.transport.close()
         for stream in list(self.streams.values()):
             stream._lose(exc)

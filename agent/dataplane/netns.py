@@ -86,12 +86,20 @@ class NetnsSwitch:
         try:
             yield
         finally:
-            try:
-                _setns(self.home.fileno())
-            except NetnsError:
-                log.critical("could not return to the agent's netns; exiting to stay safe")
-                os._exit(70)
+            self._return_home()
 
     def call(self, target: NetNs, fn: Callable[[], T]) -> T:
-        with self.entered(target):
+        """`fn()` inside `target` (what `entered` does, without a generator: it is on the
+        path of every upstream connection)."""
+        _setns(target.fileno())
+        try:
             return fn()
+        finally:
+            self._return_home()
+
+    def _return_home(self) -> None:
+        try:
+            _setns(self.home.fileno())
+        except NetnsError:
+            log.critical("could not return to the agent's netns; exiting to stay safe")
+            os._exit(70)

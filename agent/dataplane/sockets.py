@@ -40,17 +40,20 @@ class SocketFactory:
 
         Created in the pod's namespace, its source address is the pod's own IP; or, given
         `source` (a client's address), a transparent socket that speaks as that client."""
-        sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock = self._switch.call(netns, _nonblocking_tcp_socket)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
+            # TCP_NODELAY: the event loop sets it on every transport it makes of a socket
             if source is not None:
                 _bind_as(sock, source)
         except OSError:
             sock.close()
             raise
         return sock
+
+
+def _nonblocking_tcp_socket() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
 
 def _bind_as(sock: socket.socket, client: tuple[str, int]) -> None:
@@ -72,9 +75,15 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address:
     is removed before this returns or raises (also when cancelled), so the caller may close
     the socket at once."""
     code = sock.connect_ex(address)
+    if code == errno.EINPROGRESS:
+        # Within a node the handshake has often completed before connect() returned (the
+        # kernel ran the peer's side in the same softirq): ask once more before polling.
+        code = sock.connect_ex(address)
+        if code == errno.EISCONN:
+            return
     if code == 0:
         return
-    if code != errno.EINPROGRESS:
+    if code not in (errno.EINPROGRESS, errno.EALREADY):
         raise OSError(code, os.strerror(code))
     future: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()

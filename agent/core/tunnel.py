@@ -33,14 +33,16 @@ Memory stays bounded whatever the peer sends: unparsed input is at most one fram
 (12 + 65536 bytes), live streams at most `max_streams`, each receiving at most
 `initial_window` unacknowledged bytes, and the output produced in reply to peer input
 is at most one 12-byte frame per frame received (a shell that stops reading while its
-writes are pending therefore bounds it too).
+writes are pending therefore bounds it too), and the open headers remembered for reuse at
+most `HEADER_MEMORY` of at most `HEADER_MEMORY_BYTES` each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
-from typing import Final, Literal
+from types import MappingProxyType
+from typing import Final, Literal, TypeVar
 
 from agent.core.tunnel_frames import (
     ACK,
@@ -86,7 +88,13 @@ __all__ = [  # the public API; the wire format is in tunnel_frames
 ]
 
 Role = Literal["client", "server"]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 RESET_MEMORY: Final = 256
+# Open headers seen lately, encoded and decoded: a pod sends the same metadata with every
+# stream, so each is built and checked once. Bounded (entries and size), cleared when full.
+HEADER_MEMORY: Final = 32
+HEADER_MEMORY_BYTES: Final = 512
 _U32: Final = 2**32 - 1
 
 
@@ -181,6 +189,8 @@ class Connection:
         self._peer_goaway = False
         self._terminated = False
         self._next_ping = 0
+        self._encoded_headers: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+        self._decoded_headers: dict[bytes, tuple[int, Mapping[str, str]]] = {}
 
     # ------------------------------------------------------------------ inspection
 
@@ -243,7 +253,11 @@ class Connection:
         stream_id = self._next_stream_id
         if stream_id > MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted: open a new connection")
-        open_header = encode_open_header(port, metadata)
+        key = (port, tuple(metadata.items()))
+        open_header = self._encoded_headers.get(key)
+        if open_header is None:
+            open_header = encode_open_header(port, metadata)
+            _remember(self._encoded_headers, key, open_header)
         stream = _Stream(self._peer_window or 0, self.initial_window, accepted=False)
         self._transition(stream_id, stream, _A.SEND_SYN)
         self._streams[stream_id] = stream
@@ -438,14 +452,20 @@ class Connection:
         if stream_id <= self._last_peer_stream_id:
             raise RemoteProtocolError(f"SYN on stream {stream_id}, ids must increase")
         self._last_peer_stream_id = stream_id
-        port, metadata = decode_open_header(open_header)
+        decoded = self._decoded_headers.get(open_header)
+        if decoded is None:
+            port, metadata = decode_open_header(open_header)
+            decoded = port, MappingProxyType(metadata)  # shared by the streams that repeat it
+            if len(open_header) <= HEADER_MEMORY_BYTES:
+                _remember(self._decoded_headers, open_header, decoded)
+        port, shared_metadata = decoded
         if self.going_away or len(self._streams) >= self.max_streams:
             self._send_reset(stream_id, ErrorCode.REFUSED_STREAM)
             return
         stream = _Stream(self._peer_window or 0, self.initial_window, accepted=False)
         self._transition(stream_id, stream, _A.RECV_SYN)
         self._streams[stream_id] = stream
-        events.append(StreamOpened(stream_id, port, metadata))
+        events.append(StreamOpened(stream_id, port, shared_metadata))
 
     def _on_control(self, frame_type: int, flags: int, stream_id: int, value: int,
                     events: list[Event]) -> None:
@@ -587,3 +607,9 @@ class Connection:
         self._outbound.append(pack_header(GOAWAY, 0, 0, error.error_code))
         self._terminate()
         events.append(ConnectionTerminated(error.error_code, str(error), by_peer=False))
+
+
+def _remember(memory: dict[_K, _V], key: _K, value: _V) -> None:
+    if len(memory) >= HEADER_MEMORY:
+        memory.clear()
+    memory[key] = value

@@ -19,7 +19,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -262,7 +262,7 @@ class InboundStreams(Protocol):
     """The proxy, as the acceptor sees it: turns an accepted stream into a relay."""
 
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
-                 metadata: dict[str, str]) -> None: ...
+                 metadata: Mapping[str, str]) -> None: ...
 
 
 class TunnelAcceptor:
@@ -322,7 +322,8 @@ class TunnelAcceptor:
             sock.close()
 
     def _session(self, pod: PodContext) -> TunnelSession:
-        def on_stream(session: TunnelSession, stream_id: int, port: int, metadata: dict[str, str]) -> None:
+        def on_stream(session: TunnelSession, stream_id: int, port: int,
+                      metadata: Mapping[str, str]) -> None:
             self._streams.tunneled(pod, session, stream_id, port, metadata)
 
         def admit(session: TunnelSession, transport: asyncio.BaseTransport) -> bool:

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -67,10 +67,28 @@ class PodContext:
     owner_name: str = ""
     relays: set[Relay] = field(default_factory=set)
     tunnels: set[TunnelSession] = field(default_factory=set)
+    # the label sets of its series, built once per (direction, peer) and not per connection
+    series_labels: dict[tuple[str, PeerLabels], tuple[TcpLabels, HttpLabels]] = \
+        field(default_factory=dict)
+
+    def labels(self, direction: str, peer: PeerLabels) -> tuple[TcpLabels, HttpLabels]:
+        key = (direction, peer)
+        found = self.series_labels.get(key)
+        if found is None:
+            if len(self.series_labels) >= 32:  # bounded: peers come and go
+                self.series_labels.clear()
+            owner = self.owner_kind, self.owner_name
+            found = self.series_labels[key] = (
+                TcpLabels(direction, self.namespace, self.name, peer, owner_kind=owner[0],
+                          owner_name=owner[1]),
+                HttpLabels(direction, self.namespace, self.name, peer, *owner))
+        return found
 
 
 class _Side(asyncio.Protocol):
     """One socket of a relayed pair. Reading pauses while the other side cannot keep up."""
+
+    __slots__ = ("eof", "is_client", "relay", "transport", "write_blocked")
 
     def __init__(self, relay: Relay, is_client: bool) -> None:
         self.relay = relay
@@ -80,8 +98,9 @@ class _Side(asyncio.Protocol):
         self.write_blocked = False  # our send buffer is over the high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.transport.set_write_buffer_limits(high=self.relay.buffer_high)
+        # a Transport (uvloop's are not subclasses: no cast() call on this path)
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self.relay.buffer_high)  # type: ignore[attr-defined]
         self.relay.side_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -110,6 +129,10 @@ class _Side(asyncio.Protocol):
 
 class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
+
+    __slots__ = ("buffer_high", "client", "connecting", "destination", "direction", "early",
+                 "early_at", "failed", "http", "observer", "peer_labels", "pod", "proxy",
+                 "record", "source", "started", "upstream")
 
     def __init__(self, proxy: Proxy, pod: PodContext, direction: str) -> None:
         self.proxy = proxy
@@ -149,11 +172,8 @@ class Relay:
 
     def open_record(self, peer: PeerLabels) -> None:
         """The path is chosen: count the connection under its labels (and any early bytes)."""
-        pod = self.pod
         self.peer_labels = peer
-        labels = TcpLabels(self.direction, pod.namespace, pod.name, peer,
-                           owner_kind=pod.owner_kind, owner_name=pod.owner_name)
-        record = self.record = self.proxy.telemetry.open(labels)
+        record = self.record = self.proxy.telemetry.open(self.pod.labels(self.direction, peer)[0])
         if self.early:  # read before the path was chosen (no upstream yet: all still held)
             record.read(sum(map(len, self.early)))
             for data in self.early:
@@ -171,12 +191,13 @@ class Relay:
                 record.read(len(data))
                 if observer is not None:
                     self.account(observer.client_bytes(data, time.monotonic()), observer)
+            target = self.upstream.transport
         else:
             if record is not None:
                 record.wrote(len(data))
             if observer is not None:
                 self.account(observer.server_bytes(data, time.monotonic()), observer)
-        target = self.other(side).transport
+            target = self.client.transport
         if target is None:
             self.early.append(data)
             if sum(map(len, self.early)) > self.buffer_high and side.transport is not None:
@@ -293,7 +314,7 @@ class Proxy:
         return await asyncio.get_running_loop().create_server(Refuse, sock=sock)
 
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
-                 metadata: dict[str, str]) -> None:
+                 metadata: Mapping[str, str]) -> None:
         """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
         if port in pod.own_ports or pod.ip is None:
             self._metrics.proxy_errors.labels("inbound", "loop").inc()
@@ -310,9 +331,7 @@ class Proxy:
 
     def http_counters(self, relay: Relay) -> HttpCounters:
         """The first request of a connection: find its pod's HTTP series."""
-        pod = relay.pod
-        return self.telemetry.http(HttpLabels(relay.direction, pod.namespace, pod.name,
-                                              relay.peer_labels, pod.owner_kind, pod.owner_name))
+        return self.telemetry.http(relay.pod.labels(relay.direction, relay.peer_labels)[1])
 
     def accepted(self, relay: Relay) -> None:
         """Route a new connection. The common meshed case costs no task: a pooled tunnel

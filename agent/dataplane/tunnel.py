@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from agent.core import tunnel as core
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 class StreamTransport:
     """One tunnel stream, with the parts of asyncio.Transport the relay uses."""
+
+    __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high", "_lost",
+                 "_paused", "_pending", "_pending_size", "_write_paused", "accepted", "protocol",
+                 "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -215,7 +219,7 @@ class StreamTransport:
             self.session.flush()
 
 
-StreamOpenedHandler = Callable[["TunnelSession", int, int, dict[str, str]], None]
+StreamOpenedHandler = Callable[["TunnelSession", int, int, Mapping[str, str]], None]
 
 
 class TunnelSession(asyncio.Protocol):
@@ -279,7 +283,7 @@ class TunnelSession(asyncio.Protocol):
 
     # ----------------------------------------------------------------- streams
 
-    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: dict[str, str]) -> None:
+    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: Mapping[str, str]) -> None:
         """Client: a new stream to `port` for `protocol` (its connection_made is called)."""
         stream_id = self.connection.open_stream(port, metadata)
         self.attach(stream_id, protocol)
@@ -336,6 +340,7 @@ class TunnelSession(asyncio.Protocol):
     # ---------------------------------------------------------------- internals
 
     def _dispatch(self, event: core.Event) -> None:
+        # most frequent first: every stream brings DataReceived, StreamEnded, StreamAccepted
         if isinstance(event, core.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -346,6 +351,13 @@ class TunnelSession(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.eof_received()
+        elif isinstance(event, core.StreamAccepted):
+            return  # the client stream could send already: nothing changes
+        elif isinstance(event, core.StreamOpened):
+            if self._on_stream is None:
+                self.refuse(event.stream_id)
+            else:
+                self._on_stream(self, event.stream_id, event.port, event.metadata)
         elif isinstance(event, core.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -354,11 +366,6 @@ class TunnelSession(asyncio.Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.window_opened()
-        elif isinstance(event, core.StreamOpened):
-            if self._on_stream is None:
-                self.refuse(event.stream_id)
-            else:
-                self._on_stream(self, event.stream_id, event.port, dict(event.metadata))
         elif isinstance(event, core.ConnectionTerminated):
             if event.error_code != core.ErrorCode.NO_ERROR or not event.by_peer:
                 log.info("mesh tunnel with %s: %s", self.peername, event.reason)

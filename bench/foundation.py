@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -498,17 +498,23 @@ def rotated(cases: Sequence[TrafficCase], round_index: int) -> list[TrafficCase]
 
 
 def bench_traffic(cases: Sequence[TrafficCase], agents: dict[int, LabAgent],
-                  settings: Settings) -> tuple[list[WrkRun], list[PacedRun]]:
-    """A 1 s warm-up per case, then rounds of wrk and paced runs, case order rotated."""
+                  settings: Settings,
+                  agents_of: Callable[[TrafficCase], dict[int, LabAgent]] | None = None,
+                  ) -> tuple[list[WrkRun], list[PacedRun]]:
+    """A 1 s warm-up per case, then rounds of wrk and paced runs, case order rotated.
+    `agents_of`: the agents a case goes through (default: all of `agents`)."""
+    def of(case: TrafficCase) -> dict[int, LabAgent]:
+        return agents if agents_of is None else agents_of(case)
+
     for case in cases:
         wait_until_served(case)
-        run_wrk(case, agents, settings, 1, -1)
+        run_wrk(case, of(case), settings, 1, -1)
     saturated: list[WrkRun] = []
     paced: list[PacedRun] = []
     for round_index in range(settings.rounds):
         for case in rotated(cases, round_index):
-            saturated.append(run_wrk(case, agents, settings, settings.wrk_seconds, round_index))
-            paced.append(run_paced(case, agents, settings, round_index))
+            saturated.append(run_wrk(case, of(case), settings, settings.wrk_seconds, round_index))
+            paced.append(run_paced(case, of(case), settings, round_index))
             print(f"  round {round_index + 1} {case.key}: {saturated[-1].stats.rps:,.0f} req/s; "
                   f"at {settings.paced_rate}/s p99 {paced[-1].stats['p99_ms']:.2f} ms",
                   file=sys.stderr)

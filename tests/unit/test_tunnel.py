@@ -11,6 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from agent.core.tunnel import (
+    HEADER_MEMORY,
+    HEADER_MEMORY_BYTES,
     RESET_MEMORY,
     Connection,
     ConnectionTerminated,
@@ -598,6 +600,31 @@ def test_metadata_at_the_limits_is_accepted() -> None:
     server = server_after_preface()
     assert server.receive_data(raw_syn(1, encode_open_header(65535, metadata))) == [
         StreamOpened(1, 65535, metadata)]
+
+
+def test_a_repeated_open_header_gives_equal_read_only_metadata_on_every_stream() -> None:
+    pair = Pair()
+    first, second = pair.open(), pair.open()
+    assert (first, second) == (1, 3)
+    pair.client.open_stream(9090, {"namespace": "shop"})
+    [opened] = pair.to_server()
+    assert opened == StreamOpened(5, 9090, {"namespace": "shop"})
+    with pytest.raises(TypeError):
+        opened.metadata["pod"] = "another"  # type: ignore[index]
+    assert pair.client.open_stream(8080, WEB) == 7  # the remembered header, same bytes
+    assert pair.to_server() == [StreamOpened(7, 8080, WEB)]
+
+
+def test_a_peer_cycling_through_open_headers_is_remembered_within_bounds() -> None:
+    server = server_after_preface(max_streams=1024)
+    for index in range(3 * HEADER_MEMORY):
+        metadata = {"pod": f"web-{index}"}
+        stream_id = 2 * index + 1
+        assert server.receive_data(syn(stream_id, 80, metadata)) == [StreamOpened(stream_id, 80, metadata)]
+    assert len(server._decoded_headers) <= HEADER_MEMORY
+    big = {"pod": "x" * 256, "node": "y" * 256}  # over HEADER_MEMORY_BYTES: never remembered
+    assert server.receive_data(syn(1001, 80, big)) == [StreamOpened(1001, 80, big)]
+    assert all(len(header) <= HEADER_MEMORY_BYTES for header in server._decoded_headers)
 
 
 def test_too_many_streams_are_refused_with_rst_and_their_bytes_dropped() -> None:

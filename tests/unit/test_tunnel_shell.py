@@ -22,14 +22,16 @@ class Wire:
         self.peername = peername
         self.closed = False
         self.written = 0
+        self.writes = 0
 
     def write(self, data: bytes) -> None:
         assert self.peer is not None and not self.closed
         self.written += len(data)
+        self.writes += 1
         asyncio.get_running_loop().call_soon(self._deliver, data)
 
     def _deliver(self, data: bytes) -> None:
-        if self.peer is not None and not self.closed:
+        if self.peer is not None:  # written before a close still arrives, as with TCP
             self.peer.data_received(data)
 
     def is_closing(self) -> bool:
@@ -142,6 +144,39 @@ async def test_a_stream_carries_bytes_both_ways_and_half_closes_like_tcp() -> No
     await settle()
     assert client.lost == [None] and server.lost == [None]
     assert not pair.client.streams and not pair.server.streams
+
+
+@in_loop
+async def test_what_streams_send_in_one_loop_iteration_leaves_in_one_write() -> None:
+    pair = Pair()
+    await settle()  # the prefaces
+    before = pair.wires[0].writes
+    streams = [pair.open() for _ in range(3)]
+    for stream in streams:
+        assert stream.transport is not None
+        stream.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+        stream.transport.write_eof()
+    assert pair.wires[0].writes == before  # nothing yet: written at the end of the iteration
+    await asyncio.sleep(0)
+    assert pair.wires[0].writes == before + 1  # three SYNs, three requests, three FINs
+    await settle()
+    assert [(bytes(server.data), server.eof) for _, _, server in pair.accepted] == \
+        [(b"GET / HTTP/1.1\r\n\r\n", True)] * 3
+
+
+@in_loop
+async def test_closing_a_session_writes_what_is_queued_before_the_tls_close() -> None:
+    pair = Pair()
+    await settle()
+    client = pair.open()
+    assert client.transport is not None
+    client.transport.write(b"last words")
+    pair.client.close()  # same iteration: the DATA and the GOAWAY still go out, then close
+    assert pair.wires[0].closed
+    await settle()
+    port, _, server = pair.accepted[0]
+    assert (port, bytes(server.data)) == (8080, b"last words")
+    assert not pair.server.available  # the GOAWAY arrived
 
 
 @in_loop

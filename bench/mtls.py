@@ -13,7 +13,8 @@ With `--compare DIR` (another checkout of Pinion, e.g. `git worktree add /tmp/be
 two more nodes run that checkout's agents with their own meshed client and server pods, and
 every figure gets a third column measured in the same interleaved rounds: before/after side
 by side on the same loaded machine.
-Run as root: `.venv/bin/python bench/mtls.py [--quick] [--rounds N] [--compare DIR]`.
+`--cpu-hogs N` adds N busy loops on the host for the whole run: a loaded machine on demand.
+Run as root: `.venv/bin/python bench/mtls.py [--quick] [--rounds N] [--compare DIR] [--cpu-hogs N]`.
 Markdown on stdout."""
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--compare", type=Path, metavar="DIR",
                         help="another checkout whose agents are measured side by side")
+    parser.add_argument("--cpu-hogs", type=int, default=0, metavar="N",
+                        help="N busy loops on the host for the whole run (a loaded machine, "
+                        "reproducibly); each ends after at most 30 minutes")
     args = parser.parse_args(argv)
     if args.compare is not None and not (args.compare / "agent" / "__main__.py").is_file():
         parser.error(f"--compare {args.compare}: not a Pinion checkout")
@@ -236,23 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     with Lab(nodes=nodes, extra_plugins=lambda node: [agents[node.index].plugin_config()]) as lab:
         identity_dir = lab.workdir / "identity"
         init_identity_dir(identity_dir)
+        hogs = [subprocess.Popen(["timeout", "1800", "sh", "-c", "while :; do :; done"])
+                for _ in range(args.cpu_hogs)]
         try:
             start_agents(lab, identity_dir, args.compare, pairs, agents)
             table = measure(lab, pairs, identity_dir, settings)
         finally:
+            stop_processes(hogs)
             for agent in agents.values():
                 agent.stop()
-    print_report(table, settings, args.compare)
+    print_report(table, settings, args.compare, args.cpu_hogs)
     return 0
 
 
-def print_report(table: str, settings: Settings, compare: Path | None) -> None:
+def print_report(table: str, settings: Settings, compare: Path | None, hogs: int) -> None:
     facts: dict[str, Any] = machine_facts()
     print("# mTLS mesh tunnel vs direct (one lab, interleaved rounds, medians)\n")
     print("\n".join(f"- {key}: {facts[key]}" for key in ("date", "pinion commit", "cpus (nproc)",
                                                           "uvloop in the agent") if key in facts))
     if compare is not None:
         print(f"- --compare: {compare}")
+    if hogs:
+        print(f"- --cpu-hogs: {hogs} busy loops on the host during the whole run")
     print(f"- rounds: {settings.rounds}, wrk {settings.wrk_seconds} s, paced {settings.paced_seconds} s\n")
     print(table)
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,6 +121,9 @@ def _add_cni_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                          help="seconds between polls (default 2)")
     install.add_argument("--uninstall-on-exit", action="store_true",
                          help="with --watch: uninstall when stopped (SIGTERM/SIGINT)")
+    install.add_argument("--unless-daemonset", metavar="NS/NAME",
+                         help="with --uninstall-on-exit: keep the chain while this DaemonSet still "
+                              "exists (a rollout or restart), asking the API (in-cluster config)")
     install.set_defaults(run=_run_cni_install)
     uninstall = actions.add_parser("uninstall", help="remove exactly what `cni install` added")
     _add_cni_location_flags(uninstall)
@@ -307,13 +310,21 @@ def _watch_cni(args: argparse.Namespace, settings: InstallSettings) -> int:
                 for number in (signal.SIGTERM, signal.SIGINT)}
     source = cni_install.make_change_source(settings.layout.conf_dir, args.poll, args.poll_interval)
     try:
-        cni_install.watch(settings, source, stop, uninstall_on_exit=args.uninstall_on_exit)
+        cni_install.watch(settings, source, stop, uninstall_on_exit=_uninstall_on_exit(args))
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
         source.close()
         stop.close()
     return 0
+
+
+def _uninstall_on_exit(args: argparse.Namespace) -> bool | Callable[[], bool]:
+    if not args.uninstall_on_exit or not args.unless_daemonset:
+        return bool(args.uninstall_on_exit)
+    from agent.controlplane.cni_install.rollout import uninstall_unless_rolling
+
+    return lambda: uninstall_unless_rolling(args.unless_daemonset, os.environ.get("PINION_KUBECONFIG"))
 
 
 def _run_cni_uninstall(args: argparse.Namespace) -> int:

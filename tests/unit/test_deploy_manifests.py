@@ -172,6 +172,8 @@ def test_rbac_grants_exactly_what_docs_kubernetes_md_says() -> None:
     assert rules_of(find(rbac, "Role", "pinion-issuer-trust-bundle")) == {
         ("", "configmaps", ("pinion-trust-bundle",), "get"),
         ("", "configmaps", ("pinion-trust-bundle",), "update")}
+    assert rules_of(find(rbac, "Role", "pinion-agent-rollout")) == {
+        ("apps", "daemonsets", ("pinion-agent",), "get")}
     assert {d["kind"] for d in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
                                          "Role", "RoleBinding"}
 
@@ -185,7 +187,8 @@ def test_each_binding_gives_its_role_to_its_own_account_only() -> None:
     issuer = [("ServiceAccount", "pinion-issuer", NAMESPACE)]
     assert bindings == {("ClusterRoleBinding", "ClusterRole", "pinion-agent"): agent,
                         ("ClusterRoleBinding", "ClusterRole", "pinion-issuer"): issuer,
-                        ("RoleBinding", "Role", "pinion-issuer-trust-bundle"): issuer}
+                        ("RoleBinding", "Role", "pinion-issuer-trust-bundle"): issuer,
+                        ("RoleBinding", "Role", "pinion-agent-rollout"): agent}
 
 
 def walk(node: Any) -> Iterator[tuple[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,15 +188,16 @@ def _mentions_plugin(path: Path) -> bool:
 
 
 def watch(settings: InstallSettings, source: ChangeSource, stop: StopSignal, *,
-          resync_seconds: float = 60.0, uninstall_on_exit: bool = False) -> None:
-    """Reconcile now and on every change (and every `resync_seconds`) until `stop`."""
+          resync_seconds: float = 60.0, uninstall_on_exit: bool | Callable[[], bool] = False) -> None:
+    """Reconcile now and on every change (and every `resync_seconds`) until `stop`.
+    `uninstall_on_exit`: a bool, or asked at exit (a DaemonSet rollout keeps the chain)."""
     log.info("watching %s (%s)", settings.layout.conf_dir, source.description)
     previous = _report(reconcile(settings), None)
     while (wake := source.wait(stop, resync_seconds)) is not Wake.STOPPED:
         log.debug("conf dir %s: reconciling", wake.value)
         previous = _report(reconcile(settings), previous)
     log.info("stop requested")
-    if uninstall_on_exit:
+    if uninstall_on_exit if isinstance(uninstall_on_exit, bool) else uninstall_on_exit():
         _report(uninstall(settings.layout, settings.plugin), None)
 
 

@@ -288,6 +288,7 @@ class Proxy:
         self.mesh: MeshClient | None = None
         self.acceptor: TunnelAcceptor | None = None
         self.router: Router | None = None  # Kubernetes mode: Service VIPs and pod labels
+        self._labels_cache: dict[tuple[PeerLabels, str], PeerLabels] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def protocol_factory(self, pod: PodContext, direction: str) -> Callable[[], _Side]:
@@ -418,11 +419,22 @@ class Proxy:
             return
         labels = session.labels
         if route is not None:  # what the registry knows of the destination, and the proof
-            labels = dataclasses.replace(route.labels, tls="true", server_id=labels.server_id)
+            labels = self._tunnel_labels(route.labels, labels.server_id)
         relay.open_record(labels)
         session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
         if not relay.upstream.write_blocked:
             client.resume_reading()
+
+    def _tunnel_labels(self, route_labels: PeerLabels, server_id: str) -> PeerLabels:
+        """The registry's dst_* labels with the tunnel's proof, built once per (route, server)."""
+        key = (route_labels, server_id)
+        labels = self._labels_cache.get(key)
+        if labels is None:
+            if len(self._labels_cache) >= 4096:  # bounded: pods and Services come and go
+                self._labels_cache.clear()
+            labels = self._labels_cache[key] = dataclasses.replace(route_labels, tls="true",
+                                                                   server_id=server_id)
+        return labels
 
     async def _connect_upstream(self, relay: Relay, destination: tuple[str, int]) -> None:
         client = relay.client.transport

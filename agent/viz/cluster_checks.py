@@ -18,16 +18,6 @@ ADMIN_PORT = 4191
 MIN_MINOR = 25  # the oldest Kubernetes the manifests are written for (EndpointSlice v1, …)
 
 
-async def _get(client: KubeClient, path: str, **params: str) -> dict[str, Any] | None:
-    """The object, or None when it does not exist (other API errors propagate)."""
-    try:
-        return await client.request("GET", path, params=params or None)
-    except ApiError as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
 def api_check(version: dict[str, Any]) -> CheckResult:
     major, minor = str(version.get("major", "")), str(version.get("minor", "")).rstrip("+")
     text = f"v{major}.{minor} ({version.get('gitVersion', '?')})"
@@ -95,7 +85,7 @@ def agent_addresses(pods: dict[str, Any]) -> list[str]:
 
 async def _cluster(client: KubeClient, pre: bool) -> tuple[list[CheckResult], list[str]]:
     results = [api_check(await client.request("GET", "/version"))]
-    namespace = await _get(client, f"/api/v1/namespaces/{NAMESPACE}")
+    namespace = await client.get_optional(f"/api/v1/namespaces/{NAMESPACE}")
     if pre:
         results.append(CheckResult(f"namespace {NAMESPACE} is free (not installed yet)", namespace is None,
                                    hint="already installed: `pinion check --kubeconfig …` checks it"))
@@ -105,9 +95,9 @@ async def _cluster(client: KubeClient, pre: bool) -> tuple[list[CheckResult], li
                                    hint="pinion install | kubectl apply -f -"))
         return results, []
     base = f"/apis/apps/v1/namespaces/{NAMESPACE}"
-    results.append(issuer_check(await _get(client, f"{base}/deployments/pinion-issuer")))
-    results.append(daemonset_check(await _get(client, f"{base}/daemonsets/pinion-agent")))
-    results.append(bundle_check(await _get(client, f"/api/v1/namespaces/{NAMESPACE}/configmaps/"
+    results.append(issuer_check(await client.get_optional(f"{base}/deployments/pinion-issuer")))
+    results.append(daemonset_check(await client.get_optional(f"{base}/daemonsets/pinion-agent")))
+    results.append(bundle_check(await client.get_optional(f"/api/v1/namespaces/{NAMESPACE}/configmaps/"
                                                    "pinion-trust-bundle"), time.time()))
     pods = await client.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods",
                                 params={"labelSelector": AGENT_SELECTOR})

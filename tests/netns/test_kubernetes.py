@@ -22,6 +22,7 @@ import pytest
 
 from agent.controlplane.identity.files import init_identity_dir
 from agent.lab.agents import LabAgent, node_socket
+from agent.lab.capture import UnderlayCapture
 from agent.lab.kubeapi import FakeApiServer
 from agent.lab.kubestore import StoreError
 from agent.lab.topology import Lab, Pod
@@ -244,12 +245,17 @@ def test_a_service_vip_is_resolved_to_an_endpoint_and_labelled(cluster: Cluster)
                          client_id="spiffe://cluster.local/ns/shop/sa/front") >= 5
 
 
-def test_the_mesh_is_decided_by_the_registry_not_by_probing(cluster: Cluster) -> None:
+def test_the_mesh_is_decided_by_the_registry_not_by_probing(cluster: Cluster, tmp_path: Path) -> None:
     client = cluster.pod(0, "client", deployment="front")
     plain = cluster.pod(1, "old", "legacy")  # a pod the API says is not meshed
     cluster.serve(plain, "--port", "8080")
+    capture = UnderlayCapture(cluster.lab.nodes[1], tmp_path / "underlay.pcap")
 
     assert curl(client, f"http://{plain.ip}:8080/whoami").stdout.strip() == client.ip
+    capture.stop()
+
+    assert capture.count("tcp dst port 15008") == 0  # standalone mode would have tried 15008
+    assert capture.count("tcp dst port 8080") > 0
 
     metrics = cluster.agents[0].metrics()
     assert metrics.value("request_total", direction="outbound", namespace="shop", pod="client",

@@ -16,13 +16,13 @@ from typing import Any
 from agent.controlplane.cluster.objects import NamespaceRecord, PodRecord
 from agent.controlplane.cluster.policy import apply_record, mesh_decision
 from agent.controlplane.cluster.state import ClusterState
+from agent.controlplane.cni_server import CNI_INVALID_CONFIG
 from agent.controlplane.state import PodStateStore
 from agent.dataplane.inpod import CNI_TRY_AGAIN_LATER, CaptureError, PodManager
 from agent.model import Pod
 
 log = logging.getLogger(__name__)
 
-CNI_INVALID_CONFIG = 7
 # What a change of these re-captures a pod for (rules, listeners, certificate, labels).
 _CAPTURE_FIELDS = ("service_account", "capture", "opaque_ports", "inbound", "owner_kind", "owner_name")
 

@@ -23,11 +23,7 @@ async def _daemonset(kubeconfig: str | None, namespace: str, name: str,
                      timeout: float) -> dict[str, Any] | None:
     client = KubeClient(KubeConfig.load(kubeconfig), timeout=timeout)
     try:
-        return await client.request("GET", f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}")
-    except ApiError as exc:
-        if exc.status == 404:
-            return None
-        raise
+        return await client.get_optional(f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}")
     finally:
         await client.close()
 

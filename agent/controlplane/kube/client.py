@@ -141,6 +141,15 @@ class KubeClient:
             head, data = await self._exchange(method, self._target(path, params), headers, payload)
         return _decode(head, data)
 
+    async def get_optional(self, path: str, *, params: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """GET one object; None when it does not exist (404). Other errors as request()."""
+        try:
+            return await self.request("GET", path, params=params)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def request_bytes(self, method: str, path: str, *, params: dict[str, str] | None = None) -> bytes:
         """The raw body of a successful answer (a list page, to decode item by item); errors as request()."""
         async with asyncio.timeout(self._timeout):

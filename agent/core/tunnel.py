@@ -21,20 +21,22 @@ Choices, in brief:
   STREAM_CLOSED (as HTTP/2 does), never killing the connection.
 - A SYN over `max_streams`, or after either side's GOAWAY, is refused with RST
   REFUSED_STREAM: the client may retry it on another connection.
-- Flow control: each side grants `initial_window` per stream in its preface; the
+- Flow control: each side grants `initial_window` per stream in its preface, and
+  `connection_window` for all streams together right after it (as HTTP/2 does); the
   application reports consumed bytes with `acknowledge`, and credit goes back in one
-  WINDOW_UPDATE once half the window is due. `send_data` takes what the window allows
-  and returns the count; `WindowOpened` says when to retry.
+  WINDOW_UPDATE once half a window is due (stream and connection alike). `send_data`
+  takes what both windows allow and returns the count; `WindowOpened` says when to retry.
 - Any peer error becomes: GOAWAY(code) queued, a `ConnectionTerminated` event, all
   streams dropped, later input ignored. `receive_data` itself never raises. A GOAWAY
   NO_ERROR from either side only stops new streams; open ones run to completion.
 
 Memory stays bounded whatever the peer sends: unparsed input is at most one frame
-(12 + 65536 bytes), live streams at most `max_streams`, each receiving at most
-`initial_window` unacknowledged bytes, and the output produced in reply to peer input
-is at most one 12-byte frame per frame received (a shell that stops reading while its
-writes are pending therefore bounds it too), and the open headers remembered for reuse at
-most `HEADER_MEMORY` of at most `HEADER_MEMORY_BYTES` each.
+(12 + 65536 bytes), live streams at most `max_streams`, all of them together receiving at
+most `connection_window` unacknowledged bytes (each at most `initial_window`), and the
+output produced in reply to peer input is at most one 12-byte frame per frame received (a
+shell that stops reading while its writes are pending therefore bounds it too), and the
+open headers remembered for reuse at most `HEADER_MEMORY` of at most `HEADER_MEMORY_BYTES`
+each.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ from typing import Final, Literal, TypeVar
 from agent.core.tunnel_frames import (
     ACK,
     DATA,
+    DEFAULT_CONNECTION_WINDOW,
     DEFAULT_WINDOW,
     FIN,
     GOAWAY,
     HEADER,
     HEADER_SIZE,
+    INITIAL_CONNECTION_WINDOW,
     MAX_FRAME_PAYLOAD,
     MAX_OPEN_HEADER,
     MAX_STREAM_ID,
@@ -165,16 +169,20 @@ class _Stream:
 class Connection:
     """One end of a tunnel connection. See the module docstring for the rules."""
 
-    def __init__(self, role: Role, initial_window: int = DEFAULT_WINDOW, max_streams: int = 256) -> None:
+    def __init__(self, role: Role, initial_window: int = DEFAULT_WINDOW, max_streams: int = 256,
+                 connection_window: int = DEFAULT_CONNECTION_WINDOW) -> None:
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         if not 1 <= initial_window <= MAX_WINDOW:
             raise ValueError(f"initial_window must be in 1..{MAX_WINDOW}")
+        if not INITIAL_CONNECTION_WINDOW <= connection_window <= MAX_WINDOW:
+            raise ValueError(f"connection_window must be in {INITIAL_CONNECTION_WINDOW}..{MAX_WINDOW}")
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.role: Final = role
         self.initial_window: Final = initial_window
         self.max_streams: Final = max_streams
+        self.connection_window: Final = connection_window
         self.error: RemoteProtocolError | None = None  # why we terminated, if we did
         self._client = role == "client"
         self._streams: dict[int, _Stream] = {}
@@ -183,8 +191,18 @@ class Connection:
         self._last_peer_stream_id = 0
         self._peer_window: int | None = None  # the peer's preface, once received
         self._update_threshold = max(1, initial_window // 2)
+        # the connection's windows: what the peer may still send us on all streams together,
+        # what we may still send it, and consumed bytes not yet credited back
+        self._connection_receive = connection_window
+        self._connection_send = INITIAL_CONNECTION_WINDOW
+        self._connection_credit_due = 0
+        self._connection_threshold = connection_window // 2
         self._inbound = bytearray()
         self._outbound: list[bytes] = [pack_header(WINDOW_UPDATE, 0, 0, initial_window)]
+        self._queued_data = 0  # stream bytes in _outbound
+        if connection_window > INITIAL_CONNECTION_WINDOW:  # our real budget, at once
+            self._outbound.append(pack_header(WINDOW_UPDATE, 0, 0,
+                                              connection_window - INITIAL_CONNECTION_WINDOW))
         self._sent_goaway = False
         self._peer_goaway = False
         self._terminated = False
@@ -226,15 +244,31 @@ class Connection:
     def window(self, stream_id: int) -> int:
         """How many bytes `send_data` would take now (0 for a stream that is not live)."""
         stream = self._streams.get(stream_id)
-        return 0 if stream is None else stream.send_window
+        return 0 if stream is None else min(stream.send_window, self._connection_send)
+
+    @property
+    def connection_send_window(self) -> int:
+        """Bytes we may still send on all streams together."""
+        return self._connection_send
+
+    @property
+    def connection_receive_window(self) -> int:
+        """Bytes the peer may still send us on all streams together."""
+        return self._connection_receive
 
     # ----------------------------------------------------------------------- output
+
+    @property
+    def queued_data(self) -> int:
+        """Stream bytes queued for the peer and not yet taken by `data_to_send`."""
+        return self._queued_data
 
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call."""
         outbound = self._outbound
         if not outbound:
             return b""
+        self._queued_data = 0
         data = outbound[0] if len(outbound) == 1 else b"".join(outbound)
         outbound.clear()
         return data
@@ -281,12 +315,15 @@ class Connection:
         When it returns less than len(data), retry the rest after `WindowOpened`."""
         stream = self._sending_stream(stream_id, _A.SEND_DATA)
         size = len(data)
-        if size > stream.send_window:
+        allowed = min(stream.send_window, self._connection_send)
+        if size > allowed:
             stream.blocked = True
-            size = stream.send_window
+            size = allowed
         if size == 0:
             return 0
         stream.send_window -= size
+        self._connection_send -= size
+        self._queued_data += size
         # Keep no reference to a caller's mutable buffer; a whole `bytes` is not copied.
         payload = data[:size] if type(data) is bytes else bytes(memoryview(data)[:size])
         outbound = self._outbound
@@ -329,6 +366,7 @@ class Connection:
             raise LocalProtocolError(
                 f"acknowledging {nbytes} bytes, {stream.unacknowledged} are unacknowledged")
         stream.unacknowledged -= nbytes
+        self._credit_connection(nbytes)
         if stream.state not in _PEER_MAY_SEND:
             return
         stream.credit_due += nbytes
@@ -419,8 +457,15 @@ class Connection:
         if flags & SYN:
             self._on_open(stream_id, payload, events)
         else:
+            if payload:  # every stream's DATA counts against the connection window
+                if len(payload) > self._connection_receive:
+                    raise RemoteProtocolError(
+                        f"{len(payload)} bytes on the connection, window {self._connection_receive}",
+                        ErrorCode.FLOW_CONTROL_ERROR)
+                self._connection_receive -= len(payload)
             stream = self._streams.get(stream_id)
             if stream is None:
+                self._credit_connection(len(payload))  # nobody will consume it
                 if stream_id in self._recently_reset:
                     return
                 if not self._was_opened(stream_id):
@@ -494,8 +539,11 @@ class Connection:
             raise RemoteProtocolError(f"unknown frame type {frame_type}")
 
     def _on_preface(self, flags: int, window: int, events: list[Event]) -> None:
-        if self._peer_window is not None or flags:
-            raise RemoteProtocolError("WINDOW_UPDATE on stream 0 is only the connection preface")
+        if flags:
+            raise RemoteProtocolError(f"WINDOW_UPDATE with flags {flags:#x} on stream 0")
+        if self._peer_window is not None:
+            self._on_connection_credit(window, events)
+            return
         if window > MAX_WINDOW:
             raise RemoteProtocolError(f"initial window {window} is over 2**31-1",
                                       ErrorCode.FLOW_CONTROL_ERROR)
@@ -503,6 +551,17 @@ class Connection:
         for stream_id, stream in self._streams.items():  # opened before the preface came
             stream.send_window += window
             if stream.blocked and window:
+                stream.blocked = False
+                events.append(WindowOpened(stream_id))
+
+    def _on_connection_credit(self, credit: int, events: list[Event]) -> None:
+        if self._connection_send + credit > MAX_WINDOW:
+            raise RemoteProtocolError("connection window over 2**31-1", ErrorCode.FLOW_CONTROL_ERROR)
+        self._connection_send += credit
+        if not credit:
+            return
+        for stream_id, stream in self._streams.items():  # streams the connection held back
+            if stream.blocked and stream.send_window:
                 stream.blocked = False
                 events.append(WindowOpened(stream_id))
 
@@ -524,7 +583,7 @@ class Connection:
                 raise RemoteProtocolError(f"window of stream {stream_id} over 2**31-1",
                                           ErrorCode.FLOW_CONTROL_ERROR)
             stream.send_window += credit
-            if stream.blocked:
+            if stream.blocked and self._connection_send:
                 stream.blocked = False
                 events.append(WindowOpened(stream_id))
 
@@ -558,6 +617,19 @@ class Connection:
         stream.state = new_state
         if new_state is StreamState.CLOSED:
             del self._streams[stream_id]
+            if stream.unacknowledged:  # never to be consumed: the connection gets it back
+                self._credit_connection(stream.unacknowledged)
+                stream.unacknowledged = 0
+
+    def _credit_connection(self, nbytes: int) -> None:
+        """Consumed (or dropped) bytes: credit the peer in one WINDOW_UPDATE once half the
+        connection window is due."""
+        due = self._connection_credit_due + nbytes
+        if due >= self._connection_threshold and not self._terminated:
+            self._connection_receive += due
+            self._outbound.append(pack_header(WINDOW_UPDATE, 0, 0, due))
+            due = 0
+        self._connection_credit_due = due
 
     def _sending_stream(self, stream_id: int, action: _Action) -> _Stream:
         """The live stream, checked for `action` without changing its state."""

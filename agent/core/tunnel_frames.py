@@ -10,7 +10,8 @@ Frames
 ------
 Every frame starts with a 12-byte header, all integers big-endian (struct ">BBHII")::
 
-    offset 0  version    u8   always 1 (not yamux's 0: the two must not mix); else rejected
+    offset 0  version    u8   always 2 (not yamux's 0: the two must not mix); else rejected.
+                              Version 1 had no connection-level window; the two do not mix.
     offset 1  type       u8   0 DATA, 1 WINDOW_UPDATE, 2 PING, 3 GOAWAY
     offset 2  flags      u16  0x1 SYN, 0x2 ACK, 0x4 FIN, 0x8 RST; other bits must be 0
     offset 4  stream id  u32  0 = the connection itself
@@ -25,7 +26,9 @@ frame starts right after the header. Allowed (type, flags, stream id) combinatio
                    window. With SYN the payload is the open header below (at most 4096
                    bytes, not flow-controlled). FIN half-closes the sender's direction
                    after this frame's payload.
-    WINDOW_UPDATE  stream == 0, flags 0: the connection preface (see below).
+    WINDOW_UPDATE  stream == 0, flags 0: the connection preface (the first one, see
+                   below); every later one: `length` = credit added to the connection's
+                   send window.
                    stream != 0, flags in {0, ACK}: `length` = credit in bytes added to the
                    stream's send window; ACK accepts a stream (server to client only).
                    stream != 0, flags RST: resets the stream; `length` = error code.
@@ -59,9 +62,14 @@ or that was reset, is closed. Frames for a closed stream: WINDOW_UPDATE and RST 
 ignored (they race legitimately), so is anything for a stream the receiver reset itself;
 DATA otherwise gets RST STREAM_CLOSED. A frame for an id never opened is a PROTOCOL_ERROR.
 
-Flow control is per stream and per direction: a sender may have at most `window` bytes
-of DATA payload outstanding; the receiver returns credit with WINDOW_UPDATE as its
-application consumes bytes. A window may never exceed 2**31-1 (FLOW_CONTROL_ERROR).
+Flow control is per stream and per connection, in each direction (as HTTP/2's): a sender
+may have at most `window` bytes of DATA payload outstanding on a stream, and at most the
+connection window on all streams together. The connection window starts at
+INITIAL_CONNECTION_WINDOW (65536) and grows by the credit of WINDOW_UPDATE frames on
+stream 0 after the preface (a receiver grants its real budget right after its preface).
+The receiver returns credit with WINDOW_UPDATE as its application consumes bytes; DATA
+for a stream that is closed still counts against the connection window (its receiver
+returns that credit at once). A window may never exceed 2**31-1 (FLOW_CONTROL_ERROR).
 
 Open header (payload of DATA|SYN), big-endian::
 
@@ -90,7 +98,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER: Final = struct.Struct(">BBHII")
 HEADER_SIZE: Final = HEADER.size  # 12
 
@@ -102,6 +110,8 @@ MAX_METADATA_VALUE: Final = 256
 MAX_WINDOW: Final = 2**31 - 1
 MAX_STREAM_ID: Final = 2**32 - 1
 DEFAULT_WINDOW: Final = 256 * 1024
+INITIAL_CONNECTION_WINDOW: Final = 64 * 1024  # before the receiver's first stream-0 credit
+DEFAULT_CONNECTION_WINDOW: Final = 1024 * 1024  # what an agent grants per connection
 
 
 class FrameType(IntEnum):

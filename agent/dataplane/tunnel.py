@@ -5,9 +5,17 @@ the relay as an asyncio transport. The relay cannot tell a stream from a socket.
 - `TunnelSession`: one TLS connection (client or server role). It feeds the bytes it reads
   to the Connection, turns events into calls on its streams, and writes what the
   Connection queues. Losing the TLS connection resets every stream on it.
-- `StreamTransport`: one stream. Writes go out as DATA within the peer's window (the rest
+- `StreamTransport`: one stream. Writes go out as DATA within the peer's windows (the rest
   waits for WindowOpened, and the relay is told to pause); received bytes are acknowledged
-  only while the relay reads, so a slow reader stalls its own stream, never its neighbours.
+  only once the relay passed them on without pausing us, so a slow reader stalls its own
+  stream, never its neighbours.
+
+Memory per connection is bounded whatever the peer does. Received: every byte still in
+this process is unacknowledged (a relay that cannot pass a chunk on pauses the stream, and
+that chunk is acknowledged when it resumes), so the connection window bounds them all.
+To send: once the bytes queued for the TLS connection reach `OUTPUT_HIGH` they are handed
+to the transport at once, the transport pauses the session, and every stream's relay stops
+reading until the peer reads: a peer that never reads holds about two `OUTPUT_HIGH`.
 """
 
 from __future__ import annotations
@@ -20,17 +28,18 @@ from typing import Any, cast
 
 from agent.core import tunnel as core
 from agent.core.telemetry import PeerLabels
-from agent.core.tunnel_frames import DEFAULT_WINDOW, describe_code
+from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, describe_code
 
 log = logging.getLogger(__name__)
+OUTPUT_HIGH = 256 * 1024  # bytes queued for one TLS connection before every stream pauses
 
 
 class StreamTransport:
     """One tunnel stream, with the parts of asyncio.Transport the relay uses."""
 
     __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high", "_lost",
-                 "_paused", "_pending", "_pending_size", "_write_paused", "accepted", "protocol",
-                 "session", "stream_id")
+                 "_owed", "_paused", "_pending", "_pending_size", "_write_paused", "accepted",
+                 "protocol", "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -46,6 +55,7 @@ class StreamTransport:
         self._paused = False  # the relay paused reading: hold bytes, hold credit
         self._held: list[bytes] = []
         self._held_eof = False
+        self._owed = 0  # delivered, but the relay still holds them: acknowledged on resume
         self._write_paused = False
         self.accepted = session.is_client  # a server stream is accepted when the relay reads
 
@@ -69,7 +79,7 @@ class StreamTransport:
         if self.is_closing() or not data:
             return
         self._ensure_accepted()
-        if self._pending:
+        if self._pending or self.session.write_paused:
             self._hold_output(data)
             return
         connection = self.session.connection
@@ -102,6 +112,9 @@ class StreamTransport:
         if not self._paused:
             return
         self._paused = False
+        owed, self._owed = self._owed, 0
+        if owed and not self._lost:
+            self.session.connection.acknowledge(self.stream_id, owed)
         held = self._held
         while held and not self._paused:
             self.data_received(held.pop(0))
@@ -141,6 +154,9 @@ class StreamTransport:
             return
         if not self._closing:
             self.protocol.data_received(data)
+            if self._paused:  # the relay could not pass it all on: it is still in memory
+                self._owed += len(data)
+                return
         self.session.connection.acknowledge(self.stream_id, len(data))
 
     def eof_received(self) -> None:
@@ -153,15 +169,16 @@ class StreamTransport:
             self._lose(None)
 
     def window_opened(self) -> None:
+        """The peer's windows grew, or the session may write again: send what waits."""
         pending, self._pending, self._pending_size = self._pending, [], 0
-        connection = self.session.connection
+        session, connection = self.session, self.session.connection
         for index, data in enumerate(pending):
-            sent = connection.send_data(self.stream_id, data)
+            sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
             if sent < len(data):
                 rest = [data[sent:], *pending[index + 1:]]
                 self._pending, self._pending_size = rest, sum(map(len, rest))
                 break
-        self.session.flush()
+        session.flush()
         if self._pending:
             return
         if self._eof_wanted:
@@ -176,7 +193,9 @@ class StreamTransport:
             self.protocol.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._write_paused and self._pending_size <= self._high:
+        if self._pending:
+            self.window_opened()  # resumes the relay once what waits is out
+        elif self._write_paused:
             self._write_paused = False
             self.protocol.resume_writing()
 
@@ -228,8 +247,9 @@ class TunnelSession(asyncio.Protocol):
     def __init__(self, role: core.Role, on_stream: StreamOpenedHandler | None = None,
                  on_closed: Callable[[TunnelSession], None] | None = None,
                  admit: Callable[[TunnelSession, asyncio.BaseTransport], bool] | None = None,
-                 initial_window: int = DEFAULT_WINDOW, max_streams: int = 256) -> None:
-        self.connection = core.Connection(role, initial_window, max_streams)
+                 initial_window: int = DEFAULT_WINDOW, max_streams: int = 256,
+                 connection_window: int = DEFAULT_CONNECTION_WINDOW) -> None:
+        self.connection = core.Connection(role, initial_window, max_streams, connection_window)
         self.is_client = role == "client"
         self.transport: asyncio.Transport | None = None
         self.peername: tuple[str, int] | None = None
@@ -248,6 +268,7 @@ class TunnelSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=OUTPUT_HIGH)
         self.peername = transport.get_extra_info("peername")
         self.idle_since = asyncio.get_running_loop().time()
         if self._admit is not None and not self._admit(self, transport):
@@ -276,6 +297,8 @@ class TunnelSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         for stream in list(self.streams.values()):
+            if self.write_paused:  # what waited filled the transport again
+                break
             stream.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -318,7 +341,9 @@ class TunnelSession(asyncio.Protocol):
         """Write what the connection queued, at the end of this event-loop iteration: the
         frames of every stream that moved in one iteration leave in one TLS record and one
         send, instead of one each (an ACK, a response and its FIN are often three)."""
-        if not self._flush_scheduled and self.transport is not None:
+        if self.connection.queued_data >= OUTPUT_HIGH:
+            self._write_queued()  # now: the transport pauses every stream if the peer lags
+        elif not self._flush_scheduled and self.transport is not None:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_queued)
 

@@ -33,12 +33,15 @@ from agent.core.tunnel import (
 from agent.core.tunnel_frames import (
     ACK,
     DATA,
+    DEFAULT_CONNECTION_WINDOW,
     FIN,
     GOAWAY,
+    INITIAL_CONNECTION_WINDOW,
     MAX_FRAME_PAYLOAD,
     PING,
     RST,
     SYN,
+    VERSION,
     WINDOW_UPDATE,
     encode_open_header,
 )
@@ -51,12 +54,18 @@ WEB = {"namespace": "shop", "pod": "web-7d9f", "service_account": "web"}
 
 
 def frame(frame_type: int, flags: int, stream_id: int, length: int, payload: bytes = b"",
-          version: int = 1) -> bytes:
+          version: int = VERSION) -> bytes:
     return struct.pack(">BBHII", version, frame_type, flags, stream_id, length) + payload
 
 
 def preface(window: int = 256 * KIB) -> bytes:
     return frame(WINDOW_UPDATE, 0, 0, window)
+
+
+def opening(window: int = 256 * KIB, connection_window: int = DEFAULT_CONNECTION_WINDOW) -> bytes:
+    """What an agent sends first: its preface, then the rest of its connection window."""
+    extra = connection_window - INITIAL_CONNECTION_WINDOW
+    return preface(window) + (frame(WINDOW_UPDATE, 0, 0, extra) if extra else b"")
 
 
 def syn(stream_id: int, port: int = 8080, metadata: dict[str, str] | None = None, flags: int = SYN) -> bytes:
@@ -97,15 +106,15 @@ def goaway(code: int) -> bytes:
 
 def server_after_preface(**options: int) -> Connection:
     server = Connection("server", **options)
-    assert server.data_to_send() == preface(server.initial_window)
-    assert server.receive_data(preface()) == []
+    assert server.data_to_send() == opening(server.initial_window, server.connection_window)
+    assert server.receive_data(opening()) == []
     return server
 
 
 def client_after_preface(window: int = 256 * KIB, **options: int) -> Connection:
     client = Connection("client", **options)
     client.data_to_send()
-    assert client.receive_data(preface(window)) == []
+    assert client.receive_data(opening(window)) == []
     return client
 
 
@@ -143,9 +152,10 @@ class Pair:
     """A client and a server Connection wired to each other in memory."""
 
     def __init__(self, client_window: int = 256 * KIB, server_window: int = 256 * KIB,
-                 max_streams: int = 256) -> None:
+                 max_streams: int = 256, server_connection_window: int = DEFAULT_CONNECTION_WINDOW) -> None:
         self.client = Connection("client", initial_window=client_window)
-        self.server = Connection("server", initial_window=server_window, max_streams=max_streams)
+        self.server = Connection("server", initial_window=server_window, max_streams=max_streams,
+                                 connection_window=server_connection_window)
         assert self.to_server() == [] and self.to_client() == []
 
     def to_server(self) -> list[Event]:
@@ -165,21 +175,23 @@ class Pair:
 # ------------------------------------------------------------------------ wire format
 
 
-def test_each_side_starts_with_a_preface_granting_its_receive_window() -> None:
+def test_each_side_starts_with_a_preface_then_grants_its_connection_window() -> None:
     assert Connection("client", initial_window=64 * KIB).data_to_send() == bytes.fromhex(
-        "01 01 0000 00000000 00010000")
-    assert Connection("server").data_to_send() == bytes.fromhex("01 01 0000 00000000 00040000")
+        "02 01 0000 00000000 00010000"  # WINDOW_UPDATE on stream 0: 64 KiB per stream
+        "02 01 0000 00000000 000f0000")  # then connection credit: 64 KiB + 960 KiB = 1 MiB
+    assert Connection("server", connection_window=INITIAL_CONNECTION_WINDOW).data_to_send() == \
+        bytes.fromhex("02 01 0000 00000000 00040000")  # the initial 64 KiB: nothing to add
 
 
 def test_opening_a_stream_sends_the_open_header_with_port_and_metadata() -> None:
     client = client_after_preface()
     assert client.open_stream(8080, {"ns": "web"}) == 1
     assert client.data_to_send() == bytes.fromhex(
-        "01 00 0001 00000001 0000000b"  # DATA|SYN, stream 1, 11 bytes
+        "02 00 0001 00000001 0000000b"  # DATA|SYN, stream 1, 11 bytes
         "1f90 01"  # port 8080, one entry
         "02 6e73 0003 776562")  # "ns" = "web"
     assert client.open_stream(443, {}) == 3
-    assert client.data_to_send() == bytes.fromhex("01 00 0001 00000003 00000003 01bb 00")
+    assert client.data_to_send() == bytes.fromhex("02 00 0001 00000003 00000003 01bb 00")
 
 
 def test_frames_of_every_kind_have_their_exact_bytes() -> None:
@@ -188,14 +200,14 @@ def test_frames_of_every_kind_have_their_exact_bytes() -> None:
     client.end_stream(1)
     assert client.ping(7) == 7
     assert client.data_to_send() == bytes.fromhex(
-        "01 00 0000 00000001 00000002 6869"  # DATA "hi"
-        "01 00 0004 00000001 00000000"  # DATA|FIN
-        "01 02 0001 00000000 00000007")  # PING|SYN 7
+        "02 00 0000 00000001 00000002 6869"  # DATA "hi"
+        "02 00 0004 00000001 00000000"  # DATA|FIN
+        "02 02 0001 00000000 00000007")  # PING|SYN 7
     client.reset_stream(1, ErrorCode.CANCEL)
     client.goaway()
     assert client.data_to_send() == bytes.fromhex(
-        "01 01 0008 00000001 00000007"  # WINDOW_UPDATE|RST, CANCEL
-        "01 03 0000 00000000 00000000")  # GOAWAY NO_ERROR
+        "02 01 0008 00000001 00000007"  # WINDOW_UPDATE|RST, CANCEL
+        "02 03 0000 00000000 00000000")  # GOAWAY NO_ERROR
 
 
 def test_a_send_larger_than_a_frame_is_split_into_maximal_frames() -> None:
@@ -386,6 +398,49 @@ def test_a_sender_blocked_at_the_window_resumes_after_the_receiver_acknowledges(
     assert pair.to_server() == [DataReceived(1, bytes(476))]
 
 
+def test_the_connection_window_holds_back_every_stream_together() -> None:
+    # one peer cannot make us hold max_streams x initial_window: all streams share 128 KiB
+    pair = Pair(server_connection_window=128 * KIB)
+    streams = [pair.open() for _ in range(4)]
+    sent = [pair.client.send_data(stream_id, bytes(64 * KIB)) for stream_id in streams]
+    assert sent == [64 * KIB, 64 * KIB, 0, 0]  # each stream window (256 KiB) had room
+    assert pair.client.connection_send_window == 0
+    assert len(pair.to_server()) == 2 and pair.server.connection_receive_window == 0
+    pair.server.acknowledge(streams[0], 64 * KIB)  # half the connection window is due
+    assert pair.to_client() == [WindowOpened(streams[2]), WindowOpened(streams[3])]
+    assert pair.client.send_data(streams[2], bytes(100 * KIB)) == 64 * KIB
+
+
+def test_a_peer_beyond_the_connection_window_is_a_flow_control_error() -> None:
+    server = server_after_preface(connection_window=INITIAL_CONNECTION_WINDOW)
+    for stream_id in (1, 3):
+        server.receive_data(syn(stream_id))
+        server.accept_stream(stream_id)
+    assert server.receive_data(data(1, bytes(MAX_FRAME_PAYLOAD - 10))) == \
+        [DataReceived(1, bytes(MAX_FRAME_PAYLOAD - 10))]
+    server.data_to_send()
+    events = server.receive_data(data(3, bytes(11)))  # stream 3's own window has room
+    assert_terminated(server, events, ErrorCode.FLOW_CONTROL_ERROR)
+
+
+def test_bytes_nobody_will_consume_still_return_connection_credit() -> None:
+    pair = Pair(server_connection_window=128 * KIB)
+    reset, closed = pair.open(), pair.open()
+    pair.server.reset_stream(reset, ErrorCode.CANCEL)  # its bytes in flight are dropped
+    assert pair.client.send_data(reset, bytes(40 * KIB)) == 40 * KIB
+    pair.server.data_to_send()
+    assert pair.to_server() == []
+    # the peer finishes a stream whose bytes the application never read
+    assert pair.client.send_data(closed, bytes(30 * KIB)) == 30 * KIB
+    pair.client.end_stream(closed)
+    pair.to_server()
+    pair.server.end_stream(closed)
+    assert pair.server.stream_state(closed) is StreamState.CLOSED
+    assert pair.server.data_to_send() == credit(0, 70 * KIB) + fin(closed)  # 40 + 30 KiB back
+    pair.server.acknowledge(closed, 30 * KIB)  # a late acknowledgement adds nothing
+    assert pair.server.data_to_send() == b""
+
+
 def test_a_slow_reader_does_not_stall_its_neighbours() -> None:
     pair = Pair(server_window=4096)
     slow, fast = pair.open(), pair.open()
@@ -466,7 +521,9 @@ def test_one_byte_at_a_time_gives_the_same_events() -> None:
     [
         pytest.param(frame(WINDOW_UPDATE, 0, 0, 1024, version=0),
                      ErrorCode.PROTOCOL_ERROR, id="yamux-version"),
-        pytest.param(frame(WINDOW_UPDATE, 0, 0, 1024, version=2), ErrorCode.PROTOCOL_ERROR,
+        pytest.param(frame(WINDOW_UPDATE, 0, 0, 1024, version=1), ErrorCode.PROTOCOL_ERROR,
+                     id="version-1-has-no-connection-window"),
+        pytest.param(frame(WINDOW_UPDATE, 0, 0, 1024, version=3), ErrorCode.PROTOCOL_ERROR,
                      id="future-version"),
         pytest.param(frame(PING, SYN, 0, 1), ErrorCode.PROTOCOL_ERROR, id="no-preface"),
         pytest.param(b"GET / HTTP/1.1\r\n", ErrorCode.PROTOCOL_ERROR, id="http"),
@@ -489,7 +546,10 @@ def test_a_bad_first_frame_ends_the_connection(garbage: bytes, code: ErrorCode) 
         pytest.param(frame(DATA, 0, 0, 0), ErrorCode.PROTOCOL_ERROR, id="data-on-stream-0"),
         pytest.param(frame(WINDOW_UPDATE, FIN, 1, 0), ErrorCode.PROTOCOL_ERROR, id="update-with-fin"),
         pytest.param(frame(WINDOW_UPDATE, RST | ACK, 1, 0), ErrorCode.PROTOCOL_ERROR, id="rst-with-ack"),
-        pytest.param(preface(), ErrorCode.PROTOCOL_ERROR, id="second-preface"),
+        pytest.param(frame(WINDOW_UPDATE, ACK, 0, 1), ErrorCode.PROTOCOL_ERROR,
+                     id="connection-credit-with-flags"),
+        pytest.param(preface(2**31 - 1), ErrorCode.FLOW_CONTROL_ERROR,
+                     id="connection-window-over-2^31-1"),
         pytest.param(frame(PING, SYN, 1, 0), ErrorCode.PROTOCOL_ERROR, id="ping-on-a-stream"),
         pytest.param(frame(PING, SYN | ACK, 0, 0), ErrorCode.PROTOCOL_ERROR, id="ping-syn-ack"),
         pytest.param(frame(GOAWAY, SYN, 0, 0), ErrorCode.PROTOCOL_ERROR, id="goaway-with-flags"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.core.tunnel_frames import DEFAULT_WINDOW
+from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW
 from agent.dataplane.tunnel import StreamTransport, TunnelSession, handshake_failure_reason
 
 
@@ -36,6 +36,9 @@ class Wire:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = high
 
     def close(self) -> None:
         if not self.closed:
@@ -205,6 +208,79 @@ async def test_a_slow_reader_stalls_its_own_stream_only_and_loses_nothing() -> N
     await settle(200)
     assert bytes(slow_server.data) == payload
     assert slow.write_resumes == 1
+
+
+class Stalling(Recorder):
+    """A relay whose app socket is full: it takes a chunk, then asks the stream to pause."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+
+@in_loop
+async def test_bytes_a_relay_still_holds_stay_unacknowledged_until_it_drains() -> None:
+    # A peer filling many streams whose apps never read cannot make us hold more than the
+    # connection window: what a relay buffered counts until its app socket drains.
+    pair = Pair()
+    pair.server.streams.clear()
+    clients = [pair.open() for _ in range(8)]
+    await settle()
+    connection = pair.server.connection
+    stalled = []
+    for _, _, recorder in pair.accepted:
+        stalling = Stalling()
+        stream = recorder.transport
+        assert stream is not None
+        stream.protocol = stalling
+        stalling.transport = stream
+        stream.resume_reading()
+        stalled.append(stalling)
+    for client in clients:
+        assert client.transport is not None
+        client.transport.write(bytes(200 * 1024))  # within each stream's 256 KiB window
+    await settle(100)
+    # 1.6 MiB written, 1 MiB (the connection window) received and nothing credited back:
+    # the rest waits at the sender, whose relays were told to stop reading
+    assert connection.connection_receive_window == 0
+    assert pair.client.connection.connection_send_window == 0
+    assert sum(len(stalling.data) for stalling in stalled) < DEFAULT_CONNECTION_WINDOW
+    assert sum(client.write_pauses for client in clients) >= 3
+    for stalling in stalled:  # the apps drain: credit flows, every byte arrives
+        stalling.__class__ = Recorder
+    for _ in range(50):
+        for stalling in stalled:
+            assert stalling.transport is not None
+            stalling.transport.resume_reading()
+        await settle(20)
+    assert [len(stalling.data) for stalling in stalled] == [200 * 1024] * 8
+
+
+@in_loop
+async def test_a_peer_that_does_not_read_pauses_every_stream_at_the_output_budget() -> None:
+    pair = Pair()
+    await settle()
+    streams = [pair.open() for _ in range(16)]
+    wire = pair.wires[0]
+    before = wire.writes
+    for stream in streams:  # one loop iteration: 16 x 64 KiB is more than OUTPUT_HIGH
+        assert stream.transport is not None
+        stream.transport.write(bytes(64 * 1024))
+        if wire.writes > before:  # handed to the transport at once, not at the tick's end
+            break
+    assert wire.writes == before + 1 and pair.client.connection.queued_data == 0
+    pair.client.pause_writing()  # the TLS transport is over its high-water mark
+    assert all(stream.write_pauses == 1 for stream in streams)  # every relay stops reading
+    late = streams[-1]
+    assert late.transport is not None
+    late.transport.write(b"read before the pause")  # a chunk already in flight waits
+    written = wire.written
+    await settle()
+    assert wire.written == written
+    pair.client.resume_writing()
+    await settle()
+    assert wire.written > written and all(stream.write_resumes == 1 for stream in streams)
 
 
 @in_loop

@@ -8,7 +8,15 @@ meshed is learnt by trying its 15008 once: refused = not meshed, remembered for 
 and its traffic goes as plain TCP. A destination seen meshed is never downgraded to
 plaintext while that is remembered. Server side: the TLS handshake requires a client
 certificate from the trust bundle and the trust domain; the pod's policy may limit the
-client identities; each stream becomes an inbound relay to the pod's own port."""
+client identities; each stream becomes an inbound relay to the pod's own port.
+
+Port 15008 is reachable by any pod in the cluster, certificate or not, so the server side
+is bounded before TLS starts (`agent.core.limits`): handshakes in progress per agent (over
+the cap every pod's accept loop waits: the kernel's backlog holds the rest) and per source
+address, handshakes per second per source, a short handshake deadline, and at most
+`max_peer_connections` tunnel connections per (client identity, address). Each tunnel
+connection holds at most its connection window of received bytes and its output budget of
+bytes to send (`agent.dataplane.tunnel`), so one authenticated peer pins a few MiB at most."""
 
 from __future__ import annotations
 
@@ -20,10 +28,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import DEFAULT_MESH_NETWORKS
+from agent.core.limits import HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
@@ -57,12 +66,15 @@ class TunnelError(Exception):
 class MeshSettings:
     port: int = 15008
     dial_timeout: float = 1.0  # connect to 15008: a meshed pod answers at once
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 10.0  # ours, as the client
+    accept_handshake_timeout: float = 3.0  # a peer's on our 15008: agents of the cluster, fast
     idle_timeout: float = 60.0  # close a client connection with no stream this long
     not_meshed_ttl: float = 60.0  # remember "refused" this long
     meshed_ttl: float = 600.0  # and "meshed" this long (no downgrade meanwhile)
     networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS  # others are never probed
     max_streams: int = 256
+    max_peer_connections: int = 4  # per (client identity, address) on one pod's 15008
+    handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)
 
 
 def set_keepalive(sock: socket.socket) -> None:
@@ -266,19 +278,24 @@ class InboundStreams(Protocol):
 
 
 class TunnelAcceptor:
-    """Port 15008 in every meshed pod: TLS first, then the pod's policy, then streams.
+    """Port 15008 in every meshed pod: the gate, TLS, then the pod's policy, then streams.
 
-    The listener is served by our own accept loop, not `create_server`: each accepted socket
-    gets the pod's *current* server context (certificates are renewed), and a failed
-    handshake is counted by reason instead of only being logged by the event loop."""
+    The listener is served by our own accept loop, not `create_server`: nothing is
+    allocated for a connection the gate refuses, each accepted socket gets the pod's
+    *current* server context (certificates are renewed), and a failed handshake is counted
+    by reason instead of only being logged by the event loop."""
 
     def __init__(self, identities: Identities, metrics: AgentMetrics, settings: MeshSettings,
-                 streams: InboundStreams) -> None:
+                 streams: InboundStreams, clock: Callable[[], float] = time.monotonic) -> None:
         self._identities = identities
         self._metrics = metrics
         self._settings = settings
         self._streams = streams
+        self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        self.gate = HandshakeGate(settings.handshakes)
+        self._slot_free = asyncio.Event()
+        self._peers: dict[tuple[str, str], int] = {}  # (client id, address) -> connections
 
     def serve(self, pod: PodContext, listener: socket.socket) -> TunnelListener:
         server = TunnelListener(listener)
@@ -294,19 +311,37 @@ class TunnelAcceptor:
     async def _accept_forever(self, pod: PodContext, server: TunnelListener) -> None:
         loop = asyncio.get_running_loop()
         while server.is_serving():
+            while self.gate.full:  # stop accepting rather than allocate: the backlog waits
+                self._slot_free.clear()
+                await self._slot_free.wait()
             try:
-                sock, _ = await loop.sock_accept(server.sockets[0])
+                sock, address = await loop.sock_accept(server.sockets[0])
             except OSError as exc:
                 if not server.is_serving():
                     return
                 log.warning("pod %s/%s: accepting on 15008: %s", pod.namespace, pod.name, exc)
                 await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
-            server.connections.add(self._spawn(self._handshake(pod, sock)))
+            self._admit(pod, server, sock, address)
 
-    async def _handshake(self, pod: PodContext, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        peer = sock.getpeername()
+    def _admit(self, pod: PodContext, server: TunnelListener, sock: socket.socket,
+               address: tuple[str, int]) -> None:
+        source = address[0]
+        refused = self.gate.admit(source, self._clock())
+        if refused is not None:  # no TLS state, no task: an RST, a count
+            self._metrics.handshake_failures.labels("inbound", refused).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("mesh tunnel into %s/%s from %s refused: %s", pod.namespace, pod.name,
+                          address, refused)
+            arm_reset(sock)
+            sock.close()
+            return
+        task = self._spawn(self._handshake(pod, sock, address))
+        server.connections.add(task)
+        task.add_done_callback(server.connections.discard)
+
+    async def _handshake(self, pod: PodContext, sock: socket.socket, peer: tuple[str, int]) -> None:
+        loop, started = asyncio.get_running_loop(), self._clock()
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
@@ -314,12 +349,19 @@ class TunnelAcceptor:
             context = self._identities.server_context(pod.identity or "")
             await loop.connect_accepted_socket(
                 lambda: self._session(pod), sock, ssl=context,
-                ssl_handshake_timeout=self._settings.handshake_timeout)
+                ssl_handshake_timeout=self._settings.accept_handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
-            reason = handshake_failure_reason(exc)
+            late = self._clock() - started >= self._settings.accept_handshake_timeout
+            reason = "timeout" if late else handshake_failure_reason(exc)
             self._refused(pod, peer, reason, f"TLS handshake failed: {exc}")
-            arm_reset(sock)
+            arm_reset(sock)  # the event loop closed it if it got that far; else we do
             sock.close()
+        except BaseException:  # cancelled: the pod is going, or the agent
+            sock.close()
+            raise
+        finally:
+            self.gate.done(peer[0])
+            self._slot_free.set()
 
     def _session(self, pod: PodContext) -> TunnelSession:
         def on_stream(session: TunnelSession, stream_id: int, port: int,
@@ -330,6 +372,7 @@ class TunnelAcceptor:
             try:
                 client_id = verify_identity(transport, self._identities.trust_domain,
                                             pod.inbound.allowed_clients)
+                self._count_peer(client_id, session)
             except IdentityRejected as exc:
                 self._refused(pod, session.peername, exc.reason, str(exc))
                 return False
@@ -343,9 +386,26 @@ class TunnelAcceptor:
             if session in pod.tunnels:
                 pod.tunnels.discard(session)
                 self._metrics.tunnel_connections.labels("inbound").dec()
+                self._uncount_peer(session)
 
         return TunnelSession("server", on_stream=on_stream, on_closed=closed, admit=admit,
                              max_streams=self._settings.max_streams)
+
+    def _count_peer(self, client_id: str, session: TunnelSession) -> None:
+        key = (client_id, session.peername[0] if session.peername else "")
+        count = self._peers.get(key, 0)
+        if count >= self._settings.max_peer_connections:
+            raise IdentityRejected("peer_connection_limit", f"{client_id} from {key[1]} already "
+                                   f"has {count} tunnel connections")
+        self._peers[key] = count + 1
+
+    def _uncount_peer(self, session: TunnelSession) -> None:
+        key = (session.peer_id, session.peername[0] if session.peername else "")
+        left = self._peers.get(key, 1) - 1
+        if left > 0:
+            self._peers[key] = left
+        else:
+            self._peers.pop(key, None)
 
     def _refused(self, pod: PodContext, peer: object, reason: str, detail: str) -> None:
         self._metrics.handshake_failures.labels("inbound", reason).inc()

@@ -322,6 +322,9 @@ class Proxy:
             session.refuse(stream_id, ErrorCode.CONNECT_ERROR)
             return
         relay = Relay(self, pod, "inbound")
+        # Nothing a peer sends waits in our memory acknowledged: the app's socket pauses the
+        # stream as soon as it cannot take a chunk whole (the session bounds the rest).
+        relay.buffer_high = 0
         relay.destination = (pod.ip, port)
         relay.source = session.peername  # the client pod's own IP, as the app should see it
         relay.peer_labels = session.labels

@@ -107,7 +107,8 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
     settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
                             networks=config.mesh_networks)
     proxy.mesh = MeshClient(sockets, identities, metrics, settings)
-    proxy.acceptor = TunnelAcceptor(identities, metrics, settings, proxy)
+    proxy.acceptor = acceptor = TunnelAcceptor(identities, metrics, settings, proxy)
+    metrics.handshakes_in_progress.set_function(lambda: acceptor.gate.pending)
     return identities
 
 

@@ -71,7 +71,7 @@ class TokenBuckets:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeLimits:
-    total: int = 128  # handshakes in progress on the whole agent: beyond, stop accepting
+    total: int = 64  # handshakes in progress on the whole agent: beyond, stop accepting
     per_source: int = 8  # in progress from one address: a peer agent needs one per pod pair
     rate: float = 20.0  # new handshakes a second from one address (sustained)...
     burst: float = 64.0  # ...after this many at once (a node's pods re-dialling after a restart)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import DEFAULT_MESH_NETWORKS
-from agent.core.limits import HandshakeGate, HandshakeLimits
+from agent.core.limits import SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
@@ -296,6 +296,7 @@ class TunnelAcceptor:
         self.gate = HandshakeGate(settings.handshakes)
         self._slot_free = asyncio.Event()
         self._peers: dict[tuple[str, str], int] = {}  # (client id, address) -> connections
+        self._last_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, unlogged since)
 
     def serve(self, pod: PodContext, listener: socket.socket) -> TunnelListener:
         server = TunnelListener(listener)
@@ -329,10 +330,10 @@ class TunnelAcceptor:
         source = address[0]
         refused = self.gate.admit(source, self._clock())
         if refused is not None:  # no TLS state, no task: an RST, a count
-            self._metrics.handshake_failures.labels("inbound", refused).inc()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("mesh tunnel into %s/%s from %s refused: %s", pod.namespace, pod.name,
-                          address, refused)
+            limits = self.gate.limits
+            self._refused(pod, address, refused, f"{limits.per_source} handshakes from this address "
+                          "in progress already" if refused == SOURCE_LIMIT else
+                          f"over {limits.rate:g} handshakes a second from this address")
             arm_reset(sock)
             sock.close()
             return
@@ -342,16 +343,22 @@ class TunnelAcceptor:
 
     async def _handshake(self, pod: PodContext, sock: socket.socket, peer: tuple[str, int]) -> None:
         loop, started = asyncio.get_running_loop(), self._clock()
+        deadline = self._settings.accept_handshake_timeout
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
             set_keepalive(sock)
+            # A connection that says nothing costs a future until its deadline, not the TLS
+            # machinery (buffers, an SSL object) an idle flood would otherwise pin.
+            await asyncio.wait_for(_readable(loop, sock), deadline)
+            if not sock.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError("closed before saying anything")
             context = self._identities.server_context(pod.identity or "")
             await loop.connect_accepted_socket(
                 lambda: self._session(pod), sock, ssl=context,
-                ssl_handshake_timeout=self._settings.accept_handshake_timeout)
+                ssl_handshake_timeout=max(0.1, deadline - (self._clock() - started)))
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
-            late = self._clock() - started >= self._settings.accept_handshake_timeout
+            late = self._clock() - started >= 0.9 * deadline
             reason = "timeout" if late else handshake_failure_reason(exc)
             self._refused(pod, peer, reason, f"TLS handshake failed: {exc}")
             arm_reset(sock)  # the event loop closed it if it got that far; else we do
@@ -408,14 +415,34 @@ class TunnelAcceptor:
             self._peers.pop(key, None)
 
     def _refused(self, pod: PodContext, peer: object, reason: str, detail: str) -> None:
+        """Counted every time; logged at most once a second per reason (a flood of them
+        must not become a flood of log lines), saying how many went unlogged meanwhile."""
         self._metrics.handshake_failures.labels("inbound", reason).inc()
-        log.info("mesh tunnel into %s/%s from %s refused: %s", pod.namespace, pod.name, peer, detail)
+        now = self._clock()
+        last, unlogged = self._last_logged.get(reason, (-1.0, 0))
+        if now - last < 1.0:
+            self._last_logged[reason] = last, unlogged + 1
+            return
+        self._last_logged[reason] = now, 0
+        log.info("mesh tunnel into %s/%s from %s refused: %s%s", pod.namespace, pod.name, peer,
+                 detail, f" ({unlogged} more refused for {reason} in the last second)" if unlogged else "")
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until the peer has sent something (or closed)."""
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 class TunnelListener:

@@ -3,6 +3,7 @@ own health. Per-pod series are rendered at scrape time from plain counters."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -145,8 +146,22 @@ class AgentMetrics:
                                         "connections open now (each carries many streams)",
                                         ("direction",), registry=registry)
         self.handshake_failures = Counter("pinion_tunnel_handshake_failures", "mTLS handshakes "
-                                          "(or identity checks) of the mesh tunnel that failed",
-                                          ("direction", "reason"), registry=registry)
+                                          "(or identity checks) of the mesh tunnel that failed, "
+                                          "or connections refused before one (source_limit, "
+                                          "rate_limited)", ("direction", "reason"), registry=registry)
+        self.handshakes_in_progress = Gauge("pinion_tunnel_handshakes_in_progress", "Inbound mTLS "
+                                            "handshakes on 15008 under way now (capped)",
+                                            registry=registry)
+        self.event_loop_tasks = Gauge("pinion_event_loop_tasks", "asyncio tasks alive in the "
+                                      "agent (a leak shows here first)", registry=registry)
+        self.event_loop_tasks.set_function(_tasks_alive)
+
+
+def _tasks_alive() -> float:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped with no running loop (tests)
+        return 0.0
 
 
 def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:

@@ -280,7 +280,13 @@ def test_the_admin_endpoint_is_live_and_counts_requests(issuer: Issuer) -> None:
               for line in metrics.splitlines() if line.startswith("pinion_issuer_requests_total{")}
     assert counts['result="issued"'] >= 1
     assert set(counts) == {f'result="{r}"' for r in ("issued", "unauthenticated", "wrong_service_account",
-                                                     "not_on_node", "bad_request", "error")}
+                                                     "not_on_node", "bad_request",
+                                                     "rate_limited", "error")}
+    refusals = [line for line in metrics.splitlines()
+                if line.startswith("pinion_issuer_connections_refused_total{")]
+    assert 'pinion_issuer_connections_refused_total{listener="admin",reason="silent"} 0.0' in refusals
+    assert any(line.startswith('pinion_issuer_connections_refused_total{listener="issuer",reason="silent"}')
+               for line in refusals)
     assert "process_resident_memory_bytes" in metrics
 
 

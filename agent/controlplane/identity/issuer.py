@@ -26,7 +26,8 @@ NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
 MAX_BODY_BYTES = 64 * 1024
-RESULTS = ("issued", "unauthenticated", "wrong_service_account", "not_on_node", "bad_request", "error")
+RESULTS = ("issued", "unauthenticated", "wrong_service_account", "not_on_node", "bad_request", "rate_limited",
+           "error")
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 _STATUS_RESULT = {401: "unauthenticated", 400: "bad_request"}
 _UNAVAILABLE = {"error": "the Kubernetes API is unavailable; retry later", "reason": "error"}
@@ -104,6 +105,7 @@ class Reply:
     identity: str = ""
     node: str = ""
     detail: str = ""  # for the log only: what the caller is not told
+    retry_after: int = 0  # seconds, sent as Retry-After when positive
 
     @property
     def message(self) -> str:

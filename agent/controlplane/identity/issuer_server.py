@@ -287,7 +287,8 @@ async def run_issuer(settings: IssuerSettings) -> int:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     policy = IssuerPolicy(signer.trust_domain, settings.agent_namespace, settings.agent_service_account,
-                          settings.audience, settings.max_lifetime)
+                          settings.audience, settings.max_lifetime,
+                          also_protected=(settings.bundle_namespace,))
     issuer = CertificateIssuer(policy, signer, KubeTokenReviewer(client), KubePodDirectory(client))
     refusals = connection_refusals(registry, ("issuer", "admin"))
     server = IssuerServer(issuer, serving.context, registry, refusals=refusals)

@@ -3,7 +3,9 @@
 TLS 1.3 only, with a certificate for spiffe://<td>/ns/pinion-system/sa/pinion-issuer signed by the
 issuer key and renewed at half-life. One short HTTP/1.1 exchange per connection (the agent signs
 a handful of CSRs a day); every request gets exactly one log line and one count in
-`pinion_issuer_requests_total{result}`, whatever goes wrong.
+`pinion_issuer_requests_total{result}`, whatever goes wrong. Connections are bounded in number
+and time by listener.py (refusals in `pinion_issuer_connections_refused_total`), and each source
+address by a token bucket (limits.py) before anything reaches TokenReview.
 """
 
 from __future__ import annotations

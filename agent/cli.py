@@ -179,6 +179,12 @@ def _add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     install.add_argument("--image", metavar="IMAGE", help="the image of every container")
     install.add_argument("--redirect", choices=REDIRECT_MODES, help="the agents' capture backend")
     install.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    install.add_argument("--node-cidr", action="append", metavar="CIDR",
+                         help="the nodes' addresses, which alone may reach the issuer; repeatable "
+                              "(default the RFC 1918 ranges, less the pod network)")
+    install.add_argument("--pod-cidr", metavar="CIDR",
+                         help="the cluster's pod network, kept out of --node-cidr, with a /24 per node "
+                              "whose .0 and .1 (flannel.1, cni0) are admitted (default 10.42.0.0/16, k3s's)")
     install.set_defaults(run=_run_install)
 
 
@@ -379,7 +385,9 @@ def _run_install(args: argparse.Namespace) -> int:
                                            f"{args.identity_dir}'s {credentials.trust_domain}")
         else:
             credentials = install.IssuerCredentials.generate(args.trust_domain or "cluster.local")
-        overrides = install.Overrides(args.image, args.redirect, args.log_level)
+        overrides = install.Overrides(args.image, args.redirect, args.log_level,
+                                      tuple(args.node_cidr or install.DEFAULT_NODE_CIDRS),
+                                      args.pod_cidr or install.DEFAULT_POD_CIDR)
         documents = install.render(install.load_manifests(), credentials, overrides)
     except install.InstallError as exc:
         print(f"pinion install: {exc}", file=sys.stderr)

@@ -6,7 +6,9 @@ The checked-in manifests are the template. Rendering changes only what is per-in
   the identity-dir layout minus the anchor, docs/kubernetes.md);
 - the ConfigMap `pinion-trust-bundle` gets the real bundle instead of the placeholder;
 - the ConfigMap `pinion-config` gets the trust domain, and `--redirect`/`--log-level` if given;
-- `--image` replaces every container's image.
+- `--image` replaces every container's image;
+- the NetworkPolicy `pinion-issuer` admits 8443 from the node addresses `issuer_peers` derives from
+  `--node-cidr` and `--pod-cidr` (deploy/issuer-networkpolicy.yaml says why those).
 
 The trust anchor's private key is never emitted: a fresh anchor's key is dropped once it has
 signed the issuer; with `--identity-dir` it stays in that directory.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -33,13 +36,19 @@ from agent.controlplane.identity.spiffe import check_trust_domain
 NAMESPACE = "pinion-system"
 # `kubectl apply -f deploy/` takes files in name order; the stream follows dependencies:
 # namespace, accounts, settings, then the workloads that use them.
-MANIFEST_FILES = ("00-namespace.yaml", "rbac.yaml", "config.yaml", "issuer.yaml", "daemonset.yaml")
+MANIFEST_FILES = ("00-namespace.yaml", "rbac.yaml", "config.yaml", "issuer.yaml", "issuer-networkpolicy.yaml",
+                  "daemonset.yaml")
 SECRET_NAME = "pinion-issuer"
 SECRET_KEYS = (files.ISSUER_CERT, files.ISSUER_KEY, files.TRUST_BUNDLE, files.TRUST_DOMAIN)
 CONFIG_NAME = "pinion-config"
 BUNDLE_NAME = "pinion-trust-bundle"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 WORKLOAD_KINDS = ("DaemonSet", "Deployment")
+ISSUER_POLICY = "pinion-issuer"
+DEFAULT_NODE_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")  # RFC 1918: home and lab LANs
+DEFAULT_POD_CIDR = "10.42.0.0/16"  # k3s's --cluster-cidr
+NODE_POD_PREFIX = 24  # k3s's --kube-controller-manager-arg node-cidr-mask-size default: a /24 per node
+MAX_NODE_SUBNETS = 1024
 
 
 class InstallError(Exception):
@@ -97,6 +106,8 @@ class Overrides:
     image: str | None = None
     redirect: str | None = None
     log_level: str | None = None
+    node_cidrs: tuple[str, ...] = DEFAULT_NODE_CIDRS
+    pod_cidr: str = DEFAULT_POD_CIDR
 
 
 def manifest_directory() -> Traversable:
@@ -132,8 +143,41 @@ def render(manifests: Sequence[dict[str, Any]], credentials: IssuerCredentials,
     if overrides.image is not None:
         for container in _containers(documents):
             container["image"] = overrides.image
+    policy = _find(documents, "NetworkPolicy", ISSUER_POLICY)
+    policy["spec"]["ingress"][0]["from"] = issuer_peers(overrides.node_cidrs, overrides.pod_cidr)
     documents.insert(documents.index(bundle) + 1, _secret(credentials))
     return documents
+
+
+def issuer_peers(node_cidrs: Sequence[str], pod_cidr: str,
+                 node_prefix: int = NODE_POD_PREFIX) -> list[dict[str, Any]]:
+    """The NetworkPolicy peers that are nodes: each node CIDR without the pod network, and the .0/31 of
+    each node's pod subnet (flannel.1 and cni0 on k3s, the addresses agents' traffic takes there)."""
+    pods = _network("--pod-cidr", pod_cidr)
+    if not pods.prefixlen <= node_prefix < pods.max_prefixlen:
+        raise InstallError(f"--pod-cidr {pods} is smaller than one node's /{node_prefix}")
+    if 2 ** (node_prefix - pods.prefixlen) > MAX_NODE_SUBNETS:
+        raise InstallError(f"--pod-cidr {pods} holds more than {MAX_NODE_SUBNETS} node subnets of "
+                           f"/{node_prefix}; give a narrower one")
+    peers: list[dict[str, Any]] = []
+    for text in node_cidrs:
+        nodes = _network("--node-cidr", text)
+        if nodes.version == pods.version and nodes.subnet_of(pods):  # type: ignore[arg-type]
+            raise InstallError(f"--node-cidr {nodes} lies inside --pod-cidr {pods}: it would admit pods")
+        block: dict[str, Any] = {"cidr": str(nodes)}
+        if nodes.version == pods.version and pods.subnet_of(nodes):  # type: ignore[arg-type]
+            block["except"] = [str(pods)]
+        peers.append({"ipBlock": block})
+    for subnet in pods.subnets(new_prefix=node_prefix):
+        peers.append({"ipBlock": {"cidr": f"{subnet.network_address}/{subnet.max_prefixlen - 1}"}})
+    return peers
+
+
+def _network(flag: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise InstallError(f"{flag}: {exc}") from None
 
 
 def _secret(credentials: IssuerCredentials) -> dict[str, Any]:

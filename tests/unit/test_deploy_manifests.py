@@ -525,3 +525,65 @@ def test_kubectl_would_create_every_object_of_pinion_install(api_server: Any, tm
     documents = [d for d in yaml.safe_load_all(stream) if d]
     assert sorted(output) == created(documents)
     assert "secret/pinion-issuer created (dry run)" in output
+
+
+# --- who may reach the issuer (#12) ---------------------------------------------------------
+
+def test_the_issuer_network_policy_admits_8443_only_from_node_addresses(
+        objects: list[dict[str, Any]]) -> None:
+    policy = find(objects, "NetworkPolicy", "pinion-issuer")
+    issuer_labels = find(objects, "Deployment", "pinion-issuer")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= issuer_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    tls, admin = policy["spec"]["ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container(objects, "pinion-issuer", "issuer")["ports"]}
+    assert tls["ports"] == [{"port": ports["https"], "protocol": "TCP"}]
+    assert admin == {"ports": [{"port": ports["admin"], "protocol": "TCP"}]}  # probes and scrapes: open
+    assert all(set(peer) == {"ipBlock"} for peer in tls["from"])  # no pod or namespace selector
+    assert {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.42.0.0/16"]}} in tls["from"]
+
+
+def test_install_admits_each_nodes_flannel_and_cni0_address_and_no_pod(
+        installed: list[dict[str, Any]]) -> None:
+    peers = find(installed, "NetworkPolicy", "pinion-issuer")["spec"]["ingress"][0]["from"]
+    blocks = [peer["ipBlock"]["cidr"] for peer in peers]
+    assert blocks[:3] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+    assert blocks[3:] == [f"10.42.{node}.0/31" for node in range(256)]
+
+
+@pytest.mark.parametrize(("node_cidrs", "pod_cidr", "expected"), [
+    (["192.168.1.0/24"], "10.42.0.0/23", [{"cidr": "192.168.1.0/24"}, {"cidr": "10.42.0.0/31"},
+                                          {"cidr": "10.42.1.0/31"}]),
+    (["10.0.0.0/8"], "10.42.0.0/24", [{"cidr": "10.0.0.0/8", "except": ["10.42.0.0/24"]},
+                                      {"cidr": "10.42.0.0/31"}]),
+    (["10.1.0.0/16", "10.2.0.0/16"], "10.42.0.0/24", [{"cidr": "10.1.0.0/16"}, {"cidr": "10.2.0.0/16"},
+                                                      {"cidr": "10.42.0.0/31"}]),
+    (["fd00::/64"], "10.42.0.0/24", [{"cidr": "fd00::/64"}, {"cidr": "10.42.0.0/31"}]),
+])
+def test_issuer_peers_from_node_and_pod_networks(node_cidrs: list[str], pod_cidr: str,
+                                                 expected: list[dict[str, Any]]) -> None:
+    assert install.issuer_peers(node_cidrs, pod_cidr) == [{"ipBlock": block} for block in expected]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--node-cidr", "10.42.3.0/24"], "lies inside --pod-cidr"),
+    (["--node-cidr", "192.168.1.1/24"], "--node-cidr: 192.168.1.1/24 has host bits set"),
+    (["--node-cidr", "nodes"], "--node-cidr"),
+    (["--pod-cidr", "10.0.0.0/8"], "more than 1024 node subnets"),
+    (["--pod-cidr", "10.42.0.0/25"], "smaller than one node's /24"),
+])
+def test_install_refuses_node_and_pod_networks_that_make_no_sense(argv: list[str], says: str) -> None:
+    code, out, err = run_install(*argv)
+    assert (code, out) == (1, "")
+    assert says in err
+
+
+def test_install_node_cidr_is_repeatable_and_replaces_the_default() -> None:
+    code, out, _ = run_install("--node-cidr", "192.168.1.0/24", "--node-cidr", "192.168.2.0/24",
+                               "--pod-cidr", "10.42.0.0/24")
+    assert code == 0
+    documents = [d for d in yaml.safe_load_all(out) if d]
+    peers = find(documents, "NetworkPolicy", "pinion-issuer")["spec"]["ingress"][0]["from"]
+    assert [peer["ipBlock"]["cidr"] for peer in peers] == ["192.168.1.0/24", "192.168.2.0/24", "10.42.0.0/31"]
+    for document in documents:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)

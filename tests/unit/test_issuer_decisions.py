@@ -265,6 +265,31 @@ def test_a_foreign_trust_domain_is_400_before_any_api_call(world: World) -> None
     assert world.reviews.asked == []
 
 
+@pytest.mark.parametrize(("policy", "namespace", "refused"), [
+    (IssuerPolicy("cluster.local"), "pinion-system", True),  # the issuer's own identity lives there
+    (IssuerPolicy("cluster.local"), "shop", False),
+    (IssuerPolicy("cluster.local", agent_namespace="mesh"), "mesh", True),  # the agents' namespace too
+    (IssuerPolicy("cluster.local", agent_namespace="mesh"), "pinion-system", True),
+    (IssuerPolicy("cluster.local", also_protected=("bundles",)), "bundles", True),
+    (IssuerPolicy("cluster.local"), "pinion-system-apps", False),  # a name, not a prefix
+])
+def test_the_mesh_namespaces_are_protected(policy: IssuerPolicy, namespace: str, refused: bool) -> None:
+    assert (namespace in policy.protected_namespaces) is refused
+
+
+def test_a_pod_in_the_mesh_namespace_is_403_before_any_api_call(world: World) -> None:
+    issuer_like = SpiffeId("cluster.local", "pinion-system", "pinion-issuer")
+    world.pods.pods.append(pod("sneaky", "n1", "pinion-issuer", namespace="pinion-system"))
+
+    reply = world.ask(csr_body(issuer_like))
+
+    assert (reply.status, reply.result, reply.body["reason"]) == (403, "forbidden_namespace",
+                                                                  "forbidden_namespace")
+    assert "mesh's own namespace pinion-system" in reply.body["error"]
+    assert reply.identity == str(issuer_like)
+    assert world.reviews.asked == []  # refused before TokenReview
+
+
 def _garbage_csr() -> dict[str, object]:
     return {"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
             "identity": str(CART)}

@@ -207,6 +207,12 @@ def test_a_pod_on_another_node_is_refused(issuer: Issuer) -> None:
     assert (refused.status, refused.reason) == (403, "not_on_node")
 
 
+def test_a_pod_in_the_mesh_namespace_is_refused_though_it_runs_on_the_callers_node(issuer: Issuer) -> None:
+    refused = refusal(issuer, "agent-n1", SpiffeId("cluster.local", "pinion-system", "pinion-agent"))
+
+    assert (refused.status, refused.reason) == (403, "forbidden_namespace")
+
+
 def test_a_finished_pod_on_the_callers_node_is_refused(issuer: Issuer) -> None:
     refused = refusal(issuer, "agent-n1", SpiffeId("cluster.local", "shop", "report"))
 
@@ -280,7 +286,13 @@ def test_the_admin_endpoint_is_live_and_counts_requests(issuer: Issuer) -> None:
               for line in metrics.splitlines() if line.startswith("pinion_issuer_requests_total{")}
     assert counts['result="issued"'] >= 1
     assert set(counts) == {f'result="{r}"' for r in ("issued", "unauthenticated", "wrong_service_account",
-                                                     "not_on_node", "bad_request", "error")}
+                                                     "not_on_node", "forbidden_namespace", "bad_request",
+                                                     "rate_limited", "error")}
+    refusals = [line for line in metrics.splitlines()
+                if line.startswith("pinion_issuer_connections_refused_total{")]
+    assert 'pinion_issuer_connections_refused_total{listener="admin",reason="silent"} 0.0' in refusals
+    assert any(line.startswith('pinion_issuer_connections_refused_total{listener="issuer",reason="silent"}')
+               for line in refusals)
     assert "process_resident_memory_bytes" in metrics
 
 

@@ -53,6 +53,7 @@ class Running:
     serving: ServingCertificate
     token_file: Path
     bundle: bytes
+    server: IssuerServer
 
     def signer(self, expected: SpiffeId = ISSUER, bundle: bytes | None = None,
                timeout: float = 10.0) -> KubeSigner:
@@ -64,8 +65,10 @@ class Running:
         return value or 0.0
 
 
-def serve(identity_dir: Path, tmp_path: Path, scenario: Callable[[Running], Awaitable[None]]) -> None:
-    """Run an issuer on 127.0.0.1:<random> with faked Kubernetes while `scenario` runs."""
+def serve(identity_dir: Path, tmp_path: Path, scenario: Callable[[Running], Awaitable[None]],
+          **options: Any) -> None:
+    """Run an issuer on 127.0.0.1:<random> with faked Kubernetes while `scenario` runs; `options` go
+    to IssuerServer (limits, rate)."""
 
     async def main() -> None:
         signer = LocalSigner.from_dir(identity_dir)
@@ -74,13 +77,13 @@ def serve(identity_dir: Path, tmp_path: Path, scenario: Callable[[Running], Awai
         registry = CollectorRegistry()
         serving = ServingCertificate(signer)
         server = IssuerServer(CertificateIssuer(IssuerPolicy("cluster.local"), signer, reviews, pods),
-                              serving.context, registry)
+                              serving.context, registry, **options)
         _, port = await server.start("127.0.0.1", 0)
         token_file = tmp_path / "token"
         token_file.write_text("agent-n1\n")
         try:
             await scenario(Running(port, reviews, pods, registry, serving, token_file,
-                                   (identity_dir / "trust-bundle.crt").read_bytes()))
+                                   (identity_dir / "trust-bundle.crt").read_bytes(), server))
         finally:
             await server.close()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.controlplane.identity.spiffe import ISSUER_NAMESPACE, SpiffeId
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
 MAX_BODY_BYTES = 64 * 1024
-RESULTS = ("issued", "unauthenticated", "wrong_service_account", "not_on_node", "bad_request", "error")
+RESULTS = ("issued", "unauthenticated", "wrong_service_account", "not_on_node", "forbidden_namespace",
+           "bad_request", "rate_limited", "error")
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 _STATUS_RESULT = {401: "unauthenticated", 400: "bad_request"}
 _UNAVAILABLE = {"error": "the Kubernetes API is unavailable; retry later", "reason": "error"}
@@ -81,10 +82,20 @@ class IssuerPolicy:
     agent_service_account: str = "pinion-agent"
     audience: str = "pinion-issuer"
     max_lifetime: float = 86400.0
+    also_protected: tuple[str, ...] = ()  # e.g. where the trust bundle is published
 
     @property
     def agent_username(self) -> str:
         return f"system:serviceaccount:{self.agent_namespace}:{self.agent_service_account}"
+
+    @property
+    def protected_namespaces(self) -> frozenset[str]:
+        """The mesh's own namespaces: the issuer's (its identity lives there) and the agent's.
+
+        Nothing in them is meshed, so no workload there needs a certificate, and one would carry
+        the issuer's neighbourhood: `ns/pinion-system/sa/pinion-issuer` is the identity agents trust
+        to sign for them."""
+        return frozenset({ISSUER_NAMESPACE, self.agent_namespace, *self.also_protected})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +115,7 @@ class Reply:
     identity: str = ""
     node: str = ""
     detail: str = ""  # for the log only: what the caller is not told
+    retry_after: int = 0  # seconds, sent as Retry-After when positive
 
     @property
     def message(self) -> str:
@@ -142,6 +154,7 @@ class CertificateIssuer:
             token = bearer_token(authorization)
             request = parse_request(body, self.policy)
             identity = str(request.identity)
+            check_namespace(request.identity, self.policy)  # before TokenReview: it costs nothing
             async with asyncio.timeout(self._deadline):
                 node = await self.caller_node(token)
                 await self.check_scheduled(request.identity, node)
@@ -247,6 +260,14 @@ def parse_request(body: bytes, policy: IssuerPolicy) -> CertificateRequest:
     if identity.trust_domain != policy.trust_domain:
         raise _bad(f"{identity} is outside this issuer's trust domain {policy.trust_domain}")
     return CertificateRequest(csr.encode("ascii"), identity, _lifetime(fields, policy.max_lifetime))
+
+
+def check_namespace(identity: SpiffeId, policy: IssuerPolicy) -> None:
+    """Refusal 403 for an identity in one of the mesh's own namespaces (whoever asks)."""
+    if identity.namespace in policy.protected_namespaces:
+        raise Refusal(403, "forbidden_namespace", f"{identity} is in the mesh's own namespace "
+                                                  f"{identity.namespace}: nothing there is issued a "
+                                                  "workload certificate")
 
 
 def _lifetime(fields: dict[str, Any], max_lifetime: float) -> float:

@@ -3,7 +3,9 @@
 TLS 1.3 only, with a certificate for spiffe://<td>/ns/pinion-system/sa/pinion-issuer signed by the
 issuer key and renewed at half-life. One short HTTP/1.1 exchange per connection (the agent signs
 a handful of CSRs a day); every request gets exactly one log line and one count in
-`pinion_issuer_requests_total{result}`, whatever goes wrong.
+`pinion_issuer_requests_total{result}`, whatever goes wrong. Connections are bounded in number
+and time by listener.py (refusals in `pinion_issuer_connections_refused_total`), and each source
+address by a token bucket (limits.py) before anything reaches TokenReview.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from agent.controlplane.identity.issuer import (
     IssuerPolicy,
     Reply,
 )
+from agent.controlplane.identity.issuer_admin import IssuerAdmin
 from agent.controlplane.identity.issuer_kube import (
     KubePodDirectory,
     KubeTokenReviewer,
     keep_trust_bundle_published,
 )
+from agent.controlplane.identity.limits import ListenerLimits, RateLimit, SourceRateLimiter
+from agent.controlplane.identity.listener import BoundedListener, connection_refusals
 from agent.controlplane.identity.spiffe import issuer_id
 from agent.controlplane.identity.tls import load_credentials
 from agent.controlplane.kube.client import KubeClient, KubeConfig, KubeConfigError
@@ -45,10 +50,11 @@ log = logging.getLogger(__name__)
 
 SERVING_LIFETIME = 86400.0
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a projected token is ~1 KiB
-READ_TIMEOUT = 10.0  # for the whole request, after the handshake
-HANDSHAKE_TIMEOUT = 10.0
+ISSUER_LIMITS = ListenerLimits()
+ISSUER_RATE = RateLimit()
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
+            405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,48 +141,62 @@ class ServingCertificate:
 
 
 class IssuerServer:
-    """The HTTPS listener: parses one request per connection and hands it to CertificateIssuer."""
+    """The HTTPS listener: one request per connection, rate-limited per source, handed to CertificateIssuer.
 
-    def __init__(self, issuer: CertificateIssuer, context: ssl.SSLContext,
-                 registry: CollectorRegistry) -> None:
+    Connections are bounded by a BoundedListener (listener.py); a source over its RateLimit is
+    answered 429 with Retry-After before its token reaches TokenReview."""
+
+    def __init__(self, issuer: CertificateIssuer, context: ssl.SSLContext, registry: CollectorRegistry, *,
+                 limits: ListenerLimits = ISSUER_LIMITS, rate: RateLimit = ISSUER_RATE,
+                 refusals: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._issuer = issuer
-        self._context = context
         self._requests = Counter("pinion_issuer_requests", "Certificate requests by outcome", ["result"],
                                  registry=registry)
         for result in RESULTS:
             self._requests.labels(result)
-        self._server: asyncio.Server | None = None
+        if refusals is None:
+            refusals = connection_refusals(registry, ("issuer",))
+        self._limits = limits
+        self._rate = SourceRateLimiter(rate)
+        self._clock = clock
+        self.listener = BoundedListener("issuer", self._serve, limits, refusals, context=context,
+                                        stream_limit=MAX_HEAD_BYTES)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the address bound (port 0 picks one)."""
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            limit=MAX_HEAD_BYTES)
-        bound = self._server.sockets[0].getsockname()
-        return bound[0], bound[1]
+        return await self.listener.start(host, port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self.listener.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         started = time.monotonic()
-        peer = _peer(writer)
         method = path = "-"  # until the request line is read
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(self._limits.read_timeout):
                 method, path, headers, body = await _read_request(reader)
-            reply = await self._route(method, path, headers, body)
+            reply = await self._answer(peer, method, path, headers, body)
         except _BadHttp as exc:
             reply = Reply(400, "bad_request", {"error": str(exc), "reason": "bad_request"})
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+        except TimeoutError:
+            self.listener.refused(peer, "read_timeout")
+            log.info("issuer: %s: no complete request within %.0fs", peer, self._limits.read_timeout)
+            return
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("issuer: %s: connection ended before a full request (%s)", peer, type(exc).__name__)
-            writer.close()
             return
         self._requests.labels(reply.result).inc()
         _log_reply(peer, method, path, reply, time.monotonic() - started)
-        await _send(writer, reply)
+        await _send(writer, reply, self._limits.read_timeout)
+
+    async def _answer(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        """The rate limit first (it costs nothing), then the route; only a POST reaches TokenReview."""
+        decision = self._rate.take(_source(peer), self._clock())
+        if not decision.allowed:
+            return Reply(429, "rate_limited", {"error": f"too many requests from {_source(peer)}; retry in "
+                                                        f"{decision.retry_after}s", "reason": "rate_limited"},
+                         retry_after=decision.retry_after)
+        return await self._route(method, path, headers, body)
 
     async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         if path.split("?", 1)[0] != "/v1/certificates":
@@ -217,13 +237,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[st
     return parts[0], parts[1], headers, body
 
 
-async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:
+async def _send(writer: asyncio.StreamWriter, reply: Reply, timeout: float) -> None:
     body = json.dumps(reply.body).encode()
+    retry = f"Retry-After: {reply.retry_after}\r\n" if reply.retry_after > 0 else ""
     head = (f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry}"
+            "Connection: close\r\n\r\n")
     try:
         writer.write(head.encode() + body)
-        async with asyncio.timeout(READ_TIMEOUT):
+        async with asyncio.timeout(timeout):
             await writer.drain()
     except (TimeoutError, ConnectionError, ssl.SSLError):
         pass
@@ -244,9 +266,9 @@ def _printable(text: str, limit: int) -> str:
     return clipped + ("…" if len(text) > limit else "")
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    address = writer.get_extra_info("peername")
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+def _source(peer: str) -> str:
+    """The address part of `host:port` (IPv6 too): the rate limit's key."""
+    return peer.rpartition(":")[0] or peer
 
 
 def _utc(when: float) -> str:
@@ -255,8 +277,6 @@ def _utc(when: float) -> str:
 
 async def run_issuer(settings: IssuerSettings) -> int:
     """Serve until SIGTERM/SIGINT; 1 if the identity dir, the kubeconfig or a port is unusable."""
-    from agent.observability.admin import AdminServer
-
     try:
         signer = LocalSigner.from_dir(settings.identity_dir)
         bundle = (settings.identity_dir / files.TRUST_BUNDLE).read_text(encoding="ascii")
@@ -269,12 +289,14 @@ async def run_issuer(settings: IssuerSettings) -> int:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     policy = IssuerPolicy(signer.trust_domain, settings.agent_namespace, settings.agent_service_account,
-                          settings.audience, settings.max_lifetime)
+                          settings.audience, settings.max_lifetime,
+                          also_protected=(settings.bundle_namespace,))
     issuer = CertificateIssuer(policy, signer, KubeTokenReviewer(client), KubePodDirectory(client))
-    server = IssuerServer(issuer, serving.context, registry)
-    admin = AdminServer(*settings.admin, registry, lambda: [])
+    refusals = connection_refusals(registry, ("issuer", "admin"))
+    server = IssuerServer(issuer, serving.context, registry, refusals=refusals)
+    admin = IssuerAdmin(registry, refusals)
     try:
-        await admin.start()
+        await admin.start(*settings.admin)
         host, port = await server.start(*settings.listen)
         admin.ready = True
         log.info("issuer: serving %s on %s:%d (TLS 1.3), admin on %s:%d; issuer certificate valid until %s",

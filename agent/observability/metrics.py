@@ -131,6 +131,17 @@ class IdentityCollector(Collector):
         yield from (expiry, issued, renewals)
 
 
+class AdminMetrics:
+    """The admin endpoint's connections: open now, and closed unanswered by reason
+    (over_capacity, head_timeout, head_too_large, send_timeout; agent/observability/admin.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge("pinion_admin_connections", "Admin endpoint connections open now",
+                                 registry=registry)
+        self.refused = Counter("pinion_admin_connections_refused", "Admin endpoint connections "
+                               "closed without an answer", ("reason",), registry=registry)
+
+
 class AgentMetrics:
     """The agent's own counters (not per connection: these may use prometheus_client types)."""
 
@@ -147,6 +158,7 @@ class AgentMetrics:
         self.handshake_failures = Counter("pinion_tunnel_handshake_failures", "mTLS handshakes "
                                           "(or identity checks) of the mesh tunnel that failed",
                                           ("direction", "reason"), registry=registry)
+        self.admin = AdminMetrics(registry)
 
 
 def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:

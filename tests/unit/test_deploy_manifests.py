@@ -341,8 +341,44 @@ def test_the_cni_installer_sees_every_directory_the_layout_may_choose(objects: l
     for relative in needed:
         target = args.host_root / relative
         assert any(target.is_relative_to(m) for m in mounts), f"{target} is not mounted"
-    # A mount below k3s/agent would create that directory on a kubeadm node: it would look like k3s.
-    assert not any(Path(m).is_relative_to(args.host_root / layout.K3S_AGENT_DIR) for m in mounts)
+    # Nothing above the CNI dirs: not k3s' server/ (CA keys, join token) nor agent/ (credentials).
+    k3s = Path("/var/lib/rancher/k3s")
+    assert {volume["hostPath"]["path"] for _, volume in mounts.values()
+            if Path(volume["hostPath"]["path"]).is_relative_to(k3s)} == {
+        str(k3s / "agent/etc/cni/net.d"), str(k3s / "data")}
+    writable = {path for path, (mount, _) in mounts.items() if not mount.get("readOnly", False)}
+    assert writable == {str(args.host_root / d) for d in (layout.K3S_CONF_DIR, layout.K3S_DATA_DIR,
+                                                           layout.STANDARD_CONF_DIR, layout.STANDARD_BIN_DIR)}
+
+
+def created_host_paths(root: Path, objects: list[dict[str, Any]]) -> None:
+    """What kubelet does for the installer's hostPath volumes on a node that lacks them."""
+    spec = dict(pod_specs(objects))["pinion-agent"]
+    for _, volume in mounts_by_path(container(objects, "pinion-agent", "cni-installer"), spec).values():
+        (root / volume["hostPath"]["path"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+
+
+def test_the_installers_mounts_do_not_make_a_kubeadm_node_look_like_k3s(
+        objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    created_host_paths(tmp_path, objects)
+    detected = layout.detect_layout(tmp_path)
+    assert (detected.flavour, detected.conf_dir) == ("standard", tmp_path / layout.STANDARD_CONF_DIR)
+
+
+@pytest.mark.parametrize("bin_dir", [layout.K3S_BIN_DIR, layout.K3S_OLD_BIN_DIR])
+def test_through_the_installers_mounts_k3s_is_k3s(objects: list[dict[str, Any]], tmp_path: Path,
+                                                  bin_dir: str) -> None:
+    data = tmp_path / layout.K3S_DATA_DIR
+    if bin_dir == layout.K3S_OLD_BIN_DIR:  # data/current -> /var/lib/rancher/k3s/data/<hash>
+        (data / "4a1c9e" / "bin").mkdir(parents=True)
+        (data / "current").symlink_to("/" + layout.K3S_DATA_DIR + "/4a1c9e")
+    else:
+        (data / "cni").mkdir(parents=True)
+    created_host_paths(tmp_path, objects)
+    detected = layout.detect_layout(tmp_path)
+    assert (detected.flavour, detected.conf_dir) == ("k3s", tmp_path / layout.K3S_CONF_DIR)
+    assert detected.plugin_path().parent.is_dir()
+    assert detected.plugin_path().is_relative_to(data)
 
 
 def test_probes_and_ports(objects: list[dict[str, Any]]) -> None:

@@ -117,8 +117,12 @@ class AdminServer:
         try:
             await self._answer(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
-            writer.transport.abort()  # the caller left (or was evicted for a newcomer)
+            pass  # the caller left (or was evicted for a newcomer)
+        except Exception:  # a bug costs this one connection, and says where
+            log.exception("admin endpoint: answering %s failed", writer.get_extra_info("peername"))
         finally:
+            if not writer.transport.is_closing():  # every path but a whole answer: reset
+                writer.transport.abort()
             self._open.pop(writer, None)
             self._metrics.connections.dec()
 

@@ -171,6 +171,27 @@ def test_answered_connections_leave_no_task_and_no_connection_behind() -> None:
     serve(test)
 
 
+def test_a_failing_view_costs_its_connection_only() -> None:
+    def broken() -> list[dict[str, Any]]:
+        raise RuntimeError("a bug in the pods view")
+
+    async def run() -> None:
+        server = AdminServer("127.0.0.1", 0, CollectorRegistry(), broken)
+        server.ready = True
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection(*server.address)
+            writer.write(b"GET /pods HTTP/1.1\r\n\r\n")
+            assert await closed_by_server(reader, within=2)
+            writer.close()
+            await settled(server)
+            assert server.open_connections == 0
+            assert (await get(server, "/ready"))[0] == 200
+        finally:
+            await server.close()
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------- /pods: full here, public elsewhere
 
 @pytest.mark.parametrize(("peer", "own", "local"), [

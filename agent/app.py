@@ -42,7 +42,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     cluster = _kubernetes(config, pods, proxy, identities)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
-                        lambda: _pods_view(pods))
+                        lambda: _pods_view(pods), metrics.admin)
     cni = CniServer(config.cni_socket, pods, metrics, admission)
 
     await admin.start()

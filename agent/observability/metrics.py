@@ -132,6 +132,17 @@ class IdentityCollector(Collector):
         yield from (expiry, issued, renewals)
 
 
+class AdminMetrics:
+    """The admin endpoint's connections: open now, and closed unanswered by reason
+    (over_capacity, head_timeout, head_too_large, send_timeout; agent/observability/admin.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge("pinion_admin_connections", "Admin endpoint connections open now",
+                                 registry=registry)
+        self.refused = Counter("pinion_admin_connections_refused", "Admin endpoint connections "
+                               "closed without an answer", ("reason",), registry=registry)
+
+
 class AgentMetrics:
     """The agent's own counters (not per connection: these may use prometheus_client types)."""
 
@@ -155,6 +166,7 @@ class AgentMetrics:
         self.event_loop_tasks = Gauge("pinion_event_loop_tasks", "asyncio tasks alive in the "
                                       "agent (a leak shows here first)", registry=registry)
         self.event_loop_tasks.set_function(_tasks_alive)
+        self.admin = AdminMetrics(registry)
 
 
 def _tasks_alive() -> float:

@@ -159,9 +159,10 @@ def _programs_check(replies: AgentReplies) -> CheckResult | None:
         programs = [p for p in pod["programs"] if isinstance(p, dict)]
         missing = [str(p.get("attach")) for p in programs if p.get("attached") is not True]
         ok = ok and bool(programs) and not missing
-        where = programs[0].get("cgroup", "?") if programs else "no cgroup"
+        # The cgroup is shown to callers on the agent's host only (the public /pods view).
+        where = f" on {programs[0]['cgroup']}" if programs and programs[0].get("cgroup") else ""
         attached = ", ".join(str(p.get("attach")) for p in programs if p.get("attached") is True)
-        detail.append(f"{name}: {attached or 'nothing'} on {where}"
+        detail.append(f"{name}: {attached or 'nothing'}{where}"
                       + (f" (NOT attached: {', '.join(missing)})" if missing else ""))
     return CheckResult("every meshed pod's eBPF programs are attached", ok, tuple(detail),
                        "re-announce the pod (CNI ADD) or restart the agent; see its log")

@@ -335,6 +335,39 @@ def test_k3s_before_its_first_start_is_still_k3s(tmp_path: Path) -> None:
     assert layout.flavour == "k3s" and layout.conf_dir == root / K3S_NET_D
 
 
+def test_empty_k3s_dirs_that_kubelet_made_for_the_daemonsets_mounts_are_not_k3s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = kubeadm_host(tmp_path)
+    (host.root / K3S_NET_D).mkdir(parents=True)            # the installer's hostPath volumes,
+    (host.root / "var/lib/rancher/k3s/data").mkdir()       # created empty on a kubeadm node
+    host.write_primary("10-calico.conflist", dict(FLANNEL, name="k8s-pod-network"))
+
+    status, _, _ = cni(capsys, "install", "--host-root", str(host.root))
+
+    assert status == 0 and detect_layout(host.root).flavour == "standard"
+    assert host.config_names() == ["00-pinion.conflist", "10-calico.conflist"]
+    assert list((host.root / K3S_NET_D).iterdir()) == []
+
+
+@pytest.mark.parametrize("bin_layout", ["data/cni", "data/current/bin"])
+def test_k3s_is_known_by_its_data_even_before_flannel_writes_a_config(
+    tmp_path: Path, bin_layout: str
+) -> None:
+    host = k3s_host(tmp_path, bin_layout)  # agent/etc/cni/net.d empty, as our mount would leave it
+    layout = detect_layout(host.root)
+    assert (layout.flavour, layout.conf_dir) == ("k3s", host.conf_dir)
+    assert layout.plugin_path() == host.plugin
+
+
+def test_anything_of_k3s_own_in_its_agent_dir_makes_it_k3s(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    (root / K3S_NET_D).mkdir(parents=True)
+    assert detect_layout(root).flavour == "standard"
+    (root / "var/lib/rancher/k3s/agent/client-kubelet.crt").write_text("")
+    assert detect_layout(root).flavour == "k3s"
+
+
 # ---------------------------------------------------------------- refusals and no primary
 
 

@@ -33,6 +33,7 @@ DEPLOY = REPO / "deploy"
 KUBERNETES_VERSION = "1.30.0"
 NAMESPACE = "pinion-system"
 IMAGE = "ghcr.io/pinion-mesh/pinion:0.1.0"
+NODE_IP = "192.168.1.21"  # what the downward API gives for status.hostIP in these tests
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -277,7 +278,8 @@ def container_env(objects: list[dict[str, Any]], c: dict[str, Any]) -> dict[str,
             assert source["configMapKeyRef"]["name"] == "pinion-config"
             env[variable["name"]] = settings[source["configMapKeyRef"]["key"]]
         elif "fieldRef" in source:
-            downward = {"spec.nodeName": "node-a", "metadata.uid": "0d5c7a1e-uid"}
+            downward = {"spec.nodeName": "node-a", "metadata.uid": "0d5c7a1e-uid",
+                        "status.hostIP": NODE_IP}
             env[variable["name"]] = downward[source["fieldRef"]["fieldPath"]]
     return env
 
@@ -292,7 +294,7 @@ def test_the_agent_command_is_one_pinion_agent_accepts(objects: list[dict[str, A
     values = {name: env.get(f"PINION_{name.upper()}") for name in cli._AGENT_FLAGS}
     values.update({k: v for k, v in vars(args).items() if k in cli._AGENT_FLAGS and v is not None})
     config = Config.from_mapping(values)
-    assert (config.node_name, config.admin_host, config.admin_port) == ("node-a", "0.0.0.0", 4191)
+    assert (config.node_name, config.admin_host, config.admin_port) == ("node-a", NODE_IP, 4191)
     assert (str(config.cni_socket), str(config.state_dir), config.redirect) == (
         "/run/pinion/cni.sock", "/var/lib/pinion", "auto")
     assert config.trust_domain == find(objects, "ConfigMap", "pinion-config")["data"]["trust-domain"]
@@ -339,8 +341,44 @@ def test_the_cni_installer_sees_every_directory_the_layout_may_choose(objects: l
     for relative in needed:
         target = args.host_root / relative
         assert any(target.is_relative_to(m) for m in mounts), f"{target} is not mounted"
-    # A mount below k3s/agent would create that directory on a kubeadm node: it would look like k3s.
-    assert not any(Path(m).is_relative_to(args.host_root / layout.K3S_AGENT_DIR) for m in mounts)
+    # Nothing above the CNI dirs: not k3s' server/ (CA keys, join token) nor agent/ (credentials).
+    k3s = Path("/var/lib/rancher/k3s")
+    assert {volume["hostPath"]["path"] for _, volume in mounts.values()
+            if Path(volume["hostPath"]["path"]).is_relative_to(k3s)} == {
+        str(k3s / "agent/etc/cni/net.d"), str(k3s / "data")}
+    writable = {path for path, (mount, _) in mounts.items() if not mount.get("readOnly", False)}
+    assert writable == {str(args.host_root / d) for d in (layout.K3S_CONF_DIR, layout.K3S_DATA_DIR,
+                                                           layout.STANDARD_CONF_DIR, layout.STANDARD_BIN_DIR)}
+
+
+def created_host_paths(root: Path, objects: list[dict[str, Any]]) -> None:
+    """What kubelet does for the installer's hostPath volumes on a node that lacks them."""
+    spec = dict(pod_specs(objects))["pinion-agent"]
+    for _, volume in mounts_by_path(container(objects, "pinion-agent", "cni-installer"), spec).values():
+        (root / volume["hostPath"]["path"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+
+
+def test_the_installers_mounts_do_not_make_a_kubeadm_node_look_like_k3s(
+        objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    created_host_paths(tmp_path, objects)
+    detected = layout.detect_layout(tmp_path)
+    assert (detected.flavour, detected.conf_dir) == ("standard", tmp_path / layout.STANDARD_CONF_DIR)
+
+
+@pytest.mark.parametrize("bin_dir", [layout.K3S_BIN_DIR, layout.K3S_OLD_BIN_DIR])
+def test_through_the_installers_mounts_k3s_is_k3s(objects: list[dict[str, Any]], tmp_path: Path,
+                                                  bin_dir: str) -> None:
+    data = tmp_path / layout.K3S_DATA_DIR
+    if bin_dir == layout.K3S_OLD_BIN_DIR:  # data/current -> /var/lib/rancher/k3s/data/<hash>
+        (data / "4a1c9e" / "bin").mkdir(parents=True)
+        (data / "current").symlink_to("/" + layout.K3S_DATA_DIR + "/4a1c9e")
+    else:
+        (data / "cni").mkdir(parents=True)
+    created_host_paths(tmp_path, objects)
+    detected = layout.detect_layout(tmp_path)
+    assert (detected.flavour, detected.conf_dir) == ("k3s", tmp_path / layout.K3S_CONF_DIR)
+    assert detected.plugin_path().parent.is_dir()
+    assert detected.plugin_path().is_relative_to(data)
 
 
 def test_probes_and_ports(objects: list[dict[str, Any]]) -> None:
@@ -354,6 +392,23 @@ def test_probes_and_ports(objects: list[dict[str, Any]]) -> None:
     agent = container(objects, "pinion-agent", "agent")
     assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "48Mi"}
     assert agent["resources"]["limits"] == {"memory": "256Mi"}
+
+
+def test_the_admin_endpoint_listens_on_the_node_ip_where_probes_and_prometheus_reach_it(
+        objects: list[dict[str, Any]]) -> None:
+    agent = container(objects, "pinion-agent", "agent")
+    downward = {v["name"]: v["valueFrom"]["fieldRef"]["fieldPath"] for v in agent["env"]
+                if "fieldRef" in v.get("valueFrom", {})}
+    assert downward["HOST_IP"] == "status.hostIP"
+    assert "--admin-addr=$(HOST_IP):4191" in agent["args"]
+    assert not any("0.0.0.0" in argument for argument in agent["args"])
+    # hostNetwork: the pod IP is the node IP. Probes name no host, so kubelet asks the pod IP;
+    # the headless Service's endpoints are pod IPs too, so Prometheus scrapes the same address.
+    assert dict(pod_specs(objects))["pinion-agent"]["hostNetwork"] is True
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "host" not in agent[probe]["httpGet"]
+    metrics = find(objects, "Service", "pinion-agent-metrics")
+    assert metrics["spec"]["clusterIP"] == "None" and metrics["spec"]["ports"][0]["targetPort"] == "admin"
 
 
 def test_services_select_their_pods(objects: list[dict[str, Any]]) -> None:

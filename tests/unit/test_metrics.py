@@ -96,6 +96,8 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
     metrics.meshed_pods.set(2)
     metrics.cni_requests.labels("add", "ok").inc()
     metrics.proxy_errors.labels("outbound", "connect").inc(3)
+    metrics.admin.connections.inc()
+    metrics.admin.refused.labels("head_timeout").inc(4)
 
     assert [line for line in scrape(registry, "pinion_") if not line.startswith("#")
             and "_created" not in line] == [
@@ -104,6 +106,8 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         'pinion_proxy_errors_total{direction="outbound",reason="connect"} 3.0',
         "pinion_tunnel_handshakes_in_progress 0.0",
         "pinion_event_loop_tasks 0.0",  # no running loop here
+        "pinion_admin_connections 1.0",
+        'pinion_admin_connections_refused_total{reason="head_timeout"} 4.0',
     ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agent.cli import main
+from agent.observability.admin import public_pod_view
 from agent.viz import checks
 from tests.unit.test_viz_stats import AFTER, BEFORE, WINDOW_P95, WINDOW_P99, metrics_text, pod_series
 
@@ -29,12 +30,14 @@ def pod_entry(name: str, namespace: str = "default", listening: bool = True,
 
 
 class FakeAgent:
-    """An admin endpoint: /metrics answers each text in turn (then keeps the last)."""
+    """An admin endpoint: /metrics answers each text in turn (then keeps the last). /pods as a
+    real agent answers a caller on another host (the public view), or with `local` in full."""
 
     def __init__(self, metrics: Sequence[str], pods: Sequence[dict[str, Any]] = (),
-                 ready: int = 200, live: int = 200) -> None:
+                 ready: int = 200, live: int = 200, local: bool = False) -> None:
         self.metrics, self.scrapes = list(metrics), 0
-        self.routes = {"/pods": (200, json.dumps(list(pods))),
+        entries = list(pods) if local else [public_pod_view(pod) for pod in pods]
+        self.routes = {"/pods": (200, json.dumps(entries)),
                        "/ready": (ready, "ready\n" if ready == 200 else "not ready\n"),
                        "/live": (live, "live\n")}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -180,6 +183,22 @@ def test_edges_without_destination_labels_do_not_invent_them(capsys: pytest.Capt
     assert json_err.startswith("note: DST - = no dst_* labels yet")
 
 
+def test_edges_know_clients_by_service_account_from_the_public_pods_view(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    web_id = "spiffe://cluster.local/ns/default/sa/web"
+    text = metrics_text(
+        pod_series("default", "web", "outbound", ok=3, extra={"dst_namespace": "default",
+                                                               "dst_pod": "api-1", "server_id": "x"}),
+        pod_series("default", "api-1", ok=3, extra={"client_id": web_id}))
+    with FakeAgent([text], [pod_entry("web", account="web")]) as agent:
+        _, known, _ = run(capsys, "edges", "pods", "--agent", agent.address)
+    with FakeAgent([text]) as agent:
+        _, unknown, _ = run(capsys, "edges", "pods", "--agent", agent.address)
+    assert [line.split()[:2] for line in known.splitlines()[1:]] == [["web", "api-1"]]
+    assert [line.split()[:2] for line in unknown.splitlines()[1:]] == [["web", "api-1"],
+                                                                        ["sa/web", "api-1"]]
+
+
 # --- top --------------------------------------------------------------------------------------
 
 def test_top_refreshes_busiest_first_for_the_given_iterations(capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,6 +273,22 @@ def test_check_failures(capsys: pytest.CaptureFixture[str], agent_kwargs: dict[s
     assert lines[first:first + len(failed_lines)] == failed_lines
     assert sum(line.startswith("✗") for line in lines) == 1
     assert lines[-1] == "Status check results are ✗"
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_check_shows_ebpf_programs_and_their_cgroup_only_to_a_caller_on_the_agents_host(
+        capsys: pytest.CaptureFixture[str], local: bool) -> None:
+    cgroup = "/sys/fs/cgroup/kubepods.slice/pod-1"
+    programs = [{"program": name, "attach": attach, "id": 7, "cgroup": cgroup, "attached": True}
+                for name, attach in (("connect4", "cgroup_inet4_connect"),
+                                     ("getsockopt", "cgroup_getsockopt"))]
+    pod = {**pod_entry(WEB), "backend": "ebpf", "cgroup": cgroup, "programs": programs}
+    with FakeAgent([metrics_text(start_time=time.time())], [pod], local=local) as agent:
+        code, out, _ = run(capsys, "check", "--agent", agent.address)
+    where = f" on {cgroup}" if local else ""
+    assert code == 0
+    assert ("✓ every meshed pod's eBPF programs are attached\n"
+            f"    default/{WEB}: cgroup_inet4_connect, cgroup_getsockopt{where}\n") in out
 
 
 def test_check_metrics_that_do_not_parse(capsys: pytest.CaptureFixture[str]) -> None:

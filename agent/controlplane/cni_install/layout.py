@@ -18,6 +18,7 @@ from agent.controlplane.cni_install.derive import marker_of
 
 K3S_AGENT_DIR = "var/lib/rancher/k3s/agent"
 K3S_CONF_DIR = "var/lib/rancher/k3s/agent/etc/cni/net.d"
+K3S_DATA_DIR = "var/lib/rancher/k3s/data"  # what k3s extracts from its binary at each start
 K3S_BIN_DIR = "var/lib/rancher/k3s/data/cni"
 K3S_OLD_BIN_DIR = "var/lib/rancher/k3s/data/current/bin"  # `current` links to data/<hash>
 STANDARD_CONF_DIR = "etc/cni/net.d"
@@ -49,8 +50,8 @@ class HostLayout:
 def detect_layout(
     host_root: Path, conf_dir: Path | None = None, bin_dir: Path | None = None
 ) -> HostLayout:
-    """k3s if its agent dir exists under `host_root`, else standard; overrides win."""
-    if (host_root / K3S_CONF_DIR).is_dir() or (host_root / K3S_AGENT_DIR).is_dir():
+    """k3s if k3s has left anything of its own under `host_root`, else standard; overrides win."""
+    if k3s_was_here(host_root):
         flavour = "k3s"
         default_conf = host_root / K3S_CONF_DIR
         default_bin = host_root / K3S_BIN_DIR
@@ -63,6 +64,34 @@ def detect_layout(
     if conf_dir is not None or bin_dir is not None:
         flavour += " (overridden)"
     return HostLayout(flavour, host_root, conf_dir or default_conf, bin_dir or default_bin)
+
+
+def k3s_was_here(host_root: Path) -> bool:
+    """Whether k3s runs (or ran) on this host, by what only k3s makes: its extracted data
+    (`data/cni`, `data/current`), or its agent dir holding anything but an empty
+    `etc/cni/net.d` chain. The DaemonSet mounts `agent/etc/cni/net.d` and `data` on every
+    node, and kubelet creates a missing hostPath; directories it made, empty, on a kubeadm
+    node must not make that node look like k3s."""
+    data = host_root / K3S_DATA_DIR
+    if (data / "cni").is_dir() or resolve_in_root(host_root, data / "current").is_dir():
+        return True
+    agent = host_root / K3S_AGENT_DIR
+    return agent.is_dir() and not _only_the_empty_chain(agent, Path(K3S_CONF_DIR).relative_to(K3S_AGENT_DIR))
+
+
+def _only_the_empty_chain(directory: Path, chain: Path) -> bool:
+    """`directory` holds `chain` (e.g. etc/cni/net.d) and nothing else, and its end is empty."""
+    for part in chain.parts:
+        try:
+            if [entry.name for entry in directory.iterdir()] != [part]:
+                return False
+        except OSError:
+            return False
+        directory = directory / part
+    try:
+        return directory.is_dir() and not any(directory.iterdir())
+    except OSError:
+        return False
 
 
 def resolve_in_root(host_root: Path, path: Path) -> Path:

@@ -1,5 +1,6 @@
-"""Admission limits for listeners untrusted peers reach: per-source token buckets and the
-gate in front of the 15008 TLS handshake. Pure decisions with an injected clock; the I/O
+"""Admission limits for listeners untrusted peers reach: per-source token buckets (the
+issuer's request rate, 15008's handshake rate) and the gate in front of the 15008 TLS
+handshake. Pure decisions with an injected clock; the I/O
 shell asks before it allocates anything for a connection and reports when it is done.
 
 The gate answers, for a connection just accepted from `source`, either None (go ahead:
@@ -13,13 +14,14 @@ refuse it at once, before any TLS state exists:
 
 The agent-wide cap is not a refusal: while `pending == total` the shell stops accepting
 (`full`), so the kernel's backlog, not the agent's memory, holds whoever waits.
-Memory is bounded too: at most `max_sources` sources are remembered; a full table
-forgets the sources whose buckets have refilled (they are indistinguishable from new
-ones), then, if all are busy, the oldest.
+Memory is bounded too: at most `max_sources` sources are remembered, the least recently
+seen forgotten first.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,46 +29,55 @@ SOURCE_LIMIT: Final = "source_limit"
 RATE_LIMITED: Final = "rate_limited"
 
 
-class TokenBuckets:
-    """One token bucket per key (a client address), `rate` tokens a second up to `burst`."""
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket per source: `burst` requests at once, then `per_second` on average.
 
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+    The default lets one node's agent sign a CSR for each of 200 pods restarting at once without
+    waiting, and a further 100 pods within 20 s; an agent renews a handful of certificates an hour
+    otherwise. A flood from one address costs one cheap refusal per request beyond that, and no
+    TokenReview. `max_sources` bounds the memory: the least recently seen source is forgotten
+    first (forgetting one only gives it a full bucket again, never less than it had).
+    """
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
-        if rate <= 0 or burst < 1 or max_keys < 1:
-            raise ValueError("rate must be > 0, burst >= 1, max_keys >= 1")
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at), oldest first
+    burst: float = 200.0
+    per_second: float = 5.0
+    max_sources: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (self.burst >= 1 and self.per_second > 0 and self.max_sources >= 1):
+            raise ValueError(f"need burst >= 1, per_second > 0 and max_sources >= 1, got {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    retry_after: int = 0  # whole seconds until one token is back (the Retry-After header); 0 if allowed
+
+
+class SourceRateLimiter:
+    """Token buckets keyed by source address, at most `max_sources` of them (least recently used out)."""
+
+    def __init__(self, limit: RateLimit = RateLimit()) -> None:
+        self.limit = limit
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: str, now: float) -> bool:
-        """Spend one token of `key`'s bucket; False when it is empty (nothing is spent)."""
-        tokens = self.tokens(key, now)
-        if tokens < 1:
-            return False
-        self._buckets.pop(key, None)
-        if len(self._buckets) >= self.max_keys:
-            self._forget(now)
-        self._buckets[key] = (tokens - 1, now)
-        return True
-
-    def tokens(self, key: str, now: float) -> float:
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + max(0.0, now - at) * self.rate)
-
-    def retry_after(self, key: str, now: float) -> float:
-        """Seconds until `key` has a token again (0 if it has one now)."""
-        return max(0.0, (1 - self.tokens(key, now)) / self.rate)
-
-    def _forget(self, now: float) -> None:
-        full = [key for key, (tokens, at) in self._buckets.items()
-                if tokens + (now - at) * self.rate >= self.burst]
-        for key in full:
-            del self._buckets[key]
-        if len(self._buckets) >= self.max_keys:  # every one is busy: the oldest goes
-            del self._buckets[next(iter(self._buckets))]
+    def take(self, source: str, now: float) -> RateDecision:
+        """Spend one token of `source`'s bucket at time `now` (monotonic seconds), if it has one."""
+        tokens, then = self._buckets.pop(source, (self.limit.burst, now))
+        tokens = min(self.limit.burst, tokens + max(0.0, now - then) * self.limit.per_second)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[source] = (tokens, now)  # now the most recently used
+        while len(self._buckets) > self.limit.max_sources:
+            self._buckets.popitem(last=False)
+        if allowed:
+            return RateDecision(True)
+        return RateDecision(False, max(1, math.ceil((1.0 - tokens) / self.limit.per_second)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +92,13 @@ class HandshakeLimits:
 class HandshakeGate:
     """Counts handshakes in progress, in total and per source, and rates them per source."""
 
-    __slots__ = ("_buckets", "_by_source", "limits", "pending")
+    __slots__ = ("_by_source", "_rate", "limits", "pending")
 
     def __init__(self, limits: HandshakeLimits = HandshakeLimits()) -> None:
         self.limits = limits
         self.pending = 0
         self._by_source: dict[str, int] = {}
-        self._buckets = TokenBuckets(limits.rate, limits.burst, limits.max_sources)
+        self._rate = SourceRateLimiter(RateLimit(limits.burst, limits.rate, limits.max_sources))
 
     @property
     def full(self) -> bool:
@@ -98,7 +109,7 @@ class HandshakeGate:
         """None: start the handshake (call `done` when it ends); else why it is refused."""
         if self._by_source.get(source, 0) >= self.limits.per_source:
             return SOURCE_LIMIT
-        if not self._buckets.take(source, now):
+        if not self._rate.take(source, now).allowed:
             return RATE_LIMITED
         self._by_source[source] = self._by_source.get(source, 0) + 1
         self.pending += 1

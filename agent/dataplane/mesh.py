@@ -438,7 +438,12 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     """Until the peer has sent something (or closed)."""
     ready: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await ready
     finally:

@@ -13,9 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.controlplane.identity.issuer_admin import IssuerAdmin
-from agent.controlplane.identity.limits import ListenerLimits, RateLimit
+from agent.controlplane.identity.limits import ListenerLimits
 from agent.controlplane.identity.listener import connection_refusals
 from agent.controlplane.identity.remote import IssuerRefused
+from agent.core.limits import RateLimit
 from tests.unit.test_issuer_decisions import CART
 from tests.unit.test_issuer_server import Running, csr_for, identity_dir, insecure_client, raw, serve
 

@@ -40,11 +40,12 @@ from agent.controlplane.identity.issuer_kube import (
     KubeTokenReviewer,
     keep_trust_bundle_published,
 )
-from agent.controlplane.identity.limits import ListenerLimits, RateLimit, SourceRateLimiter
+from agent.controlplane.identity.limits import ListenerLimits
 from agent.controlplane.identity.listener import BoundedListener, connection_refusals
 from agent.controlplane.identity.spiffe import issuer_id
 from agent.controlplane.identity.tls import load_credentials
 from agent.controlplane.kube.client import KubeClient, KubeConfig, KubeConfigError
+from agent.core.limits import RateLimit, SourceRateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,9 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
                             networks=config.mesh_networks)
     proxy.mesh = MeshClient(sockets, identities, metrics, settings)
     proxy.acceptor = acceptor = TunnelAcceptor(identities, metrics, settings, proxy)
-    metrics.handshakes_in_progress.set_function(lambda: acceptor.gate.pending)
+    gate = acceptor.gate
+    metrics.handshakes_in_progress.labels("waiting").set_function(lambda: gate.pending - gate.tls)
+    metrics.handshakes_in_progress.labels("tls").set_function(lambda: gate.tls)
     return identities
 
 

@@ -1,21 +1,24 @@
 """Admission limits for listeners untrusted peers reach: per-source token buckets (the
 issuer's request rate, 15008's handshake rate) and the gate in front of the 15008 TLS
-handshake. Pure decisions with an injected clock; the I/O
-shell asks before it allocates anything for a connection and reports when it is done.
+handshake. Pure decisions with an injected clock; the I/O shell asks before it allocates
+anything for a connection and reports when it is done.
 
-The gate answers, for a connection just accepted from `source`, either None (go ahead:
-one pending handshake is now counted against the agent and the source) or the reason to
-refuse it at once, before any TLS state exists:
+A connection to 15008 goes through two stages before it is a tunnel session:
 
-- `source_limit`: this source already has `per_source` handshakes in progress;
-- `rate_limited`: this source started more than `rate` handshakes a second (after a
-  burst of `burst`), which is what keeps one client from spending the shared event
-  loop's CPU on ECDSA signatures.
+1. *accepted*, waiting for its first byte: it holds an fd and a future, nothing more.
+   `admit` refuses it at once (an RST) when the agent already holds `connections` such
+   connections (`over_capacity`), or its source `per_source` (`source_limit`). The accept
+   loop never stops: a full kernel backlog would drop every agent's SYNs, not only the
+   attacker's.
+2. *in TLS*, once it has said something: the costly stage (buffers, an SSL object, an ECDSA
+   signature). `start_tls` refuses it when its source started more than `rate` handshakes a
+   second after a burst of `burst` (`rate_limited`: one client cannot spend the shared event
+   loop's CPU) or has `tls_per_source` in TLS already (`source_limit`). At most `tls`
+   connections are in TLS on the whole agent: the shell waits for a slot, within the
+   handshake deadline.
 
-The agent-wide cap is not a refusal: while `pending == total` the shell stops accepting
-(`full`), so the kernel's backlog, not the agent's memory, holds whoever waits.
-Memory is bounded too: at most `max_sources` sources are remembered, the least recently
-seen forgotten first.
+Memory is bounded: sources are remembered only while they hold a connection, and at most
+`max_sources` token buckets, the least recently seen forgotten first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Final
 
 SOURCE_LIMIT: Final = "source_limit"
 RATE_LIMITED: Final = "rate_limited"
+OVER_CAPACITY: Final = "over_capacity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,47 +86,64 @@ class SourceRateLimiter:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeLimits:
-    total: int = 64  # handshakes in progress on the whole agent: beyond, stop accepting
-    per_source: int = 8  # in progress from one address: a peer agent needs one per pod pair
-    rate: float = 20.0  # new handshakes a second from one address (sustained)...
+    connections: int = 1024  # accepted, handshake not done, on the whole agent: beyond, RST
+    per_source: int = 16  # of those from one address
+    tls: int = 64  # of those in TLS on the whole agent: beyond, wait for a slot
+    tls_per_source: int = 4  # of those from one address: a peer agent dials one per pod pair
+    rate: float = 20.0  # TLS handshakes a second from one address (sustained)...
     burst: float = 64.0  # ...after this many at once (a node's pods re-dialling after a restart)
     max_sources: int = 4096
 
 
 class HandshakeGate:
-    """Counts handshakes in progress, in total and per source, and rates them per source."""
+    """Counts connections before and in TLS, in total and per source; rates TLS per source."""
 
-    __slots__ = ("_by_source", "_rate", "limits", "pending")
+    __slots__ = ("_accepted", "_in_tls", "_rate", "limits", "pending", "tls")
 
     def __init__(self, limits: HandshakeLimits = HandshakeLimits()) -> None:
         self.limits = limits
-        self.pending = 0
-        self._by_source: dict[str, int] = {}
+        self.pending = 0  # accepted, handshake not finished (both stages)
+        self.tls = 0  # of those, in TLS
+        self._accepted: dict[str, int] = {}
+        self._in_tls: dict[str, int] = {}
         self._rate = SourceRateLimiter(RateLimit(limits.burst, limits.rate, limits.max_sources))
 
-    @property
-    def full(self) -> bool:
-        """Stop accepting: the agent has `total` handshakes in progress."""
-        return self.pending >= self.limits.total
-
-    def admit(self, source: str, now: float) -> str | None:
-        """None: start the handshake (call `done` when it ends); else why it is refused."""
-        if self._by_source.get(source, 0) >= self.limits.per_source:
+    def admit(self, source: str) -> str | None:
+        """A connection just accepted: None to keep it (call `done` when it ends), else why not."""
+        if self.pending >= self.limits.connections:
+            return OVER_CAPACITY
+        if self._accepted.get(source, 0) >= self.limits.per_source:
             return SOURCE_LIMIT
-        if not self._rate.take(source, now).allowed:
-            return RATE_LIMITED
-        self._by_source[source] = self._by_source.get(source, 0) + 1
+        _bump(self._accepted, source, 1)
         self.pending += 1
         return None
 
-    def done(self, source: str) -> None:
-        """The handshake admitted for `source` ended, whichever way."""
-        left = self._by_source[source] - 1
-        if left:
-            self._by_source[source] = left
-        else:
-            del self._by_source[source]
-        self.pending -= 1
+    def start_tls(self, source: str, now: float) -> str | None:
+        """It said something: None to start TLS on it (once a slot is free), else why not."""
+        if self._in_tls.get(source, 0) >= self.limits.tls_per_source:
+            return SOURCE_LIMIT
+        if not self._rate.take(source, now).allowed:
+            return RATE_LIMITED
+        _bump(self._in_tls, source, 1)
+        self.tls += 1
+        return None
 
-    def in_progress(self, source: str) -> int:
-        return self._by_source.get(source, 0)
+    def done(self, source: str, in_tls: bool) -> None:
+        """The connection admitted for `source` finished its handshake or failed."""
+        _bump(self._accepted, source, -1)
+        self.pending -= 1
+        if in_tls:
+            _bump(self._in_tls, source, -1)
+            self.tls -= 1
+
+    def in_progress(self, source: str) -> tuple[int, int]:
+        """(accepted, in TLS) from `source` now."""
+        return self._accepted.get(source, 0), self._in_tls.get(source, 0)
+
+
+def _bump(counts: dict[str, int], key: str, delta: int) -> None:
+    value = counts.get(key, 0) + delta
+    if value:
+        counts[key] = value
+    else:
+        del counts[key]

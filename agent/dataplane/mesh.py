@@ -11,9 +11,10 @@ certificate from the trust bundle and the trust domain; the pod's policy may lim
 client identities; each stream becomes an inbound relay to the pod's own port.
 
 Port 15008 is reachable by any pod in the cluster, certificate or not, so the server side
-is bounded before TLS starts (`agent.core.limits`): handshakes in progress per agent (over
-the cap every pod's accept loop waits: the kernel's backlog holds the rest) and per source
-address, handshakes per second per source, a short handshake deadline, and at most
+is bounded before TLS starts (`agent.core.limits`): connections not yet through their
+handshake, per agent and per source address (a silent one holds an fd and a future, no TLS
+state); TLS handshakes in progress, per agent and per source, and per second per source;
+one short deadline from accept to a finished handshake; and at most
 `max_peer_connections` tunnel connections per (client identity, address). Each tunnel
 connection holds at most its connection window of received bytes and its output budget of
 bytes to send (`agent.dataplane.tunnel`), so one authenticated peer pins a few MiB at most."""
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import DEFAULT_MESH_NETWORKS
-from agent.core.limits import SOURCE_LIMIT, HandshakeGate, HandshakeLimits
+from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
@@ -294,7 +295,7 @@ class TunnelAcceptor:
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
         self.gate = HandshakeGate(settings.handshakes)
-        self._slot_free = asyncio.Event()
+        self._tls_slots = asyncio.Semaphore(settings.handshakes.tls)
         self._peers: dict[tuple[str, str], int] = {}  # (client id, address) -> connections
         self._last_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, unlogged since)
 
@@ -312,9 +313,6 @@ class TunnelAcceptor:
     async def _accept_forever(self, pod: PodContext, server: TunnelListener) -> None:
         loop = asyncio.get_running_loop()
         while server.is_serving():
-            while self.gate.full:  # stop accepting rather than allocate: the backlog waits
-                self._slot_free.clear()
-                await self._slot_free.wait()
             try:
                 sock, address = await loop.sock_accept(server.sockets[0])
             except OSError as exc:
@@ -327,13 +325,9 @@ class TunnelAcceptor:
 
     def _admit(self, pod: PodContext, server: TunnelListener, sock: socket.socket,
                address: tuple[str, int]) -> None:
-        source = address[0]
-        refused = self.gate.admit(source, self._clock())
+        refused = self.gate.admit(address[0])
         if refused is not None:  # no TLS state, no task: an RST, a count
-            limits = self.gate.limits
-            self._refused(pod, address, refused, f"{limits.per_source} handshakes from this address "
-                          "in progress already" if refused == SOURCE_LIMIT else
-                          f"over {limits.rate:g} handshakes a second from this address")
+            self._refused(pod, address, refused, "before its handshake: " + self._why(refused))
             arm_reset(sock)
             sock.close()
             return
@@ -342,21 +336,26 @@ class TunnelAcceptor:
         task.add_done_callback(server.connections.discard)
 
     async def _handshake(self, pod: PodContext, sock: socket.socket, peer: tuple[str, int]) -> None:
-        loop, started = asyncio.get_running_loop(), self._clock()
-        deadline = self._settings.accept_handshake_timeout
+        started, deadline = self._clock(), self._settings.accept_handshake_timeout
+        in_tls = False
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
             set_keepalive(sock)
-            # A connection that says nothing costs a future until its deadline, not the TLS
-            # machinery (buffers, an SSL object) an idle flood would otherwise pin.
-            await asyncio.wait_for(_readable(loop, sock), deadline)
-            if not sock.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError("closed before saying anything")
-            context = self._identities.server_context(pod.identity or "")
-            await loop.connect_accepted_socket(
-                lambda: self._session(pod), sock, ssl=context,
-                ssl_handshake_timeout=max(0.1, deadline - (self._clock() - started)))
+            async with asyncio.timeout(deadline):
+                # A connection that says nothing costs a future until its deadline, not the
+                # TLS machinery (buffers, an SSL object) an idle flood would otherwise pin.
+                await _first_bytes(sock)
+                refused = self.gate.start_tls(peer[0], self._clock())
+                if refused is not None:
+                    raise _Refused(refused)
+                in_tls = True
+                async with self._tls_slots:
+                    await self._tls(pod, sock, max(0.1, deadline - (self._clock() - started)))
+        except _Refused as exc:
+            self._refused(pod, peer, exc.reason, "before TLS: " + self._why(exc.reason))
+            arm_reset(sock)
+            sock.close()
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
             late = self._clock() - started >= 0.9 * deadline
             reason = "timeout" if late else handshake_failure_reason(exc)
@@ -367,8 +366,20 @@ class TunnelAcceptor:
             sock.close()
             raise
         finally:
-            self.gate.done(peer[0])
-            self._slot_free.set()
+            self.gate.done(peer[0], in_tls)
+
+    async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
+        context = self._identities.server_context(pod.identity or "")
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: self._session(pod), sock, ssl=context, ssl_handshake_timeout=timeout)
+
+    def _why(self, reason: str) -> str:
+        limits = self.gate.limits
+        return {OVER_CAPACITY: f"{limits.connections} connections are before their handshake",
+                SOURCE_LIMIT: f"too many connections from this address before their handshake "
+                              f"({limits.per_source}) or in TLS ({limits.tls_per_source})",
+                RATE_LIMITED: f"over {limits.rate:g} TLS handshakes a second from this address",
+                }.get(reason, reason)
 
     def _session(self, pod: PodContext) -> TunnelSession:
         def on_stream(session: TunnelSession, stream_id: int, port: int,
@@ -434,8 +445,15 @@ class TunnelAcceptor:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Until the peer has sent something (or closed)."""
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _first_bytes(sock: socket.socket) -> None:
+    """Until the peer has sent something; ConnectionResetError if it closed instead."""
+    loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
 
@@ -448,6 +466,8 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
         await ready
     finally:
         loop.remove_reader(fd)
+    if not sock.recv(1, socket.MSG_PEEK):
+        raise ConnectionResetError("closed before saying anything")
 
 
 class TunnelListener:

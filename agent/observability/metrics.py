@@ -160,9 +160,10 @@ class AgentMetrics:
                                           "(or identity checks) of the mesh tunnel that failed, "
                                           "or connections refused before one (source_limit, "
                                           "rate_limited)", ("direction", "reason"), registry=registry)
-        self.handshakes_in_progress = Gauge("pinion_tunnel_handshakes_in_progress", "Inbound mTLS "
-                                            "handshakes on 15008 under way now (capped)",
-                                            registry=registry)
+        self.handshakes_in_progress = Gauge("pinion_tunnel_handshakes_in_progress", "Inbound "
+                                            "connections on 15008 before their session: waiting "
+                                            "for a first byte or a slot, or in TLS (capped)",
+                                            ("stage",), registry=registry)
         self.event_loop_tasks = Gauge("pinion_event_loop_tasks", "asyncio tasks alive in the "
                                       "agent (a leak shows here first)", registry=registry)
         self.event_loop_tasks.set_function(_tasks_alive)

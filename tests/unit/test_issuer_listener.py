@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.controlplane.identity.issuer_admin import IssuerAdmin
 from agent.controlplane.identity.limits import ListenerLimits
-from agent.controlplane.identity.listener import connection_refusals
 from agent.controlplane.identity.remote import IssuerRefused
 from agent.core.limits import RateLimit
 from tests.unit.test_issuer_decisions import CART
@@ -170,36 +168,3 @@ def test_a_source_over_its_rate_gets_429_with_retry_after_and_no_token_review(id
         assert issuer.count("rate_limited") == 2
 
     serve(identity_dir, tmp_path, scenario, rate=RateLimit(burst=2, per_second=0.01))
-
-
-def test_the_admin_port_is_bounded_too() -> None:
-    async def main() -> None:
-        registry = CollectorRegistry()
-        limits = ListenerLimits(max_connections=2, max_tls=2, handshake_timeout=0.5, read_timeout=0.3)
-        admin = IssuerAdmin(registry, connection_refusals(registry, ("admin",)), limits)
-        admin.ready = True
-        _, port = await admin.start("127.0.0.1", 0)
-        try:
-            held = [await silent_connection(port) for _ in range(2)]
-            assert await until(lambda: admin.listener.held == 2, 2)
-            reader, writer = await silent_connection(port)
-            assert await ended_by_server(reader, 1.0)  # over the cap
-            writer.close()
-            assert all([await ended_by_server(r, 2.0) for r, _ in held])  # silent: reset at the deadline
-            for _, other in held:
-                other.close()
-            partial_reader, partial = await silent_connection(port)
-            partial.write(b"GET /ready HTTP/1.1\r\n")  # never finished
-            assert await ended_by_server(partial_reader, 2.0)
-            partial.close()
-
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /ready HTTP/1.1\r\n\r\n")
-            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK\r\n")
-            writer.close()
-            assert [refused(registry, reason, "admin") for reason in
-                    ("too_many_connections", "silent", "read_timeout")] == [1, 2, 1]
-        finally:
-            await admin.close()
-
-    asyncio.run(main())

@@ -3,36 +3,46 @@ the accept loops must wait. (Its token buckets are the issuer's: test_issuer_lim
 
 from __future__ import annotations
 
-from agent.core.limits import RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
+from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 
 
-def test_the_gate_refuses_a_source_over_its_share_of_handshakes_in_progress() -> None:
-    gate = HandshakeGate(HandshakeLimits(total=100, per_source=2, rate=1000, burst=1000))
-    assert [gate.admit("attacker", 0.0) for _ in range(3)] == [None, None, SOURCE_LIMIT]
-    assert gate.admit("agent-on-node1", 0.0) is None  # others are not affected
-    gate.done("attacker")
-    assert gate.admit("attacker", 0.0) is None
-    assert (gate.pending, gate.in_progress("attacker")) == (3, 2)
+def gate(**limits: float) -> HandshakeGate:
+    defaults = {"connections": 100, "per_source": 100, "tls": 100, "tls_per_source": 100,
+                "rate": 1000.0, "burst": 1000.0}
+    return HandshakeGate(HandshakeLimits(**{**defaults, **limits}))  # type: ignore[arg-type]
 
 
-def test_the_gate_rates_each_source_and_a_refused_connection_counts_nothing() -> None:
-    gate = HandshakeGate(HandshakeLimits(total=100, per_source=100, rate=2.0, burst=3))
+def test_silent_connections_are_capped_per_source_and_per_agent_and_others_still_get_in() -> None:
+    limited = gate(connections=5, per_source=2)
+    assert [limited.admit("attacker") for _ in range(3)] == [None, None, SOURCE_LIMIT]
+    assert [limited.admit(f"10.42.0.{n}") for n in range(4)] == [None, None, None, OVER_CAPACITY]
+    limited.done("attacker", in_tls=False)
+    assert limited.admit("agent-on-node1") is None  # a slot freed: the next comer, whoever
+    assert (limited.pending, limited.tls, limited.in_progress("attacker")) == (5, 0, (1, 0))
+
+
+def test_tls_is_rated_and_capped_per_source_and_a_refusal_holds_nothing() -> None:
+    limited = gate(tls_per_source=2, rate=2.0, burst=3)
     outcomes = []
     for _ in range(5):
-        outcome = gate.admit("10.42.1.7", 0.0)
+        assert limited.admit("10.42.1.7") is None
+        outcome = limited.start_tls("10.42.1.7", 0.0)
         outcomes.append(outcome)
-        if outcome is None:
-            gate.done("10.42.1.7")  # a finished handshake still spent its token
+        limited.done("10.42.1.7", in_tls=outcome is None)  # each finishes before the next
     assert outcomes == [None, None, None, RATE_LIMITED, RATE_LIMITED]
-    assert gate.pending == 0
-    assert gate.admit("10.42.1.7", 0.5) is None  # 2 a second
+    assert limited.admit("10.42.1.7") is None and limited.start_tls("10.42.1.7", 0.5) is None
+    assert limited.admit("10.42.1.7") is None and limited.start_tls("10.42.1.7", 1.0) is None
+    assert limited.admit("10.42.1.7") is None  # a third at once: over tls_per_source
+    assert limited.start_tls("10.42.1.7", 10.0) == SOURCE_LIMIT
+    assert (limited.pending, limited.tls) == (3, 2)
 
 
-def test_the_gate_is_full_at_the_agent_cap_and_frees_as_handshakes_end() -> None:
-    gate = HandshakeGate(HandshakeLimits(total=3, per_source=3, rate=100, burst=100))
-    for source in ("a", "b", "c"):
-        assert not gate.full
-        assert gate.admit(source, 0.0) is None
-    assert gate.full
-    gate.done("b")
-    assert not gate.full and gate.in_progress("b") == 0
+def test_every_count_returns_to_zero_and_sources_are_forgotten() -> None:
+    limited = gate()
+    for index in range(1000):
+        source = f"10.{index // 256}.{index % 256}.9"
+        assert limited.admit(source) is None
+        in_tls = index % 2 == 0 and limited.start_tls(source, 0.0) is None
+        limited.done(source, in_tls)
+    assert (limited.pending, limited.tls) == (0, 0)
+    assert limited._accepted == {} and limited._in_tls == {}

@@ -104,7 +104,6 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         "pinion_meshed_pods 2.0",
         'pinion_cni_requests_total{command="add",result="ok"} 1.0',
         'pinion_proxy_errors_total{direction="outbound",reason="connect"} 3.0',
-        "pinion_tunnel_handshakes_in_progress 0.0",
         "pinion_event_loop_tasks 0.0",  # no running loop here
         "pinion_admin_connections 1.0",
         'pinion_admin_connections_refused_total{reason="head_timeout"} 4.0',

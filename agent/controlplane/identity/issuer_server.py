@@ -34,7 +34,6 @@ from agent.controlplane.identity.issuer import (
     IssuerPolicy,
     Reply,
 )
-from agent.controlplane.identity.issuer_admin import IssuerAdmin
 from agent.controlplane.identity.issuer_kube import (
     KubePodDirectory,
     KubeTokenReviewer,
@@ -46,6 +45,7 @@ from agent.controlplane.identity.spiffe import issuer_id
 from agent.controlplane.identity.tls import load_credentials
 from agent.controlplane.kube.client import KubeClient, KubeConfig, KubeConfigError
 from agent.core.limits import RateLimit, SourceRateLimiter
+from agent.observability.admin import AdminServer
 
 log = logging.getLogger(__name__)
 
@@ -293,11 +293,11 @@ async def run_issuer(settings: IssuerSettings) -> int:
                           settings.audience, settings.max_lifetime,
                           also_protected=(settings.bundle_namespace,))
     issuer = CertificateIssuer(policy, signer, KubeTokenReviewer(client), KubePodDirectory(client))
-    refusals = connection_refusals(registry, ("issuer", "admin"))
+    refusals = connection_refusals(registry, ("issuer",))
     server = IssuerServer(issuer, serving.context, registry, refusals=refusals)
-    admin = IssuerAdmin(registry, refusals)
+    admin = AdminServer(*settings.admin, registry, lambda: [])  # the agent's, with its limits
     try:
-        await admin.start(*settings.admin)
+        await admin.start()
         host, port = await server.start(*settings.listen)
         admin.ready = True
         log.info("issuer: serving %s on %s:%d (TLS 1.3), admin on %s:%d; issuer certificate valid until %s",

@@ -176,11 +176,12 @@ def reset_scenario(w: World) -> dict[str, str]:
     w.attack(w.attacker, "reset", w.victim.ip, "15008", "--count", "50").result()
     time.sleep(0.5)
     fds, rss, before_tasks = agent.fds(), agent.rss_bytes(), tasks(agent)
-    traffic = w.pace(200, 8)
+    traffic, after = w.pace(200, 8), []
     for count in (1000, 10000):
         w.attack(w.attacker, "reset", w.victim.ip, "15008", "--count", str(count)).result()
         time.sleep(5)
-        row[f"fds after {count:,} (baseline {fds})"] = str(agent.fds())
+        after.append(agent.fds())
+    row["fds: baseline → 5 s after 1,000 → after 10,000 more"] = " → ".join(map(str, [fds, *after]))
     row["tasks (baseline → after)"] = f"{before_tasks} → {tasks(agent)}"
     row["RSS growth after 11,050"] = f"{(agent.rss_bytes() - rss) / MIB:+.1f} MiB"
     row["neighbours at 200 req/s"] = neighbours(traffic.result())

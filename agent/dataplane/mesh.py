@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect
+from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -345,7 +345,8 @@ class TunnelAcceptor:
             async with asyncio.timeout(deadline):
                 # A connection that says nothing costs a future until its deadline, not the
                 # TLS machinery (buffers, an SSL object) an idle flood would otherwise pin.
-                await _first_bytes(sock)
+                if not await first_bytes(sock):
+                    raise ConnectionResetError("closed before saying anything")
                 refused = self.gate.start_tls(peer[0], self._clock())
                 if refused is not None:
                     raise _Refused(refused)
@@ -370,8 +371,14 @@ class TunnelAcceptor:
 
     async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
         context = self._identities.server_context(pod.identity or "")
-        await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: self._session(pod), sock, ssl=context, ssl_handshake_timeout=timeout)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self._session(pod), sock, ssl=context, ssl_handshake_timeout=timeout)
+        except BaseException as exc:
+            # exception -> traceback -> the event loop's frame -> its waiter -> exception: a
+            # cycle that keeps a failed handshake's TLS buffers until a garbage collection
+            exc.__traceback__ = None
+            raise
 
     def _why(self, reason: str) -> str:
         limits = self.gate.limits
@@ -449,25 +456,6 @@ class _Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-async def _first_bytes(sock: socket.socket) -> None:
-    """Until the peer has sent something; ConnectionResetError if it closed instead."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def readable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-    if not sock.recv(1, socket.MSG_PEEK):
-        raise ConnectionResetError("closed before saying anything")
 
 
 class TunnelListener:

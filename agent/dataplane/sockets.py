@@ -118,3 +118,28 @@ def arm_reset(sock: socket.socket) -> None:
     """Make the next close send RST instead of FIN (propagating a peer's reset)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+async def first_bytes(sock: socket.socket) -> bool:
+    """Wait until the peer sends something; False if it closed (or reset) instead. Nothing
+    is read, nothing allocated but a future: what a listener does before any TLS state."""
+    loop = asyncio.get_running_loop()
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            continue  # a spurious wake-up
+        except OSError:
+            return False
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)

@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.controlplane.identity.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
+from agent.dataplane.sockets import first_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class BoundedListener:
         stage = "silent"
         try:
             async with asyncio.timeout(self._limits.handshake_timeout):
-                if not await _first_bytes(sock):
+                if not await first_bytes(sock):
                     self.refused(peer, "silent")  # closed (or reset) without a byte
                     return
                 stage = "too_many_handshakes"
@@ -188,35 +189,6 @@ def _listening_socket(host: str, port: int) -> socket.socket:
         listening.close()
         raise
     return listening
-
-
-async def _first_bytes(sock: socket.socket) -> bool:
-    """Wait until the client sends something; False if it closed (or reset) instead. Nothing is read."""
-    while True:
-        await _readable(sock)
-        try:
-            return bool(sock.recv(1, socket.MSG_PEEK))
-        except (BlockingIOError, InterruptedError):
-            continue  # a spurious wake-up
-        except OSError:
-            return False
-
-
-async def _readable(sock: socket.socket) -> None:
-    """Until `sock` has bytes (or EOF) to read; nothing is read, nothing allocated but a future."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _settle, ready)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-def _settle(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -11,14 +11,14 @@ from typing import Any
 import prometheus_client
 
 from agent.config import Config
-from agent.controlplane.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
-from agent.controlplane.state import PodStateStore
 from agent.core.telemetry import Telemetry
-from agent.dataplane.inpod import PodManager
 from agent.dataplane.netns import NetNs, NetnsSwitch
 from agent.dataplane.proxy import Proxy
 from agent.dataplane.redirect import choose_backend
 from agent.dataplane.sockets import SocketFactory
+from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
+from agent.inpod.manager import PodManager
+from agent.inpod.state import PodStateStore
 from agent.observability.admin import AdminServer
 from agent.observability.metrics import build_registry
 
@@ -64,7 +64,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
         if identities is not None:
             background.append(tasks.create_task(identities.run()))
         if identities is not None and config.identity_dir is None:  # the issuer's mounted bundle
-            from agent.controlplane.identity.remote import follow_trust_bundle
+            from agent.identity.remote import follow_trust_bundle
 
             background.append(tasks.create_task(follow_trust_bundle(config.trust_bundle, identities)))
         if cluster is not None:
@@ -93,14 +93,14 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
         log.info("identity: none configured (--identity-dir): port 15008 refuses connections "
                  "and node-to-node traffic is plain TCP")
         return None
-    from agent.controlplane.identity.setup import standalone_identities
     from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
+    from agent.identity.setup import standalone_identities
     from agent.observability.metrics import IdentityCollector
 
     if config.identity_dir is not None:
         identities = standalone_identities(config)
     else:
-        from agent.controlplane.identity.setup import issuer_identities
+        from agent.identity.setup import issuer_identities
 
         identities = issuer_identities(config)
     registry.register(IdentityCollector(identities))

@@ -343,7 +343,7 @@ def _run_cni_uninstall(args: argparse.Namespace) -> int:
 
 
 def _run_identity_init(args: argparse.Namespace) -> int:
-    from agent.controlplane.identity.files import init_identity_dir
+    from agent.identity.files import init_identity_dir
 
     try:
         written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
@@ -359,7 +359,7 @@ def _run_identity_init(args: argparse.Namespace) -> int:
 
 
 def _run_issuer(args: argparse.Namespace) -> int:
-    from agent.controlplane.identity.issuer_server import IssuerSettings, run_issuer
+    from agent.controlplane.issuer.server import IssuerSettings, run_issuer
 
     try:
         settings = IssuerSettings.parse(

@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.controlplane.identity.files import TRUST_BUNDLE, init_identity_dir
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.identity.files import TRUST_BUNDLE, init_identity_dir
+from agent.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO, LabAgent
 from agent.lab.topology import Lab, Pod
 from tests.netns.test_mesh_tunnel import issue_files

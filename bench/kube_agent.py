@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.controlplane.identity.files import init_identity_dir  # noqa: E402
+from agent.identity.files import init_identity_dir  # noqa: E402
 from tests.netns.conftest import running_mesh  # noqa: E402
 from tests.netns.test_kubernetes import kubernetes_cluster  # noqa: E402
 

@@ -39,7 +39,7 @@ from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_byt
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
-    from agent.dataplane.proxy import PodContext
+    from agent.dataplane.context import PodContext
     from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class IdentityRejected(Exception):
 def verify_identity(transport: asyncio.BaseTransport, trust_domain: str,
                     allowed: tuple[str, ...] = ()) -> str:
     """The peer's SPIFFE ID, checked against the trust domain and `allowed` (if any)."""
-    from agent.controlplane.identity.tls import IdentityError, verify_peer
+    from agent.identity.tls import IdentityError, verify_peer
 
     ssl_object = transport.get_extra_info("ssl_object")
     try:

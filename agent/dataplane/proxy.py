@@ -14,8 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
@@ -23,66 +22,20 @@ from agent.core.telemetry import (
     PLAINTEXT,
     ConnectionRecord,
     HttpCounters,
-    HttpLabels,
     PeerLabels,
-    TcpLabels,
     Telemetry,
 )
 from agent.core.tunnel_frames import ErrorCode
+from agent.dataplane.context import PodContext, Route, Router
 from agent.dataplane.mesh import TunnelError
-from agent.dataplane.netns import NetNs
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect, original_destination
-from agent.model import InboundPolicy
 from agent.observability.metrics import AgentMetrics
 
 if TYPE_CHECKING:
-    from agent.controlplane.cluster.state import Route
     from agent.dataplane.mesh import MeshClient, TunnelAcceptor
     from agent.dataplane.tunnel import TunnelSession
 
 log = logging.getLogger(__name__)
-
-
-class Router(Protocol):
-    """Where an outbound connection really goes (a Service VIP resolved to an endpoint),
-    whether that is a meshed pod and whom it must prove to be, and its dst_* labels."""
-
-    def route(self, destination: tuple[str, int]) -> Route: ...
-
-
-@dataclass(slots=True)
-class PodContext:
-    """What the proxy needs of a pod: where to make sockets, what to call it in metrics."""
-
-    namespace: str
-    name: str
-    netns: NetNs
-    own_ports: frozenset[int]
-    opaque_ports: frozenset[int] = frozenset()
-    ip: str | None = None
-    identity: str | None = None  # the key of its certificate; None: not in the mesh tunnel
-    inbound: InboundPolicy = field(default_factory=InboundPolicy)
-    metadata: dict[str, str] = field(default_factory=dict)  # sent with each tunnel stream
-    owner_kind: str = ""  # its workload (Kubernetes mode), for deployment="web" labels
-    owner_name: str = ""
-    relays: set[Relay] = field(default_factory=set)
-    tunnels: set[TunnelSession] = field(default_factory=set)
-    # the label sets of its series, built once per (direction, peer) and not per connection
-    series_labels: dict[tuple[str, PeerLabels], tuple[TcpLabels, HttpLabels]] = \
-        field(default_factory=dict)
-
-    def labels(self, direction: str, peer: PeerLabels) -> tuple[TcpLabels, HttpLabels]:
-        key = (direction, peer)
-        found = self.series_labels.get(key)
-        if found is None:
-            if len(self.series_labels) >= 32:  # bounded: peers come and go
-                self.series_labels.clear()
-            owner = self.owner_kind, self.owner_name
-            found = self.series_labels[key] = (
-                TcpLabels(direction, self.namespace, self.name, peer, owner_kind=owner[0],
-                          owner_name=owner[1]),
-                HttpLabels(direction, self.namespace, self.name, peer, *owner))
-        return found
 
 
 class _Side(asyncio.Protocol):

@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from agent.controlplane.identity import files
-from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.crypto import CryptoError, signed_by
-from agent.controlplane.identity.spiffe import check_trust_domain
+from agent.identity import files
+from agent.identity.authority import IssueError, LocalSigner
+from agent.identity.crypto import CryptoError, signed_by
+from agent.identity.spiffe import check_trust_domain
 
 NAMESPACE = "pinion-system"
 # `kubectl apply -f deploy/` takes files in name order; the stream follows dependencies:

@@ -181,7 +181,7 @@ def _shielded() -> contextlib.AbstractContextManager[None]:
 
 
 def _build(lab: Lab, agents: dict[int, LabAgent], redirect: str) -> dict[str, Pod]:
-    from agent.controlplane.identity.files import init_identity_dir
+    from agent.identity.files import init_identity_dir
 
     identity = lab.workdir / "identity"
     init_identity_dir(identity, trust_domain="cluster.local")

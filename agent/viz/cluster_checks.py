@@ -52,8 +52,8 @@ def daemonset_check(daemonset: dict[str, Any] | None) -> CheckResult:
 
 
 def bundle_check(configmap: dict[str, Any] | None, now: float) -> CheckResult:
-    from agent.controlplane.identity.crypto import CryptoError, cert_info
-    from agent.controlplane.identity.files import split_pem_certificates
+    from agent.identity.crypto import CryptoError, cert_info
+    from agent.identity.files import split_pem_certificates
 
     title = "the trust bundle holds valid anchors"
     if configmap is None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane.identity.files import TRUST_BUNDLE
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.identity.files import TRUST_BUNDLE
+from agent.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO, LabAgent
 from agent.lab.topology import Pod
 from tests.netns.conftest import Mesh, eventually

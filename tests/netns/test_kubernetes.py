@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane.identity.files import init_identity_dir
+from agent.identity.files import init_identity_dir
 from agent.lab.agents import LabAgent, node_socket
 from agent.lab.capture import UnderlayCapture
 from agent.lab.kubeapi import FakeApiServer

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.authority import LocalSigner
-from agent.controlplane.identity.crypto import generate_key, make_csr
-from agent.controlplane.identity.files import TRUST_BUNDLE, init_identity_dir
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.identity.authority import LocalSigner
+from agent.identity.crypto import generate_key, make_csr
+from agent.identity.files import TRUST_BUNDLE, init_identity_dir
+from agent.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO
 from agent.lab.capture import UnderlayCapture
 from agent.lab.topology import Pod

@@ -7,15 +7,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 
 from agent.controlplane.cluster.admission import ClusterAdmission
 from agent.controlplane.cluster.objects import NamespaceRecord, PodRecord, project_pod
 from agent.controlplane.cluster.state import ClusterState
-from agent.controlplane.state import PodStateStore
-from agent.dataplane.inpod import CaptureError, PodManager
+from agent.inpod.errors import CaptureError
+from agent.inpod.state import PodStateStore
 from agent.model import Pod, PodKey
 from tests.unit.test_cluster_state import pod_object
 
@@ -56,7 +56,7 @@ class World:
     def __init__(self, tmp_path: Path, wait: float = 0.5) -> None:
         self.pods = FakePods()
         self.state = ClusterState()
-        self.admission = ClusterAdmission(cast(PodManager, self.pods), self.state,
+        self.admission = ClusterAdmission(self.pods, self.state,
                                           PodStateStore(tmp_path, "sandboxes"), wait_for_pod=wait)
         self.admission.load()
         self.runner: asyncio.Task[None] | None = None

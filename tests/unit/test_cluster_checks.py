@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.controlplane.identity.files import init_identity_dir
+from agent.identity.files import init_identity_dir
 from agent.lab.kubeapi import FakeApiServer
 
 

@@ -11,14 +11,14 @@ import json
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.controlplane.cni_server import CniServer, StandaloneAdmission, replay_pending
 from agent.core.telemetry import Telemetry
-from agent.dataplane.inpod import CaptureError, PodManager
+from agent.inpod.cni_server import CniServer, StandaloneAdmission, replay_pending
+from agent.inpod.errors import CaptureError
 from agent.model import CaptureSettings, Pod, PodKey
 from agent.observability.metrics import build_registry
 
@@ -87,7 +87,7 @@ class Harness:
         self.pods = FakePods()
         self.registry: CollectorRegistry
         self.registry, metrics = build_registry(Telemetry(lambda: 0.0, 300.0))
-        self.server = CniServer(tmp_path / "cni.sock", cast(PodManager, self.pods), metrics)
+        self.server = CniServer(tmp_path / "cni.sock", self.pods, metrics)
 
     def send(self, raw: bytes) -> dict[str, Any]:
         return run(self.server.handle_line(raw))
@@ -211,7 +211,7 @@ def test_a_capture_error_from_the_pod_manager_reaches_the_plugin_as_it_is(
     agent.pods.fail_with = CaptureError(5, "capturing pod shop/cart-7d9f: no such netns",
                                         "netns /var/run/netns/cni-1")
 
-    with caplog.at_level(logging.WARNING, logger="agent.controlplane.cni_server"):
+    with caplog.at_level(logging.WARNING, logger="agent.inpod.cni_server"):
         reply = agent.send(line(request("ADD")))
 
     assert reply == {"ok": False, "code": 5,
@@ -313,7 +313,7 @@ def test_replay_captures_every_spooled_pod_and_forgets_the_files(tmp_path: Path)
     spool(tmp_path, "c0ffee02.json", request("ADD", containerId="c0ffee02",
                                              args={"K8S_POD_NAME": "cart-2"}))
 
-    captured = run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods))))
+    captured = run(replay_pending(tmp_path, StandaloneAdmission(pods)))
 
     assert captured == 2
     assert [(str(p.key), p.container_id) for p in pods.added] == [
@@ -325,7 +325,7 @@ def test_replay_skips_opted_out_pods_but_still_forgets_them(tmp_path: Path) -> N
     pods = FakePods()
     spool(tmp_path, "c0ffee01.json", request("ADD", args={"PINION_MESH": "disabled"}))
 
-    assert run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods)))) == 0
+    assert run(replay_pending(tmp_path, StandaloneAdmission(pods))) == 0
     assert pods.added == []
     assert list(tmp_path.iterdir()) == []
 
@@ -335,7 +335,7 @@ def test_replay_leaves_files_that_are_not_spooled_requests(tmp_path: Path) -> No
     pods = FakePods()
     temporary = spool(tmp_path, ".c0ffee01.abcd", request("ADD"))
 
-    assert run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods)))) == 0
+    assert run(replay_pending(tmp_path, StandaloneAdmission(pods))) == 0
     assert list(tmp_path.iterdir()) == [temporary]
 
 
@@ -345,8 +345,8 @@ def test_replay_survives_an_unreadable_file_deletes_it_and_says_so(
     spool(tmp_path, "a-broken.json", "{truncated")
     spool(tmp_path, "b-good.json", request("ADD"))
 
-    with caplog.at_level(logging.WARNING, logger="agent.controlplane.cni_server"):
-        captured = run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods))))
+    with caplog.at_level(logging.WARNING, logger="agent.inpod.cni_server"):
+        captured = run(replay_pending(tmp_path, StandaloneAdmission(pods)))
 
     assert captured == 1
     assert pods.added == [CART]
@@ -361,8 +361,8 @@ def test_replay_drops_a_pod_it_cannot_capture_and_goes_on(
     del body["args"]["K8S_POD_NAME"]
     spool(tmp_path, "c0ffee01.json", body)
 
-    with caplog.at_level(logging.WARNING, logger="agent.controlplane.cni_server"):
-        assert run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods)))) == 0
+    with caplog.at_level(logging.WARNING, logger="agent.inpod.cni_server"):
+        assert run(replay_pending(tmp_path, StandaloneAdmission(pods))) == 0
 
     assert list(tmp_path.iterdir()) == []
     assert any(m.startswith("pending pod c0ffee01.json not captured: CNI_ARGS lacks K8S_POD_NAME")
@@ -370,7 +370,7 @@ def test_replay_drops_a_pod_it_cannot_capture_and_goes_on(
 
 
 def test_replay_of_a_directory_that_does_not_exist_does_nothing(tmp_path: Path) -> None:
-    assert run(replay_pending(tmp_path / "absent", StandaloneAdmission(cast(PodManager, FakePods())))) == 0
+    assert run(replay_pending(tmp_path / "absent", StandaloneAdmission(FakePods()))) == 0
 
 
 def test_replay_survives_a_file_that_is_json_but_not_a_request(tmp_path: Path) -> None:
@@ -378,6 +378,6 @@ def test_replay_survives_a_file_that_is_json_but_not_a_request(tmp_path: Path) -
     spool(tmp_path, "a-list.json", "[]")
     spool(tmp_path, "b-good.json", request("ADD"))
 
-    assert run(replay_pending(tmp_path, StandaloneAdmission(cast(PodManager, pods)))) == 1
+    assert run(replay_pending(tmp_path, StandaloneAdmission(pods))) == 1
     assert pods.added == [CART]
     assert list(tmp_path.iterdir()) == []

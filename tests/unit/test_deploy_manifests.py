@@ -25,8 +25,8 @@ import yaml
 from agent import cli
 from agent.config import Config
 from agent.controlplane.cni_install import layout
-from agent.controlplane.identity import files
 from agent.deploy import install
+from agent.identity import files
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -308,7 +308,7 @@ def test_the_agent_command_is_one_pinion_agent_accepts(objects: list[dict[str, A
 
 
 def test_the_issuer_command_is_one_pinion_issuer_accepts(objects: list[dict[str, Any]]) -> None:
-    from agent.controlplane.identity.issuer_server import IssuerSettings
+    from agent.controlplane.issuer.server import IssuerSettings
 
     issuer = container(objects, "pinion-issuer", "issuer")
     args = cli._parser().parse_args(issuer["command"][1:] + issuer["args"])

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir, split_pem_certificates
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.identity.authority import IssueError, LocalSigner
+from agent.identity.crypto import cert_info, generate_key, make_csr
+from agent.identity.files import init_identity_dir, split_pem_certificates
+from agent.identity.spiffe import SpiffeId
 
 T0 = 1_800_000_000.0
 CART = SpiffeId("cluster.local", "shop", "cart")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.crypto import (
+from agent.identity.crypto import (
     CryptoError,
     PrivateKey,
     cert_info,

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.controlplane.identity.crypto import (
+from agent.identity.crypto import (
     cert_info,
     generate_key,
     key_matches,
     load_private_key,
     self_signed_ca,
 )
-from agent.controlplane.identity.files import (
+from agent.identity.files import (
     YEAR,
     init_identity_dir,
     load_trust_bundle,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.cli import _parser
-from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.remote import KubeSigner, follow_trust_bundle, kubernetes_identities
-from agent.controlplane.identity.spiffe import SpiffeId
-from agent.controlplane.identity.tls import AES_FIRST
+from agent.identity.files import init_identity_dir
+from agent.identity.remote import KubeSigner, follow_trust_bundle, kubernetes_identities
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import AES_FIRST
 
 
 @pytest.fixture(scope="module")

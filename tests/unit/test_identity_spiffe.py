@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.controlplane.identity.spiffe import SpiffeId, check_trust_domain, for_pod
+from agent.identity.spiffe import SpiffeId, check_trust_domain, for_pod
 
 
 def test_a_pod_identity_prints_as_its_uri_and_parses_back() -> None:

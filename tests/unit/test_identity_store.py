@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.authority import Issued, IssueError, LocalSigner
-from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.spiffe import SpiffeId
-from agent.controlplane.identity.store import Credentials, IdentityManager
-from agent.controlplane.identity.tls import AES_FIRST
+from agent.identity.authority import Issued, IssueError, LocalSigner
+from agent.identity.credentials import Credentials
+from agent.identity.crypto import cert_info, generate_key, make_csr
+from agent.identity.files import init_identity_dir
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityManager
+from agent.identity.tls import AES_FIRST
 from tests.unit.test_identity_tls import handshake
 
 T0 = 1_800_000_000.0
@@ -159,7 +160,7 @@ def test_a_failing_signer_is_retried_with_backoff_until_it_recovers(identity_dir
         assert entry.previous is first and entry.failures == 0
         assert time.sleeps[4] == entry.current.renew_at - time.now  # back to the half-life rhythm
 
-    with caplog.at_level(logging.WARNING, logger="agent.controlplane.identity.store"):
+    with caplog.at_level(logging.WARNING, logger="agent.identity.store"):
         run_with_loop(manager, body)
     failures = [record.getMessage() for record in caplog.records]
     assert len(failures) == 3

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane.identity.authority import LocalSigner
-from agent.controlplane.identity.crypto import generate_key, issue, load_private_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.spiffe import SpiffeId
-from agent.controlplane.identity.store import Credentials, IdentityManager
-from agent.controlplane.identity.tls import (
+from agent.identity.authority import LocalSigner
+from agent.identity.credentials import Credentials
+from agent.identity.crypto import generate_key, issue, load_private_key, make_csr
+from agent.identity.files import init_identity_dir
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityManager
+from agent.identity.tls import (
     AES_FIRST,
     CHACHA_FIRST,
     IdentityError,

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.authority import LocalSigner
-from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir, split_pem_certificates
-from agent.controlplane.identity.issuer import (
+from agent.controlplane.issuer.decisions import (
     NODE_NAME_KEY,
     POD_NAME_KEY,
     POD_UID_KEY,
@@ -26,7 +23,10 @@ from agent.controlplane.identity.issuer import (
     Reply,
     Review,
 )
-from agent.controlplane.identity.spiffe import SpiffeId
+from agent.identity.authority import LocalSigner
+from agent.identity.crypto import cert_info, generate_key, make_csr
+from agent.identity.files import init_identity_dir, split_pem_certificates
+from agent.identity.spiffe import SpiffeId
 
 AGENT = "system:serviceaccount:pinion-system:pinion-agent"
 CART = SpiffeId("cluster.local", "shop", "cart")

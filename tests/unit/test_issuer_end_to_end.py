@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane.identity.authority import IssueError
-from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir, split_pem_certificates
-from agent.controlplane.identity.remote import IssuerRefused, KubeSigner, kubernetes_identities
-from agent.controlplane.identity.spiffe import SpiffeId, issuer_id
-from agent.controlplane.identity.tls import AES_FIRST
 from agent.controlplane.kube.client import KubeClient, KubeConfig
+from agent.identity.authority import IssueError
+from agent.identity.crypto import cert_info, generate_key, make_csr
+from agent.identity.files import init_identity_dir, split_pem_certificates
+from agent.identity.remote import IssuerRefused, KubeSigner, kubernetes_identities
+from agent.identity.spiffe import SpiffeId, issuer_id
+from agent.identity.tls import AES_FIRST
 from agent.lab.kubeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]

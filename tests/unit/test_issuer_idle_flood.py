@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.controlplane.identity.crypto import cert_info
-from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.limits import ListenerLimits
+from agent.controlplane.issuer.limits import ListenerLimits
+from agent.identity.crypto import cert_info
+from agent.identity.files import init_identity_dir
 from agent.lab.kubeapi import FakeApiServer
 from tests.unit.test_issuer_end_to_end import AGENT, CART, NODE_NAME, Issuer, pod, start_issuer
 

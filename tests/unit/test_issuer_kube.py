@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.controlplane.identity.issuer import KubeUnavailable, PodPlacement, Review
-from agent.controlplane.identity.issuer_kube import (
+from agent.controlplane.issuer.decisions import KubeUnavailable, PodPlacement, Review
+from agent.controlplane.issuer.kube import (
     KubePodDirectory,
     KubeTokenReviewer,
     keep_trust_bundle_published,

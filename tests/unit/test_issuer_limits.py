@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.controlplane.identity.limits import ListenerLimits, admit_connection
+from agent.controlplane.issuer.limits import ListenerLimits, admit_connection
 from agent.core.limits import RateDecision, RateLimit, SourceRateLimiter
 
 A, B = "10.0.0.1", "10.0.0.2"

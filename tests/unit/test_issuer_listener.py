@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.controlplane.identity.limits import ListenerLimits
-from agent.controlplane.identity.remote import IssuerRefused
+from agent.controlplane.issuer.limits import ListenerLimits
 from agent.core.limits import RateLimit
+from agent.identity.remote import IssuerRefused
 from tests.unit.test_issuer_decisions import CART
 from tests.unit.test_issuer_server import Running, csr_for, identity_dir, insecure_client, raw, serve
 

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.crypto import cert_info, generate_key, make_csr
-from agent.controlplane.identity.files import init_identity_dir
-from agent.controlplane.identity.issuer import CertificateIssuer, IssuerPolicy
-from agent.controlplane.identity.issuer_server import IssuerServer, IssuerSettings, ServingCertificate
-from agent.controlplane.identity.remote import IssuerRefused, KubeSigner
-from agent.controlplane.identity.spiffe import SpiffeId, issuer_id
-from agent.controlplane.identity.store import IdentityManager
-from agent.controlplane.identity.tls import AES_FIRST
+from agent.controlplane.issuer.decisions import CertificateIssuer, IssuerPolicy
+from agent.controlplane.issuer.server import IssuerServer, IssuerSettings, ServingCertificate
+from agent.identity.authority import IssueError, LocalSigner
+from agent.identity.crypto import cert_info, generate_key, make_csr
+from agent.identity.files import init_identity_dir
+from agent.identity.remote import IssuerRefused, KubeSigner
+from agent.identity.spiffe import SpiffeId, issuer_id
+from agent.identity.store import IdentityManager
+from agent.identity.tls import AES_FIRST
 from tests.unit.test_issuer_decisions import CART, WEB, FakePods, FakeReviews, pod
 
 ISSUER = issuer_id("cluster.local")
@@ -315,7 +315,7 @@ def test_bad_http_is_answered_and_counted(identity_dir: Path, tmp_path: Path, re
 
 def test_every_request_logs_one_line(identity_dir: Path, tmp_path: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="agent.controlplane.identity.issuer_server")
+    caplog.set_level("INFO", logger="agent.controlplane.issuer.server")
 
     async def scenario(issuer: Running) -> None:
         await issuer.signer().sign(csr_for(CART), CART, 3600)
@@ -323,7 +323,7 @@ def test_every_request_logs_one_line(identity_dir: Path, tmp_path: Path,
             await issuer.signer().sign(csr_for(WEB), WEB, 3600)
 
     serve(identity_dir, tmp_path, scenario)
-    lines = [r.getMessage() for r in caplog.records if r.name.endswith("issuer_server")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.controlplane.issuer.server"]
     assert len(lines) == 2
     assert "POST /v1/certificates -> 200 issued spiffe://cluster.local/ns/shop/sa/cart node=n1" in lines[0]
     assert "-> 403 not_on_node spiffe://cluster.local/ns/shop/sa/web node=n1" in lines[1]
@@ -332,13 +332,13 @@ def test_every_request_logs_one_line(identity_dir: Path, tmp_path: Path,
 
 def test_what_a_client_sends_cannot_forge_log_lines(identity_dir: Path, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="agent.controlplane.identity.issuer_server")
+    caplog.set_level("INFO", logger="agent.controlplane.issuer.server")
 
     async def scenario(issuer: Running) -> None:
         await raw(issuer.port, b"POST /v1/\x1b[31mfake\x08 HTTP/1.1\r\n\r\n")
 
     serve(identity_dir, tmp_path, scenario)
-    (line,) = [r.getMessage() for r in caplog.records if r.name.endswith("issuer_server")]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "agent.controlplane.issuer.server"]
     assert "POST /v1/?[31mfake? -> 404 bad_request" in line
 
 

@@ -16,9 +16,9 @@ from typing import Any
 from agent.controlplane.cluster.objects import NamespaceRecord, PodRecord
 from agent.controlplane.cluster.policy import apply_record, mesh_decision
 from agent.controlplane.cluster.state import ClusterState
-from agent.controlplane.cni_server import CNI_INVALID_CONFIG
-from agent.controlplane.state import PodStateStore
-from agent.dataplane.inpod import CNI_TRY_AGAIN_LATER, CaptureError, PodManager
+from agent.inpod.errors import CNI_INVALID_CONFIG, CNI_TRY_AGAIN_LATER, CaptureError
+from agent.inpod.pods import Pods
+from agent.inpod.state import PodStateStore
 from agent.model import Pod
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ _CAPTURE_FIELDS = ("service_account", "capture", "opaque_ports", "inbound", "own
 
 
 class ClusterAdmission:
-    def __init__(self, pods: PodManager, state: ClusterState, sandboxes: PodStateStore, *,
+    def __init__(self, pods: Pods, state: ClusterState, sandboxes: PodStateStore, *,
                  wait_for_pod: float = 10.0) -> None:
         self._pods = pods
         self._state = state

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from agent.controlplane.cluster.objects import (
     NamespaceRecord,
@@ -17,16 +16,7 @@ from agent.controlplane.cluster.objects import (
 )
 from agent.controlplane.cluster.policy import mesh_decision
 from agent.core.telemetry import PLAINTEXT, PeerLabels
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where an outbound connection goes, and what its metrics say about the destination."""
-
-    destination: tuple[str, int]
-    labels: PeerLabels
-    meshed: bool  # the destination is a pod whose agent serves the mesh tunnel
-    identity: str  # its SPIFFE ID when meshed ("" otherwise)
+from agent.dataplane.context import Route
 
 
 class ClusterState:

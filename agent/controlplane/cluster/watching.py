@@ -24,8 +24,8 @@ from agent.controlplane.cluster.state import ClusterState
 from agent.controlplane.kube.client import KubeClient
 from agent.controlplane.kube.config import KubeConfig
 from agent.controlplane.kube.reflector import Reflector
-from agent.controlplane.state import PodStateStore
-from agent.dataplane.inpod import PodManager
+from agent.inpod.pods import Pods
+from agent.inpod.state import PodStateStore
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 class KubernetesMode:
-    def __init__(self, config: Config, pods: PodManager, trust_domain: str) -> None:
+    def __init__(self, config: Config, pods: Pods, trust_domain: str) -> None:
         assert config.kubernetes is not None
         source = None if config.kubernetes == "in-cluster" else config.kubernetes
         self.client = KubeClient(KubeConfig.load(source))

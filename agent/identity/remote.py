@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.controlplane.identity import spiffe
-from agent.controlplane.identity.authority import Issued, IssueError
-from agent.controlplane.identity.files import split_pem_certificates
-from agent.controlplane.identity.spiffe import SpiffeId
-from agent.controlplane.identity.store import IdentityManager
-from agent.controlplane.identity.tls import IdentityError, verify_peer
+from agent.identity import spiffe
+from agent.identity.authority import Issued, IssueError
+from agent.identity.files import split_pem_certificates
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityManager
+from agent.identity.tls import IdentityError, verify_peer
 
 log = logging.getLogger(__name__)
 

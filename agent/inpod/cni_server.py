@@ -11,16 +11,19 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.dataplane.inpod import CaptureError, PodManager
+from agent.inpod.errors import (
+    CNI_DECODE_FAILURE,
+    CNI_INVALID_CONFIG,
+    CNI_INVALID_ENV,
+    CNI_IO_FAILURE,
+    CaptureError,
+)
+from agent.inpod.pods import PodLifecycle
 from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, parse_ports
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
-CNI_IO_FAILURE = 5
-CNI_INVALID_ENV = 4
-CNI_DECODE_FAILURE = 6
-CNI_INVALID_CONFIG = 7
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0
 
@@ -87,7 +90,7 @@ class Admission(Protocol):
 class StandaloneAdmission:
     """No Kubernetes: every announced pod is captured unless its CNI args opt it out."""
 
-    def __init__(self, pods: PodManager) -> None:
+    def __init__(self, pods: PodLifecycle) -> None:
         self._pods = pods
 
     async def admit(self, pod: Pod, args: dict[str, Any]) -> None:
@@ -105,7 +108,7 @@ class StandaloneAdmission:
 
 
 class CniServer:
-    def __init__(self, path: Path, pods: PodManager, metrics: AgentMetrics,
+    def __init__(self, path: Path, pods: PodLifecycle, metrics: AgentMetrics,
                  admission: Admission | None = None) -> None:
         self._path = path
         self._admission = admission or StandaloneAdmission(pods)

@@ -15,33 +15,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent.controlplane.identity.authority import IssueError, Signer
-from agent.controlplane.identity.crypto import PrivateKey, cert_info, generate_key, key_matches, make_csr
-from agent.controlplane.identity.files import split_pem_certificates
-from agent.controlplane.identity.spiffe import SpiffeId
-from agent.controlplane.identity.tls import make_client_context, make_server_context
+from agent.identity.authority import IssueError, Signer
+from agent.identity.credentials import Credentials
+from agent.identity.crypto import PrivateKey, cert_info, generate_key, key_matches, make_csr
+from agent.identity.files import split_pem_certificates
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import make_client_context, make_server_context
 
 log = logging.getLogger(__name__)
 
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
 JITTER = 0.2  # each retry delay is scaled by a random factor in [1 - JITTER, 1 + JITTER)
-
-
-@dataclass(frozen=True, eq=False)
-class Credentials:
-    """One issued certificate: the identity it names, its key, and the chain (leaf + issuer)."""
-
-    identity: SpiffeId
-    key: PrivateKey
-    chain_pem: bytes
-    not_before: float
-    not_after: float
-
-    @property
-    def renew_at(self) -> float:
-        """Half-life: late enough to be cheap, early enough to survive an issuer outage."""
-        return self.not_before + (self.not_after - self.not_before) / 2
 
 
 @dataclass(eq=False)

@@ -32,7 +32,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from agent.controlplane.identity.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
+from agent.controlplane.issuer.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
 from agent.dataplane.sockets import first_bytes
 
 log = logging.getLogger(__name__)

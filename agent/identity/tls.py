@@ -12,13 +12,11 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from agent.controlplane.identity._libcrypto import CryptoError, libssl, openssl_errors
-from agent.controlplane.identity.spiffe import SpiffeId
-
-if TYPE_CHECKING:
-    from agent.controlplane.identity.store import Credentials
+from agent.identity._libcrypto import CryptoError, libssl, openssl_errors
+from agent.identity.credentials import Credentials
+from agent.identity.spiffe import SpiffeId
 
 CHACHA_FIRST = "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"
 AES_FIRST = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"

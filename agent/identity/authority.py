@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.controlplane.identity import files
-from agent.controlplane.identity.crypto import (
+from agent.identity import files
+from agent.identity.crypto import (
     CryptoError,
     PrivateKey,
     cert_info,
@@ -24,7 +24,7 @@ from agent.controlplane.identity.crypto import (
     key_matches,
     load_private_key,
 )
-from agent.controlplane.identity.spiffe import SpiffeId, check_trust_domain
+from agent.identity.spiffe import SpiffeId, check_trust_domain
 
 
 class IssueError(Exception):

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from agent.controlplane.identity.issuer import KubeUnavailable, PodPlacement, Review
+from agent.controlplane.issuer.decisions import KubeUnavailable, PodPlacement, Review
 from agent.controlplane.kube.client import ApiError
 
 log = logging.getLogger(__name__)

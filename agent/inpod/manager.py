@@ -13,31 +13,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.controlplane.state import PodStateStore
 from agent.core.telemetry import TcpLabels, Telemetry
+from agent.dataplane.context import PodContext
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
-from agent.dataplane.proxy import PodContext, Proxy
+from agent.dataplane.proxy import Proxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.sockets import SocketFactory
+from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
+from agent.inpod.state import PodStateStore
 from agent.model import Pod
 from agent.observability.metrics import AgentMetrics
 
 if TYPE_CHECKING:
-    from agent.controlplane.identity.store import IdentityManager
+    from agent.identity.store import IdentityManager
 
 log = logging.getLogger(__name__)
-
-# CNI error codes (SPEC.md): the plugin passes ours through to the runtime.
-CNI_CONTAINER_UNKNOWN = 3
-CNI_IO_FAILURE = 5
-CNI_TRY_AGAIN_LATER = 11
-
-
-class CaptureError(Exception):
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code, self.msg, self.details = code, msg, details
 
 
 @dataclass(slots=True)
@@ -215,7 +206,7 @@ class PodManager:
         """The pod's own certificate (key in memory only); None without identities."""
         if self._identities is None:
             return None
-        from agent.controlplane.identity.spiffe import SpiffeId
+        from agent.identity.spiffe import SpiffeId
 
         identity = SpiffeId(self._identities.trust_domain, pod.key.namespace, pod.service_account)
         try:

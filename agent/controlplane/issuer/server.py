@@ -24,27 +24,27 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 
 from agent.config import parse_host_port
-from agent.controlplane.identity import files
-from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.crypto import generate_key, make_csr
-from agent.controlplane.identity.issuer import (
+from agent.controlplane.issuer.decisions import (
     MAX_BODY_BYTES,
     RESULTS,
     CertificateIssuer,
     IssuerPolicy,
     Reply,
 )
-from agent.controlplane.identity.issuer_kube import (
+from agent.controlplane.issuer.kube import (
     KubePodDirectory,
     KubeTokenReviewer,
     keep_trust_bundle_published,
 )
-from agent.controlplane.identity.limits import ListenerLimits
-from agent.controlplane.identity.listener import BoundedListener, connection_refusals
-from agent.controlplane.identity.spiffe import issuer_id
-from agent.controlplane.identity.tls import load_credentials
+from agent.controlplane.issuer.limits import ListenerLimits
+from agent.controlplane.issuer.listener import BoundedListener, connection_refusals
 from agent.controlplane.kube.client import KubeClient, KubeConfig, KubeConfigError
 from agent.core.limits import RateLimit, SourceRateLimiter
+from agent.identity import files
+from agent.identity.authority import IssueError, LocalSigner
+from agent.identity.crypto import generate_key, make_csr
+from agent.identity.spiffe import issuer_id
+from agent.identity.tls import load_credentials
 from agent.observability.admin import AdminServer
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import logging
 import time
 
 from agent.config import Config
-from agent.controlplane.identity.authority import LocalSigner
-from agent.controlplane.identity.files import TRUST_BUNDLE, read_trust_domain
-from agent.controlplane.identity.store import IdentityManager
-from agent.controlplane.identity.tls import choose_suites
+from agent.identity.authority import LocalSigner
+from agent.identity.files import TRUST_BUNDLE, read_trust_domain
+from agent.identity.store import IdentityManager
+from agent.identity.tls import choose_suites
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def standalone_identities(config: Config) -> IdentityManager:
 
 def issuer_identities(config: Config) -> IdentityManager:
     """Kubernetes mode: certificates signed by the issuer service (docs/kubernetes.md)."""
-    from agent.controlplane.identity.remote import kubernetes_identities
+    from agent.identity.remote import kubernetes_identities
 
     suites, why = choose_suites(config.tls_ciphers)
     issuer_id = config.issuer_id or f"spiffe://{config.trust_domain}/ns/pinion-system/sa/pinion-issuer"

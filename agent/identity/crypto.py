@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from agent.controlplane.identity._libcrypto import (
+from agent.identity._libcrypto import (
     EXFLAG_CA,
     MBSTRING_UTF8,
     NID_AUTHORITY_KEY_ID,

@@ -1,12 +1,13 @@
-"""The agent's memory across restarts: one JSON file per captured pod in --state-dir."""
+"""The agent's memory across restarts: one JSON file per captured pod in --state-dir, each
+written atomically (`agent.durable`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from agent.durable import atomic_write
 from agent.model import Pod
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,7 @@ class PodStateStore:
         return self._dir / f"{container_id}.json"
 
     def save(self, pod: Pod) -> None:
-        path = self._path(pod.container_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as out:
-            json.dump(pod.to_json(), out)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(path)
+        atomic_write(self._path(pod.container_id), json.dumps(pod.to_json()).encode(), 0o600)
 
     def delete(self, container_id: str) -> None:
         self._path(container_id).unlink(missing_ok=True)

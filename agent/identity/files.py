@@ -17,15 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.controlplane.identity.crypto import (
+from agent.durable import atomic_write
+from agent.identity.crypto import (
     CryptoError,
     cert_info,
     generate_key,
     issue_intermediate,
     self_signed_ca,
 )
-from agent.controlplane.identity.spiffe import check_trust_domain
-from agent.durable import atomic_write
+from agent.identity.spiffe import check_trust_domain
 
 TRUST_ANCHOR_CERT = "trust-anchor.crt"
 TRUST_ANCHOR_KEY = "trust-anchor.key"

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.controlplane.identity.authority import IssueError, LocalSigner
-from agent.controlplane.identity.spiffe import ISSUER_NAMESPACE, SpiffeId
+from agent.identity.authority import IssueError, LocalSigner
+from agent.identity.spiffe import ISSUER_NAMESPACE, SpiffeId
 
 log = logging.getLogger(__name__)
 

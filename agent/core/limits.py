@@ -7,7 +7,8 @@ A connection to 15008 goes through two stages before it is a tunnel session:
 
 1. *accepted*, waiting for its first byte: it holds an fd and a future, nothing more.
    `admit` refuses it at once (an RST) when the agent already holds `connections` such
-   connections (`over_capacity`), or its source `per_source` (`source_limit`). The accept
+   connections (`over_capacity`), or its source `per_source` (`source_limit`), or its
+   source has no handshake left to start for now (`rate_limited`, see 2). The accept
    loop never stops: a full kernel backlog would drop every agent's SYNs, not only the
    attacker's.
 2. *in TLS*, once it has said something: the costly stage (buffers, an SSL object, an ECDSA
@@ -69,6 +70,11 @@ class SourceRateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def has_token(self, source: str, now: float) -> bool:
+        """Whether `take` would allow `source` now (nothing is spent or remembered)."""
+        tokens, then = self._buckets.get(source, (self.limit.burst, now))
+        return min(self.limit.burst, tokens + max(0.0, now - then) * self.limit.per_second) >= 1.0
+
     def take(self, source: str, now: float) -> RateDecision:
         """Spend one token of `source`'s bucket at time `now` (monotonic seconds), if it has one."""
         tokens, then = self._buckets.pop(source, (self.limit.burst, now))
@@ -108,12 +114,16 @@ class HandshakeGate:
         self._in_tls: dict[str, int] = {}
         self._rate = SourceRateLimiter(RateLimit(limits.burst, limits.rate, limits.max_sources))
 
-    def admit(self, source: str) -> str | None:
-        """A connection just accepted: None to keep it (call `done` when it ends), else why not."""
+    def admit(self, source: str, now: float) -> str | None:
+        """A connection just accepted: None to keep it (call `done` when it ends), else why not.
+        A source whose bucket is empty now is refused here already: its flood then costs an
+        accept and a close each, not a task and a wait for its ClientHello."""
         if self.pending >= self.limits.connections:
             return OVER_CAPACITY
         if self._accepted.get(source, 0) >= self.limits.per_source:
             return SOURCE_LIMIT
+        if not self._rate.has_token(source, now):
+            return RATE_LIMITED
         _bump(self._accepted, source, 1)
         self.pending += 1
         return None

@@ -325,7 +325,7 @@ class TunnelAcceptor:
 
     def _admit(self, pod: PodContext, server: TunnelListener, sock: socket.socket,
                address: tuple[str, int]) -> None:
-        refused = self.gate.admit(address[0])
+        refused = self.gate.admit(address[0], self._clock())
         if refused is not None:  # no TLS state, no task: an RST, a count
             self._refused(pod, address, refused, "before its handshake: " + self._why(refused))
             arm_reset(sock)

@@ -84,8 +84,9 @@ def test_a_climbing_import_is_caught_wherever_it_hides() -> None:
     typing_only = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                    "    from agent.inpod.manager import PodManager\n")
     relative = "from ..inpod import manager\n"
+    going_down = "import agent.core.tunnel\n"
     assert climbing({"agent.dataplane.proxy": lazy, "agent.identity.store": typing_only,
-                     "agent.dataplane.mesh": relative, "agent.inpod.manager": "import agent.core.tunnel\n"}) == [
+                     "agent.dataplane.mesh": relative, "agent.inpod.manager": going_down}) == [
         "agent.dataplane.mesh -> agent.inpod",
         "agent.dataplane.proxy -> agent.controlplane.cluster.state",
         "agent.identity.store -> agent.inpod.manager",

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client
@@ -35,11 +36,14 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     sockets = SocketFactory(switch, config.proxy_mark)
     proxy = Proxy(sockets, telemetry, metrics, config.connect_timeout_seconds,
                   config.write_buffer_high)
-    store = PodStateStore(config.state_dir)
+    def damaged(store: str) -> None:  # a state file set aside at start
+        metrics.state_damaged.labels(store).inc()
+
+    store = PodStateStore(config.state_dir, on_damaged=damaged)
     store.prepare()
     identities = _identities(config, proxy, sockets, registry, metrics)
     pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics, identities)
-    cluster = _kubernetes(config, pods, proxy, identities)
+    cluster = _kubernetes(config, pods, proxy, identities, damaged)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
                         lambda: _pods_view(pods), metrics.admin)
@@ -114,14 +118,15 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
     return identities
 
 
-def _kubernetes(config: Config, pods: PodManager, proxy: Proxy, identities: Any) -> Any:
+def _kubernetes(config: Config, pods: PodManager, proxy: Proxy, identities: Any,
+                damaged: Callable[[str], None]) -> Any:
     """Kubernetes mode: watches decide who is meshed and route Service VIPs; else None."""
     if config.kubernetes is None:
         return None
     from agent.controlplane.cluster.watching import KubernetesMode
 
     trust_domain = identities.trust_domain if identities is not None else config.trust_domain
-    cluster = KubernetesMode(config, pods, trust_domain)
+    cluster = KubernetesMode(config, pods, trust_domain, damaged)
     proxy.router = cluster.state
     log.info("kubernetes mode: %s, node %s", config.kubernetes, config.node_name)
     return cluster

@@ -106,6 +106,7 @@ class Pod:
 
     def _fields_json(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "namespace": self.key.namespace,
             "name": self.key.name,
             "uid": self.uid,
@@ -126,28 +127,95 @@ class Pod:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Pod:
-        capture = data.get("capture", {})
+    def from_json(cls, data: object) -> Pod:
+        """A pod as `to_json` wrote it; StateError (a ValueError) naming the first field
+        that is missing or of the wrong type, whatever the file holds."""
+        if not isinstance(data, dict):
+            raise StateError(f"not a JSON object but {type(data).__name__}")
+        version = data.get("version", STATE_VERSION)  # files from before versions are 1
+        if version != STATE_VERSION:
+            raise StateError(f"version {version!r}: this agent reads version {STATE_VERSION}")
+        capture, owner = _object(data, "capture"), _object(data, "owner")
+        ips = _texts(data, "ips", required=True)
+        for ip in ips:
+            _checked(ipaddress.ip_address, ip, "ips")
+        try:
+            inbound = InboundPolicy(_text(data, "inboundPolicy", "permissive"),
+                                    _texts(data, "allowedClients"))
+        except ValueError as exc:
+            raise StateError(str(exc)) from None
         return cls(
-            key=PodKey(data["namespace"], data["name"]),
-            uid=data["uid"],
-            container_id=data["containerId"],
-            netns_path=data["netns"],
-            ips=tuple(data["ips"]),
-            service_account=data.get("serviceAccount", "default"),
-            opaque_ports=tuple(data.get("opaquePorts", ())),
-            inbound=InboundPolicy(data.get("inboundPolicy", "permissive"),
-                                  tuple(data.get("allowedClients", ()))),
-            cgroup=data.get("cgroup", ""),
-            owner_kind=(data.get("owner") or {}).get("kind", ""),
-            owner_name=(data.get("owner") or {}).get("name", ""),
+            key=PodKey(_text(data, "namespace"), _text(data, "name")),
+            uid=_text(data, "uid"),
+            container_id=_text(data, "containerId"),
+            netns_path=_text(data, "netns"),
+            ips=ips,
+            service_account=_text(data, "serviceAccount", "default"),
+            opaque_ports=_ports(data, "opaquePorts"),
+            inbound=inbound,
+            cgroup=_text(data, "cgroup", ""),
+            owner_kind=_text(owner, "kind", ""),
+            owner_name=_text(owner, "name", ""),
             capture=CaptureSettings(
-                exclude_outbound_ports=tuple(capture.get("excludeOutboundPorts", ())),
-                exclude_inbound_ports=tuple(capture.get("excludeInboundPorts", ())),
-                exclude_outbound_cidrs=tuple(capture.get("excludeOutboundCidrs", ())),
-                probe_sources=tuple(capture.get("probeSources", ())),
+                exclude_outbound_ports=_ports(capture, "excludeOutboundPorts"),
+                exclude_inbound_ports=_ports(capture, "excludeInboundPorts"),
+                exclude_outbound_cidrs=tuple(_checked(ipaddress.ip_network, cidr, "excludeOutboundCidrs")
+                                             for cidr in _texts(capture, "excludeOutboundCidrs")),
+                probe_sources=_texts(capture, "probeSources"),
             ),
         )
+
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A remembered pod that cannot be read back."""
+
+
+_MISSING = object()
+
+
+def _text(data: dict[str, Any], key: str, default: object = _MISSING) -> str:
+    value = data.get(key, default)
+    if value is _MISSING:
+        raise StateError(f"{key!r} is missing")
+    if not isinstance(value, str):
+        raise StateError(f"{key!r} must be a string, not {value!r:.60}")
+    return value
+
+
+def _texts(data: dict[str, Any], key: str, required: bool = False) -> tuple[str, ...]:
+    value = data.get(key, _MISSING if required else [])
+    if value is _MISSING:
+        raise StateError(f"{key!r} is missing")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise StateError(f"{key!r} must be a list of strings, not {value!r:.60}")
+    return tuple(value)
+
+
+def _ports(data: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(type(port) is int and 0 < port < 65536 for port in value):
+        raise StateError(f"{key!r} must be a list of ports, not {value!r:.60}")
+    return tuple(value)
+
+
+def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StateError(f"{key!r} must be an object, not {value!r:.60}")
+    return value
+
+
+def _checked(parse: Any, text: str, key: str) -> str:
+    try:
+        parse(text)
+    except ValueError:
+        raise StateError(f"{key!r} holds {text!r:.60}, not an address") from None
+    return text
 
 
 def _ipv4_only(addresses: list[str]) -> tuple[str, ...]:

@@ -168,6 +168,9 @@ class AgentMetrics:
                                       "agent (a leak shows here first)", registry=registry)
         self.event_loop_tasks.set_function(_tasks_alive)
         self.admin = AdminMetrics(registry)
+        self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
+                                     "at start and set aside (renamed *.damaged)", ("store",),
+                                     registry=registry)
 
 
 def _tasks_alive() -> float:

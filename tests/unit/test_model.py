@@ -4,10 +4,11 @@ record that is saved to disk and read back after a restart."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey
+from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, StateError
 
 
 def settings(*gateways: str, **args: str) -> CaptureSettings:
@@ -86,6 +87,7 @@ def test_a_pod_survives_a_round_trip_through_json_on_disk() -> None:
 
 def test_the_saved_pod_uses_the_cni_field_names() -> None:
     assert WEB.to_json() == {
+        "version": 1,
         "namespace": "shop",
         "name": "web-5d8f",
         "uid": "5b1e-42",
@@ -128,3 +130,29 @@ def test_inbound_policy_comes_from_cni_args_and_rejects_what_it_cannot_enforce()
         InboundPolicy.from_cni_args({"PINION_INBOUND_POLICY": "strict"})
     with pytest.raises(ValueError, match="spiffe"):
         InboundPolicy.from_cni_args({"PINION_ALLOWED_CLIENTS": "web"})
+
+
+GOOD = WEB.to_json()
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    pytest.param([], "not a JSON object but list", id="a-list"),
+    pytest.param(None, "not a JSON object but NoneType", id="null"),
+    pytest.param({**GOOD, "ips": 5}, "'ips' must be a list of strings", id="ips-a-number"),
+    pytest.param({**GOOD, "ips": ["10.42.0.999"]}, "'ips' holds '10.42.0.999'", id="ips-not-addresses"),
+    pytest.param({k: v for k, v in GOOD.items() if k != "netns"}, "'netns' is missing", id="no-netns"),
+    pytest.param({**GOOD, "uid": 7}, "'uid' must be a string", id="uid-a-number"),
+    pytest.param({**GOOD, "opaquePorts": [0]}, "'opaquePorts' must be a list of ports", id="port-0"),
+    pytest.param({**GOOD, "opaquePorts": [True]}, "'opaquePorts' must be a list of ports", id="port-bool"),
+    pytest.param({**GOOD, "capture": []}, "'capture' must be an object", id="capture-a-list"),
+    pytest.param({**GOOD, "owner": "web"}, "'owner' must be an object", id="owner-a-string"),
+    pytest.param({**GOOD, "inboundPolicy": "open"}, "inbound policy must be one of", id="policy-unknown"),
+    pytest.param({**GOOD, "version": 2}, "version 2: this agent reads version 1", id="future-version"),
+])
+def test_a_damaged_saved_pod_is_a_state_error_naming_what_is_wrong(damage: object, says: str) -> None:
+    with pytest.raises(StateError, match=re.escape(says)):
+        Pod.from_json(damage)
+
+
+def test_a_file_from_before_versions_reads_as_version_1() -> None:
+    assert Pod.from_json({k: v for k, v in GOOD.items() if k != "version"}) == WEB

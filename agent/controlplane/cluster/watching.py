@@ -33,12 +33,14 @@ T = TypeVar("T")
 
 
 class KubernetesMode:
-    def __init__(self, config: Config, pods: Pods, trust_domain: str) -> None:
+    def __init__(self, config: Config, pods: Pods, trust_domain: str,
+                 on_damaged: Callable[[str], None] | None = None) -> None:
         assert config.kubernetes is not None
         source = None if config.kubernetes == "in-cluster" else config.kubernetes
         self.client = KubeClient(KubeConfig.load(source))
         self.state = ClusterState(trust_domain)
-        self.admission = ClusterAdmission(pods, self.state, PodStateStore(config.state_dir, "sandboxes"),
+        sandboxes = PodStateStore(config.state_dir, "sandboxes", on_damaged)
+        self.admission = ClusterAdmission(pods, self.state, sandboxes,
                                           wait_for_pod=config.pod_wait_seconds)
         state, admission = self.state, self.admission
         node = config.node_name

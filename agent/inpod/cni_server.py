@@ -29,15 +29,28 @@ READ_TIMEOUT = 10.0
 
 
 def decode_request(raw: bytes | str) -> dict[str, Any]:
-    """One plugin request: a JSON object whose `args`, if present, is an object."""
+    """One plugin request: a JSON object whose fields have the types pinion-cni sends (`args`
+    an object of strings, `ips` and `gateways` lists of strings, the rest strings), else a
+    CaptureError with CNI code 6 (4 for `args`), never a traceback."""
     try:
         request = json.loads(raw)
-    except ValueError as exc:
-        raise CaptureError(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise CaptureError(CNI_DECODE_FAILURE, "malformed request from pinion-cni: "
+                           f"{str(exc)[:200] or type(exc).__name__}") from None
     if not isinstance(request, dict):
         raise CaptureError(CNI_DECODE_FAILURE, "malformed request from pinion-cni: not a JSON object")
-    if not isinstance(request.get("args", {}), dict):
+    args = request.get("args", {})
+    if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
         raise CaptureError(CNI_INVALID_ENV, "CNI_ARGS must be key=value pairs")
+    for field in ("command", "containerId", "netns"):
+        if not isinstance(request.get(field, ""), str):
+            raise CaptureError(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {field} "
+                               "is not a string")
+    for field in ("ips", "gateways"):
+        value = request.get(field) or []
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise CaptureError(CNI_DECODE_FAILURE, f"malformed request from pinion-cni: {field} "
+                               "is not a list of addresses")
     return request
 
 
@@ -133,14 +146,27 @@ class CniServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-            reply = await self.handle_line(line)
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                reply = self.refuse(CNI_DECODE_FAILURE, f"request from pinion-cni is over "
+                                    f"{MAX_REQUEST // 1024} KiB: not read")
+            except asyncio.IncompleteReadError as exc:  # no newline: the plugin's last bytes
+                reply = await self.handle_line(exc.partial)
+            else:
+                reply = await self.handle_line(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ValueError, ConnectionError) as exc:
             log.info("cni: dropped a client: %s", exc or type(exc).__name__)
         finally:
             writer.close()
+
+    def refuse(self, code: int, msg: str) -> dict[str, Any]:
+        """A request refused before it was read: counted and logged like any failure."""
+        self._metrics.cni_requests.labels("unknown", "error").inc()
+        log.warning("cni request refused: %s", msg)
+        return _error(code, msg)
 
     async def handle_line(self, line: bytes) -> dict[str, Any]:
         command = "unknown"

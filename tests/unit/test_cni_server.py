@@ -123,6 +123,49 @@ def test_json_that_is_not_an_object_is_a_decode_failure(agent: Harness, body: by
                      "msg": "malformed request from pinion-cni: not a JSON object"}
 
 
+@pytest.mark.parametrize(("changes", "code", "says"), [
+    pytest.param({"ips": 5}, 6, "ips is not a list of addresses", id="ips-a-number"),
+    pytest.param({"ips": [5]}, 6, "ips is not a list of addresses", id="ips-of-numbers"),
+    pytest.param({"gateways": "10.42.0.1"}, 6, "gateways is not a list of addresses", id="gateways-a-string"),
+    pytest.param({"netns": ["/proc/1/ns/net"]}, 6, "netns is not a string", id="netns-a-list"),
+    pytest.param({"command": 1}, 6, "command is not a string", id="command-a-number"),
+    pytest.param({"args": {"K8S_POD_NAME": 7}}, 4, "CNI_ARGS must be key=value pairs", id="args-not-text"),
+])
+def test_fields_of_the_wrong_type_get_a_clear_code_and_no_traceback(
+        agent: Harness, caplog: pytest.LogCaptureFixture, changes: dict[str, Any], code: int,
+        says: str) -> None:
+    reply = agent.send(line({**request("ADD"), **changes}))
+
+    assert (reply["ok"], reply["code"]) == (False, code) and says in reply["msg"]
+    assert not [r for r in caplog.records if r.exc_info]  # no "unexpected failure" traceback
+    assert agent.pods.added == []
+
+
+def test_absurd_nesting_is_a_decode_failure(agent: Harness) -> None:
+    reply = agent.send(b"[" * 100_000 + b"\n")
+
+    assert (reply["ok"], reply["code"]) == (False, 6)
+
+
+def test_a_request_over_64_kib_gets_a_clear_refusal_over_the_socket(tmp_path: Path) -> None:
+    async def main() -> dict[str, Any]:
+        agent = Harness(tmp_path)
+        await agent.server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "cni.sock"))
+            big = {**request("ADD"), "prevResult": {"padding": "x" * 100_000}}
+            writer.write(line(big))
+            answer = json.loads(await reader.readline())
+            writer.close()
+            return dict(answer)
+        finally:
+            await agent.server.close()
+
+    reply = run(main())
+    assert reply == {"ok": False, "code": 6, "details": "",
+                     "msg": "request from pinion-cni is over 64 KiB: not read"}
+
+
 # ---------------------------------------------------------------- ADD
 
 

@@ -71,6 +71,7 @@ class EbpfBackend:
         self._proc_cgroup = proc_cgroup
         self._mount: Path | None = None
         self._pins: Path | None = None
+        self._pinned_now = False  # this load pinned them (else it adopted an earlier agent's)
         self._programs: dict[str, tuple[int, int]] = {}  # name -> (fd, id)
         self._maps: dict[str, int] = {}
         self._stale_ids: set[int] = set()
@@ -103,6 +104,10 @@ class EbpfBackend:
             self._ensure_attached(self._agent_cgroup, (bpfmaps.AGENT_PROGRAM,))
         except (OSError, cgroups.CgroupError) as exc:
             self._close_fds()
+            if self._pinned_now and self._pins is not None:  # a fallback leaves no maps pinned
+                shutil.rmtree(self._pins, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self._settings.pin_dir.rmdir()
             raise RedirectError(str(exc)) from exc
 
     def _own_cgroup(self, mount: Path) -> Path:
@@ -123,7 +128,8 @@ class EbpfBackend:
     def _load_or_adopt(self, object_path: Path) -> None:
         assert self._pins is not None
         wanted = [*bpfmaps.MAPS, *bpfmaps.PROGRAMS]
-        if not all((self._pins / name).exists() for name in wanted):
+        self._pinned_now = not all((self._pins / name).exists() for name in wanted)
+        if self._pinned_now:
             shutil.rmtree(self._pins, ignore_errors=True)  # a half-pinned earlier attempt
             self._pins.mkdir(parents=True)
             try:

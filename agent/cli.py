@@ -21,7 +21,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
-                "pod_uid")
+                "pod_uid", "tunnel_syn_rate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--probe-sources", metavar="IP,IP",
                        help="addresses kubelet probes come from, never captured, besides each "
                             "pod's gateway (e.g. a SNAT address)")
+    agent.add_argument("--tunnel-syn-rate", metavar="N",
+                       help="new connections per second one address may open to a pod's 15008 "
+                            "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
     agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")

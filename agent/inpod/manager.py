@@ -176,7 +176,7 @@ class PodManager:
             sources = tuple(dict.fromkeys(capture.probe_sources + self._config.probe_sources))
             capture = dataclasses.replace(capture, probe_sources=sources)
         plan = build_plan(self._config.ports, self._config.proxy_mark, self._config.reply_mark,
-                          capture)
+                          capture, self._config.tunnel_syn_rate)
         ports = self._config.ports
         context = PodContext(pod.key.namespace, pod.key.name, netns,
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)),

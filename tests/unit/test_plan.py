@@ -20,6 +20,10 @@ DEFAULT_CAPTURE = CaptureSettings(probe_sources=("10.42.0.1",))
 
 NFTABLES_DEFAULT = """\
 table ip pinion {
+\tchain guard {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\ttcp dport 15008 ct state new meter tunnel_syn_rate size 4096 { ip saddr timeout 10s limit rate over 50/second burst 100 packets } drop comment "pinion/tunnel-syn-rate"
+\t}
 \tchain reply_mark {
 \t\ttype route hook output priority mangle; policy accept;
 \t\tmeta mark 0x50494e oifname "lo" ct mark set 0x50494f comment "pinion/proxy-delivery-connmark"
@@ -46,8 +50,11 @@ table ip pinion {
 
 IPTABLES_DEFAULT = """\
 *mangle
+:PINION_GUARD - [0:0]
 :PINION_REPLY_MARK - [0:0]
+-A PREROUTING -m comment --comment "pinion/guard-jump" -j PINION_GUARD
 -A OUTPUT -m comment --comment "pinion/reply-mark-jump" -j PINION_REPLY_MARK
+-A PINION_GUARD -p tcp -m tcp --dport 15008 -m conntrack --ctstate NEW -m hashlimit --hashlimit-above 50/sec --hashlimit-burst 100 --hashlimit-mode srcip --hashlimit-name tunnel-syn-rate --hashlimit-htable-expire 10000 -m comment --comment "pinion/tunnel-syn-rate" -j DROP
 -A PINION_REPLY_MARK -o lo -m mark --mark 0x50494e -m comment --comment "pinion/proxy-delivery-connmark" -j CONNMARK --set-mark 0x50494f
 -A PINION_REPLY_MARK -m mark --mark 0x0 -m connmark --mark 0x50494f -m comment --comment "pinion/app-reply-mark" -j CONNMARK --restore-mark
 COMMIT
@@ -105,6 +112,7 @@ def test_a_default_pod_gets_these_rules_in_this_order() -> None:
     plan = plan_for()
 
     assert [rule.comment for rule in plan.rules] == [
+        "pinion/tunnel-syn-rate",
         "pinion/proxy-delivery-connmark",
         "pinion/app-reply-mark",
         "pinion/inbound-skip-proxy",
@@ -245,17 +253,17 @@ def test_iptables_gives_every_rule_a_pinion_comment(iptables: IptablesBackend) -
     rule_lines = [line for line in text.splitlines() if line.startswith("-A ")]
     assert len(rule_lines) == len(rules)
     assert all(re.search(r'-m comment --comment "pinion/[a-z-]+"', line) for line in rule_lines)
-    jumps = {"pinion/reply-mark-jump", "pinion/inbound-jump", "pinion/outbound-jump"}
+    jumps = {"pinion/guard-jump", "pinion/reply-mark-jump", "pinion/inbound-jump", "pinion/outbound-jump"}
     assert {rule.comment for rule in rules} == plan.names() | jumps
 
 
 def test_iptables_jumps_into_its_chains_before_any_chain_rule() -> None:
     rules = translate(plan_for())
 
-    assert [(r.table, r.chain, r.target) for r in rules[:3]] == [
-        ("mangle", "OUTPUT", "PINION_REPLY_MARK"),
+    assert [(r.table, r.chain, r.target) for r in rules[:4]] == [
+        ("mangle", "PREROUTING", "PINION_GUARD"), ("mangle", "OUTPUT", "PINION_REPLY_MARK"),
         ("nat", "PREROUTING", "PINION_INBOUND"), ("nat", "OUTPUT", "PINION_OUTPUT")]
-    assert all(r.chain.startswith("PINION_") for r in rules[3:])
+    assert all(r.chain.startswith("PINION_") for r in rules[4:])
 
 
 def test_replies_to_the_proxys_transparent_sockets_are_marked_and_routed_home() -> None:

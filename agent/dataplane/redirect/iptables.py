@@ -17,13 +17,14 @@ from agent.dataplane.redirect.plan import COMMENT_PREFIX, Action, Hook, Plan, Ru
 
 # hook -> (table, our chain, the built-in chain that jumps to it)
 _CHAINS = {
+    Hook.GUARD: ("mangle", "PINION_GUARD", "PREROUTING"),
     Hook.REPLY_MARK: ("mangle", "PINION_REPLY_MARK", "OUTPUT"),
     Hook.INBOUND: ("nat", "PINION_INBOUND", "PREROUTING"),
     Hook.OUTBOUND: ("nat", "PINION_OUTPUT", "OUTPUT"),
 }
 _TABLES = ("mangle", "nat")  # applied in this order: reply routing before capture
 _TARGETS = {Action.RETURN: "RETURN", Action.REDIRECT: "REDIRECT",
-            Action.SET_CONNMARK: "CONNMARK", Action.RESTORE_MARK: "CONNMARK"}
+            Action.SET_CONNMARK: "CONNMARK", Action.RESTORE_MARK: "CONNMARK", Action.DROP: "DROP"}
 _MULTIPORT_MAX = 15
 
 
@@ -46,6 +47,11 @@ class _IptRule:
     to_ports: int | None = None
     connmark: str | None = None  # "set-mark" | "restore-mark"
     connmark_value: int | None = None
+    new_over_rate: tuple[int, int] | None = None  # conntrack NEW + hashlimit per source
+
+    @property
+    def hashlimit_name(self) -> str:
+        return self.comment.removeprefix(COMMENT_PREFIX)
 
     def save_line(self) -> str:
         args = [f"-A {self.chain}"]
@@ -61,6 +67,11 @@ class _IptRule:
             args.append(f"-m mark --mark {self.mark:#x}")
         if self.ct_mark is not None:
             args.append(f"-m connmark --mark {self.ct_mark:#x}")
+        if self.new_over_rate is not None:
+            rate, burst = self.new_over_rate
+            args.append(f"-m conntrack --ctstate NEW -m hashlimit --hashlimit-above {rate}/sec "
+                        f"--hashlimit-burst {burst} --hashlimit-mode srcip --hashlimit-name "
+                        f"{self.hashlimit_name} --hashlimit-htable-expire 10000")
         args.append(f'-m comment --comment "{self.comment}"')
         args.append(f"-j {self.target}")
         if self.to_ports is not None:
@@ -111,6 +122,7 @@ def _expand(rule: Rule) -> Iterator[_IptRule]:
                     in_iface=match.in_iface, out_iface=match.out_iface, mark=match.mark,
                     ct_mark=match.ct_mark, dports=dports, to_ports=rule.redirect_port,
                     connmark=connmark, connmark_value=rule.mark_value,
+                    new_over_rate=match.new_over_rate,
                 )
 
 
@@ -179,7 +191,7 @@ class IptablesBackend:
                     self._iptc.Table(name, autocommit=False)
         rule = self._iptc.Rule()
         rule.protocol = "tcp"
-        for match in ("tcp", "multiport", "mark", "connmark", "comment"):
+        for match in ("tcp", "multiport", "mark", "connmark", "conntrack", "hashlimit", "comment"):
             rule.create_match(match)
         rule.create_target("REDIRECT")
         rule.create_target("CONNMARK")
@@ -269,6 +281,14 @@ class IptablesBackend:
             rule.create_match("mark").mark = f"{spec.mark:#x}"
         if spec.ct_mark is not None:
             rule.create_match("connmark").mark = f"{spec.ct_mark:#x}"
+        if spec.new_over_rate is not None:
+            rule.create_match("conntrack").ctstate = "NEW"
+            limit = rule.create_match("hashlimit")
+            limit.hashlimit_above = f"{spec.new_over_rate[0]}/sec"
+            limit.hashlimit_burst = str(spec.new_over_rate[1])
+            limit.hashlimit_mode = "srcip"
+            limit.hashlimit_name = spec.hashlimit_name
+            limit.hashlimit_htable_expire = "10000"
         rule.create_match("comment").comment = spec.comment
         target = rule.create_target(spec.target)
         if spec.to_ports is not None:

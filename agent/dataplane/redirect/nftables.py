@@ -14,11 +14,13 @@ from agent.dataplane.redirect.plan import COMMENT_PREFIX, Action, Hook, Match, P
 TABLE = "ip pinion"
 # hook -> (chain name, chain declaration)
 _CHAINS = {
+    Hook.GUARD: ("guard", "type filter hook prerouting priority mangle; policy accept;"),
     Hook.REPLY_MARK: ("reply_mark", "type route hook output priority mangle; policy accept;"),
     Hook.INBOUND: ("inbound", "type nat hook prerouting priority dstnat; policy accept;"),
     Hook.OUTBOUND: ("outbound", "type nat hook output priority -100; policy accept;"),
 }
-_ACTIONS = {Action.RETURN: "return", Action.RESTORE_MARK: "meta mark set ct mark"}
+_ACTIONS = {Action.RETURN: "return", Action.RESTORE_MARK: "meta mark set ct mark",
+            Action.DROP: "drop"}
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 
 
@@ -119,6 +121,10 @@ class NftablesBackend:
 
 def _render_rule(rule: Rule) -> str:
     parts = _render_match(rule.match)
+    if rule.match.new_over_rate is not None:  # a meter: one bucket per source, forgotten idle
+        rate, burst = rule.match.new_over_rate
+        parts.append(f"ct state new meter {rule.name.replace('-', '_')} size 4096 "
+                     f"{{ ip saddr timeout 10s limit rate over {rate}/second burst {burst} packets }}")
     if rule.action is Action.REDIRECT:
         if not rule.match.tcp or rule.redirect_port is None:
             raise ValueError(f"{rule.name}: redirect needs a TCP match and a port")

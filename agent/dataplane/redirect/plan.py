@@ -13,9 +13,11 @@ COMMENT_PREFIX = "pinion/"
 
 
 class Hook(Enum):
-    """Where a chain sits: inbound = nat PREROUTING, outbound = nat OUTPUT,
-    reply-mark = mangle OUTPUT (a mark change there re-routes the packet)."""
+    """Where a chain sits: guard = PREROUTING before nat (mangle priority: it may drop),
+    inbound = nat PREROUTING, outbound = nat OUTPUT, reply-mark = mangle OUTPUT (a mark
+    change there re-routes the packet)."""
 
+    GUARD = "guard"
     INBOUND = "inbound"
     OUTBOUND = "outbound"
     REPLY_MARK = "reply-mark"
@@ -26,6 +28,7 @@ class Action(Enum):
     REDIRECT = "redirect"  # to the proxy port in Rule.redirect_port
     SET_CONNMARK = "set-mark"  # connection mark := Rule.mark_value
     RESTORE_MARK = "restore-mark"  # packet mark := connection mark
+    DROP = "drop"  # (guard only) the kernel drops it: the agent never sees it
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,8 @@ class Match:
     src_cidrs: tuple[str, ...] = ()
     dst_cidrs: tuple[str, ...] = ()
     dst_ports: tuple[int, ...] = ()
+    # a new connection from a source that opened more than (per second, burst) of them
+    new_over_rate: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +78,15 @@ class Plan:
 
 
 ROUTE_TABLE = 15006
+# New mesh-tunnel connections per second from one address beyond which the kernel drops
+# the SYN (after a burst of twice as many): well above what the agent's own gate admits to
+# TLS (agent.core.limits), so it only ever stops a flood, and the flood costs the agent
+# nothing. 0 turns it off.
+TUNNEL_SYN_RATE = 50
 
 
-def build_plan(ports: Ports, mark: int, reply_mark: int, capture: CaptureSettings) -> Plan:
+def build_plan(ports: Ports, mark: int, reply_mark: int, capture: CaptureSettings,
+               tunnel_syn_rate: int = TUNNEL_SYN_RATE) -> Plan:
     """The in-pod capture rules, in the shape of Istio's in-pod mode (design.md).
 
     Inbound delivery keeps the client's address: the proxy connects to the app from a
@@ -87,7 +98,12 @@ def build_plan(ports: Ports, mark: int, reply_mark: int, capture: CaptureSetting
     if mark == reply_mark:
         raise ValueError("the proxy mark and the reply mark must differ")
     inbound, outbound, reply = Hook.INBOUND, Hook.OUTBOUND, Hook.REPLY_MARK
-    rules = [
+    rules = []
+    if tunnel_syn_rate > 0:
+        rate = (tunnel_syn_rate, 2 * tunnel_syn_rate)
+        rules.append(Rule("tunnel-syn-rate", Hook.GUARD, Match(tcp=True, dst_ports=(ports.tunnel,),
+                                                               new_over_rate=rate), Action.DROP))
+    rules += [
         Rule("proxy-delivery-connmark", reply, Match(mark=mark, out_iface="lo"),
              Action.SET_CONNMARK, mark_value=reply_mark),
         Rule("app-reply-mark", reply, Match(mark=0, ct_mark=reply_mark), Action.RESTORE_MARK),

@@ -24,7 +24,7 @@ import setuptools
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "support"
 NOT_SOURCE = (".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis",
-              "__pycache__", "build", "dist", "*.egg-info", "bpf/*.o")
+              "__pycache__", "build", "dist", "*.egg-info", "*.o")  # names, at any depth
 
 
 def missing_wheel_backend() -> str | None:

@@ -5,11 +5,12 @@ tests/support (the fake Kubernetes API server).
 The wheel is built the way `pip install .` in deploy/Dockerfile builds it (the PEP 517 backend
 of pyproject.toml), from a copy of the whole tree, tests/ included, so a packaging rule that
 picks up tests/ would show here. Offline and without build isolation: the venv's setuptools
-builds it (about 3 s).
+builds it (about 3 s). And since the wheel has no tests/, nothing in agent/ may reach for it.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -70,3 +71,22 @@ def test_no_test_support_module_is_in_the_wheel_under_any_path(wheel_files: list
     assert {"kubeapi", "kubestore"} <= test_only  # the server is where this test looks for it
     shipped = {Path(name).stem for name in wheel_files if name.endswith(".py")}
     assert not shipped & test_only
+
+
+def top_level_imports(source: str) -> set[str]:
+    """The top-level package of every absolute import in `source`, wherever it stands."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+    return {name.split(".")[0] for name in names}
+
+
+def test_nothing_that_ships_reaches_for_test_code() -> None:
+    # A wheel without tests/ only works if agent/ never imports it, lazily or by `python -m`.
+    for path in sorted((REPO / "agent").rglob("*.py")):
+        source = path.read_text()
+        assert not top_level_imports(source) & {"tests", "bench"}, path
+        assert "tests.support" not in source, path

@@ -36,8 +36,9 @@ bpf: $(BPF_OBJECTS)
 bpf/%.o: bpf/%.c
 	clang $(BPF_CFLAGS) -c $< -o $@
 
-lint: venv
+lint: venv  ## ruff, and mypy --strict on the files pyproject.toml's [tool.mypy] names
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(PY) -m pytest -q tests/unit

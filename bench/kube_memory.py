@@ -245,7 +245,8 @@ async def populate(kubeconfig: Path, count: int) -> int:
 
 @contextlib.contextmanager
 def api_server_process(directory: Path) -> Any:
-    process = subprocess.Popen([sys.executable, "-m", "agent.lab.kubeapi", "--dir", str(directory)], cwd=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "tests.support.kubeapi", "--dir", str(directory)],
+                               cwd=REPO)
     try:
         deadline = time.monotonic() + 30
         while not (directory / "ready").exists():

@@ -23,10 +23,10 @@ import pytest
 from agent.identity.files import init_identity_dir
 from agent.lab.agents import LabAgent, node_socket
 from agent.lab.capture import UnderlayCapture
-from agent.lab.kubeapi import FakeApiServer
-from agent.lab.kubestore import StoreError
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import REPO, eventually
+from tests.support.kubeapi import FakeApiServer
+from tests.support.kubestore import StoreError
 
 pytestmark = pytest.mark.netns
 

@@ -11,7 +11,7 @@ import pytest
 
 from agent.cli import main
 from agent.identity.files import init_identity_dir
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.controlplane.cni_install.rollout import uninstall_unless_rolling
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 
 DAEMONSET = "pinion-system/pinion-agent"
 

@@ -81,6 +81,12 @@ def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     assert {"agent/", "deploy/"} <= set(sources)
 
 
+def test_test_only_code_stays_out_of_the_build_context() -> None:
+    # The fake Kubernetes API server lives in tests/support; no COPY may bring it in.
+    for path in ("tests/support/kubeapi.py", "tests/unit/test_layers.py", "bench/foundation.py"):
+        assert (REPO / path).exists() and ignored(path), path
+
+
 def test_copies_between_stages_name_a_stage() -> None:
     names = {args.split(" AS ")[1] for name, args in instructions() if name == "FROM" and " AS " in args}
     for name, args in instructions():

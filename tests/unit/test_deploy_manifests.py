@@ -536,7 +536,7 @@ def test_the_agent_never_imports_yaml() -> None:
 
 @pytest.fixture
 def api_server(tmp_path: Path) -> Iterator[Any]:
-    from agent.lab.kubeapi import FakeApiServer
+    from tests.support.kubeapi import FakeApiServer
 
     server = FakeApiServer(host="127.0.0.1", port=0, directory=tmp_path / "api").start()
     try:

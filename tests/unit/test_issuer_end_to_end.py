@@ -28,7 +28,7 @@ from agent.identity.files import init_identity_dir, split_pem_certificates
 from agent.identity.remote import IssuerRefused, KubeSigner, kubernetes_identities
 from agent.identity.spiffe import SpiffeId, issuer_id
 from agent.identity.tls import AES_FIRST
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "system:serviceaccount:pinion-system:pinion-agent"

@@ -19,7 +19,7 @@ import pytest
 from agent.controlplane.issuer.limits import ListenerLimits
 from agent.identity.crypto import cert_info
 from agent.identity.files import init_identity_dir
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 from tests.unit.test_issuer_end_to_end import AGENT, CART, NODE_NAME, Issuer, pod, start_issuer
 
 IDLE_CONNECTIONS = 500

@@ -1,5 +1,5 @@
 """The Kubernetes client: kubeconfig and in-cluster loading, HTTP/1.1 framing, and requests and
-watches against the in-test API server (agent/lab/kubeapi.py) over TLS on loopback.
+watches against the in-test API server (tests/support/kubeapi.py) over TLS on loopback.
 
 Where a behaviour needs a server that misbehaves on purpose (closes keep-alive connections, never
 answers, sends an over-long event), a few lines of raw asyncio server stand in for it."""
@@ -21,7 +21,7 @@ import yaml
 from agent.controlplane.kube import client as client_module
 from agent.controlplane.kube.client import ApiError, Gone, KubeClient, KubeConfig, KubeConfigError
 from agent.controlplane.kube.http1 import BodyReader, LineSplitter, LineTooLong, ProtocolError, parse_head
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 
 T = TypeVar("T")
 

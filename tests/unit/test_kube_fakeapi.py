@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.controlplane.kube.client import ApiError, Gone, KubeClient, KubeConfig
-from agent.lab.kubeapi import FakeApiError, FakeApiServer, RemoteFakeApi
-from agent.lab.kubestore import (
+from tests.support.kubeapi import FakeApiError, FakeApiServer, RemoteFakeApi
+from tests.support.kubestore import (
     RESOURCES,
     Change,
     Selector,
@@ -314,7 +314,7 @@ def test_token_reviews_answer_from_the_token_table(server: FakeApiServer) -> Non
 
 def test_the_server_runs_as_a_process_with_http_test_hooks(tmp_path: Path) -> None:
     directory = tmp_path / "api"
-    process = subprocess.Popen([sys.executable, "-m", "agent.lab.kubeapi", "--listen", "127.0.0.1:0",
+    process = subprocess.Popen([sys.executable, "-m", "tests.support.kubeapi", "--listen", "127.0.0.1:0",
                                 "--dir", str(directory)], cwd=REPO)
     try:
         deadline = time.monotonic() + 20

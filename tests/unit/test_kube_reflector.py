@@ -19,7 +19,7 @@ import pytest
 from agent.controlplane.kube.client import KubeClient, KubeConfig
 from agent.controlplane.kube.listing import ListReader
 from agent.controlplane.kube.reflector import Backoff, Reflector, Update, apply_event, object_key, replace_all
-from agent.lab.kubeapi import FakeApiServer
+from tests.support.kubeapi import FakeApiServer
 
 T = TypeVar("T")
 

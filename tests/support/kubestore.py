@@ -1,6 +1,6 @@
 """Storage of the in-test Kubernetes API server: typed objects, resourceVersions, history, watchers.
 
-No I/O: the server (agent/lab/kubeapi.py) calls it from one event-loop thread. Objects are never
+No I/O: the server (tests/support/kubeapi.py) calls it from one event-loop thread. Objects are never
 mutated once stored (a change stores a new dict), so lists and watch events can share them.
 Label and field selectors, JSON merge patch and continue tokens live here too, as pure functions.
 """

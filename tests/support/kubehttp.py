@@ -1,6 +1,6 @@
 """HTTP/1.1 framing for the in-test API server: requests in, JSON and chunked watch events out.
 
-Standard library only; the routing and the Kubernetes semantics live in agent/lab/kubeapi.py.
+Standard library only; the routing and the Kubernetes semantics live in tests/support/kubeapi.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from agent.lab.kubestore import JsonObject, Resource, StoreError, resource_for
+from tests.support.kubestore import JsonObject, Resource, StoreError, resource_for
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 

@@ -6,7 +6,7 @@ Standard library asyncio plus the `openssl` command for its certificates. In-pro
     server.start()   # its own thread and event loop; server.url, server.kubeconfig, server.token
     server.apply({...}); server.delete("v1", "Pod", "default", "web"); server.compact(); server.stop()
 
-As a process (netns tests): `python -m agent.lab.kubeapi --listen IP:PORT --dir D` writes D/kubeconfig,
+As a process (netns tests): `python -m tests.support.kubeapi --listen IP:PORT --dir D` writes D/kubeconfig,
 D/token, then D/ready; the test helpers are then POST /_test/{apply,delete,add-token,compact,drop-watches}
 and GET /_test/requests, with the bearer token (RemoteFakeApi wraps them).
 
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.lab.kubecerts import ServerCerts, issue_client_cert, make_server_certs
-from agent.lab.kubehttp import (
+from tests.support.kubecerts import ServerCerts, issue_client_cert, make_server_certs
+from tests.support.kubehttp import (
     BadRequest,
     Request,
     certificate_user,
@@ -52,7 +52,7 @@ from agent.lab.kubehttp import (
     response_head,
     send_json,
 )
-from agent.lab.kubestore import (
+from tests.support.kubestore import (
     JsonObject,
     Resource,
     Selector,
@@ -65,7 +65,7 @@ from agent.lab.kubestore import (
     objects_of,
     resource_of_kind,
 )
-from agent.lab.kubeviews import (
+from tests.support.kubeviews import (
     API_AUDIENCE,
     VERSION,
     TokenEntry,
@@ -592,7 +592,8 @@ def _listen(value: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.lab.kubeapi", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.kubeapi",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0", type=_listen, help="IP:PORT (default 127.0.0.1:0)")
     parser.add_argument("--dir", required=True, type=Path, help="where kubeconfig, token, ca.crt, ready go")
     parser.add_argument("--bookmark-interval", type=float, default=1.0)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.lab.kubestore import RESOURCES, JsonObject, Resource, StoreError
+from tests.support.kubestore import RESOURCES, JsonObject, Resource, StoreError
 
 API_AUDIENCE = "https://kubernetes.default.svc"
 VERSION = {

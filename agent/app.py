@@ -15,13 +15,13 @@ from agent.config import Config
 from agent.core.telemetry import Telemetry
 from agent.dataplane.netns import NetNs, NetnsSwitch
 from agent.dataplane.proxy import Proxy
-from agent.dataplane.redirect import choose_backend
+from agent.dataplane.redirect import CgroupBackend, choose_backend
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
 from agent.inpod.manager import PodManager
 from agent.inpod.state import PodStateStore
 from agent.observability.admin import AdminServer
-from agent.observability.metrics import build_registry
+from agent.observability.metrics import EbpfCollector, build_registry
 
 log = logging.getLogger("pinion")
 
@@ -33,6 +33,8 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     backend.prepare()
     telemetry = Telemetry(time.monotonic, config.metrics_grace_seconds)
     registry, metrics = build_registry(telemetry)
+    if isinstance(backend, CgroupBackend):
+        registry.register(EbpfCollector(backend.map_bytes))
     sockets = SocketFactory(switch, config.proxy_mark)
     proxy = Proxy(sockets, telemetry, metrics, config.connect_timeout_seconds,
                   config.write_buffer_high)

@@ -21,7 +21,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
-                "pod_uid", "tunnel_syn_rate")
+                "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
     agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")
+    agent.add_argument("--bpf-max-pods", metavar="N",
+                       help="meshed pods the eBPF maps hold (default 256; k3s allows 110 a node)")
+    agent.add_argument("--bpf-max-connections", metavar="N",
+                       help="outbound connects in flight the eBPF maps hold (default 8192)")
     kube = agent.add_argument_group("Kubernetes mode (docs/kubernetes.md)")
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="watch this cluster (default: in-cluster config when run in a pod)")

@@ -73,6 +73,8 @@ class Config:
     trust_domain: str = "cluster.local"
     pod_wait_seconds: float = 10.0  # how long a CNI ADD waits for the pod to appear in the watch
     pod_uid: str = ""  # the agent's own pod (PINION_POD_UID from the downward API), for its cgroup
+    bpf_max_pods: int = 256  # eBPF maps are sized for this many meshed pods on the node...
+    bpf_max_connections: int = 8192  # ...and this many outbound connects in flight
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -123,7 +125,17 @@ class Config:
             trust_domain=get("trust_domain", "cluster.local") or "cluster.local",
             pod_wait_seconds=_number(get("pod_wait_seconds", "10"), "pod wait", float),
             pod_uid=get("pod_uid", "") or "",
+            bpf_max_pods=_at_least_one(get("bpf_max_pods", "256"), "--bpf-max-pods"),
+            bpf_max_connections=_at_least_one(get("bpf_max_connections", "8192"),
+                                              "--bpf-max-connections"),
         )
+
+
+def _at_least_one(text: str | None, what: str) -> int:
+    value = _number(text, what, int)
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1, not {text}")
+    return value
 
 
 def _path(text: str | None) -> Path | None:

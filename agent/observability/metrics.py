@@ -4,7 +4,7 @@ own health. Per-pod series are rendered at scrape time from plain counters."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -130,6 +130,21 @@ class IdentityCollector(Collector):
         renewals.add_metric(["success"], self._identities.renewals)
         renewals.add_metric(["failure"], self._identities.renewal_failures)
         yield from (expiry, issued, renewals)
+
+
+class EbpfCollector(Collector):
+    """The kernel memory of each eBPF map, read at scrape time: charged to the agent's memory
+    cgroup though no RSS shows it."""
+
+    def __init__(self, map_bytes: Callable[[], dict[str, int]]) -> None:
+        self._map_bytes = map_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("pinion_ebpf_map_bytes", "Kernel memory held by each eBPF "
+                                   "map (charged to the agent's memory cgroup)", labels=("map",))
+        for name, size in sorted(self._map_bytes().items()):
+            family.add_metric([name], size)
+        yield family
 
 
 class AdminMetrics:

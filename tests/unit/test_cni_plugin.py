@@ -448,7 +448,8 @@ def test_add_or_check_without_prev_result_says_to_chain_after_a_real_plugin(
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("failPolicy", "sometimes"), ("type", "bridge"), ("timeoutSeconds", 0)],
+    [("failPolicy", "sometimes"), ("type", "bridge"), ("timeoutSeconds", 0),
+     ("timeoutSeconds", 1e19)],  # 1e19 once overflowed settimeout: reported as our own bug
 )
 def test_invalid_plugin_config_value_is_named_in_the_error(
     run_dir: Path, key: str, value: Any
@@ -457,6 +458,19 @@ def test_invalid_plugin_config_value_is_named_in_the_error(
 
     assert key in error["msg"]
     assert repr(value) in error["msg"]
+
+
+def test_a_config_nested_absurdly_deep_is_a_decode_error_not_our_bug(run_dir: Path) -> None:
+    error = expect_cni_error(invoke("ADD", "[" * 100_000), 6)
+
+    assert "nested too deeply" in error["msg"]
+
+
+def test_cni_args_too_long_for_the_agent_are_refused_before_sending(run_dir: Path) -> None:
+    run = invoke("ADD", pinion_config(run_dir), CNI_ARGS=POD_ARGS + ";PINION_PAD=" + "x" * 70_000)
+
+    error = expect_cni_error(run, 4)
+    assert "over its 64 KiB" in error["msg"]
 
 
 def test_malformed_cni_args_pair_is_an_environment_error(run_dir: Path) -> None:

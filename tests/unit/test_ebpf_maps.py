@@ -225,3 +225,22 @@ def test_check_says_nothing_of_ebpf_for_a_netfilter_agent() -> None:
     pods = [{"namespace": "shop", "name": "web", "listening": True, "backend": "nftables"}]
 
     assert not any("eBPF" in r.title for r in checks.agent_results(_replies(pods), now=10.0))
+
+
+def test_the_maps_are_sized_for_a_node_not_for_the_objects_ceilings() -> None:
+    from agent.dataplane.redirect.bpfmaps import MAPS, map_sizes
+
+    sizes = map_sizes(max_pods=110, max_connections=4096)
+    assert sizes == {"pod_config": 110, "stats": 110, "skip_ports": 1760, "skip_cidrs": 1760,
+                     "by_cookie": 4096, "by_port": 4096}
+    assert set(sizes) == set(MAPS)
+
+
+def test_resized_maps_are_a_new_version_of_the_pins_never_adopted() -> None:
+    from agent.dataplane.redirect.bpfmaps import map_sizes
+    from agent.dataplane.redirect.ebpf import pin_version
+
+    program = b"\x7fELF the same object"
+    assert pin_version(program, map_sizes(64, 8192)) == pin_version(program, map_sizes(64, 8192))
+    assert pin_version(program, map_sizes(64, 8192)) != pin_version(program, map_sizes(1024, 8192))
+    assert pin_version(program, map_sizes(64, 8192)) != pin_version(program + b"!", map_sizes(64, 8192))

@@ -59,11 +59,14 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issuer]:
 
 
 def hold_idle_connections(port: int, count: int) -> list[socket.socket]:
-    """`count` connected sockets that never send a byte."""
+    """`count` connected sockets that never send a byte, from eight loopback addresses (one
+    address may hold only 64: ListenerLimits.max_per_source)."""
     held: list[socket.socket] = []
     try:
-        for _ in range(count):
-            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for index in range(count):
+            source = (f"127.0.0.{2 + index % 8}", 0)
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5,
+                                                 source_address=source))
     except BaseException:
         for sock in held:
             sock.close()

@@ -168,3 +168,41 @@ def test_a_source_over_its_rate_gets_429_with_retry_after_and_no_token_review(id
         assert issuer.count("rate_limited") == 2
 
     serve(identity_dir, tmp_path, scenario, rate=RateLimit(burst=2, per_second=0.01))
+
+
+async def from_address(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+def test_one_address_cannot_take_every_tls_slot(identity_dir: Path, tmp_path: Path) -> None:
+    async def scenario(issuer: Running) -> None:
+        stalled = []
+        for _ in range(6):  # the first bytes of a ClientHello, then nothing: each wants a slot
+            reader, writer = await from_address(issuer.port, "127.0.0.5")
+            writer.write(bytes.fromhex("16030102000100"))
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.3)
+
+        started = time.monotonic()
+        await issuer.signer().sign(csr_for(CART), CART, 3600)  # from 127.0.0.1
+        assert time.monotonic() - started < 1.0  # not behind the stalled ones' 3 s deadline
+        for _, writer in stalled:
+            writer.close()
+
+    serve(identity_dir, tmp_path, scenario,
+          limits=ListenerLimits(max_tls=4, max_tls_per_source=2, handshake_timeout=3.0))
+
+
+def test_one_address_holds_at_most_its_share_of_connections(identity_dir: Path, tmp_path: Path) -> None:
+    async def scenario(issuer: Running) -> None:
+        held = [await from_address(issuer.port, "127.0.0.6") for _ in range(3)]
+        assert await until(lambda: issuer.server.listener.held == 3, 2)
+        reader, writer = await from_address(issuer.port, "127.0.0.6")
+        assert await ended_by_server(reader, 1.0)
+        assert refused(issuer.registry, "too_many_from_source") == 1
+        await issuer.signer().sign(csr_for(CART), CART, 3600)  # another address: served
+        for _, other in [*held, (reader, writer)]:
+            other.close()
+
+    serve(identity_dir, tmp_path, scenario,
+          limits=ListenerLimits(max_connections=10, max_tls=4, max_per_source=3))

@@ -66,6 +66,7 @@ class BoundedListener:
         self._context = context
         self._stream_limit = stream_limit
         self._tls_slots = asyncio.Semaphore(limits.max_tls)
+        self._sources: dict[str, _Source] = {}  # address -> its connections and TLS slots
         self._connections: set[asyncio.Task[None]] = set()
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -115,17 +116,21 @@ class BoundedListener:
                 log.warning("%s: accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
-            peer = _peer(address)
-            reason = admit_connection(self.held, self._limits)
+            peer, source = _peer(address), str(address[0])
+            mine = self._sources.get(source)
+            reason = admit_connection(self.held, self._limits, mine.held if mine else 0)
             if reason is not None:
                 _reset(sock)
                 self.refused(peer, reason)
                 continue
-            task = loop.create_task(self._connection(sock, peer))
+            if mine is None:
+                mine = self._sources[source] = _Source(self._limits.max_tls_per_source)
+            mine.held += 1
+            task = loop.create_task(self._connection(sock, peer, source, mine))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-    async def _connection(self, sock: socket.socket, peer: str) -> None:
+    async def _connection(self, sock: socket.socket, peer: str, address: str, source: _Source) -> None:
         """One accepted socket, start to end; whatever happens, the socket is closed on return."""
         writer: asyncio.StreamWriter | None = None
         has_slot = False
@@ -136,7 +141,12 @@ class BoundedListener:
                     self.refused(peer, "silent")  # closed (or reset) without a byte
                     return
                 stage = "too_many_handshakes"
-                await self._tls_slots.acquire()
+                await source.tls_slots.acquire()  # its own first: it cannot take everyone's
+                try:
+                    await self._tls_slots.acquire()
+                except BaseException:
+                    source.tls_slots.release()
+                    raise
                 has_slot = True
                 stage = "handshake_timeout"
                 reader, writer = await self._open(sock)
@@ -157,6 +167,10 @@ class BoundedListener:
                 await _close(writer)
             if has_slot:
                 self._tls_slots.release()
+                source.tls_slots.release()
+            source.held -= 1
+            if not source.held:
+                del self._sources[address]
 
     async def _open(self, sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The streams over `sock`, after the TLS handshake if there is a context."""
@@ -175,6 +189,16 @@ class BoundedListener:
             exc.__traceback__ = None
             raise
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class _Source:
+    """One client address: how many connections it holds, and its share of the TLS slots."""
+
+    __slots__ = ("held", "tls_slots")
+
+    def __init__(self, tls_slots: int) -> None:
+        self.held = 0
+        self.tls_slots = asyncio.Semaphore(tls_slots)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

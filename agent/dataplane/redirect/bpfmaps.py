@@ -13,6 +13,17 @@ from agent.dataplane.redirect.plan import Action, Hook, Plan
 
 # Map and program names in bpf/capture.c.
 MAPS = ("pod_config", "skip_ports", "skip_cidrs", "by_cookie", "by_port", "stats")
+PORTS_PER_POD = 16  # excluded ports (and CIDRs) a pod may have, on average
+
+
+def map_sizes(max_pods: int, max_connections: int) -> dict[str, int]:
+    """Entries per map for a node of `max_pods` meshed pods and `max_connections` outbound
+    connects in flight (connect -> the proxy's accept): hash and LRU maps take their kernel
+    memory up front, so the object's ceilings (1,024 pods, 65,536 connections: ~12 MiB
+    charged to the agent's cgroup) are cut to what the node runs."""
+    return {"pod_config": max_pods, "stats": max_pods,
+            "skip_ports": max_pods * PORTS_PER_POD, "skip_cidrs": max_pods * PORTS_PER_POD,
+            "by_cookie": max_connections, "by_port": max_connections}
 PROGRAMS = {"pinion_connect4": "connect4", "pinion_connect6": "connect6",
             "pinion_sockops": "sockops", "pinion_getsockopt": "getsockopt"}
 POD_PROGRAMS = ("pinion_connect4", "pinion_connect6", "pinion_sockops")  # on each pod cgroup

@@ -41,13 +41,18 @@ class EbpfSettings:
     object_path: Path
     pin_dir: Path  # this agent's: <root>/<node>-<hash of its state dir>
     pod_uid: str = ""  # the agent's own pod (DaemonSet: downward API), to find its cgroup
+    max_pods: int = 256
+    max_connections: int = 8192
 
     @classmethod
     def from_config(cls, config: Config) -> EbpfSettings:
         root = config.bpf_dir or DEFAULT_PIN_ROOT
         state = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
         return cls(config.bpf_object or DEFAULT_OBJECT, root / f"{config.node_name}-{state}",
-                   config.pod_uid)
+                   config.pod_uid, config.bpf_max_pods, config.bpf_max_connections)
+
+    def map_sizes(self) -> dict[str, int]:
+        return bpfmaps.map_sizes(self.max_pods, self.max_connections)
 
 
 @dataclass(slots=True)
@@ -95,7 +100,7 @@ class EbpfBackend:
         if not object_path.is_file():
             raise RedirectError(f"no eBPF object at {object_path} (build it: make bpf)")
         _ensure_bpffs(self._settings.pin_dir, mounts)
-        digest = hashlib.sha256(object_path.read_bytes()).hexdigest()[:12]
+        digest = pin_version(object_path.read_bytes(), self._settings.map_sizes())
         self._pins = self._settings.pin_dir / digest
         try:
             self._stale_ids = _retire_other_versions(self._settings.pin_dir, digest)
@@ -133,7 +138,8 @@ class EbpfBackend:
             shutil.rmtree(self._pins, ignore_errors=True)  # a half-pinned earlier attempt
             self._pins.mkdir(parents=True)
             try:
-                libbpf.load_and_pin(object_path, self._pins, bpfmaps.MAPS, tuple(bpfmaps.PROGRAMS))
+                libbpf.load_and_pin(object_path, self._pins, bpfmaps.MAPS, tuple(bpfmaps.PROGRAMS),
+                                    self._settings.map_sizes())
             except OSError:
                 shutil.rmtree(self._pins, ignore_errors=True)
                 raise
@@ -160,6 +166,10 @@ class EbpfBackend:
             with contextlib.suppress(OSError):
                 self._settings.pin_dir.parent.rmdir()  # the root, if no other agent uses it
         self._close_fds()
+
+    def map_bytes(self) -> dict[str, int]:
+        """Kernel memory of each map, as charged to the agent's memory cgroup."""
+        return {name: libbpf.map_memory(fd) for name, fd in self._maps.items()}
 
     def _close_fds(self) -> None:
         for fd in [*self._maps.values(), *(fd for fd, _ in self._programs.values())]:
@@ -328,6 +338,12 @@ def _replace_entries(map_fd: int, key_size: int, cookie_of: Any, cookie: int,
             libbpf.map_delete(map_fd, key)
     for key, value in wanted.items():
         libbpf.map_update(map_fd, key, value)
+
+
+def pin_version(program_object: bytes, sizes: dict[str, int]) -> str:
+    """The name of one version's pin directory: another object, or other map sizes, is
+    another version (loaded anew; the old one retired), never adopted."""
+    return hashlib.sha256(program_object + repr(sorted(sizes.items())).encode()).hexdigest()[:12]
 
 
 def _retire_other_versions(pin_dir: Path, digest: str) -> set[int]:

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class _Lib:
             "bpf_object__find_map_by_name": (vp, [vp, cp]),
             "bpf_object__find_program_by_name": (vp, [vp, cp]),
             "bpf_map__set_pin_path": (i, [vp, cp]),
+            "bpf_map__set_max_entries": (i, [vp, u32]),
             "bpf_program__pin": (i, [vp, cp]),
             "bpf_program__fd": (i, [vp]),
             "bpf_program__set_log_buf": (i, [vp, cp, ctypes.c_size_t]),
@@ -98,20 +100,20 @@ def _check(result: int, what: str) -> int:
 
 
 def load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
-                 programs: tuple[str, ...]) -> None:
+                 programs: tuple[str, ...], sizes: Mapping[str, int] | None = None) -> None:
     """Load the object with its maps pinned at pin_dir/<map> (reused if already pinned),
     then pin each program at pin_dir/<program>. The pins keep everything alive.
 
     A failed load is repeated with a log buffer, for the verifier's words: a successful
     one then costs no buffer (glibc keeps freed megabytes in the heap: RSS)."""
     try:
-        _load_and_pin(object_path, pin_dir, maps, programs, None)
+        _load_and_pin(object_path, pin_dir, maps, programs, None, sizes or {})
     except BpfError as first:
         if first.errno not in (errno.EACCES, errno.EINVAL):
             raise
         log = ctypes.create_string_buffer(_LOG_SIZE)
         try:
-            _load_and_pin(object_path, pin_dir, maps, programs, log)
+            _load_and_pin(object_path, pin_dir, maps, programs, log, sizes or {})
         except BpfError as second:
             raise BpfError(second.errno or first.errno, second.what,
                            _tail(log.value)) from None
@@ -119,7 +121,8 @@ def load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
 
 
 def _load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
-                  programs: tuple[str, ...], log: ctypes.Array[ctypes.c_char] | None) -> None:
+                  programs: tuple[str, ...], log: ctypes.Array[ctypes.c_char] | None,
+                  sizes: Mapping[str, int]) -> None:
     bpf = lib()
     obj = bpf.bpf_object__open_file(str(object_path).encode(), None)
     if not obj:
@@ -128,6 +131,8 @@ def _load_and_pin(object_path: Path, pin_dir: Path, maps: tuple[str, ...],
         for name in maps:
             handle = _find(bpf.bpf_object__find_map_by_name, obj, name, object_path)
             _check(bpf.bpf_map__set_pin_path(handle, str(pin_dir / name).encode()), f"map {name}")
+            if name in sizes:  # the object's max_entries are a ceiling: a node sizes them
+                _check(bpf.bpf_map__set_max_entries(handle, sizes[name]), f"sizing map {name}")
         for name in programs:
             handle = _find(bpf.bpf_object__find_program_by_name, obj, name, object_path)
             if log is not None:  # shared: loading stops at the first program rejected
@@ -226,3 +231,15 @@ def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> list[bytes]:
         current = following.raw
         keys.append(current)
     return keys
+
+
+def map_memory(fd: int) -> int:
+    """The kernel memory a map holds (its fdinfo's memlock), in bytes; 0 if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from agent.lab.agents import REPO, LabAgent  # noqa: E402
+from agent.lab.agents import REPO, LabAgent, start_agents, stop_agents  # noqa: E402
 from agent.lab.topology import Lab, Pod  # noqa: E402
 
 
@@ -144,14 +144,13 @@ def running_mesh(backend: str, extra_args: Sequence[str] = (),
     mesh = Mesh(lab, agents, identity_dir=identity_dir)
     try:
         agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args) for node in lab.nodes]
+        start_agents(agents)
         for agent in agents:
-            agent.start()
             if backend == "ebpf":  # a fallback to netfilter must not pass for eBPF
                 assert "redirect: ebpf" in agent.log(), agent.log()[-2000:]
         yield mesh
     finally:
-        for agent in agents:
-            agent.stop()
+        stop_agents(agents)
         lab.close()
 
 

@@ -122,6 +122,29 @@ class LabAgent:
         raise RuntimeError("no VmRSS")
 
 
+def start_agents(agents: Iterable[LabAgent]) -> None:
+    """Spawn every agent, then wait for each: they start side by side, not one after another."""
+    started = [agent.start(wait=False) for agent in agents]
+    for agent in started:
+        agent.wait_ready()
+
+
+def stop_agents(agents: Iterable[LabAgent], timeout: float = 15.0) -> None:
+    """SIGTERM every running agent (by its PID), then wait for each: they drain side by side."""
+    running = [agent for agent in agents
+               if agent.process is not None and agent.process.poll() is None]
+    for agent in running:
+        assert agent.process is not None
+        agent.process.send_signal(signal.SIGTERM)
+    for agent in running:
+        assert agent.process is not None
+        try:
+            agent.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+            agent.process.wait(5)
+
+
 class Metrics:
     """Prometheus text parsed into samples; `value` sums the samples matching some labels."""
 

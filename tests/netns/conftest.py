@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from agent.lab.agents import REPO, LabAgent  # noqa: E402
+from agent.lab.agents import REPO, LabAgent, start_agents, stop_agents  # noqa: E402
 from agent.lab.topology import Lab, Pod  # noqa: E402
 
 
@@ -48,11 +48,14 @@ class Mesh:
     agents: list[LabAgent]
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
     identity_dir: Path | None = None  # the agents' --identity-dir, when the mesh runs mTLS
+    # Appended to every pod name: a test on a shared mesh gets names (and so metric series)
+    # no other test has used. Empty on a mesh of the test's own.
+    name_suffix: str = ""
 
     def pod(self, node: int, name: str, meshed: bool = True, **args: str) -> Pod:
         if not meshed:
             args["PINION_MESH"] = "disabled"
-        return self.lab.add_pod(self.lab.nodes[node], name, args=args)
+        return self.lab.add_pod(self.lab.nodes[node], name + self.name_suffix, args=args)
 
     def serve(self, pod: Pod, module: str, *argv: str) -> None:
         """Start a lab server module in the pod and wait for its "listening" line."""
@@ -135,6 +138,13 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+# For a test of what happens to a connection once it is captured (relaying, L7 accounting,
+# the tunnel) or of the CNI protocol before any rule is written: every backend hands the
+# agent the same socket, and the tests of capture itself (test_capture.py, test_lifecycle.py,
+# test_races.py, test_ebpf.py) still run on all three. nftables is the default backend.
+after_capture = pytest.mark.parametrize("backend", ["nftables"])
+
+
 @contextlib.contextmanager
 def running_mesh(backend: str, extra_args: Sequence[str] = (),
                  identity_dir: Path | None = None) -> Iterator[Mesh]:
@@ -144,14 +154,13 @@ def running_mesh(backend: str, extra_args: Sequence[str] = (),
     mesh = Mesh(lab, agents, identity_dir=identity_dir)
     try:
         agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args) for node in lab.nodes]
+        start_agents(agents)
         for agent in agents:
-            agent.start()
             if backend == "ebpf":  # a fallback to netfilter must not pass for eBPF
                 assert "redirect: ebpf" in agent.log(), agent.log()[-2000:]
         yield mesh
     finally:
-        for agent in agents:
-            agent.stop()
+        stop_agents(agents)
         lab.close()
 
 
@@ -159,3 +168,40 @@ def running_mesh(backend: str, extra_args: Sequence[str] = (),
 def mesh(backend: str) -> Iterator[Mesh]:
     with running_mesh(backend) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def module_mesh() -> Iterator[Mesh]:
+    """One nftables mesh for a module's tests that can share it (see `shared_mesh`)."""
+    with running_mesh("nftables") as running:
+        yield running
+
+
+@pytest.fixture
+def shared_mesh(module_mesh: Mesh, request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """The module's mesh, for a test that neither restarts an agent nor counts agent-wide:
+    its pods get names of their own (so its per-pod series are exact), and they are removed,
+    with their servers, when it ends, also when it fails."""
+    before = list(module_mesh.lab.pods)
+    module_mesh.name_suffix = f"-{_test_number(request)}"
+    try:
+        yield module_mesh
+    finally:
+        module_mesh.name_suffix = ""
+        errors: list[Exception] = []
+        for pod in reversed([pod for pod in module_mesh.lab.pods if pod not in before]):
+            try:
+                module_mesh.lab.delete_pod(pod)
+            except Exception as error:  # remove the others, then say so
+                errors.append(error)
+        module_mesh.servers[:] = [server for server in module_mesh.servers
+                                  if server.poll() is None]
+        if errors:
+            raise errors[0]
+
+
+def _test_number(request: pytest.FixtureRequest) -> int:
+    """Which test of its module this is (1, 2, ...), as a short unique pod-name suffix."""
+    items = request.session.items
+    module = [item for item in items if item.module is request.node.module]
+    return module.index(request.node) + 1

@@ -34,31 +34,49 @@ def _still_serving(mesh: Mesh) -> None:
     assert mesh.agents[0].get("/ready")[0] == 200
 
 
-@pytest.fixture
-def busy_mesh(mesh: Mesh) -> Mesh:
+def _make_busy(mesh: Mesh) -> Mesh:
     mesh.pod(0, "client")
     mesh.serve(mesh.pod(1, "web", meshed=False), HTTP, "--port", "8080")
     return mesh
 
 
+@pytest.fixture
+def busy_mesh(mesh: Mesh) -> Mesh:
+    """A mesh of the test's own: for tests that stop the agent or race the sweep."""
+    return _make_busy(mesh)
+
+
+@pytest.fixture(scope="module")
+def module_busy_mesh(module_mesh: Mesh) -> Mesh:
+    return _make_busy(module_mesh)
+
+
+@pytest.fixture
+def shared_busy_mesh(module_busy_mesh: Mesh, shared_mesh: Mesh) -> Mesh:
+    """One busy mesh for the tests of input refused before any pod or rule changes: each
+    still checks that the agent holds exactly the one pod and keeps serving it. Refused
+    input reaches no capture backend: one (nftables) is enough."""
+    return shared_mesh
+
+
 @pytest.mark.parametrize("garbage", [b"{not json\n", b"[1,2]\n", b"\xff\xfe\n",
                                      b'{"command":"ADD"}\n', b'{"command":"FROB"}\n'])
 def test_garbage_on_the_cni_socket_gets_an_error_and_changes_nothing(
-        busy_mesh: Mesh, garbage: bytes) -> None:
-    reply = _agent_request(busy_mesh, garbage)
+        shared_busy_mesh: Mesh, garbage: bytes) -> None:
+    reply = _agent_request(shared_busy_mesh, garbage)
     assert reply["ok"] is False and reply["code"] in (4, 6)
     assert isinstance(reply["msg"], str) and reply["msg"]
-    assert len(json.loads(busy_mesh.agents[0].get("/pods")[1])) == 1
-    _still_serving(busy_mesh)
+    assert len(json.loads(shared_busy_mesh.agents[0].get("/pods")[1])) == 1
+    _still_serving(shared_busy_mesh)
 
 
-def test_a_missing_netns_is_a_clear_cni_error(busy_mesh: Mesh) -> None:
+def test_a_missing_netns_is_a_clear_cni_error(shared_busy_mesh: Mesh) -> None:
     request = {"command": "ADD", "containerId": "c0ffee", "netns": "/var/run/netns/pn-nope",
                "args": {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "ghost"}}
-    reply = _agent_request(busy_mesh, json.dumps(request).encode() + b"\n")
+    reply = _agent_request(shared_busy_mesh, json.dumps(request).encode() + b"\n")
     assert reply["ok"] is False and reply["code"] == 3
     assert "/var/run/netns/pn-nope" in str(reply["msg"])
-    _still_serving(busy_mesh)
+    _still_serving(shared_busy_mesh)
 
 
 def test_an_absent_agent_fails_the_pod_closed_and_leaves_no_netns(busy_mesh: Mesh) -> None:
@@ -115,12 +133,12 @@ def test_restarting_with_the_other_backend_never_mixes_them(busy_mesh: Mesh, bac
     _still_serving(busy_mesh)
 
 
-def test_plugin_rejects_malformed_cni_json_before_reaching_the_agent(busy_mesh: Mesh) -> None:
+def test_plugin_rejects_malformed_cni_json_before_reaching_the_agent(shared_busy_mesh: Mesh) -> None:
     pod_env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "x1", "CNI_NETNS": "/var/run/netns/x",
                "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "PATH": "/usr/bin:/bin"}
-    plugin = busy_mesh.agents[0].plugin_config()["_path"]
+    plugin = shared_busy_mesh.agents[0].plugin_config()["_path"]
     done = subprocess.run([sys.executable, plugin], input="{oops", env=pod_env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert json.loads(done.stdout)["code"] == 6
-    _still_serving(busy_mesh)
+    _still_serving(shared_busy_mesh)

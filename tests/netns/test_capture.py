@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.lab.agents import Metrics
-from tests.netns.conftest import Mesh, capture_rules, eventually
+from tests.netns.conftest import Mesh, after_capture, capture_rules, eventually
 
 pytestmark = pytest.mark.netns
 
@@ -126,6 +126,8 @@ def test_a_restarted_agent_recaptures_existing_pods(mesh: Mesh) -> None:
     assert agent.metrics().value("tcp_open_total", pod="client") == 1  # counted after restart
 
 
+# Relaying, once captured: one backend (conftest.after_capture).
+@after_capture
 def test_half_close_is_forwarded(mesh: Mesh) -> None:
     client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
     mesh.serve(server, TCP, "--port", "7000", "--mode", "echo-after-eof")
@@ -145,6 +147,8 @@ def test_half_close_is_forwarded(mesh: Mesh) -> None:
                                 for agent in mesh.agents] == [1, 1])
 
 
+# Relaying, once captured: one backend (conftest.after_capture).
+@after_capture
 def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
     client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
     mesh.serve(server, TCP, "--port", "7000", "--mode", "reset")
@@ -162,6 +166,8 @@ def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
         "tcp_close_total", classification="failure") == 1)
 
 
+# Relaying, once captured: one backend (conftest.after_capture).
+@after_capture
 def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
     client, legacy = mesh.pod(0, "client"), mesh.pod(1, "legacy", meshed=False)
     started = time.monotonic()
@@ -176,10 +182,12 @@ def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
         "tcp_close_total", classification="failure") == 1)
 
 
-def test_a_stalled_reader_does_not_make_the_agent_buffer(mesh: Mesh) -> None:
-    client, sink = mesh.pod(0, "client"), mesh.pod(1, "sink")
-    mesh.serve(sink, TCP, "--port", "7000", "--mode", "sink", "--rcvbuf", "65536")
-    rss_before = mesh.agents[0].rss_bytes() + mesh.agents[1].rss_bytes()
+# Relaying, once captured: one backend; its pods' names are its own and it counts nothing
+# agent-wide, so it runs on the module's shared mesh.
+def test_a_stalled_reader_does_not_make_the_agent_buffer(shared_mesh: Mesh) -> None:
+    client, sink = shared_mesh.pod(0, "client"), shared_mesh.pod(1, "sink")
+    shared_mesh.serve(sink, TCP, "--port", "7000", "--mode", "sink", "--rcvbuf", "65536")
+    rss_before = shared_mesh.agents[0].rss_bytes() + shared_mesh.agents[1].rss_bytes()
     script = ("import socket,sys\n"
               "s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"
               "s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)\n"
@@ -196,9 +204,8 @@ def test_a_stalled_reader_does_not_make_the_agent_buffer(mesh: Mesh) -> None:
     # Socket buffers on four sockets (two receiving, two sending: each can autotune up to the
     # machine's tcp_rmem/tcp_wmem maximum) plus the agents' 64 KiB high-water marks, not 200 MB.
     assert accepted < 2 * _tcp_max("rmem") + 2 * _tcp_max("wmem") + 1024 * 1024
-    growth = mesh.agents[0].rss_bytes() + mesh.agents[1].rss_bytes() - rss_before
+    growth = shared_mesh.agents[0].rss_bytes() + shared_mesh.agents[1].rss_bytes() - rss_before
     assert growth < 16 * 1024 * 1024
-
 
 
 def _tcp_max(kind: str) -> int:
@@ -206,19 +213,22 @@ def _tcp_max(kind: str) -> int:
     return int(Path(f"/proc/sys/net/ipv4/tcp_{kind}").read_text().split()[2])
 
 
-def test_metrics_endpoint_is_prometheus_text(mesh: Mesh) -> None:
-    status, body = mesh.agents[0].get("/metrics")
+# The admin endpoint, whatever captures: one backend, the module's shared mesh.
+def test_metrics_endpoint_is_prometheus_text(shared_mesh: Mesh) -> None:
+    status, body = shared_mesh.agents[0].get("/metrics")
     assert status == 200
     Metrics(body)  # parses
-    assert mesh.agents[0].get("/live")[0] == 200
-    assert mesh.agents[0].get("/nope")[0] == 404
+    assert shared_mesh.agents[0].get("/live")[0] == 200
+    assert shared_mesh.agents[0].get("/nope")[0] == 404
 
 
-def test_an_immediate_half_close_is_not_lost_while_upstream_connects(mesh: Mesh) -> None:
+# Relaying, once captured: one backend; its pods' names are its own and it counts nothing
+# agent-wide, so it runs on the module's shared mesh.
+def test_an_immediate_half_close_is_not_lost_while_upstream_connects(shared_mesh: Mesh) -> None:
     """Send a byte and shut down writes at once, before the agent can have connected
     upstream: the FIN must still reach the server (which answers only after EOF)."""
-    client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
-    mesh.serve(server, TCP, "--port", "7000", "--mode", "echo-after-eof")
+    client, server = shared_mesh.pod(0, "client"), shared_mesh.pod(1, "server")
+    shared_mesh.serve(server, TCP, "--port", "7000", "--mode", "echo-after-eof")
     script = ("import socket,sys\n"
               "for _ in range(30):\n"
               "    s = socket.create_connection((sys.argv[1], 7000), timeout=5)\n"

@@ -8,13 +8,14 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.lab.agents import REPO, Metrics
 from agent.lab.topology import Pod
-from tests.netns.conftest import Mesh, eventually
+from tests.netns.conftest import Mesh, eventually, running_mesh
 
 pytestmark = pytest.mark.netns
 
@@ -55,6 +56,26 @@ def _get_many(client: Pod, server: Pod, paths: list[str], connections: int = 4,
     return dict(json.loads(result.stdout))
 
 
+@pytest.fixture
+def backend() -> str:
+    """Counted after capture: any backend hands the agent the same connection, and
+    test_capture.py runs the capture itself on all three."""
+    return "nftables"
+
+
+@pytest.fixture
+def mesh(shared_mesh: Mesh) -> Mesh:
+    """These tests count per pod, and their pods have names of their own: one mesh serves
+    the module (the opaque-traffic tests, which count agent-wide, get their own)."""
+    return shared_mesh
+
+
+@pytest.fixture
+def own_mesh(backend: str) -> Iterator[Mesh]:
+    with running_mesh(backend) as running:
+        yield running
+
+
 def _responses(metrics: Metrics, direction: str, pod: str) -> dict[tuple[str, str, str], float]:
     """response_total of one pod and direction, by (classification, status_code, grpc_status)."""
     return {(s.labels["classification"], s.labels["status_code"], s.labels["grpc_status"]): s.value
@@ -67,14 +88,14 @@ def _buckets(metrics: Metrics, direction: str, pod: str) -> list[float]:
             and s.labels["direction"] == direction and s.labels["pod"] == pod]
 
 
-def _sides(mesh: Mesh, client: str = "client", server: str = "web") -> list[tuple[Metrics, str, str]]:
+def _sides(mesh: Mesh, client: str, server: str) -> list[tuple[Metrics, str, str]]:
     """Both agents' view of one exchange: (metrics, direction, pod)."""
     return [(mesh.agents[0].metrics(), "outbound", client),
             (mesh.agents[1].metrics(), "inbound", server)]
 
 
 def _assert_golden(mesh: Mesh, requests: int, responses: dict[tuple[str, str, str], int],
-                   client: str = "client", server: str = "web") -> None:
+                   client: str, server: str) -> None:
     """Exact counts on both agents, once every response has been accounted."""
     def settled() -> bool:
         return all(_responses(m, d, p) == responses for m, d, p in _sides(mesh, client, server))
@@ -100,8 +121,9 @@ def test_http1_known_mix_is_counted_exactly_on_both_agents(mesh: Mesh) -> None:
 
     assert _get_many(client, web, paths) == {"200": 90, "500": 10}
 
-    _assert_golden(mesh, 100, {("success", "200", ""): 90, ("failure", "500", ""): 10})
-    for agent, direction, pod in [(0, "outbound", "client"), (1, "inbound", "web")]:
+    _assert_golden(mesh, 100, {("success", "200", ""): 90, ("failure", "500", ""): 10},
+                   client.name, web.name)
+    for agent, direction, pod in [(0, "outbound", client.name), (1, "inbound", web.name)]:
         metrics = mesh.agents[agent].metrics()
         assert metrics.value("tcp_open_total", direction=direction, pod=pod) == 4
         assert metrics.value("request_total", direction=direction, pod=pod, tls="disabled") == 100
@@ -115,7 +137,7 @@ def test_http1_4xx_is_a_success(mesh: Mesh) -> None:
     assert _get_many(client, web, paths, connections=2) == {"404": 7, "503": 3, "200": 5}
 
     _assert_golden(mesh, 15, {("success", "404", ""): 7, ("failure", "503", ""): 3,
-                              ("success", "200", ""): 5})
+                              ("success", "200", ""): 5}, client.name, web.name)
 
 
 # ---------------------------------------------------------------- HTTP/2 (prior knowledge)
@@ -150,7 +172,7 @@ def test_http2_prior_knowledge_is_counted_exactly_on_both_agents(mesh: Mesh) -> 
     seen = _h2load(client, f"http://{web.ip}:8443/hello.txt", "-n", "200", "-c", "4", "-m", "4")
 
     assert seen == {"2xx": 200, "3xx": 0, "4xx": 0, "5xx": 0}
-    _assert_golden(mesh, 200, {("success", "200", ""): 200})
+    _assert_golden(mesh, 200, {("success", "200", ""): 200}, client.name, web.name)
 
 
 def test_http2_404_is_a_success_with_its_status_code(mesh: Mesh) -> None:
@@ -160,7 +182,7 @@ def test_http2_404_is_a_success_with_its_status_code(mesh: Mesh) -> None:
     seen = _h2load(client, f"http://{web.ip}:8443/missing.txt", "-n", "30", "-c", "2", "-m", "2")
 
     assert seen["4xx"] == 30
-    _assert_golden(mesh, 30, {("success", "404", ""): 30})
+    _assert_golden(mesh, 30, {("success", "404", ""): 30}, client.name, web.name)
 
 
 # A raw h2c client that lets the server speak first: it connects, waits until the server's
@@ -209,7 +231,7 @@ def test_http2_is_detected_when_the_server_sends_settings_before_the_client_pref
     result = client.run([sys.executable, "-c", H2_LATE_CLIENT, web.ip], cwd=str(REPO), timeout=20)
 
     assert result.stdout.split() == ["200", "200", "200"]
-    _assert_golden(mesh, 3, {("success", "200", ""): 3})
+    _assert_golden(mesh, 3, {("success", "200", ""): 3}, client.name, web.name)
 
 
 # ---------------------------------------------------------------- gRPC
@@ -223,7 +245,8 @@ def test_grpc_status_decides_success_on_both_agents(mesh: Mesh) -> None:
                          "--ok", "20", "--fail", "14=5"], cwd=str(REPO), timeout=30)
 
     assert json.loads(result.stdout) == {"0": 20, "14": 5}
-    _assert_golden(mesh, 25, {("success", "200", "0"): 20, ("failure", "200", "14"): 5})
+    _assert_golden(mesh, 25, {("success", "200", "0"): 20, ("failure", "200", "14"): 5},
+                   client.name, web.name)
 
 
 # ---------------------------------------------------------------- hostile input
@@ -279,18 +302,18 @@ def _rss(mesh: Mesh) -> int:
 
 def _normal_traffic_is_exact(mesh: Mesh, client: Pod, web: Pod, rounds: int) -> None:
     assert _get_many(client, web, ["/status/200"] * 5, connections=1) == {"200": 5}
-    _assert_golden(mesh, 5 * rounds, {("success", "200", ""): 5 * rounds})
+    _assert_golden(mesh, 5 * rounds, {("success", "200", ""): 5 * rounds}, client.name, web.name)
 
 
-def _hostile_connections_are_tcp(mesh: Mesh, count: int) -> None:
+def _hostile_connections_are_tcp(mesh: Mesh, attacker: Pod, target: Pod, count: int) -> None:
     assert eventually(lambda: [
-        mesh.agents[0].metrics().value("tcp_close_total", direction="outbound", pod="attacker"),
-        mesh.agents[1].metrics().value("tcp_close_total", direction="inbound", pod="target"),
+        mesh.agents[0].metrics().value("tcp_close_total", direction="outbound", pod=attacker.name),
+        mesh.agents[1].metrics().value("tcp_close_total", direction="inbound", pod=target.name),
     ] == [count, count])
     assert mesh.agents[0].metrics().value("tcp_open_total", direction="outbound",
-                                          pod="attacker") == count
+                                          pod=attacker.name) == count
     assert mesh.agents[1].metrics().value("tcp_open_total", direction="inbound",
-                                          pod="target") == count
+                                          pod=target.name) == count
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -305,10 +328,10 @@ def test_hostile_input_leaves_other_traffic_working_and_exact(mesh: Mesh, case: 
 
     attacker_side = mesh.agents[0].metrics()
     print(f"{case}: the server answered {answer!r}; attacker requests "
-          f"{attacker_side.value('request_total', pod='attacker')}, responses "
-          f"{_responses(attacker_side, 'outbound', 'attacker')}")
+          f"{attacker_side.value('request_total', pod=attacker.name)}, responses "
+          f"{_responses(attacker_side, 'outbound', attacker.name)}")
     _normal_traffic_is_exact(mesh, client, web, rounds=2)
-    _hostile_connections_are_tcp(mesh, 1)
+    _hostile_connections_are_tcp(mesh, attacker, target, 1)
     assert _rss(mesh) - rss_before < RSS_HEADROOM
     assert all(agent.get("/ready")[0] == 200 for agent in mesh.agents)
 
@@ -346,12 +369,12 @@ def test_a_client_that_stops_reading_a_large_response_is_not_buffered(mesh: Mesh
 
     print(f"agents' RSS grew by {(rss_stalled - rss_before) / 1e6:.1f} MB while stalled")
     assert rss_stalled - rss_before < RSS_HEADROOM
-    _hostile_connections_are_tcp(mesh, 1)
+    _hostile_connections_are_tcp(mesh, attacker, target, 1)
     # The response never completed: one request, ended as a failure on both sides.
     assert eventually(lambda: all(m.value("request_total", direction=d, pod=p) == 1 and
                                    m.value("response_total", direction=d, pod=p,
                                            classification="failure") == 1
-                                   for m, d, p in _sides(mesh, "attacker", "target")))
+                                   for m, d, p in _sides(mesh, attacker.name, target.name)))
 
 
 # ---------------------------------------------------------------- opaque traffic
@@ -397,13 +420,14 @@ def _opaque_exchange(client: Pod, server: Pod, port: int, payload: bytes,
 
 def _no_requests_but_tcp(mesh: Mesh, nbytes: int) -> None:
     for metrics, direction, pod in _sides(mesh, "client", "server"):
-        assert metrics.value("request_total") == 0
+        assert metrics.value("request_total") == 0  # agent-wide: hence own_mesh
         assert metrics.value("response_total") == 0
         assert metrics.value("tcp_open_total", direction=direction, pod=pod) == 1
         assert metrics.value("tcp_read_bytes_total", direction=direction, pod=pod) >= nbytes
 
 
-def test_tls_looking_bytes_are_relayed_exactly_and_are_not_requests(mesh: Mesh) -> None:
+def test_tls_looking_bytes_are_relayed_exactly_and_are_not_requests(own_mesh: Mesh) -> None:
+    mesh = own_mesh
     client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
     mesh.serve(server, TCP, "--port", "7443", "--mode", "echo")
     client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) * 40
@@ -415,7 +439,8 @@ def test_tls_looking_bytes_are_relayed_exactly_and_are_not_requests(mesh: Mesh) 
 
 
 def test_a_server_that_speaks_first_is_opaque_even_if_the_client_then_speaks_http(
-        mesh: Mesh) -> None:
+        own_mesh: Mesh) -> None:
+    mesh = own_mesh
     client, server = mesh.pod(0, "client"), mesh.pod(1, "server")
     banner_server = server.spawn([sys.executable, "-c", BANNER_SERVER], stdout=subprocess.PIPE,
                                  text=True)

@@ -22,7 +22,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO
 from agent.lab.capture import UnderlayCapture
 from agent.lab.topology import Pod
-from tests.netns.conftest import Mesh, eventually, running_mesh
+from tests.netns.conftest import Mesh, after_capture, eventually, running_mesh
 
 HTTP_SERVER = "agent.lab.httpserver"
 
@@ -52,6 +52,7 @@ def curl(pod: Pod, url: str, *extra: str, check: bool = True) -> subprocess.Comp
     return pod.run(["curl", "-sS", "--max-time", "5", *extra, url], timeout=15, check=check)
 
 
+# End to end through each backend's capture, into the tunnel and out to the server pod.
 def test_node_to_node_bytes_are_tls_and_the_server_sees_the_client_pods_ip(
         tls_mesh: Mesh, tmp_path: Path) -> None:
     client, server = tls_mesh.pod(0, "client"), tls_mesh.pod(1, "server")
@@ -71,6 +72,8 @@ def test_node_to_node_bytes_are_tls_and_the_server_sees_the_client_pods_ip(
     assert b"\x16\x03\x01" in wire  # a TLS handshake record (ClientHello) did cross
 
 
+# The tunnel behind the capture: one backend (conftest.after_capture).
+@after_capture
 def test_tunnel_traffic_is_labelled_tls_with_the_peers_identities(tls_mesh: Mesh) -> None:
     client, server = tls_mesh.pod(0, "client"), tls_mesh.pod(1, "server")
     tls_mesh.serve(server, HTTP_SERVER, "--port", "8080")
@@ -101,6 +104,8 @@ def test_tunnel_traffic_is_labelled_tls_with_the_peers_identities(tls_mesh: Mesh
     assert time.time() + 23 * 3600 < expiry <= time.time() + 24 * 3600 + 60
 
 
+# The tunnel behind the capture: one backend (conftest.after_capture).
+@after_capture
 def test_a_destination_that_is_not_meshed_gets_plain_tcp(tls_mesh: Mesh) -> None:
     client = tls_mesh.pod(0, "client")
     plain = tls_mesh.pod(1, "plain", meshed=False)
@@ -139,6 +144,8 @@ def credentials(files: tuple[Path, Path]) -> list[str]:
     return ["-cert", str(files[0]), "-cert_chain", str(files[0]), "-key", str(files[1])]
 
 
+# The tunnel behind the capture: one backend (conftest.after_capture).
+@after_capture
 def test_15008_refuses_strangers_and_keeps_serving(tls_mesh: Mesh, tmp_path: Path) -> None:
     client, server = tls_mesh.pod(0, "client"), tls_mesh.pod(1, "server")
     prober = tls_mesh.pod(0, "prober", meshed=False)  # a meshed pod's own 15008 dials are captured
@@ -203,6 +210,8 @@ def test_15008_refuses_strangers_and_keeps_serving(tls_mesh: Mesh, tmp_path: Pat
 # ------------------------------------------------------------------------------ policy
 
 
+# Policy, decided behind the capture: one backend (conftest.after_capture).
+@after_capture
 def test_a_mesh_only_pod_refuses_plaintext_and_accepts_the_mesh(tls_mesh: Mesh) -> None:
     server = tls_mesh.pod(1, "vault", PINION_INBOUND_POLICY="mesh-only")
     meshed = tls_mesh.pod(0, "meshed")
@@ -216,6 +225,8 @@ def test_a_mesh_only_pod_refuses_plaintext_and_accepts_the_mesh(tls_mesh: Mesh) 
         "pinion_proxy_errors_total", direction="inbound", reason="policy_plaintext") == 1)
 
 
+# Policy, decided behind the capture: one backend (conftest.after_capture).
+@after_capture
 def test_an_allow_list_admits_only_the_named_identities(tls_mesh: Mesh) -> None:
     server = tls_mesh.pod(1, "ledger", PINION_ALLOWED_CLIENTS="spiffe://cluster.local/ns/default/sa/billing")
     billing = tls_mesh.pod(0, "billing", PINION_SERVICE_ACCOUNT="billing")

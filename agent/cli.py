@@ -21,7 +21,8 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "redirect", "pending_dir", "log_level", "probe_sources", "tls_ciphers",
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
-                "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections")
+                "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
+                "sweep_interval_seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--probe-sources", metavar="IP,IP",
                        help="addresses kubelet probes come from, never captured, besides each "
                             "pod's gateway (e.g. a SNAT address)")
+    agent.add_argument("--sweep-interval-seconds", metavar="S",
+                       help="how often pods whose netns vanished without a CNI DEL are released, "
+                            "idle tunnels closed and spooled ADDs replayed (default 10)")
     agent.add_argument("--tunnel-syn-rate", metavar="N",
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")

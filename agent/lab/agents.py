@@ -55,7 +55,9 @@ class LabAgent:
                 "--admin-addr", f"{self.admin[0]}:{self.admin[1]}",
                 "--cni-socket", str(self.cni_socket), "--state-dir", str(self.state_dir),
                 "--pending-dir", str(self.pending_dir), "--redirect", self.redirect,
-                "--bpf-dir", str(self.bpf_dir), *self.extra_args]
+                "--bpf-dir", str(self.bpf_dir),
+                # a lab's pods come and go in seconds: sweep every second, not every ten
+                "--sweep-interval-seconds", "1", *self.extra_args]
 
     def start(self, wait: bool = True) -> LabAgent:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn

@@ -33,11 +33,12 @@ T = TypeVar("T")
 
 
 class KubernetesMode:
-    def __init__(self, config: Config, pods: Pods, trust_domain: str) -> None:
+    def __init__(self, config: Config, pods: Pods, state: ClusterState) -> None:
+        """`state`: what the watches feed; the outbound proxy routes by it (built first)."""
         assert config.kubernetes is not None
         source = None if config.kubernetes == "in-cluster" else config.kubernetes
         self.client = KubeClient(KubeConfig.load(source))
-        self.state = ClusterState(trust_domain)
+        self.state = state
         self.admission = ClusterAdmission(pods, self.state, PodStateStore(config.state_dir, "sandboxes"),
                                           wait_for_pod=config.pod_wait_seconds)
         state, admission = self.state, self.admission

@@ -7,21 +7,30 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
+from prometheus_client import CollectorRegistry
 
 from agent.config import Config
 from agent.core.telemetry import Telemetry
+from agent.dataplane.inbound import InboundProxy
+from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
 from agent.dataplane.netns import NetNs, NetnsSwitch
-from agent.dataplane.proxy import Proxy
+from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import CgroupBackend, choose_backend
+from agent.dataplane.relay import RelaySettings
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
-from agent.inpod.manager import PodManager
+from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
 from agent.observability.admin import AdminServer
-from agent.observability.metrics import EbpfCollector, build_registry
+from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
+
+if TYPE_CHECKING:
+    from agent.controlplane.cluster.state import ClusterState
+    from agent.controlplane.cluster.watching import KubernetesMode
+    from agent.identity.store import IdentityManager
 
 log = logging.getLogger("pinion")
 
@@ -36,16 +45,27 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     if isinstance(backend, CgroupBackend):
         registry.register(EbpfCollector(backend.map_bytes))
     sockets = SocketFactory(switch, config.proxy_mark)
-    proxy = Proxy(sockets, telemetry, metrics, config.connect_timeout_seconds,
-                  config.write_buffer_high)
+
     def damaged(store: str) -> None:  # a state file set aside at start
         metrics.state_damaged.labels(store).inc()
 
     store = PodStateStore(config.state_dir, on_damaged=damaged)
     store.prepare()
-    identities = _identities(config, proxy, sockets, registry, metrics)
-    pods = PodManager(config, switch, sockets, backend, proxy, store, telemetry, metrics, identities)
-    cluster = _kubernetes(config, pods, proxy, identities, damaged)
+    identities = _identities(config, registry)
+    mesh_settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
+                                 networks=config.mesh_networks)
+    mesh = MeshClient(sockets, identities, metrics, mesh_settings) if identities is not None else None
+    state = _cluster_state(config, identities)
+    relay = RelaySettings(config.connect_timeout_seconds, config.write_buffer_high)
+    outbound = OutboundProxy(sockets, telemetry, metrics, relay, mesh=mesh, router=state)
+    inbound = InboundProxy(sockets, telemetry, metrics, relay)
+    acceptor = None
+    if identities is not None:  # the acceptor hands each stream it accepts to `inbound`
+        acceptor = TunnelAcceptor(identities, metrics, mesh_settings, inbound)
+        _gauge_handshakes(acceptor, metrics)
+    pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),
+                      store, telemetry, metrics, identities)
+    cluster = _kubernetes(config, pods, state, damaged)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
                         lambda: _pods_view(pods), metrics.admin)
@@ -66,7 +86,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tasks:
-        background = [tasks.create_task(_sweep_forever(config, pods, proxy, admission))]
+        background = [tasks.create_task(_sweep_forever(config, pods, mesh, admission))]
         if identities is not None:
             background.append(tasks.create_task(identities.run()))
         if identities is not None and config.identity_dir is None:  # the issuer's mounted bundle
@@ -86,20 +106,23 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
             await cluster.close()
         await cni.close()
         await pods.shutdown(cleanup)
-        await proxy.close()
+        if mesh is not None:
+            mesh.close_all()
+        if acceptor is not None:
+            await acceptor.close()
+        await outbound.close()
+        await inbound.close()
         await admin.close()
     return 0
 
 
-def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: Any,
-                metrics: Any) -> Any:
-    """Per-pod certificates and the mTLS tunnel: signed by this agent with --identity-dir,
+def _identities(config: Config, registry: CollectorRegistry) -> IdentityManager | None:
+    """Per-pod certificates for the mTLS tunnel: signed by this agent with --identity-dir,
     by the issuer service in Kubernetes mode; else None (plain TCP)."""
     if config.identity_dir is None and config.kubernetes is None:
         log.info("identity: none configured (--identity-dir): port 15008 refuses connections "
                  "and node-to-node traffic is plain TCP")
         return None
-    from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
     from agent.identity.setup import standalone_identities
     from agent.observability.metrics import IdentityCollector
 
@@ -110,41 +133,49 @@ def _identities(config: Config, proxy: Proxy, sockets: SocketFactory, registry: 
 
         identities = issuer_identities(config)
     registry.register(IdentityCollector(identities))
-    settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
-                            networks=config.mesh_networks)
-    proxy.mesh = MeshClient(sockets, identities, metrics, settings)
-    proxy.acceptor = acceptor = TunnelAcceptor(identities, metrics, settings, proxy)
-    gate = acceptor.gate
-    metrics.handshakes_in_progress.labels("waiting").set_function(lambda: gate.pending - gate.tls)
-    metrics.handshakes_in_progress.labels("tls").set_function(lambda: gate.tls)
     return identities
 
 
-def _kubernetes(config: Config, pods: PodManager, proxy: Proxy, identities: Any,
-                damaged: Callable[[str], None]) -> Any:
-    """Kubernetes mode: watches decide who is meshed and route Service VIPs; else None."""
+def _gauge_handshakes(acceptor: TunnelAcceptor, metrics: AgentMetrics) -> None:
+    gate = acceptor.gate
+    metrics.handshakes_in_progress.labels("waiting").set_function(lambda: gate.pending - gate.tls)
+    metrics.handshakes_in_progress.labels("tls").set_function(lambda: gate.tls)
+
+
+def _cluster_state(config: Config, identities: IdentityManager | None) -> ClusterState | None:
+    """Kubernetes mode: what the watches know of the cluster, by which the outbound proxy
+    routes Service VIPs and knows meshed pods; else None."""
     if config.kubernetes is None:
+        return None
+    from agent.controlplane.cluster.state import ClusterState
+
+    return ClusterState(identities.trust_domain if identities is not None else config.trust_domain)
+
+
+def _kubernetes(config: Config, pods: PodManager, state: ClusterState | None,
+                damaged: Callable[[str], None]) -> KubernetesMode | None:
+    """Kubernetes mode: watches decide who is meshed and feed `state`; else None."""
+    if config.kubernetes is None or state is None:
         return None
     from agent.controlplane.cluster.watching import KubernetesMode
 
-    trust_domain = identities.trust_domain if identities is not None else config.trust_domain
-    cluster = KubernetesMode(config, pods, trust_domain, damaged)
-    proxy.router = cluster.state
+    cluster = KubernetesMode(config, pods, state, damaged)
     log.info("kubernetes mode: %s, node %s", config.kubernetes, config.node_name)
     return cluster
 
 
-async def _ready_when_synced(cluster: Any, admin: AdminServer) -> None:
+async def _ready_when_synced(cluster: KubernetesMode, admin: AdminServer) -> None:
     await cluster.admission.synced.wait()
     admin.ready = True
 
 
-async def _sweep_forever(config: Config, pods: PodManager, proxy: Proxy, admission: Admission) -> None:
+async def _sweep_forever(config: Config, pods: PodManager, mesh: MeshClient | None,
+                         admission: Admission) -> None:
     while True:
         await asyncio.sleep(config.sweep_interval_seconds)
         try:
-            if proxy.mesh is not None:
-                proxy.mesh.reap_idle()
+            if mesh is not None:
+                mesh.reap_idle()
             await pods.sweep()
             await admission.sweep()
             await replay_pending(config.pending_dir, admission)

@@ -1,35 +1,19 @@
-"""The proxy's view of a pod and of a route: plain data shared by the proxy, the mesh
-tunnel and pod lifecycle, so that none of them imports another for it."""
+"""The proxy's view of a pod: plain data shared by the proxies, the mesh tunnel and pod
+lifecycle, so that none of them imports another for it. (A route and the router are
+`agent.core.connections`': the per-connection decisions take them.)"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from agent.core.telemetry import HttpLabels, PeerLabels, TcpLabels
 from agent.dataplane.netns import NetNs
 from agent.model import InboundPolicy
 
 if TYPE_CHECKING:
-    from agent.dataplane.proxy import Relay
+    from agent.dataplane.relay import Relay
     from agent.dataplane.tunnel import TunnelSession
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where an outbound connection goes, and what its metrics say about the destination."""
-
-    destination: tuple[str, int]
-    labels: PeerLabels
-    meshed: bool  # the destination is a pod whose agent serves the mesh tunnel
-    identity: str  # its SPIFFE ID when meshed ("" otherwise)
-
-
-class Router(Protocol):
-    """Where an outbound connection really goes (a Service VIP resolved to an endpoint),
-    whether that is a meshed pod and whom it must prove to be, and its dst_* labels."""
-
-    def route(self, destination: tuple[str, int]) -> Route: ...
 
 
 @dataclass(slots=True)

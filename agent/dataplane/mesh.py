@@ -28,9 +28,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
@@ -272,7 +272,7 @@ def verify_identity(transport: asyncio.BaseTransport, trust_domain: str,
 
 
 class InboundStreams(Protocol):
-    """The proxy, as the acceptor sees it: turns an accepted stream into a relay."""
+    """The inbound proxy, as the acceptor sees it: turns an accepted stream into a relay."""
 
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
                  metadata: Mapping[str, str]) -> None: ...
@@ -478,3 +478,30 @@ class TunnelListener:
             if task is not None:
                 task.cancel()
         self.sockets[0].close()
+
+
+class Listener(Protocol):
+    """A pod's listener, as pod lifecycle keeps it: an asyncio.Server or a TunnelListener."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+    def is_serving(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+async def serve_tunnel(acceptor: TunnelAcceptor | None, pod: PodContext, sock: socket.socket,
+                       metrics: AgentMetrics) -> Listener:
+    """A pod's 15008: the mTLS mesh tunnel. Without identities on this agent, or a
+    certificate for the pod, it refuses tunnel connections with RST, counted."""
+    if acceptor is not None and pod.identity is not None:
+        return acceptor.serve(pod, sock)
+
+    class Refuse(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            metrics.proxy_errors.labels("inbound", "tunnel_unavailable").inc()
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                arm_reset(sock)
+            cast(asyncio.Transport, transport).abort()
+
+    return await asyncio.get_running_loop().create_server(Refuse, sock=sock)

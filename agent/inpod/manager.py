@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config
 from agent.core.telemetry import TcpLabels, Telemetry
 from agent.dataplane.context import PodContext
+from agent.dataplane.inbound import InboundProxy
+from agent.dataplane.mesh import Listener, TunnelAcceptor, serve_tunnel
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
-from agent.dataplane.proxy import Proxy
+from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.sockets import SocketFactory
@@ -37,12 +39,22 @@ class CapturedPod:
     netns: NetNs
     plan: Plan
     context: PodContext
-    servers: list[asyncio.Server]
+    servers: list[Listener]
+
+
+@dataclass(frozen=True, slots=True)
+class Proxies:
+    """What serves a captured pod's three listeners: 15001, 15006 and 15008 (None: this
+    agent has no identities, and 15008 refuses every connection)."""
+
+    outbound: OutboundProxy
+    inbound: InboundProxy
+    tunnel: TunnelAcceptor | None = None
 
 
 class PodManager:
     def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
-                 backend: Backend, proxy: Proxy, store: PodStateStore,
+                 backend: Backend, proxies: Proxies, store: PodStateStore,
                  telemetry: Telemetry, metrics: AgentMetrics,
                  identities: IdentityManager | None = None) -> None:
         self._config = config
@@ -53,7 +65,7 @@ class PodManager:
         self._cgroups = backend if isinstance(backend, CgroupBackend) else None
         netfilter = self._cgroups.netfilter if self._cgroups is not None else backend
         self._others = _other_backends(netfilter.name)  # ebpf's inbound rules are netfilter's
-        self._proxy = proxy
+        self._proxies = proxies
         self._store = store
         self._telemetry = telemetry
         self._metrics = metrics
@@ -235,8 +247,9 @@ class PodManager:
     async def _listen(self, captured: CapturedPod) -> None:
         loop = asyncio.get_running_loop()
         ports, netns, context = self._config.ports, captured.netns, captured.context
-        wanted = (("127.0.0.1", ports.outbound, self._proxy.protocol_factory(context, "outbound")),
-                  ("0.0.0.0", ports.inbound, self._proxy.protocol_factory(context, "inbound")),
+        proxies = self._proxies
+        wanted = (("127.0.0.1", ports.outbound, proxies.outbound.protocol_factory(context)),
+                  ("0.0.0.0", ports.inbound, proxies.inbound.protocol_factory(context)),
                   ("0.0.0.0", ports.tunnel, None))
         for host, port, factory in wanted:
             try:
@@ -246,7 +259,8 @@ class PodManager:
                 raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
                                    f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
             if factory is None:
-                captured.servers.append(await self._proxy.serve_tunnel(context, sock))
+                captured.servers.append(await serve_tunnel(proxies.tunnel, context, sock,
+                                                           self._metrics))
             else:
                 captured.servers.append(await loop.create_server(factory, sock=sock))
 

@@ -15,8 +15,8 @@ from agent.controlplane.cluster.objects import (
     SliceRecord,
 )
 from agent.controlplane.cluster.policy import mesh_decision
+from agent.core.connections import Route
 from agent.core.telemetry import PLAINTEXT, PeerLabels
-from agent.dataplane.context import Route
 
 
 class ClusterState:

@@ -33,12 +33,14 @@ T = TypeVar("T")
 
 
 class KubernetesMode:
-    def __init__(self, config: Config, pods: Pods, trust_domain: str,
+    def __init__(self, config: Config, pods: Pods, state: ClusterState,
                  on_damaged: Callable[[str], None] | None = None) -> None:
+        """`state`: what the watches feed; the outbound proxy routes by it (built first).
+        `on_damaged`: told of each sandbox state file set aside as damaged."""
         assert config.kubernetes is not None
         source = None if config.kubernetes == "in-cluster" else config.kubernetes
         self.client = KubeClient(KubeConfig.load(source))
-        self.state = ClusterState(trust_domain)
+        self.state = state
         sandboxes = PodStateStore(config.state_dir, "sandboxes", on_damaged)
         self.admission = ClusterAdmission(pods, self.state, sandboxes,
                                           wait_for_pod=config.pod_wait_seconds)

@@ -1,20 +1,23 @@
-"""The shared TCP proxy: one asyncio process relaying every meshed pod's captured traffic.
+"""The relay both proxies share: a client connection and its upstream, bytes both ways.
 
-A connection accepted on a pod's 15001 (outbound) or 15006 (inbound) listener is paired
-with an upstream socket created inside the same pod's netns, then bytes flow both ways:
-half-close is forwarded as a FIN, a reset or error as an RST, and when one side's send
-buffer fills, reading from the other side pauses (no unbounded buffering)."""
+A connection accepted on a pod's 15001 (outbound) or 15006 (inbound) listener, or a tunnel
+stream, is paired with an upstream (a socket created inside the same pod's netns, or a
+tunnel stream): half-close is forwarded as a FIN, a reset or error as an RST, and when one
+side's send buffer fills, reading from the other side pauses (no unbounded buffering).
+Every connection is counted exactly once when it ends. Which upstream, and whether at all,
+is the proxies' business (`agent.dataplane.outbound`, `.inbound`); `PlainUpstream` is the
+plain-TCP path both of them take."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
@@ -25,17 +28,29 @@ from agent.core.telemetry import (
     PeerLabels,
     Telemetry,
 )
-from agent.core.tunnel_frames import ErrorCode
-from agent.dataplane.context import PodContext, Route, Router
-from agent.dataplane.mesh import TunnelError
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect, original_destination
+from agent.dataplane.context import PodContext
+from agent.dataplane.sockets import SocketFactory, arm_reset, connect
 from agent.observability.metrics import AgentMetrics
 
-if TYPE_CHECKING:
-    from agent.dataplane.mesh import MeshClient, TunnelAcceptor
-    from agent.dataplane.tunnel import TunnelSession
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """One proxy's relay settings."""
+
+    connect_timeout: float  # upstream TCP connect
+    buffer_high: int  # bytes one side may have unsent before the other stops reading
+
+
+class RelayOwner(Protocol):
+    """The proxy a relay belongs to, as the relay sees it."""
+
+    @property
+    def telemetry(self) -> Telemetry: ...
+
+    def accepted(self, relay: Relay) -> None:
+        """The client side is connected (and paused): choose the path, or refuse."""
 
 
 class _Side(asyncio.Protocol):
@@ -87,11 +102,12 @@ class Relay:
                  "early_at", "failed", "http", "observer", "peer_labels", "pod", "proxy",
                  "record", "source", "started", "upstream")
 
-    def __init__(self, proxy: Proxy, pod: PodContext, direction: str) -> None:
+    def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
+                 buffer_high: int) -> None:
         self.proxy = proxy
         self.pod = pod
         self.direction = direction
-        self.buffer_high = proxy.buffer_high
+        self.buffer_high = buffer_high
         self.client = _Side(self, is_client=True)
         self.upstream = _Side(self, is_client=False)
         self.record: ConnectionRecord | None = None  # opened once the path is chosen
@@ -163,7 +179,9 @@ class Relay:
         if started or records:
             http = self.http
             if http is None:
-                http = self.http = self.proxy.http_counters(self)
+                # the first request of a connection: find its pod's HTTP series
+                http = self.http = self.proxy.telemetry.http(
+                    self.pod.labels(self.direction, self.peer_labels)[1])
             http.requests += started
             for record in records:
                 http.record(record)
@@ -226,179 +244,32 @@ class Relay:
                           (time.monotonic() - self.started) * 1000)
 
 
-class Proxy:
-    """Accepts on in-pod listeners and connects upstream from the same pod's netns; with a
-    mesh, outbound connections to meshed pods become streams of a tunnel session, and the
-    streams arriving on a pod's 15008 become inbound connections to the pod."""
 
-    def __init__(self, sockets: SocketFactory, telemetry: Telemetry, metrics: AgentMetrics,
-                 connect_timeout: float, buffer_high: int) -> None:
+
+class PlainUpstream:
+    """Plain TCP from the pod's netns to the destination, for one proxy: each connect in a
+    task the relay can cancel and this object owns; a failure refuses the client, counted."""
+
+    def __init__(self, sockets: SocketFactory, metrics: AgentMetrics, connect_timeout: float) -> None:
         self._sockets = sockets
-        self.telemetry = telemetry
         self._metrics = metrics
         self._connect_timeout = connect_timeout
-        self.buffer_high = buffer_high
-        self.mesh: MeshClient | None = None
-        self.acceptor: TunnelAcceptor | None = None
-        self.router: Router | None = None  # Kubernetes mode: Service VIPs and pod labels
-        self._labels_cache: dict[tuple[PeerLabels, str], PeerLabels] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def protocol_factory(self, pod: PodContext, direction: str) -> Callable[[], _Side]:
-        def make() -> _Side:
-            return Relay(self, pod, direction).client
-
-        return make
-
-    async def serve_tunnel(self, pod: PodContext, sock: socket.socket) -> Any:
-        """15008: the mTLS mesh tunnel. A pod without a certificate (no identity configured
-        on this agent) refuses tunnel connections with RST, counted."""
-        if self.acceptor is not None and pod.identity is not None:
-            return self.acceptor.serve(pod, sock)
-        metrics = self._metrics
-
-        class Refuse(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                metrics.proxy_errors.labels("inbound", "tunnel_unavailable").inc()
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    arm_reset(sock)
-                cast(asyncio.Transport, transport).abort()
-
-        return await asyncio.get_running_loop().create_server(Refuse, sock=sock)
-
-    def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
-                 metadata: Mapping[str, str]) -> None:
-        """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
-        if port in pod.own_ports or pod.ip is None:
-            self._metrics.proxy_errors.labels("inbound", "loop").inc()
-            session.refuse(stream_id, ErrorCode.CONNECT_ERROR)
-            return
-        relay = Relay(self, pod, "inbound")
-        # Nothing a peer sends waits in our memory acknowledged: the app's socket pauses the
-        # stream as soon as it cannot take a chunk whole (the session bounds the rest).
-        relay.buffer_high = 0
-        relay.destination = (pod.ip, port)
-        relay.source = session.peername  # the client pod's own IP, as the app should see it
-        relay.peer_labels = session.labels
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("tunnel stream %d from %s (%s) to %s/%s:%d", stream_id, session.peer_id,
-                      metadata.get("pod", "?"), pod.namespace, pod.name, port)
-        session.attach(stream_id, relay.client)
-
-    def http_counters(self, relay: Relay) -> HttpCounters:
-        """The first request of a connection: find its pod's HTTP series."""
-        return self.telemetry.http(relay.pod.labels(relay.direction, relay.peer_labels)[1])
-
-    def accepted(self, relay: Relay) -> None:
-        """Route a new connection. The common meshed case costs no task: a pooled tunnel
-        session takes the stream at once; connecting upstream or dialing a tunnel waits in
-        the relay's own task."""
-        relay.pod.relays.add(relay)
-        routed = self._route(relay)
-        if routed is None:
-            return
-        destination, route = routed
-        meshed = (relay.direction == "outbound" and self.mesh is not None
-                  and (route is None or route.meshed))
-        if meshed:
-            assert self.mesh is not None
-            session = self.mesh.pooled(relay.pod, destination[0],
-                                       route.identity if route is not None else "")
-            if session is not None:
-                self._open_stream(relay, session, destination, route)
-                return
-        task = asyncio.get_running_loop().create_task(self._connect(relay, destination, route, meshed))
+    def spawn(self, relay: Relay, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` as the relay's connecting task (cancelled if the client goes)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
         relay.connecting = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _route(self, relay: Relay) -> tuple[tuple[str, int], Route | None] | None:
-        """Where the connection goes, and whether it may (None: refused, counted)."""
-        destination = relay.destination
-        if destination is None:  # captured by a rule: where was it going?
-            client = relay.client.transport
-            assert client is not None
-            destination = relay.destination = self._destination(relay, client.get_extra_info("socket"))
-            if destination is None:
-                return None
-            if relay.direction == "inbound":
-                if not relay.pod.inbound.plaintext_allowed:
-                    self._refuse(relay, "policy_plaintext", "plaintext refused: the pod's inbound "
-                                 "policy is mesh-only")
-                    return None
-                relay.source = client.get_extra_info("peername")
-        if destination[1] in relay.pod.opaque_ports:
-            relay.observer = None  # declared opaque: relay bytes, parse nothing
-        route = None
-        if relay.direction == "outbound" and self.router is not None:
-            route = self.router.route(destination)  # a Service VIP becomes an endpoint
-            destination = relay.destination = route.destination
-            relay.peer_labels = route.labels
-        return destination, route
-
-    async def _connect(self, relay: Relay, destination: tuple[str, int], route: Route | None,
-                       meshed: bool) -> None:
-        if meshed:
-            try:
-                if await self._through_tunnel(relay, destination, route):
-                    return
-            except asyncio.CancelledError:
-                relay.abort()
-                return
-        relay.open_record(relay.peer_labels)
-        await self._connect_upstream(relay, destination)
-
-    async def _through_tunnel(self, relay: Relay, destination: tuple[str, int],
-                              route: Route | None) -> bool:
-        """Open a tunnel stream for an outbound connection; False: the destination is not
-        meshed (plain TCP). A meshed destination that fails is refused, never downgraded."""
-        assert self.mesh is not None
-        try:
-            session = await self.mesh.session_for(relay.pod, destination[0],
-                                                  route.identity if route is not None else "")
-        except TunnelError as exc:
-            self._refuse(relay, exc.reason, str(exc))
-            return True
-        finally:
-            relay.connecting = None
-        if session is None:
-            return False
-        self._open_stream(relay, session, destination, route)
-        return True
-
-    def _open_stream(self, relay: Relay, session: TunnelSession, destination: tuple[str, int],
-                     route: Route | None) -> None:
-        client = relay.client.transport
-        if client is None or client.is_closing():
-            relay.finish()
-            return
-        labels = session.labels
-        if route is not None:  # what the registry knows of the destination, and the proof
-            labels = self._tunnel_labels(route.labels, labels.server_id)
-        relay.open_record(labels)
-        session.open_stream(relay.upstream, destination[1], relay.pod.metadata)
-        if not relay.upstream.write_blocked:
-            client.resume_reading()
-
-    def _tunnel_labels(self, route_labels: PeerLabels, server_id: str) -> PeerLabels:
-        """The registry's dst_* labels with the tunnel's proof, built once per (route, server)."""
-        key = (route_labels, server_id)
-        labels = self._labels_cache.get(key)
-        if labels is None:
-            if len(self._labels_cache) >= 4096:  # bounded: pods and Services come and go
-                self._labels_cache.clear()
-            labels = self._labels_cache[key] = dataclasses.replace(route_labels, tls="true",
-                                                                   server_id=server_id)
-        return labels
-
-    async def _connect_upstream(self, relay: Relay, destination: tuple[str, int]) -> None:
+    async def connect(self, relay: Relay, destination: tuple[str, int]) -> None:
         client = relay.client.transport
         assert client is not None
         try:
             sock = self._upstream_socket(relay.pod, relay.source)
         except OSError as exc:
-            self._refuse(relay, "socket", f"cannot create upstream socket: {exc}")
+            self.refuse(relay, "socket", f"cannot create upstream socket: {exc}")
             return
         try:
             loop = asyncio.get_running_loop()
@@ -411,7 +282,7 @@ class Proxy:
         except (OSError, TimeoutError) as exc:
             sock.close()
             reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
-            self._refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
+            self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
             return
         finally:
             relay.connecting = None
@@ -427,29 +298,24 @@ class Proxy:
                     raise
         return self._sockets.upstream(pod.netns)  # keep serving, without the client's IP
 
-    def _destination(self, relay: Relay, sock: socket.socket) -> tuple[str, int] | None:
-        try:
-            host, port = original_destination(sock)
-        except OSError:
-            self._refuse(relay, "not_redirected", "connection was not redirected to the proxy")
-            return None
-        if port in relay.pod.own_ports:
-            self._refuse(relay, "loop", f"original destination {host}:{port} is a proxy port")
-            return None
-        return host, port
-
-    def _refuse(self, relay: Relay, reason: str, detail: str) -> None:
+    def refuse(self, relay: Relay, reason: str, detail: str) -> None:
+        """Reset the client: counted under `reason` (pinion_proxy_errors_total), logged."""
         pod = relay.pod
         self._metrics.proxy_errors.labels(relay.direction, reason).inc()
         log.info("%s %s/%s: %s", relay.direction, pod.namespace, pod.name, detail)
         relay.abort()
 
     async def close(self) -> None:
-        if self.mesh is not None:
-            self.mesh.close_all()
-        if self.acceptor is not None:
-            await self.acceptor.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def protocol_factory(owner: RelayOwner, pod: PodContext, direction: str,
+                     buffer_high: int) -> Callable[[], asyncio.Protocol]:
+    """For a pod's listener: each accepted connection becomes a relay's client side."""
+    def make() -> asyncio.Protocol:
+        return Relay(owner, pod, direction, buffer_high).client
+
+    return make

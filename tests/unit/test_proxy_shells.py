@@ -1,0 +1,179 @@
+"""The two proxies' asyncio shells carry out the per-connection decision: a refusal is
+counted under its reason (the labels of pinion_proxy_errors_total do not change) and
+resets the client; a meshed connection with a pooled tunnel session becomes a stream at
+once, without a task; a tunnel stream to the proxy's own port is refused on the stream.
+Fake transports and sockets: no root, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agent.core.telemetry import PeerLabels, Telemetry
+from agent.core.tunnel_frames import ErrorCode
+from agent.dataplane.context import PodContext
+from agent.dataplane.inbound import InboundProxy
+from agent.dataplane.netns import NetNs
+from agent.dataplane.outbound import OutboundProxy
+from agent.dataplane.relay import RelaySettings, _Side
+from agent.model import InboundPolicy
+from agent.observability.metrics import AgentMetrics, build_registry
+from tests.unit.test_relay import Pipe
+
+SETTINGS = RelaySettings(connect_timeout=1.0, buffer_high=64 * 1024)
+SERVER_ID = "spiffe://cluster.local/ns/shop/sa/web"
+
+
+class CapturedSocket:
+    """An accepted socket as the kernel describes it: SO_ORIGINAL_DST, if redirected."""
+
+    def __init__(self, original: tuple[str, int] | None) -> None:
+        self.original = original
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        if self.original is None:
+            raise OSError(92, "not redirected")  # ENOPROTOOPT: no conntrack entry
+        host, port = self.original
+        return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(host))
+
+    def setsockopt(self, *args: object) -> None:
+        pass  # arm_reset: SO_LINGER
+
+
+class ClientPipe(Pipe):
+    def __init__(self, protocol: _Side, sock: CapturedSocket) -> None:
+        super().__init__(protocol)
+        self.sock = sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"socket": self.sock, "peername": ("10.42.1.7", 40000)}.get(name, default)
+
+
+class NoSockets:
+    """A socket factory whose pod netns is gone."""
+
+    def upstream(self, netns: NetNs, source: tuple[str, int] | None = None) -> socket.socket:
+        raise OSError(2, "no such namespace")
+
+
+class Session:
+    """A pooled tunnel session that takes every stream."""
+
+    labels = PeerLabels(tls="true", server_id=SERVER_ID, dst_namespace="shop")
+    peer_id = SERVER_ID
+    peername = ("10.42.1.7", 15008)
+
+    def __init__(self) -> None:
+        self.streams: list[tuple[int, Mapping[str, str]]] = []
+        self.refused: list[tuple[int, int]] = []
+
+    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: Mapping[str, str]) -> None:
+        self.streams.append((port, metadata))
+        protocol.connection_made(Pipe(protocol))  # type: ignore[arg-type]
+
+    def refuse(self, stream_id: int, error_code: int) -> None:
+        self.refused.append((stream_id, error_code))
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.session = Session()
+
+    def pooled(self, pod: PodContext, destination: str, expected: str = "") -> Session:
+        return self.session
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNs]:
+    namespace = NetNs.current()
+    yield namespace
+    namespace.close()
+
+
+@pytest.fixture
+def metrics() -> tuple[CollectorRegistry, AgentMetrics, Telemetry]:
+    telemetry = Telemetry(lambda: 0.0, 60.0)
+    registry, agent_metrics = build_registry(telemetry)
+    return registry, agent_metrics, telemetry
+
+
+def pod(netns: NetNs, **fields: Any) -> PodContext:
+    return PodContext("shop", "front-1", netns, frozenset((15001, 15006, 15008)), ip="10.42.0.5",
+                      identity="shop/front-1", **fields)
+
+
+def accept(factory: Any, original: tuple[str, int] | None) -> ClientPipe:
+    side = factory()
+    client = ClientPipe(side, CapturedSocket(original))
+    side.connection_made(client)
+    return client
+
+
+def errors(registry: CollectorRegistry, direction: str, reason: str) -> float | None:
+    return registry.get_sample_value("pinion_proxy_errors_total",
+                                     {"direction": direction, "reason": reason})
+
+
+@pytest.mark.parametrize(("original", "reason"), [(None, "not_redirected"),
+                                                  (("10.42.0.5", 15001), "loop")])
+def test_outbound_refusals_are_counted_and_reset_the_client(
+        netns: NetNs, metrics: Any, original: tuple[str, int] | None, reason: str) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = OutboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    client = accept(proxy.protocol_factory(pod(netns)), original)
+    assert client.reset
+    assert errors(registry, "outbound", reason) == 1
+
+
+def test_a_mesh_only_pod_refuses_plaintext_inbound(netns: NetNs, metrics: Any) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = InboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    mesh_only = pod(netns, inbound=InboundPolicy(mode="mesh-only"))
+    client = accept(proxy.protocol_factory(mesh_only), ("10.42.0.5", 8080))
+    assert client.reset
+    assert errors(registry, "inbound", "policy_plaintext") == 1
+
+
+def test_a_pooled_tunnel_session_takes_the_stream_at_once_without_a_task(
+        netns: NetNs, metrics: Any) -> None:
+    _, agent_metrics, telemetry = metrics
+    mesh = Mesh()
+    proxy = OutboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS, mesh=mesh)  # type: ignore[arg-type]
+    front = pod(netns)
+    client = accept(proxy.protocol_factory(front), ("10.42.1.7", 8080))
+    [relay] = front.relays
+    assert relay.connecting is None  # no task: this runs outside any event loop
+    assert [port for port, _ in mesh.session.streams] == [8080] and client.reading
+    assert relay.peer_labels.tls == "true" and relay.peer_labels.server_id == SERVER_ID
+
+
+def test_a_failed_upstream_socket_is_refused_under_socket(netns: NetNs, metrics: Any) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = OutboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+
+    async def scenario() -> ClientPipe:
+        client = accept(proxy.protocol_factory(pod(netns)), ("93.184.216.34", 443))
+        for _ in range(3):  # the connect task runs, and refuses
+            await asyncio.sleep(0)
+        await proxy.close()
+        return client
+
+    client = asyncio.run(scenario())
+    assert client.reset
+    assert errors(registry, "outbound", "socket") == 1
+
+
+def test_a_tunnel_stream_to_the_proxys_own_port_is_refused_on_the_stream(
+        netns: NetNs, metrics: Any) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = InboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    session = Session()
+    proxy.tunneled(pod(netns), session, 1, 15008, {})  # type: ignore[arg-type]
+    assert session.refused == [(1, ErrorCode.CONNECT_ERROR)]
+    assert errors(registry, "inbound", "loop") == 1

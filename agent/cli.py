@@ -22,7 +22,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
-                "sweep_interval_seconds")
+                "sweep_interval_seconds", "relay_idle_timeout_seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--sweep-interval-seconds", metavar="S",
                        help="how often pods whose netns vanished without a CNI DEL are released, "
                             "idle tunnels closed and spooled ADDs replayed (default 10)")
+    agent.add_argument("--relay-idle-timeout-seconds", metavar="S",
+                       help="a relayed connection with no byte either way this long is reset "
+                            "(default 3600; per pod: PINION_IDLE_TIMEOUT or pinion.dev/idle-timeout)")
     agent.add_argument("--tunnel-syn-rate", metavar="N",
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")

@@ -60,6 +60,7 @@ class Config:
     tls_ciphers: str | None = None  # None: ChaCha20 first without AES instructions, else AES-GCM
     certificate_lifetime_seconds: float = 86400.0
     tunnel_idle_seconds: float = 60.0
+    relay_idle_timeout_seconds: float = 3600.0  # a pod's own (PINION_IDLE_TIMEOUT) wins
     tunnel_syn_rate: int = 50  # new 15008 connections/s per source the kernel lets in; 0 = any
     mesh_networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS
     bpf_dir: Path | None = None  # eBPF pins: default /sys/fs/bpf/pinion
@@ -114,6 +115,8 @@ class Config:
                                                    "certificate lifetime"),
             tunnel_idle_seconds=_number(get("tunnel_idle_seconds", "60"), "tunnel idle", float),
             tunnel_syn_rate=_number(get("tunnel_syn_rate", "50"), "tunnel SYN rate", int),
+            relay_idle_timeout_seconds=_positive(get("relay_idle_timeout_seconds", "3600"),
+                                                 "relay idle timeout"),
             mesh_networks=_networks(get("mesh_networks", "") or "") or DEFAULT_MESH_NETWORKS,
             bpf_dir=_path(get("bpf_dir")),
             bpf_object=_path(get("bpf_object")),

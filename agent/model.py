@@ -92,6 +92,8 @@ class Pod:
     # The controlling workload (Kubernetes mode), for Linkerd's `deployment="web"` labels.
     owner_kind: str = ""
     owner_name: str = ""
+    # Seconds without a byte either way before a relayed connection is reset; 0 = the agent's.
+    idle_timeout: float = 0.0
 
     @property
     def ipv4(self) -> str | None:
@@ -102,6 +104,8 @@ class Pod:
         data = self._fields_json()
         if self.owner_kind:
             data["owner"] = {"kind": self.owner_kind, "name": self.owner_name}
+        if self.idle_timeout:
+            data["idleTimeout"] = self.idle_timeout
         return data
 
     def _fields_json(self) -> dict[str, Any]:
@@ -156,6 +160,7 @@ class Pod:
             cgroup=_text(data, "cgroup", ""),
             owner_kind=_text(owner, "kind", ""),
             owner_name=_text(owner, "name", ""),
+            idle_timeout=_seconds(data, "idleTimeout"),
             capture=CaptureSettings(
                 exclude_outbound_ports=_ports(capture, "excludeOutboundPorts"),
                 exclude_inbound_ports=_ports(capture, "excludeInboundPorts"),
@@ -201,6 +206,13 @@ def _ports(data: dict[str, Any], key: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _seconds(data: dict[str, Any], key: str) -> float:
+    value = data.get(key, 0)
+    if type(value) not in (int, float) or not 0 <= value < 10**9:
+        raise StateError(f"{key!r} must be a number of seconds, not {value!r:.60}")
+    return float(value)
+
+
 def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     if value is None:
@@ -222,6 +234,21 @@ def _ipv4_only(addresses: list[str]) -> tuple[str, ...]:
     """Capture is IPv4 for now: a dual-stack pod's IPv6 gateway is not an error."""
     parsed = (ipaddress.ip_address(a) for a in addresses)
     return tuple(str(a) for a in parsed if a.version == 4)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """"90", "90s", "15m", "1h" -> seconds; "" -> 0 (unset). Anything else is a ValueError."""
+    text = text.strip()
+    if not text:
+        return 0.0
+    number, unit = (text[:-1], text[-1]) if text[-1] in _UNITS else (text, "s")
+    seconds = float(number) * _UNITS[unit]
+    if not 0 < seconds < 10**9:
+        raise ValueError(f"duration {text!r} out of range")
+    return seconds
 
 
 def parse_ports(text: str) -> tuple[int, ...]:

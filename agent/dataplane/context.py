@@ -31,6 +31,7 @@ class PodContext:
     metadata: dict[str, str] = field(default_factory=dict)  # sent with each tunnel stream
     owner_kind: str = ""  # its workload (Kubernetes mode), for deployment="web" labels
     owner_name: str = ""
+    idle_timeout: float = 3600.0  # a relay with no byte either way this long is reset
     relays: set[Relay] = field(default_factory=set)
     tunnels: set[TunnelSession] = field(default_factory=set)
     # the label sets of its series, built once per (direction, peer) and not per connection

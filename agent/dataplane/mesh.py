@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes
+from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -76,14 +76,6 @@ class MeshSettings:
     max_streams: int = 256
     max_peer_connections: int = 4  # per (client identity, address) on one pod's 15008
     handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)
-
-
-def set_keepalive(sock: socket.socket) -> None:
-    """Find a dead peer (a half-open tunnel) within ~90 s instead of hours."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 class MeshClient:

@@ -98,9 +98,9 @@ class _Side(asyncio.Protocol):
 class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
-    __slots__ = ("buffer_high", "client", "connecting", "destination", "direction", "early",
-                 "early_at", "failed", "http", "observer", "peer_labels", "pod", "proxy",
-                 "record", "source", "started", "upstream")
+    __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
+                 "early", "early_at", "failed", "http", "idle_since", "observer", "peer_labels",
+                 "pod", "proxy", "record", "seen_activity", "source", "started", "upstream")
 
     def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
                  buffer_high: int) -> None:
@@ -119,6 +119,9 @@ class Relay:
         self.source: tuple[str, int] | None = None  # inbound: the client the app should see
         self.early_at = 0.0  # when the first client byte came, if before the path was chosen
         self.started = time.monotonic()
+        # bytes moving: a count, not a clock read per chunk; `reap_idle` compares it
+        self.activity = self.seen_activity = 0
+        self.idle_since = self.started
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
         self.observer: ConnectionObserver | None = ConnectionObserver()
@@ -152,6 +155,7 @@ class Relay:
                 self.account(observer.client_bytes(data, self.early_at), observer)
 
     def forward(self, side: _Side, data: bytes) -> None:
+        self.activity += 1
         record, observer = self.record, self.observer
         if side is self.client:
             if record is None:  # uvloop's early read: counted once the labels are known
@@ -244,6 +248,21 @@ class Relay:
                           (time.monotonic() - self.started) * 1000)
 
 
+
+
+def reap_idle(relays: set[Relay], timeout: float, now: float) -> int:
+    """Reset the relays in which no byte moved either way for `timeout` seconds (a vanished
+    peer, a slowloris that stopped); returns how many. Called every sweep: a relay's idleness
+    is known to within one sweep interval, at no cost per byte."""
+    idle = []
+    for relay in relays:
+        if relay.activity != relay.seen_activity:
+            relay.seen_activity, relay.idle_since = relay.activity, now
+        elif now - relay.idle_since >= timeout:
+            idle.append(relay)
+    for relay in idle:
+        relay.abort()
+    return len(idle)
 
 
 class PlainUpstream:

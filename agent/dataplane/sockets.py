@@ -27,6 +27,7 @@ class SocketFactory:
         sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_keepalive(sock)  # every accepted socket inherits it: a vanished client is found
             sock.bind((host, port))
             sock.listen(backlog)
             sock.setblocking(False)
@@ -112,6 +113,14 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntoa(raw[4:8]), port
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Find a dead peer (a vanished client, a half-open tunnel) within ~90 s, not hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def arm_reset(sock: socket.socket) -> None:

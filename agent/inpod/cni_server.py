@@ -19,7 +19,7 @@ from agent.inpod.errors import (
     CaptureError,
 )
 from agent.inpod.pods import PodLifecycle
-from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, parse_ports
+from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, parse_duration, parse_ports
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
         capture = CaptureSettings.from_cni_args(args, list(request.get("gateways") or []))
         opaque_ports = parse_ports(args.get("PINION_OPAQUE_PORTS", ""))
         inbound = InboundPolicy.from_cni_args(args)
+        idle_timeout = parse_duration(args.get("PINION_IDLE_TIMEOUT", ""))
     except ValueError as exc:
         raise CaptureError(CNI_INVALID_ENV, f"bad PINION_* CNI arg: {exc}") from None
     return Pod(
@@ -88,6 +89,7 @@ def pod_from_request(request: dict[str, Any]) -> Pod:
         opaque_ports=opaque_ports,
         inbound=inbound,
         cgroup=args.get("PINION_CGROUP", ""),
+        idle_timeout=idle_timeout,
     )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +22,11 @@ from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
+from agent.dataplane.relay import reap_idle
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
 from agent.inpod.state import PodStateStore
+from agent.memory import give_back_memory
 from agent.model import Pod
 from agent.observability.metrics import AgentMetrics
 
@@ -134,7 +137,18 @@ class PodManager:
                 self._store.delete(pod.container_id)
 
     async def sweep(self) -> None:
-        """Release pods whose netns vanished without a CNI DEL (bounded memory)."""
+        """Reset relays idle past their pod's timeout; release pods whose netns vanished
+        without a CNI DEL (bounded memory)."""
+        now = time.monotonic()
+        for captured in self._pods.values():
+            context = captured.context
+            if context.relays:
+                reset = reap_idle(context.relays, context.idle_timeout, now)
+                if reset:
+                    give_back_memory()
+                    self._metrics.relay_idle_resets.inc(reset)
+                    log.info("pod %s: %d connections idle for %.0f s reset", captured.pod.key,
+                             reset, context.idle_timeout)
         async with self._lock:
             for captured in [c for c in self._pods.values() if not c.netns.still_at_path()]:
                 log.info("pod %s: netns %s is gone; releasing", captured.pod.key,
@@ -194,7 +208,8 @@ class PodManager:
                              frozenset((ports.outbound, ports.inbound, ports.tunnel)),
                              frozenset(pod.opaque_ports), ip=pod.ipv4, inbound=pod.inbound,
                              metadata=_tunnel_metadata(pod, self._config.node_name),
-                             owner_kind=pod.owner_kind, owner_name=pod.owner_name)
+                             owner_kind=pod.owner_kind, owner_name=pod.owner_name,
+                             idle_timeout=pod.idle_timeout or self._config.relay_idle_timeout_seconds)
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             context.identity = await self._certify(pod)

@@ -183,6 +183,9 @@ class AgentMetrics:
                                       "agent (a leak shows here first)", registry=registry)
         self.event_loop_tasks.set_function(_tasks_alive)
         self.admin = AdminMetrics(registry)
+        self.relay_idle_resets = Counter("pinion_relay_idle_resets", "Relayed connections reset "
+                                         "after no byte moved either way for their pod's idle "
+                                         "timeout", registry=registry)
         self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
                                      "at start and set aside (renamed *.damaged)", ("store",),
                                      registry=registry)

@@ -7,7 +7,8 @@ traffic only to the lab address it is given:
     idle   HOST:PORT [...] --count N --hold S   N idle TCP connections spread over the
            [--sources IP,IP] [--say BYTES]      targets (and source addresses), held S s;
                                                 with --say, each first sends that many
-                                                bytes of a TLS ClientHello, then stalls
+                                                bytes of a TLS ClientHello (-1: the start
+                                                of an HTTP request), then stalls
     flood  HOST PORT --seconds S                TLS ClientHellos as fast as one client can
     tunnel HOST PORT --cert C --key K --bundle B --connections N --streams M --app-port P
            --hold S                             an authenticated peer that opens N tunnel
@@ -36,6 +37,7 @@ import time
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # a TLS record header (handshake, TLS 1.0 record version, 512 bytes) and ClientHello's type
 _CLIENT_HELLO_START = bytes.fromhex("16030102000100") + bytes(505)
+_HTTP_START = b"GET / HTTP/1.1\r\nHost: slow\r\n"  # --say -1: a request that never ends
 
 
 def _raise_fd_limit() -> None:
@@ -84,7 +86,7 @@ def idle(targets: list[tuple[str, int]], count: int, hold: float, sources: list[
                     opened.append(sock)
                     if say:
                         with contextlib.suppress(OSError):
-                            sock.send(_CLIENT_HELLO_START[:say])
+                            sock.send(_CLIENT_HELLO_START[:say] if say > 0 else _HTTP_START)
                 else:
                     failed += 1
                     sock.close()

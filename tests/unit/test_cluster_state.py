@@ -103,11 +103,13 @@ def test_annotations_become_the_pods_capture_settings_linkerd_spelling_too() -> 
     pod = record(annotations={"pinion.dev/inbound-policy": "mesh-only",
                               "config.linkerd.io/skip-outbound-ports": "5432, 6379",
                               "config.linkerd.io/opaque-ports": "3306",
-                              "pinion.dev/allowed-clients": "spiffe://cluster.local/ns/shop/sa/front"})
+                              "pinion.dev/allowed-clients": "spiffe://cluster.local/ns/shop/sa/front",
+                              "pinion.dev/idle-timeout": "2h"})
     announced = Pod(PodKey("shop", "web-5d8f9c-abcde"), "", "c1", "/run/netns/x", ("10.42.1.5",))
 
     meshed = apply_record(announced, pod)
 
+    assert meshed.idle_timeout == 7200.0
     assert meshed.service_account == "web" and meshed.uid == "uid-web-5d8f9c-abcde"
     assert meshed.capture.exclude_outbound_ports == (5432, 6379)
     assert meshed.opaque_ports == (3306,)

@@ -424,3 +424,11 @@ def test_replay_survives_a_file_that_is_json_but_not_a_request(tmp_path: Path) -
     assert run(replay_pending(tmp_path, StandaloneAdmission(pods))) == 1
     assert pods.added == [CART]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pods_idle_timeout_comes_from_its_cni_args(agent: Harness) -> None:
+    reply = agent.send(line(request("ADD", args={**request("ADD")["args"], "PINION_IDLE_TIMEOUT": "5m"})))
+
+    assert reply == {"ok": True} and agent.pods.added[0].idle_timeout == 300.0
+    refused = agent.send(line(request("ADD", args={**request("ADD")["args"], "PINION_IDLE_TIMEOUT": "soon"})))
+    assert (refused["ok"], refused["code"]) == (False, 4) and "PINION_" in refused["msg"]

@@ -7,7 +7,7 @@ that climbs is still a cycle in the design.
     inpod       pod lifecycle on this node               (CNI server, PodManager, its state)
     dataplane   proxies, tunnel, sockets, redirect/      (the only I/O-heavy code)
     identity, observability                              (certificates; metrics, admin endpoint)
-    core, model, config, durable, agent                  (sans-IO logic and plain data)
+    core, model, config, durable, memory, agent          (sans-IO logic and plain data)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LADDER: tuple[tuple[str, ...], ...] = (  # top first
     ("agent.inpod",),
     ("agent.dataplane",),
     ("agent.identity", "agent.observability"),
-    ("agent.core", "agent.model", "agent.config", "agent.durable", "agent"),
+    ("agent.core", "agent.model", "agent.config", "agent.durable", "agent.memory", "agent"),
 )
 
 

@@ -107,6 +107,7 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         "pinion_event_loop_tasks 0.0",  # no running loop here
         "pinion_admin_connections 1.0",
         'pinion_admin_connections_refused_total{reason="head_timeout"} 4.0',
+        "pinion_relay_idle_resets_total 0.0",
     ]
 
 

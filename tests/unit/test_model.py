@@ -3,12 +3,13 @@ record that is saved to disk and read back after a restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 
-from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, StateError
+from agent.model import CaptureSettings, InboundPolicy, Pod, PodKey, StateError, parse_duration
 
 
 def settings(*gateways: str, **args: str) -> CaptureSettings:
@@ -156,3 +157,23 @@ def test_a_damaged_saved_pod_is_a_state_error_naming_what_is_wrong(damage: objec
 
 def test_a_file_from_before_versions_reads_as_version_1() -> None:
     assert Pod.from_json({k: v for k, v in GOOD.items() if k != "version"}) == WEB
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("", 0.0), ("90", 90.0), ("90s", 90.0), ("15m", 900.0),
+                                                ("1h", 3600.0), ("0.5", 0.5)])
+def test_durations_read_as_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["-5", "0", "1d", "h", "forever", "1e12"])
+def test_a_duration_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_a_pods_idle_timeout_is_remembered() -> None:
+    pod = dataclasses.replace(WEB, idle_timeout=300.0)
+    assert pod.to_json()["idleTimeout"] == 300.0
+    assert Pod.from_json(pod.to_json()) == pod
+    with pytest.raises(StateError, match="'idleTimeout' must be a number of seconds"):
+        Pod.from_json({**pod.to_json(), "idleTimeout": "5m"})

@@ -328,3 +328,23 @@ def test_an_opaque_connection_is_relayed_without_http_accounting(netns: NetNs) -
     upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert list(connection.proxy.telemetry.http_series()) == []
     assert connection.proxy.counters().read_bytes == 29
+
+
+def test_a_relay_in_which_nothing_moves_for_the_idle_timeout_is_reset(netns: NetNs) -> None:
+    from agent.dataplane.relay import reap_idle
+
+    busy, quiet = Connection(netns), Connection(netns)
+    busy_up, quiet_up = busy.connect_upstream(), quiet.connect_upstream()
+    start = quiet.relay.started
+
+    def reap(now: float) -> int:  # each pod's live set, as the agent's sweep does
+        return reap_idle(busy.pod.relays, 60.0, now) + reap_idle(quiet.pod.relays, 60.0, now)
+
+    assert reap(start + 30) == 0  # seen: not idle yet
+    busy.client.send(b"still here")  # a byte, whichever way, restarts its clock
+    assert reap(start + 61) == 1  # the quiet one: 61 s without a byte
+    assert quiet.client.reset and quiet_up.reset  # both sides reset, counted as failed
+    assert quiet.proxy.counters().close_failure == 1 and not quiet.pod.relays
+    assert not busy.client.reset and not busy_up.reset
+    assert reap(start + 100) == 0  # busy moved at +61 (seen then)
+    assert reap(start + 122) == 1

@@ -25,6 +25,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "exclude-outbound-cidrs": ("pinion.dev/exclude-outbound-cidrs",
                                "config.alpha.linkerd.io/skip-outbound-ips"),
     "opaque-ports": ("pinion.dev/opaque-ports", "config.linkerd.io/opaque-ports"),
+    "idle-timeout": ("pinion.dev/idle-timeout",),
 }
 # Linkerd's default-inbound-policy values, in our two modes.
 LINKERD_POLICIES = {"all-unauthenticated": "permissive", "cluster-unauthenticated": "permissive",

@@ -10,7 +10,7 @@ from agent.controlplane.cluster.objects import (
     NamespaceRecord,
     PodRecord,
 )
-from agent.model import CaptureSettings, InboundPolicy, Pod, parse_cidrs, parse_ports
+from agent.model import CaptureSettings, InboundPolicy, Pod, parse_cidrs, parse_duration, parse_ports
 
 
 def mesh_decision(pod: PodRecord, namespace: NamespaceRecord | None) -> tuple[bool, str]:
@@ -45,10 +45,11 @@ def apply_record(pod: Pod, record: PodRecord) -> Pod:
         )
         opaque_ports = parse_ports(record.setting("opaque-ports"))
         inbound = inbound_policy(record)
+        idle_timeout = parse_duration(record.setting("idle-timeout"))
     except ValueError as exc:
         raise ValueError(f"pod {record.key}: bad annotation: {exc}") from None
     owner = record.owner
     return dataclasses.replace(
         pod, uid=record.uid or pod.uid, service_account=record.service_account,
-        capture=capture, opaque_ports=opaque_ports, inbound=inbound,
+        capture=capture, opaque_ports=opaque_ports, inbound=inbound, idle_timeout=idle_timeout,
         owner_kind=owner.kind if owner else "", owner_name=owner.name if owner else "")

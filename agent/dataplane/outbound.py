@@ -78,8 +78,9 @@ class OutboundProxy:
         try:
             session = await self._mesh.session_for(relay.pod, decision.destination[0],
                                                    decision.identity)
-        except TunnelError as exc:
+        except TunnelError as exc:  # counted as what it was to be: mTLS, never plaintext
             relay.connecting = None
+            relay.peer_labels = self._tunnel_labels(decision.labels, decision.identity)
             self._plain.refuse(relay, exc.reason, str(exc))
             return
         except asyncio.CancelledError:

@@ -177,3 +177,33 @@ def test_a_tunnel_stream_to_the_proxys_own_port_is_refused_on_the_stream(
     proxy.tunneled(pod(netns), session, 1, 15008, {})  # type: ignore[arg-type]
     assert session.refused == [(1, ErrorCode.CONNECT_ERROR)]
     assert errors(registry, "inbound", "loop") == 1
+
+
+class RefusingMesh:
+    """A meshed destination whose agent is away: no pooled session, the dial fails."""
+
+    def pooled(self, pod: PodContext, destination: str, expected: str = "") -> None:
+        return None
+
+    async def session_for(self, pod: PodContext, destination: str, expected: str = "") -> None:
+        from agent.dataplane.mesh import TunnelError
+
+        raise TunnelError("tunnel_refused", f"{destination} refuses port 15008")
+
+
+def test_a_refused_tunnel_is_counted_as_mtls_not_as_plaintext(netns: NetNs, metrics: Any) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = OutboundProxy(NoSockets(), telemetry, agent_metrics, SETTINGS,  # type: ignore[arg-type]
+                          mesh=RefusingMesh())  # type: ignore[arg-type]
+
+    async def scenario() -> ClientPipe:
+        client = accept(proxy.protocol_factory(pod(netns)), ("10.42.1.7", 8080))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await proxy.close()
+        return client
+
+    client = asyncio.run(scenario())
+    assert client.reset and errors(registry, "outbound", "tunnel_refused") == 1
+    [(labels, counters)] = list(telemetry.series())
+    assert labels.peer_labels.tls == "true" and counters.close_failure == 1  # nothing left in plaintext

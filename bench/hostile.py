@@ -32,11 +32,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mtls
 
 from agent.identity.files import TRUST_BUNDLE, init_identity_dir
 from agent.identity.spiffe import SpiffeId
 from agent.lab.agents import REPO, LabAgent
 from agent.lab.topology import Lab, Pod
+from tests.netns.test_hostile_peers import Watch
 from tests.netns.test_mesh_tunnel import issue_files
 
 ATTACKS = str(REPO / "tests" / "netns" / "attacks.py")
@@ -44,22 +48,8 @@ HTTP_SERVER = "agent.lab.httpserver"
 MIB = 1024 * 1024
 
 
-class CheckoutAgent(LabAgent):
-    """A lab agent run from a given checkout (its own `agent` package, this interpreter)."""
-
-    def __init__(self, lab: Lab, node: Any, checkout: Path, extra: list[str]) -> None:
-        super().__init__(lab, node, extra_args=extra)
-        self.checkout = checkout
-
-    def start(self, wait: bool = True) -> LabAgent:
-        log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn
-        env = {**os.environ, "PYTHONPATH": str(self.checkout)}
-        self.process = self.node.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=str(self.checkout), env=env)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
+class CheckoutAgent(mtls.CheckoutAgent):
+    """bench/mtls.py's agent run from a given checkout, with what the attacks measure."""
 
     def cpu_seconds(self) -> float:
         assert self.process is not None
@@ -141,27 +131,6 @@ def world(checkout: Path) -> Iterator[World]:
                 agent.stop()
 
 
-class PeakRss:
-    """The agent's RSS sampled every 0.1 s in the background (what an OOM killer sees)."""
-
-    def __init__(self, agent: LabAgent) -> None:
-        import threading
-
-        self.agent, self.peak, self._stop = agent, agent.rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            with contextlib.suppress(OSError, RuntimeError):
-                self.peak = max(self.peak, self.agent.rss_bytes())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def tasks(agent: LabAgent) -> str:
     value = agent.metrics().value("pinion_event_loop_tasks")
     return f"{value:.0f}" if "pinion_event_loop_tasks" in agent.metrics().text else "n/a"
@@ -195,7 +164,7 @@ def idle_scenario(w: World) -> dict[str, str]:
         w.attacker.run(["ip", "addr", "add", f"{address}/24", "dev", "eth0"])
     baseline, peaks, afters, lost = agent.rss_bytes(), [], [], []
     for _ in range(3):
-        traffic, watch = w.pace(200, 10), PeakRss(agent)
+        traffic, watch = w.pace(200, 10), Watch(agent)
         flood = w.attack(w.attacker, "idle", f"{w.victim.ip}:15008", "--count", "5000", "--hold",
                          "4", "--sources", ",".join(sources))
         admin = w.attack(w.attacker, "idle", f"{agent.admin[0]}:{agent.admin[1]}", "--count",
@@ -228,7 +197,7 @@ def peer_scenario(w: World) -> dict[str, str]:
     identity = w.lab.workdir / "identity"
     cert, key = issue_files(w.lab.workdir, identity, "peer", SpiffeId("cluster.local", "default",
                                                                       "default"), time.time(), 3600)
-    baseline, watch, traffic = agent.rss_bytes(), PeakRss(agent), w.pace(200, 10)
+    baseline, watch, traffic = agent.rss_bytes(), Watch(agent), w.pace(200, 10)
     peer = w.attack(w.attacker, "tunnel", w.victim.ip, "15008", "--cert", str(cert), "--key",
                     str(key), "--bundle", str(identity / TRUST_BUNDLE), "--connections", "10",
                     "--streams", "256", "--app-port", "9000", "--hold", "6").result()

@@ -34,10 +34,11 @@ CERTIFICATES_PATH = "/v1/certificates"
 class IssuerRefused(IssueError):
     """The issuer answered with an error: HTTP `status` and its `reason` (unauthenticated, …)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float = 0.0) -> None:
         super().__init__(f"the issuer refused ({status} {reason}): {message}")
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after  # its Retry-After (429): no sooner than this, in seconds
 
 
 class KubeSigner:
@@ -67,13 +68,13 @@ class KubeSigner:
                            "lifetimeSeconds": max(1, round(lifetime))}).encode()
         try:
             async with asyncio.timeout(self.timeout):
-                status, answer = await self._exchange(token, body)
+                status, answer, retry_after = await self._exchange(token, body)
         except TimeoutError:
             raise IssueError(f"the issuer at {self.host}:{self.port} did not answer within "
                              f"{self.timeout:.0f}s") from None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             raise IssueError(f"cannot reach the issuer at {self.host}:{self.port}: {exc}") from None
-        return _issued(status, answer)
+        return _issued(status, answer, retry_after)
 
     def _token(self) -> str:
         try:
@@ -84,7 +85,7 @@ class KubeSigner:
             raise IssueError(f"the service-account token file {self.token_file} holds no token")
         return token
 
-    async def _exchange(self, token: str, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, token: str, body: bytes) -> tuple[int, bytes, float]:
         reader, writer = await asyncio.open_connection(
             self.host, self.port, ssl=self._context, server_hostname=self.host, limit=MAX_RESPONSE_BYTES)
         try:
@@ -122,25 +123,29 @@ def _request(host: str, port: int, path: str, token: str, body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The status and body of one HTTP/1.1 response (Content-Length, or up to EOF)."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, float]:
+    """The status, body (Content-Length, or up to EOF) and Retry-After (seconds, 0 if none)
+    of one HTTP/1.1 response."""
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
     status_line, *header_lines = head.split("\r\n")
     parts = status_line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         raise IssueError(f"the issuer's answer is not HTTP: {status_line[:80]!r}")
-    length = None
+    length, retry_after = None, 0.0
     for line in header_lines:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length" and value.strip().isdigit():
-            length = int(value.strip())
+        name, value = name.strip().lower(), value.strip()
+        if name == "content-length" and value.isdigit():
+            length = int(value)
+        elif name == "retry-after" and value.isdigit():  # seconds (not the HTTP-date form)
+            retry_after = min(float(value), 3600.0)
     if length is not None and length > MAX_RESPONSE_BYTES:
         raise IssueError(f"the issuer's answer is larger than {MAX_RESPONSE_BYTES} bytes")
     body = await (reader.readexactly(length) if length is not None else reader.read(MAX_RESPONSE_BYTES))
-    return int(parts[1]), body
+    return int(parts[1]), body, retry_after
 
 
-def _issued(status: int, answer: bytes) -> Issued:
+def _issued(status: int, answer: bytes, retry_after: float = 0.0) -> Issued:
     try:
         fields = json.loads(answer)
     except (ValueError, RecursionError):
@@ -148,7 +153,8 @@ def _issued(status: int, answer: bytes) -> Issued:
     if not isinstance(fields, dict):
         raise IssueError(f"the issuer answered {status} without a JSON object")
     if status != 200:
-        raise IssuerRefused(status, str(fields.get("reason", "unknown")), str(fields.get("error", "")))
+        raise IssuerRefused(status, str(fields.get("reason", "unknown")), str(fields.get("error", "")),
+                            retry_after)
     chain, not_before, not_after = fields.get("chain"), fields.get("notBefore"), fields.get("notAfter")
     if (not isinstance(chain, str) or not split_pem_certificates(chain.encode("ascii", errors="replace"))
             or not isinstance(not_before, int | float) or not isinstance(not_after, int | float)):

@@ -218,11 +218,13 @@ class IdentityManager:
                 self._install(pod_key, credentials)
 
     def _renewal_failed(self, pod_key: str, entry: WorkloadCertificates, error: Exception) -> None:
-        """Count it, log one line, and retry after 1 s, 2 s, 4 s ... 60 s (jittered)."""
+        """Count it, log one line, and retry after 1 s, 2 s, 4 s ... 60 s (jittered), or when
+        the issuer said to retry (Retry-After on a 429), if that is later."""
         self.renewal_failures += 1
         entry.failures += 1
         base = min(MAX_BACKOFF, MIN_BACKOFF * 2 ** min(entry.failures - 1, 16))
         delay = base * (1 - JITTER + 2 * JITTER * self._jitter())
+        delay = max(delay, float(getattr(error, "retry_after", 0.0)))
         now = self._clock()
         entry.next_attempt = now + delay
         remaining = entry.current.not_after - now

@@ -187,6 +187,28 @@ def test_backoff_stops_growing_at_a_minute_and_the_old_certificate_stays(identit
     run_with_loop(manager, body)
 
 
+def test_an_issuer_that_says_retry_after_is_not_asked_sooner(identity_dir: Path) -> None:
+    from agent.identity.remote import IssuerRefused
+
+    time = FakeTime(T0)
+    manager = manager_for(identity_dir, time, lifetime=120.0)
+
+    async def body() -> None:
+        await manager.ensure("shop/cart-1", CART)
+        signer = manager._signer
+        assert isinstance(signer, FlakySigner)
+
+        async def busy(csr_pem: bytes, identity: SpiffeId, lifetime: float) -> Issued:
+            raise IssuerRefused(429, "rate_limited", "slow down", retry_after=100.0)
+
+        signer.sign = busy  # type: ignore[method-assign]
+        for _ in range(3):
+            await time.elapse()
+        assert time.sleeps[1:3] == [100.0, 100.0]  # not 1 s, then 2 s
+
+    run_with_loop(manager, body)
+
+
 def test_retry_delays_are_jittered(identity_dir: Path) -> None:
     time = FakeTime(T0)
     manager = manager_for(identity_dir, time, lifetime=120.0, failures=None)

@@ -162,6 +162,7 @@ def test_a_source_over_its_rate_gets_429_with_retry_after_and_no_token_review(id
                                         b"Authorization: Bearer agent-n1\r\nContent-Length: 2\r\n\r\n{}")
 
         assert (refusal.value.status, refusal.value.reason) == (429, "rate_limited")
+        assert refusal.value.retry_after == 100  # the agent's backoff honours it
         assert answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
         assert b"\r\nRetry-After: 100\r\n" in answer
         assert len(issuer.reviews.asked) == 2

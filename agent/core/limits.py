@@ -14,7 +14,9 @@ A connection to 15008 goes through two stages before it is a tunnel session:
 2. *in TLS*, once it has said something: the costly stage (buffers, an SSL object, an ECDSA
    signature). `start_tls` refuses it when its source started more than `rate` handshakes a
    second after a burst of `burst` (`rate_limited`: one client cannot spend the shared event
-   loop's CPU) or has `tls_per_source` in TLS already (`source_limit`). At most `tls`
+   loop's CPU). At most `tls_per_source` of one source's connections are in TLS at once
+   (more wait for one of its own slots: a client pod dialling many pods of this node at
+   once is served in turn, never refused), and at most `tls`
    connections are in TLS on the whole agent: the shell waits for a slot, within the
    handshake deadline.
 
@@ -95,7 +97,7 @@ class HandshakeLimits:
     connections: int = 1024  # accepted, handshake not done, on the whole agent: beyond, RST
     per_source: int = 16  # of those from one address
     tls: int = 64  # of those in TLS on the whole agent: beyond, wait for a slot
-    tls_per_source: int = 4  # of those from one address: a peer agent dials one per pod pair
+    tls_per_source: int = 4  # of those from one address (more wait): it cannot take every slot
     rate: float = 20.0  # TLS handshakes a second from one address (sustained)...
     burst: float = 64.0  # ...after this many at once (a node's pods re-dialling after a restart)
     max_sources: int = 4096
@@ -129,9 +131,7 @@ class HandshakeGate:
         return None
 
     def start_tls(self, source: str, now: float) -> str | None:
-        """It said something: None to start TLS on it (once a slot is free), else why not."""
-        if self._in_tls.get(source, 0) >= self.limits.tls_per_source:
-            return SOURCE_LIMIT
+        """It said something: None to start TLS on it (once slots are free), else why not."""
         if not self._rate.take(source, now).allowed:
             return RATE_LIMITED
         _bump(self._in_tls, source, 1)

@@ -15,20 +15,22 @@ is bounded before TLS starts (`agent.core.limits`): connections not yet through 
 handshake, per agent and per source address (a silent one holds an fd and a future, no TLS
 state); TLS handshakes in progress, per agent and per source, and per second per source;
 one short deadline from accept to a finished handshake; and at most
-`max_peer_connections` tunnel connections per (client identity, address). Each tunnel
+`max_peer_connections` tunnel connections per (client identity, address) into one pod (and
+`max_peer_connections_node` into all of them). Each tunnel
 connection holds at most its connection window of received bytes and its output budget of
 bytes to send (`agent.dataplane.tunnel`), so one authenticated peer pins a few MiB at most."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -74,7 +76,8 @@ class MeshSettings:
     meshed_ttl: float = 600.0  # and "meshed" this long (no downgrade meanwhile)
     networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS  # others are never probed
     max_streams: int = 256
-    max_peer_connections: int = 4  # per (client identity, address) on one pod's 15008
+    max_peer_connections: int = 4  # per (client identity, address) on one pod's 15008...
+    max_peer_connections_node: int = 256  # ...and on all this node's pods (k3s: 110 a node)
     handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)
 
 
@@ -288,6 +291,7 @@ class TunnelAcceptor:
         self._tasks: set[asyncio.Task[None]] = set()
         self.gate = HandshakeGate(settings.handshakes)
         self._tls_slots = asyncio.Semaphore(settings.handshakes.tls)
+        self._sources: dict[str, list[Any]] = {}  # address -> [its TLS slots, users]
         self._peers: dict[tuple[str, str], int] = {}  # (client id, address) -> connections
         self._last_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, unlogged since)
 
@@ -343,7 +347,7 @@ class TunnelAcceptor:
                 if refused is not None:
                     raise _Refused(refused)
                 in_tls = True
-                async with self._tls_slots:
+                async with self._source_slots(peer[0]), self._tls_slots:
                     await self._tls(pod, sock, max(0.1, deadline - (self._clock() - started)))
         except _Refused as exc:
             self._refused(pod, peer, exc.reason, "before TLS: " + self._why(exc.reason))
@@ -361,6 +365,21 @@ class TunnelAcceptor:
         finally:
             self.gate.done(peer[0], in_tls)
 
+    @contextlib.asynccontextmanager
+    async def _source_slots(self, source: str) -> AsyncIterator[None]:
+        """One of `source`'s own TLS slots: it waits for its own, and cannot take everyone's."""
+        entry = self._sources.get(source)
+        if entry is None:
+            entry = self._sources[source] = [asyncio.Semaphore(self.gate.limits.tls_per_source), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._sources[source]
+
     async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
         context = self._identities.server_context(pod.identity or "")
         try:
@@ -375,8 +394,8 @@ class TunnelAcceptor:
     def _why(self, reason: str) -> str:
         limits = self.gate.limits
         return {OVER_CAPACITY: f"{limits.connections} connections are before their handshake",
-                SOURCE_LIMIT: f"too many connections from this address before their handshake "
-                              f"({limits.per_source}) or in TLS ({limits.tls_per_source})",
+                SOURCE_LIMIT: f"{limits.per_source} connections from this address are before "
+                              "their handshake",
                 RATE_LIMITED: f"over {limits.rate:g} TLS handshakes a second from this address",
                 }.get(reason, reason)
 
@@ -389,7 +408,7 @@ class TunnelAcceptor:
             try:
                 client_id = verify_identity(transport, self._identities.trust_domain,
                                             pod.inbound.allowed_clients)
-                self._count_peer(client_id, session)
+                self._count_peer(pod, client_id, session)
             except IdentityRejected as exc:
                 self._refused(pod, session.peername, exc.reason, str(exc))
                 return False
@@ -408,13 +427,21 @@ class TunnelAcceptor:
         return TunnelSession("server", on_stream=on_stream, on_closed=closed, admit=admit,
                              max_streams=self._settings.max_streams)
 
-    def _count_peer(self, client_id: str, session: TunnelSession) -> None:
-        key = (client_id, session.peername[0] if session.peername else "")
-        count = self._peers.get(key, 0)
-        if count >= self._settings.max_peer_connections:
-            raise IdentityRejected("peer_connection_limit", f"{client_id} from {key[1]} already "
-                                   f"has {count} tunnel connections")
-        self._peers[key] = count + 1
+    def _count_peer(self, pod: PodContext, client_id: str, session: TunnelSession) -> None:
+        """A client pod needs one connection per pod pair (more only past 256 streams): at
+        most `max_peer_connections` into one pod, `max_peer_connections_node` into all."""
+        address = session.peername[0] if session.peername else ""
+        into_pod = sum(1 for other in pod.tunnels if not other.is_client
+                       and other.peer_id == client_id and other.peername is not None
+                       and other.peername[0] == address)
+        key = (client_id, address)
+        on_node = self._peers.get(key, 0)
+        if into_pod >= self._settings.max_peer_connections or \
+                on_node >= self._settings.max_peer_connections_node:
+            raise IdentityRejected("peer_connection_limit", f"{client_id} from {address} already "
+                                   f"has {into_pod} tunnel connections into this pod, {on_node} "
+                                   "into this node")
+        self._peers[key] = on_node + 1
 
     def _uncount_peer(self, session: TunnelSession) -> None:
         key = (session.peer_id, session.peername[0] if session.peername else "")

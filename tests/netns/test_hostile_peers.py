@@ -257,3 +257,28 @@ def test_the_kernel_drops_a_syn_flood_on_15008_before_the_agent_sees_it(tmp_path
         assert seen <= allowed, (seen, flood, elapsed)  # what the agent had to accept at all
         # one agent dialing another is nowhere near it: the neighbours' tunnel came up
         assert agent.metrics().value("pinion_tunnel_connections", direction="inbound") >= 1
+
+
+# ------------------------------------------------------------------ and what must still work
+
+
+def test_one_client_pod_reaches_ten_pods_of_a_node_at_once(tmp_path: Path) -> None:
+    """The per-peer limits are per destination pod: a client (a scraper, a gateway) dialling
+    every pod of a node at the same moment gets a tunnel to each, none refused."""
+    with mesh_with(tmp_path) as mesh:
+        client = mesh.pod(0, "client")
+        servers = [mesh.pod(1, f"server{index}") for index in range(10)]
+        for server in servers:
+            mesh.serve(server, HTTP_SERVER, "--port", "8080")
+        script = ("import sys, threading, urllib.request\n"
+                  "answers = []\n"
+                  "def get(ip):\n"
+                  "    answers.append(urllib.request.urlopen(f'http://{ip}:8080/', timeout=10).read())\n"
+                  "threads = [threading.Thread(target=get, args=(ip,)) for ip in sys.argv[1:]]\n"
+                  "[t.start() for t in threads]; [t.join() for t in threads]\n"
+                  "print(len([a for a in answers if a.strip() == b'ok']))\n")
+        done = client.run([sys.executable, "-c", script, *(s.ip for s in servers)], timeout=60)
+        assert done.stdout.strip() == "10", done.stderr
+        agent = mesh.agents[1]
+        assert agent.metrics().value("pinion_tunnel_connections", direction="inbound") == 10
+        assert refusals(agent, "peer_connection_limit") == refusals(agent, "source_limit") == 0

@@ -21,7 +21,7 @@ def test_silent_connections_are_capped_per_source_and_per_agent_and_others_still
     assert (limited.pending, limited.tls, limited.in_progress("attacker")) == (5, 0, (1, 0))
 
 
-def test_tls_is_rated_and_capped_per_source_and_a_refusal_holds_nothing() -> None:
+def test_tls_is_rated_per_source_and_a_refusal_holds_nothing() -> None:
     limited, source = gate(tls_per_source=2, rate=2.0, burst=3), "10.42.1.7"
     outcomes = []
     for _ in range(4):  # one after the other, each finished before the next
@@ -35,10 +35,10 @@ def test_tls_is_rated_and_capped_per_source_and_a_refusal_holds_nothing() -> Non
     assert limited.admit(source, 0.5) is None and limited.admit(source, 0.5) is None
     assert limited.start_tls(source, 0.5) is None and limited.start_tls(source, 0.5) == RATE_LIMITED
     limited.done(source, in_tls=False)
-    # a third at once in TLS: over tls_per_source, whatever the bucket holds
+    # a third at once in TLS is not refused: it waits for one of its source's slots (the shell)
     assert limited.admit(source, 1.0) is None and limited.start_tls(source, 1.0) is None
-    assert limited.admit(source, 10.0) is None and limited.start_tls(source, 10.0) == SOURCE_LIMIT
-    assert (limited.pending, limited.tls) == (3, 2)
+    assert limited.admit(source, 10.0) is None and limited.start_tls(source, 10.0) is None
+    assert (limited.pending, limited.tls) == (3, 3)
 
 
 def test_every_count_returns_to_zero_and_sources_are_forgotten() -> None:

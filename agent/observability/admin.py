@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.memory import give_back_memory
 from agent.observability.metrics import AdminMetrics
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,10 @@ class AdminServer:
         except TimeoutError:
             self._refuse(writer, "send_timeout")
             return
+        finally:
+            if ctype == CONTENT_TYPE_LATEST:  # a scrape: thousands of small strings just freed
+                del body
+                give_back_memory()
         writer.close()
 
     def _route(self, request_line: bytes, local: bool) -> tuple[int, str, bytes]:

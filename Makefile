@@ -21,7 +21,17 @@ deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generator
 
 venv: $(VENV)/.installed
 
+# What `pip install` needs to build python-iptables (an sdist) on a fresh node, a Pi included:
+# the venv module, Python headers and a C compiler. Installed when missing (as root).
+VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
+
 $(VENV)/.installed: pyproject.toml
+	@missing=$$(for p in $(VENV_BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make venv needs: $$missing (run it with sudo, or apt-get install them)"; exit 1; fi; \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev,fast]'

@@ -104,16 +104,16 @@ class HandshakeLimits:
 
 
 class HandshakeGate:
-    """Counts connections before and in TLS, in total and per source; rates TLS per source."""
+    """Counts connections before their handshake, in total and per source, and those in TLS;
+    rates TLS per source. (One source's share of the TLS slots is the shell's SourceSlots.)"""
 
-    __slots__ = ("_accepted", "_in_tls", "_rate", "limits", "pending", "tls")
+    __slots__ = ("_accepted", "_rate", "limits", "pending", "tls")
 
     def __init__(self, limits: HandshakeLimits = HandshakeLimits()) -> None:
         self.limits = limits
         self.pending = 0  # accepted, handshake not finished (both stages)
         self.tls = 0  # of those, in TLS
         self._accepted: dict[str, int] = {}
-        self._in_tls: dict[str, int] = {}
         self._rate = SourceRateLimiter(RateLimit(limits.burst, limits.rate, limits.max_sources))
 
     def admit(self, source: str, now: float) -> str | None:
@@ -134,7 +134,6 @@ class HandshakeGate:
         """It said something: None to start TLS on it (once slots are free), else why not."""
         if not self._rate.take(source, now).allowed:
             return RATE_LIMITED
-        _bump(self._in_tls, source, 1)
         self.tls += 1
         return None
 
@@ -143,12 +142,11 @@ class HandshakeGate:
         _bump(self._accepted, source, -1)
         self.pending -= 1
         if in_tls:
-            _bump(self._in_tls, source, -1)
             self.tls -= 1
 
-    def in_progress(self, source: str) -> tuple[int, int]:
-        """(accepted, in TLS) from `source` now."""
-        return self._accepted.get(source, 0), self._in_tls.get(source, 0)
+    def in_progress(self, source: str) -> int:
+        """Connections from `source` before their handshake now."""
+        return self._accepted.get(source, 0)
 
 
 def _bump(counts: dict[str, int], key: str, delta: int) -> None:

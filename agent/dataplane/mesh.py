@@ -23,20 +23,20 @@ bytes to send (`agent.dataplane.tunnel`), so one authenticated peer pins a few M
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
 from agent.core.telemetry import PeerLabels
+from agent.dataplane.slots import SourceSlots
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
@@ -291,7 +291,7 @@ class TunnelAcceptor:
         self._tasks: set[asyncio.Task[None]] = set()
         self.gate = HandshakeGate(settings.handshakes)
         self._tls_slots = asyncio.Semaphore(settings.handshakes.tls)
-        self._sources: dict[str, list[Any]] = {}  # address -> [its TLS slots, users]
+        self._source_slots = SourceSlots(settings.handshakes.tls_per_source)  # per address
         self._peers: dict[tuple[str, str], int] = {}  # (client id, address) -> connections
         self._last_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, unlogged since)
 
@@ -337,7 +337,7 @@ class TunnelAcceptor:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
-            set_keepalive(sock)
+            # (keepalive: inherited from the listener, SocketFactory.listener sets it)
             async with asyncio.timeout(deadline):
                 # A connection that says nothing costs a future until its deadline, not the
                 # TLS machinery (buffers, an SSL object) an idle flood would otherwise pin.
@@ -347,7 +347,7 @@ class TunnelAcceptor:
                 if refused is not None:
                     raise _Refused(refused)
                 in_tls = True
-                async with self._source_slots(peer[0]), self._tls_slots:
+                async with self._source_slots.taken(peer[0]), self._tls_slots:
                     await self._tls(pod, sock, max(0.1, deadline - (self._clock() - started)))
         except _Refused as exc:
             self._refused(pod, peer, exc.reason, "before TLS: " + self._why(exc.reason))
@@ -364,21 +364,6 @@ class TunnelAcceptor:
             raise
         finally:
             self.gate.done(peer[0], in_tls)
-
-    @contextlib.asynccontextmanager
-    async def _source_slots(self, source: str) -> AsyncIterator[None]:
-        """One of `source`'s own TLS slots: it waits for its own, and cannot take everyone's."""
-        entry = self._sources.get(source)
-        if entry is None:
-            entry = self._sources[source] = [asyncio.Semaphore(self.gate.limits.tls_per_source), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._sources[source]
 
     async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
         context = self._identities.server_context(pod.identity or "")

@@ -248,8 +248,6 @@ class Relay:
                           (time.monotonic() - self.started) * 1000)
 
 
-
-
 def reap_idle(relays: set[Relay], timeout: float, now: float) -> int:
     """Reset the relays in which no byte moved either way for `timeout` seconds (a vanished
     peer, a slowloris that stopped); returns how many. Called every sweep: a relay's idleness

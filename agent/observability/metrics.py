@@ -177,7 +177,8 @@ class AgentMetrics:
                                           "rate_limited)", ("direction", "reason"), registry=registry)
         self.handshakes_in_progress = Gauge("pinion_tunnel_handshakes_in_progress", "Inbound "
                                             "connections on 15008 before their session: waiting "
-                                            "for a first byte or a slot, or in TLS (capped)",
+                                            "for a first byte, or tls (admitted to TLS: in a "
+                                            "handshake or waiting for a slot)",
                                             ("stage",), registry=registry)
         self.event_loop_tasks = Gauge("pinion_event_loop_tasks", "asyncio tasks alive in the "
                                       "agent (a leak shows here first)", registry=registry)

@@ -307,7 +307,12 @@ def wait_for_baseline(port: int, fds: int) -> float:
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_500_idle_connections_hold_at_most_the_cap_and_probes_are_still_answered(loop: str) -> None:
-    pytest.importorskip(loop)
+    try:
+        __import__(loop)
+    except ImportError:
+        if os.environ.get("CI"):  # `make venv` installs uvloop (the fast extra): missing is a bug
+            raise
+        pytest.skip(f"{loop} is not installed")
     child = subprocess.Popen([sys.executable, "-c", CHILD, loop], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -20,11 +20,9 @@ become a log flood).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
@@ -33,7 +31,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.controlplane.issuer.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
-from agent.dataplane.sockets import first_bytes
+from agent.dataplane.slots import SourceSlots
+from agent.dataplane.sockets import arm_reset, first_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,8 @@ class BoundedListener:
         self._context = context
         self._stream_limit = stream_limit
         self._tls_slots = asyncio.Semaphore(limits.max_tls)
-        self._sources: dict[str, _Source] = {}  # address -> its connections and TLS slots
+        self._held_by_source: dict[str, int] = {}  # address -> connections it holds
+        self._source_slots = SourceSlots(limits.max_tls_per_source)
         self._connections: set[asyncio.Task[None]] = set()
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -117,20 +117,18 @@ class BoundedListener:
                 await asyncio.sleep(0.1)
                 continue
             peer, source = _peer(address), str(address[0])
-            mine = self._sources.get(source)
-            reason = admit_connection(self.held, self._limits, mine.held if mine else 0)
+            held = self._held_by_source.get(source, 0)
+            reason = admit_connection(self.held, self._limits, held)
             if reason is not None:
                 _reset(sock)
                 self.refused(peer, reason)
                 continue
-            if mine is None:
-                mine = self._sources[source] = _Source(self._limits.max_tls_per_source)
-            mine.held += 1
-            task = loop.create_task(self._connection(sock, peer, source, mine))
+            self._held_by_source[source] = held + 1
+            task = loop.create_task(self._connection(sock, peer, source))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-    async def _connection(self, sock: socket.socket, peer: str, address: str, source: _Source) -> None:
+    async def _connection(self, sock: socket.socket, peer: str, source: str) -> None:
         """One accepted socket, start to end; whatever happens, the socket is closed on return."""
         writer: asyncio.StreamWriter | None = None
         has_slot = False
@@ -141,11 +139,11 @@ class BoundedListener:
                     self.refused(peer, "silent")  # closed (or reset) without a byte
                     return
                 stage = "too_many_handshakes"
-                await source.tls_slots.acquire()  # its own first: it cannot take everyone's
+                await self._source_slots.acquire(source)  # its own first: not everyone's
                 try:
                     await self._tls_slots.acquire()
                 except BaseException:
-                    source.tls_slots.release()
+                    self._source_slots.release(source)
                     raise
                 has_slot = True
                 stage = "handshake_timeout"
@@ -167,10 +165,12 @@ class BoundedListener:
                 await _close(writer)
             if has_slot:
                 self._tls_slots.release()
-                source.tls_slots.release()
-            source.held -= 1
-            if not source.held:
-                del self._sources[address]
+                self._source_slots.release(source)
+            left = self._held_by_source[source] - 1
+            if left:
+                self._held_by_source[source] = left
+            else:
+                del self._held_by_source[source]
 
     async def _open(self, sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The streams over `sock`, after the TLS handshake if there is a context."""
@@ -189,16 +189,6 @@ class BoundedListener:
             exc.__traceback__ = None
             raise
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-class _Source:
-    """One client address: how many connections it holds, and its share of the TLS slots."""
-
-    __slots__ = ("held", "tls_slots")
-
-    def __init__(self, tls_slots: int) -> None:
-        self.held = 0
-        self.tls_slots = asyncio.Semaphore(tls_slots)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -230,8 +220,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 def _reset(sock: socket.socket) -> None:
     """Close with a RST (SO_LINGER 0): nothing lingers in TIME_WAIT or FIN_WAIT on the issuer's side."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    arm_reset(sock)
     sock.close()
 
 

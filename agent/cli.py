@@ -258,10 +258,9 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_keeper(args: argparse.Namespace) -> int:
-    _setup_logging(os.environ.get("PINION_LOG_LEVEL", "info"))
-    from agent.inpod.keeper import serve
-
-    return serve(args.socket)
+    # exec'd: the keeper runs for the node's lifetime, so it carries none of the CLI's imports
+    os.execv(sys.executable, [sys.executable, "-m", "agent.inpod.keeper", "--socket",
+                              str(args.socket)])
 
 
 def _kubernetes_mode(args: argparse.Namespace) -> str | None:

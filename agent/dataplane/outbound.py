@@ -39,6 +39,7 @@ class OutboundProxy:
         self._mesh = mesh
         self._router = router
         self._plain = PlainUpstream(sockets, metrics, settings.connect_timeout)
+        self._metrics = metrics
         self._labels_cache: dict[tuple[PeerLabels, str], PeerLabels] = {}
 
     def protocol_factory(self, pod: PodContext) -> Callable[[], asyncio.Protocol]:
@@ -123,6 +124,7 @@ class OutboundProxy:
         if self._mesh is None or relay.moves >= MAX_MOVES or client is None or client.is_closing():
             return False
         relay.moves += 1
+        self._metrics.streams_moved.inc()
         relay.early[:0] = sent  # first, before anything the client sends meanwhile
         relay.upstream.transport = None
         relay.upstream.write_blocked = False

@@ -66,6 +66,9 @@ class Keeper:
         self._listener: socket.socket | None = None
         self._inode = 0
         self._running = True
+        self._wake, self._waker = socket.socketpair()  # stop() from a signal or a thread
+        self._wake.setblocking(False)
+        self._selector.register(self._wake, selectors.EVENT_READ)
 
     def take_over(self) -> int:
         """Take every socket a keeper already running on our path holds; how many."""
@@ -100,6 +103,8 @@ class Keeper:
 
     def stop(self) -> None:
         self._running = False
+        with contextlib.suppress(OSError):
+            self._waker.send(b"x")
 
     def run(self) -> None:
         while self._running:
@@ -112,10 +117,14 @@ class Keeper:
                 assert isinstance(sock, socket.socket)
                 if sock is self._listener:
                     self._accept()
+                elif sock is self._wake:
+                    continue
                 else:
                     self._serve_one(sock)
 
     def close(self) -> None:
+        if self._selector.get_map() is None:
+            return  # closed already
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self._inode:  # not a successor's
@@ -124,6 +133,10 @@ class Keeper:
         for sock in self.held.values():
             sock.close()
         self.held.clear()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+        self._waker.close()
 
     # ----------------------------------------------------------------- internals
 
@@ -133,7 +146,7 @@ class Keeper:
             client, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        clients = len(self._selector.get_map()) - 1
+        clients = len(self._selector.get_map()) - 2  # the listener and the wake-up
         if clients >= MAX_CLIENTS or not _trusted(client):
             client.close()
             return
@@ -298,6 +311,12 @@ class KeeperClient:
     def close(self) -> None:
         self._sock.close()
 
+    def __enter__(self) -> KeeperClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def _expect_ok(self) -> None:
         reply = self._sock.recv(4096)
         if reply != b"OK":
@@ -427,3 +446,22 @@ class ListenerHold:
         if self._client is not None:
             self._client.close()
         self._client, self.connected = None, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.inpod.keeper --socket PATH`: what `pinion keeper` runs (exec'd, so the
+    keeper's memory is this module's, not the CLI's)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="pinion keeper")
+    parser.add_argument("--socket", type=Path, default=Path("/run/pinion/keeper.sock"))
+    args = parser.parse_args(argv)
+    level = os.environ.get("PINION_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args.socket)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

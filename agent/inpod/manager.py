@@ -210,6 +210,7 @@ class PodManager:
         for relay in relays:
             relay.abort()
         if relays:
+            self._metrics.drain_resets.inc(len(relays))
             log.info("drain: %d connections still open after %.1f s reset", len(relays),
                      loop.time() - start)
         return len(relays)

@@ -27,7 +27,7 @@ RESTARTS = 5  # of each kind, on each agent
 def start_clients(mesh: Mesh, client: object, server_ip: str) -> list[subprocess.Popen[str]]:
     clients = []
     for mode in ("new", "keepalive"):
-        process = client.spawn([sys.executable, "-m", "tests.netns.steady", server_ip,  # type: ignore[attr-defined]
+        process = client.spawn([sys.executable, "-m", "agent.lab.steady", server_ip,  # type: ignore[attr-defined]
                                 "--mode", mode, "--rate", "20", "--seconds", "400"],
                                stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         assert process.stdout is not None and process.stdout.readline().strip() == "started"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.identity.files import init_identity_dir  # noqa: E402
-from tests.netns.conftest import running_mesh  # noqa: E402
-from tests.netns.test_restarts import RESTARTS, phase  # noqa: E402
+from agent.identity.files import init_identity_dir
+from tests.netns.conftest import running_mesh
+from tests.netns.test_restarts import RESTARTS, phase
 
 
 def main() -> int:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.identity.files import init_identity_dir
 from agent.lab.agents import REPO, LabAgent
 from tests.netns.conftest import Mesh, running_mesh
@@ -70,10 +72,13 @@ def phase(mesh: Mesh, client: object, server_ip: str, sig: int) -> tuple[list[Su
     return summaries, took
 
 
-def test_restarts_lose_no_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "ebpf"])
+def test_restarts_lose_no_request(tmp_path: Path, backend: str) -> None:
+    """eBPF too: its programs stay attached while no agent runs, and send connects to the
+    listeners the keeper holds."""
     identity = tmp_path / "identity"
     init_identity_dir(identity, trust_domain="cluster.local")
-    with running_mesh("nftables", ["--identity-dir", str(identity)], identity, keeper=True) as mesh:
+    with running_mesh(backend, ["--identity-dir", str(identity)], identity, keeper=True) as mesh:
         client, server = mesh.pod(0, "steady"), mesh.pod(1, "web")
         mesh.serve(server, "agent.lab.httpserver", "--port", "8080")
         assert mesh.http(client, f"http://{server.ip}:8080/")

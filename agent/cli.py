@@ -258,9 +258,20 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_keeper(args: argparse.Namespace) -> int:
-    # exec'd: the keeper runs for the node's lifetime, so it carries none of the CLI's imports
-    os.execv(sys.executable, [sys.executable, "-m", "agent.inpod.keeper", "--socket",
-                              str(args.socket)])
+    """Exec'd, as it runs for the node's lifetime: the C keeper (PINION_KEEPER, `pinion-keeper`
+    on PATH, or keeper/pinion-keeper of a source tree) if there is one, else the Python one,
+    which carries none of the CLI's imports either."""
+    import shutil
+
+    import agent
+
+    source_tree = Path(agent.__file__).resolve().parents[1] / "keeper" / "pinion-keeper"
+    binary = os.environ.get("PINION_KEEPER") or shutil.which("pinion-keeper") or \
+        (str(source_tree) if source_tree.exists() else None)
+    flags = ["--socket", str(args.socket)]
+    if binary:
+        os.execv(binary, [binary, *flags])
+    os.execv(sys.executable, [sys.executable, "-m", "agent.inpod.keeper", *flags])
 
 
 def _kubernetes_mode(args: argparse.Namespace) -> str | None:

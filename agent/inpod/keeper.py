@@ -59,8 +59,10 @@ class KeeperError(OSError):
 
 
 class Keeper:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_held: int = 0, max_clients: int = 0) -> None:
         self.path = path
+        self.max_held = max_held or MAX_HELD
+        self.max_clients = max_clients or MAX_CLIENTS
         self.held: dict[str, socket.socket] = {}
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
@@ -94,7 +96,7 @@ class Keeper:
             listener.bind(str(staging))
         finally:
             os.umask(old_mask)
-        listener.listen(MAX_CLIENTS)
+        listener.listen(self.max_clients)
         self._inode = os.stat(staging).st_ino
         os.replace(staging, self.path)  # the path answers at every instant: old keeper or us
         listener.setblocking(False)
@@ -147,7 +149,7 @@ class Keeper:
         except (BlockingIOError, InterruptedError):
             return
         clients = len(self._selector.get_map()) - 2  # the listener and the wake-up
-        if clients >= MAX_CLIENTS or not _trusted(client):
+        if clients >= self.max_clients or not _trusted(client):
             client.close()
             return
         client.setblocking(True)
@@ -194,7 +196,7 @@ class Keeper:
                 return b"ERR bad key"
             if len(received) != 1:
                 return b"ERR PUT takes exactly one descriptor"
-            if argument not in self.held and len(self.held) >= MAX_HELD:
+            if argument not in self.held and len(self.held) >= self.max_held:
                 return b"ERR keeper full"
             self._hold(argument, received[0].dup())
             return b"OK"
@@ -236,9 +238,9 @@ def _trusted(client: socket.socket) -> bool:
     return uid in (0, os.getuid())
 
 
-def serve(path: Path) -> int:
+def serve(path: Path, max_held: int = MAX_HELD, max_clients: int = MAX_CLIENTS) -> int:
     """The keeper process: hold sockets until SIGTERM/SIGINT."""
-    keeper = Keeper(path)
+    keeper = Keeper(path, max_held, max_clients)
     taken = keeper.take_over()
     keeper.bind()
     signal.signal(signal.SIGTERM, lambda *_: keeper.stop())
@@ -456,11 +458,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="pinion keeper")
     parser.add_argument("--socket", type=Path, default=Path("/run/pinion/keeper.sock"))
+    parser.add_argument("--max-held", type=int, default=MAX_HELD)
+    parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS)
     args = parser.parse_args(argv)
+    if not (1 <= args.max_held <= MAX_HELD and 1 <= args.max_clients <= MAX_CLIENTS):
+        parser.error(f"--max-held 1..{MAX_HELD}, --max-clients 1..{MAX_CLIENTS}")
     level = os.environ.get("PINION_LOG_LEVEL", "info").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(args.socket)
+    return serve(args.socket, args.max_held, args.max_clients)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,22 +16,65 @@ from pathlib import Path
 
 import pytest
 
-from agent.inpod import keeper as keeper_module
 from agent.inpod.keeper import Keeper, KeeperClient, KeeperError, ListenerHold, netns_inode
+
+C_KEEPER = Path(__file__).resolve().parents[2] / "keeper" / "pinion-keeper"
 
 
 class Running:
-    def __init__(self, path: Path) -> None:
-        self.keeper = Keeper(path)
+    """The Python keeper, its loop in a thread of this process."""
+
+    def __init__(self, path: Path, max_held: int = 0, max_clients: int = 0) -> None:
+        self.keeper = Keeper(path, max_held, max_clients)
         self.taken = self.keeper.take_over()
         self.keeper.bind()
         self.thread = threading.Thread(target=self.keeper.run, daemon=True)
         self.thread.start()
 
+    def fds(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
     def stop(self) -> None:
         self.keeper.stop()
         self.thread.join(5)
         self.keeper.close()
+
+
+class RunningC:
+    """keeper/pinion-keeper (built by `make`), the same tests: the two must not differ."""
+
+    def __init__(self, path: Path, max_held: int = 0, max_clients: int = 0) -> None:
+        argv = [str(C_KEEPER), "--socket", str(path)]
+        if max_held:
+            argv += ["--max-held", str(max_held)]
+        if max_clients:
+            argv += ["--max-clients", str(max_clients)]
+        before = path.stat().st_ino if path.exists() else None
+        self.process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline()  # "... keeper on PATH (N sockets)", once bound
+        assert "keeper on" in line, line
+        assert path.stat().st_ino != before
+        self.taken = int(line.rsplit("(", 1)[1].split()[0])
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture(params=["python", "c"])
+def impl(request: pytest.FixtureRequest) -> type[Running] | type[RunningC]:
+    if request.param == "c" and not C_KEEPER.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{C_KEEPER} is not built (make keeper)")
+        pytest.skip(f"{C_KEEPER} is not built (make keeper)")
+    return Running if request.param == "python" else RunningC
 
 
 @pytest.fixture
@@ -39,8 +83,8 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def running(path: Path) -> Iterator[Running]:
-    keeper = Running(path)
+def running(path: Path, impl: type[Running] | type[RunningC]) -> Iterator[Running | RunningC]:
+    keeper = impl(path)
     yield keeper
     keeper.stop()
 
@@ -50,10 +94,6 @@ def listener() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     return sock
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_a_listener_outlives_its_owner_and_keeps_its_backlog(running: Running, path: Path) -> None:
@@ -123,42 +163,48 @@ def test_bad_requests_get_an_error_and_leak_nothing(running: Running, path: Path
                                                     message: bytes, with_fd: bool,
                                                     reply: bytes) -> None:
     sock = listener()
-    before = open_fds()
+    before = running.fds()
     assert raw(path, message, [sock.fileno()] if with_fd else []) == reply
     with KeeperClient(path) as client:
         assert client.list() == {}  # nothing was kept
-    deadline = time.monotonic() + 2  # the keeper's thread closes its end of ours just after
-    while open_fds() != before and time.monotonic() < deadline:
+    deadline = time.monotonic() + 2  # the keeper closes its end of our connection just after
+    while running.fds() != before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert open_fds() == before  # the keeper runs in this process: its fds would show
+    assert running.fds() == before  # no descriptor it was sent stayed
     sock.close()
 
 
-def test_the_keeper_is_bounded(running: Running, path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keeper_module, "MAX_HELD", 3)
+def test_the_keeper_is_bounded(path: Path, impl: type[Running] | type[RunningC]) -> None:
+    keeper = impl(path, max_held=3, max_clients=2)
     socks = [listener() for _ in range(4)]
-    with KeeperClient(path) as client:
-        for index in range(3):
-            client.put(f"pod-{index}/15001", socks[index])
-        with pytest.raises(KeeperError, match="keeper full"):
-            client.put("pod-3/15001", socks[3])
-        client.put("pod-0/15001", socks[3])  # replacing one is not growing
-        assert len(client.list()) == 3
-    monkeypatch.setattr(keeper_module, "MAX_CLIENTS", 2)
-    clients = [KeeperClient(path) for _ in range(2)]
-    third = KeeperClient(path)
-    with pytest.raises(OSError):
-        third.list()  # closed at accept: over the client limit
-    for each in [*clients, third, *socks]:
-        each.close()
+    try:
+        with KeeperClient(path) as client:
+            for index in range(3):
+                client.put(f"pod-{index}/15001", socks[index])
+            with pytest.raises(KeeperError, match="keeper full"):
+                client.put("pod-3/15001", socks[3])
+            client.put("pod-0/15001", socks[3])  # replacing one is not growing
+            assert len(client.list()) == 3
+        clients = [KeeperClient(path) for _ in range(2)]
+        for each in clients:
+            each.list()  # both served
+        third = KeeperClient(path)
+        with pytest.raises(OSError):
+            third.list()  # closed at accept: over the client limit
+        for each in [*clients, third]:
+            each.close()
+    finally:
+        keeper.stop()
+        for sock in socks:
+            sock.close()
 
 
-def test_a_new_keeper_takes_everything_over(running: Running, path: Path) -> None:
+def test_a_new_keeper_takes_everything_over(running: Running, path: Path,
+                                            impl: type[Running] | type[RunningC]) -> None:
     sock = listener()
     with KeeperClient(path) as client:
         client.put("pod-a/15008", sock)
-    successor = Running(path)  # a rolling update: the next keeper starts beside this one
+    successor = impl(path)  # a rolling update: the next keeper starts beside this one
     try:
         assert successor.taken == 1
         running.stop()  # the old one exits: its copies close, the path stays the successor's
@@ -218,8 +264,9 @@ def test_the_agents_hold_checks_what_it_takes_back(running: Running, path: Path)
         sock.close()
 
 
-def test_a_restarted_keeper_gets_every_listener_again(path: Path) -> None:
-    first = Running(path)
+def test_a_restarted_keeper_gets_every_listener_again(path: Path,
+                                                      impl: type[Running] | type[RunningC]) -> None:
+    first = impl(path)
     hold = ListenerHold(path)
     hold.start()
     sock = listener()
@@ -227,7 +274,7 @@ def test_a_restarted_keeper_gets_every_listener_again(path: Path) -> None:
     first.stop()  # the keeper's container restarted: it holds nothing now
     hold.register("pod-b/15001", listener())  # fails quietly, remembered
     assert not hold.connected
-    second = Running(path)
+    second = impl(path)
     try:
         hold.refresh()
         assert hold.connected

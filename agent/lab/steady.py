@@ -80,20 +80,21 @@ def main() -> int:
             reused = False
         else:
             reused = True
+        current = conn
         for attempt in (1, 2):
             try:
-                conn.request("GET", args.path)
-                response = conn.getresponse()
+                current.request("GET", args.path)
+                response = current.getresponse()
                 response.read()
                 status = response.status
                 error = "" if status == 200 else f"status {status}"
                 if args.mode == "new" or response.will_close:
-                    conn.close()
-                    conn = None if args.mode == "new" else fresh()
+                    current.close()
+                    current = fresh()
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                conn.close()
-                conn = fresh()
+                current.close()
+                current = fresh()
                 if reused and attempt == 1:
                     counts["retries"] += 1
                     reused = False
@@ -101,10 +102,11 @@ def main() -> int:
                 error = f"{type(exc).__name__}: {exc}"
                 break
             except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                conn = fresh() if args.mode == "keepalive" else None
+                current.close()
+                current = fresh()
                 error = f"{type(exc).__name__}: {exc}"
                 break
+        conn = current if args.mode == "keepalive" else None
         results.append({"at": round(begin - started, 3),
                         "ms": round((time.monotonic() - begin) * 1000, 2), "error": error})
     failed = [r for r in results if r["error"]]

@@ -23,7 +23,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
                 "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
-                "drain_seconds")
+                "drain_seconds", "max_connections")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--drain-seconds", metavar="S",
                        help="on SIGTERM, stop accepting and let connections in flight finish "
                             "within this (default 20; HTTP/1 ones close after their response)")
+    agent.add_argument("--max-connections", metavar="N",
+                       help="relayed connections the agent holds at once, all pods together; "
+                            "past it, listeners stop accepting and tunnel streams are refused "
+                            "until a quarter are done (default 0: what the memory cgroup's "
+                            "limit leaves room for, ~24 KiB each; 4096 without a limit)")
     agent.add_argument("--tunnel-syn-rate", metavar="N",
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")

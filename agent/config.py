@@ -78,6 +78,7 @@ class Config:
     bpf_max_connections: int = 8192  # ...and this many outbound connects in flight
     keeper_socket: Path | None = None  # the socket keeper (agent/inpod/keeper.py); None: none
     drain_seconds: float = 20.0  # SIGTERM: in-flight connections finish within this
+    max_connections: int = 0  # relayed connections at once, all pods; 0 = from the memory limit
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -135,6 +136,7 @@ class Config:
                                               "--bpf-max-connections"),
             keeper_socket=_path(get("keeper_socket")),
             drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
+            max_connections=_number(get("max_connections", "0"), "--max-connections", int),
         )
 
 

@@ -193,6 +193,16 @@ class AgentMetrics:
                                      registry=registry)
         self.drain_resets = Counter("pinion_drain_resets", "Connections still open when a "
                                     "drain (SIGTERM) ended, reset", registry=registry)
+        self.budget_pauses = Counter("pinion_connection_budget_exhausted", "Times the "
+                                   "agent's connection budget (--max-connections) ran out and "
+                                   "it stopped accepting until a quarter were done",
+                                   registry=registry)
+        self.accepting = Gauge("pinion_accepting", "1 while the agent accepts new connections, "
+                               "0 while its connection budget is out (backpressure)",
+                               registry=registry)
+        self.memory = Gauge("pinion_memory_bytes", "The agent's memory: its cgroup's usage and "
+                            "limit (0 = none); at 85 % of the limit it stops taking new "
+                            "connections until under 75 %", ("part",), registry=registry)
         self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
                                      "at start and set aside (renamed *.damaged)", ("store",),
                                      registry=registry)

@@ -130,7 +130,15 @@ def test_the_paths_the_manifests_use_are_where_the_image_puts_things() -> None:
 def test_the_manifests_run_pinion_from_the_venv_on_path(command: str) -> None:
     documents = [d for path in (REPO / "deploy").glob("*.yaml") for d in yaml.safe_load_all(path.read_text())
                  if d and d["kind"] in ("DaemonSet", "Deployment")]
-    commands = {c["command"][1] for d in documents for c in d["spec"]["template"]["spec"]["containers"]}
-    assert command in commands
-    assert {c["command"][0] for d in documents
-            for c in d["spec"]["template"]["spec"]["containers"]} == {"pinion"}
+    containers = [c for d in documents for c in d["spec"]["template"]["spec"]["containers"]]
+    assert command in {c["command"][1] for c in containers if c["command"][0] == "pinion"}
+    assert {c["command"][0] for c in containers} == {"pinion", "pinion-keeper"}
+
+
+def test_the_keeper_binary_is_built_into_the_image_on_path() -> None:
+    """deploy/keeper.yaml runs `pinion-keeper` (keeper/keeper.c): built in the builder stage
+    into /opt/pinion/bin, which the runtime's PATH holds."""
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "-o /opt/pinion/bin/pinion-keeper keeper/keeper.c" in text
+    assert "COPY keeper/ keeper/" in text
+    assert re.search(r"ENV PATH=[^\n]*/opt/pinion/bin", text)

@@ -110,6 +110,8 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         "pinion_relay_idle_resets_total 0.0",
         "pinion_tunnel_streams_moved_total 0.0",
         "pinion_drain_resets_total 0.0",
+        "pinion_connection_budget_exhausted_total 0.0",
+        "pinion_accepting 0.0",  # no function set here: the agent sets it
     ]
 
 

@@ -10,9 +10,9 @@ Two lab nodes, one `pinion agent --identity-dir` each (mTLS between them). The a
 (node 1) runs in cgroup v1 `memory` and `cpu` groups of its own (memory.limit_in_bytes,
 cpu.cfs_quota_us), or v2 (memory.max, cpu.max) where that is what the host has; its `pods`
 meshed nginx pods are the servers. Clients on node 0 (unlimited agent) first measure what the
-limited agent serves (`ab -c 16`, a new connection per request, closed loop), then offer twice that, open loop: `h2load --h1`
-creating one new connection per request at a fixed rate, spread over ten server pods, for
-`seconds`. Markdown on stdout; samples in --json."""
+limited agent serves (`ab -c 16`, a new connection per request, closed loop), then offer
+twice that, open loop: `h2load --h1` creating one new connection per request at a fixed
+rate, spread over ten server pods, for `seconds`. Markdown on stdout; samples in --json."""
 
 from __future__ import annotations
 

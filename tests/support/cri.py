@@ -39,9 +39,9 @@ def encode(*fields: tuple[int, FieldValue | Sequence[Any] | Mapping[str, str]]) 
     for number, value in fields:
         if isinstance(value, Mapping):
             value = [encode((1, key), (2, item)) for key, item in sorted(value.items())]
-        items = value if isinstance(value, list | tuple) else [value]
+        items: Sequence[Any] = value if isinstance(value, list | tuple) else [value]
         for item in items:
-            if item is None or item is False or item == 0 and not isinstance(item, str | bytes):
+            if item is None or item is False or (isinstance(item, int) and item == 0):
                 continue
             if isinstance(item, bool | int):
                 out += _varint(number << 3 | _VARINT) + _varint(int(item))
@@ -57,13 +57,17 @@ class Decoded:
 
     fields: Mapping[int, list[int | bytes]]
 
-    def int(self, number: int) -> int:
+    def integer(self, number: int) -> int:
         values = self.fields.get(number, [0])
         return int(values[-1]) if isinstance(values[-1], int) else 0
 
-    def str(self, number: int) -> str:
+    def text(self, number: int) -> str:
         values = self.fields.get(number, [b""])
         return bytes(values[-1]).decode() if isinstance(values[-1], bytes) else ""
+
+    def texts(self, number: int) -> list[str]:
+        return [bytes(value).decode() for value in self.fields.get(number, [])
+                if isinstance(value, bytes)]
 
     def message(self, number: int) -> Decoded:
         values = self.fields.get(number, [b""])
@@ -72,8 +76,8 @@ class Decoded:
     def messages(self, number: int) -> list[Decoded]:
         return [decode(value) for value in self.fields.get(number, []) if isinstance(value, bytes)]
 
-    def map(self, number: int) -> dict[str, str]:
-        return {entry.str(1): entry.str(2) for entry in self.messages(number)}
+    def mapping(self, number: int) -> dict[str, str]:
+        return {entry.text(1): entry.text(2) for entry in self.messages(number)}
 
 
 def decode(data: bytes) -> Decoded:
@@ -227,10 +231,10 @@ class CriClient:
 
     def version(self) -> tuple[str, str]:
         response = self.call("Version", encode((1, "v1")), timeout=5)
-        return response.str(2), response.str(3)
+        return response.text(2), response.text(3)
 
     def run_pod_sandbox(self, pod: PodSandbox) -> str:
-        return self.call("RunPodSandbox", encode((1, pod.config()))).str(1)
+        return self.call("RunPodSandbox", encode((1, pod.config()))).text(1)
 
     def stop_pod_sandbox(self, sandbox_id: str) -> None:
         self.call("StopPodSandbox", encode((1, sandbox_id)))
@@ -239,19 +243,19 @@ class CriClient:
         self.call("RemovePodSandbox", encode((1, sandbox_id)))
 
     def pod_sandbox_status(self, sandbox_id: str) -> Decoded:
-        """PodSandboxStatus: .int(3) the state, .message(5).str(1) the pod IP."""
+        """PodSandboxStatus: .integer(3) the state, .message(5).text(1) the pod IP."""
         return self.call("PodSandboxStatus", encode((1, sandbox_id))).message(1)
 
     def pod_sandbox_info(self, sandbox_id: str) -> str:
         """The verbose `info` JSON containerd adds (the sandbox's netns path, its pid, ...)."""
-        return self.call("PodSandboxStatus", encode((1, sandbox_id), (2, True))).map(2).get("info", "")
+        return self.call("PodSandboxStatus", encode((1, sandbox_id), (2, True))).mapping(2).get("info", "")
 
     def list_pod_sandboxes(self) -> list[str]:
-        return [item.str(1) for item in self.call("ListPodSandbox", b"").messages(1)]
+        return [item.text(1) for item in self.call("ListPodSandbox", b"").messages(1)]
 
     def create_container(self, sandbox_id: str, container: Container, pod: PodSandbox) -> str:
         return self.call("CreateContainer", encode((1, sandbox_id), (2, container.config()),
-                                                   (3, pod.config()))).str(1)
+                                                   (3, pod.config()))).text(1)
 
     def start_container(self, container_id: str) -> None:
         self.call("StartContainer", encode((1, container_id)))
@@ -263,5 +267,5 @@ class CriClient:
         self.call("RemoveContainer", encode((1, container_id)))
 
     def container_status(self, container_id: str) -> Decoded:
-        """ContainerStatus: .int(3) the state, .int(7) the exit code, .str(15) the log path."""
+        """ContainerStatus: .integer(3) the state, .integer(7) the exit code, .text(15) the log path."""
         return self.call("ContainerStatus", encode((1, container_id))).message(1)

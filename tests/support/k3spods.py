@@ -15,7 +15,7 @@ from pathlib import Path
 from agent.lab.agents import ADMIN_PORT, Metrics, node_socket
 from tests.support import daemonset
 from tests.support.containerd import IMAGE, K3sNode, cgroup_mounts
-from tests.support.cri import CONTAINER_RUNNING, Container, CriError, Mount, PodSandbox
+from tests.support.cri import CONTAINER_RUNNING, Container, CriError, Mount
 
 IDENTITY_MOUNT = "/var/lib/pinion-identity"
 
@@ -88,7 +88,7 @@ class AgentPod:
 
     def running(self, name: str) -> bool:
         with self.node.cri() as cri:
-            return cri.container_status(self.containers[name]).int(3) == CONTAINER_RUNNING
+            return cri.container_status(self.containers[name]).integer(3) == CONTAINER_RUNNING
 
     def log(self, name: str) -> str:
         return cri_log_text(Path(self.sandbox.log_directory) / name / f"{self.attempts.get(name, 0)}.log")
@@ -156,7 +156,7 @@ class WorkloadPod:
     def run(self) -> WorkloadPod:
         with self.node.cri() as cri:
             self.sandbox_id = cri.run_pod_sandbox(self.sandbox)
-            self.ip = cri.pod_sandbox_status(self.sandbox_id).message(5).str(1)
+            self.ip = cri.pod_sandbox_status(self.sandbox_id).message(5).text(1)
             info = json.loads(cri.pod_sandbox_info(self.sandbox_id))
         self.netns_path = next(ns["path"] for ns in info["runtimeSpec"]["linux"]["namespaces"]
                                if ns["type"] == "network")

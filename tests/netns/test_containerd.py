@@ -1,0 +1,259 @@
+"""Pinion as a k3s node runs it: a real containerd (Debian's 1.6, its CRI plugin) drives the
+CNI chain, and the DaemonSet's two containers run from the image under the manifest's own
+security context and mounts.
+
+Two simulated nodes (lab netns on one underlay), each with a containerd of its own on a
+k3s-laid-out directory: CNI conf dir agent/etc/cni/net.d, bin dir data/cni, a bridge +
+host-local conflist where k3s writes flannel's. Pods are made through the CRI API as kubelet
+makes them (RunPodSandbox, CreateContainer, StopPodSandbox, RemovePodSandbox over gRPC), so the
+netns paths, the K8S_POD_* args and the DEL on stop are the runtime's. The images are
+`make image` and `make pause-image`'s, copied from podman's storage into each containerd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.identity.files import init_identity_dir
+from agent.lab.topology import Lab
+from tests.netns.conftest import cgroup_programs, eventually
+from tests.support.containerd import IMAGE, PAUSE_IMAGE, K3sNode
+from tests.support.cri import CriError
+from tests.support.k3spods import AgentPod, WorkloadPod, sandbox_gone
+
+HTTP_SERVER = ["python3", "-m", "agent.lab.httpserver", "--port", "8080"]
+IDENTITY = "spiffe://cluster.local/ns/default/sa/default"
+BPF_ROOT = Path("/sys/fs/bpf/pinion")
+
+
+# ---------------------------------------------------------------- images and the cluster
+
+
+@pytest.fixture(scope="module")
+def image_archives(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The pause and Pinion images, saved from podman's storage for `ctr images import`."""
+    missing = [image for image in (IMAGE, PAUSE_IMAGE)
+               if shutil.which("podman") is None
+               or subprocess.run(["podman", "image", "exists", image]).returncode != 0]
+    if missing or shutil.which("containerd") is None:
+        reason = f"needs containerd and the images {missing} (sudo make image pause-image)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    directory = tmp_path_factory.mktemp("images")
+    archives = []
+    for image, name in ((PAUSE_IMAGE, "pause.tar"), (IMAGE, "pinion.tar")):
+        subprocess.run(["podman", "save", "-q", "--format", "docker-archive", "-o",
+                        str(directory / name), image], check=True, timeout=300)
+        archives.append(directory / name)
+    return archives
+
+
+@dataclass
+class Cluster:
+    lab: Lab
+    nodes: list[K3sNode] = field(default_factory=list)
+    agents: list[AgentPod] = field(default_factory=list)
+
+    def workload(self, node: int, name: str) -> WorkloadPod:
+        return WorkloadPod(self.nodes[node], name).run()
+
+
+@contextlib.contextmanager
+def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
+    """Two nodes, each: containerd, the agent pod's installer container, then its agent."""
+    lab = Lab(nodes=2)
+    cluster = Cluster(lab)
+    try:
+        identity = lab.workdir / "identity"
+        init_identity_dir(identity, trust_domain="cluster.local")
+        for lab_node in lab.nodes:
+            node = K3sNode(lab_node, lab.workdir / f"k3s-{lab_node.name}")
+            lab.on_close(f"containerd of {lab_node.name}", node.close)
+            cluster.nodes.append(node)
+            node.start()
+            node.import_images(archives)
+            bpf_dir = BPF_ROOT / f"cri-{lab.run_id}-{lab_node.name}"
+            lab.on_close(f"bpf pins {bpf_dir}", lambda d=bpf_dir: shutil.rmtree(d, ignore_errors=True))
+            agent = AgentPod(node, identity, redirect, str(bpf_dir))
+            cluster.agents.append(agent)
+            agent.run_sandbox()
+            agent.start("cni-installer")
+            agent.wait_installed()
+            agent.start("agent")
+        for agent in cluster.agents:
+            agent.wait_ready()
+            if redirect == "ebpf":  # a fallback to netfilter must not pass for eBPF
+                assert "redirect ebpf" in agent.log("agent"), agent.log("agent")[-3000:]
+        yield cluster
+    finally:
+        for agent in cluster.agents:
+            print(f"--- {agent.node.node.name}: agent ---\n{agent.log('agent')[-4000:]}")
+            print(f"--- {agent.node.node.name}: cni-installer ---\n{agent.log('cni-installer')[-1500:]}")
+        for node in cluster.nodes:
+            errors = [line for line in node.log().splitlines() if "level=error" in line]
+            print(f"--- {node.node.name}: containerd errors ---\n" + "\n".join(errors[-10:]))
+        lab.close()
+
+
+# ---------------------------------------------------------------- in a pod, as kubectl exec
+
+
+def exec_in(pod: WorkloadPod, argv: Sequence[str], timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run argv in the pod: its netns (the runtime's path) and a cgroup under the pod's own,
+    where eBPF capture hangs, as a container of the pod would be."""
+    cgroup = pod.cgroup() / "exec"
+    cgroup.mkdir(exist_ok=True)
+    script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+    return subprocess.run(["nsenter", f"--net={pod.netns_path}", "--", "sh", "-c", script, "sh",
+                           *argv], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def http_get(pod: WorkloadPod, url: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return exec_in(pod, ["curl", "-sS", "--max-time", "3", url], timeout=15, check=check)
+
+
+def load(pod: WorkloadPod, url: str, requests: int, concurrency: int = 4) -> dict[str, int]:
+    """ab (apache2-utils): `requests` requests, each its own connection; counts parsed."""
+    done = exec_in(pod, ["ab", "-q", "-n", str(requests), "-c", str(concurrency), "-s", "10", url],
+                   timeout=180, check=False)
+    counts = {key: int(value) for key, value in re.findall(
+        r"^(Complete requests|Failed requests|Non-2xx responses):\s+(\d+)", done.stdout, re.M)}
+    assert "Complete requests" in counts, done.stdout + done.stderr
+    return counts
+
+
+@contextlib.contextmanager
+def held_netns(pod: WorkloadPod) -> Iterator[str]:
+    """A path to the pod's netns that outlives the runtime's (StopPodSandbox unmounts that):
+    whatever the agent left in it can still be looked at."""
+    fd = os.open(pod.netns_path, os.O_RDONLY)
+    try:
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def left_in(netns: str) -> dict[str, list[str]]:
+    """Pinion's rules, listeners and routing rules in a netns."""
+    def run(*argv: str) -> str:
+        return subprocess.run(["nsenter", f"--net={netns}", "--", *argv], capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+
+    rules = run("nft", "list", "ruleset") + run("iptables-legacy-save")
+    return {"rules": [line.strip() for line in rules.splitlines() if "pinion/" in line],
+            "listeners": [line for line in run("ss", "-Hltn").splitlines()
+                          if re.search(r":1500[168]\b", line)],
+            "ip rules": [line for line in run("ip", "rule").splitlines() if "fwmark" in line]}
+
+
+def pinion_programs(cgroup: Path) -> list[str]:
+    if not cgroup.exists():
+        return []
+    return [str(p["name"]) for p in cgroup_programs(cgroup) if str(p["name"]).startswith("pinion_")]
+
+
+def pods_of(agent: AgentPod) -> list[str]:
+    return [pod["name"] for pod in json.loads(agent.get("/pods")[1])]
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("redirect", ["nftables", "ebpf"])
+def test_a_cri_pod_pair_on_two_nodes_talks_mtls_and_stop_leaves_nothing(
+        redirect: str, image_archives: list[Path]) -> None:
+    with k3s_cluster(redirect, image_archives) as cluster:
+        client, server = cluster.workload(0, "client"), cluster.workload(1, "server")
+        server.serve(HTTP_SERVER)
+        # The runtime's own netns path and K8S_POD_* args reached the agents through the chain.
+        for agent, pod in ((cluster.agents[0], client), (cluster.agents[1], server)):
+            listed = json.loads(agent.get("/pods")[1])
+            assert [(p["namespace"], p["name"]) for p in listed] == [("default", pod.name)]
+            assert pod.netns_path in agent.log("agent")
+        if redirect == "ebpf":
+            assert "pinion_connect4" in pinion_programs(client.cgroup())
+
+        counts = load(client, f"http://{server.ip}:8080/", 1000)
+        assert counts["Complete requests"] == 1000
+        assert counts["Failed requests"] == 0 and counts.get("Non-2xx responses", 0) == 0
+
+        outbound, inbound = cluster.agents[0], cluster.agents[1]
+        assert eventually(lambda: outbound.metrics().value(
+            "response_total", direction="outbound", pod="client", tls="true", server_id=IDENTITY,
+            status_code="200") == 1000 and inbound.metrics().value(
+            "request_total", direction="inbound", pod="server", tls="true", client_id=IDENTITY) == 1000,
+            timeout=10), outbound.metrics().text[-3000:] + inbound.metrics().text[-3000:]
+
+        with held_netns(client) as client_netns, held_netns(server) as server_netns:
+            before = {"client": left_in(client_netns), "server": left_in(server_netns)}
+            assert all(found["rules"] and found["listeners"] for found in before.values()), before
+            client.stop()
+            server.stop()
+            assert left_in(client_netns) == {"rules": [], "listeners": [], "ip rules": []}
+            assert left_in(server_netns) == {"rules": [], "listeners": [], "ip rules": []}
+        assert pinion_programs(client.cgroup()) == [] and pinion_programs(server.cgroup()) == []
+        assert pods_of(outbound) == [] and pods_of(inbound) == []
+        for pod in (client, server):
+            pod.remove()
+            assert sandbox_gone(pod.node, pod.sandbox_id)
+            assert not Path(pod.netns_path).exists()
+
+
+def test_restarts_as_kubernetes_does_them(image_archives: list[Path]) -> None:
+    with k3s_cluster("nftables", image_archives) as cluster:
+        client, server = cluster.workload(0, "client"), cluster.workload(1, "server")
+        server.serve(HTTP_SERVER)
+        url = f"http://{server.ip}:8080/"
+        assert http_get(client, url).stdout.strip() == "ok"
+        agent = cluster.agents[0]
+
+        # The agent container dies (SIGKILL): the pod's rules stay, nobody listens: fail closed.
+        agent.kill("agent")
+        assert http_get(client, url, check=False).returncode != 0
+        # A pod created meanwhile: the chain's ADD fails (closed), the runtime undoes the sandbox.
+        late = WorkloadPod(cluster.nodes[0], "late")
+        with pytest.raises(CriError, match="pinion"):
+            late.run()
+        with cluster.nodes[0].cri() as cri:
+            assert sorted(cri.list_pod_sandboxes()) == sorted([agent.sandbox_id, client.sandbox_id])
+
+        # kubelet starts a new container (attempt 1): the pod is re-adopted and works again,
+        # and kubelet's retry of the late pod's sandbox now succeeds, captured.
+        agent.start("agent")
+        agent.wait_ready()
+        assert http_get(client, url).stdout.strip() == "ok"
+        late.run()
+        assert sorted(pods_of(agent)) == ["client", "late"]
+        assert http_get(late, url).stdout.strip() == "ok"
+
+        # containerd restarts on both nodes: pods and the agent keep working while it is away,
+        # and it finds its sandboxes again.
+        for node in cluster.nodes:
+            with node.cri() as cri:
+                sandboxes = sorted(cri.list_pod_sandboxes())
+            node.stop()
+            assert http_get(client, url).stdout.strip() == "ok"
+            node.start()
+            with node.cri() as cri:
+                assert sorted(cri.list_pod_sandboxes()) == sandboxes
+        assert all(a.running("agent") and a.running("cni-installer") for a in cluster.agents)
+        after = cluster.workload(1, "after-restart")
+        assert http_get(after, url).stdout.strip() == "ok"
+        assert sorted(pods_of(cluster.agents[1])) == ["after-restart", "server"]
+        counts = load(client, url, 200)
+        assert counts["Complete requests"] == 200 and counts["Failed requests"] == 0
+        assert eventually(lambda: agent.metrics().value(
+            "response_total", direction="outbound", pod="client", tls="true", status_code="200")
+            >= 200, timeout=10)

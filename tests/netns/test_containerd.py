@@ -95,6 +95,11 @@ def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
             agent.wait_ready()
             if redirect == "ebpf":  # a fallback to netfilter must not pass for eBPF
                 assert "redirect ebpf" in agent.log("agent"), agent.log("agent")[-3000:]
+                # In its container's own cgroup, under its pod's (found from PINION_POD_UID):
+                # its getsockopt program answers for the agent's sockets, not the node's.
+                own = Path(f"/proc/{agent.pid('agent')}/cgroup").read_text()
+                assert f"0::{agent.sandbox.cgroup_parent}/" in own, own
+                assert pinion_programs(agent.cgroup()) == ["pinion_getsockopt"]
         yield cluster
     finally:
         for agent in cluster.agents:

@@ -266,6 +266,13 @@ class CriClient:
     def remove_container(self, container_id: str) -> None:
         self.call("RemoveContainer", encode((1, container_id)))
 
+    def container_pid(self, container_id: str) -> int:
+        """The container's first process, from the verbose `info` JSON containerd adds."""
+        import json
+
+        response = self.call("ContainerStatus", encode((1, container_id), (2, True)))
+        return int(json.loads(response.mapping(2).get("info", "{}")).get("pid", 0))
+
     def container_status(self, container_id: str) -> Decoded:
         """ContainerStatus: .integer(3) the state, .integer(7) the exit code, .text(15) the log path."""
         return self.call("ContainerStatus", encode((1, container_id))).message(1)

@@ -90,6 +90,14 @@ class AgentPod:
         with self.node.cri() as cri:
             return cri.container_status(self.containers[name]).integer(3) == CONTAINER_RUNNING
 
+    def pid(self, name: str) -> int:
+        with self.node.cri() as cri:
+            return cri.container_pid(self.containers[name])
+
+    def cgroup(self) -> Path:
+        """The agent pod's cgroup in the v2 hierarchy (its getsockopt program hangs there)."""
+        return unified_cgroup_mount() / self.sandbox.cgroup_parent.lstrip("/")
+
     def log(self, name: str) -> str:
         return cri_log_text(Path(self.sandbox.log_directory) / name / f"{self.attempts.get(name, 0)}.log")
 
@@ -172,8 +180,7 @@ class WorkloadPod:
 
     def cgroup(self) -> Path:
         """The pod's cgroup in the v2 hierarchy (kubelet's, where eBPF capture attaches)."""
-        unified = next(m for m in cgroup_mounts() if _is_cgroup2(m))
-        return unified / self.sandbox.cgroup_parent.lstrip("/")
+        return unified_cgroup_mount() / self.sandbox.cgroup_parent.lstrip("/")
 
     def serve(self, argv: Sequence[str], name: str = "server") -> str:
         """A container of the image in this pod running `argv`; waits for "listening"."""
@@ -192,8 +199,8 @@ class WorkloadPod:
         raise TimeoutError(f"{name} in {self.name}: {cri_log_text(log)[-2000:]}")
 
 
-def _is_cgroup2(mount: Path) -> bool:
-    return (mount / "cgroup.controllers").exists()
+def unified_cgroup_mount() -> Path:
+    return next(mount for mount in cgroup_mounts() if (mount / "cgroup.controllers").exists())
 
 
 def sandbox_gone(node: K3sNode, sandbox_id: str) -> bool:

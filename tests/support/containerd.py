@@ -33,8 +33,8 @@ HOST_PLUGINS = Path("/usr/lib/cni")  # containernetworking-plugins
 CGROUP_PARENT = "kubepods/besteffort"
 
 
-class RuntimeError_(RuntimeError):
-    pass
+class ContainerdError(RuntimeError):
+    """containerd did not start, or a `ctr` step failed; the message carries its output."""
 
 
 def _lacks_sys_resource() -> bool:
@@ -169,13 +169,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError_(f"containerd exited: {self.log()[-3000:]}")
+                raise ContainerdError(f"containerd exited: {self.log()[-3000:]}")
             if self.socket.exists():
                 with contextlib.suppress(CriError), self.cri(timeout=2) as cri:
                     if cri.version()[0] == "containerd":
                         return
             time.sleep(0.1)
-        raise RuntimeError_(f"containerd not serving CRI after {timeout}s: {self.log()[-3000:]}")
+        raise ContainerdError(f"containerd not serving CRI after {timeout}s: {self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop containerd by its PID; its shims, and so the pods, keep running."""
@@ -203,7 +203,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         done = subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
                               capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError_(f"ctr {' '.join(args)}: {done.stderr.strip()}")
+            raise ContainerdError(f"ctr {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
     def import_images(self, archives: list[Path]) -> None:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,18 @@ import pytest
 from agent.identity.files import init_identity_dir
 from agent.lab.topology import Lab
 from tests.netns.conftest import cgroup_programs, eventually
+from tests.netns.test_kubernetes import (
+    API_PORT,
+    ISSUER_HOST,
+    ISSUER_PORT,
+    listening_socket,
+    pod_object,
+    start_issuer,
+)
 from tests.support.containerd import IMAGE, PAUSE_IMAGE, K3sNode
 from tests.support.cri import CriError
-from tests.support.k3spods import AgentPod, WorkloadPod, sandbox_gone
+from tests.support.k3spods import AgentPod, KubeAccess, WorkloadPod, sandbox_gone
+from tests.support.kubeapi import FakeApiServer
 
 HTTP_SERVER = ["python3", "-m", "agent.lab.httpserver", "--port", "8080"]
 IDENTITY = "spiffe://cluster.local/ns/default/sa/default"
@@ -85,7 +95,7 @@ def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
             node.import_images(archives)
             bpf_dir = BPF_ROOT / f"cri-{lab.run_id}-{lab_node.name}"
             lab.on_close(f"bpf pins {bpf_dir}", lambda d=bpf_dir: shutil.rmtree(d, ignore_errors=True))
-            agent = AgentPod(node, identity, redirect, str(bpf_dir))
+            agent = AgentPod(node, redirect, str(bpf_dir), identity_dir=identity)
             cluster.agents.append(agent)
             agent.run_sandbox()
             agent.start("cni-installer")
@@ -262,3 +272,100 @@ def test_restarts_as_kubernetes_does_them(image_archives: list[Path]) -> None:
         assert eventually(lambda: agent.metrics().value(
             "response_total", direction="outbound", pod="client", tls="true", status_code="200")
             >= 200, timeout=10)
+
+
+# ---------------------------------------------------------------- in a cluster
+
+
+@contextlib.contextmanager
+def k3s_kubernetes_cluster(archives: list[Path], tmp_path: Path) -> Iterator[tuple[Cluster, FakeApiServer]]:
+    """The same two nodes, the agents in Kubernetes mode as the DaemonSet runs them: the
+    in-cluster config kubelet gives (API address env, automounted token and CA), the issuer
+    token and trust bundle volumes; `pinion issuer` (as its Deployment, on node0) and the
+    in-test API server (node0's underlay) are processes of the test."""
+    identity = tmp_path / "identity"
+    init_identity_dir(identity, trust_domain="cluster.local")
+    lab = Lab(nodes=2)
+    cluster = Cluster(lab)
+    api: FakeApiServer | None = None
+    try:
+        api = FakeApiServer(lab.nodes[0].underlay_ip, API_PORT, tmp_path / "kubeapi",
+                            listen_socket=listening_socket(lab)).start()
+        for namespace, labels in (("pinion-system", {}), ("shop", {"pinion.dev/mesh": "enabled"})):
+            api.apply({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": namespace, "labels": labels}})
+        start_issuer(lab, api, identity, tmp_path / "issuer.log")
+        for lab_node in lab.nodes:
+            node = K3sNode(lab_node, lab.workdir / f"k3s-{lab_node.name}")
+            lab.on_close(f"containerd of {lab_node.name}", node.close)
+            cluster.nodes.append(node)
+            node.start()
+            node.import_images(archives)
+            account, issuer_token = f"sa-{uuid.uuid4().hex}", f"issuer-{uuid.uuid4().hex}"
+            api.add_token(account, username="system:serviceaccount:pinion-system:pinion-agent")
+            api.add_token(issuer_token, username="system:serviceaccount:pinion-system:pinion-agent",
+                          extra={"authentication.kubernetes.io/node-name": [lab_node.name]},
+                          audiences=("pinion-issuer",))
+            kube = KubeAccess(lab.nodes[0].underlay_ip, API_PORT, api.ca_pem, account, issuer_token,
+                              (identity / "trust-bundle.crt").read_bytes(),
+                              f"https://{ISSUER_HOST}:{ISSUER_PORT}")
+            bpf_dir = BPF_ROOT / f"cri-{lab.run_id}-{lab_node.name}"
+            agent = AgentPod(node, "nftables", str(bpf_dir), kube=kube)
+            cluster.agents.append(agent)
+            agent.run_sandbox()
+            agent.start("cni-installer")
+            agent.wait_installed()
+            agent.start("agent")
+        for agent in cluster.agents:
+            agent.wait_ready()
+        yield cluster, api
+    finally:
+        for agent in cluster.agents:
+            print(f"--- {agent.node.node.name}: agent ---\n{agent.log('agent')[-4000:]}")
+        if (tmp_path / "issuer.log").exists():
+            print(f"--- issuer ---\n{(tmp_path / 'issuer.log').read_text()[-2000:]}")
+        lab.close()
+        if api is not None:
+            api.stop()
+
+
+def cluster_pod(api: FakeApiServer, node: K3sNode, name: str, namespace: str) -> WorkloadPod:
+    """As kubelet: the pod object (scheduled to the node) first, then the sandbox with the
+    object's uid, then its IP in the status."""
+    obj = api.apply(pod_object(name, namespace, node.node.name, None, None, name))
+    pod = WorkloadPod(node, name, namespace, uid=obj["metadata"]["uid"]).run()
+    obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
+    api.apply(obj)
+    return pod
+
+
+def test_in_kubernetes_mode_the_daemonsets_volumes_carry_identity_and_api_access(
+        image_archives: list[Path], tmp_path: Path) -> None:
+    with k3s_kubernetes_cluster(image_archives, tmp_path) as (cluster, api):
+        client = cluster_pod(api, cluster.nodes[0], "client", "shop")
+        server = cluster_pod(api, cluster.nodes[1], "server", "shop")
+        server.serve(HTTP_SERVER)
+        counts = load(client, f"http://{server.ip}:8080/", 200)
+        assert counts["Complete requests"] == 200 and counts["Failed requests"] == 0
+        client_id, server_id = ("spiffe://cluster.local/ns/shop/sa/client",
+                                "spiffe://cluster.local/ns/shop/sa/server")
+        outbound, inbound = cluster.agents[0], cluster.agents[1]
+        assert eventually(lambda: outbound.metrics().value(
+            "response_total", direction="outbound", pod="client", tls="true", server_id=server_id,
+            deployment="client", dst_pod="server", status_code="200") == 200
+            and inbound.metrics().value("request_total", direction="inbound", pod="server",
+                                        tls="true", client_id=client_id) == 200, timeout=10), \
+            outbound.metrics().text[-3000:] + inbound.metrics().text[-3000:]
+        # In-cluster config from what kubelet mounts and injects; certificates from the issuer,
+        # asked with the projected token, each for a pod on the asking node.
+        assert "kubernetes mode: in-cluster, node node0" in outbound.log("agent")
+        issuer_log = (tmp_path / "issuer.log").read_text()
+        assert "issued spiffe://cluster.local/ns/shop/sa/client node=node0" in issuer_log
+        assert "issued spiffe://cluster.local/ns/shop/sa/server node=node1" in issuer_log
+        # The trust bundle's mount point lies inside the /run/pinion hostPath: the runtime
+        # leaves an empty directory for it on the host (deploy/README.md says so).
+        mount_point = cluster.nodes[0].run_pinion / "trust-bundle"
+        assert mount_point.is_dir() and not any(mount_point.iterdir())
+        client.stop()
+        assert pods_of(outbound) == []
+        client.remove()

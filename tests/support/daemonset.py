@@ -6,8 +6,9 @@ privilege escalation, RuntimeDefault seccomp, kubelet's masked and read-only /pr
 What differs, each for a stated reason, is passed in by the caller as `Overrides`: the test
 runs two simulated nodes on one host, so the per-node host paths live under each node's
 directory (`K3sNode.root`); the kernel's own paths (/run/netns, /sys/fs/bpf, /sys/fs/cgroup)
-are the host's. The agent runs standalone (no API server), so the volumes only Kubernetes
-mode reads (the issuer token, the trust bundle) are not mounted and an identity dir is.
+are the host's. The volumes kubelet fills from the API (the projected issuer token, the trust
+bundle ConfigMap) are directories the test writes, given in `api_volumes`; without them (a
+standalone agent, no API server) they are not mounted.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Overrides:
     extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)  # by container name
     extra_mounts: Mapping[str, Sequence[Mount]] = field(default_factory=dict)
     log_directory: Path | None = None
+    api_volumes: Mapping[str, Path] = field(default_factory=dict)  # issuer-token, trust-bundle
+    env: Mapping[str, str] = field(default_factory=dict)  # what kubelet adds (KUBERNETES_SERVICE_*)
 
     def host_path(self, path: str) -> str:
         if any(path == kernel or path.startswith(kernel + "/") for kernel in KERNEL_PATHS):
@@ -98,13 +101,16 @@ def _expand(text: str, env: Mapping[str, str]) -> str:
 def _mounts(spec: Mapping[str, Any], volumes: Mapping[str, Any], overrides: Overrides) -> list[Mount]:
     mounts = []
     for mount in spec.get("volumeMounts", []):
-        if mount["name"] in KUBERNETES_ONLY_VOLUMES:
-            continue
-        host = volumes[mount["name"]].get("hostPath")
-        if host is None:
-            raise ValueError(f"volume {mount['name']}: not a hostPath and not skipped")
-        mounts.append(Mount(container_path=mount["mountPath"],
-                            host_path=overrides.host_path(host["path"]),
+        name = mount["name"]
+        if name in KUBERNETES_ONLY_VOLUMES:
+            if name not in overrides.api_volumes:
+                continue
+            host_path = str(overrides.api_volumes[name])
+        elif "hostPath" in volumes[name]:
+            host_path = overrides.host_path(volumes[name]["hostPath"]["path"])
+        else:
+            raise ValueError(f"volume {name}: not a hostPath and not one the test provides")
+        mounts.append(Mount(container_path=mount["mountPath"], host_path=host_path,
                             readonly=bool(mount.get("readOnly", False)),
                             propagation=_PROPAGATION[mount.get("mountPropagation")]))
     return mounts
@@ -118,7 +124,7 @@ def container(name: str, image: str, overrides: Overrides) -> Container:
         raise ValueError(f"the DaemonSet has no container {name!r}: {sorted(containers)}")
     c = containers[name]
     volumes = {v["name"]: v for v in spec["volumes"]}
-    env = _env(c, overrides)
+    env = {**overrides.env, **_env(c, overrides)}
     security = c.get("securityContext", {})
     capabilities = security.get("capabilities", {})
     log_path = ""

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.lab.agents import ADMIN_PORT, Metrics, node_socket
@@ -31,10 +32,28 @@ def cri_log_text(path: Path) -> str:
     return "\n".join(lines)
 
 
-class AgentPod:
-    """The DaemonSet's pod on one node: `cni-installer` then `agent`, both from the image."""
+@dataclass(frozen=True)
+class KubeAccess:
+    """What kubelet gives the agent pod in a cluster: the API server's address (the env it
+    injects), the service-account token and CA (automounted), the issuer's projected token,
+    the trust bundle ConfigMap; and where the issuer answers (its Service name does not
+    resolve here)."""
 
-    def __init__(self, node: K3sNode, identity_dir: Path, redirect: str, bpf_dir: str) -> None:
+    host: str
+    port: int
+    ca_pem: bytes
+    token: str
+    issuer_token: str
+    trust_bundle: bytes
+    issuer_url: str
+
+
+class AgentPod:
+    """The DaemonSet's pod on one node: `cni-installer` then `agent`, both from the image.
+    Standalone (`identity_dir`: certificates from a shared anchor) or in a cluster (`kube`)."""
+
+    def __init__(self, node: K3sNode, redirect: str, bpf_dir: str, *,
+                 identity_dir: Path | None = None, kube: KubeAccess | None = None) -> None:
         self.node = node
         self.uid = str(uuid.uuid4())
         self.sandbox = node.pod(f"pinion-agent-{node.node.name}", self.uid, "pinion-system",
@@ -44,24 +63,45 @@ class AgentPod:
         self.containers: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
         socket_in_host = str(node.run_pinion / "cni.sock")
+        agent_args = [f"--bpf-dir={bpf_dir}"]  # a node has its own bpffs; here they share one
+        agent_mounts: list[Mount] = []
+        installer_mounts = [Mount(f"/host{node.run_pinion}", str(node.run_pinion), readonly=True)]
+        env: dict[str, str] = {}
+        api_volumes: dict[str, Path] = {}
+        if identity_dir is not None:  # standalone: pod certificates from a shared anchor
+            agent_args.append(f"--identity-dir={IDENTITY_MOUNT}")
+            agent_mounts.append(Mount(IDENTITY_MOUNT, str(identity_dir), readonly=True))
+        if kube is not None:
+            env, api_volumes, account = self._kube_volumes(kube)
+            agent_args.append(f"--issuer-url={kube.issuer_url}")
+            agent_mounts.append(account)
+            installer_mounts.append(account)
         self.overrides = daemonset.Overrides(
             node_root=node.root, node_name=node.node.name, host_ip=node.node.underlay_ip,
             pod_uid=self.uid, config={"redirect": redirect},
-            log_directory=Path(self.sandbox.log_directory),
-            extra_args={
-                # standalone: issue pod certificates from a shared trust anchor (no issuer);
-                # the pins in a dir of this node's own, as a node has its own bpffs
-                "agent": [f"--identity-dir={IDENTITY_MOUNT}", f"--bpf-dir={bpf_dir}"],
-                # two nodes share this host's /run: the plugin must find this node's agent
-                "cni-installer": [f"--agent-socket={socket_in_host}"],
-            },
-            extra_mounts={
-                "agent": [Mount(IDENTITY_MOUNT, str(identity_dir), readonly=True)],
-                "cni-installer": [Mount(f"/host{node.run_pinion}", str(node.run_pinion),
-                                        readonly=True)],
-            })
+            log_directory=Path(self.sandbox.log_directory), env=env, api_volumes=api_volumes,
+            # two nodes share this host's /run: the plugin must find this node's agent
+            extra_args={"agent": agent_args, "cni-installer": [f"--agent-socket={socket_in_host}"]},
+            extra_mounts={"agent": agent_mounts, "cni-installer": installer_mounts})
         for path in daemonset.host_paths(self.overrides):
             path.mkdir(parents=True, exist_ok=True)  # kubelet: DirectoryOrCreate
+
+    def _kube_volumes(self, kube: KubeAccess) -> tuple[dict[str, str], dict[str, Path], Mount]:
+        """kubelet's volumes for this pod, under the node's var/lib/kubelet/pods/<uid>."""
+        volumes = self.node.root / "var/lib/kubelet/pods" / self.uid / "volumes"
+        files = {"kube-api-access": {"token": kube.token.encode(), "ca.crt": kube.ca_pem,
+                                     "namespace": b"pinion-system"},
+                 "issuer-token": {"token": kube.issuer_token.encode()},
+                 "trust-bundle": {"trust-bundle.crt": kube.trust_bundle}}
+        for volume, contents in files.items():
+            (volumes / volume).mkdir(parents=True, exist_ok=True)
+            for name, data in contents.items():
+                (volumes / volume / name).write_bytes(data)
+        env = {"KUBERNETES_SERVICE_HOST": kube.host, "KUBERNETES_SERVICE_PORT": str(kube.port)}
+        account = Mount("/var/run/secrets/kubernetes.io/serviceaccount",
+                        str(volumes / "kube-api-access"), readonly=True)
+        return env, {"issuer-token": volumes / "issuer-token",
+                     "trust-bundle": volumes / "trust-bundle"}, account
 
     def run_sandbox(self) -> None:
         with self.node.cri() as cri:
@@ -151,11 +191,11 @@ class WorkloadPod:
     runtime. `serve` runs a container in it; `enter` is a process joining it from the host
     (as `kubectl exec` would: the pod's netns and a cgroup under the pod's)."""
 
-    def __init__(self, node: K3sNode, name: str, namespace: str = "default") -> None:
+    def __init__(self, node: K3sNode, name: str, namespace: str = "default", uid: str = "") -> None:
         self.node = node
         self.name = name
         self.namespace = namespace
-        self.uid = str(uuid.uuid4())
+        self.uid = uid or str(uuid.uuid4())
         self.sandbox = node.pod(name, self.uid, namespace)
         self.sandbox_id = ""
         self.ip = ""

@@ -36,6 +36,7 @@ from tests.netns.test_kubernetes import (
     pod_object,
     start_issuer,
 )
+from tests.support import daemonset
 from tests.support.containerd import IMAGE, PAUSE_IMAGE, K3sNode
 from tests.support.cri import CriError
 from tests.support.k3spods import AgentPod, KubeAccess, WorkloadPod, sandbox_gone
@@ -322,6 +323,7 @@ def k3s_kubernetes_cluster(archives: list[Path], tmp_path: Path) -> Iterator[tup
     finally:
         for agent in cluster.agents:
             print(f"--- {agent.node.node.name}: agent ---\n{agent.log('agent')[-4000:]}")
+            print(f"--- {agent.node.node.name}: cni-installer ---\n{agent.log('cni-installer')[-3000:]}")
         if (tmp_path / "issuer.log").exists():
             print(f"--- issuer ---\n{(tmp_path / 'issuer.log').read_text()[-2000:]}")
         lab.close()
@@ -369,3 +371,32 @@ def test_in_kubernetes_mode_the_daemonsets_volumes_carry_identity_and_api_access
         client.stop()
         assert pods_of(outbound) == []
         client.remove()
+
+
+def test_the_installer_keeps_the_chain_through_a_rollout_and_removes_it_on_uninstall(
+        image_archives: list[Path], tmp_path: Path) -> None:
+    with k3s_kubernetes_cluster(image_archives, tmp_path) as (cluster, api):
+        node, agent = cluster.nodes[0], cluster.agents[0]
+        api.apply(daemonset.daemonset_object())
+        conflist, plugin = agent.wait_installed(), node.bin_dir / "pinion-cni"
+
+        # A rollout or restart: the installer stops while its DaemonSet exists: the chain
+        # stays (a pod made meanwhile waits, fail closed, for the next agent).
+        agent.stop("cni-installer")
+        assert conflist.exists() and plugin.exists()
+        assert "still exists (a rollout or a restart)" in agent.log("cni-installer")
+        agent.start("cni-installer")
+        assert agent.wait_installed() == conflist
+        # (its SIGTERM handler is set once it watches: before that, as a container's PID 1, it
+        # ignores SIGTERM and is killed at the end of the grace period, without uninstalling)
+        agent.wait_log("cni-installer", "already in step")
+
+        # `kubectl delete`: the DaemonSet is gone, so the installer's exit takes Pinion out of
+        # k3s' chain; k3s' own conflist is what the runtime uses again.
+        api.delete("apps/v1", "DaemonSet", "pinion-system", "pinion-agent")
+        agent.stop("cni-installer")
+        assert not conflist.exists() and not plugin.exists()
+        assert "is gone: uninstalling" in agent.log("cni-installer")
+        assert sorted(path.name for path in node.conf_dir.iterdir()) == ["10-flannel.conflist"]
+        plain = cluster_pod(api, node, "after-uninstall", "shop")
+        assert pods_of(agent) == [] and plain.ip

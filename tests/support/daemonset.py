@@ -43,9 +43,12 @@ def _documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def daemonset_object() -> dict[str, Any]:
+    return next(d for d in _documents(DAEMONSET) if d["kind"] == "DaemonSet")
+
+
 def pod_spec() -> dict[str, Any]:
-    daemonset = next(d for d in _documents(DAEMONSET) if d["kind"] == "DaemonSet")
-    return dict(daemonset["spec"]["template"]["spec"])
+    return dict(daemonset_object()["spec"]["template"]["spec"])
 
 
 def pinion_config() -> dict[str, str]:

@@ -120,6 +120,12 @@ class AgentPod:
         self.containers[name] = container_id
         return container_id
 
+    def stop(self, name: str, grace: int = 10) -> None:
+        """As kubelet stops a container: SIGTERM, `grace` seconds, then SIGKILL; removed."""
+        with self.node.cri() as cri:
+            cri.stop_container(self.containers[name], timeout=grace)
+            cri.remove_container(self.containers.pop(name))
+
     def kill(self, name: str) -> None:
         """The container's processes SIGKILLed (a crash, or an OOM kill), then removed."""
         with self.node.cri() as cri:
@@ -140,6 +146,15 @@ class AgentPod:
 
     def log(self, name: str) -> str:
         return cri_log_text(Path(self.sandbox.log_directory) / name / f"{self.attempts.get(name, 0)}.log")
+
+    def wait_log(self, name: str, text: str, timeout: float = 30.0) -> None:
+        """Until the current container `name` has logged `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log(name):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} never logged {text!r}: {self.log(name)[-2000:]}")
 
     def wait_installed(self, timeout: float = 30.0) -> Path:
         """The installer's conflist in k3s' conf dir (the primary + pinion-cni)."""

@@ -212,6 +212,9 @@ def test_a_cri_pod_pair_on_two_nodes_talks_mtls_and_stop_leaves_nothing(
             "request_total", direction="inbound", pod="server", tls="true", client_id=IDENTITY) == 1000,
             timeout=10), outbound.metrics().text[-3000:] + inbound.metrics().text[-3000:]
 
+        for agent in cluster.agents:  # for the record (pytest -s): what a node pays
+            print(f"{agent.node.node.name} ({redirect}): agent {agent.rss_kib('agent')} KiB RSS, "
+                  f"cni-installer {agent.rss_kib('cni-installer')} KiB")
         with held_netns(client) as client_netns, held_netns(server) as server_netns:
             before = {"client": left_in(client_netns), "server": left_in(server_netns)}
             assert all(found["rules"] and found["listeners"] for found in before.values()), before

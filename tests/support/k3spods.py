@@ -140,6 +140,12 @@ class AgentPod:
         with self.node.cri() as cri:
             return cri.container_pid(self.containers[name])
 
+    def rss_kib(self, name: str) -> int:
+        for line in Path(f"/proc/{self.pid(name)}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
     def cgroup(self) -> Path:
         """The agent pod's cgroup in the v2 hierarchy (its getsockopt program hangs there)."""
         return unified_cgroup_mount() / self.sandbox.cgroup_parent.lstrip("/")

@@ -88,8 +88,10 @@ HOST_CA     := /etc/ssl/certs/ca-certificates.crt
 PIP_CA_ARGS := $(if $(wildcard $(HOST_CA)),--volume $(HOST_CA):/etc/pinion-build-ca.crt:ro --build-arg PIP_CERT=/etc/pinion-build-ca.crt)
 
 image: deps $(BASE_TAR)
-	@# Re-import only a changed tarball: a new import is a new base and rebuilds every layer.
-	@if ! podman image exists $(BASE_IMAGE) || [ $(BASE_TAR) -nt $(BASE_TAR).imported ]; then \
+	@# Re-import only a changed tarball (a new import is a new base: every layer rebuilds), or
+	@# when the name holds another ARCH's base (one name, one architecture at a time).
+	@if [ "$$(podman image inspect --format '{{.Architecture}}' $(BASE_IMAGE) 2>/dev/null)" != $(ARCH) ] \
+	   || [ $(BASE_TAR) -nt $(BASE_TAR).imported ]; then \
 	  echo "importing $(BASE_TAR) as $(BASE_IMAGE)"; \
 	  podman import -q --arch $(ARCH) --change 'CMD ["bash"]' $(BASE_TAR) $(BASE_IMAGE) >/dev/null && \
 	  touch $(BASE_TAR).imported; \

@@ -230,8 +230,9 @@ def test_a_cri_pod_pair_on_two_nodes_talks_mtls_and_stop_leaves_nothing(
             assert not Path(pod.netns_path).exists()
 
 
-def test_restarts_as_kubernetes_does_them(image_archives: list[Path]) -> None:
-    with k3s_cluster("nftables", image_archives) as cluster:
+@pytest.mark.parametrize("redirect", ["nftables", "ebpf"])  # eBPF: pins re-adopted from bpffs
+def test_restarts_as_kubernetes_does_them(redirect: str, image_archives: list[Path]) -> None:
+    with k3s_cluster(redirect, image_archives) as cluster:
         client, server = cluster.workload(0, "client"), cluster.workload(1, "server")
         server.serve(HTTP_SERVER)
         url = f"http://{server.ip}:8080/"
@@ -252,6 +253,8 @@ def test_restarts_as_kubernetes_does_them(image_archives: list[Path]) -> None:
         # and kubelet's retry of the late pod's sandbox now succeeds, captured.
         agent.start("agent")
         agent.wait_ready()
+        if redirect == "ebpf":  # through the bpffs mount: the dead container's pins, in use
+            assert "ebpf: adopted the programs and maps pinned" in agent.log("agent")
         assert http_get(client, url).stdout.strip() == "ok"
         late.run()
         assert sorted(pods_of(agent)) == ["client", "late"]

@@ -30,7 +30,7 @@ K3S_CONF_DIR = "var/lib/rancher/k3s/agent/etc/cni/net.d"
 K3S_BIN_DIR = "var/lib/rancher/k3s/data/cni"
 PRIMARY_CONFLIST = "10-flannel.conflist"  # the name k3s gives its own (flannel) conflist
 HOST_PLUGINS = Path("/usr/lib/cni")  # containernetworking-plugins
-CGROUP_PARENT = "kubepods/besteffort"
+KUBEPODS = "kubepods"  # kubelet's cgroupfs layout: kubepods/<qos>/pod<uid>
 
 
 class ContainerdError(RuntimeError):
@@ -54,20 +54,20 @@ def cgroup_mounts() -> list[Path]:
     return mounts
 
 
-def make_pod_cgroup(uid: str) -> str:
+def make_pod_cgroup(uid: str, qos: str) -> str:
     """The pod-level cgroup kubelet makes (cgroupfs driver) before RunPodSandbox: it exists
     when the CNI chain runs, so eBPF capture can attach to it. Returns the cgroup_parent."""
-    relative = f"{CGROUP_PARENT}/pod{uid}"
+    relative = f"{KUBEPODS}/{qos}/pod{uid}"
     for mount in cgroup_mounts():
         (mount / relative).mkdir(parents=True, exist_ok=True)
     return "/" + relative
 
 
-def remove_pod_cgroup(uid: str) -> None:
+def remove_pod_cgroup(uid: str, qos: str) -> None:
     """rmdir the pod's cgroup in every hierarchy (kubelet does, runc does not), and the
     kubepods parents when nothing else is left in them."""
     for mount in cgroup_mounts():
-        pod = mount / CGROUP_PARENT / f"pod{uid}"
+        pod = mount / KUBEPODS / qos / f"pod{uid}"
         for path in [*sorted((p for p in pod.glob("*") if p.is_dir()), reverse=True), pod,
                      pod.parent, pod.parent.parent]:
             for _ in range(40):
@@ -99,7 +99,7 @@ class K3sNode:
         self.socket = self.containerd_state / "containerd.sock"
         self.log_path = root / "containerd.log"
         self.process: subprocess.Popen[Any] | None = None
-        self.pod_uids: list[str] = []
+        self.pod_uids: list[tuple[str, str]] = []  # (uid, QoS class) of every pod cgroup made
         for directory in (self.conf_dir, self.bin_dir, self.run_pinion, self.state_dir, self.logs,
                           root / "etc/cni/net.d", root / "opt/cni/bin", root / "ipam"):
             directory.mkdir(parents=True, exist_ok=True)
@@ -213,14 +213,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     # ------------------------------------------------------------ pods, as kubelet makes them
 
     def pod(self, name: str, uid: str, namespace: str = "default", host_network: bool = False,
-            attempt: int = 0) -> PodSandbox:
+            attempt: int = 0, qos: str = "besteffort") -> PodSandbox:
         """A sandbox config with kubelet's pod cgroup made for it (removed by close())."""
-        if uid not in self.pod_uids:
-            self.pod_uids.append(uid)
+        if (uid, qos) not in self.pod_uids:
+            self.pod_uids.append((uid, qos))
         log_directory = self.logs / f"{namespace}_{name}_{uid}"
         log_directory.mkdir(parents=True, exist_ok=True)
         return PodSandbox(name=name, uid=uid, namespace=namespace, attempt=attempt,
-                          host_network=host_network, cgroup_parent=make_pod_cgroup(uid),
+                          host_network=host_network, cgroup_parent=make_pod_cgroup(uid, qos),
                           log_directory=str(log_directory))
 
     def remove_all_pods(self) -> list[str]:
@@ -248,8 +248,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 os.kill(pid, signal.SIGKILL)
         for mount in self._mounts_under_root():
             subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
-        for uid in self.pod_uids:
-            remove_pod_cgroup(uid)
+        for uid, qos in self.pod_uids:
+            remove_pod_cgroup(uid, qos)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _shims(self) -> list[int]:

@@ -56,8 +56,9 @@ class AgentPod:
                  identity_dir: Path | None = None, kube: KubeAccess | None = None) -> None:
         self.node = node
         self.uid = str(uuid.uuid4())
+        # Burstable, as the DaemonSet's requests below its limits make it: kubepods/burstable/
         self.sandbox = node.pod(f"pinion-agent-{node.node.name}", self.uid, "pinion-system",
-                                host_network=True)
+                                host_network=True, qos="burstable")
         self.sandbox_id = ""
         self.admin = (node.node.underlay_ip, ADMIN_PORT)
         self.containers: dict[str, str] = {}

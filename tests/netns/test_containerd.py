@@ -39,7 +39,13 @@ from tests.netns.test_kubernetes import (
 from tests.support import daemonset
 from tests.support.containerd import IMAGE, PAUSE_IMAGE, K3sNode
 from tests.support.cri import CriError
-from tests.support.k3spods import AgentPod, KubeAccess, WorkloadPod, sandbox_gone
+from tests.support.k3spods import (
+    AgentPod,
+    KubeAccess,
+    WorkloadPod,
+    sandbox_gone,
+    unified_cgroup_mount,
+)
 from tests.support.kubeapi import FakeApiServer
 
 HTTP_SERVER = ["python3", "-m", "agent.lab.httpserver", "--port", "8080"]
@@ -111,6 +117,8 @@ def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
                 own = Path(f"/proc/{agent.pid('agent')}/cgroup").read_text()
                 assert f"0::{agent.sandbox.cgroup_parent}/" in own, own
                 assert pinion_programs(agent.cgroup()) == ["pinion_getsockopt"]
+        for agent in cluster.agents:  # the DaemonSet's memory limit, on the agent's container
+            assert memory_limit(agent.pid("agent")) == 256 << 20
         yield cluster
     finally:
         for agent in cluster.agents:
@@ -120,6 +128,16 @@ def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
             errors = [line for line in node.log().splitlines() if "level=error" in line]
             print(f"--- {node.node.name}: containerd errors ---\n" + "\n".join(errors[-10:]))
         lab.close()
+
+
+def memory_limit(pid: int) -> int:
+    """The memory limit of a process's cgroup: v1's memory controller, else v2's memory.max."""
+    entries = [line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    for _, controllers, path in entries:
+        if "memory" in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text())
+    path = next(path for _, controllers, path in entries if controllers == "")
+    return int((unified_cgroup_mount() / path.lstrip("/") / "memory.max").read_text())
 
 
 # ---------------------------------------------------------------- in a pod, as kubectl exec

@@ -182,8 +182,11 @@ class Container:
     add_capabilities: Sequence[str] = ()
     drop_capabilities: Sequence[str] = ()
     host_network: bool = False
+    cpu_shares: int = 0            # kubelet: requests.cpu (milli) * 1024 / 1000
+    memory_limit_bytes: int = 0    # kubelet: limits.memory
 
     def config(self) -> bytes:
+        resources = encode((3, self.cpu_shares), (4, self.memory_limit_bytes))  # LinuxContainerResources
         capabilities = encode((1, list(self.add_capabilities)), (2, list(self.drop_capabilities)))
         namespaces = encode((1, NAMESPACE_NODE if self.host_network else NAMESPACE_POD),
                             (2, NAMESPACE_CONTAINER), (3, NAMESPACE_POD))
@@ -198,7 +201,7 @@ class Container:
             (1, encode((1, self.name), (2, self.attempt))), (2, encode((1, self.image))),
             (3, list(self.command)),
             (4, list(self.args)), (6, envs), (7, [mount.encoded() for mount in self.mounts]),
-            (11, self.log_path), (15, encode((2, security))))
+            (11, self.log_path), (15, encode((1, resources), (2, security))))
 
 
 # ---------------------------------------------------------------- the client

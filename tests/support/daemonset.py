@@ -3,7 +3,8 @@
 mounts with their propagation, and security context (user, capabilities, read-only root, no
 privilege escalation, RuntimeDefault seccomp, kubelet's masked and read-only /proc paths).
 
-What differs, each for a stated reason, is passed in by the caller as `Overrides`: the test
+Resources: requests.cpu as CPU shares and limits.memory as the memory limit, as kubelet maps
+them. What differs, each for a stated reason, is passed in by the caller as `Overrides`: the test
 runs two simulated nodes on one host, so the per-node host paths live under each node's
 directory (`K3sNode.root`); the kernel's own paths (/run/netns, /sys/fs/bpf, /sys/fs/cgroup)
 are the host's. The volumes kubelet fills from the API (the projected issuer token, the trust
@@ -147,7 +148,21 @@ def container(name: str, image: str, overrides: Overrides) -> Container:
         add_capabilities=list(capabilities.get("add", [])),
         drop_capabilities=list(capabilities.get("drop", [])),
         host_network=bool(spec.get("hostNetwork", False)),
+        cpu_shares=_milli(c["resources"]["requests"]["cpu"]) * 1024 // 1000,
+        memory_limit_bytes=_bytes(c["resources"]["limits"]["memory"]),
     )
+
+
+def _milli(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[:-2]) * factor
+    return int(quantity)
 
 
 def host_paths(overrides: Overrides) -> list[Path]:

@@ -44,12 +44,15 @@ def test_a_container_carries_the_security_context_kubelet_maps() -> None:
         name="agent", image="localhost/pinion:dev", attempt=1, command=["pinion", "agent"],
         env={"A": "1"}, mounts=[Mount("/run/netns", "/run/netns", propagation=1)],
         run_as_user=0, readonly_rootfs=True, no_new_privs=True,
-        add_capabilities=["NET_ADMIN", "BPF"], drop_capabilities=["ALL"]).config())
+        add_capabilities=["NET_ADMIN", "BPF"], drop_capabilities=["ALL"], cpu_shares=51,
+        memory_limit_bytes=256 << 20).config())
     assert config.message(1).text(1) == "agent" and config.message(1).integer(2) == 1
     assert config.message(2).text(1) == "localhost/pinion:dev"
     assert config.texts(3) == ["pinion", "agent"]
     mount = config.messages(7)[0]
     assert (mount.text(1), mount.text(2), mount.integer(5)) == ("/run/netns", "/run/netns", 1)
+    resources = config.message(15).message(1)
+    assert resources.integer(3) == 51 and resources.integer(4) == 256 << 20
     security = config.message(15).message(2)
     capabilities = security.message(1)
     assert capabilities.texts(1) == ["NET_ADMIN", "BPF"] and capabilities.texts(2) == ["ALL"]

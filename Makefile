@@ -97,6 +97,7 @@ image: deps $(BASE_TAR)
 	  touch $(BASE_TAR).imported; \
 	fi
 	podman build -q --pull=never --network host --platform linux/$(ARCH) $(PIP_CA_ARGS) \
+	  --label io.pinion.sources=$$(python3 deploy/image/sources-digest) \
 	  -f deploy/Dockerfile -t $(IMAGE) . >/dev/null
 	@podman image inspect --format '$(IMAGE): {{.Size}} bytes, linux/{{.Architecture}}' $(IMAGE)
 

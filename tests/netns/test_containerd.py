@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import pytest
 
 from agent.identity.files import init_identity_dir
 from agent.lab.topology import Lab
-from tests.netns.conftest import cgroup_programs, eventually
+from tests.netns.conftest import REPO, cgroup_programs, eventually
 from tests.netns.test_kubernetes import (
     API_PORT,
     ISSUER_HOST,
@@ -56,17 +57,35 @@ BPF_ROOT = Path("/sys/fs/bpf/pinion")
 # ---------------------------------------------------------------- images and the cluster
 
 
+def image_problem() -> str | None:
+    """Why the images cannot be used: missing, or built from other sources than these (the
+    lane would test another agent): `make image` labels it with deploy/image/sources-digest."""
+    if shutil.which("podman") is None or shutil.which("containerd") is None:
+        return "needs podman and containerd (sudo make deps)"
+    missing = [image for image in (IMAGE, PAUSE_IMAGE)
+               if subprocess.run(["podman", "image", "exists", image]).returncode != 0]
+    if missing:
+        return f"no image {', '.join(missing)} in podman's storage (sudo make image pause-image)"
+    if os.environ.get("PINION_IMAGE"):
+        return None  # named by the caller: theirs to keep current
+    label = subprocess.run(["podman", "image", "inspect", "--format",
+                            '{{index .Labels "io.pinion.sources"}}', IMAGE],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    sources = subprocess.run([sys.executable, str(REPO / "deploy/image/sources-digest")],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if label != sources:
+        return f"{IMAGE} was built from other sources than this checkout's (sudo make image)"
+    return None
+
+
 @pytest.fixture(scope="module")
 def image_archives(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The pause and Pinion images, saved from podman's storage for `ctr images import`."""
-    missing = [image for image in (IMAGE, PAUSE_IMAGE)
-               if shutil.which("podman") is None
-               or subprocess.run(["podman", "image", "exists", image]).returncode != 0]
-    if missing or shutil.which("containerd") is None:
-        reason = f"needs containerd and the images {missing} (sudo make image pause-image)"
+    problem = image_problem()
+    if problem is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+            pytest.fail(problem)
+        pytest.skip(problem)
     directory = tmp_path_factory.mktemp("images")
     archives = []
     for image, name in ((PAUSE_IMAGE, "pause.tar"), (IMAGE, "pinion.tar")):

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from agent.config import REDIRECT_MODES, Config, Ports
-from agent.model import CaptureSettings
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# As a container's PID 1 a signal without a handler is ignored: a SIGTERM that comes while
+# we start (the imports take a few hundred ms) would wait out the grace period and end in
+# SIGKILL. Until a command installs its own handling, SIGTERM exits at once. Set before the
+# imports below, and only here: the CLI is the process's entry point.
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from agent.config import REDIRECT_MODES, Config, Ports  # noqa: E402
+from agent.model import CaptureSettings  # noqa: E402
 
 if TYPE_CHECKING:
     from agent.controlplane.cni_install import HostLayout, InstallSettings

@@ -201,12 +201,17 @@ async def _sweep_forever(config: Config, pods: PodManager, mesh: MeshClient | No
 
 
 async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudget,
-                        high: float = 0.85, low: float = 0.75, every: float = 0.1) -> None:
-    """Memory pressure is backpressure too: with the cgroup 85 % full (after giving back
-    what can be), stop taking new connections (`ConnectionBudget`), until under 75 %. Far
-    cheaper than the OOM killer, which takes every connection of the node with it. And once
-    a burst of connections is over, what it left is collected and given back."""
+                        high: float = 0.8, low: float = 0.7, every: float = 0.1) -> None:
+    """Memory pressure is backpressure too. With the cgroup 80 % full (after giving back what
+    can be), the agent stops taking new connections (`ConnectionBudget`) and lowers its
+    budget to what fit, less a fifth; under 70 % it takes them again, and every 5 s with room
+    the budget grows by a tenth back towards where it started. What a connection costs
+    (heap, and kernel memory a v1 cgroup also charges) is learnt, not assumed; far cheaper
+    than the OOM killer, which takes every connection of the node with it. And once a burst
+    of connections is over, what it left is collected and given back."""
     busiest = 0  # connections at the top of the last burst
+    calm_since = 0.0
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(every)
         busiest = max(busiest, budget.live)
@@ -216,11 +221,21 @@ async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudg
             give_back_memory(full=True)
             busiest = budget.live
         used = memory.usage() / limit
-        if not budget.pressure and used >= high:
-            give_back_memory()
-            if memory.usage() / limit >= high:
-                budget.under_pressure(True)
-        elif budget.pressure and (used < low or budget.live == 0):
+        now = loop.time()
+        if used >= high:
+            calm_since = now
+            if not budget.pressure:
+                give_back_memory()
+                if memory.usage() / limit >= high:
+                    budget.shrink()
+                    budget.under_pressure(True)
+        elif used < low:
+            if budget.pressure:
+                budget.under_pressure(False)
+            elif now - calm_since >= 5.0 and budget.limit < budget.ceiling:
+                budget.grow()
+                calm_since = now
+        elif budget.pressure and budget.live == 0:
             # nothing open to wait for: what stays is the heap's own (refusing gains nothing)
             give_back_memory()
             budget.under_pressure(False)

@@ -22,25 +22,29 @@ from collections.abc import Callable, Iterable
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 4096  # with no memory limit to size it by
-CONNECTION_BYTES = 24 * 1024  # measured (bench/overload.py): ~13 KiB of heap, ~9 KiB in the kernel
+# measured (bench/overload.py, cgroup v1 with kernel memory): ~13 KiB of heap and 9-20 KiB of
+# kernel memory (socket slabs) per relayed connection
+CONNECTION_BYTES = 40 * 1024
+MIN_CONNECTIONS = 64
 HEADROOM_BYTES = 4 * 1024 * 1024  # for a scrape, a burst of pods, the allocator's slack
 
 
 def sized_for(limit: int | None, in_use: int) -> int:
     """How many connections fit in what the memory limit leaves (85 % of it, less what the
-    agent uses at start and some headroom): a 48 MiB agent holds ~400, a 256 MiB one ~7,500."""
+    agent uses at start and some headroom): a 48 MiB agent starts at ~300, a 256 MiB one at
+    ~4,500. Memory pressure then adjusts it (`shrink`, `grow`)."""
     if limit is None:
         return DEFAULT_MAX_CONNECTIONS
     room = int(limit * 0.85) - in_use - HEADROOM_BYTES
-    return max(64, min(16384, room // CONNECTION_BYTES))
+    return max(MIN_CONNECTIONS, min(16384, room // CONNECTION_BYTES))
 
 
 class ConnectionBudget:
-    __slots__ = ("_on_pause", "_on_resume", "exhausted", "limit", "live", "pauses", "pressure",
-                 "resume_at")
+    __slots__ = ("_on_pause", "_on_resume", "ceiling", "exhausted", "limit", "live", "pauses",
+                 "pressure", "resume_at")
 
     def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS, resume_fraction: float = 0.75) -> None:
-        self.limit = limit
+        self.limit = self.ceiling = limit
         self.resume_at = int(limit * resume_fraction)
         self.live = 0
         self.exhausted = False
@@ -72,6 +76,16 @@ class ConnectionBudget:
             self._run_out("memory nearly full")
         elif not pressure and self.exhausted and self.live <= self.resume_at:
             self._come_back()
+
+    def shrink(self) -> None:
+        """Memory ran short at `live` connections: the budget is what fit, less a fifth."""
+        self.limit = max(MIN_CONNECTIONS, min(self.limit, int(self.live * 0.8)))
+        self.resume_at = int(self.limit * 0.75)
+
+    def grow(self) -> None:
+        """Memory has room again: a tenth more, up to where it started (or was set)."""
+        self.limit = min(self.ceiling, self.limit + max(16, self.limit // 10))
+        self.resume_at = int(self.limit * 0.75)
 
     def _run_out(self, why: str) -> None:
         self.exhausted = True

@@ -463,7 +463,7 @@ def _conclude(metrics: dict[str, Metrics]) -> None:
             sample.labels.get("tls", "?")
             for node_metrics in metrics.values()
             for sample in node_metrics.samples
-            if sample.name == "tcp_open_total"
+            if sample.name == "tcp_open_total" and sample.labels.get("no_tls_reason") != "loopback"
         }
     )
     say("shown: every meshed pod's TCP, same node and across nodes, went through its")

@@ -42,7 +42,9 @@ def _outbound(samples: Iterable[Sample]) -> dict[_EdgeKey, list[Mapping[str, str
     grouped: dict[_EdgeKey, list[Mapping[str, str]]] = {}
     for sample in samples:
         labels = sample.labels
-        if sample.name in _TRAFFIC and labels.get("direction") == OUTBOUND and labels.get("pod"):
+        # outbound TCP series name their destination on the peer="dst" side only
+        if (sample.name in _TRAFFIC and labels.get("direction") == OUTBOUND and labels.get("pod")
+                and labels.get("peer") != "src"):
             dst, dst_namespace = _destination(labels)
             key = (labels.get("namespace", ""), labels["pod"], dst, dst_namespace)
             grouped.setdefault(key, []).append(labels)

@@ -15,6 +15,7 @@ RESPONSES = "response_total"
 LATENCY_BUCKETS = "response_latency_ms_bucket"
 TCP_OPEN_CONNECTIONS = "tcp_open_connections"
 INBOUND, OUTBOUND = "inbound", "outbound"
+LOOPBACK = "loopback"  # no_tls_reason of the agent's own hop to the pod (TCP peer="dst" inbound)
 _COUNTERS_IN_WINDOW = frozenset({REQUESTS, RESPONSES, LATENCY_BUCKETS})
 
 K = TypeVar("K", bound=Hashable)
@@ -171,8 +172,9 @@ def golden_by(deltas: Iterable[Sample], current: Iterable[Sample], elapsed: floa
     for sample in deltas:
         if (found := key(sample)) is not None:
             _add_window_sample(result.setdefault(found, Golden()), sample, elapsed)
-    for sample in current:
-        if sample.name == TCP_OPEN_CONNECTIONS and (found := key(sample)) is not None:
+    for sample in current:  # each connection once: its peer's side, not the local hop
+        if (sample.name == TCP_OPEN_CONNECTIONS and sample.labels.get("no_tls_reason") != LOOPBACK
+                and (found := key(sample)) is not None):
             result.setdefault(found, Golden()).tcp_open_connections += sample.value
     return result
 

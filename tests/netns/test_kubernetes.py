@@ -259,7 +259,7 @@ def test_the_mesh_is_decided_by_the_registry_not_by_probing(cluster: Cluster, tm
 
     metrics = cluster.agents[0].metrics()
     assert metrics.value("request_total", direction="outbound", namespace="shop", pod="client",
-                         deployment="front", tls="disabled", dst_pod="old", dst_namespace="legacy",
+                         deployment="front", tls="no_identity", dst_pod="old", dst_namespace="legacy",
                          dst_deployment="web") == 1
 
 

@@ -4,7 +4,7 @@ Kubernetes mode (the in-test API server), two nodes: N meshed pods on node0 (Dep
 "client"), each sends HTTP requests — 200s and 500s, over mTLS — to a "web" pod on node1 and
 to one plaintext "legacy" pod on node1, so every pod has inbound-less outbound series of both
 kinds, and web has N clients. Then it scrapes both agents' /metrics and prints, per node, the
-exposition's bytes and sample count, and the agent's VmRSS.
+exposition's bytes and sample count, and the agent's VmRSS before and after that scrape.
 
     sudo .venv/bin/python bench/metrics_size.py [--pods 50] [--checkout DIR]
 
@@ -53,11 +53,12 @@ def measure(checkout: Path, pods: int, requests: int) -> list[dict[str, float]]:
         time.sleep(1)
         results = []
         for agent in cluster.agents:
+            idle = agent.rss_bytes() / MIB
             status, text = agent.get("/metrics")
             assert status == 200
             samples = [line for line in text.splitlines() if line and not line.startswith("#")]
             results.append({"bytes": len(text.encode()), "samples": len(samples),
-                            "rss_mib": agent.rss_bytes() / MIB})
+                            "rss_mib": idle, "rss_after_scrape_mib": agent.rss_bytes() / MIB})
         return results
 
 
@@ -69,11 +70,12 @@ def main() -> int:
     args = parser.parse_args()
     results = measure(args.checkout.resolve(), args.pods, args.requests)
     print(json.dumps({"checkout": str(args.checkout), "pods": args.pods, "nodes": results}))
-    print(f"| node | /metrics bytes | samples | agent VmRSS MiB |  ({args.pods} client pods on "
-          f"node0, {args.checkout})")
+    print(f"| node | /metrics bytes | samples | VmRSS MiB before / after a scrape |  ({args.pods} "
+          f"client pods on node0, {args.checkout})")
     print("| --- | ---: | ---: | ---: |")
     for index, node in enumerate(results):
-        print(f"| node{index} | {node['bytes']:,.0f} | {node['samples']:,.0f} | {node['rss_mib']:.1f} |")
+        print(f"| node{index} | {node['bytes']:,.0f} | {node['samples']:,.0f} | "
+              f"{node['rss_mib']:.1f} / {node['rss_after_scrape_mib']:.1f} |")
     return 0
 
 

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.inpod.errors import CNI_TRY_AGAIN_LATER
 from agent.lab.agents import REPO
+from agent.lab.cni import CniError
 from agent.lab.topology import Pod
 from tests.netns.conftest import eventually
 from tests.netns.test_golden_metrics import GRPC, HTTP1_CLIENT
@@ -57,11 +60,19 @@ def owned_pod(cluster: Cluster, node: int, name: str, namespace: str, owner: tup
         "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": owner_name},
                      "ownerReferences": [{"apiVersion": api_version, "kind": kind, "name": owner_name,
                                           "controller": True, "uid": str(uuid.uuid4())}]},
-        "spec": {"nodeName": cluster.lab.nodes[node].name, "serviceAccountName": owner_name,
+        "spec": {"nodeName": cluster.lab.nodes[node].name,
+                 "serviceAccountName": (labels or {}).get("app", owner_name),
                  "containers": [{"name": "app", "image": "lab"}]},
         "status": {"phase": "Pending"}})
-    pod = cluster.lab.add_pod(cluster.lab.nodes[node], name, namespace,
-                              args={"K8S_POD_UID": obj["metadata"]["uid"]})
+    for attempt in range(10):  # as kubelet, retry a sandbox the agent's watch has not seen yet
+        try:
+            pod = cluster.lab.add_pod(cluster.lab.nodes[node], name, namespace,
+                                      args={"K8S_POD_UID": obj["metadata"]["uid"]})
+            break
+        except CniError as exc:
+            if exc.code != CNI_TRY_AGAIN_LATER or attempt == 9:
+                raise
+            time.sleep(0.3)
     obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
     cluster.objects[f"{namespace}/{name}"] = cluster.api.apply(obj)
     return pod
@@ -272,7 +283,7 @@ def test_linkerds_dashboards_and_viz_queries_answer_from_pinions_metrics(cluster
     web = pods["web"]
     grpc = web.spawn([sys.executable, "-m", GRPC, "--port", "50051"], stdout=subprocess.PIPE, text=True,
                      cwd=str(REPO))
-    cluster.servers.append(grpc)  # type: ignore[arg-type]
+    cluster.servers.append(grpc)
     assert grpc.stdout is not None and grpc.stdout.readline().strip() == "listening"
     _service(cluster, web)
     assert eventually(lambda: _http(pods["client"], VIP, 80, 1, 0) == {"200": 1}, 10)
@@ -294,6 +305,7 @@ def test_linkerds_dashboards_and_viz_queries_answer_from_pinions_metrics(cluster
             prometheus.query(f"sum(tcp_close_total{{{refused}}}) by (direction)")) == 2)
         _check_dashboards(prometheus)
         _check_viz_queries(prometheus)
+        _check_cli(cluster, pods, old)
     finally:
         prometheus.stop()
 
@@ -415,3 +427,65 @@ def _check_viz_queries(prometheus: ClusterPrometheus) -> None:
     assert len(plain) == len(WORKLOADS)
     pods = prometheus.query('max(process_start_time_seconds{namespace="shop"}) by (pod, namespace)')
     assert {r["metric"]["pod"] for r in pods} == {name for _, name, *_ in WORKLOADS}
+
+
+HOLD_OPEN = """
+import socket, sys, time
+connections = [socket.create_connection((host, 8080), timeout=5) for host in sys.argv[1:]]
+print("open", flush=True)
+time.sleep(20)
+"""
+STAT_HEADERS = ["NAME", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN",
+                "READ_BYTES/SEC", "WRITE_BYTES/SEC"]
+
+
+def _pinion(cluster: Cluster, *argv: str) -> str:
+    agents = [f"--agent={a.admin[0]}:{a.admin[1]}" for a in cluster.agents]
+    done = cluster.lab.nodes[0].run([sys.executable, "-m", "agent", *argv, *agents], cwd=str(REPO),
+                                    timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    print(f"$ pinion {' '.join(argv)}\n{done.stdout}")
+    return str(done.stdout)
+
+
+def _check_cli(cluster: Cluster, pods: dict[str, Pod], old: Pod) -> None:
+    """`pinion stat` / `edges` on the same cluster print linkerd viz's columns and formats, and
+    their numbers are the traffic's."""
+    holder = pods["client"].spawn([sys.executable, "-c", HOLD_OPEN, pods["web"].ip, old.ip],
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        def send() -> None:
+            time.sleep(0.5)  # inside the window, which starts with the first scrape
+            _http(pods["client"], VIP, 80, 36, 4)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        table = _pinion(cluster, "stat", "deploy", "-n", "shop", "-t", "4s", "-o", "wide")
+        sender.join(60)
+        edges_out = _pinion(cluster, "edges", "po", "-n", "shop")
+        wide_edges = _pinion(cluster, "edges", "deploy", "-n", "shop", "-o", "wide")
+    finally:
+        holder.kill()
+        holder.wait(5)
+    header, *rows = table.splitlines()
+    assert header.split() == STAT_HEADERS
+    cells = {row.split()[0]: row.split() for row in rows}
+    assert sorted(cells) == ["client", "web"]
+    web = cells["web"]
+    assert web[1] == "1/1" and web[2] == "90.00%"   # 36 x 200, 4 x 500 in the window
+    assert re.fullmatch(r"\d+\.\drps", web[3]) and 40 / 6 <= float(web[3][:-3]) <= 40 / 4
+    assert all(re.fullmatch(r"\d+ms", cell) for cell in web[4:7])
+    assert re.fullmatch(r"\d+", web[7]) and int(web[7]) >= 1  # the connection held open
+    assert all(re.fullmatch(r"\d+\.\dB/s", cell) for cell in web[8:])
+    assert cells["client"][2:] == ["-"] * 8  # served nothing in the window
+    lines = edges_out.splitlines()
+    assert lines[0].split() == ["SRC", "DST", "SRC_NS", "DST_NS", "SECURED"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["client-5f6d7-k8m2n", "old-0", "shop", "legacy"],
+        ["client-5f6d7-k8m2n", "web-7c9d8f-x2b4q", "shop", "shop"]]
+    assert lines[1].rstrip().endswith("   Not Provided By Service Discovery")
+    assert lines[2].split()[4] == "√"
+    wide = wide_edges.splitlines()
+    assert wide[0].split() == ["SRC", "DST", "SRC_NS", "DST_NS", "CLIENT_ID", "SERVER_ID", "SECURED"]
+    assert ["client", "web", "shop", "shop", "client.shop", "web.shop", "√"] in [w.split() for w in wide]

@@ -31,9 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.inpod.errors import CNI_TRY_AGAIN_LATER
 from agent.lab.agents import REPO
-from agent.lab.cni import CniError
 from agent.lab.topology import Pod
 from tests.netns.conftest import eventually
 from tests.netns.test_golden_metrics import GRPC, HTTP1_CLIENT
@@ -64,15 +62,7 @@ def owned_pod(cluster: Cluster, node: int, name: str, namespace: str, owner: tup
                  "serviceAccountName": (labels or {}).get("app", owner_name),
                  "containers": [{"name": "app", "image": "lab"}]},
         "status": {"phase": "Pending"}})
-    for attempt in range(10):  # as kubelet, retry a sandbox the agent's watch has not seen yet
-        try:
-            pod = cluster.lab.add_pod(cluster.lab.nodes[node], name, namespace,
-                                      args={"K8S_POD_UID": obj["metadata"]["uid"]})
-            break
-        except CniError as exc:
-            if exc.code != CNI_TRY_AGAIN_LATER or attempt == 9:
-                raise
-            time.sleep(0.3)
+    pod = cluster.sandbox(node, name, namespace, obj["metadata"]["uid"])
     obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
     cluster.objects[f"{namespace}/{name}"] = cluster.api.apply(obj)
     return pod

@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,10 @@ from typing import Any
 import pytest
 
 from agent.identity.files import init_identity_dir
+from agent.inpod.errors import CNI_TRY_AGAIN_LATER
 from agent.lab.agents import LabAgent, node_socket
 from agent.lab.capture import UnderlayCapture
+from agent.lab.cni import CniError
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import REPO, eventually
 from tests.support.kubeapi import FakeApiServer
@@ -55,11 +58,22 @@ class Cluster:
         its IP in the status, as kubelet would."""
         obj = self.api.apply(pod_object(name, namespace, self.lab.nodes[node].name, labels, annotations,
                                         deployment))
-        uid = obj["metadata"]["uid"]
-        pod = self.lab.add_pod(self.lab.nodes[node], name, namespace, args={"K8S_POD_UID": uid})
+        pod = self.sandbox(node, name, namespace, obj["metadata"]["uid"])
         obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
         self.objects[f"{namespace}/{name}"] = self.api.apply(obj)
         return pod
+
+    def sandbox(self, node: int, name: str, namespace: str, uid: str) -> Pod:
+        """The pod's sandbox through CNI. As kubelet, retry while the agent answers "try again
+        later": its watch has not brought the pod object yet (a loaded machine)."""
+        for attempt in range(10):
+            try:
+                return self.lab.add_pod(self.lab.nodes[node], name, namespace, args={"K8S_POD_UID": uid})
+            except CniError as exc:
+                if exc.code != CNI_TRY_AGAIN_LATER or attempt == 9:
+                    raise
+                time.sleep(0.3)
+        raise AssertionError("unreachable")
 
     def relabel(self, pod: Pod, labels: dict[str, str]) -> None:
         obj = self.objects[f"{pod.namespace}/{pod.name}"]

@@ -94,7 +94,7 @@ def add_viz_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                     "TCP bytes/s. Pods of no known owner (standalone mode) are grouped into "
                     "Deployments by their names (<name>-<hash>-<5 chars>).")
     stat.add_argument("resource", type=_resource, metavar="TYPE[/NAME]",
-                      help="po, deploy, sts, ds, job, ns or svc (or their long names), "
+                      help="po, deploy, sts, ds, job, cj, ns or svc (or their long names), "
                            "optionally /NAME")
     window = stat.add_mutually_exclusive_group()
     window.add_argument("-t", "--time-window", type=_duration, dest="window", metavar="DURATION",
@@ -117,7 +117,7 @@ def add_viz_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                                        "(as `linkerd viz edges`): √ when mTLS, else why not. "
                                        "-o wide adds the client and server identities.")
     edges.add_argument("resource", type=_resource, metavar="TYPE",
-                       help="po, deploy, sts, ds or job (or their long names)")
+                       help="po, deploy, sts, ds, job or cj (or their long names)")
     _namespace_flags(edges)
     _common_flags(edges, wide=True)
     edges.set_defaults(run=run_edges)
@@ -276,7 +276,7 @@ def edges_json(found: Sequence[Edge]) -> str:
 
 def run_edges(args: argparse.Namespace) -> int:
     if args.resource.kind in ("namespace", "service") or args.resource.name is not None:
-        print(f"pinion edges: edges are between resources of one type (po, deploy, sts, ds, job), "
+        print(f"pinion edges: edges are between resources of one type (po, deploy, sts, ds, job, cj), "
               f"not {args.resource}", file=sys.stderr)
         return 2
     scrapes = scrape.scrape_all(_agents(args), args.timeout)

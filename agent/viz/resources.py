@@ -1,5 +1,5 @@
 """What `pinion stat` aggregates over, as `linkerd viz stat` does: a resource kind (pods,
-deployments, statefulsets, daemonsets, jobs, namespaces, services), optionally one name, and
+deployments, statefulsets, daemonsets, jobs, cronjobs, namespaces, services), optionally one name, and
 --to / --from another resource. Decides which series count for which row; the label choice
 follows linkerd2 viz/metrics-api buildRequestLabels: without --to/--from the resource's own
 inbound series, with them the outbound series between the two (TCP from the peer="dst" side).
@@ -19,14 +19,16 @@ _ALIASES = {
     "statefulset": ("sts", "statefulset", "statefulsets"),
     "daemonset": ("ds", "daemonset", "daemonsets"),
     "job": ("job", "jobs"),
+    "cronjob": ("cj", "cronjob", "cronjobs"),
     "namespace": ("ns", "namespace", "namespaces"),
     "service": ("svc", "service", "services"),
 }
 KIND_OF = {alias: kind for kind, aliases in _ALIASES.items() for alias in aliases}
 # the series label naming a resource of each kind (a Job is k8s_job, as Linkerd's)
 LABEL = {"pod": "pod", "deployment": "deployment", "statefulset": "statefulset",
-         "daemonset": "daemonset", "job": "k8s_job", "namespace": "namespace", "service": "dst_service"}
-POD_OWNERS = ("deployment", "statefulset", "daemonset", "job")
+         "daemonset": "daemonset", "job": "k8s_job", "cronjob": "cronjob", "namespace": "namespace",
+         "service": "dst_service"}
+POD_OWNERS = ("deployment", "statefulset", "daemonset", "job", "cronjob")
 _TCP_WINDOW = frozenset({"tcp_read_bytes_total", "tcp_write_bytes_total", "tcp_open_connections"})
 
 
@@ -46,7 +48,7 @@ def parse_resource(text: str) -> Resource:
     if kind is None:
         raise ValueError(f"unknown resource type {kind_text!r}: one of "
                          f"{', '.join(aliases[-1] for aliases in _ALIASES.values())} "
-                         "(or their short names: po, deploy, sts, ds, job, ns, svc)")
+                         "(or their short names: po, deploy, sts, ds, job, cj, ns, svc)")
     if "/" in text and not name:
         raise ValueError(f"{text!r}: no name after the '/'")
     return Resource(kind, name or None)

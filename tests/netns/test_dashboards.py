@@ -4,10 +4,10 @@ A two-node cluster in Kubernetes mode (the in-test API server), a real Prometheu
 both agents through the shipped scrape configuration (deploy/prometheus/scrape-config.yaml:
 its relabelling and honor_labels as shipped; Kubernetes pod discovery replaced by the same
 targets and __meta labels through file_sd, as Debian's Prometheus has no Kubernetes
-discovery), and a known traffic mix: a Deployment client calling
-a Deployment web over mTLS (HTTP 200/500 through a Service VIP, gRPC OK/NOT_FOUND/UNAVAILABLE,
-one refused connection), a Job and a DaemonSet pod calling a StatefulSet pod, the client
-calling an unmeshed pod (plaintext), an unmeshed pod calling web (plaintext inbound).
+discovery), and a known traffic mix: a Deployment client calling a Deployment web over mTLS
+(HTTP 200/500 through a Service VIP, gRPC OK/NOT_FOUND/UNAVAILABLE, refused connections),
+pairs of StatefulSets, Jobs, DaemonSets and CronJobs calling each other, every meshed pod
+calling an unmeshed one and called by one (plaintext).
 
 The queries have the shapes of linkerd/linkerd2 grafana/dashboards (variables and panels,
 $__rate_interval as 30s; with PINION_LINKERD_DASHBOARDS=<dir of their JSON> the dashboards'
@@ -191,7 +191,8 @@ def _panel_queries(name: str) -> list[tuple[str, str]]:
 
 
 _LABEL = {"top-line": "deployment", "namespace": "deployment", "deployment": "deployment", "pod": "pod",
-          "statefulset": "statefulset", "job": "k8s_job", "daemonset": "daemonset", "health": "deployment"}
+          "statefulset": "statefulset", "job": "k8s_job", "daemonset": "daemonset", "cronjob": "cronjob",
+          "health": "deployment"}
 _VARIABLE = {"job": "job", "pod": "pod", "top-line": "deployment", "namespace": "deployment",
              "health": "deployment"}
 
@@ -254,12 +255,19 @@ WORKLOADS = [
     (0, "backup-29k4x", "batch/v1", "Job", "backup"), (1, "report-7h2kq", "batch/v1", "Job", "report"),
     (0, "logger-q7w2z", "apps/v1", "DaemonSet", "logger"), (1, "shipper-m4x9p", "apps/v1", "DaemonSet",
                                                             "shipper"),
+    (0, "nightly-29000000-x2k4p", "batch/v1", "Job", "nightly-29000000"),  # Jobs of CronJobs
+    (1, "hourly-29000060-q8w3z", "batch/v1", "Job", "hourly-29000060"),
 ]
 
 
 def test_linkerds_dashboards_and_viz_queries_answer_from_pinions_metrics(cluster: Cluster) -> None:
     agents = agent_pods(cluster)
     cluster.namespace("legacy")
+    for job, cronjob in (("nightly-29000000", "nightly"), ("hourly-29000060", "hourly")):
+        cluster.api.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+            "name": job, "namespace": "shop", "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "CronJob", "name": cronjob, "controller": True,
+                 "uid": str(uuid.uuid4())}]}})
     pods: dict[str, Pod] = {}
     for node, name, api_version, kind, owner in WORKLOADS:
         labels = {"app": owner.split("-")[0]}
@@ -306,7 +314,8 @@ def _run_mix(cluster: Cluster, pods: dict[str, Pod], old: Pod, outsider: Pod,
     errors from client to web (through the Service VIP), every meshed pod to an unmeshed one
     and back (plaintext)."""
     seen = {"200": 0, "500": 0}
-    pairs = [("client", "web"), ("cache", "db"), ("backup", "report"), ("logger", "shipper")]
+    pairs = [("client", "web"), ("cache", "db"), ("backup", "report"), ("logger", "shipper"),
+             ("nightly", "hourly")]
     for _ in range(2):
         for status, count in _http(pods["client"], VIP, 80, 45, 5).items():
             seen[status] += count
@@ -339,6 +348,7 @@ DASHBOARDS: dict[str, dict[str, str]] = {
     "statefulset": {"namespace": "shop", "statefulset": "db", "inbound": "cache", "outbound": "cache"},
     "job": {"namespace": "shop", "job": "backup", "inbound": "report", "outbound": "report"},
     "daemonset": {"namespace": "shop", "daemonset": "logger", "inbound": "shipper", "outbound": "shipper"},
+    "cronjob": {"namespace": "shop", "cronjob": "nightly", "inbound": "hourly", "outbound": "hourly"},
     "health": {"namespace": "shop", "namespace-viz": "shop", "deployment": "web"},
 }
 
@@ -360,6 +370,7 @@ def _check_dashboards(prometheus: ClusterPrometheus) -> None:
     assert prometheus.label_values("statefulset", f'{process}{{namespace="shop"}}') == ["cache", "db"]
     assert prometheus.label_values("k8s_job", f'{process}{{namespace="shop"}}') == ["backup", "report"]
     assert prometheus.label_values("daemonset", f'{process}{{namespace="shop"}}') == ["logger", "shipper"]
+    assert prometheus.label_values("cronjob", f'{process}{{namespace="shop"}}') == ["hourly", "nightly"]
     assert "web-7c9d8f-x2b4q" in prometheus.label_values("pod", f'{process}{{namespace="shop"}}')
     assert prometheus.label_values("dst_service", 'request_total{namespace="shop"}') == ["web"]
     assert VIP in prometheus.label_values("authority", 'request_total{namespace="shop"}')

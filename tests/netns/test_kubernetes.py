@@ -7,6 +7,7 @@ before the runtime calls CNI ADD, and its status.podIP is written after."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -145,14 +146,18 @@ def kubernetes_cluster(tmp_path: Path, backend: str = "nftables", issuer: bool =
             agent.start()
         yield cluster
     finally:
-        for agent in agents:
-            agent.stop()
-            print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
-        if issuer_log.exists():
-            print(f"--- issuer log ---\n{issuer_log.read_text()[-4000:]}")
-        lab.close()
-        if api is not None:
-            api.stop()
+        try:
+            for agent in agents:
+                agent.stop()
+            with contextlib.suppress(OSError):  # a closed stdout must not leak the lab
+                for agent in agents:
+                    print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
+                if issuer_log.exists():
+                    print(f"--- issuer log ---\n{issuer_log.read_text()[-4000:]}")
+        finally:
+            lab.close()
+            if api is not None:
+                api.stop()
 
 
 def start_issuer(lab: Lab, api: FakeApiServer, identity: Path, log_path: Path) -> None:

@@ -329,7 +329,8 @@ class PodManager:
             if isinstance(exc, (OSError, RedirectError, RuntimeError)):
                 raise CaptureError(CNI_IO_FAILURE, f"capturing pod {pod.key}: {exc}") from exc
             raise
-        self._telemetry.pod_added(pod.key.namespace, pod.key.name)
+        self._telemetry.pod_added(pod.key.namespace, pod.key.name, pod.owner_kind, pod.owner_name,
+                                  time.time())
         return captured
 
     async def _certify(self, pod: Pod) -> str | None:

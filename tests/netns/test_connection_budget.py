@@ -28,14 +28,15 @@ def test_over_its_budget_the_agent_makes_new_connections_wait_then_serves_them()
         assert eventually(lambda: agent.metrics().value("pinion_accepting") == 0.0, 10)
         metrics = agent.metrics()
         assert metrics.value("pinion_connection_budget_exhausted_total") == 1
-        assert metrics.value("tcp_open_connections", pod="busy", direction="outbound") == LIMIT
+        assert metrics.value("tcp_open_connections", pod="busy", direction="outbound", peer="src") == LIMIT
 
         waiting = client.spawn(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                                 "--max-time", "30", f"http://{server.ip}:8080/"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.5)
         assert waiting.poll() is None  # neither refused nor reset: it waits in the backlog
-        assert agent.metrics().value("tcp_open_connections", pod="busy", direction="outbound") == LIMIT
+        assert agent.metrics().value("tcp_open_connections", pod="busy", direction="outbound",
+                                     peer="src") == LIMIT
 
         holders.send_signal(signal.SIGKILL)  # the held connections end (the kernel closes them)
         holders.wait(10)

@@ -26,7 +26,7 @@ from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, re
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
-from agent.memory import CgroupMemory, give_back_memory
+from agent.memory import CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
 
@@ -105,6 +105,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
             background.append(tasks.create_task(follow_trust_bundle(config.trust_bundle, identities)))
         metrics.memory.labels("cgroup_limit").set(memory.limit or 0)
         metrics.memory.labels("cgroup_usage").set_function(memory.usage)
+        metrics.memory.labels("rss").set_function(resident_bytes)
+        metrics.memory.labels("relay_buffers").set_function(lambda: pods.buffered()[0])
+        metrics.memory.labels("tunnel_buffers").set_function(lambda: pods.buffered()[1])
         if memory.limit is not None:
             background.append(tasks.create_task(_watch_memory(memory, memory.limit, budget)))
         if cluster is not None:

@@ -75,3 +75,11 @@ def _read(path: str | None) -> str:
             return handle.read()
     except OSError:
         return ""
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), from /proc/self/statm."""
+    import os
+
+    fields = _read("/proc/self/statm").split()
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") if len(fields) > 1 else 0

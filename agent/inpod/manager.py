@@ -188,6 +188,23 @@ class PodManager:
             for server in captured.servers:
                 server.close()
 
+    def buffered(self) -> tuple[int, int]:
+        """Bytes the agent holds for its connections now: (relays: bytes waiting for an
+        upstream and in send buffers; tunnels: frames queued and in TLS send buffers). Read
+        at scrape time, one pass over the connections."""
+        relays = tunnels = 0
+        for captured in self._pods.values():
+            for relay in captured.context.relays:
+                relays += sum(map(len, relay.early))
+                for side in (relay.client, relay.upstream):
+                    size = getattr(side.transport, "get_write_buffer_size", None)
+                    relays += size() if size is not None else 0
+            for session in captured.context.tunnels:
+                tunnels += session.connection.queued_data
+                if session.transport is not None:
+                    tunnels += session.transport.get_write_buffer_size()
+        return relays, tunnels
+
     # ------------------------------------------------------------ the connection budget
 
     def _budget_exhausted(self) -> None:

@@ -286,9 +286,11 @@ class AgentMetrics:
         self.accepting = Gauge("pinion_accepting", "1 while the agent accepts new connections, "
                                "0 while its connection budget is out (backpressure)",
                                registry=registry)
-        self.memory = Gauge("pinion_memory_bytes", "The agent's memory: its cgroup's usage and "
-                            "limit (0 = none); at 85 % of the limit it stops taking new "
-                            "connections until under 75 %", ("part",), registry=registry)
+        self.memory = Gauge("pinion_memory_bytes", "The agent's memory by part: cgroup_usage "
+                            "and cgroup_limit (0 = none; at 80 % it stops taking new "
+                            "connections), rss, relay_buffers and tunnel_buffers (bytes held "
+                            "for connections now); eBPF maps: pinion_ebpf_map_bytes",
+                            ("part",), registry=registry)
         self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
                                      "at start and set aside (renamed *.damaged)", ("store",),
                                      registry=registry)

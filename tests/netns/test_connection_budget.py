@@ -28,6 +28,10 @@ def test_over_its_budget_the_agent_makes_new_connections_wait_then_serves_them()
         assert eventually(lambda: agent.metrics().value("pinion_accepting") == 0.0, 10)
         metrics = agent.metrics()
         assert metrics.value("pinion_connection_budget_exhausted_total") == 1
+        rss = metrics.value("pinion_memory_bytes", part="rss")
+        assert 10 * 2**20 < rss < 200 * 2**20  # the agent's VmRSS, as /proc says
+        parts = {s.labels["part"] for s in metrics.samples if s.name == "pinion_memory_bytes"}
+        assert parts == {"cgroup_usage", "cgroup_limit", "rss", "relay_buffers", "tunnel_buffers"}
         assert metrics.value("tcp_open_connections", pod="busy", direction="outbound", peer="src") == LIMIT
 
         waiting = client.spawn(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",

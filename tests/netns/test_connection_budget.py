@@ -5,6 +5,7 @@ grew until its memory cgroup killed it (bench/overload.py: docs/benchmarks.md)."
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -48,3 +49,27 @@ def test_over_its_budget_the_agent_makes_new_connections_wait_then_serves_them()
         assert out.strip() == "200", out
         assert eventually(lambda: agent.metrics().value("pinion_accepting") == 1.0, 10)
         assert mesh.http(client, f"http://{server.ip}:8080/")  # and new ones go straight on
+
+
+def test_a_pod_added_while_the_agent_holds_over_a_thousand_sockets() -> None:
+    """libnftables talks to netlink with select(), and glibc aborts the process when that
+    socket's fd is past FD_SETSIZE (1024): an agent holding ~500 connections (1,000 fds)
+    died at its next pod ("bit out of range 0 - FD_SETSIZE on fd_set"). Past that the agent
+    runs `nft` as a child, whose fds start at 0."""
+    with running_mesh("nftables") as mesh:
+        client, server = mesh.pod(0, "many"), mesh.pod(1, "web")
+        mesh.serve(server, "agent.lab.httpserver", "--port", "8080")
+        agent = mesh.agents[0]
+        holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
+                                f"{server.ip}:8080", "--count", "600", "--hold", "60",
+                                "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+        assert holders.stdout is not None and '"opened": 600' in holders.stdout.readline()
+        assert agent.process is not None
+        assert eventually(lambda: len(os.listdir(f"/proc/{agent.process.pid}/fd")) > 1100, 10)
+        late = mesh.pod(0, "late")  # rules written through nft: the agent must live on
+        assert agent.process.poll() is None, agent.log()[-2000:]
+        assert mesh.http(late, f"http://{server.ip}:8080/")
+        mesh.lab.delete_pod(late)  # and removed the same way
+        assert agent.process.poll() is None, agent.log()[-2000:]
+        holders.send_signal(signal.SIGKILL)
+        holders.wait(10)

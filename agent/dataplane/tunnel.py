@@ -184,10 +184,15 @@ class StreamTransport:
 
     def window_opened(self) -> None:
         """The peer's windows grew, or the session may write again: send what waits."""
+        if self._lost:
+            return
         pending, self._pending, self._pending_size = self._pending, [], 0
         session, connection = self.session, self.session.connection
         for index, data in enumerate(pending):
-            sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
+            try:
+                sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
+            except core.LocalProtocolError:
+                return  # reset meanwhile (an abort whose connection_lost is on its way)
             if sent < len(data):
                 rest = [data[sent:], *pending[index + 1:]]
                 self._pending, self._pending_size = rest, sum(map(len, rest))

@@ -109,3 +109,20 @@ async def test_going_away_closes_an_idle_session_and_lets_open_streams_finish() 
     server.transport.close()
     await settle()
     assert busy.wires[1].closed  # nothing left: the session closed itself
+
+
+@in_loop
+async def test_a_window_that_opens_for_a_stream_just_reset_is_ignored() -> None:
+    """An abort resets the stream at once but tells the relay on the next tick; a window
+    update in between used to send on the closed stream, and the LocalProtocolError took
+    the whole TLS connection (every stream on it) down (seen under bench/overload.py)."""
+    pair = Pair()
+    await settle()
+    client = pair.open()
+    assert client.transport is not None
+    client.transport.write(b"x" * (600 * 1024))  # more than the peer's window: some waits
+    assert client.transport._pending
+    client.transport.abort()
+    client.transport.window_opened()  # must not raise
+    await settle()
+    assert len(client.lost) == 1 and not pair.client.connection.terminated

@@ -23,7 +23,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
                 "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
-                "drain_seconds")
+                "drain_seconds", "gateway_identities")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--trust-bundle", metavar="PATH", help="the mounted trust bundle "
                       "(default /var/run/pinion/trust-bundle/trust-bundle.crt)")
     kube.add_argument("--trust-domain", metavar="TD", help="default cluster.local")
+    agent.add_argument("--gateway-identities", metavar="SPIFFE,SPIFFE",
+                       help="this cluster's multicluster gateways: streams they forward count "
+                            "as from the linked cluster's caller, for policy and metrics")
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "
                             "leaving pods captured for the next agent")
@@ -125,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_issuer_parser(sub)
     _add_install_parser(sub)
     _add_viz_parsers(sub)
+    _add_multicluster_parser(sub)
     return parser
 
 
@@ -165,6 +169,9 @@ def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
                       help="SPIFFE trust domain (default cluster.local)")
     init.add_argument("--force", action="store_true",
                       help="replace existing keys (every certificate issued so far stops verifying)")
+    init.add_argument("--anchor-from", type=Path, metavar="DIR",
+                      help="no new anchor: an issuer for --trust-domain under the anchor of this "
+                           "identity dir (multicluster: linked clusters share one anchor)")
     init.set_defaults(run=_run_identity_init)
 
 
@@ -210,7 +217,140 @@ def _add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     install.add_argument("--pod-cidr", metavar="CIDR",
                          help="the cluster's pod network, kept out of --node-cidr, with a /24 per node "
                               "whose .0 and .1 (flannel.1, cni0) are admitted (default 10.42.0.0/16, k3s's)")
+    install.add_argument("--multicluster", action="store_true",
+                         help="also a gateway, so linked clusters reach Services exported here "
+                              "(docs/multicluster.md); agents then trust its forwarded identities")
+    install.add_argument("--linked-trust-domain", action="append", metavar="TD",
+                         help="with --multicluster: a trust domain the gateway admits; repeatable")
     install.set_defaults(run=_run_install)
+
+
+def _add_multicluster_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pinion multicluster`: as `linkerd multicluster` (docs/multicluster.md)."""
+    parser = sub.add_parser("multicluster", help="link clusters: gateway, link, mirror, check, gateways")
+    actions = parser.add_subparsers(metavar="ACTION")
+
+    def kube(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--kubeconfig", metavar="PATH", help="this cluster (default: $KUBECONFIG, "
+                             "~/.kube/config, or in-cluster with --in-cluster)")
+        command.add_argument("--in-cluster", action="store_true", help="the pod's service account")
+
+    link = actions.add_parser("link", help="print what to apply in the *other* cluster so it mirrors "
+                                           "this one's exported Services")
+    kube(link)
+    link.add_argument("--cluster-name", required=True, metavar="NAME",
+                      help="this cluster's name there (mirrors are called <svc>-NAME)")
+    link.add_argument("--api-server-address", metavar="URL",
+                      help="this cluster's API server as the other cluster reaches it "
+                           "(default: the kubeconfig's)")
+    link.add_argument("--gateway-address", metavar="IP[:PORT]",
+                      help="the gateway as the other cluster reaches it (default: its Service's "
+                           "load-balancer address, port 4143)")
+    link.add_argument("--gateway-identity", metavar="SPIFFE", help="default: the ConfigMap pinion-gateway's")
+    link.add_argument("--image", metavar="IMAGE", help="the mirror's image")
+    link.set_defaults(run=_run_mc_link)
+
+    gateway = actions.add_parser("gateway", help="run the gateway (mTLS from linked clusters' agents)")
+    kube(gateway)
+    gateway.add_argument("--identity-dir", type=Path, required=True, metavar="DIR",
+                         help="issuer + trust bundle (in-cluster: the Secret pinion-issuer)")
+    gateway.add_argument("--listen", default=f"0.0.0.0:{4143}", metavar="IP:PORT")
+    gateway.add_argument("--admin-addr", default="0.0.0.0:4191", metavar="IP:PORT",
+                         help="/metrics, /ready (the linked clusters' probe), /live")
+    gateway.add_argument("--linked-trust-domain", action="append", required=True, metavar="TD",
+                         help="a trust domain whose workloads may come in; repeatable")
+    gateway.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    gateway.set_defaults(run=_run_mc_gateway)
+
+    mirror = actions.add_parser("mirror", help="run one link's service mirror")
+    kube(mirror)
+    mirror.add_argument("--link-dir", type=Path, required=True, metavar="DIR",
+                        help="the link's Secret and ConfigMap, mounted (kubeconfig, cluster-name, ...)")
+    mirror.add_argument("--resync-seconds", type=float, default=30.0, metavar="S")
+    mirror.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    mirror.set_defaults(run=_run_mc_mirror)
+
+    for name, text in (("check", "check every link: settings, remote API, gateway, mirrors"),
+                       ("gateways", "every linked cluster's gateway: alive, mirrored Services, latency")):
+        command = actions.add_parser(name, help=text)
+        kube(command)
+        command.add_argument("--timeout", type=float, default=5.0, metavar="S")
+        command.set_defaults(run=_run_mc_status, action=name)
+
+
+def _mc_kubeconfig(args: argparse.Namespace) -> str | None:
+    """None = in-cluster; else the kubeconfig path (flag, $KUBECONFIG, ~/.kube/config)."""
+    if args.in_cluster:
+        return None
+    return args.kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+
+
+def _run_mc_link(args: argparse.Namespace) -> int:
+    from agent.controlplane.kube.client import ApiError, KubeClient
+    from agent.controlplane.kube.config import KubeConfig, KubeConfigError
+    from agent.deploy import multicluster as manifests
+    from agent.deploy.install import to_yaml
+
+    async def read() -> manifests.RemoteCluster:
+        config = KubeConfig.load(_mc_kubeconfig(args))
+        client = KubeClient(config)
+        try:
+            return await manifests.read_remote(client, args.api_server_address or config.server,
+                                               config.ca_pem, args.gateway_address, args.gateway_identity)
+        finally:
+            await client.close()
+
+    try:
+        remote = asyncio.run(read())
+        documents = manifests.link_manifests(args.cluster_name, remote,
+                                             args.image or manifests.DEFAULT_IMAGE)
+    except (ValueError, OSError, TimeoutError, ApiError, KubeConfigError) as exc:
+        print(f"pinion multicluster link: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(to_yaml(documents, f"the link to {args.cluster_name}").replace(
+        "from `pinion install`", "from `pinion multicluster link`"))
+    return 0
+
+
+def _run_mc_gateway(args: argparse.Namespace) -> int:
+    from agent.config import parse_host_port
+    from agent.controlplane.multicluster.gateway import GatewayConfig, run_gateway
+
+    try:
+        config = GatewayConfig(parse_host_port(args.listen), parse_host_port(args.admin_addr),
+                               _mc_kubeconfig(args), args.identity_dir,
+                               frozenset(args.linked_trust_domain))
+    except ValueError as exc:
+        print(f"pinion multicluster gateway: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    return asyncio.run(run_gateway(config))
+
+
+def _run_mc_mirror(args: argparse.Namespace) -> int:
+    from agent.controlplane.multicluster.mirror import run_mirror
+    from agent.core.multicluster import LinkError
+
+    _setup_logging(args.log_level)
+    try:
+        return asyncio.run(run_mirror(_mc_kubeconfig(args), args.link_dir, args.resync_seconds))
+    except LinkError as exc:
+        print(f"pinion multicluster mirror: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_mc_status(args: argparse.Namespace) -> int:
+    from agent.controlplane.kube.client import ApiError
+    from agent.controlplane.kube.config import KubeConfigError
+    from agent.viz.multicluster import run
+
+    try:
+        text, code = asyncio.run(run(_mc_kubeconfig(args), args.action, args.timeout))
+    except (OSError, TimeoutError, ApiError, KubeConfigError) as exc:
+        print(f"pinion multicluster {args.action}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return code
 
 
 def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -385,10 +525,13 @@ def _run_cni_uninstall(args: argparse.Namespace) -> int:
 
 
 def _run_identity_init(args: argparse.Namespace) -> int:
-    from agent.identity.files import init_identity_dir
+    from agent.identity.files import init_identity_dir, init_linked_identity_dir
 
     try:
-        written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
+        if args.anchor_from is not None:
+            written = init_linked_identity_dir(args.dir, args.anchor_from, args.trust_domain)
+        else:
+            written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
     except FileExistsError as exc:
         print(f"pinion identity init: {exc}", file=sys.stderr)
         return 1
@@ -431,6 +574,10 @@ def _run_install(args: argparse.Namespace) -> int:
                                       tuple(args.node_cidr or install.DEFAULT_NODE_CIDRS),
                                       args.pod_cidr or install.DEFAULT_POD_CIDR)
         documents = install.render(install.load_manifests(), credentials, overrides)
+        if args.multicluster:
+            documents = install.with_multicluster(documents, credentials.trust_domain,
+                                                  args.linked_trust_domain or [],
+                                                  args.image)
     except install.InstallError as exc:
         print(f"pinion install: {exc}", file=sys.stderr)
         return 1

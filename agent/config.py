@@ -78,6 +78,9 @@ class Config:
     bpf_max_connections: int = 8192  # ...and this many outbound connects in flight
     keeper_socket: Path | None = None  # the socket keeper (agent/inpod/keeper.py); None: none
     drain_seconds: float = 20.0  # SIGTERM: in-flight connections finish within this
+    # multicluster gateways of this cluster (SPIFFE IDs): their streams carry the identity of
+    # a linked cluster's caller, which pods' policies and metrics then see (docs/multicluster.md)
+    gateway_identities: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -135,7 +138,16 @@ class Config:
                                               "--bpf-max-connections"),
             keeper_socket=_path(get("keeper_socket")),
             drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
+            gateway_identities=_spiffe_ids(get("gateway_identities", "") or ""),
         )
+
+
+def _spiffe_ids(text: str) -> tuple[str, ...]:
+    ids = tuple(sorted({i.strip() for i in text.split(",") if i.strip()}))
+    for spiffe_id in ids:
+        if not spiffe_id.startswith("spiffe://") or "/ns/" not in spiffe_id:
+            raise ValueError(f"--gateway-identity: {spiffe_id!r} is not a spiffe://TD/ns/NS/sa/SA ID")
+    return ids
 
 
 def _at_least_one(text: str | None, what: str) -> int:

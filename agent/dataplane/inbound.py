@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from agent.core import connections
+from agent.core.multicluster import forwarded_client
 from agent.core.telemetry import Telemetry
 from agent.core.tunnel_frames import ErrorCode
 from agent.dataplane.context import PodContext
@@ -26,8 +27,9 @@ class InboundProxy:
     """15006 in every captured pod, and the streams its 15008 accepts (`InboundStreams`)."""
 
     def __init__(self, sockets: SocketFactory, telemetry: Telemetry, metrics: AgentMetrics,
-                 settings: RelaySettings) -> None:
+                 settings: RelaySettings, gateways: frozenset[str] = frozenset()) -> None:
         self.telemetry = telemetry
+        self._gateways = gateways  # multicluster gateways: they forward callers' identities
         self._settings = settings
         self._metrics = metrics
         self._plain = PlainUpstream(sockets, metrics, settings.connect_timeout)
@@ -38,7 +40,10 @@ class InboundProxy:
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
                  metadata: Mapping[str, str]) -> None:
         """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
-        decision = connections.inbound_stream(port, pod, session.labels)
+        forwarded = ""
+        if session.peer_id in self._gateways:
+            forwarded = forwarded_client(session.peer_id, metadata, self._gateways)
+        decision = connections.inbound_stream(port, pod, session.labels, forwarded)
         if isinstance(decision, connections.Refuse):
             self._metrics.proxy_errors.labels("inbound", decision.reason).inc()
             session.refuse(stream_id, ErrorCode.CONNECT_ERROR)

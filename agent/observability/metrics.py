@@ -93,7 +93,8 @@ def _own(values: dict[str, str], kind: str, name: str) -> dict[str, str]:
 def _with_peer(values: dict[str, str], peer: PeerLabels) -> dict[str, str]:
     """Add tls and whatever the mesh knows of the peer; unknown (empty) labels stay out."""
     values["tls"] = peer.tls
-    for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service"):
+    for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service",
+                 "dst_target_cluster", "dst_target_service"):
         value = getattr(peer, name)
         if value:
             values[name] = value

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Iterator
 
 from agent.controlplane.cluster.objects import (
+    MirrorOf,
     NamespaceRecord,
     PodRecord,
     ServicePort,
@@ -93,6 +94,9 @@ class ClusterState:
     def pod(self, key: str) -> PodRecord | None:
         return self._pods.get(key)
 
+    def service(self, key: str) -> ServiceRecord | None:
+        return self._services.get(key)
+
     def namespace(self, name: str) -> NamespaceRecord | None:
         return self._namespaces.get(name)
 
@@ -133,6 +137,9 @@ class ClusterState:
             turn = self._turns.setdefault(destination, itertools.count())
             destination = endpoints[next(turn) % len(endpoints)]
             service = key.split("/", 1)[1]
+            mirror = self._services[key].mirror
+            if mirror is not None:  # another cluster's Service: through its gateway
+                return _through_gateway(destination, key, mirror)
         record = self.pod_at(destination[0])
         if record is None:
             labels = PeerLabels(dst_service=service) if service else PLAINTEXT
@@ -147,6 +154,16 @@ class ClusterState:
     def sizes(self) -> dict[str, int]:
         return {"pods": len(self._pods), "namespaces": len(self._namespaces),
                 "services": len(self._services), "endpointslices": len(self._slices)}
+
+
+def _through_gateway(gateway: tuple[str, int], key: str, mirror: MirrorOf) -> Route:
+    """A mirrored Service's route: to the linked cluster's gateway, which must prove its
+    identity, asking for the Service there (Linkerd's dst_target_* labels say which)."""
+    namespace, name = key.split("/", 1)
+    labels = PeerLabels(dst_namespace=namespace, dst_service=name,
+                        dst_target_cluster=mirror.cluster, dst_target_service=mirror.remote_name)
+    return Route(gateway, labels, True, mirror.gateway_identity,
+                 f"{namespace}/{mirror.remote_name}")
 
 
 def _target_port(service_port: ServicePort, record: SliceRecord) -> int | None:

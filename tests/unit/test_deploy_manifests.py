@@ -516,7 +516,8 @@ def test_overrides_change_only_what_they_name() -> None:
     assert code == 0
     documents = [d for d in yaml.safe_load_all(out) if d]
     assert find(documents, "ConfigMap", "pinion-config")["data"] == {
-        "trust-domain": "cluster.local", "redirect": "nftables", "log-level": "debug"}
+        "trust-domain": "cluster.local", "redirect": "nftables", "log-level": "debug",
+        "gateway-identities": ""}
     images = {c["image"] for _, spec in pod_specs(documents) for c in spec["containers"]}
     assert images == {"registry.local/pinion:dev"}
     agent = container(documents, "pinion-agent", "agent")

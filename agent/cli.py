@@ -7,9 +7,9 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.config import REDIRECT_MODES, Config, Ports
 from agent.model import CaptureSettings
@@ -324,7 +324,7 @@ def _run_mc_gateway(args: argparse.Namespace) -> int:
         print(f"pinion multicluster gateway: {exc}", file=sys.stderr)
         return 2
     _setup_logging(args.log_level)
-    return asyncio.run(run_gateway(config))
+    return _event_loop_runner()(run_gateway(config))
 
 
 def _run_mc_mirror(args: argparse.Namespace) -> int:
@@ -386,15 +386,19 @@ def _run_agent(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.app import run_agent
 
-    runner = asyncio.run
+    return _event_loop_runner()(run_agent(config, cleanup=args.cleanup))
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop's run when it is installed (a faster event loop), else asyncio's."""
     if os.environ.get("PINION_EVENT_LOOP", "uvloop") == "uvloop":
         try:
             import uvloop  # optional: a faster event loop
 
-            runner = uvloop.run
+            return uvloop.run
         except ImportError:
             pass
-    return runner(run_agent(config, cleanup=args.cleanup))
+    return asyncio.run
 
 
 def _run_keeper(args: argparse.Namespace) -> int:

@@ -104,7 +104,7 @@ class GatewayStreams:
         route = self._resolver.resolve(namespace, name, port)
         if route is None:
             self._refuse(session, stream_id, "no_endpoints", key,
-                         f"{key}:{port} is no Service port with a ready endpoint here")
+                         f"{key}:{port} is no exported Service port with a ready endpoint here")
             return
         if route.target:  # never gateway to gateway: one hop per crossing
             self._refuse(session, stream_id, "mirrored_target", key,

@@ -280,3 +280,26 @@ def test_the_fake_api_server_turns_string_data_into_data() -> None:
     created = store.create(secrets, {"metadata": {"name": "s", "namespace": "default"},
                                      "stringData": {"kubeconfig": "{}"}})
     assert "stringData" not in created and base64.b64decode(created["data"]["kubeconfig"]) == b"{}"
+
+
+def test_the_gateway_reaches_only_exported_services_with_a_ready_endpoint() -> None:
+    from agent.controlplane.cluster.objects import project_pod
+    from agent.controlplane.multicluster.gateway import StateResolver
+    from tests.unit.test_cluster_state import pod_object, service_object, slice_object
+
+    state = ClusterState("cloud.local")
+    for name, vip in (("web", "10.43.0.10"), ("db", "10.43.0.11")):
+        service = project_service(service_object(name, vip, 80, 8080))
+        endpoints = project_slice(slice_object(f"{name}-x", name, [("10.42.0.7", True)], 8080))
+        assert service is not None and endpoints is not None
+        state.upsert_service(service)
+        state.upsert_slice(endpoints)
+    pod = project_pod(pod_object("web-5d8f9c-abcde", "10.42.0.7"))
+    assert pod is not None
+    state.upsert_pod(pod)
+    resolver = StateResolver(state, {"shop/web": object()})  # db is not exported
+
+    route = resolver.resolve("shop", "web", 80)
+    assert route is not None and route.destination == ("10.42.0.7", 8080)
+    assert resolver.resolve("shop", "db", 80) is None  # a linked cluster cannot reach it
+    assert resolver.resolve("shop", "web", 81) is None  # no such port

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,14 +59,18 @@ class GatewayConfig:
 
 
 class StateResolver:
-    """A target Service to one of its ready endpoints, as an agent resolves its VIP."""
+    """A target Service to one of its ready endpoints, as an agent resolves its VIP; only
+    Services this cluster exports (`exported`, by key) are reachable through the gateway."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, exported: Mapping[str, object]) -> None:
         self._state = state
+        self._exported = exported
 
     def resolve(self, namespace: str, name: str, port: int) -> Route | None:
-        record = self._state.service(f"{namespace}/{name}")
-        if record is None or not record.cluster_ips or all(p.port != port for p in record.ports):
+        key = f"{namespace}/{name}"
+        record = self._state.service(key)
+        if key not in self._exported or record is None or not record.cluster_ips or \
+                all(p.port != port for p in record.ports):
             return None
         vip = record.cluster_ips[0]
         route = self._state.route((vip, port))
@@ -137,9 +141,11 @@ async def run_gateway(config: GatewayConfig) -> int:
         _watch(client, "/api/v1/services", project_service, state.upsert_service, state.delete_service),
         _watch(client, "/apis/discovery.k8s.io/v1/endpointslices", project_slice, state.upsert_slice,
                state.delete_slice)]
+    exported = Reflector(client, "/api/v1/services", multicluster.exported)  # what may be reached
+    reflectors.append(exported)
     mesh = MeshClient(sockets, identities, metrics, MeshSettings())
     counts = GatewayCounts({})
-    streams = GatewayStreams(StateResolver(state), mesh, sockets, own, counts)
+    streams = GatewayStreams(StateResolver(state, exported.store), mesh, sockets, own, counts)
     acceptor = GatewayAcceptor(identities, metrics, MeshSettings(port=config.listen[1]), streams,
                                linked_domains=config.linked_domains)
     registry.register(GatewayCollector(counts, lambda: len(own.tunnels)))

@@ -67,8 +67,8 @@ class Side:
     def node(self) -> Node:
         return self.lab.nodes[0]
 
-    def pod(self, name: str, deployment: str) -> Pod:
-        obj = self.api.apply(pod_object(name, "shop", self.node.name, None, None, deployment))
+    def pod(self, name: str, deployment: str, annotations: dict[str, str] | None = None) -> Pod:
+        obj = self.api.apply(pod_object(name, "shop", self.node.name, None, annotations, deployment))
         pod = self.lab.add_pod(self.node, name, "shop", args={"K8S_POD_UID": obj["metadata"]["uid"]})
         obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
         self.api.apply(obj)
@@ -96,7 +96,7 @@ class Clusters:
     @staticmethod
     def _services(api: FakeApiServer) -> list[dict[str, Any]]:
         found = []
-        for name in ("web-cloud", "api-cloud"):
+        for name in ("web-cloud", "api-cloud", "db-cloud"):
             try:
                 found.append(api.get("v1", "Service", "shop", name))
             except StoreError:
@@ -237,7 +237,7 @@ def link(clusters: Clusters) -> list[dict[str, Any]]:
 
 def export(api: FakeApiServer, name: str, pod: Pod | None, exported: bool = True) -> None:
     labels = {"mirror.linkerd.io/exported": "true"} if exported else {}
-    vip = {"web": "10.43.0.10", "api": "10.43.0.11"}[name]
+    vip = {"web": "10.43.0.10", "api": "10.43.0.11", "db": "10.43.0.12"}[name]
     api.apply({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": name, "namespace": "shop", "labels": labels},
                "spec": {"clusterIP": vip, "clusterIPs": [vip],
@@ -416,3 +416,35 @@ def test_link_output_is_valid_json_and_yaml(clusters: Clusters) -> None:
     kubeconfig = json.loads(secret["stringData"]["kubeconfig"])
     assert kubeconfig["users"][0]["user"]["token"] == TOKEN  # the read-only token, not the admin's
     assert kubeconfig["clusters"][0]["cluster"]["server"] == f"https://{CLOUD_WAN}:{API_PORT}"
+
+
+def test_the_callers_identity_reaches_the_destinations_policy_from_behind_one_nat(
+        clusters: Clusters) -> None:
+    """Five replicas of edge's `front` (one identity, one NATed address, five tunnel
+    connections to the gateway): cloud's pods judge *them*, not the gateway, by their
+    allow-lists."""
+    allowed = "pinion.dev/allowed-clients"
+    web = clusters.cloud.pod("web", "web", {allowed: "spiffe://edge.local/ns/shop/sa/front"})
+    db = clusters.cloud.pod("db", "db", {allowed: "spiffe://edge.local/ns/shop/sa/admin"})
+    for pod in (web, db):
+        serve(pod)
+    export(clusters.cloud.api, "web", web)
+    export(clusters.cloud.api, "db", db)
+    fronts = [clusters.edge.pod(f"front-{index}", "front") for index in range(5)]
+    install_gateway(clusters)
+    link(clusters)
+    assert eventually(lambda: clusters.mirror_names() == {"web-cloud", "db-cloud"}, 20)
+    web_vip, db_vip = mirror_vip(clusters, "web-cloud"), mirror_vip(clusters, "db-cloud")
+
+    assert eventually(lambda: curl(fronts[0], f"http://{web_vip}/").stdout.strip() == "ok", 20)
+    for front in fronts:
+        assert curl(front, f"http://{web_vip}/").stdout.strip() == "ok"
+        assert curl(front, f"http://{db_vip}/").returncode != 0  # db admits edge's admin only
+
+    cloud = clusters.cloud.agents[0].metrics()
+    assert cloud.value("request_total", direction="inbound", pod="web",
+                       client_id="spiffe://edge.local/ns/shop/sa/front") >= 5
+    assert cloud.value("pinion_proxy_errors_total", direction="inbound", reason="not_allowed") >= 5
+    assert cloud.value("request_total", direction="inbound", pod="db") == 0
+    failures = clusters.gateway_metrics()
+    assert failures.value("pinion_tunnel_handshake_failures_total") == 0  # no replica refused

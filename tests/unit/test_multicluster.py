@@ -303,3 +303,13 @@ def test_the_gateway_reaches_only_exported_services_with_a_ready_endpoint() -> N
     assert route is not None and route.destination == ("10.42.0.7", 8080)
     assert resolver.resolve("shop", "db", 80) is None  # a linked cluster cannot reach it
     assert resolver.resolve("shop", "web", 81) is None  # no such port
+
+
+def test_the_gateways_limits_let_a_natted_site_in() -> None:
+    from agent.controlplane.multicluster.gateway import gateway_settings
+    from agent.dataplane.mesh import MeshSettings
+
+    agent, gateway = MeshSettings(), gateway_settings(4143)
+    assert gateway.max_peer_connections > 100 * agent.max_peer_connections // 4  # replicas, one address
+    assert gateway.handshakes.per_source >= 16 * agent.handshakes.per_source
+    assert gateway.handshakes.connections >= agent.handshakes.connections  # still bounded

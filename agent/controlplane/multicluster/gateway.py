@@ -27,6 +27,7 @@ from agent.controlplane.kube.config import KubeConfig
 from agent.controlplane.kube.reflector import Reflector
 from agent.core import multicluster
 from agent.core.connections import Route
+from agent.core.limits import HandshakeLimits
 from agent.core.telemetry import Telemetry
 from agent.dataplane.context import PodContext
 from agent.dataplane.gateway import GatewayAcceptor, GatewayCounts, GatewayStreams
@@ -98,6 +99,15 @@ class GatewayCollector(Collector):
         yield sessions
 
 
+def gateway_settings(port: int) -> MeshSettings:
+    """The tunnel acceptor's limits, for callers behind NAT: a linked site's pods all come from
+    its one public address, and replicas of a workload share their identity, so the per-source
+    and per-(identity, address) limits an agent's 15008 has would refuse their replicas."""
+    return MeshSettings(port=port, max_peer_connections=512, max_peer_connections_node=512,
+                        handshakes=HandshakeLimits(connections=1024, per_source=256, tls=64,
+                                                   tls_per_source=32, rate=100.0, burst=512.0))
+
+
 def _identities(config: GatewayConfig) -> IdentityManager:
     directory = config.identity_dir
     try:
@@ -146,7 +156,7 @@ async def run_gateway(config: GatewayConfig) -> int:
     mesh = MeshClient(sockets, identities, metrics, MeshSettings())
     counts = GatewayCounts({})
     streams = GatewayStreams(StateResolver(state, exported.store), mesh, sockets, own, counts)
-    acceptor = GatewayAcceptor(identities, metrics, MeshSettings(port=config.listen[1]), streams,
+    acceptor = GatewayAcceptor(identities, metrics, gateway_settings(config.listen[1]), streams,
                                linked_domains=config.linked_domains)
     registry.register(GatewayCollector(counts, lambda: len(own.tunnels)))
     admin = AdminServer(config.admin[0], config.admin[1], registry, lambda: [], metrics.admin)

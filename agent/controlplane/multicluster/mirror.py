@@ -129,6 +129,10 @@ class MirrorController:
         path = f"{collection}/{obj['metadata']['name']}"
         current = await self._local.request("GET", path)
         current_meta = current.setdefault("metadata", {})
+        owner = (current_meta.get("labels") or {}).get(multicluster.CLUSTER_LABEL)
+        if owner != self.link.cluster_name:  # someone's own object by that name: never clobbered
+            raise ApiError(409, "Conflict", f"{path} exists and is not a mirror of "
+                           f"{self.link.cluster_name}: not replacing it")
         for field in ("labels", "annotations"):
             current_meta[field] = {**(current_meta.get(field) or {}), **obj["metadata"][field]}
         if obj["kind"] == "Service":

@@ -252,8 +252,17 @@ def _add_multicluster_parser(sub: argparse._SubParsersAction[argparse.ArgumentPa
 
     gateway = actions.add_parser("gateway", help="run the gateway (mTLS from linked clusters' agents)")
     kube(gateway)
-    gateway.add_argument("--identity-dir", type=Path, required=True, metavar="DIR",
-                         help="issuer + trust bundle (in-cluster: the Secret pinion-issuer)")
+    gateway.add_argument("--identity-dir", type=Path, metavar="DIR",
+                         help="sign its own certificate with this issuer (labs); default: from "
+                              "the issuer service, with its service-account token")
+    gateway.add_argument("--issuer-url", metavar="URL", help="default "
+                         "https://pinion-issuer.pinion-system.svc:8443")
+    gateway.add_argument("--token-file", type=Path, metavar="PATH",
+                         help="projected token, audience pinion-issuer "
+                              "(default /var/run/secrets/pinion/token)")
+    gateway.add_argument("--trust-bundle", type=Path, metavar="PATH",
+                         help="default /var/run/pinion/trust-bundle/trust-bundle.crt")
+    gateway.add_argument("--trust-domain", default="cluster.local", metavar="TD")
     gateway.add_argument("--listen", default=f"0.0.0.0:{4143}", metavar="IP:PORT")
     gateway.add_argument("--admin-addr", default="0.0.0.0:4191", metavar="IP:PORT",
                          help="/metrics, /ready (the linked clusters' probe), /live")
@@ -313,13 +322,18 @@ def _run_mc_link(args: argparse.Namespace) -> int:
 
 
 def _run_mc_gateway(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from agent.config import parse_host_port
     from agent.controlplane.multicluster.gateway import GatewayConfig, run_gateway
 
     try:
         config = GatewayConfig(parse_host_port(args.listen), parse_host_port(args.admin_addr),
                                _mc_kubeconfig(args), args.identity_dir,
-                               frozenset(args.linked_trust_domain))
+                               frozenset(args.linked_trust_domain), trust_domain=args.trust_domain)
+        config = dataclasses.replace(config, **{name: value for name, value in (
+            ("issuer_url", args.issuer_url), ("token_file", args.token_file),
+            ("trust_bundle", args.trust_bundle)) if value is not None})
     except ValueError as exc:
         print(f"pinion multicluster gateway: {exc}", file=sys.stderr)
         return 2

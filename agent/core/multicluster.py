@@ -33,7 +33,7 @@ TARGET_KEY = "target"
 CLIENT_KEY = "client-id"
 
 GATEWAY_PORT = 4143  # as Linkerd's gateway
-GATEWAY_NAMESPACE = "pinion-system"  # with the issuer Secret it signs its own certificate with
+GATEWAY_NAMESPACE = "pinion-system"  # the issuer signs pinion-gateway's identity there only
 GATEWAY_SERVICE_ACCOUNT = "pinion-gateway"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

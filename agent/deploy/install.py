@@ -163,6 +163,9 @@ def with_multicluster(documents: list[dict[str, Any]], trust_domain: str, linked
     documents = copy.deepcopy(documents)
     settings = _find(documents, "ConfigMap", CONFIG_NAME)["data"]
     settings["gateway-identities"] = multicluster.gateway_identity(trust_domain)
+    policy = _find(documents, "NetworkPolicy", ISSUER_POLICY)  # the gateway asks it too
+    policy["spec"]["ingress"][0]["from"].append(
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": multicluster.GATEWAY}}})
     return documents + extra
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.core import multicluster
 
-NAMESPACE = "pinion-system"  # the gateway's: it signs its certificate with the issuer Secret
+NAMESPACE = "pinion-system"  # the gateway's, beside the issuer that signs its certificate
 LINK_NAMESPACE = "pinion-multicluster"  # the links' and mirrors'
 GATEWAY = "pinion-gateway"
 REMOTE_ACCESS = "pinion-mirror-remote-access"
@@ -69,7 +69,7 @@ def gateway_manifests(trust_domain: str, linked_domains: list[str], image: str =
         raise ValueError("--linked-trust-domain: the gateway admits only linked trust domains; "
                          "name at least one")
     labels = {"app.kubernetes.io/name": GATEWAY}
-    args = ["multicluster", "gateway", "--identity-dir=/var/run/pinion/issuer", "--in-cluster",
+    args = ["multicluster", "gateway", f"--trust-domain={trust_domain}", "--in-cluster",
             f"--listen=0.0.0.0:{multicluster.GATEWAY_PORT}", f"--admin-addr=0.0.0.0:{PROBE_PORT}",
             *(f"--linked-trust-domain={domain}" for domain in linked_domains)]
     container = {
@@ -82,9 +82,10 @@ def gateway_manifests(trust_domain: str, linked_domains: list[str], image: str =
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
                       "limits": {"cpu": "1", "memory": "96Mi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            # NET_ADMIN: SO_MARK on its sockets to local pods, as the agent's
-                            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}},
-        "volumeMounts": [{"name": "issuer-credentials", "mountPath": "/var/run/pinion/issuer",
+                            "runAsNonRoot": True, "runAsUser": 65532, "capabilities": {"drop": ["ALL"]}},
+        # its certificate from pinion-issuer, for its own service account's token (no issuer key)
+        "volumeMounts": [{"name": "issuer-token", "mountPath": "/var/run/secrets/pinion", "readOnly": True},
+                         {"name": "trust-bundle", "mountPath": "/var/run/pinion/trust-bundle",
                           "readOnly": True}]}
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(GATEWAY, NAMESPACE, "gateway"),
@@ -92,9 +93,13 @@ def gateway_manifests(trust_domain: str, linked_domains: list[str], image: str =
                  "template": {"metadata": {"labels": {**labels, **_PART_OF}},
                               "spec": {"serviceAccountName": GATEWAY, "containers": [container],
                                        "nodeSelector": {"kubernetes.io/os": "linux"},
-                                       "volumes": [{"name": "issuer-credentials",
-                                                    "secret": {"secretName": "pinion-issuer",
-                                                               "defaultMode": 0o440}}]}}}}
+                                       "volumes": [
+                                           {"name": "issuer-token", "projected": {"sources": [
+                                               {"serviceAccountToken": {"audience": "pinion-issuer",
+                                                                        "expirationSeconds": 3600,
+                                                                        "path": "token"}}]}},
+                                           {"name": "trust-bundle",
+                                            "configMap": {"name": "pinion-trust-bundle"}}]}}}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(GATEWAY, NAMESPACE, "gateway"),
                "spec": {"type": "LoadBalancer", "selector": labels,
                         "ports": [{"name": "mc-gateway", "port": multicluster.GATEWAY_PORT,

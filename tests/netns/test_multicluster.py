@@ -42,7 +42,14 @@ from agent.identity.tls import CHACHA_FIRST
 from agent.lab.agents import LabAgent, Metrics, node_socket
 from agent.lab.topology import Lab, Node, Pod
 from tests.netns.conftest import REPO, eventually
-from tests.netns.test_kubernetes import HTTP_SERVER, curl, pod_object
+from tests.netns.test_kubernetes import (
+    HTTP_SERVER,
+    ISSUER_HOST,
+    ISSUER_PORT,
+    curl,
+    pod_object,
+    start_issuer,
+)
 from tests.support.kubeapi import FakeApiServer
 from tests.support.kubestore import StoreError
 
@@ -199,9 +206,17 @@ def install_gateway(clusters: Clusters) -> None:
     secret["data"] = {"token": base64.b64encode(TOKEN.encode()).decode()}
     cloud.api.apply(secret)
     cloud.api.add_token(TOKEN, username="system:serviceaccount:pinion-system:pinion-mirror-remote-access")
+    # its certificate from `pinion issuer`, for the gateway's own service-account token
+    identity = clusters.tmp / "cloud-identity"
+    start_issuer(cloud.lab, cloud.api, identity, clusters.tmp / "issuer.log")
+    gateway_token = clusters.tmp / "gateway-token"
+    gateway_token.write_text("gateway-token-for-the-test")
+    cloud.api.add_token("gateway-token-for-the-test", audiences=("pinion-issuer",),
+                        username="system:serviceaccount:pinion-system:pinion-gateway")
     clusters.gateway = spawn_logged(cloud.node, [
         "multicluster", "gateway", "--kubeconfig", str(cloud.api.kubeconfig),
-        "--identity-dir", str(clusters.tmp / "cloud-identity"),
+        "--issuer-url", f"https://{ISSUER_HOST}:{ISSUER_PORT}", "--token-file", str(gateway_token),
+        "--trust-bundle", str(identity / TRUST_BUNDLE), "--trust-domain", "cloud.local",
         "--listen", f"{CLOUD_WAN}:{GATEWAY_PORT}", "--admin-addr", f"{CLOUD_WAN}:{PROBE_PORT}",
         "--linked-trust-domain", "edge.local"], clusters.tmp / "gateway.log")
 

@@ -232,6 +232,11 @@ def test_install_multicluster_adds_the_gateway_and_tells_agents_to_trust_it() ->
     gateway = named[("Deployment", "pinion-gateway")]
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--linked-trust-domain=edge.local" in args and "--listen=0.0.0.0:4143" in args
+    # its certificate comes from the issuer (which it may reach): it holds no issuer key
+    assert "pinion-issuer" not in json.dumps(gateway["spec"]["template"]["spec"]["volumes"]).replace(
+        '"audience": "pinion-issuer"', "")
+    peers = named[("NetworkPolicy", "pinion-issuer")]["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "pinion-gateway"}}} in peers
     with pytest.raises(install.InstallError, match="linked-trust-domain"):
         install.with_multicluster(rendered, "cloud.local", [], None)
 

@@ -19,7 +19,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.config import DEFAULT_PROXY_MARK
+from agent.config import DEFAULT_ISSUER_URL, DEFAULT_TOKEN_FILE, DEFAULT_TRUST_BUNDLE
 from agent.controlplane.cluster.objects import project_namespace, project_pod, project_service, project_slice
 from agent.controlplane.cluster.state import ClusterState
 from agent.controlplane.kube.client import KubeClient
@@ -52,11 +52,15 @@ class GatewayConfig:
     listen: tuple[str, int]
     admin: tuple[str, int]
     kubeconfig: str | None  # None: in-cluster
-    identity_dir: Path
+    identity_dir: Path | None  # signs its own certificate; None: from the issuer service
     linked_domains: frozenset[str]
     namespace: str = multicluster.GATEWAY_NAMESPACE
     service_account: str = multicluster.GATEWAY_SERVICE_ACCOUNT
-    proxy_mark: int = DEFAULT_PROXY_MARK
+    proxy_mark: int = 0  # its pod is not captured: its sockets need no mark (nor NET_ADMIN)
+    issuer_url: str = DEFAULT_ISSUER_URL
+    token_file: Path = Path(DEFAULT_TOKEN_FILE)
+    trust_bundle: Path = Path(DEFAULT_TRUST_BUNDLE)
+    trust_domain: str = "cluster.local"
 
 
 class StateResolver:
@@ -109,7 +113,16 @@ def gateway_settings(port: int) -> MeshSettings:
 
 
 def _identities(config: GatewayConfig) -> IdentityManager:
+    """Its certificate from the issuer service (the gateway's own service-account token gets
+    the gateway's identity, agent.controlplane.issuer.decisions), or signed by itself with
+    an identity dir (standalone labs)."""
     directory = config.identity_dir
+    if directory is None:
+        from agent.identity.remote import kubernetes_identities
+
+        suites, _ = choose_suites(None)
+        return kubernetes_identities(config.issuer_url, None, config.token_file, config.trust_bundle,
+                                     config.trust_domain, suites)
     try:
         trust_domain = read_trust_domain(directory)
         signer = LocalSigner.from_dir(directory)
@@ -172,6 +185,10 @@ async def run_gateway(config: GatewayConfig) -> int:
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(r.run()) for r in reflectors]
             background.append(tasks.create_task(identities.run()))
+            if config.identity_dir is None:  # the mounted ConfigMap: anchors rotate
+                from agent.identity.remote import follow_trust_bundle
+
+                background.append(tasks.create_task(follow_trust_bundle(config.trust_bundle, identities)))
             background.append(tasks.create_task(_reap(mesh)))
             await asyncio.gather(*(r.synced.wait() for r in reflectors))
             admin.ready = True

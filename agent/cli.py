@@ -268,6 +268,8 @@ def _add_multicluster_parser(sub: argparse._SubParsersAction[argparse.ArgumentPa
                          help="/metrics, /ready (the linked clusters' probe), /live")
     gateway.add_argument("--linked-trust-domain", action="append", required=True, metavar="TD",
                          help="a trust domain whose workloads may come in; repeatable")
+    gateway.add_argument("--max-streams", type=int, default=4096, metavar="N",
+                         help="streams forwarded at once, all callers together (default 4096)")
     gateway.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     gateway.set_defaults(run=_run_mc_gateway)
 
@@ -330,7 +332,8 @@ def _run_mc_gateway(args: argparse.Namespace) -> int:
     try:
         config = GatewayConfig(parse_host_port(args.listen), parse_host_port(args.admin_addr),
                                _mc_kubeconfig(args), args.identity_dir,
-                               frozenset(args.linked_trust_domain), trust_domain=args.trust_domain)
+                               frozenset(args.linked_trust_domain), trust_domain=args.trust_domain,
+                               max_streams=args.max_streams)
         config = dataclasses.replace(config, **{name: value for name, value in (
             ("issuer_url", args.issuer_url), ("token_file", args.token_file),
             ("trust_bundle", args.trust_bundle)) if value is not None})

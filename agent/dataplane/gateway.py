@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -84,8 +84,11 @@ class GatewayStreams:
     """Each stream a linked cluster's agent opens: resolved, then piped (InboundStreams)."""
 
     def __init__(self, resolver: Resolver, mesh: MeshClient, sockets: SocketFactory,
-                 own: PodContext, counts: GatewayCounts, connect_timeout: float = 5.0) -> None:
+                 own: PodContext, counts: GatewayCounts, connect_timeout: float = 5.0,
+                 max_streams: int = 4096) -> None:
         self._resolver = resolver
+        self._max_streams = max_streams  # forwarded at once, all callers together: beyond, refused
+        self.active = 0
         self._mesh = mesh
         self._sockets = sockets
         self._own = own  # the gateway as a workload: its identity, its netns
@@ -95,6 +98,10 @@ class GatewayStreams:
 
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
                  metadata: Mapping[str, str]) -> None:
+        if self.active >= self._max_streams:
+            self._refuse(session, stream_id, "over_capacity", "",
+                         f"{self.active} streams are forwarded already (--max-streams)")
+            return
         target = multicluster.stream_target(metadata)
         if isinstance(target, multicluster.Deny):
             self._refuse(session, stream_id, target.reason, "", target.detail)
@@ -110,7 +117,8 @@ class GatewayStreams:
             self._refuse(session, stream_id, "mirrored_target", key,
                          f"{key} is itself a mirror of another cluster's Service")
             return
-        front = _Pipe(self._counts, inbound=True)
+        front = _Pipe(self._counts, inbound=True, on_lost=self._ended)
+        self.active += 1
         session.attach(stream_id, front)
         front.transport.pause_reading()  # nothing accepted until the upstream is there
         forwarded = {k: v for k, v in metadata.items() if k != multicluster.TARGET_KEY}
@@ -119,6 +127,9 @@ class GatewayStreams:
             self._forward(front, route, forwarded, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _ended(self) -> None:
+        self.active -= 1
 
     def _refuse(self, session: TunnelSession, stream_id: int, outcome: str, key: str,
                 detail: str) -> None:
@@ -168,9 +179,11 @@ class _Pipe(asyncio.Protocol):
     """One side of a forwarded stream: what it reads, the other side writes; a side that
     cannot write pauses the other's reading; FIN and reset pass through."""
 
-    def __init__(self, counts: GatewayCounts, inbound: bool) -> None:
+    def __init__(self, counts: GatewayCounts, inbound: bool,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self._counts = counts
         self._inbound = inbound  # the linked cluster's side
+        self._on_lost = on_lost
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.peer: _Pipe | None = None
         self.early: list[bytes] = []
@@ -218,7 +231,11 @@ class _Pipe(asyncio.Protocol):
         return True  # keep our writing side open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
         self.lost = True
+        if self._on_lost is not None:
+            self._on_lost()
         peer = self.peer
         if peer is None or peer.lost:
             return

@@ -360,6 +360,8 @@ def test_an_edge_pod_reaches_a_cloud_service_through_the_gateway(clusters: Clust
                        client_id="spiffe://edge.local/ns/shop/sa/front") >= 5
     assert clusters.gateway_metrics().value("pinion_gateway_streams_total", outcome="forwarded",
                                             target="shop/web") >= 5
+    # every stream ended when its connection did: nothing held at the gateway
+    assert eventually(lambda: clusters.gateway_metrics().value("pinion_gateway_active_streams") == 0, 10)
 
     # operate: gateways and check, from edge
     gateways = edge_command(clusters, "gateways")

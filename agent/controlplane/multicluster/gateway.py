@@ -57,6 +57,7 @@ class GatewayConfig:
     namespace: str = multicluster.GATEWAY_NAMESPACE
     service_account: str = multicluster.GATEWAY_SERVICE_ACCOUNT
     proxy_mark: int = 0  # its pod is not captured: its sockets need no mark (nor NET_ADMIN)
+    max_streams: int = 4096  # streams forwarded at once; beyond, refused (over_capacity)
     issuer_url: str = DEFAULT_ISSUER_URL
     token_file: Path = Path(DEFAULT_TOKEN_FILE)
     trust_bundle: Path = Path(DEFAULT_TRUST_BUNDLE)
@@ -83,9 +84,10 @@ class StateResolver:
 
 
 class GatewayCollector(Collector):
-    def __init__(self, counts: GatewayCounts, mesh: Callable[[], int]) -> None:
+    def __init__(self, counts: GatewayCounts, mesh: Callable[[], int], active: Callable[[], int]) -> None:
         self._counts = counts
         self._mesh = mesh
+        self._active = active
 
     def collect(self) -> Iterable[Any]:
         streams = CounterMetricFamily("pinion_gateway_streams", "Streams from linked clusters, by "
@@ -97,10 +99,13 @@ class GatewayCollector(Collector):
         data.add_metric(["from_linked"], self._counts.bytes_in)
         data.add_metric(["to_linked"], self._counts.bytes_out)
         yield from (streams, data)
-        sessions = GaugeMetricFamily("pinion_gateway_local_tunnels",
-                                     "Tunnel connections from the gateway to local pods")
+        sessions = GaugeMetricFamily("pinion_gateway_tunnels",
+                                     "Tunnel connections of the gateway (from linked clusters, to pods)")
         sessions.add_metric([], self._mesh())
         yield sessions
+        active = GaugeMetricFamily("pinion_gateway_active_streams", "Streams being forwarded now")
+        active.add_metric([], self._active())
+        yield active
 
 
 def gateway_settings(port: int) -> MeshSettings:
@@ -168,10 +173,11 @@ async def run_gateway(config: GatewayConfig) -> int:
     reflectors.append(exported)
     mesh = MeshClient(sockets, identities, metrics, MeshSettings())
     counts = GatewayCounts({})
-    streams = GatewayStreams(StateResolver(state, exported.store), mesh, sockets, own, counts)
+    streams = GatewayStreams(StateResolver(state, exported.store), mesh, sockets, own, counts,
+                             max_streams=config.max_streams)
     acceptor = GatewayAcceptor(identities, metrics, gateway_settings(config.listen[1]), streams,
                                linked_domains=config.linked_domains)
-    registry.register(GatewayCollector(counts, lambda: len(own.tunnels)))
+    registry.register(GatewayCollector(counts, lambda: len(own.tunnels), lambda: streams.active))
     admin = AdminServer(config.admin[0], config.admin[1], registry, lambda: [], metrics.admin)
     listener = acceptor.serve(own, sockets.listener(netns, *config.listen))
     await admin.start()

@@ -421,8 +421,15 @@ def test_mirrors_survive_the_remote_api_server_going_away_and_follow_unexports(c
 
     export(clusters.cloud.api, "web", None, exported=False)  # the label off: unexported
     assert eventually(lambda: clusters.mirror_names() == {"api-cloud"}, 20)
-    with pytest.raises(StoreError):
-        clusters.edge.api.get("discovery.k8s.io/v1", "EndpointSlice", "shop", "web-cloud-gateway")
+
+    def slice_gone() -> bool:
+        try:
+            clusters.edge.api.get("discovery.k8s.io/v1", "EndpointSlice", "shop", "web-cloud-gateway")
+        except StoreError:
+            return True
+        return False
+
+    assert eventually(slice_gone, 10)
     assert curl(client, f"http://{vip}/").returncode != 0  # the name is gone here
 
 

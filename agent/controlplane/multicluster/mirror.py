@@ -107,9 +107,10 @@ class MirrorController:
 
     async def _upsert(self, remote: ExportedService) -> None:
         service, endpoint_slice = multicluster.mirror_objects(remote, self.link)
-        created = await self._put(f"/api/v1/namespaces/{remote.namespace}/services", service)
+        # the endpoint first: a mirror is never seen without the gateway behind it
         await self._put(f"/apis/discovery.k8s.io/v1/namespaces/{remote.namespace}/endpointslices",
                         endpoint_slice)
+        created = await self._put(f"/api/v1/namespaces/{remote.namespace}/services", service)
         if created:
             self.stats.created += 1
         else:
@@ -144,8 +145,8 @@ class MirrorController:
 
     async def _delete(self, key: str) -> None:
         namespace, name = key.split("/", 1)
-        for path in (f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}-gateway",
-                     f"/api/v1/namespaces/{namespace}/services/{name}"):
+        for path in (f"/api/v1/namespaces/{namespace}/services/{name}",  # the name goes first
+                     f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}-gateway"):
             try:
                 await self._local.request("DELETE", path)
             except ApiError as exc:

@@ -685,6 +685,8 @@ def test_multicluster_manifests_validate_against_kubernetes_1_30() -> None:
 
 
 def test_the_gateway_and_the_mirror_run_commands_pinion_accepts_unprivileged() -> None:
+    from agent.viz import multicluster_commands as commands
+
     documents = multicluster_documents()
     for workload, spec in pod_specs(documents):
         if workload not in ("pinion-gateway", "pinion-mirror-cloud"):
@@ -693,7 +695,7 @@ def test_the_gateway_and_the_mirror_run_commands_pinion_accepts_unprivileged() -
             context = c["securityContext"]
             assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
             parsed = cli._parser().parse_args(c["args"])  # an unknown flag would exit 2 here
-            assert parsed.run in (cli._run_mc_gateway, cli._run_mc_mirror) and parsed.in_cluster
+            assert parsed.run in (commands._run_mc_gateway, commands._run_mc_mirror) and parsed.in_cluster
     accounts = {d["metadata"]["name"] for d in documents if d["kind"] == "ServiceAccount"}
     assert {spec["serviceAccountName"] for _, spec in pod_specs(documents)} <= accounts
 

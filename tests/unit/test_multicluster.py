@@ -318,3 +318,58 @@ def test_the_gateways_limits_let_a_natted_site_in() -> None:
     assert gateway.max_peer_connections > 100 * agent.max_peer_connections // 4  # replicas, one address
     assert gateway.handshakes.per_source >= 16 * agent.handshakes.per_source
     assert gateway.handshakes.connections >= agent.handshakes.connections  # still bounded
+
+
+# --- the mirror controller against in-test API servers --------------------------------------
+
+def test_the_mirror_makes_updates_and_deletes_mirrors_and_never_replaces_a_users_service(
+        tmp_path: Any) -> None:
+    import asyncio
+
+    from agent.controlplane.kube.client import KubeClient
+    from agent.controlplane.kube.config import KubeConfig
+    from agent.controlplane.multicluster.mirror import MirrorController
+    from tests.support.kubeapi import FakeApiServer
+
+    remote = FakeApiServer(directory=tmp_path / "remote").start()
+    local = FakeApiServer(directory=tmp_path / "local").start()
+    try:
+        for api in (remote, local):
+            api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+        for name in ("web", "api"):
+            remote.apply(remote_service(name))
+        # someone's own Service, by the name a mirror of api would take
+        local.apply({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": "api-cloud", "namespace": "shop"},
+                     "spec": {"ports": [{"port": 9}]}})
+
+        async def scenario() -> MirrorController:
+            clients = [KubeClient(KubeConfig.load(str(api.kubeconfig)), timeout=5.0)
+                       for api in (local, remote)]
+            controller = MirrorController(clients[0], clients[1], LINK, resync=0.2)
+            task = asyncio.create_task(controller.run())
+            try:
+                await asyncio.sleep(1.5)
+                remote.apply(remote_service("web", ports=[{"name": "http", "port": 8080}]))
+                await asyncio.sleep(1.0)
+                remote.delete("v1", "Service", "shop", "web")
+                await asyncio.sleep(1.0)
+            finally:
+                task.cancel()
+                outcome = await asyncio.gather(task, return_exceptions=True)
+                assert not isinstance(outcome[0], Exception), outcome  # it ran until cancelled
+                for client in clients:
+                    await client.close()
+            return controller
+
+        controller = asyncio.run(scenario())
+        stats = controller.stats
+        assert (stats.created, stats.updated, stats.deleted) == (1, 1, 1)
+        assert stats.failures >= 1  # api-cloud: tried, refused, tried again at each resync
+        users = local.get("v1", "Service", "shop", "api-cloud")
+        assert users["spec"]["ports"] == [{"port": 9}] and not users["metadata"].get("labels")
+        with pytest.raises(Exception, match="not found"):
+            local.get("v1", "Service", "shop", "web-cloud")
+    finally:
+        remote.stop()
+        local.stop()

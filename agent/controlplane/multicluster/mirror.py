@@ -135,7 +135,7 @@ class MirrorController:
             raise ApiError(409, "Conflict", f"{path} exists and is not a mirror of "
                            f"{self.link.cluster_name}: not replacing it")
         for field in ("labels", "annotations"):
-            current_meta[field] = {**(current_meta.get(field) or {}), **obj["metadata"][field]}
+            current_meta[field] = {**(current_meta.get(field) or {}), **obj["metadata"].get(field, {})}
         if obj["kind"] == "Service":
             current.setdefault("spec", {})["ports"] = obj["spec"]["ports"]
         else:
@@ -168,11 +168,16 @@ async def run_mirror(local_kubeconfig: str | None, link_dir: Path, resync: float
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     task = loop.create_task(controller.run())
+    stopping = loop.create_task(stop.wait())
     try:
-        await asyncio.wait([task, loop.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for running in (task, stopping):
+            running.cancel()
+        await asyncio.gather(task, stopping, return_exceptions=True)
         await local.close()
         await remote.close()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.error("the mirror stopped: %r", task.exception())  # a bug: exit non-zero, be restarted
+        return 1
     return 0

@@ -74,9 +74,10 @@ class Side:
     def node(self) -> Node:
         return self.lab.nodes[0]
 
-    def pod(self, name: str, deployment: str, annotations: dict[str, str] | None = None) -> Pod:
-        obj = self.api.apply(pod_object(name, "shop", self.node.name, None, annotations, deployment))
-        pod = self.lab.add_pod(self.node, name, "shop", args={"K8S_POD_UID": obj["metadata"]["uid"]})
+    def pod(self, name: str, deployment: str, annotations: dict[str, str] | None = None,
+            namespace: str = "shop") -> Pod:
+        obj = self.api.apply(pod_object(name, namespace, self.node.name, None, annotations, deployment))
+        pod = self.lab.add_pod(self.node, name, namespace, args={"K8S_POD_UID": obj["metadata"]["uid"]})
         obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
         self.api.apply(obj)
         return pod
@@ -472,3 +473,41 @@ def test_the_callers_identity_reaches_the_destinations_policy_from_behind_one_na
     assert cloud.value("request_total", direction="inbound", pod="db") == 0
     failures = clusters.gateway_metrics()
     assert failures.value("pinion_tunnel_handshake_failures_total") == 0  # no replica refused
+
+
+def test_a_cloud_pod_outside_the_mesh_is_reached_in_plain_tcp_from_the_gateway(clusters: Clusters) -> None:
+    """cloud's `legacy` namespace is not meshed: the gateway's last hop is plain TCP inside
+    cloud; the WAN crossing is mTLS all the same, and edge's client sees the whole answer."""
+    for side in (clusters.cloud, clusters.edge):
+        side.api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy"}})
+    old = clusters.cloud.pod("old", "old", namespace="legacy")
+    serve(old)
+    clusters.cloud.api.apply({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "old", "namespace": "legacy", "labels": {"mirror.pinion.dev/exported": "true"}},
+        "spec": {"clusterIP": "10.43.0.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+    clusters.cloud.api.apply({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "old-x", "namespace": "legacy", "labels": {"kubernetes.io/service-name": "old"}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [old.ip], "conditions": {"ready": True}}]})
+    client = clusters.edge.pod("client", "front")
+    install_gateway(clusters)
+    link(clusters)
+
+    def vip() -> str:
+        try:
+            return str(clusters.edge.api.get("v1", "Service", "legacy", "old-cloud")["spec"]["clusterIP"])
+        except StoreError:
+            return ""
+
+    assert eventually(lambda: vip() != "", 20)
+    assert eventually(lambda: curl(client, f"http://{vip()}/").stdout.strip() == "ok", 20)
+    body = curl(client, f"http://{vip()}/bytes/300000").stdout  # more than a window's worth
+    assert len(body) == 300000
+    assert clusters.cloud.agents[0].metrics().value("request_total", direction="inbound",
+                                                    pod="old") == 0  # not meshed: no agent on it
+    gateway = clusters.gateway_metrics()
+    assert gateway.value("pinion_gateway_streams_total", outcome="forwarded", target="legacy/old") >= 2
+    assert gateway.value("pinion_gateway_bytes_total", direction="to_linked") >= 300000
+    assert eventually(lambda: clusters.gateway_metrics().value("pinion_gateway_active_streams") == 0, 10)

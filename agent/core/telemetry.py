@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.core.accounting import Record
+from agent.core.tap import TapHub
 
 # Linkerd's response_latency_ms bucket bounds (ms); +Inf is implied.
 LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
@@ -151,6 +152,7 @@ class Telemetry:
         self._http: dict[HttpLabels, HttpCounters] = {}
         self._expiry: dict[tuple[str, str], float] = {}
         self._refreshers: list[Callable[[], None]] = []
+        self.tap = TapHub(clock)  # open taps: the proxies publish finished requests to it
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` before every scrape (to pull counts kept elsewhere, e.g. in-kernel)."""

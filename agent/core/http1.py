@@ -133,10 +133,12 @@ class Http1Observer:
         "_req_began_at",
         "_req_head_bytes",
         "_req_heads",
+        "_req_idle",
         "_req_in_head",
         "_request_parser",
         "_resp_head_bytes",
         "_resp_heads",
+        "_resp_idle",
         "_resp_in_head",
         "_resp_informational",
         "_response_parser",
@@ -147,8 +149,6 @@ class Http1Observer:
         "_tap_request",
         "_tap_response",
         "_tap_url",
-        "_req_idle",
-        "_resp_idle",
     )
 
     def __init__(

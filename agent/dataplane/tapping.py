@@ -43,7 +43,7 @@ def tap_fields(relay: Relay, record: Record) -> dict[str, Any]:
         identity = peer.client_id
     latency = record.latency_ms
     return {
-        "ts": round(time.time(), 6), "direction": relay.direction,
+        "kind": "request", "ts": round(time.time(), 6), "direction": relay.direction,
         "namespace": pod.namespace, "pod": pod.name,
         "owner_kind": pod.owner_kind, "owner_name": pod.owner_name,
         "src": src, "dst": dst,

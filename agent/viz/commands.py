@@ -90,14 +90,38 @@ def add_viz_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_top_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    top = sub.add_parser("top", help="live table of the busiest pods, like `linkerd viz top`")
+    from agent.viz.tap import add_tap_flags, run_route_top, run_tap
+
+    tap = sub.add_parser("tap", help="every request of a resource as it happens, like "
+                                     "`linkerd viz tap`")
+    add_tap_flags(tap)
+    tap.add_argument("-o", "--output", choices=("default", "wide", "json"), default="default")
+    tap.add_argument("--max", type=int, metavar="N", help="exit after N requests")
+    tap.set_defaults(run=run_tap)
+    top = sub.add_parser("top", help="the busiest routes live, like `linkerd viz top`; "
+                                     "--pods: the busiest pods, from counters",
+                         description="pinion top RESOURCE: routes (source, destination, method, "
+                                     "path) by count, from tap. pinion top --pods: pods by RPS.")
+    add_tap_flags(top, resource_required=False)
+    top.add_argument("--pods", action="store_true",
+                     help="the pod-level view: busiest pods from /metrics (no tap needed)")
     top.add_argument("--interval", type=_positive, default=2.0, metavar="S",
                      help="seconds between refreshes (default 2)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N tables "
                      "(default: until Ctrl-C)")
-    top.add_argument("-n", "--namespace", help="only this namespace (default: all)")
-    _common_flags(top)
-    top.set_defaults(run=run_top)
+    top.add_argument("--routes", type=int, default=20, metavar="N", help="rows shown (default 20)")
+    top.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    def run_top_either(args: argparse.Namespace) -> int:
+        if args.pods:
+            if args.namespace == "default" and not args.resource:
+                args.namespace = None  # the pod view's default: every namespace
+            return run_top(args)
+        if not args.resource:
+            top.error("RESOURCE is required (pod/NAME, deploy/NAME, ns/NAME), or --pods")
+        return run_route_top(args)
+
+    top.set_defaults(run=run_top_either)
     check = sub.add_parser("check", help="✓/✗ health of agents (or, with --pre, of this host)")
     check.add_argument("--pre", action="store_true",
                        help="check this host's prerequisites for running an agent instead")

@@ -113,6 +113,8 @@ class AdminServer:
             await self._server.wait_closed()
         for writer in list(self._open):
             writer.transport.abort()
+        if self._tap is not None:
+            self._tap.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._make_room()

@@ -147,10 +147,24 @@ class TapEndpoint:
         self._limits = limits
         self._authorizing = 0
         self._wakes: dict[Subscription, asyncio.Event] = {}
+        self._writers: set[asyncio.StreamWriter] = set()  # every /tap connection, to close
         self.refused: dict[str, int] = {}
+
+    def close(self) -> None:
+        """End every tap (the agent is stopping): their clients see the stream end."""
+        for writer in list(self._writers):
+            writer.transport.abort()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     target: bytes, head: bytes, local: bool) -> None:
+        self._writers.add(writer)
+        try:
+            await self._serve(reader, writer, target, head, local)
+        finally:
+            self._writers.discard(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     target: bytes, head: bytes, local: bool) -> None:
         query = target.split(b"?", 1)[1].decode("ascii", "replace") if b"?" in target else ""
         peer = writer.get_extra_info("peername")
         caller = TapCaller(local, bearer_token(head), str(peer[0]) if isinstance(peer, tuple) else "")

@@ -122,6 +122,16 @@ def _add_top_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         return run_route_top(args)
 
     top.set_defaults(run=run_top_either)
+    dashboard = sub.add_parser("dashboard", help="a web page of the mesh on 127.0.0.1, like "
+                                                 "`linkerd viz dashboard`")
+    dashboard.add_argument("--port", type=int, default=50750, help="default 50750 (0: any free)")
+    dashboard.add_argument("--agent", action="append", type=_agent_flag, metavar="HOST:PORT",
+                           help=f"an agent's admin endpoint; repeatable (default {scrape.DEFAULT_AGENT})")
+    dashboard.add_argument("--kubeconfig", metavar="PATH", help="find the agents in this cluster "
+                           "and tap with its token")
+    dashboard.add_argument("--token-file", metavar="PATH", help="the operator's tap token")
+    dashboard.add_argument("--timeout", type=_positive, default=scrape.DEFAULT_TIMEOUT, metavar="S")
+    dashboard.set_defaults(run=run_dashboard)
     check = sub.add_parser("check", help="✓/✗ health of agents (or, with --pre, of this host)")
     check.add_argument("--pre", action="store_true",
                        help="check this host's prerequisites for running an agent instead")
@@ -301,6 +311,28 @@ def run_top(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
     except KeyboardInterrupt:
         pass
     return 1 if failed else 0
+
+
+# --- dashboard ------------------------------------------------------------------------------
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from agent.viz.dashboard.server import serve
+    from agent.viz.tap import agents_and_token
+
+    agents, token = agents_and_token(args)
+
+    def ready(server: Any) -> None:
+        print(f"pinion dashboard: http://127.0.0.1:{server.server_address[1]}/ "
+              f"({len(agents)} agent(s); Ctrl-C to stop)", flush=True)
+
+    try:
+        serve(agents, token, args.port, args.timeout, ready)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"pinion dashboard: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- check ----------------------------------------------------------------------------------

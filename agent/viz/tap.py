@@ -92,8 +92,11 @@ def stream_agent(agent: str, tap: TapQuery, token: str | None, timeout: float,
 
 
 def merged(agents: Sequence[str], tap: TapQuery, token: str | None, timeout: float,
-           stop: threading.Event) -> Generator[dict[str, Any] | TapError, None, None]:
-    """Every agent's objects (and errors) as they come; ends when all agents have ended."""
+           stop: threading.Event, heartbeat: bool = False,
+           ) -> Generator[dict[str, Any] | TapError | None, None, None]:
+    """Every agent's objects (and errors) as they come; ends when all agents have ended.
+    `heartbeat`: also a None every half second with nothing to show (a caller can notice
+    that its own client went away)."""
     lines: queue.Queue[dict[str, Any] | TapError | None] = queue.Queue(maxsize=10_000)
     opened: list[socket.socket] = []
 
@@ -115,6 +118,8 @@ def merged(agents: Sequence[str], tap: TapQuery, token: str | None, timeout: flo
             try:
                 item = lines.get(timeout=0.5)
             except queue.Empty:
+                if heartbeat:
+                    yield None
                 continue
             if item is None:
                 running -= 1
@@ -290,6 +295,8 @@ def run_tap(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     items = merged(agents, tap_query(args), token, args.timeout, stop)
     try:
         for item in items:
+            if item is None:
+                continue
             if isinstance(item, TapError):
                 print(f"pinion tap: {item}", file=sys.stderr)
                 failed = True
@@ -322,7 +329,7 @@ def run_route_top(args: argparse.Namespace, out: TextIO = sys.stdout,
     next_draw = clock() + args.interval
     drawn, failed = 0, False
     try:
-        for item in _ticking(merged(agents, tap_query(args), token, args.timeout, stop)):
+        for item in merged(agents, tap_query(args), token, args.timeout, stop, heartbeat=True):
             if isinstance(item, TapError):
                 print(f"pinion top: {item}", file=sys.stderr)
                 failed = True
@@ -346,24 +353,3 @@ def run_route_top(args: argparse.Namespace, out: TextIO = sys.stdout,
         stop.set()
     return 1 if failed and not table.routes else 0
 
-
-def _ticking(items: Iterator[dict[str, Any] | TapError]) -> Iterator[dict[str, Any] | TapError | None]:
-    """The items, and a None at least every 0.2 s, so a quiet tap still redraws."""
-    out: queue.Queue[dict[str, Any] | TapError | None] = queue.Queue(maxsize=10_000)
-    done = object()
-
-    def pump() -> None:
-        for item in items:
-            out.put(item)
-        out.put(done)  # type: ignore[arg-type]
-
-    threading.Thread(target=pump, daemon=True).start()
-    while True:
-        try:
-            item = out.get(timeout=0.2)
-        except queue.Empty:
-            yield None
-            continue
-        if item is done:
-            return
-        yield item

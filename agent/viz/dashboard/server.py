@@ -1,0 +1,233 @@
+"""The dashboard's web server: the page (static files, no build step, nothing fetched from
+elsewhere) and the JSON it reads, all computed from the agents' admin endpoints.
+
+    /                         namespaces: pods, meshed, success rate, RPS, p50/p95/p99, TCP
+    /namespaces/NS            the namespace's deployments and pods
+    /namespaces/NS/edges      who talks to whom, with TLS state (a graph and a table)
+    /tap?resource=...&...     a live tap with the filters of `pinion tap`
+
+Every page is its own URL (the server answers each with the same page; the script reads the
+URL). Rates are counter deltas between two scrapes of each agent, as `pinion stat`: the
+server keeps the last scrape and refreshes at most once a second whatever the page asks.
+
+Only for the local user: it listens on 127.0.0.1, and answers only requests whose Host is
+127.0.0.1/localhost at its port (a DNS-rebinding page elsewhere cannot read it). Taps through
+it are bounded (`MAX_TAPS` at once, each ended when the browser goes away).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from agent.viz import scrape
+from agent.viz.commands import WindowView, edges_json, window_view
+from agent.viz.edges import known_accounts, pod_edges
+from agent.viz.stats import Golden, PodKey, inbound_pod, stat_rows
+from agent.viz.tap import TapError, TapQuery, merged
+
+PACKAGE = "agent.viz.dashboard"
+DEFAULT_PORT = 50750
+MAX_TAPS = 4
+REFRESH_SECONDS = 1.0
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+PAGES = ("/", "/namespaces", "/tap")
+
+
+def golden_json(golden: Golden) -> dict[str, Any]:
+    return {"success": golden.success_rate, "rps": golden.rps if golden.observed else None,
+            "latency_ms_p50": golden.latency_ms(0.5), "latency_ms_p95": golden.latency_ms(0.95),
+            "latency_ms_p99": golden.latency_ms(0.99),
+            "tcp_open_connections": int(golden.tcp_open_connections)}
+
+
+class AgentData:
+    """The agents' numbers, as the page wants them; one refresh a second at most."""
+
+    def __init__(self, agents: Sequence[str], timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.agents = list(agents)
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._previous: list[scrape.Scrape] | None = None
+        self._latest: list[scrape.Scrape] = []
+        self._view: WindowView[PodKey] | None = None
+        self._at = 0.0
+
+    def refresh(self) -> tuple[WindowView[PodKey], list[scrape.Scrape]]:
+        with self._lock:
+            if self._view is None or self._clock() - self._at >= REFRESH_SECONDS:
+                if self._previous is None:
+                    self._previous = scrape.scrape_all(self.agents, self._timeout)
+                    time.sleep(REFRESH_SECONDS)
+                self._latest = scrape.scrape_all(self.agents, self._timeout)
+                self._view = window_view(self._previous, self._latest, inbound_pod)
+                self._previous, self._at = self._latest, self._clock()
+            return self._view, self._latest
+
+    def overview(self) -> dict[str, Any]:
+        view, _ = self.refresh()
+        namespaces: dict[str, dict[str, Any]] = {}
+        totals: dict[str, Golden] = {}
+        for row in stat_rows("pods", view.golden, view.meshed, view.seen, None, view.owners):
+            entry = namespaces.setdefault(row.namespace, {"name": row.namespace, "pods": 0,
+                                                          "meshed": 0})
+            entry["pods"] += row.total
+            entry["meshed"] += row.meshed
+            totals.setdefault(row.namespace, Golden()).merge(row.golden)
+        for name, entry in namespaces.items():
+            entry.update(golden_json(totals[name]))
+        return {"namespaces": [namespaces[name] for name in sorted(namespaces)],
+                "agents": self.agents, "errors": view.errors}
+
+    def namespace(self, name: str) -> dict[str, Any]:
+        view, _ = self.refresh()
+        answer: dict[str, Any] = {"namespace": name, "errors": view.errors}
+        for resource in ("deployments", "pods"):
+            rows = stat_rows(resource, view.golden, view.meshed, view.seen, name, view.owners)
+            answer[resource] = [{"name": row.name, "meshed": f"{row.meshed}/{row.total}",
+                                 **golden_json(row.golden)} for row in rows]
+        return answer
+
+    def edges(self, namespace: str) -> dict[str, Any]:
+        _, scrapes = self.refresh()
+        samples = [sample for s in scrapes for sample in s.samples]
+        accounts = known_accounts(pod for s in scrapes for pod in s.pods)
+        edges = json.loads(edges_json(pod_edges(samples, accounts, namespace)))
+        return {"namespace": namespace, "edges": edges,
+                "errors": [s.error for s in scrapes if s.error is not None]}
+
+
+class Dashboard:
+    """The server's state: the agents, the tap credentials, how many taps run."""
+
+    def __init__(self, data: AgentData, token: str | None, port: int) -> None:
+        self.data = data
+        self.token = token
+        self.port = port
+        self.taps = 0
+        self.lock = threading.Lock()
+
+    def allowed_host(self, host: str | None) -> bool:
+        return host in {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
+
+
+def tap_query(params: dict[str, str]) -> TapQuery:
+    try:
+        max_rps = float(params.get("max_rps") or 100)
+    except ValueError:
+        raise ValueError("max_rps must be a number") from None
+    if not params.get("resource"):
+        raise ValueError("resource is required (pod/NAME, deploy/NAME or ns/NAME)")
+    return TapQuery(params["resource"], params.get("namespace") or "default",
+                    params.get("to") or None, params.get("from") or None,
+                    params.get("method") or None, params.get("path") or None,
+                    params.get("authority") or None, max_rps)
+
+
+def handler_for(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "pinion-dashboard"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: the terminal is the user's
+
+        def do_GET(self) -> None:
+            if not dashboard.allowed_host(self.headers.get("Host")):
+                self._send(HTTPStatus.FORBIDDEN, "text/plain", b"wrong Host: open "
+                           b"http://127.0.0.1:%d/\n" % dashboard.port)
+                return
+            url = urlsplit(self.path)
+            params = {key: values[-1] for key, values in parse_qs(url.query).items()}
+            path = url.path
+            try:
+                if path.startswith("/static/") and path[8:] in STATIC:
+                    body = resources.files(PACKAGE).joinpath("static", path[8:]).read_bytes()
+                    self._send(HTTPStatus.OK, STATIC[path[8:]], body)
+                elif path == "/api/overview":
+                    self._json(dashboard.data.overview())
+                elif path == "/api/namespace":
+                    self._json(dashboard.data.namespace(params.get("name") or "default"))
+                elif path == "/api/edges":
+                    self._json(dashboard.data.edges(params.get("namespace") or "default"))
+                elif path == "/api/tap":
+                    self._tap(params)
+                elif path in PAGES or path.startswith("/namespaces/"):
+                    page = resources.files(PACKAGE).joinpath("static", "index.html")
+                    self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.read_bytes())
+                elif path == "/favicon.ico":
+                    self._send(HTTPStatus.NO_CONTENT, "text/plain", b"")
+                else:
+                    self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _json(self, document: dict[str, Any]) -> None:
+            self._send(HTTPStatus.OK, "application/json", json.dumps(document).encode())
+
+        def _send(self, status: HTTPStatus, ctype: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Security-Policy", "default-src 'self'")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _tap(self, params: dict[str, str]) -> None:
+            try:
+                query = tap_query(params)
+            except ValueError as exc:
+                self._send(HTTPStatus.BAD_REQUEST, "text/plain", f"{exc}\n".encode())
+                return
+            with dashboard.lock:
+                if dashboard.taps >= MAX_TAPS:
+                    self._send(HTTPStatus.TOO_MANY_REQUESTS, "text/plain",
+                               b"too many taps open in this dashboard\n")
+                    return
+                dashboard.taps += 1
+            stop = threading.Event()
+            items = merged(dashboard.data.agents, query, dashboard.token, 5.0, stop, heartbeat=True)
+            try:
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.close_connection = True
+                for item in items:
+                    if item is None:  # nothing tapped lately: is the browser still there?
+                        self.wfile.write(b"\n")
+                    else:
+                        line = ({"kind": "error", "message": str(item)}
+                                if isinstance(item, TapError) else item)
+                        self.wfile.write(json.dumps(line).encode() + b"\n")
+                    self.wfile.flush()
+            finally:
+                items.close()
+                with dashboard.lock:
+                    dashboard.taps -= 1
+
+    return Handler
+
+
+def serve(agents: Sequence[str], token: str | None, port: int = DEFAULT_PORT,
+          timeout: float = scrape.DEFAULT_TIMEOUT,
+          ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
+    dashboard = Dashboard(AgentData(agents, timeout), token, port)
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(dashboard))
+    server.daemon_threads = True
+    dashboard.port = server.server_address[1]
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()

@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
-                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
+                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev chromium
 
 .PHONY: deps venv bpf test unit netns demo bench bench-quick lint clean
 

@@ -80,10 +80,11 @@ def clean(value: bytes) -> str:
 class TapEvent:
     """One finished request as a flat dict of JSON values; its line is built once."""
 
-    __slots__ = ("_line", "fields")
+    __slots__ = ("_line", "fields", "queued")
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
+        self.queued = False  # some tap took it (not all were over their rate or full)
         self._line: bytes | None = None
 
     def line(self) -> bytes:
@@ -200,6 +201,7 @@ class Subscription:
             self.dropped += 1
             return False
         self.queue.append(event)
+        event.queued = True
         if len(self.queue) == 1:
             self.wake()
         return True
@@ -261,3 +263,5 @@ class TapHub:
             if subscription.filter.matches(fields):
                 event = event or TapEvent(fields)
                 subscription.offer(event, now)
+        if event is not None and event.queued:
+            event.line()  # serialised now, once: the taps' writers then only join bytes

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.lab.agents import REPO
-from agent.lab.topology import Node
+from agent.lab.topology import Node, Pod
 from tests.netns.conftest import Mesh, eventually, running_mesh
 from tests.netns.test_golden_metrics import GRPC, HTTP, _get_many
 
@@ -193,3 +193,76 @@ def test_from_another_node_only_the_operator_token_opens_a_tap(tmp_path: Path) -
         assert _get_many(client, web, ["/with-token"], connections=1) == {"200": 1}
         [event] = _events(allowed)
         assert (event["path"], event["pod"]) == ("/with-token", web.name)
+
+
+# Paced HTTP/1.1 load: `rate` requests/s over `connections` keep-alive connections for
+# `seconds`; prints the latencies (ms) it measured, sorted.
+PACED_LOAD = """\
+import asyncio, json, sys, time
+host, rate, connections, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+latencies = []
+async def one(per_connection):
+    reader, writer = await asyncio.open_connection(host, 8080)
+    start, count = time.perf_counter(), int(per_connection * seconds)
+    for i in range(count):
+        delay = start + i / per_connection - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        writer.write(b"GET /paced HTTP/1.1\\r\\nHost: web\\r\\n\\r\\n")
+        head = await reader.readuntil(b"\\r\\n\\r\\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\\r\\n")[0])
+        await reader.readexactly(length)
+        latencies.append((time.perf_counter() - sent) * 1000)
+    writer.close()
+async def main():
+    await asyncio.gather(*(one(rate / connections) for _ in range(connections)))
+asyncio.run(main())
+print(json.dumps(sorted(latencies)))
+"""
+
+# Opens N taps (each at the default max_rps, 100/s, as `linkerd viz tap`) on one agent and
+# reads (and drops) whatever they send, until killed.
+READING_TAPS = """\
+import selectors, socket, sys
+host, port, resource, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+selector = selectors.DefaultSelector()
+for _ in range(count):
+    s = socket.create_connection((host, port))
+    s.sendall(f"GET /tap?resource={resource} HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n".encode())
+    selector.register(s, selectors.EVENT_READ)
+print("tapping", flush=True)
+while True:
+    for key, _ in selector.select():
+        if not key.fileobj.recv(65536):
+            selector.unregister(key.fileobj)
+"""
+
+
+def _p99(client: Pod, web: Pod) -> tuple[float, int]:
+    result = client.run([sys.executable, "-c", PACED_LOAD, web.ip, "1000", "10", "4"], timeout=60)
+    latencies = json.loads(result.stdout)
+    return latencies[int(len(latencies) * 0.99) - 1], len(latencies)
+
+
+def test_twenty_taps_at_1000_rps_keep_the_pods_p99_within_a_millisecond(mesh: Mesh) -> None:
+    client, web = mesh.pod(0, "client"), mesh.pod(1, "web")
+    mesh.serve(web, HTTP, "--port", "8080")
+    _p99(client, web)  # warm up: connections, the server's first requests
+    baseline, sent = _p99(client, web)
+    host, port = mesh.agents[1].admin
+    taps = mesh.lab.nodes[1].spawn([sys.executable, "-c", READING_TAPS, host, str(port),
+                                    f"pod/{web.name}", "20"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert taps.stdout is not None and taps.stdout.readline().strip() == "tapping"
+        assert eventually(lambda: _taps_open(mesh, 1) == 20, 10)
+        published = mesh.agents[1].metrics().value("pinion_tap_requests_total")
+        tapped, tapped_sent = _p99(client, web)
+        shown = mesh.agents[1].metrics().value("pinion_tap_requests_total") - published
+    finally:
+        taps.kill()
+        taps.wait()
+    print(f"p99 without taps {baseline:.3f} ms ({sent} requests), with 20 taps {tapped:.3f} ms "
+          f"({tapped_sent} requests, {shown:.0f} shown to the taps)")
+    assert shown >= tapped_sent  # every request went to the hub (each tap takes 100/s of them)
+    assert tapped <= baseline + 1.0, (baseline, tapped)

@@ -178,3 +178,17 @@ def test_taps_beyond_the_cap_are_refused_and_a_closed_tap_frees_its_place() -> N
         assert agent.hub.taps == 1 and agent.tap("resource=ns/shop")[0] == 200
     finally:
         agent.close()
+
+
+def test_kubeconfig_discovery_finds_the_agents_and_the_token_to_tap_with(api: FakeApiServer) -> None:
+    from agent.viz.cluster_checks import cluster_agents
+
+    api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "pinion-system"}})
+    for name, host in [("pinion-agent-a", "192.168.1.21"), ("pinion-agent-b", "192.168.1.22")]:
+        api.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": "pinion-system",
+            "labels": {"app.kubernetes.io/name": "pinion-agent"}},
+            "spec": {"nodeName": name}, "status": {"hostIP": host}})
+    agents, token = cluster_agents(str(api.kubeconfig), timeout=5.0)
+    assert agents == ["192.168.1.21:4191", "192.168.1.22:4191"]
+    assert token == api.token

@@ -28,9 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.agents import LabAgent, start_agents, stop_agents  # noqa: E402
-from agent.lab.topology import Lab  # noqa: E402
-from bench.foundation import (  # noqa: E402
+from agent.lab.agents import LabAgent, start_agents, stop_agents
+from agent.lab.topology import Lab
+from bench.foundation import (
     Settings,
     TrafficCase,
     load_average,

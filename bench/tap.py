@@ -187,15 +187,101 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- in-process: the hot path alone
+
+REQUEST = b"GET /1k HTTP/1.1\r\nHost: 10.42.1.2\r\nUser-Agent: paced\r\nAccept: */*\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 1024\r\nConnection: keep-alive\r\nAccept-Ranges: bytes\r\n\r\n"
+            + b"x" * 1024)
+
+
+MAIN_OBSERVER = """\
+import sys, time
+from agent.core.http1 import Http1Observer
+request, response, count = eval(sys.argv[1]), eval(sys.argv[2]), int(sys.argv[3])
+watched = Http1Observer()
+started = time.perf_counter()
+for _ in range(count):
+    watched.client_bytes(request, 0.0)
+    watched.server_bytes(response, 0.001)
+print((time.perf_counter() - started) / count * 1e6)
+"""
+
+
+def main_observer(count: int) -> float:
+    """The same loop over main's Http1Observer (an exported tree, its own interpreter)."""
+    scratch = Path(tempfile.mkdtemp(prefix="pinion-bench-tap-"))
+    try:
+        tree = export_main(scratch)
+        done = subprocess.run([sys.executable, "-c", MAIN_OBSERVER, repr(REQUEST), repr(RESPONSE),
+                               str(count)], capture_output=True, text=True, check=True,
+                              cwd=str(tree), env=dict(os.environ, PYTHONPATH=str(tree)))
+        return float(done.stdout)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def micro(count: int = 50_000) -> str:
+    """µs per request of what tap adds on the agent's thread, without a lab: the HTTP/1
+    observer with the switch off and on, and publishing one event to 0, 1 and 20 taps
+    (matching, rate, queue, serialising; the writers' batching is not in it)."""
+    from agent.core.http1 import Http1Observer
+    from agent.core.tap import Resource, TapFilter, TapHub, TapSwitch
+
+    def observer(on: bool) -> float:
+        switch = TapSwitch()
+        switch.on = on
+        watched = Http1Observer(tap=switch)
+        started = time.perf_counter()
+        for _ in range(count):
+            watched.client_bytes(REQUEST, 0.0)
+            watched.server_bytes(RESPONSE, 0.001)
+        return (time.perf_counter() - started) / count * 1e6
+
+    fields = {key: "" for key in ("kind", "direction", "namespace", "pod", "owner_kind",
+                                  "owner_name", "src", "dst", "src_namespace", "src_pod",
+                                  "src_owner_kind", "src_owner_name", "dst_namespace", "dst_pod",
+                                  "dst_owner_kind", "dst_owner_name", "tls", "identity",
+                                  "method", "authority", "path", "classification")}
+    fields |= {"namespace": "default", "pod": "web", "status": 200, "grpc_status": None,
+               "error": None, "latency_ms": 0.512, "duration_ms": 0.601, "request_bytes": 0,
+               "response_bytes": 1024, "ts": time.time()}
+
+    def publish(taps: int) -> float:
+        hub = TapHub(time.monotonic, max_taps=taps or 1)
+        opened = [hub.open(TapFilter(Resource.parse("pod/web", "default")), 5000, lambda: None)
+                  for _ in range(taps)]
+        started = time.perf_counter()
+        for _ in range(count):
+            hub.publish(dict(fields))
+            for subscription in opened:
+                subscription.queue.clear()
+        return (time.perf_counter() - started) / count * 1e6
+
+    rows = [("HTTP/1 observer of main (no tap code)", main_observer(count)),
+            ("HTTP/1 observer, request + 1 KiB response, no tap open", observer(False)),
+            ("HTTP/1 observer, request + 1 KiB response, a tap open", observer(True)),
+            ("publish one finished request, no tap wants it", publish(0)),
+            ("publish one finished request to 1 tap", publish(1)),
+            ("publish one finished request to 20 taps", publish(20))]
+    return "\n".join(["| in-process, one thread | µs per request |", "| --- | --- |"]
+                     + [f"| {label} | {value:.2f} |" for label, value in rows]) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--micro", action="store_true", help="only the in-process figures")
     args = parser.parse_args()
+    if args.micro:
+        print(micro())
+        return 0
     if os.geteuid() != 0:
         print("bench/tap.py must run as root (it builds network namespaces)", file=sys.stderr)
         return 2
     print(report(measure(args), args))
+    print(micro())
     return 0
 
 

@@ -139,7 +139,9 @@ function graph(edges) {
     const circle = document.createElementNS(ns, "circle");
     for (const [k, v] of Object.entries({ cx: x, cy: y, r: 14, fill: "#2d5bd7" })) circle.setAttribute(k, v);
     const text = document.createElementNS(ns, "text");
-    for (const [k, v] of Object.entries({ x, y: y + 30, "text-anchor": "middle" })) text.setAttribute(k, v);
+    const above = y < cy;  // labels outside the ring, away from the edges
+    for (const [k, v] of Object.entries({ x, y: above ? y - 22 : y + 30, "text-anchor": "middle" }))
+      text.setAttribute(k, v);
     text.textContent = name;
     svg.append(circle, text);
   }

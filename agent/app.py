@@ -22,6 +22,7 @@ from agent.dataplane.redirect import CgroupBackend, choose_backend
 from agent.dataplane.relay import RelaySettings
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
+from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
 from agent.observability.admin import AdminServer
@@ -64,8 +65,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     if identities is not None:  # the acceptor hands each stream it accepts to `inbound`
         acceptor = TunnelAcceptor(identities, metrics, mesh_settings, inbound)
         _gauge_handshakes(acceptor, metrics)
+    hold = ListenerHold(config.keeper_socket)
     pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),
-                      store, telemetry, metrics, identities)
+                      store, telemetry, metrics, identities, hold)
     cluster = _kubernetes(config, pods, state, damaged)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     tap = _tap_endpoint(config, telemetry)
@@ -101,13 +103,16 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
             background.append(tasks.create_task(_ready_when_synced(cluster, admin)))
         await stop.wait()
         log.info("draining: %s", "removing all capture rules" if cleanup else
-                 "pods stay captured (fail closed) until the agent returns")
+                 "pods stay captured until the agent returns: " +
+                 ("new connections wait at the keeper" if hold.connected else "fail closed"))
         admin.ready = False
         for task in background:
             task.cancel()
         if cluster is not None:
             await cluster.close()
         await cni.close()
+        pods.stop_accepting()
+        await pods.drain(config.drain_seconds)
         await pods.shutdown(cleanup)
         if mesh is not None:
             mesh.close_all()

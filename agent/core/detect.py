@@ -104,6 +104,15 @@ class ConnectionObserver:
     def opaque(self) -> bool:
         return self._inner is not None and self._inner.opaque
 
+    @property
+    def at_rest(self) -> bool:
+        """HTTP/1 between messages, or nothing sent yet: a clean point to close at. Never
+        for HTTP/2 or opaque streams (they have no such point we can see)."""
+        inner = self._inner
+        if inner is None:
+            return not self._prefix and not self._early_server
+        return isinstance(inner, Http1Observer) and inner.at_rest
+
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         inner = self._inner
         if inner is None:

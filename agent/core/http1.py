@@ -199,6 +199,13 @@ class Http1Observer:
         started, self._started = self._started, 0
         return started
 
+    @property
+    def at_rest(self) -> bool:
+        """Between messages: every request answered in full, no next one begun. Closing the
+        connection now loses nothing (what a server does to an idle keep-alive connection)."""
+        return not (self._opaque or self._pending or self._req_in_head
+                    or self._client_held is not None)
+
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         if self._opaque:
             return []

@@ -24,6 +24,7 @@ from agent.dataplane.tunnel import TunnelSession
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+MAX_MOVES = 3  # a refused stream is moved to another tunnel connection at most this often
 
 
 class OutboundProxy:
@@ -38,6 +39,7 @@ class OutboundProxy:
         self._mesh = mesh
         self._router = router
         self._plain = PlainUpstream(sockets, metrics, settings.connect_timeout)
+        self._metrics = metrics
         self._labels_cache: dict[tuple[PeerLabels, str], PeerLabels] = {}
 
     def protocol_factory(self, pod: PodContext) -> Callable[[], asyncio.Protocol]:
@@ -91,6 +93,10 @@ class OutboundProxy:
         if session is not None:
             self._open_stream(relay, session, decision)
             return
+        if relay.moves:  # it was in the mesh: never in plaintext now
+            self._plain.refuse(relay, "tunnel_refused", f"{decision.destination[0]} no longer "
+                               "takes the mesh tunnel: not falling back to plaintext")
+            return
         relay.open_record(relay.peer_labels)
         await self._plain.connect(relay, decision.destination)
 
@@ -102,10 +108,28 @@ class OutboundProxy:
         labels = session.labels
         if decision.path is Path.TUNNEL:  # what the registry knows of the destination, and the proof
             labels = self._tunnel_labels(decision.labels, labels.server_id)
-        relay.open_record(labels)
-        session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
+        if relay.record is None:
+            relay.open_record(labels)
+        stream = session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
+        stream.on_refused = lambda sent: self._move(relay, decision, sent)
         if not relay.upstream.write_blocked:
             client.resume_reading()
+
+    def _move(self, relay: Relay, decision: Forward, sent: list[bytes]) -> bool:
+        """The destination's agent refused the stream (it is going away) or its connection
+        ended before accepting it: nothing reached the destination, so the same bytes go
+        on a new connection (to the agent that takes over; a keeper holds its listener).
+        False (the client gets a reset, as before) past `MAX_MOVES` or with no mesh."""
+        client = relay.client.transport
+        if self._mesh is None or relay.moves >= MAX_MOVES or client is None or client.is_closing():
+            return False
+        relay.moves += 1
+        self._metrics.streams_moved.inc()
+        relay.early[:0] = sent  # first, before anything the client sends meanwhile
+        relay.upstream.transport = None
+        relay.upstream.write_blocked = False
+        self._plain.spawn(relay, self._dial(relay, decision))
+        return True
 
     def _tunnel_labels(self, route_labels: PeerLabels, server_id: str) -> PeerLabels:
         """The registry's dst_* labels with the tunnel's proof, built once per (route, server)."""

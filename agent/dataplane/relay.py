@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
+from agent.core.detect import Protocol as Wire
 from agent.core.telemetry import (
     PLAINTEXT,
     ConnectionRecord,
@@ -100,9 +101,9 @@ class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
     __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
-                 "early", "early_at", "failed", "http", "idle_since", "observer", "peer_labels",
-                 "peer_pod", "pod", "proxy", "record", "seen_activity", "source", "started",
-                 "upstream")
+                 "draining", "early", "early_at", "failed", "http", "idle_since", "moves",
+                 "observer", "peer_labels", "peer_pod", "pod", "proxy", "record", "seen_activity",
+                 "source", "started", "upstream")
 
     def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
                  buffer_high: int) -> None:
@@ -128,6 +129,8 @@ class Relay:
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
         self.observer: ConnectionObserver | None = ConnectionObserver(proxy.telemetry.tap.switch)
         self.http: HttpCounters | None = None
+        self.draining = False  # the agent is stopping: close at the next clean point
+        self.moves = 0  # times a refused tunnel stream was carried to another connection
         # what a tunnel stream said of its client pod: (namespace, pod, owner kind, owner name)
         self.peer_pod: tuple[str, str, str, str] | None = None
 
@@ -181,6 +184,29 @@ class Relay:
                 side.transport.pause_reading()  # uvloop may not honour the first pause
         elif not target.is_closing():
             target.write(data)
+            if self.draining and side is self.upstream:
+                self.close_if_at_rest()
+
+    def drain(self) -> None:
+        """The agent is stopping: end this connection at its next clean point, HTTP/1
+        after the response in flight (or now, between requests), with a FIN both ways,
+        as a server closes an idle keep-alive connection. HTTP/2 and opaque streams have
+        no such point: they run on until they end or the drain deadline resets them."""
+        self.draining = True
+        self.close_if_at_rest()
+
+    def mid_request(self) -> bool:
+        """An HTTP/1 request is in flight (its response not complete)."""
+        observer = self.observer
+        return observer is not None and observer.protocol is Wire.HTTP1 and not observer.at_rest
+
+    def close_if_at_rest(self) -> None:
+        observer = self.observer
+        if observer is None or not observer.at_rest:
+            return
+        for side in (self.client, self.upstream):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()  # the client's close cancels a connect in progress
 
     def account(self, records: list[Record], observer: ConnectionObserver) -> None:
         started = observer.take_started()
@@ -202,7 +228,13 @@ class Relay:
         target = self.other(side)
         if target.transport is None or target.transport.is_closing():
             return  # no upstream yet: side.eof is kept, and side_made passes the FIN on
-        if target.eof:  # both directions finished: close (flushes what is buffered)
+        # An HTTP/1 server that ends its side between messages answers nothing more (an idle
+        # keep-alive connection closed, a draining agent): the client's connection is closed
+        # whole, so a request it sends next fails at once instead of waiting for nothing.
+        observer = self.observer
+        done = (side is self.upstream and observer is not None
+                and observer.protocol is Wire.HTTP1 and observer.at_rest)
+        if target.eof or done:  # both directions finished: close (flushes what is buffered)
             for each in (self.client, self.upstream):
                 if each.transport is not None:
                     each.transport.close()

@@ -25,6 +25,7 @@ from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.relay import reap_idle
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
+from agent.inpod.keeper import ListenerHold, listener_key
 from agent.inpod.state import PodStateStore
 from agent.memory import give_back_memory
 from agent.model import Pod
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from agent.identity.store import IdentityManager
 
 log = logging.getLogger(__name__)
+DRAIN_QUIET_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -43,6 +45,7 @@ class CapturedPod:
     plan: Plan
     context: PodContext
     servers: list[Listener]
+    keys: list[str] = dataclasses.field(default_factory=list)  # its listeners, at the keeper
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +62,10 @@ class PodManager:
     def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
                  backend: Backend, proxies: Proxies, store: PodStateStore,
                  telemetry: Telemetry, metrics: AgentMetrics,
-                 identities: IdentityManager | None = None) -> None:
+                 identities: IdentityManager | None = None,
+                 hold: ListenerHold | None = None) -> None:
         self._config = config
+        self._hold = hold if hold is not None else ListenerHold(None)
         self._identities = identities
         self._switch = switch
         self._sockets = sockets
@@ -128,13 +133,19 @@ class PodManager:
         return problems
 
     async def adopt(self) -> None:
-        """Re-capture the pods a previous run of the agent had (rules and listeners again)."""
+        """Re-capture the pods a previous run of the agent had (rules and listeners again;
+        the listeners themselves, with what waits in their backlogs, from the keeper)."""
+        held = self._hold.start()
         for pod in self._store.load_all():
             try:
                 await self.add(pod)
             except CaptureError as exc:
                 log.warning("not re-adopting %s: %s", pod.key, exc.msg)
                 self._store.delete(pod.container_id)
+        unclaimed = self._hold.settle()
+        if held:
+            log.info("keeper: %d listeners taken back, %d of pods gone meanwhile closed",
+                     held - unclaimed, unclaimed)
 
     async def sweep(self) -> None:
         """Reset relays idle past their pod's timeout; release pods whose netns vanished
@@ -154,6 +165,55 @@ class PodManager:
                 log.info("pod %s: netns %s is gone; releasing", captured.pod.key,
                          captured.netns.path)
                 await self._release(captured)
+        self._hold.refresh()
+
+    def stop_accepting(self) -> None:
+        """Close our listeners (a keeper's copies keep them listening: what arrives now
+        waits for the next agent); connections already accepted go on."""
+        for captured in self._pods.values():
+            for server in captured.servers:
+                server.close()
+
+    async def drain(self, seconds: float, quiet: float = DRAIN_QUIET_SECONDS) -> int:
+        """SIGTERM, after `stop_accepting`: let what is in flight finish, for at most
+        `seconds`. Each relay ends at its next clean point (HTTP/1: right after the response
+        in flight, or now if between requests, as a server closes an idle keep-alive
+        connection); tunnel peers are told to open no new streams here (GOAWAY; any they
+        open meanwhile are refused, and they move them). Ends once nothing is left, or once
+        what is left is quiet: no byte either way for `quiet` seconds and no HTTP/1 request
+        in flight (an idle pooled connection, an HTTP/2 or opaque stream between messages:
+        they have no clean point to wait for). Returns how many connections it reset."""
+        for captured in self._pods.values():
+            for relay in list(captured.context.relays):
+                relay.drain()
+            for session in list(captured.context.tunnels):
+                session.go_away()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        seen: dict[int, tuple[int, float]] = {}
+        while True:
+            relays = [r for c in self._pods.values() for r in c.context.relays]
+            now = loop.time()
+            if not relays or now - start >= seconds:
+                break
+            busy = False
+            for relay in relays:
+                activity, since = seen.get(id(relay), (-1, now))
+                if activity != relay.activity:
+                    seen[id(relay)] = (relay.activity, now)
+                    busy = True
+                elif now - since < quiet or relay.mid_request():
+                    busy = True
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        for relay in relays:
+            relay.abort()
+        if relays:
+            self._metrics.drain_resets.inc(len(relays))
+            log.info("drain: %d connections still open after %.1f s reset", len(relays),
+                     loop.time() - start)
+        return len(relays)
 
     async def shutdown(self, cleanup: bool) -> None:
         """Stop serving. Rules stay (pods fail closed until we return) unless cleanup."""
@@ -162,6 +222,7 @@ class PodManager:
                 await self._release(captured, remove_rules=cleanup, forget=cleanup)
             if self._cgroups is not None:
                 self._cgroups.close(cleanup)
+            self._hold.forget_all()
 
     def programs(self, captured: CapturedPod) -> dict[str, Any]:
         """What /pods shows of a pod's eBPF programs (nothing for netfilter backends)."""
@@ -267,12 +328,17 @@ class PodManager:
                   ("0.0.0.0", ports.inbound, proxies.inbound.protocol_factory(context)),
                   ("0.0.0.0", ports.tunnel, None))
         for host, port, factory in wanted:
-            try:
-                sock = self._sockets.listener(netns, host, port)
-            except OSError as exc:
-                hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
-                raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
-                                   f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
+            key = listener_key(captured.pod.container_id, port)
+            sock = self._hold.take(key, netns.inode, port)
+            if sock is None:
+                try:
+                    sock = self._sockets.listener(netns, host, port)
+                except OSError as exc:
+                    hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
+                    raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
+                                       f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
+                self._hold.register(key, sock)
+            captured.keys.append(key)
             if factory is None:
                 captured.servers.append(await serve_tunnel(proxies.tunnel, context, sock,
                                                            self._metrics))
@@ -306,6 +372,7 @@ class PodManager:
         self._kernel_seen.pop(captured.pod.container_id, None)
         if forget:
             self._store.delete(captured.pod.container_id)
+            self._hold.release(captured.keys)
         self._telemetry.pod_removed(captured.pod.key.namespace, captured.pod.key.name)
 
     async def _in_netns(self, netns: NetNs, fn):  # type: ignore[no-untyped-def]

@@ -187,6 +187,12 @@ class AgentMetrics:
         self.relay_idle_resets = Counter("pinion_relay_idle_resets", "Relayed connections reset "
                                          "after no byte moved either way for their pod's idle "
                                          "timeout", registry=registry)
+        self.streams_moved = Counter("pinion_tunnel_streams_moved", "Outbound tunnel streams "
+                                     "the destination's agent refused (going away) or lost "
+                                     "before accepting, carried to a new connection",
+                                     registry=registry)
+        self.drain_resets = Counter("pinion_drain_resets", "Connections still open when a "
+                                    "drain (SIGTERM) ended, reset", registry=registry)
         self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
                                      "at start and set aside (renamed *.damaged)", ("store",),
                                      registry=registry)

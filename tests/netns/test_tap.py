@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -221,48 +222,43 @@ asyncio.run(main())
 print(json.dumps(sorted(latencies)))
 """
 
-# Opens N taps (each at the default max_rps, 100/s, as `linkerd viz tap`) on one agent and
-# reads (and drops) whatever they send, until killed.
-READING_TAPS = """\
-import selectors, socket, sys
-host, port, resource, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-selector = selectors.DefaultSelector()
-for _ in range(count):
-    s = socket.create_connection((host, port))
-    s.sendall(f"GET /tap?resource={resource} HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n".encode())
-    selector.register(s, selectors.EVENT_READ)
-print("tapping", flush=True)
-while True:
-    for key, _ in selector.select():
-        if not key.fileobj.recv(65536):
-            selector.unregister(key.fileobj)
-"""
-
-
-def _p99(client: Pod, web: Pod) -> tuple[float, int]:
-    result = client.run([sys.executable, "-c", PACED_LOAD, web.ip, "1000", "10", "4"], timeout=60)
+def _p99(client: Pod, web: Pod, seconds: float = 3) -> tuple[float, int]:
+    result = client.run([sys.executable, "-c", PACED_LOAD, web.ip, "1000", "10", str(seconds)],
+                        timeout=60)
     latencies = json.loads(result.stdout)
     return latencies[int(len(latencies) * 0.99) - 1], len(latencies)
 
 
+def _curl_taps(mesh: Mesh, node: int, resource: str, count: int) -> list[subprocess.Popen[bytes]]:
+    """`count` taps at the default max_rps (100/s, as `linkerd viz tap`), each read by curl."""
+    host, port = mesh.agents[node].admin
+    url = f"http://{host}:{port}/tap?resource={resource}"
+    return [mesh.lab.nodes[node].spawn(["curl", "-sN", "-o", "/dev/null", url])
+            for _ in range(count)]
+
+
 def test_twenty_taps_at_1000_rps_keep_the_pods_p99_within_a_millisecond(mesh: Mesh) -> None:
+    """Interleaved rounds (no tap, 20 taps, ...) on a machine other tests share: the medians
+    of each side's p99 are compared."""
     client, web = mesh.pod(0, "client"), mesh.pod(1, "web")
     mesh.serve(web, HTTP, "--port", "8080")
-    _p99(client, web)  # warm up: connections, the server's first requests
-    baseline, sent = _p99(client, web)
-    host, port = mesh.agents[1].admin
-    taps = mesh.lab.nodes[1].spawn([sys.executable, "-c", READING_TAPS, host, str(port),
-                                    f"pod/{web.name}", "20"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert taps.stdout is not None and taps.stdout.readline().strip() == "tapping"
-        assert eventually(lambda: _taps_open(mesh, 1) == 20, 10)
-        published = mesh.agents[1].metrics().value("pinion_tap_requests_total")
-        tapped, tapped_sent = _p99(client, web)
-        shown = mesh.agents[1].metrics().value("pinion_tap_requests_total") - published
-    finally:
-        taps.kill()
-        taps.wait()
-    print(f"p99 without taps {baseline:.3f} ms ({sent} requests), with 20 taps {tapped:.3f} ms "
-          f"({tapped_sent} requests, {shown:.0f} shown to the taps)")
-    assert shown >= tapped_sent  # every request went to the hub (each tap takes 100/s of them)
-    assert tapped <= baseline + 1.0, (baseline, tapped)
+    _p99(client, web, 1)  # warm up: connections, the server's first requests
+    without, tapped, shown = [], [], []
+    for _ in range(3):
+        without.append(_p99(client, web)[0])
+        taps = _curl_taps(mesh, 1, f"pod/{web.name}", 20)
+        try:
+            assert eventually(lambda: _taps_open(mesh, 1) == 20, 10)
+            published = mesh.agents[1].metrics().value("pinion_tap_requests_total")
+            p99, sent = _p99(client, web)
+            tapped.append(p99)
+            shown.append(mesh.agents[1].metrics().value("pinion_tap_requests_total") - published
+                         - sent)
+        finally:
+            for tap in taps:
+                tap.kill()
+                tap.wait()
+        assert eventually(lambda: _taps_open(mesh, 1) == 0, 10)
+    print(f"p99 without taps {without} ms, with 20 taps {tapped} ms")
+    assert all(extra >= 0 for extra in shown)  # every request went to the hub (each tap takes 100/s)
+    assert statistics.median(tapped) <= statistics.median(without) + 1.0, (without, tapped)

@@ -108,6 +108,8 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         "pinion_admin_connections 1.0",
         'pinion_admin_connections_refused_total{reason="head_timeout"} 4.0',
         "pinion_relay_idle_resets_total 0.0",
+        "pinion_tunnel_streams_moved_total 0.0",
+        "pinion_drain_resets_total 0.0",
     ]
 
 

@@ -131,6 +131,10 @@ def _add_top_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                            "and tap with its token")
     dashboard.add_argument("--token-file", metavar="PATH", help="the operator's tap token")
     dashboard.add_argument("--timeout", type=_positive, default=scrape.DEFAULT_TIMEOUT, metavar="S")
+    dashboard.add_argument("--prometheus", metavar="URL", help="success rate, RPS, latencies "
+                           "and connections from this Prometheus (pods, edges, tap: agents)")
+    dashboard.add_argument("--prometheus-window", default="1m", metavar="RANGE",
+                           help="rate() window of those queries (default 1m)")
     dashboard.set_defaults(run=run_dashboard)
     check = sub.add_parser("check", help="✓/✗ health of agents (or, with --pre, of this host)")
     check.add_argument("--pre", action="store_true",
@@ -316,17 +320,20 @@ def run_top(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
 # --- dashboard ------------------------------------------------------------------------------
 
 def run_dashboard(args: argparse.Namespace) -> int:
+    from agent.viz.dashboard.prom import Prometheus
     from agent.viz.dashboard.server import serve
     from agent.viz.tap import agents_and_token
 
     agents, token = agents_and_token(args)
+    prometheus = Prometheus(args.prometheus, args.prometheus_window, args.timeout) \
+        if args.prometheus else None
 
     def ready(server: Any) -> None:
         print(f"pinion dashboard: http://127.0.0.1:{server.server_address[1]}/ "
               f"({len(agents)} agent(s); Ctrl-C to stop)", flush=True)
 
     try:
-        serve(agents, token, args.port, args.timeout, ready)
+        serve(agents, token, args.port, args.timeout, ready, prometheus)
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -43,10 +43,11 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         yield running
 
 
-def _dashboard(mesh: Mesh) -> tuple[subprocess.Popen[str], str]:
+def _dashboard(mesh: Mesh, *extra: str) -> tuple[subprocess.Popen[str], str]:
     agents = [arg for agent in mesh.agents for arg in ("--agent", f"{agent.admin[0]}:{agent.admin[1]}")]
     server = mesh.lab.nodes[1].spawn([sys.executable, "-m", "agent", "dashboard", "--port", "0",
-                                      *agents], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+                                      *agents, *extra], stdout=subprocess.PIPE, text=True,
+                                     cwd=str(REPO))
     assert server.stdout is not None
     line = server.stdout.readline()
     found = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -117,3 +118,36 @@ def test_every_view_loads_clean_and_shows_the_agents_numbers(mesh: Mesh) -> None
         load.kill()
         load.wait()
     assert eventually(lambda: mesh.agents[1].metrics().value("pinion_tap_open") == 0, 10)
+
+
+def test_with_prometheus_the_golden_numbers_come_from_its_queries(mesh: Mesh) -> None:
+    from tests.netns.test_prometheus import Prometheus
+
+    client, web = mesh.pod(0, "client"), mesh.pod(1, "web")
+    mesh.serve(web, HTTP, "--port", "8080")
+    prometheus = Prometheus(mesh, mesh.lab.nodes[1],
+                            [f"{a.admin[0]}:{a.admin[1]}" for a in mesh.agents])
+    prometheus.start()
+    load = client.spawn([sys.executable, "-c", LOAD, web.ip, "40", "1600"],
+                        stdout=subprocess.PIPE, text=True)
+    server, url = _dashboard(mesh, "--prometheus", f"http://{prometheus.address[0]}:"
+                             f"{prometheus.address[1]}", "--prometheus-window", "10s")
+    try:
+        prometheus.wait_for("the web pod's inbound requests", lambda: bool(prometheus.query(
+            f'rate(request_total{{direction="inbound",pod="{web.name}"}}[10s]) > 0')))
+        with Browser(spawn=mesh.lab.nodes[1].spawn) as browser:
+            browser.open(url + "namespaces/default")
+            browser.wait_for(f"(() => {{ const r = document.querySelector('#pods tr[data-name={web.name}]');"
+                             " return r && r.children[2].innerText.endsWith('%'); })()", 30)
+            assert "Numbers from: prometheus http://" in browser.evaluate(
+                "document.getElementById('source').innerText")
+            cells = _cells(browser, "pods", web.name)
+            assert 85.0 <= float(cells[2].rstrip("%")) <= 95.0, cells
+            assert float(cells[3]) > 10 and cells[4].endswith("ms"), cells
+            assert browser.console_errors() == []
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        load.kill()
+        load.wait()
+        prometheus.stop()

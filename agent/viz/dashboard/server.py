@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from agent.viz import scrape
 from agent.viz.commands import WindowView, edges_json, window_view
+from agent.viz.dashboard.prom import Prometheus, PrometheusError
 from agent.viz.edges import known_accounts, pod_edges
 from agent.viz.stats import Golden, PodKey, inbound_pod, stat_rows
 from agent.viz.tap import TapError, TapQuery, merged
@@ -52,8 +53,10 @@ class AgentData:
     """The agents' numbers, as the page wants them; one refresh a second at most."""
 
     def __init__(self, agents: Sequence[str], timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prometheus: Prometheus | None = None) -> None:
         self.agents = list(agents)
+        self.prometheus = prometheus  # golden numbers from it; pods, edges, tap from agents
         self._timeout = timeout
         self._clock = clock
         self._lock = threading.Lock()
@@ -85,16 +88,40 @@ class AgentData:
             totals.setdefault(row.namespace, Golden()).merge(row.golden)
         for name, entry in namespaces.items():
             entry.update(golden_json(totals[name]))
+        errors = list(view.errors)
+        source = self._from_prometheus(namespaces, ("namespace",), None, errors)
         return {"namespaces": [namespaces[name] for name in sorted(namespaces)],
-                "agents": self.agents, "errors": view.errors}
+                "agents": self.agents, "errors": errors, "source": source}
+
+    def _from_prometheus(self, rows: dict[str, dict[str, Any]], by: tuple[str, ...],
+                         namespace: str | None, errors: list[str]) -> str:
+        """Replace the golden numbers of `rows` (by name) with Prometheus' where it has them."""
+        if self.prometheus is None:
+            return "agents"
+        try:
+            golden = self.prometheus.golden(by, namespace)
+        except PrometheusError as exc:
+            errors.append(str(exc))
+            return "agents"
+        for key, numbers in golden.items():
+            name = key[-1]
+            if name in rows:
+                rows[name].update(numbers)
+            elif name and len(by) == 1:  # a namespace only Prometheus still knows
+                rows[name] = {"name": name, "pods": 0, "meshed": 0, **numbers}
+        return f"prometheus {self.prometheus.url} ({self.prometheus.window} window)"
 
     def namespace(self, name: str) -> dict[str, Any]:
         view, _ = self.refresh()
-        answer: dict[str, Any] = {"namespace": name, "errors": view.errors}
-        for resource in ("deployments", "pods"):
-            rows = stat_rows(resource, view.golden, view.meshed, view.seen, name, view.owners)
-            answer[resource] = [{"name": row.name, "meshed": f"{row.meshed}/{row.total}",
-                                 **golden_json(row.golden)} for row in rows]
+        errors = list(view.errors)
+        answer: dict[str, Any] = {"namespace": name, "errors": errors, "source": "agents"}
+        for resource, label in (("deployments", "deployment"), ("pods", "pod")):
+            rows = {row.name: {"name": row.name, "meshed": f"{row.meshed}/{row.total}",
+                               **golden_json(row.golden)}
+                    for row in stat_rows(resource, view.golden, view.meshed, view.seen, name,
+                                         view.owners)}
+            answer["source"] = self._from_prometheus(rows, ("namespace", label), name, errors)
+            answer[resource] = [rows[key] for key in sorted(rows)]
         return answer
 
     def edges(self, namespace: str) -> dict[str, Any]:
@@ -220,8 +247,9 @@ def handler_for(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
 
 def serve(agents: Sequence[str], token: str | None, port: int = DEFAULT_PORT,
           timeout: float = scrape.DEFAULT_TIMEOUT,
-          ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
-    dashboard = Dashboard(AgentData(agents, timeout), token, port)
+          ready: Callable[[ThreadingHTTPServer], None] | None = None,
+          prometheus: Prometheus | None = None) -> None:
+    dashboard = Dashboard(AgentData(agents, timeout, prometheus=prometheus), token, port)
     server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(dashboard))
     server.daemon_threads = True
     dashboard.port = server.server_address[1]

@@ -81,7 +81,7 @@ async function overviewPage() {
   view.replaceChildren(el("h1", {}, "Namespaces"),
     showErrors(data.errors),
     table(["Namespace", "Meshed", ...GOLDEN_HEADERS], rows, "namespaces"),
-    el("p", { class: "muted" }, "Agents: " + data.agents.join(", ")));
+    el("p", { class: "muted", id: "source" }, "Agents: " + data.agents.join(", ") + ". Numbers from: " + data.source + "."));
 }
 
 async function namespacePage(ns) {
@@ -96,7 +96,8 @@ async function namespacePage(ns) {
   view.replaceChildren(el("h1", {}, "Namespace " + ns),
     showErrors(data.errors),
     el("h2", {}, "Deployments"), table(["Deployment", "Meshed", ...GOLDEN_HEADERS], rowsOf(data.deployments, "deploy"), "deployments"),
-    el("h2", {}, "Pods"), table(["Pod", "Meshed", ...GOLDEN_HEADERS], rowsOf(data.pods, "pod"), "pods"));
+    el("h2", {}, "Pods"), table(["Pod", "Meshed", ...GOLDEN_HEADERS], rowsOf(data.pods, "pod"), "pods"),
+    el("p", { class: "muted", id: "source" }, "Numbers from: " + data.source + "."));
 }
 
 function graph(edges) {

@@ -27,6 +27,8 @@ DEFAULT_QUEUE: Final = 1000
 DEFAULT_MAX_RPS: Final = 100.0  # as `linkerd viz tap --max-rps`
 MAX_RPS_CAP: Final = 5000.0  # whatever a client asks for
 MAX_FIELD: Final = 512  # path and authority are cut to this many characters
+# One encoder for every event: json.dumps(..., separators=...) would build one per call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 KINDS: Final = {"pod": "pod", "po": "pod", "pods": "pod", "deploy": "deployment",
                 "deployment": "deployment", "deployments": "deployment", "ns": "namespace",
@@ -89,7 +91,7 @@ class TapEvent:
 
     def line(self) -> bytes:
         if self._line is None:
-            self._line = json.dumps(self.fields, separators=(",", ":")).encode() + b"\n"
+            self._line = _ENCODER.encode(self.fields).encode() + b"\n"
         return self._line
 
 

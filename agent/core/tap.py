@@ -10,8 +10,10 @@ serialised once however many taps take it) and hands it to `TapHub.publish`.
 Every tap is bounded three ways: the hub holds at most `max_taps` subscriptions, each takes
 at most `max_rps` events a second (a token bucket: the rest are counted as `limited`), and
 each queue holds at most `queue_size` events until the tap's writer takes them (the rest are
-counted as `dropped`). Publishing never waits: a tapping client that stops reading costs the
-tapped pods nothing but the drops.
+counted as `dropped`). Both are counted per request of the tapped resource, before the
+method/path/authority/to/from filters: the proxy asks `ready_for` first and builds no event
+when no tap of the pod has room. Publishing never waits: a tapping client that stops reading
+costs the tapped pods nothing but the drops.
 """
 
 from __future__ import annotations
@@ -190,6 +192,17 @@ class Subscription:
         self._tokens = min(max_rps, 1.0) if max_rps < 1 else max_rps
         self._updated = now
 
+    def ready(self, now: float) -> bool:
+        """Would an event be taken now (a token and room in the queue)? If not, it is counted
+        as limited or dropped here, before anyone builds it."""
+        if min(self.max_rps, self._tokens + (now - self._updated) * self.max_rps) < 1.0:
+            self.limited += 1
+            return False
+        if len(self.queue) >= self.queue_size:
+            self.dropped += 1
+            return False
+        return True
+
     def offer(self, event: TapEvent, now: float) -> bool:
         """Queue `event` if the rate and the queue allow; False if it was left out."""
         tokens = min(self.max_rps, self._tokens + (now - self._updated) * self.max_rps)
@@ -257,11 +270,22 @@ class TapHub:
         return (self.dropped + sum(t.dropped for t in self._taps),
                 self.limited + sum(t.limited for t in self._taps))
 
-    def publish(self, fields: dict[str, Any]) -> None:
-        self.published += 1
+    def ready_for(self, namespace: str, pod: str, owner_kind: str,
+                  owner_name: str) -> list[Subscription]:
+        """The taps of this pod with room for one more event: the proxy builds an event only
+        if there is one (a busy pod's requests over every tap's rate cost no event)."""
+        now = self._clock()
+        mine = [subscription for subscription in self._taps
+                if subscription.filter.target.matches(namespace, pod, owner_kind, owner_name)]
+        if mine:
+            self.published += 1  # a finished request of a tapped pod
+        return [subscription for subscription in mine if subscription.ready(now)]
+
+    def publish(self, fields: dict[str, Any], taps: list[Subscription] | None = None) -> None:
+        """Offer one finished request to `taps` (default: every open tap)."""
         event: TapEvent | None = None
         now = self._clock()
-        for subscription in self._taps:
+        for subscription in self._taps if taps is None else taps:
             if subscription.filter.matches(fields):
                 event = event or TapEvent(fields)
                 subscription.offer(event, now)

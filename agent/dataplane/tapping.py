@@ -25,17 +25,15 @@ def tap_fields(relay: Relay, record: Record) -> dict[str, Any]:
     detail = record.detail
     assert detail is not None
     pod, peer = relay.pod, relay.peer_labels
-    client = relay.client.transport
-    client_address = client.get_extra_info("peername") if client is not None else None
     src_pod = ("", "", "", "")
     if relay.direction == "outbound":
-        src = _address(client_address)
+        src = _address(_peername(relay))
         dst = _address(relay.destination)
         src_pod = (pod.namespace, pod.name, pod.owner_kind, pod.owner_name)
         dst_pod = (peer.dst_namespace, peer.dst_pod, peer.dst_owner_kind, peer.dst_owner_name)
         identity = peer.server_id
     else:
-        src = _address(relay.source or client_address)
+        src = _address(relay.source or _peername(relay))
         dst = _address(relay.destination)
         if relay.peer_pod is not None:
             src_pod = relay.peer_pod
@@ -61,5 +59,13 @@ def tap_fields(relay: Relay, record: Record) -> dict[str, Any]:
     }
 
 
+def _peername(relay: Relay) -> object:
+    client = relay.client.transport
+    return client.get_extra_info("peername") if client is not None else None
+
+
 def publish_tapped(relay: Relay, record: Record) -> None:
-    relay.proxy.telemetry.tap.publish(tap_fields(relay, record))
+    hub, pod = relay.proxy.telemetry.tap, relay.pod
+    ready = hub.ready_for(pod.namespace, pod.name, pod.owner_kind, pod.owner_name)
+    if ready:  # else no tap of this pod has room: no event is built
+        hub.publish(tap_fields(relay, record), ready)

@@ -286,7 +286,7 @@ class TapCollector(Collector):
         hub = self._endpoint.hub
         dropped, limited = hub.totals()
         yield GaugeMetricFamily("pinion_tap_open", "Taps open now", value=hub.taps)
-        yield CounterMetricFamily("pinion_tap_requests", "Finished requests shown to taps "
+        yield CounterMetricFamily("pinion_tap_requests", "Finished requests of tapped pods "
                                   "(once per request, however many taps)", value=hub.published)
         yield CounterMetricFamily("pinion_tap_events_dropped", "Tap events dropped: the tapping "
                                   "client did not keep up", value=dropped)

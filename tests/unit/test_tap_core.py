@@ -150,3 +150,20 @@ def test_each_tap_is_rate_limited_and_its_queue_bounded() -> None:
     hub.close(limited)
     assert limited.dropped == 1  # two new tokens, but room for one more in its queue
     assert not hub.switch.on and hub.totals() == (8, 9)
+
+
+def test_the_proxy_builds_no_event_when_no_tap_of_the_pod_has_room() -> None:
+    now = [0.0]
+    hub = TapHub(lambda: now[0], queue_size=1)
+    web = hub.open(TapFilter(Resource.parse("pod/web-1", "shop")), 1.0, lambda: None)
+    other = hub.open(TapFilter(Resource.parse("pod/api-0", "shop")), 100.0, lambda: None)
+    assert hub.ready_for("shop", "web-1", "deployment", "web") == [web]
+    hub.publish(fields(), [web])
+    assert len(web.queue) == 1
+    now[0] = 5.0  # tokens again, but the queue is full: counted as dropped, nothing to build
+    assert hub.ready_for("shop", "web-1", "deployment", "web") == []
+    web.take()
+    hub.publish(fields(), hub.ready_for("shop", "web-1", "deployment", "web"))
+    assert hub.ready_for("shop", "web-1", "deployment", "web") == []  # no token left this second
+    assert (web.dropped, web.limited, web.sent) == (1, 1, 1)
+    assert other.limited == other.dropped == 0 and not other.queue  # not its pod

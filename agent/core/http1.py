@@ -248,7 +248,7 @@ class Http1Observer:
         parser = self._request_parser
         if parser is None:
             return
-        if self._req_idle and self._tap.on is not self._tap_request:
+        if self._tap.on is not self._tap_request and self._req_idle:
             parser = self._request_parser = self._new_request_parser()
         in_head, heads = self._req_in_head, self._req_heads
         try:
@@ -287,7 +287,7 @@ class Http1Observer:
         parser = self._response_parser
         if parser is None:
             return
-        if self._resp_idle and self._tap.on is not self._tap_response:
+        if self._tap.on is not self._tap_response and self._resp_idle:
             parser = self._response_parser = self._new_response_parser()
         in_head, heads = self._resp_in_head, self._resp_heads
         try:

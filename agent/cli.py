@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from agent.config import REDIRECT_MODES, Config, Ports
-from agent.model import CaptureSettings
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# As a container's PID 1 a signal without a handler is ignored: a SIGTERM that comes while
+# we start (the imports take a few hundred ms) would wait out the grace period and end in
+# SIGKILL. Until a command installs its own handling, SIGTERM exits at once. Set before the
+# imports below, and only here: the CLI is the process's entry point.
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from agent.config import REDIRECT_MODES, Config, Ports  # noqa: E402
+from agent.model import CaptureSettings  # noqa: E402
 
 if TYPE_CHECKING:
     from agent.controlplane.cni_install import HostLayout, InstallSettings
@@ -23,7 +36,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
                 "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
-                "drain_seconds", "tap_token_file", "max_taps")
+                "drain_seconds", "max_connections", "tap_token_file", "max_taps")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--drain-seconds", metavar="S",
                        help="on SIGTERM, stop accepting and let connections in flight finish "
                             "within this (default 20; HTTP/1 ones close after their response)")
+    agent.add_argument("--max-connections", metavar="N",
+                       help="relayed connections the agent holds at once, all pods together; "
+                            "past it, listeners stop accepting and tunnel streams are refused "
+                            "until a quarter are done (default 0: what the memory cgroup's "
+                            "limit leaves room for, ~24 KiB each; 4096 without a limit)")
     agent.add_argument("--tunnel-syn-rate", metavar="N",
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")

@@ -78,6 +78,7 @@ class Config:
     bpf_max_connections: int = 8192  # ...and this many outbound connects in flight
     keeper_socket: Path | None = None  # the socket keeper (agent/inpod/keeper.py); None: none
     drain_seconds: float = 20.0  # SIGTERM: in-flight connections finish within this
+    max_connections: int = 0  # relayed connections at once, all pods; 0 = from the memory limit
     tap_token_file: Path | None = None  # standalone: who holds this token may tap from afar
     max_taps: int = 32  # taps open at once on this agent
 
@@ -137,6 +138,7 @@ class Config:
                                               "--bpf-max-connections"),
             keeper_socket=_path(get("keeper_socket")),
             drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
+            max_connections=_number(get("max_connections", "0"), "--max-connections", int),
             tap_token_file=_path(get("tap_token_file")),
             max_taps=_at_least_one(get("max_taps", "32"), "--max-taps"),
         )

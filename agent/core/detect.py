@@ -21,7 +21,13 @@ import enum
 import re
 from typing import Final
 
-from agent.core.accounting import PROTOCOL_ERROR, Observer, OpaqueObserver, Record
+from agent.core.accounting import (
+    GRPC_FAILURE_LINKERD,
+    PROTOCOL_ERROR,
+    Observer,
+    OpaqueObserver,
+    Record,
+)
 from agent.core.http1 import Http1Observer
 from agent.core.http2 import Http2Observer
 from agent.core.tap import NEVER, TapSwitch
@@ -75,10 +81,11 @@ def _starts_like_settings(data: bytes) -> bool:
 
 
 def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
+    """The agent's observers classify gRPC as Linkerd's proxy does."""
     if protocol is Protocol.HTTP1:
-        return Http1Observer(tap=tap)
+        return Http1Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     if protocol is Protocol.HTTP2:
-        return Http2Observer(tap=tap)
+        return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     return OpaqueObserver()
 
 
@@ -103,6 +110,10 @@ class ConnectionObserver:
     @property
     def opaque(self) -> bool:
         return self._inner is not None and self._inner.opaque
+
+    @property
+    def authority(self) -> str:
+        return "" if self._inner is None else self._inner.authority
 
     @property
     def at_rest(self) -> bool:

@@ -46,6 +46,7 @@ from agent.core.accounting import (
     RESET,
     Record,
     classify,
+    host_in,
 )
 from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
 
@@ -118,6 +119,7 @@ class Http1Observer:
     """Accounts the requests of one HTTP/1.x connection (see the module docstring)."""
 
     __slots__ = (
+        "_authority",
         "_client_held",
         "_grpc_failures",
         "_head_outstanding",
@@ -188,12 +190,17 @@ class Http1Observer:
         # After an upgrade request: client bytes held until the response (None: not held).
         self._client_held: list[bytes] | None = None
         self._held_bytes = 0
+        self._authority = ""  # the first request's Host (a label value), looked for until its head ends
 
     # --- the Observer interface -------------------------------------------------------
 
     @property
     def opaque(self) -> bool:
         return self._opaque
+
+    @property
+    def authority(self) -> str:
+        return self._authority
 
     def take_started(self) -> int:
         started, self._started = self._started, 0
@@ -210,6 +217,8 @@ class Http1Observer:
         if self._opaque:
             return []
         self._now = now
+        if not self._req_heads and not self._authority:
+            self._authority = host_in(data)  # one search per chunk of the first head only
         if self._client_held is not None:
             self._hold(data)
         else:

@@ -25,6 +25,7 @@ from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 MAX_MOVES = 3  # a refused stream is moved to another tunnel connection at most this often
+MOVE_BACKOFF = 0.1  # seconds, times the attempt, before asking a loaded destination again
 
 
 class OutboundProxy:
@@ -73,11 +74,13 @@ class OutboundProxy:
             return
         self._plain.spawn(relay, self._dial(relay, decision))
 
-    async def _dial(self, relay: Relay, decision: Forward) -> None:
+    async def _dial(self, relay: Relay, decision: Forward, pause: float = 0.0) -> None:
         """A tunnel session to the destination; PROBE: plain TCP if it is not meshed. A
         meshed destination that fails is refused, never downgraded."""
         assert self._mesh is not None
         try:
+            if pause:
+                await asyncio.sleep(pause)
             session = await self._mesh.session_for(relay.pod, decision.destination[0],
                                                    decision.identity)
         except TunnelError as exc:  # counted as what it was to be: mTLS, never plaintext
@@ -111,11 +114,12 @@ class OutboundProxy:
         if relay.record is None:
             relay.open_record(labels)
         stream = session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
-        stream.on_refused = lambda sent: self._move(relay, decision, sent)
+        stream.on_refused = lambda sent: self._move(relay, decision, sent, session)
         if not relay.upstream.write_blocked:
             client.resume_reading()
 
-    def _move(self, relay: Relay, decision: Forward, sent: list[bytes]) -> bool:
+    def _move(self, relay: Relay, decision: Forward, sent: list[bytes],
+              refused_by: TunnelSession) -> bool:
         """The destination's agent refused the stream (it is going away) or its connection
         ended before accepting it: nothing reached the destination, so the same bytes go
         on a new connection (to the agent that takes over; a keeper holds its listener).
@@ -128,7 +132,10 @@ class OutboundProxy:
         relay.early[:0] = sent  # first, before anything the client sends meanwhile
         relay.upstream.transport = None
         relay.upstream.write_blocked = False
-        self._plain.spawn(relay, self._dial(relay, decision))
+        # A server going away (GOAWAY) has a successor: at once. One that is not refused it
+        # for load (its connection budget is out): back off before asking again.
+        pause = 0.0 if refused_by.connection.going_away else MOVE_BACKOFF * relay.moves
+        self._plain.spawn(relay, self._dial(relay, decision, pause))
         return True
 
     def _tunnel_labels(self, route_labels: PeerLabels, server_id: str) -> PeerLabels:

@@ -101,8 +101,9 @@ class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
     __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
-                 "draining", "early", "early_at", "failed", "http", "idle_since", "moves",
-                 "observer", "peer_labels", "peer_pod", "pod", "proxy", "record", "seen_activity",
+                 "draining", "early", "early_at", "errno_name", "failed", "http", "idle_since",
+                 "moves", "observer", "peer_labels", "peer_pod", "pod", "proxy", "record",
+                 "seen_activity",
                  "source", "started", "upstream")
 
     def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
@@ -118,6 +119,7 @@ class Relay:
         self.connecting: asyncio.Task[None] | None = None
         self.early: list[bytes] = []  # client bytes that beat the upstream connect
         self.failed = False
+        self.errno_name = ""  # why it failed, as tcp_close_total's errno label ("" = unknown)
         self.destination: tuple[str, int] | None = None
         self.source: tuple[str, int] | None = None  # inbound: the client the app should see
         self.early_at = 0.0  # when the first client byte came, if before the path was chosen
@@ -214,8 +216,8 @@ class Relay:
             http = self.http
             if http is None:
                 # the first request of a connection: find its pod's HTTP series
-                http = self.http = self.proxy.telemetry.http(
-                    self.pod.labels(self.direction, self.peer_labels)[1])
+                http = self.http = self.proxy.telemetry.http(self.pod.http_labels(
+                    self.direction, self.peer_labels, observer.authority))
             http.requests += started
             for record in records:
                 http.record(record)
@@ -247,6 +249,7 @@ class Relay:
         other = self.other(side)
         if exc is not None:
             self.failed = True
+            self.errno_name = self.errno_name or errno_name(exc)
         if other.transport is not None and not other.transport.is_closing():
             if exc is not None:
                 self.reset(other)
@@ -275,7 +278,7 @@ class Relay:
         if self.record is None:  # ended before its path was chosen
             self.open_record(self.peer_labels)
         assert self.record is not None
-        if self.record.close(self.failed):
+        if self.record.close(self.failed, self.errno_name):
             self.pod.relays.discard(self)
             observer = self.observer
             if observer is not None:
@@ -284,6 +287,14 @@ class Relay:
                 log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
                           self.pod.name, self.destination, "failed" if self.failed else "closed",
                           (time.monotonic() - self.started) * 1000)
+
+
+def errno_name(exc: BaseException) -> str:
+    """ECONNRESET, ETIMEDOUT, ...: the errno of an OS error; "" when it carries none."""
+    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
+        return "ETIMEDOUT"
+    number = getattr(exc, "errno", None)
+    return errno.errorcode.get(number, "") if isinstance(number, int) else ""
 
 
 def reap_idle(relays: set[Relay], timeout: float, now: float) -> int:
@@ -336,6 +347,7 @@ class PlainUpstream:
             return
         except (OSError, TimeoutError) as exc:
             sock.close()
+            relay.errno_name = errno_name(exc)
             reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
             self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
             return

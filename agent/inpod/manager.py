@@ -9,12 +9,15 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.core.telemetry import TcpLabels, Telemetry
+from agent.dataplane.budget import ConnectionBudget, RelaySet
 from agent.dataplane.context import PodContext
 from agent.dataplane.inbound import InboundProxy
 from agent.dataplane.mesh import Listener, TunnelAcceptor, serve_tunnel
@@ -46,6 +49,10 @@ class CapturedPod:
     context: PodContext
     servers: list[Listener]
     keys: list[str] = dataclasses.field(default_factory=list)  # its listeners, at the keeper
+    # 15001 and 15006: (index in servers, our own duplicate, protocol factory), to stop and
+    # start accepting when the connection budget runs out and comes back
+    accepting: list[tuple[int, socket.socket, Callable[[], asyncio.Protocol]]] = \
+        dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +70,14 @@ class PodManager:
                  backend: Backend, proxies: Proxies, store: PodStateStore,
                  telemetry: Telemetry, metrics: AgentMetrics,
                  identities: IdentityManager | None = None,
-                 hold: ListenerHold | None = None) -> None:
+                 hold: ListenerHold | None = None,
+                 budget: ConnectionBudget | None = None) -> None:
         self._config = config
         self._hold = hold if hold is not None else ListenerHold(None)
+        self._budget = budget
+        self._accepting = True  # False once draining: the budget never re-opens listeners
+        if budget is not None:
+            budget.when_exhausted(self._budget_exhausted, self._budget_back)
         self._identities = identities
         self._switch = switch
         self._sockets = sockets
@@ -128,8 +140,9 @@ class PodManager:
         problems = [f"rule {name} missing" for name in sorted(captured.plan.names() - installed)]
         problems += [f"{what} missing" for what in
                      await self._in_netns(captured.netns, lambda: routing.missing(captured.plan))]
+        paused = self._budget is not None and self._budget.exhausted
         problems += [f"listener {s.sockets[0].getsockname() if s.sockets else '?'} closed"
-                     for s in captured.servers if not s.is_serving()]
+                     for s in captured.servers if not s.is_serving() and not paused]
         return problems
 
     async def adopt(self) -> None:
@@ -170,9 +183,54 @@ class PodManager:
     def stop_accepting(self) -> None:
         """Close our listeners (a keeper's copies keep them listening: what arrives now
         waits for the next agent); connections already accepted go on."""
+        self._accepting = False
         for captured in self._pods.values():
             for server in captured.servers:
                 server.close()
+
+    def buffered(self) -> tuple[int, int]:
+        """Bytes the agent holds for its connections now: (relays: bytes waiting for an
+        upstream and in send buffers; tunnels: frames queued and in TLS send buffers). Read
+        at scrape time, one pass over the connections."""
+        relays = tunnels = 0
+        for captured in self._pods.values():
+            for relay in captured.context.relays:
+                relays += sum(map(len, relay.early))
+                for side in (relay.client, relay.upstream):
+                    size = getattr(side.transport, "get_write_buffer_size", None)
+                    relays += size() if size is not None else 0
+            for session in captured.context.tunnels:
+                tunnels += session.connection.queued_data
+                if session.transport is not None:
+                    tunnels += session.transport.get_write_buffer_size()
+        return relays, tunnels
+
+    # ------------------------------------------------------------ the connection budget
+
+    def _budget_exhausted(self) -> None:
+        """Too many connections open: stop accepting on 15001/15006 (our duplicate keeps
+        each listener, and its backlog, alive). Tunnel streams into this node are refused
+        meanwhile (`agent.dataplane.inbound`); tunnel connections stay read, as the
+        streams already open on them need their bytes to finish."""
+        for captured in self._pods.values():
+            for index, _, _ in captured.accepting:
+                captured.servers[index].close()
+
+    def _budget_back(self) -> None:
+        if self._accepting:
+            asyncio.get_running_loop().create_task(self._accept_again())
+
+    async def _accept_again(self) -> None:
+        loop = asyncio.get_running_loop()
+        for captured in list(self._pods.values()):
+            for index, sock, factory in captured.accepting:
+                server = captured.servers[index]
+                if server.is_serving() or not self._accepting or (
+                        self._budget is not None and self._budget.exhausted):
+                    continue
+                if self._pods.get(captured.pod.container_id) is not captured:
+                    break  # released meanwhile
+                captured.servers[index] = await loop.create_server(factory, sock=sock.dup())
 
     async def drain(self, seconds: float, quiet: float = DRAIN_QUIET_SECONDS) -> int:
         """SIGTERM, after `stop_accepting`: let what is in flight finish, for at most
@@ -270,7 +328,8 @@ class PodManager:
                              frozenset(pod.opaque_ports), ip=pod.ipv4, inbound=pod.inbound,
                              metadata=_tunnel_metadata(pod, self._config.node_name),
                              owner_kind=pod.owner_kind, owner_name=pod.owner_name,
-                             idle_timeout=pod.idle_timeout or self._config.relay_idle_timeout_seconds)
+                             idle_timeout=pod.idle_timeout or self._config.relay_idle_timeout_seconds,
+                             relays=RelaySet(self._budget))
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             context.identity = await self._certify(pod)
@@ -287,7 +346,8 @@ class PodManager:
             if isinstance(exc, (OSError, RedirectError, RuntimeError)):
                 raise CaptureError(CNI_IO_FAILURE, f"capturing pod {pod.key}: {exc}") from exc
             raise
-        self._telemetry.pod_added(pod.key.namespace, pod.key.name)
+        self._telemetry.pod_added(pod.key.namespace, pod.key.name, pod.owner_kind, pod.owner_name,
+                                  time.time())
         return captured
 
     async def _certify(self, pod: Pod) -> str | None:
@@ -343,12 +403,19 @@ class PodManager:
                 captured.servers.append(await serve_tunnel(proxies.tunnel, context, sock,
                                                            self._metrics))
             else:
-                captured.servers.append(await loop.create_server(factory, sock=sock))
+                captured.accepting.append((len(captured.servers), sock.dup(), factory))
+                server = await loop.create_server(factory, sock=sock)
+                if self._budget is not None and self._budget.exhausted:
+                    server.close()  # the budget is out: accepted once it is back
+                captured.servers.append(server)
 
     async def _release(self, captured: CapturedPod, remove_rules: bool = True,
                        forget: bool = True) -> None:
         for server in captured.servers:
             server.close()
+        for _, sock, _ in captured.accepting:
+            sock.close()
+        captured.accepting.clear()
         for relay in list(captured.context.relays):
             relay.abort()
         for session in list(captured.context.tunnels):

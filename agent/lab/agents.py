@@ -173,7 +173,12 @@ def stop_agents(agents: Iterable[LabAgent], timeout: float = 15.0) -> None:
 
 
 class Metrics:
-    """Prometheus text parsed into samples; `value` sums the samples matching some labels."""
+    """Prometheus text parsed into samples; `value` sums the samples matching some labels.
+
+    Each relayed connection has two TCP series, as in Linkerd: the peer's side (inbound
+    peer="src", outbound peer="dst": these name the client or the destination) and the agent's
+    local hop to the pod (no_tls_reason="loopback"). Unless `peer` is asked for, a tcp_* sum
+    counts each connection once, from its peer's side."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -181,7 +186,9 @@ class Metrics:
                         for s in family.samples]
 
     def value(self, name: str, **labels: str) -> float:
+        local_too = not name.startswith("tcp_") or "peer" in labels
         return sum(s.value for s in self.samples if s.name == name
+                   and (local_too or s.labels.get("no_tls_reason") != "loopback")
                    and all(s.labels.get(k) == v for k, v in labels.items()))
 
 

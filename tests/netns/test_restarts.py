@@ -137,3 +137,27 @@ def test_a_rolling_update_loses_no_request(tmp_path: Path) -> None:
             assert summary["failed"] == 0, summary
         new_conn = summaries[0]
         assert int(new_conn["sent"]) > 100, new_conn  # type: ignore[call-overload]
+
+
+def test_a_sigterm_during_start_up_ends_the_agent_at_once(tmp_path: Path) -> None:
+    """As its container's PID 1 (a PID namespace), where an unhandled SIGTERM is ignored: one
+    that comes while the agent imports must not wait out the grace period for SIGKILL."""
+    import os
+
+    argv = ["unshare", "--pid", "--fork", sys.executable, "-m", "agent", "agent",
+            "--node-name", "early", "--state-dir", str(tmp_path / "state"),
+            "--cni-socket", str(tmp_path / "cni.sock"), "--pending-dir", str(tmp_path / "pending"),
+            "--admin-addr", "127.0.0.1:0", "--redirect", "nftables"]
+    process = subprocess.Popen(argv, cwd=str(REPO), stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.25)  # the interpreter is up; the agent's imports are not done
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert children, "unshare has not started the agent"
+        sent = time.monotonic()
+        os.kill(int(children[0]), signal.SIGTERM)
+        assert process.wait(10) == 143
+        assert time.monotonic() - sent < 2.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -91,7 +91,7 @@ def test_tap_reports_each_request_once_with_its_fields_on_both_agents(mesh: Mesh
         assert grpc_calls == {("POST", 0): 5, ("POST", 14): 3}
         for event in events:
             assert event["latency_ms"] is not None and event["latency_ms"] >= 0
-            assert event["tls"] == "disabled"
+            assert event["tls"] == "no_identity"  # as the tls label of plaintext series
             assert event["dst"].startswith(web.ip + ":") and event["src"].startswith(client.ip + ":")
             assert event["authority"] in (f"{web.ip}:8080", f"{web.ip}:50051")
         assert all(e["classification"] == "failure" for e in events

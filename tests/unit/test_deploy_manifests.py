@@ -168,6 +168,7 @@ def test_rbac_grants_exactly_what_docs_kubernetes_md_says() -> None:
     rbac = objects_in(DEPLOY / "rbac.yaml")
     agent = {("", r, (), v) for r in ("pods", "namespaces", "services") for v in ("get", "list", "watch")}
     agent |= {("discovery.k8s.io", "endpointslices", (), v) for v in ("list", "watch")}
+    agent |= {("batch", "jobs", (), v) for v in ("list", "watch")}
     agent |= {("authentication.k8s.io", "tokenreviews", (), "create"),  # who taps, and may they
               ("authorization.k8s.io", "subjectaccessreviews", (), "create")}
     assert rules_of(find(rbac, "ClusterRole", "pinion-agent")) == agent
@@ -263,7 +264,8 @@ def test_the_agent_mounts_what_capture_needs(objects: list[dict[str, Any]]) -> N
         "/run/pinion": ("/run/pinion", None, False),
         "/var/lib/pinion": ("/var/lib/pinion", None, False),
         "/run/netns": ("/run/netns", "HostToContainer", False),
-        "/sys/fs/bpf": ("/sys/fs/bpf", "HostToContainer", False),  # Bidirectional needs privileged
+        # Bidirectional needs privileged; HostToContainer a shared host mount (systemd's only)
+        "/sys/fs/bpf": ("/sys/fs/bpf", None, False),
         "/sys/fs/cgroup": ("/sys/fs/cgroup", None, True),
     }
     token = mounts["/var/run/secrets/pinion"][1]["projected"]["sources"]

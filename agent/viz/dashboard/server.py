@@ -28,10 +28,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from agent.viz import scrape
-from agent.viz.commands import WindowView, edges_json, window_view
+from agent.viz.commands import WindowView, window_view
 from agent.viz.dashboard.prom import Prometheus, PrometheusError
-from agent.viz.edges import known_accounts, pod_edges
-from agent.viz.stats import Golden, PodKey, inbound_pod, stat_rows
+from agent.viz.edges import edges, pod_identities
+from agent.viz.resources import Resource, Row, Selection, owners_of, stat_rows
+from agent.viz.stats import Golden, PodKey, owner_name
 from agent.viz.tap import TapError, TapQuery, merged
 
 PACKAGE = "agent.viz.dashboard"
@@ -42,7 +43,10 @@ STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 PAGES = ("/", "/namespaces", "/tap")
 
 
-def golden_json(golden: Golden) -> dict[str, Any]:
+def golden_json(golden: Golden | None) -> dict[str, Any]:
+    if golden is None:
+        return {"success": None, "rps": None, "latency_ms_p50": None, "latency_ms_p95": None,
+                "latency_ms_p99": None, "tcp_open_connections": 0}
     return {"success": golden.success_rate, "rps": golden.rps if golden.observed else None,
             "latency_ms_p50": golden.latency_ms(0.5), "latency_ms_p95": golden.latency_ms(0.95),
             "latency_ms_p99": golden.latency_ms(0.99),
@@ -50,7 +54,8 @@ def golden_json(golden: Golden) -> dict[str, Any]:
 
 
 class AgentData:
-    """The agents' numbers, as the page wants them; one refresh a second at most."""
+    """The agents' numbers, as the page wants them, with `pinion stat`'s rows (agent/viz/
+    resources.py): rates between the last two scrapes, refreshed at most once a second."""
 
     def __init__(self, agents: Sequence[str], timeout: float,
                  clock: Callable[[], float] = time.monotonic,
@@ -60,35 +65,35 @@ class AgentData:
         self._timeout = timeout
         self._clock = clock
         self._lock = threading.Lock()
-        self._previous: list[scrape.Scrape] | None = None
+        self._previous: list[scrape.Scrape] = []
         self._latest: list[scrape.Scrape] = []
-        self._view: WindowView[PodKey] | None = None
         self._at = 0.0
 
-    def refresh(self) -> tuple[WindowView[PodKey], list[scrape.Scrape]]:
+    def refresh(self) -> tuple[list[scrape.Scrape], list[scrape.Scrape]]:
         with self._lock:
-            if self._view is None or self._clock() - self._at >= REFRESH_SECONDS:
-                if self._previous is None:
-                    self._previous = scrape.scrape_all(self.agents, self._timeout)
+            if not self._latest or self._clock() - self._at >= REFRESH_SECONDS:
+                if not self._latest:
+                    self._latest = scrape.scrape_all(self.agents, self._timeout)
                     time.sleep(REFRESH_SECONDS)
+                self._previous = self._latest
                 self._latest = scrape.scrape_all(self.agents, self._timeout)
-                self._view = window_view(self._previous, self._latest, inbound_pod)
-                self._previous, self._at = self._latest, self._clock()
-            return self._view, self._latest
+                self._at = self._clock()
+            return self._previous, self._latest
+
+    def rows(self, kind: str, namespace: str | None) -> tuple[list[Row], list[str]]:
+        """`pinion stat KIND` rows (inbound golden metrics, MESHED counts) and agent errors."""
+        before, after = self.refresh()
+        selection = Selection(Resource(kind), namespace)
+        view: WindowView[PodKey] = window_view(before, after, selection.key)
+        owners = owners_of([s for one in after for s in one.samples],
+                           [p for one in after for p in one.pods])
+        return (stat_rows(selection, view.golden, view.meshed, view.seen, owners, owner_name),
+                view.errors)
 
     def overview(self) -> dict[str, Any]:
-        view, _ = self.refresh()
-        namespaces: dict[str, dict[str, Any]] = {}
-        totals: dict[str, Golden] = {}
-        for row in stat_rows("pods", view.golden, view.meshed, view.seen, None, view.owners):
-            entry = namespaces.setdefault(row.namespace, {"name": row.namespace, "pods": 0,
-                                                          "meshed": 0})
-            entry["pods"] += row.total
-            entry["meshed"] += row.meshed
-            totals.setdefault(row.namespace, Golden()).merge(row.golden)
-        for name, entry in namespaces.items():
-            entry.update(golden_json(totals[name]))
-        errors = list(view.errors)
+        found, errors = self.rows("namespace", None)
+        namespaces = {row.name: {"name": row.name, "pods": row.total, "meshed": row.meshed,
+                                 **golden_json(row.golden)} for row in found}
         source = self._from_prometheus(namespaces, ("namespace",), None, errors)
         return {"namespaces": [namespaces[name] for name in sorted(namespaces)],
                 "agents": self.agents, "errors": errors, "source": source}
@@ -112,24 +117,28 @@ class AgentData:
         return f"prometheus {self.prometheus.url} ({self.prometheus.window} window)"
 
     def namespace(self, name: str) -> dict[str, Any]:
-        view, _ = self.refresh()
-        errors = list(view.errors)
-        answer: dict[str, Any] = {"namespace": name, "errors": errors, "source": "agents"}
-        for resource, label in (("deployments", "deployment"), ("pods", "pod")):
+        answer: dict[str, Any] = {"namespace": name, "errors": [], "source": "agents"}
+        for resource, kind in (("deployments", "deployment"), ("pods", "pod")):
+            found, errors = self.rows(kind, name)
             rows = {row.name: {"name": row.name, "meshed": f"{row.meshed}/{row.total}",
-                               **golden_json(row.golden)}
-                    for row in stat_rows(resource, view.golden, view.meshed, view.seen, name,
-                                         view.owners)}
-            answer["source"] = self._from_prometheus(rows, ("namespace", label), name, errors)
+                               **golden_json(row.golden)} for row in found}
+            answer["errors"] = errors
+            answer["source"] = self._from_prometheus(rows, ("namespace", kind), name,
+                                                     answer["errors"])
             answer[resource] = [rows[key] for key in sorted(rows)]
         return answer
 
     def edges(self, namespace: str) -> dict[str, Any]:
+        """`pinion edges po -n NS`: pod to pod, connections open now, TLS or why not."""
         _, scrapes = self.refresh()
         samples = [sample for s in scrapes for sample in s.samples]
-        accounts = known_accounts(pod for s in scrapes for pod in s.pods)
-        edges = json.loads(edges_json(pod_edges(samples, accounts, namespace)))
-        return {"namespace": namespace, "edges": edges,
+        identities = pod_identities(pod for s in scrapes for pod in s.pods)
+        return {"namespace": namespace,
+                "edges": [{"src": e.src, "src_namespace": e.src_namespace, "dst": e.dst,
+                           "dst_namespace": e.dst_namespace, "secured": e.secured,
+                           "tls": e.message, "client_id": e.client_id,
+                           "server_id": e.server_id}
+                          for e in edges(samples, "pod", namespace, identities)],
                 "errors": [s.error for s in scrapes if s.error is not None]}
 
 

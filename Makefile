@@ -6,7 +6,7 @@ APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plug
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
                 clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
-                podman mmdebstrap containerd runc
+                podman mmdebstrap containerd runc chromium
 
 .PHONY: deps venv bpf keeper fuzz-keeper test unit netns demo bench bench-quick lint clean \
         image pause-image

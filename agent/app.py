@@ -29,6 +29,7 @@ from agent.inpod.state import PodStateStore
 from agent.memory import CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
+from agent.observability.tap import NodeOrToken, TapAuthorizer, TapCollector, TapEndpoint
 
 if TYPE_CHECKING:
     from agent.controlplane.cluster.state import ClusterState
@@ -78,8 +79,10 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
                       store, telemetry, metrics, identities, hold, budget)
     cluster = _kubernetes(config, pods, state, damaged)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
+    tap = _tap_endpoint(config, telemetry)
+    registry.register(TapCollector(tap))
     admin = AdminServer(config.admin_host, config.admin_port, registry,
-                        lambda: _pods_view(pods), metrics.admin)
+                        lambda: _pods_view(pods), metrics.admin, tap=tap)
     cni = CniServer(config.cni_socket, pods, metrics, admission)
 
     await admin.start()
@@ -155,6 +158,24 @@ def _identities(config: Config, registry: CollectorRegistry) -> IdentityManager 
         identities = issuer_identities(config)
     registry.register(IdentityCollector(identities))
     return identities
+
+
+def _tap_endpoint(config: Config, telemetry: Telemetry) -> TapEndpoint:
+    """Who may tap: Kubernetes RBAC in Kubernetes mode, else this node or the token holder."""
+    telemetry.tap.max_taps = config.max_taps
+    authorizer: TapAuthorizer
+    if config.kubernetes is not None:
+        from agent.controlplane.kube.tapauth import kube_tap_authorizer
+
+        authorizer = kube_tap_authorizer(config.kubernetes)
+    else:
+        token = None
+        if config.tap_token_file is not None:
+            token = config.tap_token_file.read_text().strip() or None
+            if token is None:
+                raise ValueError(f"--tap-token-file {config.tap_token_file} is empty")
+        authorizer = NodeOrToken(token)
+    return TapEndpoint(telemetry.tap, authorizer)
 
 
 def _gauge_handshakes(acceptor: TunnelAcceptor, metrics: AgentMetrics) -> None:

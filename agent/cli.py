@@ -36,7 +36,8 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
                 "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
-                "drain_seconds", "max_connections", "gateway_identities")
+                "drain_seconds", "max_connections", "gateway_identities", "tap_token_file",
+                "max_taps")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    agent.add_argument("--tap-token-file", metavar="PATH",
+                       help="standalone: a caller presenting this file's token may tap from "
+                            "another host (from this node tap needs no token)")
+    agent.add_argument("--max-taps", metavar="N", help="taps open at once (default 32)")
     agent.add_argument("--bpf-dir", help="bpffs directory for eBPF pins (default /sys/fs/bpf/pinion)")
     agent.add_argument("--bpf-object", help="compiled eBPF capture object (default bpf/capture.o)")
     agent.add_argument("--bpf-max-pods", metavar="N",

@@ -82,6 +82,8 @@ class Config:
     # multicluster gateways of this cluster (SPIFFE IDs): their streams carry the identity of
     # a linked cluster's caller, which pods' policies and metrics then see (docs/multicluster.md)
     gateway_identities: tuple[str, ...] = ()
+    tap_token_file: Path | None = None  # standalone: who holds this token may tap from afar
+    max_taps: int = 32  # taps open at once on this agent
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -141,6 +143,8 @@ class Config:
             drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
             max_connections=_number(get("max_connections", "0"), "--max-connections", int),
             gateway_identities=_spiffe_ids(get("gateway_identities", "") or ""),
+            tap_token_file=_path(get("tap_token_file")),
+            max_taps=_at_least_one(get("max_taps", "32"), "--max-taps"),
         )
 
 

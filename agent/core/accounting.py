@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
+
+if TYPE_CHECKING:
+    from agent.core.tap import RequestDetail
 
 Classification = Literal["success", "failure"]
 
@@ -56,6 +59,7 @@ class Record:
     latency_ms: float | None  # request start -> first final (non-1xx) response headers
     method: str | None = None
     error: str | None = None  # None when a response completed; else RESET, CLOSED, ...
+    detail: RequestDetail | None = None  # path, authority, sizes: only while a tap is open
 
 
 def classify(

@@ -30,6 +30,7 @@ from agent.core.accounting import (
 )
 from agent.core.http1 import Http1Observer
 from agent.core.http2 import Http2Observer
+from agent.core.tap import NEVER, TapSwitch
 
 
 class Protocol(enum.Enum):
@@ -79,12 +80,12 @@ def _starts_like_settings(data: bytes) -> bool:
     return len(header) < 9 or header[5:9] == b"\x00\x00\x00\x00"
 
 
-def observer_for(protocol: Protocol) -> Observer:
+def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
     """The agent's observers classify gRPC as Linkerd's proxy does."""
     if protocol is Protocol.HTTP1:
-        return Http1Observer(grpc_failures=GRPC_FAILURE_LINKERD)
+        return Http1Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     if protocol is Protocol.HTTP2:
-        return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD)
+        return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     return OpaqueObserver()
 
 
@@ -96,9 +97,10 @@ class ConnectionObserver:
     failures, so the relay and the exactly-once accounting both survive.
     """
 
-    __slots__ = ("_carried_started", "_early_server", "_inner", "_prefix", "protocol")
+    __slots__ = ("_carried_started", "_early_server", "_inner", "_prefix", "_tap", "protocol")
 
-    def __init__(self) -> None:
+    def __init__(self, tap: TapSwitch = NEVER) -> None:
+        self._tap = tap
         self._prefix = b""
         self._early_server = b""  # an HTTP/2 server's SETTINGS that beat the client preface
         self._inner: Observer | None = None
@@ -190,7 +192,7 @@ class ConnectionObserver:
         self._prefix = b""
         if protocol is not Protocol.HTTP2:
             self._early_server = b""
-        self._inner = observer_for(protocol)
+        self._inner = observer_for(protocol, self._tap)
         return self._inner
 
     def _abandon(self) -> list[Record]:

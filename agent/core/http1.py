@@ -48,6 +48,7 @@ from agent.core.accounting import (
     classify,
     host_in,
 )
+from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
 
 MAX_HEADER_BYTES: Final = 64 * 1024  # per message head; also caps bytes held after Upgrade
 MAX_PENDING: Final = 4096  # pipelined requests awaiting responses
@@ -73,9 +74,10 @@ class _ResponseParser(_Parser, Protocol):
 class _Pending:
     """A started request waiting for (the end of) its response."""
 
-    __slots__ = ("head", "latency_ms", "may_end_at_eof", "method", "start", "status")
+    __slots__ = ("detail", "head", "latency_ms", "may_end_at_eof", "method", "start", "status")
 
-    def __init__(self, method: str, start: float) -> None:
+    def __init__(self, method: str, start: float, detail: RequestDetail | None = None) -> None:
+        self.detail = detail
         self.method = method
         self.head = method == "HEAD"
         self.start = start
@@ -91,6 +93,26 @@ class _Callbacks:
 
     def __init__(self, *callbacks: object) -> None:
         self.on_message_begin, self.on_headers_complete, self.on_message_complete = callbacks
+
+
+class _TapRequestCallbacks(_Callbacks):
+    """While a tap is open: also the URL, the Host header and the body's length."""
+
+    __slots__ = ("on_body", "on_header", "on_url")
+
+    def __init__(self, *callbacks: object) -> None:
+        super().__init__(*callbacks[:3])
+        self.on_url, self.on_header, self.on_body = callbacks[3:]
+
+
+class _TapResponseCallbacks(_Callbacks):
+    """While a tap is open: also the response body's length."""
+
+    __slots__ = ("on_body",)
+
+    def __init__(self, *callbacks: object) -> None:
+        super().__init__(*callbacks[:3])
+        self.on_body = callbacks[3]
 
 
 class Http1Observer:
@@ -113,15 +135,22 @@ class Http1Observer:
         "_req_began_at",
         "_req_head_bytes",
         "_req_heads",
+        "_req_idle",
         "_req_in_head",
         "_request_parser",
         "_resp_head_bytes",
         "_resp_heads",
+        "_resp_idle",
         "_resp_in_head",
         "_resp_informational",
         "_response_parser",
         "_server_tail",
         "_started",
+        "_tap",
+        "_tap_host",
+        "_tap_request",
+        "_tap_response",
+        "_tap_url",
     )
 
     def __init__(
@@ -129,13 +158,18 @@ class Http1Observer:
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_pending: int = MAX_PENDING,
         grpc_failures: frozenset[int] | None = None,
+        tap: TapSwitch = NEVER,
     ) -> None:
         self._max_header_bytes = max_header_bytes
         self._max_pending = max_pending
         self._grpc_failures = grpc_failures
-        self._request_parser: _RequestParser | None = httptools.HttpRequestParser(
-            _Callbacks(self._req_begin, self._req_headers, self._req_complete)
-        )
+        # Tap: parsers with URL/Host/body callbacks while a tap is open, swapped in and out
+        # only between messages (`_req_idle`, `_resp_idle`); see agent/core/tap.py.
+        self._tap = tap
+        self._tap_request = self._tap_response = False
+        self._tap_url = self._tap_host = b""
+        self._req_idle = self._resp_idle = True
+        self._request_parser: _RequestParser | None = self._new_request_parser()
         self._response_parser: _ResponseParser | None = self._new_response_parser()
         self._pending: deque[_Pending] = deque()
         self._out: list[Record] = []
@@ -223,6 +257,8 @@ class Http1Observer:
         parser = self._request_parser
         if parser is None:
             return
+        if self._tap.on is not self._tap_request and self._req_idle:
+            parser = self._request_parser = self._new_request_parser()
         in_head, heads = self._req_in_head, self._req_heads
         try:
             parser.feed_data(data)
@@ -260,6 +296,8 @@ class Http1Observer:
         parser = self._response_parser
         if parser is None:
             return
+        if self._tap.on is not self._tap_response and self._resp_idle:
+            parser = self._response_parser = self._new_response_parser()
         in_head, heads = self._resp_in_head, self._resp_heads
         try:
             parser.feed_data(data)
@@ -294,14 +332,31 @@ class Http1Observer:
                 self._head_swap = False
                 self._response_parser = self._new_response_parser()
                 self._resp_in_head = False
+                self._resp_idle = True
         if start < len(data) and not self._opaque:
             self._feed_response(view[start:])
         self._server_tail = joined[-3:] if self._head_outstanding else b""
 
-    def _new_response_parser(self) -> _ResponseParser:
-        parser: _ResponseParser = httptools.HttpResponseParser(
-            _Callbacks(self._resp_begin, self._resp_headers, self._resp_complete)
+    def _new_request_parser(self) -> _RequestParser:
+        self._tap_request = self._tap.on
+        callbacks = (
+            _TapRequestCallbacks(self._tap_req_begin, self._req_headers, self._req_complete,
+                                 self._tap_req_url, self._tap_req_header, self._tap_req_body)
+            if self._tap_request
+            else _Callbacks(self._req_begin, self._req_headers, self._req_complete)
         )
+        parser: _RequestParser = httptools.HttpRequestParser(callbacks)
+        return parser
+
+    def _new_response_parser(self) -> _ResponseParser:
+        self._tap_response = self._tap.on
+        callbacks = (
+            _TapResponseCallbacks(self._resp_begin, self._resp_headers, self._resp_complete,
+                                  self._tap_resp_body)
+            if self._tap_response
+            else _Callbacks(self._resp_begin, self._resp_headers, self._resp_complete)
+        )
+        parser: _ResponseParser = httptools.HttpResponseParser(callbacks)
         return parser
 
     # --- llhttp callbacks (they must not raise) ---------------------------------------
@@ -310,6 +365,27 @@ class Http1Observer:
         self._req_began_at = self._now
         self._req_in_head = True
         self._req_head_bytes = 0
+        self._req_idle = False
+
+    def _tap_req_begin(self) -> None:
+        self._tap_url = self._tap_host = b""
+        self._req_begin()
+
+    def _tap_req_url(self, url: bytes) -> None:
+        if len(self._tap_url) < 4096:  # a URL comes in pieces when it spans reads
+            self._tap_url += url
+
+    def _tap_req_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 4 and name.lower() == b"host":
+            self._tap_host = value
+
+    def _tap_req_body(self, body: bytes) -> None:
+        if self._pending and self._pending[-1].detail is not None:
+            self._pending[-1].detail.request_bytes += len(body)
+
+    def _tap_resp_body(self, body: bytes) -> None:
+        if self._pending and self._pending[0].detail is not None:
+            self._pending[0].detail.response_bytes += len(body)
 
     def _req_headers(self) -> None:
         self._req_in_head = False
@@ -320,12 +396,16 @@ class Http1Observer:
             self._start_request()
 
     def _req_complete(self) -> None:
-        pass  # the request body is not needed: its end changes nothing we count
+        self._req_idle = True  # between messages: the tap may swap the parser here
 
     def _start_request(self, began_at: float | None = None) -> None:
         parser = self._request_parser
         method = parser.get_method().decode("ascii", "replace") if parser is not None else "?"
-        pending = _Pending(method, self._now if began_at is None else began_at)
+        detail = None
+        if self._tap_request:
+            authority, path = split_target(clean(self._tap_url))
+            detail = RequestDetail(clean(self._tap_host) or authority, path)
+        pending = _Pending(method, self._now if began_at is None else began_at, detail)
         if pending.head:
             self._head_outstanding += 1
         self._pending.append(pending)
@@ -336,6 +416,7 @@ class Http1Observer:
     def _resp_begin(self) -> None:
         self._resp_in_head = True
         self._resp_head_bytes = 0
+        self._resp_idle = False
 
     def _resp_headers(self) -> None:
         self._resp_in_head = False
@@ -369,6 +450,7 @@ class Http1Observer:
                 self._release_held()  # the upgrade was refused: back to HTTP
 
     def _resp_complete(self) -> None:
+        self._resp_idle = True
         if self._resp_informational:
             self._resp_informational = False
             return
@@ -378,6 +460,8 @@ class Http1Observer:
     # --- records ----------------------------------------------------------------------
 
     def _finish(self, pending: _Pending, error: str | None) -> None:
+        if pending.detail is not None:
+            pending.detail.end_ms = (self._now - pending.start) * 1000.0
         self._out.append(
             Record(
                 classification=classify(pending.status, None, error, self._grpc_failures),
@@ -386,6 +470,7 @@ class Http1Observer:
                 latency_ms=pending.latency_ms,
                 method=pending.method,
                 error=error,
+                detail=pending.detail,
             )
         )
 

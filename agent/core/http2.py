@@ -46,6 +46,7 @@ from agent.core.accounting import (
     classify,
     parse_grpc_status,
 )
+from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # An encoded header block (HEADERS + CONTINUATIONs). hpack costs ~0.9 us per byte of
@@ -72,9 +73,10 @@ _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 
 
 class _Stream:
-    __slots__ = ("grpc_status", "latency_ms", "method", "start", "status")
+    __slots__ = ("detail", "grpc_status", "latency_ms", "method", "start", "status")
 
-    def __init__(self, method: str | None, start: float) -> None:
+    def __init__(self, method: str | None, start: float, detail: RequestDetail | None = None) -> None:
+        self.detail = detail
         self.method = method
         self.start = start
         self.status: int | None = None
@@ -131,6 +133,7 @@ class Http2Observer:
         "_server",
         "_started",
         "_streams",
+        "_tap",
     )
 
     def __init__(
@@ -138,7 +141,9 @@ class Http2Observer:
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_streams: int = MAX_STREAMS,
         grpc_failures: frozenset[int] | None = None,
+        tap: TapSwitch = NEVER,
     ) -> None:
+        self._tap = tap  # while on, new streams keep :path/:authority and DATA lengths
         self._max_header_bytes = max_header_bytes
         self._max_streams = max_streams
         self._grpc_failures = grpc_failures
@@ -266,6 +271,8 @@ class Http2Observer:
             self._give_up(PROTOCOL_ERROR)
             return None
         if ftype == _DATA:
+            if self._tap.on:
+                self._tap_data(d, stream, length)
             if flags & _END_STREAM and not d.from_client:
                 self._response_ended(stream)
             d.skip = length
@@ -382,8 +389,17 @@ class Http2Observer:
             elif name == b":authority" and not self._authority:
                 self._authority = authority_label(value)
         self._highest_stream = stream
-        self._streams[stream] = _Stream(method, self._now)
+        detail = _tap_detail(headers) if self._tap.on else None
+        self._streams[stream] = _Stream(method, self._now, detail)
         self._started += 1
+
+    def _tap_data(self, d: _Direction, stream: int, length: int) -> None:
+        state = self._streams.get(stream)
+        if state is not None and state.detail is not None:
+            if d.from_client:
+                state.detail.request_bytes += length
+            else:
+                state.detail.response_bytes += length
 
     def _response_headers(self, stream: int, state: _Stream, flags: int, headers: _Headers) -> None:
         for name, value in headers:
@@ -412,6 +428,8 @@ class Http2Observer:
             self._finish(state, error)
 
     def _finish(self, state: _Stream, error: str | None) -> None:
+        if state.detail is not None:
+            state.detail.end_ms = (self._now - state.start) * 1000.0
         self._out.append(
             Record(
                 classification=classify(state.status, state.grpc_status, error, self._grpc_failures),
@@ -420,6 +438,7 @@ class Http2Observer:
                 latency_ms=state.latency_ms,
                 method=state.method,
                 error=error,
+                detail=state.detail,
             )
         )
 
@@ -435,3 +454,14 @@ class Http2Observer:
             return []
         self._out = []
         return out
+
+
+def _tap_detail(headers: _Headers) -> RequestDetail:
+    """:authority (or Host) and :path of a request, for a tap; never other header values."""
+    authority = path = b""
+    for name, value in headers:
+        if name == b":path":
+            path = value
+        elif name == b":authority" or (name == b"host" and not authority):
+            authority = value
+    return RequestDetail(clean(authority), split_target(clean(path))[1])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.core.accounting import Record
+from agent.core.tap import TapHub
 
 # Linkerd's response_latency_ms bucket bounds (ms); +Inf is implied.
 LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
@@ -185,6 +186,7 @@ class Telemetry:
         # (namespace, pod) -> (owner kind, owner name, when the agent began serving it)
         self._pods: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._refreshers: list[Callable[[], None]] = []
+        self.tap = TapHub(clock)  # open taps: the proxies publish finished requests to it
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` before every scrape (to pull counts kept elsewhere, e.g. in-kernel)."""

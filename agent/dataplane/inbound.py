@@ -59,6 +59,8 @@ class InboundProxy:
         relay.destination = decision.destination
         relay.source = session.peername  # the client pod's own IP, as the app should see it
         relay.peer_labels = decision.labels
+        relay.peer_pod = (metadata.get("namespace", ""), metadata.get("pod", ""),
+                          metadata.get("workload_kind", ""), metadata.get("workload_name", ""))
         if not decision.observe:
             relay.observer = None  # declared opaque: relay bytes, parse nothing
         if log.isEnabledFor(logging.DEBUG):

@@ -31,6 +31,7 @@ from agent.core.telemetry import (
 )
 from agent.dataplane.context import PodContext
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect
+from agent.dataplane.tapping import publish_tapped
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class Relay:
 
     __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
                  "draining", "early", "early_at", "errno_name", "failed", "http", "idle_since",
-                 "moves", "observer", "peer_labels", "pod", "proxy", "record", "seen_activity",
+                 "moves", "observer", "peer_labels", "peer_pod", "pod", "proxy", "record",
+                 "seen_activity",
                  "source", "started", "upstream")
 
     def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
@@ -127,10 +129,12 @@ class Relay:
         self.idle_since = self.started
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
-        self.observer: ConnectionObserver | None = ConnectionObserver()
+        self.observer: ConnectionObserver | None = ConnectionObserver(proxy.telemetry.tap.switch)
         self.http: HttpCounters | None = None
         self.draining = False  # the agent is stopping: close at the next clean point
         self.moves = 0  # times a refused tunnel stream was carried to another connection
+        # what a tunnel stream said of its client pod: (namespace, pod, owner kind, owner name)
+        self.peer_pod: tuple[str, str, str, str] | None = None
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -217,6 +221,8 @@ class Relay:
             http.requests += started
             for record in records:
                 http.record(record)
+                if record.detail is not None:  # started while a tap was open
+                    publish_tapped(self, record)
         if observer.opaque:
             self.observer = None  # in-flight requests were already ended as failures
 

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from agent.memory import give_back_memory
 from agent.observability.metrics import AdminMetrics
+from agent.observability.tap import TapEndpoint
 
 log = logging.getLogger(__name__)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -79,8 +80,10 @@ def public_pod_view(entry: Mapping[str, Any]) -> dict[str, Any]:
 class AdminServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  pods_view: Callable[[], list[dict[str, Any]]],
-                 metrics: AdminMetrics | None = None, limits: AdminLimits = AdminLimits()) -> None:
+                 metrics: AdminMetrics | None = None, limits: AdminLimits = AdminLimits(),
+                 tap: TapEndpoint | None = None) -> None:
         self._host, self._port = host, port
+        self._tap = tap  # GET /tap: handed over, and off the eviction list (the hub caps taps)
         self._registry = registry
         self._pods_view = pods_view
         self._metrics = metrics if metrics is not None else AdminMetrics(registry)
@@ -113,6 +116,8 @@ class AdminServer:
             await self._server.wait_closed()
         for writer in list(self._open):
             writer.transport.abort()
+        if self._tap is not None:
+            self._tap.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._make_room()
@@ -152,7 +157,14 @@ class AdminServer:
             self._refuse(writer, "head_too_large")
             return
         local = is_local_peer(writer.get_extra_info("peername"), writer.get_extra_info("sockname"))
-        status, ctype, body = self._route(head.split(b"\r\n", 1)[0], local)
+        request_line = head.split(b"\r\n", 1)[0]
+        parts = request_line.split()
+        if self._tap is not None and len(parts) == 3 and parts[0] == b"GET" and \
+                parts[1].split(b"?", 1)[0] == b"/tap":
+            self._open.pop(writer, None)
+            await self._tap.serve(reader, writer, parts[1], head, local)
+            return
+        status, ctype, body = self._route(request_line, local)
         # No high-water mark: drain() returns only once everything is with the kernel, so
         # close() below never leaves a transport behind waiting on a peer that does not read.
         writer.transport.set_write_buffer_limits(high=0)

@@ -125,3 +125,23 @@ def cluster_results(kubeconfig: str | None, pre: bool = False,
     except (ApiError, OSError, TimeoutError) as exc:
         return [CheckResult(f"the Kubernetes API at {config.server} answers", False,
                             (str(exc) or type(exc).__name__,), "is the kubeconfig right? is the API up?")], []
+
+
+def cluster_agents(kubeconfig: str | None, timeout: float = 10.0) -> tuple[list[str], str | None]:
+    """(agent admin addresses, the kubeconfig's bearer token) for `pinion tap --kubeconfig`."""
+    config = KubeConfig.load(kubeconfig)
+    token = config.token
+    if config.token_file:
+        with open(config.token_file) as file:
+            token = file.read().strip()
+
+    async def run() -> list[str]:
+        client = KubeClient(config, timeout=timeout)
+        try:
+            pods = await client.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods",
+                                        params={"labelSelector": AGENT_SELECTOR})
+            return agent_addresses(pods)
+        finally:
+            await client.close()
+
+    return asyncio.run(run()), token

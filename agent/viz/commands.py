@@ -125,14 +125,52 @@ def add_viz_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_top_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    top = sub.add_parser("top", help="live table of the busiest pods, like `linkerd viz top`")
+    from agent.viz.tap import add_tap_flags, run_route_top, run_tap
+
+    tap = sub.add_parser("tap", help="every request of a resource as it happens, like "
+                                     "`linkerd viz tap`")
+    add_tap_flags(tap)
+    tap.add_argument("-o", "--output", choices=("default", "wide", "json"), default="default")
+    tap.add_argument("--max", type=int, metavar="N", help="exit after N requests")
+    tap.set_defaults(run=run_tap)
+    top = sub.add_parser("top", help="the busiest routes live, like `linkerd viz top`; "
+                                     "--pods: the busiest pods, from counters",
+                         description="pinion top RESOURCE: routes (source, destination, method, "
+                                     "path) by count, from tap. pinion top --pods: pods by RPS.")
+    add_tap_flags(top, resource_required=False)
+    top.add_argument("--pods", action="store_true",
+                     help="the pod-level view: busiest pods from /metrics (no tap needed)")
     top.add_argument("--interval", type=_positive, default=2.0, metavar="S",
                      help="seconds between refreshes (default 2)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N tables "
                      "(default: until Ctrl-C)")
-    top.add_argument("-n", "--namespace", help="only this namespace (default: all)")
-    _common_flags(top)
-    top.set_defaults(run=run_top)
+    top.add_argument("--routes", type=int, default=20, metavar="N", help="rows shown (default 20)")
+    top.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    def run_top_either(args: argparse.Namespace) -> int:
+        if args.pods:
+            if args.namespace == "default" and not args.resource:
+                args.namespace = None  # the pod view's default: every namespace
+            return run_top(args)
+        if not args.resource:
+            top.error("RESOURCE is required (pod/NAME, deploy/NAME, ns/NAME), or --pods")
+        return run_route_top(args)
+
+    top.set_defaults(run=run_top_either)
+    dashboard = sub.add_parser("dashboard", help="a web page of the mesh on 127.0.0.1, like "
+                                                 "`linkerd viz dashboard`")
+    dashboard.add_argument("--port", type=int, default=50750, help="default 50750 (0: any free)")
+    dashboard.add_argument("--agent", action="append", type=_agent_flag, metavar="HOST:PORT",
+                           help=f"an agent's admin endpoint; repeatable (default {scrape.DEFAULT_AGENT})")
+    dashboard.add_argument("--kubeconfig", metavar="PATH", help="find the agents in this cluster "
+                           "and tap with its token")
+    dashboard.add_argument("--token-file", metavar="PATH", help="the operator's tap token")
+    dashboard.add_argument("--timeout", type=_positive, default=scrape.DEFAULT_TIMEOUT, metavar="S")
+    dashboard.add_argument("--prometheus", metavar="URL", help="success rate, RPS, latencies "
+                           "and connections from this Prometheus (pods, edges, tap: agents)")
+    dashboard.add_argument("--prometheus-window", default="1m", metavar="RANGE",
+                           help="rate() window of those queries (default 1m)")
+    dashboard.set_defaults(run=run_dashboard)
     check = sub.add_parser("check", help="✓/✗ health of agents (or, with --pre, of this host)")
     check.add_argument("--pre", action="store_true",
                        help="check this host's prerequisites for running an agent instead")
@@ -342,6 +380,31 @@ def run_top(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
     except KeyboardInterrupt:
         pass
     return 1 if failed else 0
+
+
+# --- dashboard ------------------------------------------------------------------------------
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from agent.viz.dashboard.prom import Prometheus
+    from agent.viz.dashboard.server import serve
+    from agent.viz.tap import agents_and_token
+
+    agents, token = agents_and_token(args)
+    prometheus = Prometheus(args.prometheus, args.prometheus_window, args.timeout) \
+        if args.prometheus else None
+
+    def ready(server: Any) -> None:
+        print(f"pinion dashboard: http://127.0.0.1:{server.server_address[1]}/ "
+              f"({len(agents)} agent(s); Ctrl-C to stop)", flush=True)
+
+    try:
+        serve(agents, token, args.port, args.timeout, ready, prometheus)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"pinion dashboard: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- check ----------------------------------------------------------------------------------

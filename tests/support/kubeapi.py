@@ -11,9 +11,11 @@ D/token, then D/ready; the test helpers are then POST /_test/{apply,delete,add-t
 and GET /_test/requests, with the bearer token (RemoteFakeApi wraps them).
 
 Deliberate deviations from a real API server: objects are created with the `status` they are given
-(tests set status.podIP and status.phase; a real server drops status on create); there is no RBAC
-(any authenticated user may do anything), no admission, no defaulting or validation beyond names and
-namespaces; deletes are immediate (no grace period, finalizers, or namespace Terminating phase);
+(tests set status.podIP and status.phase; a real server drops status on create); RBAC is not
+enforced on requests (any authenticated user may do anything) but SubjectAccessReviews are answered
+from the stored Roles and bindings (tests/support/kuberbac.py); no admission, no defaulting or
+validation beyond names and namespaces; deletes are immediate (no grace period, finalizers, or
+namespace Terminating phase);
 strategic-merge patches are applied as JSON merge patches; a list ignores its resourceVersion
 parameter and always reads the latest state; continue pages read the latest state after the
 previous page's last key (a real server reads a snapshot).
@@ -52,6 +54,7 @@ from tests.support.kubehttp import (
     response_head,
     send_json,
 )
+from tests.support.kuberbac import access_review
 from tests.support.kubestore import (
     JsonObject,
     Resource,
@@ -176,6 +179,10 @@ class _Api:
             if method != "POST" or name is not None:
                 raise StoreError(405, "MethodNotAllowed", "the server does not allow this method")
             return 201, self.tokens.review(request.json() or {})
+        if resource.kind == "SubjectAccessReview":
+            if method != "POST" or name is not None:
+                raise StoreError(405, "MethodNotAllowed", "the server does not allow this method")
+            return 201, access_review(self.store, request.json() or {})
         if resource.namespaced and namespace is None and (name is not None or method != "GET"):
             raise StoreError(404, "NotFound", "the server could not find the requested resource")
         if method == "GET":

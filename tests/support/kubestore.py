@@ -72,6 +72,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("rbac.authorization.k8s.io", "v1", "Role", "roles", True),
     Resource("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", True),
     Resource("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False, verbs=("create",)),
+    Resource("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", False,
+             verbs=("create",)),
 )
 STORED = tuple(resource for resource in RESOURCES if "get" in resource.verbs)
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")

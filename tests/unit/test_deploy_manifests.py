@@ -169,7 +169,12 @@ def test_rbac_grants_exactly_what_docs_kubernetes_md_says() -> None:
     agent = {("", r, (), v) for r in ("pods", "namespaces", "services") for v in ("get", "list", "watch")}
     agent |= {("discovery.k8s.io", "endpointslices", (), v) for v in ("list", "watch")}
     agent |= {("batch", "jobs", (), v) for v in ("list", "watch")}
+    agent |= {("authentication.k8s.io", "tokenreviews", (), "create"),  # who taps, and may they
+              ("authorization.k8s.io", "subjectaccessreviews", (), "create")}
     assert rules_of(find(rbac, "ClusterRole", "pinion-agent")) == agent
+    assert rules_of(find(rbac, "ClusterRole", "pinion-tap")) == {
+        ("tap.pinion.dev", f"{kind}/tap", (), "watch")
+        for kind in ("pods", "deployments", "daemonsets", "statefulsets", "namespaces")}
     assert rules_of(find(rbac, "ClusterRole", "pinion-issuer")) == {
         ("authentication.k8s.io", "tokenreviews", (), "create"),
         ("", "pods", (), "get"), ("", "pods", (), "list")}

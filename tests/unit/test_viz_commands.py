@@ -212,7 +212,7 @@ def test_top_refreshes_busiest_first_for_the_given_iterations(capsys: pytest.Cap
                             pod_series("default", "web", "outbound", ok=n))
                for n in range(3)]
     with FakeAgent(scrapes) as agent:
-        code, out, err = run(capsys, "top", "--agent", agent.address, "--interval", "0.1",
+        code, out, err = run(capsys, "top", "--pods", "--agent", agent.address, "--interval", "0.1",
                              "--iterations", "2")
         assert agent.scrapes == 3
     assert (code, err) == (0, "")

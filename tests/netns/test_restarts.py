@@ -150,14 +150,28 @@ def test_a_sigterm_during_start_up_ends_the_agent_at_once(tmp_path: Path) -> Non
             "--admin-addr", "127.0.0.1:0", "--redirect", "nftables"]
     process = subprocess.Popen(argv, cwd=str(REPO), stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.25)  # the interpreter is up; the agent's imports are not done
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert children, "unshare has not started the agent"
+        deadline = time.monotonic() + 10
+        agent = 0
+        while not agent or not handles_sigterm(agent):  # the CLI is imported; the agent not
+            assert time.monotonic() < deadline, "the agent did not start"
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            agent = int(children[0]) if children else 0
+            time.sleep(0.005)
         sent = time.monotonic()
-        os.kill(int(children[0]), signal.SIGTERM)
+        os.kill(agent, signal.SIGTERM)
         assert process.wait(10) == 143
         assert time.monotonic() - sent < 2.0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def handles_sigterm(pid: int) -> bool:
+    """SIGTERM is caught (SigCgt in /proc/PID/status): the CLI set its handler."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))

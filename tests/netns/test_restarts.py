@@ -147,7 +147,7 @@ def test_a_sigterm_during_start_up_ends_the_agent_at_once(tmp_path: Path) -> Non
     argv = ["unshare", "--pid", "--fork", sys.executable, "-m", "agent", "agent",
             "--node-name", "early", "--state-dir", str(tmp_path / "state"),
             "--cni-socket", str(tmp_path / "cni.sock"), "--pending-dir", str(tmp_path / "pending"),
-            "--admin-addr", "127.0.0.1:0", "--redirect", "nftables"]
+            "--admin-addr", f"127.0.0.1:{free_port()}", "--redirect", "nftables"]
     process = subprocess.Popen(argv, cwd=str(REPO), stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
@@ -175,3 +175,11 @@ def handles_sigterm(pid: int) -> bool:
         return False
     caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -53,6 +53,7 @@ missing_packages() {  # those of PACKAGES the rootfs lacks
 add_packages() {  # apt-get install in the chroot, in a private mount namespace
   local root=$1; shift
   cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+  sed -i 's/ main bookworm main$/ main/' "$root/etc/apt/sources.list"  # an early build's typo
   unshare --mount --propagation private -- /bin/sh -ec '
     root=$1; shift
     mount -t proc proc "$root/proc"; mount --rbind /dev "$root/dev"
@@ -73,8 +74,8 @@ main() {
     mmdebstrap --arch=arm64 --variant=apt --include="$pkgs" \
       --aptopt='APT::Install-Recommends "false"' \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-      bookworm "$rootfs.partial" "$(mirror) bookworm main" \
-      "$(mirror) bookworm-updates main" "$(mirror)-security bookworm-security main" >&2
+      bookworm "$rootfs.partial" "deb $(mirror) bookworm main" \
+      "deb $(mirror) bookworm-updates main" "deb $(mirror)-security bookworm-security main" >&2
     mv "$rootfs.partial" "$rootfs"
     touch "$rootfs/.complete"
   fi

@@ -25,6 +25,8 @@ rm -rf "$ROOTFS/src" && mkdir -p "$ROOTFS/src"
    | tar --null -T - -cf -) | tar -xf - -C "$ROOTFS/src"
 rm -f "$ROOTFS/src/keeper/pinion-keeper" "$ROOTFS"/src/bpf/*.o  # built for arm64 below, never copied
 cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"  # pip reaches PyPI from the chroot
+# ...trusting what the host trusts (a TLS-inspecting proxy's CA, where there is one)
+cp -L /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/pinion-host-ca.crt"
 
 # Inside the chroot, in a private mount namespace: every mount goes with it.
 inside() {
@@ -35,7 +37,8 @@ inside() {
     mount --rbind /dev "$root/dev"
     mount -t tmpfs -o size=2g tmpfs "$root/tmp"
     exec chroot "$root" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root \
-      LANG=C.UTF-8 CI="${CI:-}" PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"' inside "$ROOTFS" "$@"
+      LANG=C.UTF-8 CI="${CI:-}" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+      PIP_CERT=/etc/ssl/pinion-host-ca.crt "$@"' inside "$ROOTFS" "$@"
 }
 
 # The venv: created once per pyproject.toml (dependencies); the project reinstalled each run.

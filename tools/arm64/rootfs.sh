@@ -13,13 +13,14 @@ CACHE=${PINION_ARM64_CACHE:-/var/cache/pinion/arm64}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 # What the image's builder and runtime stages hold (deploy/Dockerfile), what the unit suite
-# needs besides (make, openssl, the CNI plugins), and, for the kernel smoke, Debian's arm64
-# kernel with an initramfs that can mount a virtio disk.
+# needs besides (make, openssl, curl, tcpdump, the CNI plugins, kubectl, the fuzzer's runtime),
+# and, for the kernel smoke, Debian's arm64 kernel with an initramfs that can mount a virtio
+# disk (mount: not Essential, so not in mmdebstrap's apt variant).
 PACKAGES=(
   python3 python3-venv python3-dev gcc libc6-dev make dpkg-dev
   clang llvm libbpf-dev libbpf1 linux-libc-dev
   iptables nftables libnftables1 iproute2 procps openssl ca-certificates curl
-  containernetworking-plugins kmod tcpdump
+  containernetworking-plugins kmod tcpdump mount kubernetes-client libclang-rt-dev
   linux-image-arm64 initramfs-tools
 )
 

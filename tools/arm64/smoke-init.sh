@@ -4,8 +4,8 @@
 # /src/.smoke-tests with CI=true (a missing capability fails), print the result, power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
        LANG=C.UTF-8 CI=true PYTHONDONTWRITEBYTECODE=1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+mount -t proc proc /proc 2>/dev/null  # the initramfs moved /proc, /sys, /dev here already
+mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run && mount -t tmpfs -o size=1g tmpfs /tmp
@@ -22,7 +22,7 @@ cd /src || exit 1
   platform.python_version(), ssl.OPENSSL_VERSION)'
 read -r -a tests < /src/.smoke-tests
 start=$(cut -d' ' -f1 /proc/uptime)
-timeout 5400 "$venv/bin/python" -m pytest -v -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1
+timeout 5400 "$venv/bin/python" -m pytest -v --color=no -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1
 status=$?
 end=$(cut -d' ' -f1 /proc/uptime)
 echo "pinion-smoke: pytest took $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%d", b - a}') s"

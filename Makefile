@@ -9,7 +9,7 @@ APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plug
                 podman mmdebstrap containerd runc chromium
 
 .PHONY: deps venv bpf keeper fuzz-keeper test unit netns demo bench bench-quick lint clean \
-        image pause-image
+        image pause-image deps-arm64 test-arm64 smoke-arm64
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -134,6 +134,24 @@ pause-image: deps
 	tar -C $$dir -cf $$dir/pause.tar pause; \
 	podman import -q --arch $(ARCH) --change 'ENTRYPOINT ["/pause"]' $$dir/pause.tar $(PAUSE_IMAGE) >/dev/null; \
 	podman image inspect --format '$(PAUSE_IMAGE): {{.Size}} bytes' $(PAUSE_IMAGE)
+
+# arm64 under emulation (docs/arm64.md): a cached Debian arm64 rootfs (mmdebstrap, qemu-user),
+# the unit suite in it, and Debian's arm64 kernel booted under qemu-system-aarch64 for a netns
+# smoke. Manual/weekly lanes, not part of `make test` (their cost is in docs/arm64.md).
+ARM64_APT_PACKAGES := mmdebstrap qemu-user-static qemu-system-arm e2fsprogs
+
+deps-arm64:
+	@missing=$$(for p in $(ARM64_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test-arm64: deps-arm64  ## the unit suite on arm64 under qemu-user (first run builds the rootfs)
+	CI=$${CI:-true} tools/arm64/test.sh
+
+smoke-arm64: deps-arm64  ## Debian's arm64 kernel under qemu-system-aarch64: netns smoke, console in docs/
+	tools/arm64/smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS) keeper/pinion-keeper

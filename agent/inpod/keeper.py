@@ -48,7 +48,8 @@ MAX_HELD = 8192  # 3 listeners a pod: ~2,700 pods, far beyond a node's 110
 MAX_CLIENTS = 16
 FDS_PER_MESSAGE = 64  # SCM_MAX_FD is 253
 _KEY = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
-_UCRED = struct.Struct("iII")
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+SIOCGSKNS = 0x894C  # linux/sockios.h: the netns of a socket, as an fd
 
 
 class KeeperError(OSError):
@@ -333,7 +334,7 @@ def netns_inode(sock: socket.socket) -> tuple[int, int]:
     """(device, inode) of the network namespace a socket lives in (SIOCGSKNS)."""
     import fcntl
 
-    fd = fcntl.ioctl(sock.fileno(), 0x894C)  # SIOCGSKNS, linux/sockios.h
+    fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
     try:
         stat = os.fstat(fd)
         return stat.st_dev, stat.st_ino

@@ -1,0 +1,93 @@
+#!/bin/bash
+# An arm64 Debian bookworm root filesystem, cached: what `make test-arm64` and `make smoke-arm64`
+# run in. Built once with mmdebstrap from the Debian archive this machine's apt uses; maintainer
+# scripts run under qemu-user (binfmt_misc, registered here if the host has not done it).
+#
+#   tools/arm64/rootfs.sh            prints the rootfs directory, building it when missing/stale
+#
+# Built once; a package added to the list below is installed into the cached rootfs on the
+# next run (apt-get in the chroot), so the list can grow without a rebuild.
+set -euo pipefail
+
+CACHE=${PINION_ARM64_CACHE:-/var/cache/pinion/arm64}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+# What the image's builder and runtime stages hold (deploy/Dockerfile), what the unit suite
+# needs besides (make, openssl, curl, tcpdump, the CNI plugins, kubectl, the fuzzer's runtime),
+# and, for the kernel smoke, Debian's arm64 kernel with an initramfs that can mount a virtio
+# disk (mount: not Essential, so not in mmdebstrap's apt variant).
+PACKAGES=(
+  python3 python3-venv python3-dev gcc libc6-dev make dpkg-dev
+  clang llvm libbpf-dev libbpf1 linux-libc-dev
+  iptables nftables libnftables1 iproute2 procps openssl ca-certificates curl
+  containernetworking-plugins kmod tcpdump mount kubernetes-client libclang-rt-dev
+  linux-image-arm64 initramfs-tools
+)
+
+# binfmt_misc: mount it and register qemu-aarch64 (flags F: the interpreter is opened now, so it
+# works inside a chroot) unless already there.
+ensure_binfmt() {
+  command -v qemu-aarch64-static >/dev/null || {
+    echo "rootfs.sh: qemu-user-static is missing (make deps-arm64 installs it)" >&2; exit 1; }
+  [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || cat /usr/lib/binfmt.d/qemu-aarch64.conf \
+    > /proc/sys/fs/binfmt_misc/register
+  grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
+    echo "rootfs.sh: binfmt_misc entry qemu-aarch64 is disabled" >&2; exit 1; }
+}
+
+mirror() {  # the first Debian archive URI apt on this machine uses
+  local uri
+  uri=$(grep -h -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
+        | grep -o 'http[^ ]*/debian' | head -1)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+missing_packages() {  # those of PACKAGES the rootfs lacks
+  local root=$1 package
+  for package in "${PACKAGES[@]}"; do
+    chroot "$root" dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
+      || echo "$package"
+  done
+}
+
+add_packages() {  # apt-get install in the chroot, in a private mount namespace
+  local root=$1; shift
+  cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+  sed -i 's/ main bookworm main$/ main/' "$root/etc/apt/sources.list"  # an early build's typo
+  unshare --mount --propagation private -- /bin/sh -ec '
+    root=$1; shift
+    mount -t proc proc "$root/proc"; mount --rbind /dev "$root/dev"
+    chroot "$root" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends "$@"
+    chroot "$root" apt-get clean' add "$root" "$@" >&2
+}
+
+main() {
+  ensure_binfmt
+  local rootfs="$CACHE/rootfs-bookworm"
+  if [ ! -e "$rootfs/.complete" ]; then
+    mkdir -p "$CACHE"
+    rm -rf "$rootfs" "$rootfs.partial"
+    echo "rootfs.sh: building $rootfs (once; ~15 min under emulation)" >&2
+    local pkgs
+    pkgs=$(IFS=,; echo "${PACKAGES[*]}")
+    mmdebstrap --arch=arm64 --variant=apt --include="$pkgs" \
+      --aptopt='APT::Install-Recommends "false"' \
+      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+      bookworm "$rootfs.partial" "deb $(mirror) bookworm main" \
+      "deb $(mirror) bookworm-updates main" "deb $(mirror)-security bookworm-security main" >&2
+    mv "$rootfs.partial" "$rootfs"
+    touch "$rootfs/.complete"
+  fi
+  local missing
+  missing=$(missing_packages "$rootfs")
+  if [ -n "$missing" ]; then
+    echo "rootfs.sh: adding to $rootfs:" $missing >&2
+    # shellcheck disable=SC2086  # one word a package
+    add_packages "$rootfs" $missing
+  fi
+  echo "$rootfs"
+}
+
+main "$@"

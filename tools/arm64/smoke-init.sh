@@ -1,0 +1,32 @@
+#!/bin/bash
+# PID 1 of the arm64 kernel smoke (tools/arm64/smoke.sh boots Debian's arm64 kernel with
+# init=this): mount what a node has (proc, sys, cgroup2, bpffs), run the netns tests named in
+# /src/.smoke-tests with CI=true (a missing capability fails), print the result, power off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+       LANG=C.UTF-8 CI=true PYTHONDONTWRITEBYTECODE=1
+mount -t proc proc /proc 2>/dev/null  # the initramfs moved /proc, /sys, /dev here already
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run && mount -t tmpfs -o size=1g tmpfs /tmp
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+hostname pinion-arm64
+ip link set lo up
+
+echo "pinion-smoke: kernel $(uname -r) $(uname -m); $(nproc) CPUs;" \
+     "$(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo); booted in $(cut -d' ' -f1 /proc/uptime) s"
+venv=$(ls -d /opt/pinion/venv-* | head -1)
+cd /src || exit 1
+"$venv/bin/python" -c 'import platform, ssl; print("pinion-smoke:", platform.machine(), "Python",
+  platform.python_version(), ssl.OPENSSL_VERSION)'
+read -r -a tests < /src/.smoke-tests
+start=$(cut -d' ' -f1 /proc/uptime)
+timeout 5400 "$venv/bin/python" -m pytest -v --color=no -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1
+status=$?
+end=$(cut -d' ' -f1 /proc/uptime)
+echo "pinion-smoke: pytest took $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%d", b - a}') s"
+echo "pinion-smoke: exit $status"
+sync
+echo o > /proc/sysrq-trigger  # power off: qemu exits
+sleep 60

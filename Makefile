@@ -5,7 +5,8 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
-                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
+                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev \
+                libclang-rt-dev
 
 .PHONY: deps venv bpf test unit netns demo bench bench-quick lint clean
 
@@ -25,7 +26,9 @@ venv: $(VENV)/.installed
 # the venv module, Python headers and a C compiler. Installed when missing (as root).
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
 
-$(VENV)/.installed: pyproject.toml
+# setup.py compiles csrc/ (agent.core._http1fast) into the editable install: a change there
+# re-runs the install, which rebuilds it.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	@missing=$$(for p in $(VENV_BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make venv needs: $$missing (run it with sudo, or apt-get install them)"; exit 1; fi; \

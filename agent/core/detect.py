@@ -22,7 +22,7 @@ import re
 from typing import Final
 
 from agent.core.accounting import PROTOCOL_ERROR, Observer, OpaqueObserver, Record
-from agent.core.http1 import Http1Observer
+from agent.core.http1 import http1_observer
 from agent.core.http2 import Http2Observer
 
 
@@ -75,7 +75,7 @@ def _starts_like_settings(data: bytes) -> bool:
 
 def observer_for(protocol: Protocol) -> Observer:
     if protocol is Protocol.HTTP1:
-        return Http1Observer()
+        return http1_observer()
     if protocol is Protocol.HTTP2:
         return Http2Observer()
     return OpaqueObserver()

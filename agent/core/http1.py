@@ -44,6 +44,7 @@ from agent.core.accounting import (
     CLOSED,
     PROTOCOL_ERROR,
     RESET,
+    Observer,
     Record,
     classify,
 )
@@ -103,6 +104,7 @@ class Http1Observer:
         "_held_bytes",
         "_max_header_bytes",
         "_max_pending",
+        "_muted",
         "_now",
         "_opaque",
         "_out",
@@ -154,6 +156,35 @@ class Http1Observer:
         # After an upgrade request: client bytes held until the response (None: not held).
         self._client_held: list[bytes] | None = None
         self._held_bytes = 0
+        self._muted = False  # `adopt` feeding a synthetic head: callbacks do nothing
+
+    @classmethod
+    def adopt(
+        cls,
+        pending: list[tuple[str, float, int | None, float | None]],
+        request_body_left: int,
+        response_body_left: int,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_pending: int = MAX_PENDING,
+        grpc_failures: frozenset[int] | None = None,
+    ) -> Http1Observer:
+        """An observer in the state this one would have after the messages another observer
+        (the compiled fast path, `agent.core._http1fast`) already followed, at a boundary of
+        complete heads: `pending` = (method, start, status, latency_ms) of the requests
+        awaiting (the end of) their responses, and the bytes left of the request and the
+        response bodies being read (HTTP/1.1, Content-Length, keep-alive: nothing else)."""
+        observer = cls(max_header_bytes, max_pending, grpc_failures)
+        for method, start, status, latency_ms in pending:
+            request = _Pending(method, start)
+            request.status, request.latency_ms = status, latency_ms
+            observer._pending.append(request)
+        observer._muted = True  # the parsers reach the middle of those bodies
+        if request_body_left:
+            observer._feed_request(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % request_body_left)
+        if response_body_left:
+            observer._feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % response_body_left)
+        observer._muted = False
+        return observer
 
     # --- the Observer interface -------------------------------------------------------
 
@@ -291,11 +322,15 @@ class Http1Observer:
     # --- llhttp callbacks (they must not raise) ---------------------------------------
 
     def _req_begin(self) -> None:
+        if self._muted:
+            return
         self._req_began_at = self._now
         self._req_in_head = True
         self._req_head_bytes = 0
 
     def _req_headers(self) -> None:
+        if self._muted:
+            return
         self._req_in_head = False
         self._req_heads += 1
         if self._req_answered_early:
@@ -318,10 +353,14 @@ class Http1Observer:
             self._give_up(PROTOCOL_ERROR)
 
     def _resp_begin(self) -> None:
+        if self._muted:
+            return
         self._resp_in_head = True
         self._resp_head_bytes = 0
 
     def _resp_headers(self) -> None:
+        if self._muted:
+            return
         self._resp_in_head = False
         self._resp_heads += 1
         if self._opaque:
@@ -387,3 +426,26 @@ class Http1Observer:
             return []
         self._out = []
         return out
+
+
+_Http1Fast: type[_http1fast.Http1Fast] | None
+try:  # the compiled fast path (csrc/http1fast.c), built by `pip install`; see http1_observer
+    from agent.core import _http1fast
+
+    _Http1Fast = _http1fast.Http1Fast
+except ImportError:  # pragma: no cover - a checkout used without building it
+    _Http1Fast = None
+
+
+def http1_observer(
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_pending: int = MAX_PENDING,
+    grpc_failures: frozenset[int] | None = None,
+) -> Observer:
+    """The observer the proxy uses for an HTTP/1 connection: the compiled fast path when it is
+    built (it accounts messages of the common shape itself and hands the connection to an
+    `Http1Observer`, via `Http1Observer.adopt`, at the first message it does not take), else
+    `Http1Observer` from the start. Both count the same (tests/unit/test_http1_fast.py)."""
+    if _Http1Fast is None:
+        return Http1Observer(max_header_bytes, max_pending, grpc_failures)
+    return _Http1Fast(Http1Observer.adopt, max_header_bytes, max_pending, grpc_failures)

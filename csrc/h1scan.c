@@ -1,0 +1,142 @@
+/* h1scan: see h1scan.h for the accepted shape and why it is narrow. */
+#include "h1scan.h"
+
+#include <string.h>
+
+const char *const h1_method_names[H1_METHODS] = {"GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"};
+
+/* RFC 9110 tchar */
+static int is_tchar(uint8_t c) {
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+        return 1;
+    return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+/* origin-form characters: unreserved, sub-delims, ":@/?%" (no '#', no quotes, no brackets) */
+static int is_target_char(uint8_t c) {
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+        return 1;
+    return c != 0 && strchr("-._~!$&'()*+,;=:@/?%", c) != NULL;
+}
+
+static int is_text(uint8_t c) { return c == '\t' || (c >= 0x20 && c <= 0x7e); }
+
+static int name_is(const uint8_t *name, size_t length, const char *lower) {
+    size_t i;
+    if (strlen(lower) != length)
+        return 0;
+    for (i = 0; i < length; i++) {
+        uint8_t c = name[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (uint8_t)(c - 'A' + 'a');
+        if (c != (uint8_t)lower[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* Header lines from `pos` to the empty line; fills out->head_length and content_length. */
+static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
+    int seen_length = 0;
+    out->content_length = 0;
+    for (;;) {
+        size_t name, name_length, value, value_end;
+        if (pos + 2 > n)
+            return 0;
+        if (p[pos] == '\r') {
+            if (p[pos + 1] != '\n')
+                return 0;
+            out->head_length = pos + 2;
+            out->has_length = seen_length;
+            return 1;
+        }
+        name = pos;
+        while (pos < n && is_tchar(p[pos]))
+            pos++;
+        name_length = pos - name;
+        if (name_length == 0 || pos >= n || p[pos] != ':')
+            return 0;
+        pos++;
+        while (pos < n && (p[pos] == ' ' || p[pos] == '\t'))
+            pos++;
+        value = pos;
+        while (pos < n && is_text(p[pos]))
+            pos++;
+        value_end = pos;
+        if (pos + 2 > n || p[pos] != '\r' || p[pos + 1] != '\n')
+            return 0;
+        pos += 2;
+        if (value_end > value && (p[value_end - 1] == ' ' || p[value_end - 1] == '\t'))
+            return 0; /* trailing whitespace: leave it to llhttp */
+        if (name_is(p + name, name_length, "content-length")) {
+            uint64_t length = 0;
+            size_t i;
+            if (seen_length || value_end == value || value_end - value > 15)
+                return 0;
+            for (i = value; i < value_end; i++) {
+                if (p[i] < '0' || p[i] > '9')
+                    return 0;
+                length = length * 10 + (uint64_t)(p[i] - '0');
+            }
+            seen_length = 1;
+            out->content_length = length;
+        } else if (name_is(p + name, name_length, "transfer-encoding") ||
+                   name_is(p + name, name_length, "connection") ||
+                   name_is(p + name, name_length, "proxy-connection") ||
+                   name_is(p + name, name_length, "upgrade")) {
+            return 0;
+        }
+    }
+}
+
+static int match(const uint8_t *p, size_t n, size_t pos, const char *literal) {
+    size_t length = strlen(literal);
+    return pos + length <= n && memcmp(p + pos, literal, length) == 0;
+}
+
+int h1_scan_request(const uint8_t *data, size_t length, h1_head *out) {
+    size_t n = length < H1_MAX_HEAD ? length : H1_MAX_HEAD, pos = 0, target;
+    int method;
+    for (method = 0; method < H1_METHODS; method++) {
+        const char *name = h1_method_names[method];
+        if (match(data, n, 0, name) && n > strlen(name) && data[strlen(name)] == ' ')
+            break;
+    }
+    if (method == H1_METHODS)
+        return 0;
+    pos = strlen(h1_method_names[method]) + 1;
+    target = pos;
+    if (pos >= n || data[pos] != '/')
+        return 0;
+    while (pos < n && is_target_char(data[pos]))
+        pos++;
+    if (pos == target || !match(data, n, pos, " HTTP/1.1\r\n"))
+        return 0;
+    out->method = method;
+    out->status = 0;
+    return scan_fields(data, n, pos + 11, out);
+}
+
+int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
+    size_t n = length < H1_MAX_HEAD ? length : H1_MAX_HEAD, pos;
+    int status, i;
+    if (!match(data, n, 0, "HTTP/1.1 ") || n < 13)
+        return 0;
+    status = 0;
+    for (i = 9; i < 12; i++) {
+        if (data[i] < '0' || data[i] > '9')
+            return 0;
+        status = status * 10 + (data[i] - '0');
+    }
+    if (status < 200 || status > 599 || status == 204 || status == 304 || data[12] != ' ')
+        return 0;
+    pos = 13;
+    while (pos < n && is_text(data[pos]))
+        pos++;
+    if (!match(data, n, pos, "\r\n"))
+        return 0;
+    out->method = -1;
+    out->status = status;
+    /* no Content-Length: the body runs to the close (llhttp: "read until EOF") */
+    return scan_fields(data, n, pos + 2, out) && out->has_length;
+}

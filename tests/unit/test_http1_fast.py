@@ -1,0 +1,189 @@
+"""The compiled HTTP/1 fast path (agent.core._http1fast) counts exactly what the llhttp-based
+Python observer counts: every scenario of the HTTP/1 accounting tests runs on both, and a
+differential property test drives both with the same generated conversations — heads of the
+fast path's shape and of every shape it hands over (chunked, HEAD, 1xx, 204, Upgrade,
+Connection, odd spacing), bodies split anywhere, byte flips, resets — comparing the records,
+the started counts and `opaque` after every step."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.core import http1
+from agent.core.accounting import Observer
+from agent.core.http1 import Http1Observer, http1_observer
+
+from . import test_http1_accounting, test_http1_accounting_properties
+
+if not os.environ.get("CI"):  # in CI the extension must be there: `make venv` builds it
+    pytest.importorskip("agent.core._http1fast", reason="not built: pip install -e . builds it")
+from agent.core._http1fast import Http1Fast, scan_request, scan_response
+
+
+def fast_observer(max_header_bytes: int = http1.MAX_HEADER_BYTES, max_pending: int = http1.MAX_PENDING,
+                  grpc_failures: frozenset[int] | None = None) -> Http1Fast:
+    return Http1Fast(Http1Observer.adopt, max_header_bytes, max_pending, grpc_failures)
+
+
+def test_the_agent_uses_the_compiled_path() -> None:
+    assert isinstance(http1_observer(), Http1Fast)
+
+
+# ------------------------------------------------ every existing scenario, on the fast path
+
+def scenarios(module: Any) -> list[Callable[[], None]]:
+    return [f for name, f in inspect.getmembers(module, inspect.isfunction)
+            if name.startswith("test_") and not inspect.signature(f).parameters]
+
+
+@pytest.mark.parametrize("scenario", scenarios(test_http1_accounting), ids=lambda f: f.__name__)
+def test_accounting_scenarios_on_the_fast_path(scenario: Callable[[], None],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_http1_accounting, "Http1Observer", fast_observer)
+    scenario()
+
+
+def test_valid_exchanges_property_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_http1_accounting_properties, "Http1Observer", fast_observer)
+    test_http1_accounting_properties.test_valid_exchanges_give_one_record_per_request()
+
+
+# ------------------------------------------------------------- the fast path really runs
+
+def test_common_messages_stay_on_the_fast_path_bodies_split_anywhere() -> None:
+    observer = fast_observer()
+    assert observer.client_bytes(b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nUser-Agent: x y\r\n\r\n"
+                                 b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe", 1.0) == []
+    assert observer.client_bytes(b"llo", 1.5) == []
+    assert observer.take_started() == 2
+    records = observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 503 x\r\n"
+                                    b"Content-Length: 3\r\n\r\nn", 3.0)
+    assert [(r.method, r.status_code, r.classification, r.latency_ms) for r in records] == \
+        [("GET", 200, "success", 2000.0)]
+    (last,) = observer.server_bytes(b"o!", 4.0)
+    assert (last.method, last.status_code, last.classification, last.latency_ms) == \
+        ("POST", 503, "failure", 2000.0)
+    assert not observer.delegated and not observer.opaque
+
+
+def test_a_chunked_message_hands_over_mid_conversation() -> None:
+    observer = fast_observer()
+    observer.client_bytes(b"GET / HTTP/1.1\r\n\r\nPOST /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\nabc\r\n0\r\n\r\n", 1.0)
+    assert observer.delegated and observer.take_started() == 2
+    records = observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                                    b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n", 2.0)
+    assert [(r.method, r.status_code) for r in records] == [("GET", 200), ("POST", 201)]
+
+
+def test_the_scanner_declines_what_it_does_not_take() -> None:
+    assert scan_request(b"GET /x HTTP/1.1\r\nContent-Length: 12\r\n\r\n") == (39, 12, "GET")
+    assert scan_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n") == (45, 0, 404)
+    for head in (b"GET /x HTTP/1.1\r\nHost: a\r\n",  # not complete
+                 b"HEAD /x HTTP/1.1\r\n\r\n", b"GET x HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.0\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\ncontent-length: 1\r\nContent-Length: 1\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\nContent-Length: +1\r\n\r\n", b"GET /x HTTP/1.1\r\nA: b \r\n\r\n",
+                 b"GET /x HTTP/1.1\r\n folded\r\n\r\n", b"GET /x HTTP/1.1\nA: b\n\n",
+                 b"GET /x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", b"GET /\xff HTTP/1.1\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\n" + b"A: " + b"b" * 9000 + b"\r\n\r\n"):
+        assert scan_request(head) is None, head
+    for head in (b"HTTP/1.1 200 OK\r\n\r\n",  # no length: the body runs to the close
+                 b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No\r\n\r\n", b"HTTP/1.1 304 No\r\n\r\n",
+                 b"HTTP/1.1 101 Up\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200\r\n\r\n",
+                 b"HTTP/1.1 600 X\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        assert scan_response(head) is None, head
+
+
+# ------------------------------------------------------------------- the differential
+
+fields = st.sampled_from([
+    "Host: svc", "User-Agent: curl/8.0 (x)", "Accept: */*", "X-Empty:", "x-tab:\tv", "A: b ",
+    "Connection: close", "Connection: keep-alive", "Keep-Alive: timeout=5", "Upgrade: websocket",
+    "Expect: 100-continue", "Proxy-Connection: close", "content-length: 2", "Bad Name: x",
+])
+request_line = st.sampled_from([
+    "GET / HTTP/1.1", "GET /a/b?c=d&e=%20 HTTP/1.1", "POST /p HTTP/1.1", "PUT /x HTTP/1.1",
+    "DELETE /x HTTP/1.1", "OPTIONS /o HTTP/1.1", "PATCH /y HTTP/1.1", "HEAD /h HTTP/1.1",
+    "CONNECT svc:443 HTTP/1.1", "GET / HTTP/1.0", "GET /#f HTTP/1.1", "get / HTTP/1.1", "GET  / HTTP/1.1",
+])
+status_line = st.sampled_from([
+    "HTTP/1.1 200 OK", "HTTP/1.1 201 ", "HTTP/1.1 404 Not Found", "HTTP/1.1 500 Boom", "HTTP/1.1 503 x",
+    "HTTP/1.1 100 Continue", "HTTP/1.1 101 Switching", "HTTP/1.1 204 No Content", "HTTP/1.1 304 Same",
+    "HTTP/1.0 200 OK", "HTTP/1.1 200", "HTTP/1.1 431 Too Big",
+])
+
+
+@st.composite
+def message(draw: st.DrawFn, first_line: st.SearchStrategy[str]) -> bytes:
+    head = draw(first_line) + "\r\n" + "".join(f + "\r\n" for f in draw(st.lists(fields, max_size=3)))
+    body = b"b" * draw(st.integers(0, 70))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "none"]))
+    if framing == "length":
+        return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    if framing == "chunked":
+        chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b""
+        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunk + b"0\r\n\r\n"
+    return (head + "\r\n").encode()
+
+
+@st.composite
+def conversation(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """(from_client, bytes) steps: requests and responses in order, cut anywhere, some flipped."""
+    client = b"".join(draw(st.lists(message(request_line), min_size=1, max_size=5)))
+    server = b"".join(draw(st.lists(message(status_line), max_size=5)))
+    if draw(st.booleans()) and server:  # one byte of garbage somewhere
+        at = draw(st.integers(0, len(server) - 1))
+        server = server[:at] + bytes([draw(st.integers(0, 255))]) + server[at + 1:]
+    steps: list[tuple[bool, bytes]] = []
+    sent = {True: 0, False: 0}
+    data = {True: client, False: server}
+    while sent[True] < len(client) or sent[False] < len(server):
+        side = draw(st.booleans())
+        if sent[side] >= len(data[side]):
+            side = not side
+        size = draw(st.integers(1, 200))
+        steps.append((side, data[side][sent[side]:sent[side] + size]))
+        sent[side] += size
+    return steps
+
+
+def run(observer: Observer, steps: list[tuple[bool, bytes]], reset: bool) -> list[object]:
+    trace: list[object] = []
+    for t, (from_client, data) in enumerate(steps):
+        feed = observer.client_bytes if from_client else observer.server_bytes
+        trace.append((feed(data, float(t)), observer.take_started(), observer.opaque))
+    trace.append((observer.closed(float(len(steps)), reset), observer.take_started(), observer.opaque))
+    return trace
+
+
+@settings(max_examples=int(os.environ.get("PINION_DIFF_EXAMPLES", "400")), deadline=None)
+@given(conversation(), st.booleans(), st.integers(1, 8))
+def test_fast_and_python_observers_count_the_same(steps: list[tuple[bool, bytes]], reset: bool,
+                                                  max_pending: int) -> None:
+    expected = run(Http1Observer(max_pending=max_pending), steps, reset)
+    assert run(fast_observer(max_pending=max_pending), steps, reset) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=120)), max_size=20), st.booleans())
+def test_byte_soup_counts_the_same(steps: list[tuple[bool, bytes]], reset: bool) -> None:
+    prefix = [(True, b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")]
+    assert run(fast_observer(), prefix + steps, reset) == run(Http1Observer(), prefix + steps, reset)
+
+
+def test_abandon_on_both_paths() -> None:
+    for observer in (fast_observer(), Http1Observer()):
+        observer.client_bytes(b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n", 1.0)
+        observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", 2.0)
+        records = observer.abandon("protocol_error")
+        assert [(r.method, r.status_code, r.error) for r in records] == \
+            [("GET", 200, "protocol_error"), ("GET", None, "protocol_error")]
+        assert observer.opaque and observer.client_bytes(b"GET / HTTP/1.1\r\n\r\n", 3.0) == []

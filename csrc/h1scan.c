@@ -80,8 +80,12 @@ static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
             }
             seen_length = 1;
             out->content_length = length;
+        } else if (name_is(p + name, name_length, "connection")) {
+            /* HTTP/1.1 keeps the connection alive anyway; anything else (close, upgrade,
+             * a list) changes the framing or the connection's fate: llhttp's business */
+            if (!name_is(p + value, value_end - value, "keep-alive"))
+                return 0;
         } else if (name_is(p + name, name_length, "transfer-encoding") ||
-                   name_is(p + name, name_length, "connection") ||
                    name_is(p + name, name_length, "proxy-connection") ||
                    name_is(p + name, name_length, "upgrade")) {
             return 0;

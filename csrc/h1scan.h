@@ -6,8 +6,8 @@
  * runs it) parses the same way, and it may decline anything: a decline costs speed, never
  * correctness. Accepted: "METHOD SP origin-form SP HTTP/1.1 CRLF" (GET POST PUT DELETE
  * OPTIONS PATCH) or "HTTP/1.1 SP 200..599 SP reason CRLF" (not 204 or 304), then header
- * lines "token: value CRLF" without obs-fold, without a Connection, Proxy-Connection,
- * Upgrade or Transfer-Encoding header, with at most one Content-Length (decimal digits
+ * lines "token: value CRLF" without obs-fold, without a Proxy-Connection, Upgrade or
+ * Transfer-Encoding header, with no Connection header but "Connection: keep-alive", with at most one Content-Length (decimal digits
  * only; a response must have one: without it its body runs to the close), then CRLF.
  * The whole head must be in the buffer and at most H1_MAX_HEAD bytes.
  * No allocation, no state: each call reads at most min(len, H1_MAX_HEAD) bytes. */

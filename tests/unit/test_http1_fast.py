@@ -86,9 +86,12 @@ def test_a_chunked_message_hands_over_mid_conversation() -> None:
 def test_the_scanner_declines_what_it_does_not_take() -> None:
     assert scan_request(b"GET /x HTTP/1.1\r\nContent-Length: 12\r\n\r\n") == (39, 12, "GET")
     assert scan_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n") == (45, 0, 404)
+    assert scan_response(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n") \
+        == (62, 1, 200)  # what nginx sends
     for head in (b"GET /x HTTP/1.1\r\nHost: a\r\n",  # not complete
                  b"HEAD /x HTTP/1.1\r\n\r\n", b"GET x HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.0\r\n\r\n",
                  b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n",
                  b"GET /x HTTP/1.1\r\ncontent-length: 1\r\nContent-Length: 1\r\n\r\n",
                  b"GET /x HTTP/1.1\r\nContent-Length: +1\r\n\r\n", b"GET /x HTTP/1.1\r\nA: b \r\n\r\n",
                  b"GET /x HTTP/1.1\r\n folded\r\n\r\n", b"GET /x HTTP/1.1\nA: b\n\n",
@@ -106,7 +109,8 @@ def test_the_scanner_declines_what_it_does_not_take() -> None:
 
 fields = st.sampled_from([
     "Host: svc", "User-Agent: curl/8.0 (x)", "Accept: */*", "X-Empty:", "x-tab:\tv", "A: b ",
-    "Connection: close", "Connection: keep-alive", "Keep-Alive: timeout=5", "Upgrade: websocket",
+    "Connection: close", "Connection: keep-alive", "connection: Keep-Alive", "Connection: upgrade",
+    "Keep-Alive: timeout=5", "Upgrade: websocket",
     "Expect: 100-continue", "Proxy-Connection: close", "content-length: 2", "Bad Name: x",
 ])
 request_line = st.sampled_from([

@@ -191,3 +191,26 @@ def test_abandon_on_both_paths() -> None:
         assert [(r.method, r.status_code, r.error) for r in records] == \
             [("GET", 200, "protocol_error"), ("GET", None, "protocol_error")]
         assert observer.opaque and observer.client_bytes(b"GET / HTTP/1.1\r\n\r\n", 3.0) == []
+
+
+def test_the_lab_servers_and_curls_heads_take_the_fast_path() -> None:
+    """The golden-metrics tests in tests/netns (curl -> agent.lab.httpserver) run on it."""
+    import asyncio
+
+    from agent.lab import httpserver
+
+    class Writer:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        async def drain(self) -> None:
+            pass
+
+    writer = Writer()
+    asyncio.run(httpserver.respond(writer, 500, b"boom", keep_alive=True, head_only=False))  # type: ignore[arg-type]
+    assert scan_response(writer.data) == (len(writer.data) - 4, 4, 500)
+    curl = b"GET /ok HTTP/1.1\r\nHost: 10.42.2.3:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+    assert scan_request(curl) == (len(curl), 0, "GET")

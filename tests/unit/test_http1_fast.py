@@ -214,3 +214,33 @@ def test_the_lab_servers_and_curls_heads_take_the_fast_path() -> None:
     assert scan_response(writer.data) == (len(writer.data) - 4, 4, 500)
     curl = b"GET /ok HTTP/1.1\r\nHost: 10.42.2.3:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
     assert scan_request(curl) == (len(curl), 0, "GET")
+
+
+def test_every_byte_the_scanner_takes_in_a_head_llhttp_takes_too() -> None:
+    """In the request target, a header name, a header value and the reason phrase: a byte
+    the scanner accepts must never be one llhttp (strict, as httptools runs it) rejects."""
+    import httptools
+
+    class Done:
+        complete = 0
+
+        def on_message_complete(self) -> None:
+            self.complete += 1
+
+    def llhttp_takes(parser_type: type, data: bytes) -> bool:
+        done = Done()
+        try:
+            parser_type(done).feed_data(data)
+        except httptools.HttpParserError:
+            return False
+        return done.complete == 1
+
+    for byte in (bytes([value]) for value in range(256)):
+        for request in (b"GET /a" + byte + b"b HTTP/1.1\r\n\r\n",
+                        b"GET / HTTP/1.1\r\nA" + byte + b"b: v\r\n\r\n",
+                        b"GET / HTTP/1.1\r\nA: x" + byte + b"y\r\n\r\n"):
+            if scan_request(request) is not None:
+                assert llhttp_takes(httptools.HttpRequestParser, request), request
+        response = b"HTTP/1.1 200 O" + byte + b"K\r\nContent-Length: 0\r\n\r\n"
+        if scan_response(response) is not None:
+            assert llhttp_takes(httptools.HttpResponseParser, response), response

@@ -35,10 +35,11 @@ static int name_is(const uint8_t *name, size_t length, const char *lower) {
     return 1;
 }
 
-/* Header lines from `pos` to the empty line; fills out->head_length and content_length. */
+/* Header lines from `pos` to the empty line; fills out->head_length and the framing. */
 static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
-    int seen_length = 0;
+    int seen_length = 0, seen_encoding = 0;
     out->content_length = 0;
+    out->chunked = 0;
     for (;;) {
         size_t name, name_length, value, value_end;
         if (pos + 2 > n)
@@ -46,8 +47,10 @@ static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
         if (p[pos] == '\r') {
             if (p[pos + 1] != '\n')
                 return 0;
+            if (seen_length && seen_encoding)
+                return 0; /* llhttp refuses both */
             out->head_length = pos + 2;
-            out->has_length = seen_length;
+            out->has_length = seen_length || seen_encoding;
             return 1;
         }
         name = pos;
@@ -80,13 +83,18 @@ static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
             }
             seen_length = 1;
             out->content_length = length;
+        } else if (name_is(p + name, name_length, "transfer-encoding")) {
+            /* exactly one "chunked", nothing else (gzip, lists, repeats: llhttp's business) */
+            if (seen_encoding || !name_is(p + value, value_end - value, "chunked"))
+                return 0;
+            seen_encoding = 1;
+            out->chunked = 1;
         } else if (name_is(p + name, name_length, "connection")) {
             /* HTTP/1.1 keeps the connection alive anyway; anything else (close, upgrade,
              * a list) changes the framing or the connection's fate: llhttp's business */
             if (!name_is(p + value, value_end - value, "keep-alive"))
                 return 0;
-        } else if (name_is(p + name, name_length, "transfer-encoding") ||
-                   name_is(p + name, name_length, "proxy-connection") ||
+        } else if (name_is(p + name, name_length, "proxy-connection") ||
                    name_is(p + name, name_length, "upgrade")) {
             return 0;
         }
@@ -141,6 +149,89 @@ int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
         return 0;
     out->method = -1;
     out->status = status;
-    /* no Content-Length: the body runs to the close (llhttp: "read until EOF") */
+    /* neither Content-Length nor chunked: the body runs to the close (llhttp: "read until EOF") */
     return scan_fields(data, n, pos + 2, out) && out->has_length;
+}
+
+/* ------------------------------------------------------------------------ bodies */
+
+void h1_start_body(h1_body *body, const h1_head *head) {
+    body->digits = 0;
+    body->left = 0;
+    if (head->chunked)
+        body->state = H1_CHUNK_SIZE;
+    else if (head->content_length)
+        body->state = H1_BODY_LENGTH, body->left = head->content_length;
+    else
+        body->state = H1_BODY_NONE;
+}
+
+static int hex_value(uint8_t c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+int h1_walk_body(h1_body *body, const uint8_t *data, size_t length, size_t *pos) {
+    while (*pos < length) {
+        uint8_t c = data[*pos];
+        size_t available = length - *pos;
+        switch (body->state) {
+        case H1_BODY_LENGTH:
+        case H1_CHUNK_DATA: {
+            uint64_t skip = (uint64_t)available < body->left ? (uint64_t)available : body->left;
+            body->left -= skip;
+            *pos += (size_t)skip;
+            if (body->left == 0) {
+                if (body->state == H1_BODY_LENGTH) {
+                    body->state = H1_BODY_NONE;
+                    return 1;
+                }
+                body->state = H1_CHUNK_DATA_CR;
+            }
+            continue;
+        }
+        case H1_CHUNK_SIZE:
+            if (hex_value(c) >= 0 && body->digits < H1_MAX_CHUNK_DIGITS) {
+                body->left = body->left * 16 + (uint64_t)hex_value(c);
+                body->digits++;
+            } else if (c == '\r' && body->digits > 0) {
+                body->state = H1_CHUNK_SIZE_LF;
+            } else {
+                return -1;
+            }
+            break;
+        case H1_CHUNK_SIZE_LF:
+            if (c != '\n')
+                return -1;
+            body->state = body->left ? H1_CHUNK_DATA : H1_CHUNK_LAST_CR;
+            body->digits = 0;
+            break;
+        case H1_CHUNK_DATA_CR:
+        case H1_CHUNK_LAST_CR:
+            if (c != '\r')
+                return -1;
+            body->state = body->state == H1_CHUNK_DATA_CR ? H1_CHUNK_DATA_LF : H1_CHUNK_LAST_LF;
+            break;
+        case H1_CHUNK_DATA_LF:
+            if (c != '\n')
+                return -1;
+            body->state = H1_CHUNK_SIZE, body->left = 0, body->digits = 0;
+            break;
+        case H1_CHUNK_LAST_LF:
+            if (c != '\n')
+                return -1;
+            body->state = H1_BODY_NONE;
+            *pos += 1;
+            return 1;
+        default:
+            return 0; /* H1_BODY_NONE: not in a body */
+        }
+        *pos += 1;
+    }
+    return 0;
 }

@@ -6,9 +6,10 @@
  * runs it) parses the same way, and it may decline anything: a decline costs speed, never
  * correctness. Accepted: "METHOD SP origin-form SP HTTP/1.1 CRLF" (GET POST PUT DELETE
  * OPTIONS PATCH) or "HTTP/1.1 SP 200..599 SP reason CRLF" (not 204 or 304), then header
- * lines "token: value CRLF" without obs-fold, without a Proxy-Connection, Upgrade or
- * Transfer-Encoding header, with no Connection header but "Connection: keep-alive", with at most one Content-Length (decimal digits
- * only; a response must have one: without it its body runs to the close), then CRLF.
+ * lines "token: value CRLF" without obs-fold, without a Proxy-Connection or Upgrade
+ * header, with no Connection header but "Connection: keep-alive", with at most one of
+ * "Content-Length: <digits>" and "Transfer-Encoding: chunked" (a response must have one:
+ * without, its body runs to the close), then CRLF.
  * The whole head must be in the buffer and at most H1_MAX_HEAD bytes.
  * No allocation, no state: each call reads at most min(len, H1_MAX_HEAD) bytes. */
 #ifndef PINION_H1SCAN_H
@@ -25,7 +26,8 @@ enum h1_method { H1_GET = 0, H1_POST, H1_PUT, H1_DELETE, H1_OPTIONS, H1_PATCH, H
 typedef struct {
     size_t head_length;      /* bytes of the head, final CRLF CRLF included */
     uint64_t content_length; /* 0 when absent */
-    int has_length;          /* a Content-Length was there (responses need one) */
+    int has_length;          /* Content-Length or chunked (a response needs one of them) */
+    int chunked;             /* Transfer-Encoding: chunked (and no Content-Length) */
     int method;              /* requests: enum h1_method */
     int status;              /* responses: 200..599 */
 } h1_head;
@@ -35,5 +37,36 @@ int h1_scan_request(const uint8_t *data, size_t length, h1_head *out);
 int h1_scan_response(const uint8_t *data, size_t length, h1_head *out);
 
 extern const char *const h1_method_names[H1_METHODS];
+
+/* Where a message body is: by Content-Length, or walking chunked framing (sizes in hex
+ * digits only, at most H1_MAX_CHUNK_DIGITS, no extensions, no trailers: anything else is
+ * left to llhttp). */
+enum h1_body_state {
+    H1_BODY_NONE = 0, /* between messages */
+    H1_BODY_LENGTH,   /* `left` bytes to skip */
+    H1_CHUNK_SIZE,    /* reading hex digits: `left` = value so far, `digits` of them */
+    H1_CHUNK_SIZE_LF, /* the size line's CR seen */
+    H1_CHUNK_DATA,    /* `left` bytes of chunk data to skip */
+    H1_CHUNK_DATA_CR, /* the CRLF after chunk data */
+    H1_CHUNK_DATA_LF,
+    H1_CHUNK_LAST_CR, /* after "0 CRLF": the empty line (a trailer is not taken) */
+    H1_CHUNK_LAST_LF,
+};
+
+#define H1_MAX_CHUNK_DIGITS 8
+
+typedef struct {
+    int state;
+    int digits;
+    uint64_t left;
+} h1_body;
+
+/* The body that follows `head` (H1_BODY_NONE when it has none). */
+void h1_start_body(h1_body *body, const h1_head *head);
+
+/* Walk the body from data[*pos], advancing *pos: 1 = the message ended at *pos, 0 = all of
+ * data was body, -1 = data[*pos] is a byte this walker does not take (not consumed). */
+int h1_walk_body(h1_body *body, const uint8_t *data, size_t length, size_t *pos);
+
 
 #endif

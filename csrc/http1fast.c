@@ -2,11 +2,12 @@
  *
  * `Http1Fast` is an Observer (agent/core/accounting.py) for one HTTP/1 connection. While
  * every message head is of the narrow shape h1scan.h accepts, it accounts requests itself:
- * one C call per relayed chunk, message bodies skipped by Content-Length without being
- * looked at, a Record built only when a response ends. At the first byte it does not
- * accept (a chunked body, an Upgrade, HEAD, a 1xx, a head split across reads...) it hands
+ * one C call per relayed chunk, message bodies skipped by Content-Length or walked through
+ * their chunked framing without the data being looked at, a Record built only when a
+ * response ends. At the first byte it does not accept (chunk extensions or trailers, an
+ * Upgrade, HEAD, a 1xx, a head split across reads...) it hands
  * the connection, at that message boundary, to the llhttp-based Python observer:
- * `adopt(pending, request_body_left, response_body_left, ...)` (Http1Observer.adopt) builds
+ * `adopt(pending, request_state, response_state, ...)` (Http1Observer.adopt) builds
  * one in exactly the state the Python path would have reached, and every later call is
  * passed to it. So the Python observer remains the reference: the fast path only ever
  * handles messages both parse the same way (tests/unit/test_http1_fast.py checks it).
@@ -35,7 +36,7 @@ typedef struct {
     Py_ssize_t head, count, capacity;
     Py_ssize_t max_pending, max_header_bytes;
     Py_ssize_t started;
-    uint64_t request_body_left, response_body_left;
+    h1_body request_body, response_body; /* the body being read in each direction */
     int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
 } Http1Fast;
 
@@ -124,6 +125,47 @@ static int push(Http1Fast *self, int method, double now) {
     return 0;
 }
 
+/* ------------------------------------------------------------------ bodies */
+
+/* The bytes that bring a fresh llhttp parser to where `body` is: a head of the same
+ * framing, then what of the chunked framing was read. b"" between messages. */
+static PyObject *synthetic_state(const h1_body *body, int request) {
+    const char *head = request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n";
+    char suffix[64], state[160];
+    suffix[0] = 0;
+    switch (body->state) {
+    case H1_BODY_NONE:
+        return PyBytes_FromString("");
+    case H1_BODY_LENGTH:
+        snprintf(state, sizeof state, "%sContent-Length: %llu\r\n\r\n", head,
+                 (unsigned long long)body->left);
+        return PyBytes_FromString(state);
+    case H1_CHUNK_SIZE:
+    case H1_CHUNK_SIZE_LF:
+        if (body->digits)
+            snprintf(suffix, sizeof suffix, "%0*llx%s", body->digits,
+                     (unsigned long long)body->left, body->state == H1_CHUNK_SIZE_LF ? "\r" : "");
+        break;
+    case H1_CHUNK_DATA:
+        snprintf(suffix, sizeof suffix, "%llx\r\n", (unsigned long long)body->left);
+        break;
+    case H1_CHUNK_DATA_CR:
+        snprintf(suffix, sizeof suffix, "1\r\nx");
+        break;
+    case H1_CHUNK_DATA_LF:
+        snprintf(suffix, sizeof suffix, "1\r\nx\r");
+        break;
+    case H1_CHUNK_LAST_CR:
+        snprintf(suffix, sizeof suffix, "0\r\n");
+        break;
+    case H1_CHUNK_LAST_LF:
+        snprintf(suffix, sizeof suffix, "0\r\n\r");
+        break;
+    }
+    snprintf(state, sizeof state, "%sTransfer-Encoding: chunked\r\n\r\n%s", head, suffix);
+    return PyBytes_FromString(state);
+}
+
 /* ------------------------------------------------------------------- hand-over */
 
 /* Build the Python observer in the state reached so far, then feed it data[pos:]. */
@@ -147,15 +189,14 @@ static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, 
         }
         PyList_SET_ITEM(pending, i, item);
     }
-    delegate = PyObject_CallFunction(self->adopt, "(NKKnnO)", pending,
-                                     (unsigned long long)self->request_body_left,
-                                     (unsigned long long)self->response_body_left,
+    delegate = PyObject_CallFunction(self->adopt, "(NNNnnO)", pending,
+                                     synthetic_state(&self->request_body, 1),
+                                     synthetic_state(&self->response_body, 0),
                                      self->max_header_bytes, self->max_pending, self->grpc_failures);
     if (delegate == NULL)
         goto fail;
     self->delegate = delegate;
     self->count = self->head = 0;
-    self->request_body_left = self->response_body_left = 0;
     if (pos >= view->len)
         return finish(out);
     rest = pos == 0 ? Py_NewRef(data)
@@ -204,21 +245,22 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
         return NULL;
     while (pos < view.len) {
         const uint8_t *p = (const uint8_t *)view.buf + pos;
-        uint64_t left = (uint64_t)(view.len - pos);
-        if (self->request_body_left) { /* a body: skipped by its length, never looked at */
-            uint64_t skip = left < self->request_body_left ? left : self->request_body_left;
-            self->request_body_left -= skip;
-            pos += (Py_ssize_t)skip;
+        if (self->request_body.state != H1_BODY_NONE) { /* skipped by its framing, never looked at */
+            size_t at = (size_t)pos;
+            int walked = h1_walk_body(&self->request_body, view.buf, (size_t)view.len, &at);
+            pos = (Py_ssize_t)at;
+            if (walked < 0)
+                break;
             continue;
         }
-        if (self->count >= self->max_pending || !h1_scan_request(p, (size_t)left, &head))
+        if (self->count >= self->max_pending || !h1_scan_request(p, (size_t)(view.len - pos), &head))
             break;
         if (push(self, head.method, now) < 0) {
             PyBuffer_Release(&view);
             return NULL;
         }
         pos += (Py_ssize_t)head.head_length;
-        self->request_body_left = head.content_length;
+        h1_start_body(&self->request_body, &head);
     }
     if (pos < view.len)
         out = hand_over(self, out, n_client_bytes, data, &view, pos, now_object);
@@ -244,25 +286,27 @@ static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
         return NULL;
     while (pos < view.len) {
         const uint8_t *p = (const uint8_t *)view.buf + pos;
-        uint64_t left = (uint64_t)(view.len - pos);
-        if (self->response_body_left) {
-            uint64_t skip = left < self->response_body_left ? left : self->response_body_left;
-            self->response_body_left -= skip;
-            pos += (Py_ssize_t)skip;
-            if (self->response_body_left == 0) {
+        int ended;
+        if (self->response_body.state != H1_BODY_NONE) {
+            size_t at = (size_t)pos;
+            ended = h1_walk_body(&self->response_body, view.buf, (size_t)view.len, &at);
+            pos = (Py_ssize_t)at;
+            if (ended < 0)
+                break;
+            if (ended) {
                 if (emit(&out, make_record(first(self), NULL)) < 0)
                     goto fail;
                 pop_first(self);
             }
             continue;
         }
-        if (self->count == 0 || !h1_scan_response(p, (size_t)left, &head))
+        if (self->count == 0 || !h1_scan_response(p, (size_t)(view.len - pos), &head))
             break;
         first(self)->status = head.status;
         first(self)->latency_ms = (now - first(self)->start) * 1000.0;
         pos += (Py_ssize_t)head.head_length;
-        self->response_body_left = head.content_length;
-        if (head.content_length == 0) {
+        h1_start_body(&self->response_body, &head);
+        if (self->response_body.state == H1_BODY_NONE) {
             if (emit(&out, make_record(first(self), NULL)) < 0)
                 goto fail;
             pop_first(self);

@@ -162,8 +162,8 @@ class Http1Observer:
     def adopt(
         cls,
         pending: list[tuple[str, float, int | None, float | None]],
-        request_body_left: int,
-        response_body_left: int,
+        request_state: bytes,
+        response_state: bytes,
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_pending: int = MAX_PENDING,
         grpc_failures: frozenset[int] | None = None,
@@ -171,18 +171,19 @@ class Http1Observer:
         """An observer in the state this one would have after the messages another observer
         (the compiled fast path, `agent.core._http1fast`) already followed, at a boundary of
         complete heads: `pending` = (method, start, status, latency_ms) of the requests
-        awaiting (the end of) their responses, and the bytes left of the request and the
-        response bodies being read (HTTP/1.1, Content-Length, keep-alive: nothing else)."""
+        awaiting (the end of) their responses; `request_state` / `response_state` = bytes
+        that bring a fresh parser to where the body being read in that direction is (a head
+        of the same framing, then what of a chunked body was read), b"" between messages."""
         observer = cls(max_header_bytes, max_pending, grpc_failures)
         for method, start, status, latency_ms in pending:
             request = _Pending(method, start)
             request.status, request.latency_ms = status, latency_ms
             observer._pending.append(request)
         observer._muted = True  # the parsers reach the middle of those bodies
-        if request_body_left:
-            observer._feed_request(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % request_body_left)
-        if response_body_left:
-            observer._feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % response_body_left)
+        if request_state:
+            observer._feed_request(request_state)
+        if response_state:
+            observer._feed_response(response_state)
         observer._muted = False
         return observer
 

@@ -1,9 +1,10 @@
 """The compiled HTTP/1 fast path (agent.core._http1fast) counts exactly what the llhttp-based
 Python observer counts: every scenario of the HTTP/1 accounting tests runs on both, and a
 differential property test drives both with the same generated conversations — heads of the
-fast path's shape and of every shape it hands over (chunked, HEAD, 1xx, 204, Upgrade,
-Connection, odd spacing), bodies split anywhere, byte flips, resets — comparing the records,
-the started counts and `opaque` after every step."""
+fast path's shape and of every shape it hands over (HEAD, 1xx, 204, Upgrade, Connection,
+odd spacing), Content-Length and chunked bodies (hex case, leading zeros, extensions,
+trailers) split anywhere, byte flips, resets — comparing the records, the started counts and
+`opaque` after every step."""
 
 from __future__ import annotations
 
@@ -73,10 +74,22 @@ def test_common_messages_stay_on_the_fast_path_bodies_split_anywhere() -> None:
     assert not observer.delegated and not observer.opaque
 
 
-def test_a_chunked_message_hands_over_mid_conversation() -> None:
+def test_chunked_bodies_stay_on_the_fast_path_split_anywhere() -> None:
+    observer = fast_observer()
+    observer.client_bytes(b"POST /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", 1.0)
+    observer.client_bytes(b"0\r\n\r\nGET / HTTP/1.1\r\n\r\n", 1.0)
+    assert observer.take_started() == 2
+    assert observer.server_bytes(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 2.0) == []
+    body = b"00A\r\n0123456789\r\n0\r\n\r\n"  # every chunked state ends a read once
+    records = [record for at in range(len(body)) for record in observer.server_bytes(body[at:at + 1], 2.0)]
+    assert [(r.method, r.status_code) for r in records] == [("POST", 200)]
+    assert not observer.delegated
+
+
+def test_a_chunk_extension_hands_over_mid_body() -> None:
     observer = fast_observer()
     observer.client_bytes(b"GET / HTTP/1.1\r\n\r\nPOST /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                          b"3\r\nabc\r\n0\r\n\r\n", 1.0)
+                          b"3;ext=1\r\nabc\r\n0\r\n\r\n", 1.0)
     assert observer.delegated and observer.take_started() == 2
     records = observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
                                     b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n", 2.0)
@@ -98,10 +111,14 @@ def test_the_scanner_declines_what_it_does_not_take() -> None:
                  b"GET /x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", b"GET /\xff HTTP/1.1\r\n\r\n",
                  b"GET /x HTTP/1.1\r\n" + b"A: " + b"b" * 9000 + b"\r\n\r\n"):
         assert scan_request(head) is None, head
+    assert scan_request(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n") == (47, 0, "PUT")
     for head in (b"HTTP/1.1 200 OK\r\n\r\n",  # no length: the body runs to the close
+                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                  b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No\r\n\r\n", b"HTTP/1.1 304 No\r\n\r\n",
                  b"HTTP/1.1 101 Up\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200\r\n\r\n",
-                 b"HTTP/1.1 600 X\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"):
+                 b"HTTP/1.1 600 X\r\n\r\n"):
         assert scan_response(head) is None, head
 
 
@@ -133,8 +150,15 @@ def message(draw: st.DrawFn, first_line: st.SearchStrategy[str]) -> bytes:
     if framing == "length":
         return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     if framing == "chunked":
-        chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b""
-        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunk + b"0\r\n\r\n"
+        chunks, rest = b"", body
+        while rest:
+            size = draw(st.integers(1, len(rest)))
+            digits = draw(st.sampled_from(["{:x}", "{:X}", "{:04x}"])).format(size)
+            extension = draw(st.sampled_from(["", "", "", ";e=1", " "]))
+            chunks += f"{digits}{extension}\r\n".encode() + rest[:size] + b"\r\n"
+            rest = rest[size:]
+        last = draw(st.sampled_from(["0\r\n\r\n", "0\r\n\r\n", "000\r\n\r\n", "0\r\nX-T: 1\r\n\r\n"]))
+        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks + last.encode()
     return (head + "\r\n").encode()
 
 

@@ -1,4 +1,4 @@
-"""The C head scanner of the HTTP/1 fast path (csrc/h1scan.c) under libFuzzer with ASan and
+"""The C head scanner and body walker of the HTTP/1 fast path (csrc/h1scan.c) under libFuzzer with ASan and
 UBSan: a bounded run on every test run (about 20 s), from a seed corpus of real heads.
 A longer run and how to repeat it: docs/fastpath.md."""
 
@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 SEEDS = {
     "request": b"GET /a?b=c HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nabPOST /x HTTP/1.1\r\n\r\n",
     "response": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 503 x\r\nContent-Length: 0\r\n\r\n",
-    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n00A\r\n0123456789\r\n"
+               b"0\r\n\r\nHTTP/1.1 404 x\r\nContent-Length: 1\r\n\r\nz",
+    "chunked_request": b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
 }
 
 

@@ -140,7 +140,7 @@ int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
             return 0;
         status = status * 10 + (data[i] - '0');
     }
-    if (status < 200 || status > 599 || status == 204 || status == 304 || data[12] != ' ')
+    if (status < 200 || status > 599 || data[12] != ' ')
         return 0;
     pos = 13;
     while (pos < n && is_text(data[pos]))
@@ -149,8 +149,16 @@ int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
         return 0;
     out->method = -1;
     out->status = status;
+    if (!scan_fields(data, n, pos + 2, out))
+        return 0;
+    if (status == 204 || status == 304) { /* never a body, whatever the head says (llhttp too) */
+        out->content_length = 0;
+        out->chunked = 0;
+        out->has_length = 1;
+        return 1;
+    }
     /* neither Content-Length nor chunked: the body runs to the close (llhttp: "read until EOF") */
-    return scan_fields(data, n, pos + 2, out) && out->has_length;
+    return out->has_length;
 }
 
 /* ------------------------------------------------------------------------ bodies */

@@ -5,7 +5,7 @@
  * observer. So the scanner must accept only heads that llhttp (strict mode, as httptools
  * runs it) parses the same way, and it may decline anything: a decline costs speed, never
  * correctness. Accepted: "METHOD SP origin-form SP HTTP/1.1 CRLF" (GET POST PUT DELETE
- * OPTIONS PATCH) or "HTTP/1.1 SP 200..599 SP reason CRLF" (not 204 or 304), then header
+ * OPTIONS PATCH) or "HTTP/1.1 SP 200..599 SP reason CRLF" (204 and 304: no body), then header
  * lines "token: value CRLF" without obs-fold, without a Proxy-Connection or Upgrade
  * header, with no Connection header but "Connection: keep-alive", with at most one of
  * "Content-Length: <digits>" and "Transfer-Encoding: chunked" (a response must have one:

@@ -112,11 +112,13 @@ def test_the_scanner_declines_what_it_does_not_take() -> None:
                  b"GET /x HTTP/1.1\r\n" + b"A: " + b"b" * 9000 + b"\r\n\r\n"):
         assert scan_request(head) is None, head
     assert scan_request(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n") == (47, 0, "PUT")
+    assert scan_response(b"HTTP/1.1 204 No Content\r\n\r\n") == (27, 0, 204)  # never a body
+    assert scan_response(b"HTTP/1.1 304 Same\r\nContent-Length: 9\r\n\r\n") == (40, 0, 304)
     for head in (b"HTTP/1.1 200 OK\r\n\r\n",  # no length: the body runs to the close
                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-                 b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No\r\n\r\n", b"HTTP/1.1 304 No\r\n\r\n",
+                 b"HTTP/1.1 100 Continue\r\n\r\n",
                  b"HTTP/1.1 101 Up\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200\r\n\r\n",
                  b"HTTP/1.1 600 X\r\n\r\n"):
         assert scan_response(head) is None, head

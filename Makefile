@@ -5,10 +5,11 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
-                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev \
-                libclang-rt-dev
+                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
+                podman mmdebstrap containerd runc
 
-.PHONY: deps venv bpf test unit netns demo bench bench-quick lint clean
+.PHONY: deps venv bpf keeper fuzz-keeper test unit netns demo bench bench-quick lint clean \
+        image pause-image
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -49,20 +50,37 @@ bpf: $(BPF_OBJECTS)
 bpf/%.o: bpf/%.c
 	clang $(BPF_CFLAGS) -c $< -o $@
 
+# The socket keeper in C (keeper/keeper.c; agent/inpod/keeper.py is its reference): a process
+# that lives as long as the node, at a few hundred KiB instead of an interpreter's 8 MiB.
+KEEPER_CFLAGS = -O2 -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
+
+keeper: keeper/pinion-keeper
+
+keeper/pinion-keeper: keeper/keeper.c keeper/keeper.h
+	gcc $(KEEPER_CFLAGS) -o $@ keeper/keeper.c
+
+FUZZ_SECONDS ?= 60
+fuzz-keeper:  ## libFuzzer (ASan, UBSan) on the keeper's request handling, FUZZ_SECONDS long
+	@mkdir -p /tmp/pinion-fuzz-keeper/corpus && cp keeper/corpus/* /tmp/pinion-fuzz-keeper/corpus/
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -DKEEPER_FUZZING keeper/fuzz.c keeper/keeper.c \
+	  -o /tmp/pinion-fuzz-keeper/fuzz
+	/tmp/pinion-fuzz-keeper/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  /tmp/pinion-fuzz-keeper/corpus
+
 lint: venv  ## ruff, and mypy --strict on the files pyproject.toml's [tool.mypy] names
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-unit: venv
+unit: venv keeper
 	$(PY) -m pytest -q tests/unit
 
-netns: deps venv bpf
+netns: deps venv bpf keeper image pause-image
 	$(PY) -m pytest -q tests/netns
 
-test: deps venv bpf lint
+test: deps venv bpf keeper lint image pause-image
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/netns
 
-demo: deps venv bpf
+demo: deps venv bpf keeper
 	$(PY) -m agent demo
 
 bench: deps venv bpf  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
@@ -73,5 +91,51 @@ bench: deps venv bpf  ## benchmarks (root, ~6 min): markdown on stdout, raw samp
 bench-quick: deps venv bpf  ## smoke run of the same (~1 min)
 	$(PY) bench/foundation.py --quick
 
+# ---------------------------------------------------------------- the image, without a registry
+# `make image` (root): the base debian:bookworm-slim made from Debian's archive by mmdebstrap
+# (deploy/image/mkbase; the tarball is cached in IMAGE_CACHE, remade when missing or when
+# mkbase changes: delete it for newer security updates), imported into podman under that
+# name, then deploy/Dockerfile built with podman, tagged $(IMAGE). ARCH=arm64 builds for a
+# Pi (an arm64 machine, or qemu-user-static + binfmt for emulation).
+ARCH        ?= $(shell dpkg --print-architecture)
+IMAGE       ?= localhost/pinion:dev
+PAUSE_IMAGE ?= localhost/pause:3.9
+IMAGE_CACHE ?= /var/cache/pinion
+BASE_IMAGE  := docker.io/library/debian:bookworm-slim
+BASE_TAR    := $(IMAGE_CACHE)/debian-bookworm-slim-$(ARCH).tar
+# pip in the build trusts what this machine trusts (a TLS-inspecting proxy's CA included).
+HOST_CA     := /etc/ssl/certs/ca-certificates.crt
+PIP_CA_ARGS := $(if $(wildcard $(HOST_CA)),--volume $(HOST_CA):/etc/pinion-build-ca.crt:ro --build-arg PIP_CERT=/etc/pinion-build-ca.crt)
+
+image: deps $(BASE_TAR)
+	@# Re-import only a changed tarball (a new import is a new base: every layer rebuilds), or
+	@# when the name holds another ARCH's base (one name, one architecture at a time).
+	@if [ "$$(podman image inspect --format '{{.Architecture}}' $(BASE_IMAGE) 2>/dev/null)" != $(ARCH) ] \
+	   || [ $(BASE_TAR) -nt $(BASE_TAR).imported ]; then \
+	  echo "importing $(BASE_TAR) as $(BASE_IMAGE)"; \
+	  podman import -q --arch $(ARCH) --change 'CMD ["bash"]' $(BASE_TAR) $(BASE_IMAGE) >/dev/null && \
+	  touch $(BASE_TAR).imported; \
+	fi
+	podman build -q --pull=never --network host --platform linux/$(ARCH) $(PIP_CA_ARGS) \
+	  --label io.pinion.sources=$$(python3 deploy/image/sources-digest) \
+	  -f deploy/Dockerfile -t $(IMAGE) . >/dev/null
+	@podman image inspect --format '$(IMAGE): {{.Size}} bytes, linux/{{.Architecture}}' $(IMAGE)
+
+$(BASE_TAR): deploy/image/mkbase
+	mkdir -p $(IMAGE_CACHE)
+	deploy/image/mkbase $(ARCH) $@ 2>$(IMAGE_CACHE)/mkbase-$(ARCH).log || \
+	  { tail -20 $(IMAGE_CACHE)/mkbase-$(ARCH).log; exit 1; }
+
+# The sandbox image containerd's CRI needs (k3s pulls rancher/mirrored-pause): one static
+# binary, imported as an image of that file alone.
+PAUSE_CC := $(if $(filter $(ARCH),$(shell dpkg --print-architecture)),gcc,$(shell dpkg-architecture -a$(ARCH) -qDEB_HOST_GNU_TYPE 2>/dev/null)-gcc)
+
+pause-image: deps
+	@set -e; dir=$$(mktemp -d); trap 'rm -rf $$dir' EXIT; \
+	$(PAUSE_CC) -static -Os -s -Wall -Werror -o $$dir/pause deploy/image/pause.c; \
+	tar -C $$dir -cf $$dir/pause.tar pause; \
+	podman import -q --arch $(ARCH) --change 'ENTRYPOINT ["/pause"]' $$dir/pause.tar $(PAUSE_IMAGE) >/dev/null; \
+	podman image inspect --format '$(PAUSE_IMAGE): {{.Size}} bytes' $(PAUSE_IMAGE)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS)
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS) keeper/pinion-keeper

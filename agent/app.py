@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import Config
 from agent.core.telemetry import Telemetry
+from agent.dataplane.budget import ConnectionBudget, sized_for
 from agent.dataplane.inbound import InboundProxy
 from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
 from agent.dataplane.netns import NetNs, NetnsSwitch
@@ -22,8 +23,10 @@ from agent.dataplane.redirect import CgroupBackend, choose_backend
 from agent.dataplane.relay import RelaySettings
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
+from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
+from agent.memory import CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
 
@@ -63,8 +66,15 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     if identities is not None:  # the acceptor hands each stream it accepts to `inbound`
         acceptor = TunnelAcceptor(identities, metrics, mesh_settings, inbound)
         _gauge_handshakes(acceptor, metrics)
+    hold = ListenerHold(config.keeper_socket)
+    memory = CgroupMemory()
+    budget = ConnectionBudget(config.max_connections or sized_for(memory.limit, memory.usage()))
+    log.info("connection budget: %d%s", budget.limit, "" if config.max_connections else
+             f" (memory limit {memory.limit // 2**20} MiB)" if memory.limit else "")
+    budget.when_exhausted(metrics.budget_pauses.inc, lambda: None)
+    metrics.accepting.set_function(lambda: 0.0 if budget.exhausted else 1.0)
     pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),
-                      store, telemetry, metrics, identities)
+                      store, telemetry, metrics, identities, hold, budget)
     cluster = _kubernetes(config, pods, state, damaged)
     admission: Admission = cluster.admission if cluster is not None else StandaloneAdmission(pods)
     admin = AdminServer(config.admin_host, config.admin_port, registry,
@@ -93,18 +103,28 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
             from agent.identity.remote import follow_trust_bundle
 
             background.append(tasks.create_task(follow_trust_bundle(config.trust_bundle, identities)))
+        metrics.memory.labels("cgroup_limit").set(memory.limit or 0)
+        metrics.memory.labels("cgroup_usage").set_function(memory.usage)
+        metrics.memory.labels("rss").set_function(resident_bytes)
+        metrics.memory.labels("relay_buffers").set_function(lambda: pods.buffered()[0])
+        metrics.memory.labels("tunnel_buffers").set_function(lambda: pods.buffered()[1])
+        if memory.limit is not None:
+            background.append(tasks.create_task(_watch_memory(memory, memory.limit, budget)))
         if cluster is not None:
             background.append(tasks.create_task(cluster.run()))
             background.append(tasks.create_task(_ready_when_synced(cluster, admin)))
         await stop.wait()
         log.info("draining: %s", "removing all capture rules" if cleanup else
-                 "pods stay captured (fail closed) until the agent returns")
+                 "pods stay captured until the agent returns: " +
+                 ("new connections wait at the keeper" if hold.connected else "fail closed"))
         admin.ready = False
         for task in background:
             task.cancel()
         if cluster is not None:
             await cluster.close()
         await cni.close()
+        pods.stop_accepting()
+        await pods.drain(config.drain_seconds)
         await pods.shutdown(cleanup)
         if mesh is not None:
             mesh.close_all()
@@ -181,6 +201,47 @@ async def _sweep_forever(config: Config, pods: PodManager, mesh: MeshClient | No
             await replay_pending(config.pending_dir, admission)
         except Exception:  # a sweep must never take the agent down; say why and go on
             log.exception("periodic sweep failed")
+
+
+async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudget,
+                        high: float = 0.8, low: float = 0.7, every: float = 0.1) -> None:
+    """Memory pressure is backpressure too. With the cgroup 80 % full (after giving back what
+    can be), the agent stops taking new connections (`ConnectionBudget`) and lowers its
+    budget to what fit, less a fifth; under 70 % it takes them again, and every 5 s with room
+    the budget grows by a tenth back towards where it started. What a connection costs
+    (heap, and kernel memory a v1 cgroup also charges) is learnt, not assumed; far cheaper
+    than the OOM killer, which takes every connection of the node with it. And once a burst
+    of connections is over, what it left is collected and given back."""
+    busiest = 0  # connections at the top of the last burst
+    calm_since = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every)
+        busiest = max(busiest, budget.live)
+        if busiest >= 256 and budget.live <= busiest // 8:
+            # A burst is over: its connections lived long enough to reach the oldest
+            # generation, and an agent that now allocates little never collects it.
+            give_back_memory(full=True)
+            busiest = budget.live
+        used = memory.usage() / limit
+        now = loop.time()
+        if used >= high:
+            calm_since = now
+            if not budget.pressure:
+                give_back_memory()
+                if memory.usage() / limit >= high:
+                    budget.shrink()
+                    budget.under_pressure(True)
+        elif used < low:
+            if budget.pressure:
+                budget.under_pressure(False)
+            elif now - calm_since >= 5.0 and budget.limit < budget.ceiling:
+                budget.grow()
+                calm_since = now
+        elif budget.pressure and budget.live == 0:
+            # nothing open to wait for: what stays is the heap's own (refusing gains nothing)
+            give_back_memory()
+            budget.under_pressure(False)
 
 
 def _pods_view(pods: PodManager) -> list[dict[str, Any]]:

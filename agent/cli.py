@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from agent.config import REDIRECT_MODES, Config, Ports
-from agent.model import CaptureSettings
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# As a container's PID 1 a signal without a handler is ignored: a SIGTERM that comes while
+# we start (the imports take a few hundred ms) would wait out the grace period and end in
+# SIGKILL. Until a command installs its own handling, SIGTERM exits at once. Set before the
+# imports below, and only here: the CLI is the process's entry point.
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from agent.config import REDIRECT_MODES, Config, Ports  # noqa: E402
+from agent.model import CaptureSettings  # noqa: E402
 
 if TYPE_CHECKING:
     from agent.controlplane.cni_install import HostLayout, InstallSettings
@@ -22,7 +35,8 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "certificate_lifetime", "mesh_networks", "bpf_dir", "bpf_object",
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
-                "sweep_interval_seconds", "relay_idle_timeout_seconds")
+                "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
+                "drain_seconds", "max_connections")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--relay-idle-timeout-seconds", metavar="S",
                        help="a relayed connection with no byte either way this long is reset "
                             "(default 3600; per pod: PINION_IDLE_TIMEOUT or pinion.dev/idle-timeout)")
+    agent.add_argument("--keeper-socket", metavar="PATH",
+                       help="the socket keeper (`pinion keeper`) that holds the pods' listeners "
+                            "across agent restarts: connections wait instead of being refused")
+    agent.add_argument("--drain-seconds", metavar="S",
+                       help="on SIGTERM, stop accepting and let connections in flight finish "
+                            "within this (default 20; HTTP/1 ones close after their response)")
+    agent.add_argument("--max-connections", metavar="N",
+                       help="relayed connections the agent holds at once, all pods together; "
+                            "past it, listeners stop accepting and tunnel streams are refused "
+                            "until a quarter are done (default 0: what the memory cgroup's "
+                            "limit leaves room for, ~24 KiB each; 4096 without a limit)")
     agent.add_argument("--tunnel-syn-rate", metavar="N",
                        help="new connections per second one address may open to a pod's 15008 "
                             "before the kernel drops its SYNs (burst 2N; default 50, 0 = no limit)")
@@ -109,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--redirect", choices=("iptables", "nftables", "ebpf"), default="nftables")
     demo.add_argument("--requests", type=int, default=200, help="HTTP requests per client pod")
     demo.set_defaults(run=_run_demo)
+    keeper = sub.add_parser("keeper", help="hold the pods' listening sockets while agents restart")
+    keeper.add_argument("--socket", type=Path, default=Path("/run/pinion/keeper.sock"),
+                        help="its Unix socket (default /run/pinion/keeper.sock)")
+    keeper.set_defaults(run=_run_keeper)
     _add_cni_parser(sub)
     _add_identity_parser(sub)
     _add_issuer_parser(sub)
@@ -244,6 +273,23 @@ def _run_agent(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     return runner(run_agent(config, cleanup=args.cleanup))
+
+
+def _run_keeper(args: argparse.Namespace) -> int:
+    """Exec'd, as it runs for the node's lifetime: the C keeper (PINION_KEEPER, `pinion-keeper`
+    on PATH, or keeper/pinion-keeper of a source tree) if there is one, else the Python one,
+    which carries none of the CLI's imports either."""
+    import shutil
+
+    import agent
+
+    source_tree = Path(agent.__file__).resolve().parents[1] / "keeper" / "pinion-keeper"
+    binary = os.environ.get("PINION_KEEPER") or shutil.which("pinion-keeper") or \
+        (str(source_tree) if source_tree.exists() else None)
+    flags = ["--socket", str(args.socket)]
+    if binary:
+        os.execv(binary, [binary, *flags])
+    os.execv(sys.executable, [sys.executable, "-m", "agent.inpod.keeper", *flags])
 
 
 def _kubernetes_mode(args: argparse.Namespace) -> str | None:

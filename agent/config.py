@@ -76,6 +76,9 @@ class Config:
     pod_uid: str = ""  # the agent's own pod (PINION_POD_UID from the downward API), for its cgroup
     bpf_max_pods: int = 256  # eBPF maps are sized for this many meshed pods on the node...
     bpf_max_connections: int = 8192  # ...and this many outbound connects in flight
+    keeper_socket: Path | None = None  # the socket keeper (agent/inpod/keeper.py); None: none
+    drain_seconds: float = 20.0  # SIGTERM: in-flight connections finish within this
+    max_connections: int = 0  # relayed connections at once, all pods; 0 = from the memory limit
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -131,6 +134,9 @@ class Config:
             bpf_max_pods=_at_least_one(get("bpf_max_pods", "256"), "--bpf-max-pods"),
             bpf_max_connections=_at_least_one(get("bpf_max_connections", "8192"),
                                               "--bpf-max-connections"),
+            keeper_socket=_path(get("keeper_socket")),
+            drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
+            max_connections=_number(get("max_connections", "0"), "--max-connections", int),
         )
 
 

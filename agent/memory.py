@@ -14,8 +14,10 @@ from collections.abc import Callable
 from functools import cache
 
 
-def give_back_memory() -> None:
-    gc.collect(1)  # the young generations: where the burst's cycles are
+def give_back_memory(full: bool = False) -> None:
+    """`full`: also the oldest generation, where connections that lived through a few
+    collections (a burst that lasted seconds) end up; a full collection takes tens of ms."""
+    gc.collect(2 if full else 1)  # the young generations: where a short burst's cycles are
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -32,3 +34,52 @@ def _malloc_trim() -> Callable[[int], int] | None:
     if function is not None:
         function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
     return function
+
+
+class CgroupMemory:
+    """The agent's own memory cgroup: what it uses and what it may (v2 memory.current and
+    memory.max, or v1 memory.usage_in_bytes and memory.limit_in_bytes). `limit` is None
+    without a limit, or where no cgroup file can be read."""
+
+    def __init__(self, proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> None:
+        self.usage_path: str | None = None
+        self.limit: int | None = None
+        for line in _read(proc_cgroup).splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if controllers == "" and hierarchy == "0":  # v2 (unless v1 memory is found)
+                base = f"{root}/{path.lstrip('/')}".rstrip("/")
+                self._take(f"{base}/memory.current", f"{base}/memory.max")
+            elif "memory" in controllers.split(","):
+                base = f"{root}/memory/{path.lstrip('/')}".rstrip("/")
+                self._take(f"{base}/memory.usage_in_bytes", f"{base}/memory.limit_in_bytes")
+                break
+
+    def _take(self, usage: str, limit: str) -> None:
+        text = _read(limit).strip()
+        if not text or not _read(usage).strip():
+            return
+        self.usage_path = usage
+        value = None if text == "max" else int(text)
+        self.limit = value if value is not None and value < 2**60 else None  # v1: "no limit"
+
+    def usage(self) -> int:
+        return int(_read(self.usage_path).strip() or 0) if self.usage_path else 0
+
+
+def _read(path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), from /proc/self/statm."""
+    import os
+
+    fields = _read("/proc/self/statm").split()
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") if len(fields) > 1 else 0

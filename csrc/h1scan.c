@@ -243,3 +243,94 @@ int h1_walk_body(h1_body *body, const uint8_t *data, size_t length, size_t *pos)
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------ Host */
+
+static int is_space_or_tab(uint8_t c) { return c == ' ' || c == '\t'; }
+
+/* The value of a Host line whose CRLF starts at data[at] (the regex's leftmost attempt at
+ * `at`): its offset in *value and length, or 0 when there is none at `at`. Every repetition
+ * in the pattern is of a class the next element cannot start with, so matching greedily
+ * without backtracking finds what the regex finds. */
+static size_t host_line_at(const uint8_t *p, size_t n, size_t at, size_t *value) {
+    static const char host[] = "host";
+    size_t pos = at + 2, start, i;
+    if (at + 2 > n || p[at] != '\r' || p[at + 1] != '\n' || pos + 4 > n)
+        return 0;
+    for (i = 0; i < 4; i++)
+        if ((p[pos + i] | 0x20) != (uint8_t)host[i])
+            return 0;
+    pos += 4;
+    while (pos < n && is_space_or_tab(p[pos]))
+        pos++;
+    if (pos >= n || p[pos] != ':')
+        return 0;
+    pos++;
+    while (pos < n && is_space_or_tab(p[pos]))
+        pos++;
+    start = pos;
+    while (pos < n && p[pos] >= '!' && p[pos] <= '~' && pos - start < H1_MAX_HOST)
+        pos++;
+    if (pos == start || (pos < n && p[pos] >= '!' && p[pos] <= '~'))
+        return 0; /* empty, or longer than 300: [!-~]{1,300} cannot be followed by [!-~] */
+    *value = start;
+    i = pos - start;
+    while (pos < n && is_space_or_tab(p[pos]))
+        pos++;
+    if (pos + 2 > n || p[pos] != '\r' || p[pos + 1] != '\n')
+        return 0;
+    return i;
+}
+
+static int is_lower_alnum(uint8_t c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
+
+/* `(:[0-9]{1,5})?` then the end, from s[pos]. */
+static int port_then_end(const char *s, size_t n, size_t pos) {
+    size_t digits = 0;
+    if (pos == n)
+        return 1;
+    if (s[pos] != ':')
+        return 0;
+    for (pos++; pos < n; pos++, digits++)
+        if (s[pos] < '0' || s[pos] > '9')
+            return 0;
+    return digits >= 1 && digits <= 5;
+}
+
+/* fullmatch of [a-z0-9][a-z0-9.\-]{0,252}(:[0-9]{1,5})? | \[[0-9a-f:.]{2,45}\](:[0-9]{1,5})? */
+static int is_authority(const char *s, size_t n) {
+    size_t pos = 1;
+    if (n == 0)
+        return 0;
+    if (is_lower_alnum((uint8_t)s[0])) {
+        while (pos < n && (is_lower_alnum((uint8_t)s[pos]) || s[pos] == '.' || s[pos] == '-'))
+            pos++;
+        return pos <= 253 && port_then_end(s, n, pos);
+    }
+    if (s[0] != '[')
+        return 0;
+    while (pos < n && ((s[pos] >= '0' && s[pos] <= '9') || (s[pos] >= 'a' && s[pos] <= 'f') ||
+                       s[pos] == ':' || s[pos] == '.'))
+        pos++;
+    if (pos - 1 < 2 || pos - 1 > 45 || pos >= n || s[pos] != ']')
+        return 0;
+    return port_then_end(s, n, pos + 1);
+}
+
+size_t h1_host_in(const uint8_t *data, size_t length, char out[H1_MAX_HOST]) {
+    size_t at = 0, value = 0, found = 0, i;
+    for (;;) {
+        const uint8_t *cr = at < length ? memchr(data + at, '\r', length - at) : NULL;
+        if (cr == NULL)
+            return 0;
+        at = (size_t)(cr - data);
+        if ((found = host_line_at(data, length, at, &value)) != 0)
+            break;
+        at++;
+    }
+    for (i = 0; i < found; i++) {
+        uint8_t c = data[value + i];
+        out[i] = (char)(c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c);
+    }
+    return is_authority(out, found) ? found : 0;
+}

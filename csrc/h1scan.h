@@ -68,5 +68,15 @@ void h1_start_body(h1_body *body, const h1_head *head);
  * data was body, -1 = data[*pos] is a byte this walker does not take (not consumed). */
 int h1_walk_body(h1_body *body, const uint8_t *data, size_t length, size_t *pos);
 
+/* The first request's Host as a metric label, exactly as agent.core.accounting.host_in finds
+ * it in one relayed chunk: the leftmost match of
+ *   CRLF [Hh][Oo][Ss][Tt] [ \t]* ":" [ \t]* ([!-~]{1,300}) [ \t]* CRLF
+ * anywhere in data[0:length], lower-cased into out (H1_MAX_HOST bytes), and valid when it
+ * fully matches agent.core.accounting._AUTHORITY (a host name or IPv4, or a bracketed IPv6,
+ * with an optional :port of 1..5 digits). Returns the label's length, 0 for no label (no
+ * such line, or its value is not a valid label: the caller looks again in the next chunk,
+ * as the Python observer does). Reads only data[0:length]. */
+#define H1_MAX_HOST 300
+size_t h1_host_in(const uint8_t *data, size_t length, char out[H1_MAX_HOST]);
 
 #endif

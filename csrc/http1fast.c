@@ -11,6 +11,10 @@
  * one in exactly the state the Python path would have reached, and every later call is
  * passed to it. So the Python observer remains the reference: the fast path only ever
  * handles messages both parse the same way (tests/unit/test_http1_fast.py checks it).
+ * It also answers what the proxy asks of Http1Observer: `authority`, the first request's Host
+ * as a label (h1_host_in looks in each chunk until a request head is complete, as
+ * accounting.host_in does; both are passed to `adopt`), and `at_rest` (no request awaiting
+ * its response: the fast path never holds a half-read head or held bytes).
  *
  * Memory per connection: this object plus 32 bytes per request awaiting its response, at
  * most max_pending of them (one more hands over, and the Python observer gives up there). */
@@ -36,16 +40,18 @@ typedef struct {
     Py_ssize_t head, count, capacity;
     Py_ssize_t max_pending, max_header_bytes;
     Py_ssize_t started;
+    Py_ssize_t request_heads; /* request heads accepted; Host is looked for until one is */
+    PyObject *authority;      /* the first request's Host label (str), NULL until found */
     h1_body request_body, response_body; /* the body being read in each direction */
     int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
 } Http1Fast;
 
 static PyObject *record_type; /* agent.core.accounting.Record */
 static PyObject *method_strings[H1_METHODS];
-static PyObject *s_success, *s_failure, *s_reset, *s_closed;
+static PyObject *s_success, *s_failure, *s_reset, *s_closed, *s_empty;
 static PyObject *n_classification, *n_status_code, *n_grpc_status, *n_latency_ms, *n_method,
     *n_error, *n_client_bytes, *n_server_bytes, *n_closed, *n_abandon, *n_take_started,
-    *n_opaque;
+    *n_opaque, *n_authority, *n_at_rest;
 
 /* ------------------------------------------------------------------------ records */
 
@@ -189,10 +195,12 @@ static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, 
         }
         PyList_SET_ITEM(pending, i, item);
     }
-    delegate = PyObject_CallFunction(self->adopt, "(NNNnnO)", pending,
+    delegate = PyObject_CallFunction(self->adopt, "(NNNnnOOn)", pending,
                                      synthetic_state(&self->request_body, 1),
                                      synthetic_state(&self->response_body, 0),
-                                     self->max_header_bytes, self->max_pending, self->grpc_failures);
+                                     self->max_header_bytes, self->max_pending, self->grpc_failures,
+                                     self->authority != NULL ? self->authority : s_empty,
+                                     self->request_heads);
     if (delegate == NULL)
         goto fail;
     self->delegate = delegate;
@@ -243,6 +251,15 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
         return PyList_New(0);
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
+    if (self->request_heads == 0 && self->authority == NULL) {
+        /* as Http1Observer.client_bytes: each chunk until the first head is complete */
+        char host[H1_MAX_HOST];
+        size_t length = h1_host_in(view.buf, (size_t)view.len, host);
+        if (length && (self->authority = PyUnicode_FromStringAndSize(host, (Py_ssize_t)length)) == NULL) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
     while (pos < view.len) {
         const uint8_t *p = (const uint8_t *)view.buf + pos;
         if (self->request_body.state != H1_BODY_NONE) { /* skipped by its framing, never looked at */
@@ -260,6 +277,7 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
             return NULL;
         }
         pos += (Py_ssize_t)head.head_length;
+        self->request_heads++;
         h1_start_body(&self->request_body, &head);
     }
     if (pos < view.len)
@@ -384,6 +402,21 @@ static PyObject *Http1Fast_get_opaque(Http1Fast *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(self->given_up);
 }
 
+static PyObject *Http1Fast_get_authority(Http1Fast *self, void *Py_UNUSED(closure)) {
+    if (self->delegate != NULL)
+        return PyObject_GetAttr(self->delegate, n_authority);
+    return Py_NewRef(self->authority != NULL ? self->authority : s_empty);
+}
+
+/* As Http1Observer.at_rest: every request answered in full, no next one begun, not opaque,
+ * nothing held. On the fast path a head is never held half-read (that hands over) and no
+ * bytes are held, so it is: not given up and no request awaiting (the end of) its response. */
+static PyObject *Http1Fast_get_at_rest(Http1Fast *self, void *Py_UNUSED(closure)) {
+    if (self->delegate != NULL)
+        return PyObject_GetAttr(self->delegate, n_at_rest);
+    return PyBool_FromLong(!self->given_up && self->count == 0);
+}
+
 static PyObject *Http1Fast_get_delegated(Http1Fast *self, void *Py_UNUSED(closure)) {
     return PyBool_FromLong(self->delegate != NULL);
 }
@@ -423,6 +456,7 @@ static int Http1Fast_traverse(Http1Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->delegate);
     Py_VISIT(self->adopt);
     Py_VISIT(self->grpc_failures);
+    Py_VISIT(self->authority);
     return 0;
 }
 
@@ -430,6 +464,7 @@ static int Http1Fast_clear(Http1Fast *self) {
     Py_CLEAR(self->delegate);
     Py_CLEAR(self->adopt);
     Py_CLEAR(self->grpc_failures);
+    Py_CLEAR(self->authority);
     return 0;
 }
 
@@ -453,6 +488,10 @@ static PyMethodDef Http1Fast_methods[] = {
 
 static PyGetSetDef Http1Fast_getset[] = {
     {"opaque", (getter)Http1Fast_get_opaque, NULL, "True once the observer stopped looking", NULL},
+    {"authority", (getter)Http1Fast_get_authority, NULL,
+     "The first request's Host as a label value (\"\" if none yet)", NULL},
+    {"at_rest", (getter)Http1Fast_get_at_rest, NULL,
+     "Between messages: every request answered in full, no next one begun", NULL},
     {"delegated", (getter)Http1Fast_get_delegated, NULL,
      "True once the connection was handed to the Python observer", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -492,11 +531,24 @@ static PyObject *scan(PyObject *data, int request) {
                          (unsigned long long)head.content_length, head.status);
 }
 
+/* host_in(data): h1_host_in alone, for the test that it finds what accounting.host_in finds. */
+static PyObject *host_in(PyObject *m, PyObject *data) {
+    Py_buffer view;
+    char host[H1_MAX_HOST];
+    size_t length;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    length = h1_host_in(view.buf, (size_t)view.len, host);
+    PyBuffer_Release(&view);
+    return PyUnicode_FromStringAndSize(host, (Py_ssize_t)length);
+}
+
 static PyObject *scan_request(PyObject *m, PyObject *data) { return scan(data, 1); }
 static PyObject *scan_response(PyObject *m, PyObject *data) { return scan(data, 0); }
 
 static PyMethodDef module_methods[] = {
     {"scan_request", scan_request, METH_O, "A request head's (length, content_length, method) or None"},
+    {"host_in", host_in, METH_O, "The Host label h1_host_in finds in one chunk (\"\" if none)"},
     {"scan_response", scan_response, METH_O, "A response head's (length, content_length, status) or None"},
     {NULL, NULL, 0, NULL},
 };
@@ -519,6 +571,7 @@ PyMODINIT_FUNC PyInit__http1fast(void) {
     INTERN(s_failure, "failure");
     INTERN(s_reset, "reset");   /* agent.core.accounting.RESET */
     INTERN(s_closed, "closed"); /* agent.core.accounting.CLOSED */
+    INTERN(s_empty, "");
     INTERN(n_classification, "classification");
     INTERN(n_status_code, "status_code");
     INTERN(n_grpc_status, "grpc_status");
@@ -531,6 +584,8 @@ PyMODINIT_FUNC PyInit__http1fast(void) {
     INTERN(n_abandon, "abandon");
     INTERN(n_take_started, "take_started");
     INTERN(n_opaque, "opaque");
+    INTERN(n_authority, "authority");
+    INTERN(n_at_rest, "at_rest");
     if ((accounting = PyImport_ImportModule("agent.core.accounting")) == NULL)
         return NULL;
     record_type = PyObject_GetAttrString(accounting, "Record");

@@ -16,14 +16,20 @@ connection closed first, the server refused it (HTTP/2 GOAWAY) or the observer g
 parsing. A request is *started* when its headers are complete (HTTP/1) or its HEADERS frame
 block is decoded (HTTP/2); a request whose headers never complete is not a request.
 
-Classification follows the design ("Golden metrics"): failure = HTTP 5xx, a gRPC status other
-than OK, or a stream error. Linkerd's proxy is narrower for gRPC (only UNKNOWN,
-DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE and DATA_LOSS fail; linkerd2-proxy
-`app/core/src/classify.rs`); pass `grpc_failures=GRPC_FAILURE_LINKERD` to match it.
+Classification: failure = HTTP 5xx, a stream error, or a failing gRPC status. The agent
+classifies gRPC as Linkerd's proxy does (GRPC_FAILURE_LINKERD: UNKNOWN, DEADLINE_EXCEEDED,
+PERMISSION_DENIED, INTERNAL, UNAVAILABLE and DATA_LOSS fail, every other status succeeds;
+linkerd2-proxy `proxy/client-policy/src/grpc.rs` Codes::default, used by
+`app/core/src/classify.rs`), so success rates agree with Linkerd's; `grpc_failures=None` is
+the stricter rule "every status but OK fails".
+
+Each observer also names the connection's `authority` (its first request's Host or
+:authority, "" until seen or when absent), the `authority` label of its series.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -35,8 +41,9 @@ CLOSED: Final = "closed"  # the connection ended before the response did
 REFUSED: Final = "refused"  # HTTP/2 GOAWAY: the server never processed this stream
 PROTOCOL_ERROR: Final = "protocol_error"  # unparseable traffic: the observer gave up
 
-# gRPC statuses Linkerd counts as failures; pass as `grpc_failures` to match it exactly.
-GRPC_FAILURE_LINKERD: Final = frozenset({2, 4, 13, 14, 15})
+# gRPC statuses Linkerd counts as failures (UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED,
+# INTERNAL, UNAVAILABLE, DATA_LOSS): linkerd2-proxy client-policy grpc::Codes::default.
+GRPC_FAILURE_LINKERD: Final = frozenset({2, 4, 7, 13, 14, 15})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,11 @@ class Observer(Protocol):
         """True once the observer stopped looking: later calls are cheap no-ops."""
         ...
 
+    @property
+    def authority(self) -> str:
+        """The first request's Host / :authority as a label value ("" if none yet)."""
+        ...
+
     def client_bytes(self, data: bytes, now: float) -> list[Record]: ...
 
     def server_bytes(self, data: bytes, now: float) -> list[Record]: ...
@@ -99,6 +111,10 @@ class OpaqueObserver:
     def opaque(self) -> bool:
         return True
 
+    @property
+    def authority(self) -> str:
+        return ""
+
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         return []
 
@@ -113,6 +129,28 @@ class OpaqueObserver:
 
     def abandon(self, error: str) -> list[Record]:
         return []
+
+
+_AUTHORITY: Final = re.compile(
+    r"[a-z0-9][a-z0-9.\-]{0,252}(:[0-9]{1,5})?|\[[0-9a-f:.]{2,45}\](:[0-9]{1,5})?")
+# The Host header in a chunk holding (part of) an HTTP/1 request head.
+_HOST_HEADER: Final = re.compile(rb"\r\n[Hh][Oo][Ss][Tt][ \t]*:[ \t]*([!-~]{1,300})[ \t]*\r\n")
+
+
+def authority_label(raw: bytes | None) -> str:
+    """A request's Host / :authority as a label value: lower-cased, a host name or an IP,
+    with an optional port; anything else (or longer than a DNS name) is "" (no label)."""
+    if not raw or len(raw) > 300:
+        return ""
+    text = raw.decode("ascii", "replace").lower()
+    return text if _AUTHORITY.fullmatch(text) else ""
+
+
+def host_in(head_bytes: bytes) -> str:
+    """The Host header of the HTTP/1 request head in `head_bytes` as a label value ("" when
+    the chunk does not hold a whole Host line)."""
+    found = _HOST_HEADER.search(head_bytes)
+    return authority_label(found.group(1)) if found else ""
 
 
 def parse_grpc_status(value: bytes) -> int | None:

@@ -21,8 +21,14 @@ import enum
 import re
 from typing import Final
 
-from agent.core.accounting import PROTOCOL_ERROR, Observer, OpaqueObserver, Record
-from agent.core.http1 import http1_observer
+from agent.core.accounting import (
+    GRPC_FAILURE_LINKERD,
+    PROTOCOL_ERROR,
+    Observer,
+    OpaqueObserver,
+    Record,
+)
+from agent.core.http1 import http1_at_rest, http1_observer
 from agent.core.http2 import Http2Observer
 
 
@@ -74,10 +80,11 @@ def _starts_like_settings(data: bytes) -> bool:
 
 
 def observer_for(protocol: Protocol) -> Observer:
+    """The agent's observers classify gRPC as Linkerd's proxy does."""
     if protocol is Protocol.HTTP1:
-        return http1_observer()
+        return http1_observer(grpc_failures=GRPC_FAILURE_LINKERD)
     if protocol is Protocol.HTTP2:
-        return Http2Observer()
+        return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD)
     return OpaqueObserver()
 
 
@@ -101,6 +108,19 @@ class ConnectionObserver:
     @property
     def opaque(self) -> bool:
         return self._inner is not None and self._inner.opaque
+
+    @property
+    def authority(self) -> str:
+        return "" if self._inner is None else self._inner.authority
+
+    @property
+    def at_rest(self) -> bool:
+        """HTTP/1 between messages, or nothing sent yet: a clean point to close at. Never
+        for HTTP/2 or opaque streams (they have no such point we can see)."""
+        inner = self._inner
+        if inner is None:
+            return not self._prefix and not self._early_server
+        return http1_at_rest(inner)
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         inner = self._inner

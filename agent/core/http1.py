@@ -47,6 +47,7 @@ from agent.core.accounting import (
     Observer,
     Record,
     classify,
+    host_in,
 )
 
 MAX_HEADER_BYTES: Final = 64 * 1024  # per message head; also caps bytes held after Upgrade
@@ -97,6 +98,7 @@ class Http1Observer:
     """Accounts the requests of one HTTP/1.x connection (see the module docstring)."""
 
     __slots__ = (
+        "_authority",
         "_client_held",
         "_grpc_failures",
         "_head_outstanding",
@@ -157,6 +159,7 @@ class Http1Observer:
         self._client_held: list[bytes] | None = None
         self._held_bytes = 0
         self._muted = False  # `adopt` feeding a synthetic head: callbacks do nothing
+        self._authority = ""  # the first request's Host (a label value), looked for until its head ends
 
     @classmethod
     def adopt(
@@ -167,14 +170,21 @@ class Http1Observer:
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_pending: int = MAX_PENDING,
         grpc_failures: frozenset[int] | None = None,
+        authority: str = "",
+        request_heads: int = 0,
     ) -> Http1Observer:
         """An observer in the state this one would have after the messages another observer
         (the compiled fast path, `agent.core._http1fast`) already followed, at a boundary of
         complete heads: `pending` = (method, start, status, latency_ms) of the requests
         awaiting (the end of) their responses; `request_state` / `response_state` = bytes
         that bring a fresh parser to where the body being read in that direction is (a head
-        of the same framing, then what of a chunked body was read), b"" between messages."""
+        of the same framing, then what of a chunked body was read), b"" between messages;
+        `authority` = what `host_in` found in the chunks of the first request head, and
+        `request_heads` = how many request heads were complete (once one is, Host is no
+        longer looked for)."""
         observer = cls(max_header_bytes, max_pending, grpc_failures)
+        observer._authority = authority
+        observer._req_heads = request_heads
         for method, start, status, latency_ms in pending:
             request = _Pending(method, start)
             request.status, request.latency_ms = status, latency_ms
@@ -193,14 +203,27 @@ class Http1Observer:
     def opaque(self) -> bool:
         return self._opaque
 
+    @property
+    def authority(self) -> str:
+        return self._authority
+
     def take_started(self) -> int:
         started, self._started = self._started, 0
         return started
+
+    @property
+    def at_rest(self) -> bool:
+        """Between messages: every request answered in full, no next one begun. Closing the
+        connection now loses nothing (what a server does to an idle keep-alive connection)."""
+        return not (self._opaque or self._pending or self._req_in_head
+                    or self._client_held is not None)
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         if self._opaque:
             return []
         self._now = now
+        if not self._req_heads and not self._authority:
+            self._authority = host_in(data)  # one search per chunk of the first head only
         if self._client_held is not None:
             self._hold(data)
         else:
@@ -450,3 +473,11 @@ def http1_observer(
     if _Http1Fast is None:
         return Http1Observer(max_header_bytes, max_pending, grpc_failures)
     return _Http1Fast(Http1Observer.adopt, max_header_bytes, max_pending, grpc_failures)
+
+
+def http1_at_rest(observer: Observer) -> bool:
+    """`at_rest` of an HTTP/1 observer, compiled or not (the fast path answers it itself,
+    or by its Python delegate once it handed over); False for any other observer."""
+    if isinstance(observer, Http1Observer):
+        return observer.at_rest
+    return _Http1Fast is not None and isinstance(observer, _Http1Fast) and observer.at_rest

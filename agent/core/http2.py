@@ -42,6 +42,7 @@ from agent.core.accounting import (
     REFUSED,
     RESET,
     Record,
+    authority_label,
     classify,
     parse_grpc_status,
 )
@@ -118,6 +119,7 @@ class Http2Observer:
     """Accounts the requests (streams) of one HTTP/2 connection (see module docstring)."""
 
     __slots__ = (
+        "_authority",
         "_client",
         "_grpc_failures",
         "_highest_stream",
@@ -148,12 +150,17 @@ class Http2Observer:
         self._now = 0.0
         self._started = 0
         self._opaque = False
+        self._authority = ""  # the first request's :authority (a label value)
 
     # --- the Observer interface -------------------------------------------------------
 
     @property
     def opaque(self) -> bool:
         return self._opaque
+
+    @property
+    def authority(self) -> str:
+        return self._authority
 
     def take_started(self) -> int:
         started, self._started = self._started, 0
@@ -367,10 +374,13 @@ class Http2Observer:
             self._give_up(PROTOCOL_ERROR)
             return
         method = None
-        for name, value in headers:
+        for name, value in headers:  # pseudo-headers come first (RFC 9113 8.3)
             if name == b":method":
                 method = value.decode("ascii", "replace")
+            elif not name.startswith(b":"):
                 break
+            elif name == b":authority" and not self._authority:
+                self._authority = authority_label(value)
         self._highest_stream = stream
         self._streams[stream] = _Stream(method, self._now)
         self._started += 1

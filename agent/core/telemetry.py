@@ -19,6 +19,23 @@ from agent.core.accounting import Record
 LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
                              1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
 _GRPC_STATUSES: Final = range(17)  # OK .. UNAUTHENTICATED; others are "other" (bounded labels)
+# Distinct `authority` label values one pod may have per direction; requests with another
+# authority are counted without the label (a client must not mint unlimited series).
+MAX_AUTHORITIES: Final = 16
+# Why a connection has no mTLS, as linkerd2-proxy's no_tls_reason (linkerd/tls/src/{server,
+# client}.rs): plaintext from a client, an unmeshed destination, the proxy's own local hop.
+NO_TLS_FROM_REMOTE: Final = "no_tls_from_remote"
+NOT_PROVIDED_BY_SERVICE_DISCOVERY: Final = "not_provided_by_service_discovery"
+LOOPBACK: Final = "loopback"
+# errno of a connection failure the agent itself caused (idle reset, refusal, shutdown).
+AGENT_ABORTED: Final = "ECONNABORTED"
+
+
+def workload_label(kind: str) -> str:
+    """The label Linkerd gives a workload kind: `deployment`, `statefulset`, ..., but a Job
+    is `k8s_job` (linkerd2 pkg/k8s KindToL5DLabel), so it never collides with Prometheus'
+    own `job` label."""
+    return "k8s_job" if kind == "job" else kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +44,7 @@ class PeerLabels:
     (inbound) or the server (outbound), and the destination pod (outbound). Empty = unknown;
     empty labels are left out of the exposition."""
 
-    tls: str = "disabled"  # "true" over the mesh tunnel
+    tls: str = "no_identity"  # "true" over the mesh tunnel (Linkerd's values)
     client_id: str = ""
     server_id: str = ""
     dst_namespace: str = ""
@@ -59,6 +76,7 @@ class HttpLabels:
     peer_labels: PeerLabels = PLAINTEXT
     owner_kind: str = ""
     owner_name: str = ""
+    authority: str = ""  # the connection's first request's Host / :authority, bounded per pod
 
 
 class HttpCounters:
@@ -97,8 +115,11 @@ def _grpc_label(status: int | None) -> str:
 
 
 class TcpCounters:
-    __slots__ = ("close_failure", "close_success", "open_connections", "open_total",
-                 "read_bytes", "write_bytes")
+    """One series' connection counts; failed closes by errno name (a bounded set: the
+    kernel's errno names and AGENT_ABORTED), kept only once one happens."""
+
+    __slots__ = ("close_errno", "close_failure", "close_success", "open_connections",
+                 "open_total", "read_bytes", "write_bytes")
 
     def __init__(self) -> None:
         self.open_total = 0
@@ -107,6 +128,14 @@ class TcpCounters:
         self.write_bytes = 0
         self.close_success = 0
         self.close_failure = 0
+        self.close_errno: dict[str, int] | None = None
+
+    def failed_close(self, errno_name: str) -> None:
+        self.close_failure += 1
+        by_errno = self.close_errno
+        if by_errno is None:
+            by_errno = self.close_errno = {}
+        by_errno[errno_name] = by_errno.get(errno_name, 0) + 1
 
 
 class ConnectionRecord:
@@ -130,14 +159,15 @@ class ConnectionRecord:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self, failed: bool) -> bool:
-        """Returns True the first time only."""
+    def close(self, failed: bool, errno_name: str = "") -> bool:
+        """Returns True the first time only. A failure is counted under `errno_name` (e.g.
+        "ECONNRESET"), AGENT_ABORTED when none is given."""
         if self._closed:
             return False
         self._closed = True
         self.counters.open_connections -= 1
         if failed:
-            self.counters.close_failure += 1
+            self.counters.failed_close(errno_name or AGENT_ABORTED)
         else:
             self.counters.close_success += 1
         return True
@@ -150,6 +180,8 @@ class Telemetry:
         self._series: dict[TcpLabels, TcpCounters] = {}
         self._http: dict[HttpLabels, HttpCounters] = {}
         self._expiry: dict[tuple[str, str], float] = {}
+        # (namespace, pod) -> (owner kind, owner name, when the agent began serving it)
+        self._pods: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._refreshers: list[Callable[[], None]] = []
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
@@ -185,8 +217,15 @@ class Telemetry:
             counters = self._series[labels] = TcpCounters()
         return ConnectionRecord(counters)
 
-    def pod_added(self, namespace: str, pod: str) -> None:
+    def pod_added(self, namespace: str, pod: str, owner_kind: str = "", owner_name: str = "",
+                  started: float = 0.0) -> None:
+        """A pod is served from now: `started` (Unix time) is its per-pod
+        process_start_time_seconds, the truthful equivalent of a Linkerd proxy's start."""
         self._expiry.pop((namespace, pod), None)
+        self._pods[(namespace, pod)] = (owner_kind, owner_name, started)
+
+    def pods(self) -> Iterator[tuple[tuple[str, str], tuple[str, str, float]]]:
+        return iter(list(self._pods.items()))
 
     def pod_removed(self, namespace: str, pod: str) -> None:
         self._expiry[(namespace, pod)] = self._clock() + self._grace
@@ -204,6 +243,7 @@ class Telemetry:
             del self._http[http_labels]
         for key in due:
             del self._expiry[key]
+            self._pods.pop(key, None)
         return len(doomed)
 
     def series(self) -> Iterator[tuple[TcpLabels, TcpCounters]]:

@@ -4,10 +4,10 @@ lifecycle, so that none of them imports another for it. (A route and the router 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from agent.core.telemetry import HttpLabels, PeerLabels, TcpLabels
+from agent.core.telemetry import MAX_AUTHORITIES, HttpLabels, PeerLabels, TcpLabels
 from agent.dataplane.netns import NetNs
 from agent.model import InboundPolicy
 
@@ -37,6 +37,9 @@ class PodContext:
     # the label sets of its series, built once per (direction, peer) and not per connection
     series_labels: dict[tuple[str, PeerLabels], tuple[TcpLabels, HttpLabels]] = \
         field(default_factory=dict)
+    # the authority label values this pod's series carry, per direction (at most
+    # MAX_AUTHORITIES each: a client cannot mint series by sending new Host headers)
+    authorities: dict[str, set[str]] = field(default_factory=dict)
 
     def labels(self, direction: str, peer: PeerLabels) -> tuple[TcpLabels, HttpLabels]:
         key = (direction, peer)
@@ -50,3 +53,16 @@ class PodContext:
                           owner_name=owner[1]),
                 HttpLabels(direction, self.namespace, self.name, peer, *owner))
         return found
+
+    def http_labels(self, direction: str, peer: PeerLabels, authority: str) -> HttpLabels:
+        """The HTTP series of a connection whose first request named `authority` (already a
+        valid label value, or ""); past the per-pod bound it is counted without one."""
+        labels = self.labels(direction, peer)[1]
+        if not authority:
+            return labels
+        known = self.authorities.setdefault(direction, set())
+        if authority not in known:
+            if len(known) >= MAX_AUTHORITIES:
+                return labels
+            known.add(authority)
+        return replace(labels, authority=authority)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from agent.core import connections
 from agent.core.telemetry import Telemetry
 from agent.core.tunnel_frames import ErrorCode
+from agent.dataplane.budget import out_of_budget
 from agent.dataplane.context import PodContext
 from agent.dataplane.relay import PlainUpstream, Relay, RelaySettings, protocol_factory
 from agent.dataplane.sockets import SocketFactory, original_destination
@@ -38,6 +39,10 @@ class InboundProxy:
     def tunneled(self, pod: PodContext, session: TunnelSession, stream_id: int, port: int,
                  metadata: Mapping[str, str]) -> None:
         """A stream opened on the pod's 15008: relay it to the pod's own `port`."""
+        if out_of_budget(pod.relays):  # the agent holds all it may: the client tries again
+            self._metrics.proxy_errors.labels("inbound", "over_capacity").inc()
+            session.refuse(stream_id, ErrorCode.REFUSED_STREAM)
+            return
         decision = connections.inbound_stream(port, pod, session.labels)
         if isinstance(decision, connections.Refuse):
             self._metrics.proxy_errors.labels("inbound", decision.reason).inc()

@@ -24,6 +24,8 @@ from agent.dataplane.tunnel import TunnelSession
 from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+MAX_MOVES = 3  # a refused stream is moved to another tunnel connection at most this often
+MOVE_BACKOFF = 0.1  # seconds, times the attempt, before asking a loaded destination again
 
 
 class OutboundProxy:
@@ -38,6 +40,7 @@ class OutboundProxy:
         self._mesh = mesh
         self._router = router
         self._plain = PlainUpstream(sockets, metrics, settings.connect_timeout)
+        self._metrics = metrics
         self._labels_cache: dict[tuple[PeerLabels, str], PeerLabels] = {}
 
     def protocol_factory(self, pod: PodContext) -> Callable[[], asyncio.Protocol]:
@@ -71,11 +74,13 @@ class OutboundProxy:
             return
         self._plain.spawn(relay, self._dial(relay, decision))
 
-    async def _dial(self, relay: Relay, decision: Forward) -> None:
+    async def _dial(self, relay: Relay, decision: Forward, pause: float = 0.0) -> None:
         """A tunnel session to the destination; PROBE: plain TCP if it is not meshed. A
         meshed destination that fails is refused, never downgraded."""
         assert self._mesh is not None
         try:
+            if pause:
+                await asyncio.sleep(pause)
             session = await self._mesh.session_for(relay.pod, decision.destination[0],
                                                    decision.identity)
         except TunnelError as exc:  # counted as what it was to be: mTLS, never plaintext
@@ -91,6 +96,10 @@ class OutboundProxy:
         if session is not None:
             self._open_stream(relay, session, decision)
             return
+        if relay.moves:  # it was in the mesh: never in plaintext now
+            self._plain.refuse(relay, "tunnel_refused", f"{decision.destination[0]} no longer "
+                               "takes the mesh tunnel: not falling back to plaintext")
+            return
         relay.open_record(relay.peer_labels)
         await self._plain.connect(relay, decision.destination)
 
@@ -102,10 +111,32 @@ class OutboundProxy:
         labels = session.labels
         if decision.path is Path.TUNNEL:  # what the registry knows of the destination, and the proof
             labels = self._tunnel_labels(decision.labels, labels.server_id)
-        relay.open_record(labels)
-        session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
+        if relay.record is None:
+            relay.open_record(labels)
+        stream = session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
+        stream.on_refused = lambda sent: self._move(relay, decision, sent, session)
         if not relay.upstream.write_blocked:
             client.resume_reading()
+
+    def _move(self, relay: Relay, decision: Forward, sent: list[bytes],
+              refused_by: TunnelSession) -> bool:
+        """The destination's agent refused the stream (it is going away) or its connection
+        ended before accepting it: nothing reached the destination, so the same bytes go
+        on a new connection (to the agent that takes over; a keeper holds its listener).
+        False (the client gets a reset, as before) past `MAX_MOVES` or with no mesh."""
+        client = relay.client.transport
+        if self._mesh is None or relay.moves >= MAX_MOVES or client is None or client.is_closing():
+            return False
+        relay.moves += 1
+        self._metrics.streams_moved.inc()
+        relay.early[:0] = sent  # first, before anything the client sends meanwhile
+        relay.upstream.transport = None
+        relay.upstream.write_blocked = False
+        # A server going away (GOAWAY) has a successor: at once. One that is not refused it
+        # for load (its connection budget is out): back off before asking again.
+        pause = 0.0 if refused_by.connection.going_away else MOVE_BACKOFF * relay.moves
+        self._plain.spawn(relay, self._dial(relay, decision, pause))
+        return True
 
     def _tunnel_labels(self, route_labels: PeerLabels, server_id: str) -> PeerLabels:
         """The registry's dst_* labels with the tunnel's proof, built once per (route, server)."""

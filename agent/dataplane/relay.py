@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent.core.accounting import Record
 from agent.core.detect import ConnectionObserver
+from agent.core.detect import Protocol as Wire
 from agent.core.telemetry import (
     PLAINTEXT,
     ConnectionRecord,
@@ -99,8 +100,9 @@ class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
     __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
-                 "early", "early_at", "failed", "http", "idle_since", "observer", "peer_labels",
-                 "pod", "proxy", "record", "seen_activity", "source", "started", "upstream")
+                 "draining", "early", "early_at", "errno_name", "failed", "http", "idle_since",
+                 "moves", "observer", "peer_labels", "pod", "proxy", "record", "seen_activity",
+                 "source", "started", "upstream")
 
     def __init__(self, proxy: RelayOwner, pod: PodContext, direction: str,
                  buffer_high: int) -> None:
@@ -115,6 +117,7 @@ class Relay:
         self.connecting: asyncio.Task[None] | None = None
         self.early: list[bytes] = []  # client bytes that beat the upstream connect
         self.failed = False
+        self.errno_name = ""  # why it failed, as tcp_close_total's errno label ("" = unknown)
         self.destination: tuple[str, int] | None = None
         self.source: tuple[str, int] | None = None  # inbound: the client the app should see
         self.early_at = 0.0  # when the first client byte came, if before the path was chosen
@@ -126,6 +129,8 @@ class Relay:
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
         self.observer: ConnectionObserver | None = ConnectionObserver()
         self.http: HttpCounters | None = None
+        self.draining = False  # the agent is stopping: close at the next clean point
+        self.moves = 0  # times a refused tunnel stream was carried to another connection
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -177,6 +182,29 @@ class Relay:
                 side.transport.pause_reading()  # uvloop may not honour the first pause
         elif not target.is_closing():
             target.write(data)
+            if self.draining and side is self.upstream:
+                self.close_if_at_rest()
+
+    def drain(self) -> None:
+        """The agent is stopping: end this connection at its next clean point, HTTP/1
+        after the response in flight (or now, between requests), with a FIN both ways,
+        as a server closes an idle keep-alive connection. HTTP/2 and opaque streams have
+        no such point: they run on until they end or the drain deadline resets them."""
+        self.draining = True
+        self.close_if_at_rest()
+
+    def mid_request(self) -> bool:
+        """An HTTP/1 request is in flight (its response not complete)."""
+        observer = self.observer
+        return observer is not None and observer.protocol is Wire.HTTP1 and not observer.at_rest
+
+    def close_if_at_rest(self) -> None:
+        observer = self.observer
+        if observer is None or not observer.at_rest:
+            return
+        for side in (self.client, self.upstream):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()  # the client's close cancels a connect in progress
 
     def account(self, records: list[Record], observer: ConnectionObserver) -> None:
         started = observer.take_started()
@@ -184,8 +212,8 @@ class Relay:
             http = self.http
             if http is None:
                 # the first request of a connection: find its pod's HTTP series
-                http = self.http = self.proxy.telemetry.http(
-                    self.pod.labels(self.direction, self.peer_labels)[1])
+                http = self.http = self.proxy.telemetry.http(self.pod.http_labels(
+                    self.direction, self.peer_labels, observer.authority))
             http.requests += started
             for record in records:
                 http.record(record)
@@ -196,7 +224,13 @@ class Relay:
         target = self.other(side)
         if target.transport is None or target.transport.is_closing():
             return  # no upstream yet: side.eof is kept, and side_made passes the FIN on
-        if target.eof:  # both directions finished: close (flushes what is buffered)
+        # An HTTP/1 server that ends its side between messages answers nothing more (an idle
+        # keep-alive connection closed, a draining agent): the client's connection is closed
+        # whole, so a request it sends next fails at once instead of waiting for nothing.
+        observer = self.observer
+        done = (side is self.upstream and observer is not None
+                and observer.protocol is Wire.HTTP1 and observer.at_rest)
+        if target.eof or done:  # both directions finished: close (flushes what is buffered)
             for each in (self.client, self.upstream):
                 if each.transport is not None:
                     each.transport.close()
@@ -209,6 +243,7 @@ class Relay:
         other = self.other(side)
         if exc is not None:
             self.failed = True
+            self.errno_name = self.errno_name or errno_name(exc)
         if other.transport is not None and not other.transport.is_closing():
             if exc is not None:
                 self.reset(other)
@@ -237,7 +272,7 @@ class Relay:
         if self.record is None:  # ended before its path was chosen
             self.open_record(self.peer_labels)
         assert self.record is not None
-        if self.record.close(self.failed):
+        if self.record.close(self.failed, self.errno_name):
             self.pod.relays.discard(self)
             observer = self.observer
             if observer is not None:
@@ -246,6 +281,14 @@ class Relay:
                 log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
                           self.pod.name, self.destination, "failed" if self.failed else "closed",
                           (time.monotonic() - self.started) * 1000)
+
+
+def errno_name(exc: BaseException) -> str:
+    """ECONNRESET, ETIMEDOUT, ...: the errno of an OS error; "" when it carries none."""
+    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
+        return "ETIMEDOUT"
+    number = getattr(exc, "errno", None)
+    return errno.errorcode.get(number, "") if isinstance(number, int) else ""
 
 
 def reap_idle(relays: set[Relay], timeout: float, now: float) -> int:
@@ -298,6 +341,7 @@ class PlainUpstream:
             return
         except (OSError, TimeoutError) as exc:
             sock.close()
+            relay.errno_name = errno_name(exc)
             reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
             self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
             return

@@ -32,6 +32,7 @@ from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, 
 
 log = logging.getLogger(__name__)
 OUTPUT_HIGH = 256 * 1024  # bytes queued for one TLS connection before every stream pauses
+REPLAY_LIMIT = 64 * 1024  # bytes a client stream keeps until accepted, to move if refused
 
 
 class StreamTransport:
@@ -39,7 +40,7 @@ class StreamTransport:
 
     __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high", "_lost",
                  "_owed", "_paused", "_pending", "_pending_size", "_write_paused", "accepted",
-                 "protocol", "session", "stream_id")
+                 "on_refused", "protocol", "replay", "replay_size", "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -58,6 +59,12 @@ class StreamTransport:
         self._owed = 0  # delivered, but the relay still holds them: acknowledged on resume
         self._write_paused = False
         self.accepted = session.is_client  # a server stream is accepted when the relay reads
+        # Client: what we sent before the peer accepted the stream. Refused (GOAWAY) or cut
+        # off before its ACK, the stream never reached the destination: `on_refused` may
+        # carry these bytes to another connection instead of failing the client.
+        self.replay: list[bytes] | None = [] if session.is_client else None
+        self.replay_size = 0
+        self.on_refused: Callable[[list[bytes]], bool] | None = None
 
     # ---------------------------------------------------------------- transport API
 
@@ -78,6 +85,13 @@ class StreamTransport:
     def write(self, data: bytes) -> None:
         if self.is_closing() or not data:
             return
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += len(data)
+            if self.replay_size > REPLAY_LIMIT:
+                self.replay = None  # too much to keep: this stream cannot move any more
+            else:
+                replay.append(data)
         self._ensure_accepted()
         if self._pending or self.session.write_paused:
             self._hold_output(data)
@@ -170,10 +184,15 @@ class StreamTransport:
 
     def window_opened(self) -> None:
         """The peer's windows grew, or the session may write again: send what waits."""
+        if self._lost:
+            return
         pending, self._pending, self._pending_size = self._pending, [], 0
         session, connection = self.session, self.session.connection
         for index, data in enumerate(pending):
-            sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
+            try:
+                sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
+            except core.LocalProtocolError:
+                return  # reset meanwhile (an abort whose connection_lost is on its way)
             if sent < len(data):
                 rest = [data[sent:], *pending[index + 1:]]
                 self._pending, self._pending_size = rest, sum(map(len, rest))
@@ -199,16 +218,26 @@ class StreamTransport:
             self._write_paused = False
             self.protocol.resume_writing()
 
-    def reset_by_peer(self, error_code: int) -> None:
-        self._lose(ConnectionResetError(f"stream reset by peer ({describe_code(error_code)})"))
+    def peer_accepted(self) -> None:
+        self.replay = None  # the destination has it now: never sent twice
 
-    def _lose(self, exc: Exception | None) -> None:
+    def reset_by_peer(self, error_code: int) -> None:
+        exc = ConnectionResetError(f"stream reset by peer ({describe_code(error_code)})")
+        self._lose(exc, refused=error_code == core.ErrorCode.REFUSED_STREAM)
+
+    def _lose(self, exc: Exception | None, refused: bool = False) -> None:
+        """`refused`: the peer said it did not take the stream; a lost connection says the
+        same of a stream it had not accepted yet (it connects upstream before accepting)."""
         if self._lost:
             return
         self._lost = True
         self._held.clear()
         self._pending.clear()
         self.session.forget(self.stream_id)
+        replay, self.replay = self.replay, None
+        if (replay is not None and (refused or exc is not None) and self.on_refused is not None
+                and not self._closing and self.on_refused(replay)):
+            return  # carried over to another connection: the relay never notices
         self.protocol.connection_lost(exc)
 
     # ---------------------------------------------------------------- internals
@@ -306,11 +335,13 @@ class TunnelSession(asyncio.Protocol):
 
     # ----------------------------------------------------------------- streams
 
-    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: Mapping[str, str]) -> None:
+    def open_stream(self, protocol: asyncio.Protocol, port: int,
+                    metadata: Mapping[str, str]) -> StreamTransport:
         """Client: a new stream to `port` for `protocol` (its connection_made is called)."""
         stream_id = self.connection.open_stream(port, metadata)
-        self.attach(stream_id, protocol)
+        stream = self.attach(stream_id, protocol)
         self.flush()
+        return stream
 
     def attach(self, stream_id: int, protocol: asyncio.Protocol) -> StreamTransport:
         stream = self.streams[stream_id] = StreamTransport(self, stream_id, protocol)
@@ -329,6 +360,17 @@ class TunnelSession(asyncio.Protocol):
             self.idle_since = asyncio.get_running_loop().time()
             if self.connection.finished and not self._closed:
                 self.close()
+
+    def go_away(self) -> None:
+        """This agent is stopping: no new streams on this connection either way (the peer
+        opens its next ones elsewhere; any it opened meanwhile are refused, and moved);
+        streams open now run to completion, then the connection closes."""
+        if self._closed or self.connection.terminated:
+            return
+        self.connection.goaway(core.ErrorCode.NO_ERROR)
+        self.flush()
+        if not self.streams:
+            self.close()
 
     @property
     def available(self) -> bool:
@@ -377,7 +419,9 @@ class TunnelSession(asyncio.Protocol):
             if stream is not None:
                 stream.eof_received()
         elif isinstance(event, core.StreamAccepted):
-            return  # the client stream could send already: nothing changes
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:  # it could send already; now it can no longer be moved
+                stream.peer_accepted()
         elif isinstance(event, core.StreamOpened):
             if self._on_stream is None:
                 self.refuse(event.stream_id)

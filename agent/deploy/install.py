@@ -37,7 +37,7 @@ NAMESPACE = "pinion-system"
 # `kubectl apply -f deploy/` takes files in name order; the stream follows dependencies:
 # namespace, accounts, settings, then the workloads that use them.
 MANIFEST_FILES = ("00-namespace.yaml", "rbac.yaml", "config.yaml", "issuer.yaml", "issuer-networkpolicy.yaml",
-                  "daemonset.yaml")
+                  "keeper.yaml", "daemonset.yaml")
 SECRET_NAME = "pinion-issuer"
 SECRET_KEYS = (files.ISSUER_CERT, files.ISSUER_KEY, files.TRUST_BUNDLE, files.TRUST_DOMAIN)
 CONFIG_NAME = "pinion-config"

@@ -5,6 +5,7 @@ Also reads the requests a fail-open plugin spooled while the agent was away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -129,6 +130,7 @@ class CniServer:
         self._admission = admission or StandaloneAdmission(pods)
         self._metrics = metrics
         self._server: asyncio.Server | None = None
+        self._inode = 0
 
     async def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -139,12 +141,15 @@ class CniServer:
                 self._serve, path=str(self._path), limit=MAX_REQUEST)
         finally:
             os.umask(old_umask)
+        self._inode = os.stat(self._path).st_ino
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-            self._path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not the next agent's, in a rolling update
+                if os.stat(self._path).st_ino == self._inode:
+                    self._path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

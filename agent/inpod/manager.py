@@ -9,12 +9,15 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.core.telemetry import TcpLabels, Telemetry
+from agent.dataplane.budget import ConnectionBudget, RelaySet
 from agent.dataplane.context import PodContext
 from agent.dataplane.inbound import InboundProxy
 from agent.dataplane.mesh import Listener, TunnelAcceptor, serve_tunnel
@@ -25,6 +28,7 @@ from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.relay import reap_idle
 from agent.dataplane.sockets import SocketFactory
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
+from agent.inpod.keeper import ListenerHold, listener_key
 from agent.inpod.state import PodStateStore
 from agent.memory import give_back_memory
 from agent.model import Pod
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from agent.identity.store import IdentityManager
 
 log = logging.getLogger(__name__)
+DRAIN_QUIET_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -43,6 +48,11 @@ class CapturedPod:
     plan: Plan
     context: PodContext
     servers: list[Listener]
+    keys: list[str] = dataclasses.field(default_factory=list)  # its listeners, at the keeper
+    # 15001 and 15006: (index in servers, our own duplicate, protocol factory), to stop and
+    # start accepting when the connection budget runs out and comes back
+    accepting: list[tuple[int, socket.socket, Callable[[], asyncio.Protocol]]] = \
+        dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +69,15 @@ class PodManager:
     def __init__(self, config: Config, switch: NetnsSwitch, sockets: SocketFactory,
                  backend: Backend, proxies: Proxies, store: PodStateStore,
                  telemetry: Telemetry, metrics: AgentMetrics,
-                 identities: IdentityManager | None = None) -> None:
+                 identities: IdentityManager | None = None,
+                 hold: ListenerHold | None = None,
+                 budget: ConnectionBudget | None = None) -> None:
         self._config = config
+        self._hold = hold if hold is not None else ListenerHold(None)
+        self._budget = budget
+        self._accepting = True  # False once draining: the budget never re-opens listeners
+        if budget is not None:
+            budget.when_exhausted(self._budget_exhausted, self._budget_back)
         self._identities = identities
         self._switch = switch
         self._sockets = sockets
@@ -123,18 +140,25 @@ class PodManager:
         problems = [f"rule {name} missing" for name in sorted(captured.plan.names() - installed)]
         problems += [f"{what} missing" for what in
                      await self._in_netns(captured.netns, lambda: routing.missing(captured.plan))]
+        paused = self._budget is not None and self._budget.exhausted
         problems += [f"listener {s.sockets[0].getsockname() if s.sockets else '?'} closed"
-                     for s in captured.servers if not s.is_serving()]
+                     for s in captured.servers if not s.is_serving() and not paused]
         return problems
 
     async def adopt(self) -> None:
-        """Re-capture the pods a previous run of the agent had (rules and listeners again)."""
+        """Re-capture the pods a previous run of the agent had (rules and listeners again;
+        the listeners themselves, with what waits in their backlogs, from the keeper)."""
+        held = self._hold.start()
         for pod in self._store.load_all():
             try:
                 await self.add(pod)
             except CaptureError as exc:
                 log.warning("not re-adopting %s: %s", pod.key, exc.msg)
                 self._store.delete(pod.container_id)
+        unclaimed = self._hold.settle()
+        if held:
+            log.info("keeper: %d listeners taken back, %d of pods gone meanwhile closed",
+                     held - unclaimed, unclaimed)
 
     async def sweep(self) -> None:
         """Reset relays idle past their pod's timeout; release pods whose netns vanished
@@ -154,6 +178,100 @@ class PodManager:
                 log.info("pod %s: netns %s is gone; releasing", captured.pod.key,
                          captured.netns.path)
                 await self._release(captured)
+        self._hold.refresh()
+
+    def stop_accepting(self) -> None:
+        """Close our listeners (a keeper's copies keep them listening: what arrives now
+        waits for the next agent); connections already accepted go on."""
+        self._accepting = False
+        for captured in self._pods.values():
+            for server in captured.servers:
+                server.close()
+
+    def buffered(self) -> tuple[int, int]:
+        """Bytes the agent holds for its connections now: (relays: bytes waiting for an
+        upstream and in send buffers; tunnels: frames queued and in TLS send buffers). Read
+        at scrape time, one pass over the connections."""
+        relays = tunnels = 0
+        for captured in self._pods.values():
+            for relay in captured.context.relays:
+                relays += sum(map(len, relay.early))
+                for side in (relay.client, relay.upstream):
+                    size = getattr(side.transport, "get_write_buffer_size", None)
+                    relays += size() if size is not None else 0
+            for session in captured.context.tunnels:
+                tunnels += session.connection.queued_data
+                if session.transport is not None:
+                    tunnels += session.transport.get_write_buffer_size()
+        return relays, tunnels
+
+    # ------------------------------------------------------------ the connection budget
+
+    def _budget_exhausted(self) -> None:
+        """Too many connections open: stop accepting on 15001/15006 (our duplicate keeps
+        each listener, and its backlog, alive). Tunnel streams into this node are refused
+        meanwhile (`agent.dataplane.inbound`); tunnel connections stay read, as the
+        streams already open on them need their bytes to finish."""
+        for captured in self._pods.values():
+            for index, _, _ in captured.accepting:
+                captured.servers[index].close()
+
+    def _budget_back(self) -> None:
+        if self._accepting:
+            asyncio.get_running_loop().create_task(self._accept_again())
+
+    async def _accept_again(self) -> None:
+        loop = asyncio.get_running_loop()
+        for captured in list(self._pods.values()):
+            for index, sock, factory in captured.accepting:
+                server = captured.servers[index]
+                if server.is_serving() or not self._accepting or (
+                        self._budget is not None and self._budget.exhausted):
+                    continue
+                if self._pods.get(captured.pod.container_id) is not captured:
+                    break  # released meanwhile
+                captured.servers[index] = await loop.create_server(factory, sock=sock.dup())
+
+    async def drain(self, seconds: float, quiet: float = DRAIN_QUIET_SECONDS) -> int:
+        """SIGTERM, after `stop_accepting`: let what is in flight finish, for at most
+        `seconds`. Each relay ends at its next clean point (HTTP/1: right after the response
+        in flight, or now if between requests, as a server closes an idle keep-alive
+        connection); tunnel peers are told to open no new streams here (GOAWAY; any they
+        open meanwhile are refused, and they move them). Ends once nothing is left, or once
+        what is left is quiet: no byte either way for `quiet` seconds and no HTTP/1 request
+        in flight (an idle pooled connection, an HTTP/2 or opaque stream between messages:
+        they have no clean point to wait for). Returns how many connections it reset."""
+        for captured in self._pods.values():
+            for relay in list(captured.context.relays):
+                relay.drain()
+            for session in list(captured.context.tunnels):
+                session.go_away()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        seen: dict[int, tuple[int, float]] = {}
+        while True:
+            relays = [r for c in self._pods.values() for r in c.context.relays]
+            now = loop.time()
+            if not relays or now - start >= seconds:
+                break
+            busy = False
+            for relay in relays:
+                activity, since = seen.get(id(relay), (-1, now))
+                if activity != relay.activity:
+                    seen[id(relay)] = (relay.activity, now)
+                    busy = True
+                elif now - since < quiet or relay.mid_request():
+                    busy = True
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        for relay in relays:
+            relay.abort()
+        if relays:
+            self._metrics.drain_resets.inc(len(relays))
+            log.info("drain: %d connections still open after %.1f s reset", len(relays),
+                     loop.time() - start)
+        return len(relays)
 
     async def shutdown(self, cleanup: bool) -> None:
         """Stop serving. Rules stay (pods fail closed until we return) unless cleanup."""
@@ -162,6 +280,7 @@ class PodManager:
                 await self._release(captured, remove_rules=cleanup, forget=cleanup)
             if self._cgroups is not None:
                 self._cgroups.close(cleanup)
+            self._hold.forget_all()
 
     def programs(self, captured: CapturedPod) -> dict[str, Any]:
         """What /pods shows of a pod's eBPF programs (nothing for netfilter backends)."""
@@ -209,7 +328,8 @@ class PodManager:
                              frozenset(pod.opaque_ports), ip=pod.ipv4, inbound=pod.inbound,
                              metadata=_tunnel_metadata(pod, self._config.node_name),
                              owner_kind=pod.owner_kind, owner_name=pod.owner_name,
-                             idle_timeout=pod.idle_timeout or self._config.relay_idle_timeout_seconds)
+                             idle_timeout=pod.idle_timeout or self._config.relay_idle_timeout_seconds,
+                             relays=RelaySet(self._budget))
         captured = CapturedPod(pod, netns, plan, context, [])
         try:
             context.identity = await self._certify(pod)
@@ -226,7 +346,8 @@ class PodManager:
             if isinstance(exc, (OSError, RedirectError, RuntimeError)):
                 raise CaptureError(CNI_IO_FAILURE, f"capturing pod {pod.key}: {exc}") from exc
             raise
-        self._telemetry.pod_added(pod.key.namespace, pod.key.name)
+        self._telemetry.pod_added(pod.key.namespace, pod.key.name, pod.owner_kind, pod.owner_name,
+                                  time.time())
         return captured
 
     async def _certify(self, pod: Pod) -> str | None:
@@ -267,22 +388,34 @@ class PodManager:
                   ("0.0.0.0", ports.inbound, proxies.inbound.protocol_factory(context)),
                   ("0.0.0.0", ports.tunnel, None))
         for host, port, factory in wanted:
-            try:
-                sock = self._sockets.listener(netns, host, port)
-            except OSError as exc:
-                hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
-                raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
-                                   f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
+            key = listener_key(captured.pod.container_id, port)
+            sock = self._hold.take(key, netns.inode, port)
+            if sock is None:
+                try:
+                    sock = self._sockets.listener(netns, host, port)
+                except OSError as exc:
+                    hint = " (is the pod's loopback up?)" if exc.errno == errno.EADDRNOTAVAIL else ""
+                    raise CaptureError(CNI_IO_FAILURE, f"pod {captured.pod.key}: cannot listen on "
+                                       f"{host}:{port} in its netns: {exc.strerror}{hint}") from None
+                self._hold.register(key, sock)
+            captured.keys.append(key)
             if factory is None:
                 captured.servers.append(await serve_tunnel(proxies.tunnel, context, sock,
                                                            self._metrics))
             else:
-                captured.servers.append(await loop.create_server(factory, sock=sock))
+                captured.accepting.append((len(captured.servers), sock.dup(), factory))
+                server = await loop.create_server(factory, sock=sock)
+                if self._budget is not None and self._budget.exhausted:
+                    server.close()  # the budget is out: accepted once it is back
+                captured.servers.append(server)
 
     async def _release(self, captured: CapturedPod, remove_rules: bool = True,
                        forget: bool = True) -> None:
         for server in captured.servers:
             server.close()
+        for _, sock, _ in captured.accepting:
+            sock.close()
+        captured.accepting.clear()
         for relay in list(captured.context.relays):
             relay.abort()
         for session in list(captured.context.tunnels):
@@ -306,6 +439,7 @@ class PodManager:
         self._kernel_seen.pop(captured.pod.container_id, None)
         if forget:
             self._store.delete(captured.pod.container_id)
+            self._hold.release(captured.keys)
         self._telemetry.pod_removed(captured.pod.key.namespace, captured.pod.key.name)
 
     async def _in_netns(self, netns: NetNs, fn):  # type: ignore[no-untyped-def]

@@ -27,7 +27,8 @@ BPF_LAB_ROOT = Path("/sys/fs/bpf/pinion")
 
 class LabAgent:
     def __init__(self, lab: Lab, node: Node, redirect: str = "nftables",
-                 fail_policy: str = "closed", extra_args: Iterable[str] = ()) -> None:
+                 fail_policy: str = "closed", extra_args: Iterable[str] = (),
+                 keeper: bool = False, log_name: str = "agent.log") -> None:
         self.node = node
         self.redirect = redirect
         self.fail_policy = fail_policy
@@ -37,9 +38,12 @@ class LabAgent:
         self.cni_socket = self.dir / "cni.sock"
         self.state_dir = self.dir / "state"
         self.pending_dir = self.dir / "pending"
-        self.log_path = self.dir / "agent.log"
+        self.log_path = self.dir / log_name
         self.admin = (node.underlay_ip, ADMIN_PORT)
         self.process: subprocess.Popen[Any] | None = None
+        # the socket keeper, as the DaemonSet's keeper container: outlives agent restarts
+        self.keeper_socket = self.dir / "keeper.sock" if keeper else None
+        self.keeper: subprocess.Popen[Any] | None = None
         # eBPF pins of this lab's agents: in bpffs, outside the workdir; removed with the lab
         self.bpf_dir = BPF_LAB_ROOT / f"lab-{lab.run_id}"
         lab.on_close(f"bpf pins {self.bpf_dir}", lambda: shutil.rmtree(self.bpf_dir, ignore_errors=True))
@@ -57,9 +61,30 @@ class LabAgent:
                 "--pending-dir", str(self.pending_dir), "--redirect", self.redirect,
                 "--bpf-dir", str(self.bpf_dir),
                 # a lab's pods come and go in seconds: sweep every second, not every ten
-                "--sweep-interval-seconds", "1", *self.extra_args]
+                "--sweep-interval-seconds", "1",
+                *(["--keeper-socket", str(self.keeper_socket)] if self.keeper_socket else []),
+                *self.extra_args]
+
+    def start_keeper(self, timeout: float = 10.0) -> None:
+        """Start this node's socket keeper (once; it outlives the agent's restarts)."""
+        assert self.keeper_socket is not None
+        if self.keeper is not None and self.keeper.poll() is None:
+            return
+        log = open(self.dir / "keeper.log", "a")  # noqa: SIM115 - the child owns it after spawn
+        self.keeper = self.node.spawn([sys.executable, "-m", "agent", "keeper", "--socket",
+                                       str(self.keeper_socket)], stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=str(REPO))
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.keeper_socket.exists():
+            if self.keeper.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"keeper on {self.node.name} did not start: "
+                                   f"{(self.dir / 'keeper.log').read_text()[-2000:]}")
+            time.sleep(0.02)
 
     def start(self, wait: bool = True) -> LabAgent:
+        if self.keeper_socket is not None:
+            self.start_keeper()
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn
         self.process = self.node.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                        cwd=str(REPO))
@@ -148,7 +173,12 @@ def stop_agents(agents: Iterable[LabAgent], timeout: float = 15.0) -> None:
 
 
 class Metrics:
-    """Prometheus text parsed into samples; `value` sums the samples matching some labels."""
+    """Prometheus text parsed into samples; `value` sums the samples matching some labels.
+
+    Each relayed connection has two TCP series, as in Linkerd: the peer's side (inbound
+    peer="src", outbound peer="dst": these name the client or the destination) and the agent's
+    local hop to the pod (no_tls_reason="loopback"). Unless `peer` is asked for, a tcp_* sum
+    counts each connection once, from its peer's side."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -156,7 +186,9 @@ class Metrics:
                         for s in family.samples]
 
     def value(self, name: str, **labels: str) -> float:
+        local_too = not name.startswith("tcp_") or "peer" in labels
         return sum(s.value for s in self.samples if s.name == name
+                   and (local_too or s.labels.get("no_tls_reason") != "loopback")
                    and all(s.labels.get(k) == v for k, v in labels.items()))
 
 

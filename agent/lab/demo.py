@@ -463,15 +463,16 @@ def _conclude(metrics: dict[str, Metrics]) -> None:
             sample.labels.get("tls", "?")
             for node_metrics in metrics.values()
             for sample in node_metrics.samples
-            if sample.name == "tcp_open_total"
+            if sample.name == "tcp_open_total" and sample.labels.get("no_tls_reason") != "loopback"
         }
     )
     say("shown: every meshed pod's TCP, same node and across nodes, went through its")
     print("  node's agent; legacy stayed outside it; client-0 kept its source IP.")
     say("shown: per-pod golden metrics (success rate, latency) from the relayed bytes;")
-    print("  `pinion stat pods -A --agent <node>:4191` shows them live, like linkerd viz.")
+    print("  `pinion stat po -A --agent <node>:4191` shows them live, like linkerd viz.")
     say(f"tls labels on the agents' series: {', '.join(tls)}")
-    print('  (tls="true": through the mTLS tunnel, labelled with client_id / server_id)')
+    print('  (tls="true": through the mTLS tunnel, labelled with client_id / server_id;')
+    print('  tls="no_identity": plaintext, with Linkerd\'s no_tls_reason)')
 
 
 # ---------------------------------------------------------------- teardown

@@ -90,8 +90,11 @@ class AdminServer:
         self._open: dict[asyncio.StreamWriter, None] = {}  # insertion order: oldest first
 
     async def start(self) -> None:
+        # SO_REUSEPORT: during a rolling update the next agent on this node binds the same
+        # port while this one drains (the DaemonSet's maxSurge); either answers.
         self._server = await asyncio.start_server(self._serve, self._host, self._port,
-                                                  limit=self._limits.max_head_bytes)
+                                                  limit=self._limits.max_head_bytes,
+                                                  reuse_port=True)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -16,13 +16,32 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.core.telemetry import LATENCY_BUCKETS_MS, HttpCounters, PeerLabels, TcpLabels, Telemetry
+from agent.core.telemetry import (
+    LATENCY_BUCKETS_MS,
+    LOOPBACK,
+    NO_TLS_FROM_REMOTE,
+    NOT_PROVIDED_BY_SERVICE_DISCOVERY,
+    HttpCounters,
+    PeerLabels,
+    TcpCounters,
+    TcpLabels,
+    Telemetry,
+    workload_label,
+)
 
 _BOUNDS = [*(str(b) for b in LATENCY_BUCKETS_MS), "+Inf"]
 
 
 class TcpCollector(Collector):
-    """Renders Telemetry at scrape time; expires deleted pods' series first."""
+    """Renders Telemetry at scrape time; expires deleted pods' series first.
+
+    TCP series come in Linkerd's two kinds (linkerd2-proxy app/core/src/transport/labels.rs):
+    peer="src" is the connection the proxy accepted, peer="dst" the one it made. Pinion keeps
+    one set of counters per relayed pair, so a dst series is its src series seen from the
+    other socket: what the relay read from one side it wrote to the other (read and write
+    swap). Outbound, the destination (dst_*, server_id or no_tls_reason) labels the dst
+    series; the src side is the pod's own hop to the agent (tls="no_identity",
+    no_tls_reason="loopback"), as Linkerd's is. Inbound it is the other way round."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
@@ -30,34 +49,76 @@ class TcpCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         self._telemetry.refresh()
         self._telemetry.expire()
-        opened = CounterMetricFamily("tcp_open", "Connections opened")
-        current = GaugeMetricFamily("tcp_open_connections", "Connections open now")
-        read = CounterMetricFamily("tcp_read_bytes", "Bytes read from the peer")
-        wrote = CounterMetricFamily("tcp_write_bytes", "Bytes written to the peer")
-        closed = CounterMetricFamily("tcp_close", "Connections closed")
-        for labels, counters in self._telemetry.series():
-            values = tcp_label_values(labels)
+        opened = CounterMetricFamily("tcp_open", "Total count of opened connections")
+        current = GaugeMetricFamily("tcp_open_connections", "Number of currently-open connections")
+        read = CounterMetricFamily("tcp_read_bytes", "Total count of bytes read from peers")
+        wrote = CounterMetricFamily("tcp_write_bytes", "Total count of bytes written to peers")
+        closed = CounterMetricFamily("tcp_close", "Total count of closed connections")
+        for values, counters, swapped in _tcp_rows(self._telemetry):
+            read_bytes, write_bytes = counters.read_bytes, counters.write_bytes
+            if swapped:
+                read_bytes, write_bytes = write_bytes, read_bytes
             opened.add_sample("tcp_open_total", values, counters.open_total)
             current.add_sample("tcp_open_connections", values, counters.open_connections)
-            read.add_sample("tcp_read_bytes_total", values, counters.read_bytes)
-            wrote.add_sample("tcp_write_bytes_total", values, counters.write_bytes)
-            closed.add_sample("tcp_close_total", {**values, "classification": "success"},
-                              counters.close_success)
-            closed.add_sample("tcp_close_total", {**values, "classification": "failure"},
-                              counters.close_failure)
+            read.add_sample("tcp_read_bytes_total", values, read_bytes)
+            wrote.add_sample("tcp_write_bytes_total", values, write_bytes)
+            closed.add_sample("tcp_close_total", {**values, "errno": ""}, counters.close_success)
+            for errno_name, count in sorted((counters.close_errno or {}).items()):
+                closed.add_sample("tcp_close_total", {**values, "errno": errno_name}, count)
         yield from (opened, current, read, wrote, closed)
         yield from _http_families(self._telemetry)
 
 
+def _tcp_rows(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], TcpCounters, bool]]:
+    """(labels, counters, read/write swapped) per exposed series: each counted series once
+    with its peer's labels, and once more summed into its proxy-local side."""
+    local: dict[tuple[tuple[str, str], ...], TcpCounters] = {}
+    for labels, counters in telemetry.series():
+        peer_side = "src" if labels.direction == "inbound" else "dst"
+        yield _peer_side(labels, peer_side), counters, peer_side == "dst"
+        values = _own({"direction": labels.direction, "namespace": labels.namespace,
+                       "pod": labels.pod, "peer": "dst" if peer_side == "src" else "src",
+                       "tls": "no_identity", "no_tls_reason": LOOPBACK},
+                      labels.owner_kind, labels.owner_name)
+        key = tuple(values.items())
+        total = local.get(key)
+        if total is None:
+            total = local[key] = TcpCounters()
+        _add(total, counters)
+    for key, counters in local.items():
+        yield dict(key), counters, key[3][1] == "dst"  # ("peer", value) is the 4th label
+
+
+def _peer_side(labels: TcpLabels, peer: str) -> dict[str, str]:
+    return _with_peer(_own({"direction": labels.direction, "namespace": labels.namespace,
+                            "pod": labels.pod, "peer": peer}, labels.owner_kind, labels.owner_name),
+                      labels.peer_labels, labels.direction)
+
+
+def _add(total: TcpCounters, counters: TcpCounters) -> None:
+    total.open_total += counters.open_total
+    total.open_connections += counters.open_connections
+    total.read_bytes += counters.read_bytes
+    total.write_bytes += counters.write_bytes
+    total.close_success += counters.close_success
+    total.close_failure += counters.close_failure
+    for errno_name, count in (counters.close_errno or {}).items():
+        by_errno = total.close_errno if total.close_errno is not None else {}
+        by_errno[errno_name] = by_errno.get(errno_name, 0) + count
+        total.close_errno = by_errno
+
+
 def _http_families(telemetry: Telemetry) -> Iterator[Metric]:
-    requests = CounterMetricFamily("request", "HTTP requests started")
-    responses = CounterMetricFamily("response", "HTTP responses (or failures) by outcome")
-    latency = HistogramMetricFamily("response_latency_ms", "Time from request start to "
-                                    "response headers, in milliseconds")
+    requests = CounterMetricFamily("request", "Total count of HTTP requests")
+    responses = CounterMetricFamily("response", "Total count of HTTP responses")
+    latency = HistogramMetricFamily("response_latency_ms", "Elapsed times between a request's "
+                                    "headers being received and its response stream completing")
     for labels, counters in telemetry.http_series():
-        values = _with_peer(_own({"direction": labels.direction, "namespace": labels.namespace,
-                                  "pod": labels.pod}, labels.owner_kind, labels.owner_name),
-                            labels.peer_labels)
+        values = _own({"direction": labels.direction, "namespace": labels.namespace,
+                       "pod": labels.pod}, labels.owner_kind, labels.owner_name)
+        if labels.authority:
+            values["authority"] = labels.authority
+        values = _with_peer(values, labels.peer_labels, labels.direction)
         requests.add_sample("request_total", values, counters.requests)
         for (classification, status, grpc), count in sorted(counters.responses.items()):
             responses.add_sample("response_total", {**values, "classification": classification,
@@ -78,28 +139,53 @@ def _cumulative(counters: HttpCounters) -> list[tuple[str, float]]:
 
 
 def tcp_label_values(labels: TcpLabels) -> dict[str, str]:
-    return _with_peer(_own({"direction": labels.direction, "namespace": labels.namespace,
-                            "pod": labels.pod, "peer": labels.peer}, labels.owner_kind, labels.owner_name),
-                      labels.peer_labels)
+    """The labels of a series' peer side (inbound: peer="src"; outbound: peer="dst")."""
+    return _peer_side(labels, "src" if labels.direction == "inbound" else "dst")
 
 
 def _own(values: dict[str, str], kind: str, name: str) -> dict[str, str]:
-    """The pod's workload as Linkerd labels it: deployment="web" (nothing when unknown)."""
-    if kind and kind not in values:
-        values[kind] = name
+    """The pod's workload as Linkerd labels it: deployment="web", k8s_job="backup" (nothing
+    when unknown)."""
+    label = workload_label(kind)
+    if label and label not in values:
+        values[label] = name
     return values
 
 
-def _with_peer(values: dict[str, str], peer: PeerLabels) -> dict[str, str]:
-    """Add tls and whatever the mesh knows of the peer; unknown (empty) labels stay out."""
+def _with_peer(values: dict[str, str], peer: PeerLabels, direction: str) -> dict[str, str]:
+    """Add tls as Linkerd's proxy does — tls="true" with the peer's identity, or
+    tls="no_identity" with no_tls_reason — and what the mesh knows of the destination."""
     values["tls"] = peer.tls
+    if peer.tls != "true":
+        values["no_tls_reason"] = (NO_TLS_FROM_REMOTE if direction == "inbound"
+                                   else NOT_PROVIDED_BY_SERVICE_DISCOVERY)
     for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service"):
         value = getattr(peer, name)
         if value:
             values[name] = value
     if peer.dst_owner_kind:
-        values["dst_" + peer.dst_owner_kind] = peer.dst_owner_name
+        values["dst_" + workload_label(peer.dst_owner_kind)] = peer.dst_owner_name
     return values
+
+
+class PodStartCollector(Collector):
+    """process_start_time_seconds, as Linkerd's dashboards fill their variables from it
+    (`label_values(process_start_time_seconds{deployment!=""}, namespace)`): the agent's own
+    process (no pod labels: the scrape's target labels name it), and one series per served pod
+    — when this agent began serving it, the moment a Linkerd pod's proxy would have started —
+    with its namespace, pod and workload labels."""
+
+    def __init__(self, telemetry: Telemetry, process: ProcessCollector) -> None:
+        self._telemetry = telemetry
+        self._process = process
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._process.collect():
+            if family.name == "process_start_time_seconds":
+                for (namespace, pod), (kind, name, started) in self._telemetry.pods():
+                    family.add_sample("process_start_time_seconds",
+                                      _own({"namespace": namespace, "pod": pod}, kind, name), started)
+            yield family
 
 
 class IdentitySource(Protocol):
@@ -187,6 +273,24 @@ class AgentMetrics:
         self.relay_idle_resets = Counter("pinion_relay_idle_resets", "Relayed connections reset "
                                          "after no byte moved either way for their pod's idle "
                                          "timeout", registry=registry)
+        self.streams_moved = Counter("pinion_tunnel_streams_moved", "Outbound tunnel streams "
+                                     "the destination's agent refused (going away) or lost "
+                                     "before accepting, carried to a new connection",
+                                     registry=registry)
+        self.drain_resets = Counter("pinion_drain_resets", "Connections still open when a "
+                                    "drain (SIGTERM) ended, reset", registry=registry)
+        self.budget_pauses = Counter("pinion_connection_budget_exhausted", "Times the "
+                                   "agent's connection budget (--max-connections) ran out and "
+                                   "it stopped accepting until a quarter were done",
+                                   registry=registry)
+        self.accepting = Gauge("pinion_accepting", "1 while the agent accepts new connections, "
+                               "0 while its connection budget is out (backpressure)",
+                               registry=registry)
+        self.memory = Gauge("pinion_memory_bytes", "The agent's memory by part: cgroup_usage "
+                            "and cgroup_limit (0 = none; at 80 % it stops taking new "
+                            "connections), rss, relay_buffers and tunnel_buffers (bytes held "
+                            "for connections now); eBPF maps: pinion_ebpf_map_bytes",
+                            ("part",), registry=registry)
         self.state_damaged = Counter("pinion_state_files_damaged", "State files found damaged "
                                      "at start and set aside (renamed *.damaged)", ("store",),
                                      registry=registry)
@@ -202,5 +306,5 @@ def _tasks_alive() -> float:
 def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TcpCollector(telemetry))
-    ProcessCollector(registry=registry)
+    registry.register(PodStartCollector(telemetry, ProcessCollector(registry=None)))
     return registry, AgentMetrics(registry)

@@ -12,29 +12,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from agent.model import parse_duration
 from agent.viz import checks, render, scrape
-from agent.viz.edges import Edge, known_accounts, pod_edges, unknown_destinations
-from agent.viz.render import CHECK, CROSS, Column
+from agent.viz.edges import Edge, edges, pod_identities, short_identity
+from agent.viz.render import Column
+from agent.viz.resources import Resource, Row, Selection, owners_of, parse_resource, stat_rows
 from agent.viz.stats import (
     Golden,
     PodKey,
     Sample,
-    StatRow,
     busiest_first,
-    deployments_of,
     golden_by,
-    inbound_pod,
     merge_into,
     meshed_pods,
+    owner_name,
     pod_direction,
     pods_in,
-    stat_rows,
     window_deltas,
 )
 
 K = TypeVar("K", bound=Hashable)
 Sleep = Callable[[float], None]
-UNKNOWN_DESTINATION_NOTE = "note: DST - = no dst_* labels yet; known once the pod registry/tunnel is in"
 
 
 # --- flags ----------------------------------------------------------------------------------
@@ -53,10 +51,29 @@ def _positive(value: str) -> float:
     return number
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
+def _resource(value: str) -> Resource:
+    try:
+        return parse_resource(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _duration(value: str) -> float:
+    """10s, 1m, 1h (linkerd viz -t), 500ms; a bare number is seconds."""
+    try:
+        seconds = float(value[:-2]) / 1000 if value.endswith("ms") else parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration (10s, 1m, 1h): {value!r}") from exc
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return seconds
+
+
+def _common_flags(parser: argparse.ArgumentParser, wide: bool = False) -> None:
     parser.add_argument("--agent", action="append", type=_agent_flag, metavar="HOST:PORT",
                         help=f"an agent's admin endpoint; repeatable (default {scrape.DEFAULT_AGENT})")
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    parser.add_argument("-o", "--output", choices=("table", "json", "wide") if wide else ("table", "json"),
+                        default="table")
     parser.add_argument("--timeout", type=_positive, default=scrape.DEFAULT_TIMEOUT, metavar="S",
                         help=f"seconds to wait for each agent (default {scrape.DEFAULT_TIMEOUT:g})")
 
@@ -69,22 +86,40 @@ def _namespace_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_viz_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stat = sub.add_parser(
-        "stat", help="golden metrics per pod or deployment, like `linkerd viz stat`",
-        description="Success rate, requests/s and latency of the requests each pod SERVED "
-                    "(its inbound side, as `linkerd viz stat`), over --window seconds between "
-                    "two scrapes; TCP_CONN is inbound connections open now. Deployments are "
-                    "guessed from pod names (<name>-<hash>-<5 chars>) until agents export owners.")
-    stat.add_argument("resource", choices=("pods", "deployments"))
-    stat.add_argument("--window", type=_positive, default=10.0, metavar="SECONDS",
-                      help="seconds between the two scrapes (default 10)")
+        "stat", help="golden metrics per resource, like `linkerd viz stat`",
+        description="Success rate, responses/s and latency of what each resource SERVED (its "
+                    "inbound side, as `linkerd viz stat`), or with --to/--from of the requests "
+                    "between two resources (the client's outbound side), over a window between "
+                    "two scrapes of every agent. TCP_CONN: connections open now; -o wide adds "
+                    "TCP bytes/s. Pods of no known owner (standalone mode) are grouped into "
+                    "Deployments by their names (<name>-<hash>-<5 chars>).")
+    stat.add_argument("resource", type=_resource, metavar="TYPE[/NAME]",
+                      help="po, deploy, sts, ds, job, cj, ns or svc (or their long names), "
+                           "optionally /NAME")
+    window = stat.add_mutually_exclusive_group()
+    window.add_argument("-t", "--time-window", type=_duration, dest="window", metavar="DURATION",
+                        help="the window between the two scrapes: 10s, 1m, ... (default 10s)")
+    window.add_argument("--window", type=_positive, dest="window", metavar="SECONDS",
+                        help=argparse.SUPPRESS)
+    stat.set_defaults(window=10.0)
+    stat.add_argument("--to", type=_resource, metavar="TYPE/NAME",
+                      help="only requests to this resource (outbound stats of the resources)")
+    stat.add_argument("--to-namespace", metavar="NS", help="namespace of --to (default: -n's)")
+    stat.add_argument("--from", dest="from_", type=_resource, metavar="TYPE/NAME",
+                      help="only requests from this resource (outbound stats of it)")
+    stat.add_argument("--from-namespace", metavar="NS", help="namespace of --from (default: -n's)")
     _namespace_flags(stat)
-    _common_flags(stat)
+    _common_flags(stat, wide=True)
     stat.set_defaults(run=run_stat)
-    edges = sub.add_parser("edges", help="who talks to whom and whether it is mTLS, like "
-                                         "`linkerd viz edges`")
-    edges.add_argument("resource", choices=("pods",))
+    edges = sub.add_parser("edges", help="who talks to whom now and whether it is mTLS, like "
+                                         "`linkerd viz edges`",
+                           description="Pairs of resources with an outbound connection open now "
+                                       "(as `linkerd viz edges`): √ when mTLS, else why not. "
+                                       "-o wide adds the client and server identities.")
+    edges.add_argument("resource", type=_resource, metavar="TYPE",
+                       help="po, deploy, sts, ds, job or cj (or their long names)")
     _namespace_flags(edges)
-    _common_flags(edges)
+    _common_flags(edges, wide=True)
     edges.set_defaults(run=run_edges)
     _add_top_and_check(sub)
 
@@ -128,7 +163,6 @@ class WindowView(Generic[K]):
     golden: dict[K, Golden] = field(default_factory=dict)
     meshed: set[PodKey] = field(default_factory=set)
     seen: set[PodKey] = field(default_factory=set)
-    owners: dict[PodKey, str] = field(default_factory=dict)  # pod -> its Deployment, when known
     errors: list[str] = field(default_factory=list)
 
 
@@ -146,86 +180,117 @@ def window_view(before: Sequence[scrape.Scrape], after: Sequence[scrape.Scrape],
         merge_into(view.golden, golden_by(deltas, second.samples, elapsed, key))
         view.meshed |= meshed_pods(second.pods)
         view.seen |= pods_in(second.samples)
-        view.owners.update(deployments_of(second.samples, second.pods))
     return view
 
 
 # --- stat -----------------------------------------------------------------------------------
 
-def stat_table(rows: Sequence[StatRow], all_namespaces: bool) -> str:
-    columns = [Column("NAMESPACE", shrink=True)] if all_namespaces else []
-    columns += [Column("NAME", shrink=True), Column("MESHED"), Column("SUCCESS"), Column("RPS"),
-                Column("LATENCY_P50", "P50"), Column("LATENCY_P95", "P95"),
-                Column("LATENCY_P99", "P99"), Column("TCP_CONN")]
-    cells = [([row.namespace] if all_namespaces else [])
-             + [row.name, f"{row.meshed}/{row.total}", render.percent(row.golden.success_rate),
-                render.rate(row.golden.rps if row.golden.observed else None),
-                *(render.millis(row.golden.latency_ms(q)) for q in (0.5, 0.95, 0.99)),
-                render.count(row.golden.tcp_open_connections)]
-             for row in rows]
-    return render.render_table(columns, cells)
+def stat_table(rows: Sequence[Row], selection: Selection, all_namespaces: bool, wide: bool) -> str:
+    """As `linkerd viz stat` prints it: "-" across a row with no requests in the window."""
+    kind = selection.target.kind
+    headers = (["NAMESPACE"] if all_namespaces and kind != "namespace" else []) + ["NAME"]
+    headers += ["STATUS"] if kind == "pod" else []
+    headers += ["MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN"]
+    headers += ["READ_BYTES/SEC", "WRITE_BYTES/SEC"] if wide else []
+    cells = []
+    for row in rows:
+        line = ([row.namespace] if len(headers) > 1 and headers[0] == "NAMESPACE" else []) + [row.name]
+        line += [("Running" if row.running else "-")] if kind == "pod" else []
+        line.append("-" if kind == "service" else f"{row.meshed}/{row.total}")
+        golden = row.golden
+        if golden is None or not golden.responses:
+            line += ["-"] * (8 if wide else 6)
+        else:
+            line += [render.linkerd_percent(golden.success_rate), render.linkerd_rps(golden.response_rps),
+                     *(render.linkerd_millis(golden.latency_ms(q)) for q in (0.5, 0.95, 0.99)),
+                     f"{golden.tcp_open_connections:.0f}"]
+            if wide:
+                line += [render.linkerd_bytes(golden.read_bps), render.linkerd_bytes(golden.write_bps)]
+        cells.append(line)
+    return render.linkerd_table(headers, cells, left=2 if headers[0] == "NAMESPACE" else 1)
 
 
-def stat_json(rows: Sequence[StatRow], kind: str) -> str:
+def stat_json(rows: Sequence[Row], kind: str) -> str:
     """The shape of `linkerd viz stat -o json`: one object per row, null where unknown."""
-    return render.to_json([
-        {"namespace": row.namespace, "kind": kind, "name": row.name,
-         "meshed": f"{row.meshed}/{row.total}", "success": row.golden.success_rate,
-         "rps": row.golden.rps if row.golden.observed else None,
-         "latency_ms_p50": row.golden.latency_ms(0.5), "latency_ms_p95": row.golden.latency_ms(0.95),
-         "latency_ms_p99": row.golden.latency_ms(0.99),
-         "tcp_open_connections": int(row.golden.tcp_open_connections)} for row in rows])
+    out = []
+    for row in rows:
+        golden = row.golden if row.golden is not None and row.golden.responses else None
+        out.append({"namespace": row.namespace, "kind": kind, "name": row.name,
+                    "meshed": "-" if kind == "service" else f"{row.meshed}/{row.total}",
+                    "success": golden.success_rate if golden else None,
+                    "rps": golden.response_rps if golden else None,
+                    "latency_ms_p50": golden.latency_ms(0.5) if golden else None,
+                    "latency_ms_p95": golden.latency_ms(0.95) if golden else None,
+                    "latency_ms_p99": golden.latency_ms(0.99) if golden else None,
+                    "tcp_open_connections": int(golden.tcp_open_connections) if golden else None,
+                    "tcp_read_bytes_rate": golden.read_bps if golden else None,
+                    "tcp_write_bytes_rate": golden.write_bps if golden else None})
+    return render.to_json(out)
 
 
 def run_stat(args: argparse.Namespace, sleep: Sleep = time.sleep) -> int:
+    namespace = _namespace(args)
+    try:
+        selection = Selection(args.resource, namespace, args.to, args.from_,
+                              args.to_namespace or args.from_namespace)
+    except ValueError as exc:
+        print(f"pinion stat: {exc}", file=sys.stderr)
+        return 2
     agents = _agents(args)
     first = scrape.scrape_all(agents, args.timeout)
     sleep(args.window)
-    view = window_view(first, scrape.scrape_all(agents, args.timeout), inbound_pod)
-    rows = stat_rows(args.resource, view.golden, view.meshed, view.seen, _namespace(args), view.owners)
+    second = scrape.scrape_all(agents, args.timeout)
+    view = window_view(first, second, selection.key)
+    owners = owners_of([s for one in second for s in one.samples], [p for one in second for p in one.pods])
+    rows = stat_rows(selection, view.golden, view.meshed, view.seen, owners, owner_name)
     _report(view.errors, "stat")
     if args.output == "json":
-        sys.stdout.write(stat_json(rows, args.resource.removesuffix("s")))
+        sys.stdout.write(stat_json(rows, selection.target.kind))
     elif rows:
-        sys.stdout.write(stat_table(rows, args.all_namespaces))
+        sys.stdout.write(stat_table(rows, selection, args.all_namespaces, args.output == "wide"))
     else:
-        where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
-        print(f"No pods found in {where}.", file=sys.stderr)
+        print("No traffic found.", file=sys.stderr)
     return 1 if view.errors else 0
 
 
 # --- edges ----------------------------------------------------------------------------------
 
-def edges_table(edges: Sequence[Edge]) -> str:
-    columns = [Column("SRC", shrink=True), Column("DST", shrink=True), Column("SRC_NS", shrink=True),
-               Column("DST_NS", shrink=True), Column("SECURED")]
-    cells = [[e.src, e.dst or "-", e.src_namespace, e.dst_namespace or "-",
-              CHECK if e.secured else CROSS] for e in edges]
-    return render.render_table(columns, cells)
+def edges_table(found: Sequence[Edge], wide: bool) -> str:
+    """As `linkerd viz edges` prints it: every column left-aligned, √ when secured."""
+    headers = ["SRC", "DST", "SRC_NS", "DST_NS", *(["CLIENT_ID", "SERVER_ID"] if wide else []), "SECURED"]
+    rows = [[e.src, e.dst, e.src_namespace, e.dst_namespace,
+             *([short_identity(e.client_id) if e.client_id else "",
+                short_identity(e.server_id) if e.server_id else ""] if wide else []),
+             e.message if e.no_tls_reason else render.SQUARE_ROOT] for e in found]
+    return render.linkerd_table(headers, rows, left=len(headers))
 
 
-def edges_json(edges: Sequence[Edge]) -> str:
+def edges_json(found: Sequence[Edge]) -> str:
+    """The shape of `linkerd viz edges -o json`."""
     return render.to_json([
         {"src": e.src, "src_namespace": e.src_namespace, "dst": e.dst, "dst_namespace": e.dst_namespace,
-         "secured": e.secured, "tls": e.tls, "server_id": e.server_id, "client_id": e.client_id}
-        for e in edges])
+         "client_id": short_identity(e.client_id) if e.client_id else "",
+         "server_id": short_identity(e.server_id) if e.server_id else "",
+         "no_tls_reason": e.message if e.no_tls_reason else ""} for e in found])
 
 
 def run_edges(args: argparse.Namespace) -> int:
+    if args.resource.kind in ("namespace", "service") or args.resource.name is not None:
+        print(f"pinion edges: edges are between resources of one type (po, deploy, sts, ds, job, cj), "
+              f"not {args.resource}", file=sys.stderr)
+        return 2
     scrapes = scrape.scrape_all(_agents(args), args.timeout)
     errors = [s.error for s in scrapes if s.error is not None]
     samples = [sample for s in scrapes for sample in s.samples]
-    accounts = known_accounts(pod for s in scrapes for pod in s.pods)
-    edges = pod_edges(samples, accounts, _namespace(args))
+    identities = pod_identities(pod for s in scrapes for pod in s.pods)
+    found = edges(samples, args.resource.kind, _namespace(args), identities)
     _report(errors, "edges")
     if args.output == "json":
-        sys.stdout.write(edges_json(edges))
-    elif edges:
-        sys.stdout.write(edges_table(edges))
+        sys.stdout.write(edges_json(found))
+    elif found:
+        sys.stdout.write(edges_table(found, args.output == "wide"))
     else:
         print("No edges found.", file=sys.stderr)
-    if unknown_destinations(edges):
-        print(UNKNOWN_DESTINATION_NOTE, file=sys.stdout if args.output == "table" else sys.stderr)
     return 1 if errors else 0
 
 

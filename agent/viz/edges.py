@@ -1,57 +1,82 @@
-"""Who talks to whom, from the agents' series: outbound series name their destination with
-dst_* labels (and server_id) once the pod registry / mesh tunnel sets them; inbound series name
-the client identity with client_id. Without those labels only the sources are known, and an
-edge says so (destination None) instead of guessing. Pure: no I/O."""
+"""Who talks to whom right now, as `linkerd viz edges` finds it (linkerd2 viz/metrics-api
+edges.go): outbound connections open now (tcp_open_connections > 0, the peer="dst" side that
+names the destination), grouped by source and destination resource of one kind. An edge is
+secured when its connections carry no no_tls_reason; otherwise SECURED says why, in Linkerd's
+words. Pure: no I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from agent.viz.stats import INBOUND, OUTBOUND, Sample
+from agent.viz.resources import LABEL
+from agent.viz.stats import OUTBOUND, Sample
 
-_TRAFFIC = frozenset({"request_total", "response_total", "tcp_open_total"})
-_EdgeKey = tuple[str, str, str | None, str | None]   # src ns, src pod, dst, dst ns
+# linkerd2 viz/metrics-api edges.go formatMsg
+REASON_TEXT = {
+    "disabled": "Disabled",
+    "loopback": "Loopback",
+    "no_authority_in_http_request": "No Authority In HTTP Request",
+    "not_http": "Not HTTP",
+    "not_provided_by_remote": "Not Provided By Remote",
+    "not_provided_by_service_discovery": "Not Provided By Service Discovery",
+}
 
 
 @dataclass(frozen=True)
 class Edge:
     src: str
     src_namespace: str
-    dst: str | None           # None: the series do not say (no dst_* labels yet)
-    dst_namespace: str | None
-    tls: str                  # the tls label values seen, comma-joined ("true", "disabled", ...)
-    server_id: str | None = None
-    client_id: str | None = None
+    dst: str
+    dst_namespace: str
+    client_id: str = ""   # the source pod's identity, when an agent lists it
+    server_id: str = ""
+    no_tls_reason: str = ""
 
     @property
     def secured(self) -> bool:
-        return self.tls == "true"
+        return not self.no_tls_reason
+
+    @property
+    def message(self) -> str:
+        """Linkerd's SECURED text for an edge that is not ("" when it is)."""
+        reason = self.no_tls_reason
+        return REASON_TEXT.get(reason) or reason.replace("_", " ").title()
 
 
-def _destination(labels: Mapping[str, str]) -> tuple[str | None, str | None]:
-    if labels.get("dst_pod"):
-        return labels["dst_pod"], labels.get("dst_namespace") or None
-    if labels.get("dst_service"):
-        return f"svc/{labels['dst_service']}", labels.get("dst_namespace") or None
-    return None, None
-
-
-def _outbound(samples: Iterable[Sample]) -> dict[_EdgeKey, list[Mapping[str, str]]]:
-    grouped: dict[_EdgeKey, list[Mapping[str, str]]] = {}
+def edges(samples: Iterable[Sample], kind: str, namespace: str | None,
+          identities: Mapping[tuple[str, str], str]) -> list[Edge]:
+    """One edge per (source, destination) with a connection open now; `identities` maps
+    (namespace, pod) to the pod's SPIFFE ID. With `namespace`, edges touching it only. Sorted
+    as Linkerd sorts them: by source namespace + destination namespace + source + destination."""
+    label = LABEL[kind]
+    found: dict[tuple[str, str, str, str], Edge] = {}
     for sample in samples:
         labels = sample.labels
-        if sample.name in _TRAFFIC and labels.get("direction") == OUTBOUND and labels.get("pod"):
-            dst, dst_namespace = _destination(labels)
-            key = (labels.get("namespace", ""), labels["pod"], dst, dst_namespace)
-            grouped.setdefault(key, []).append(labels)
-    return grouped
+        if (sample.name != "tcp_open_connections" or labels.get("direction") != OUTBOUND
+                or labels.get("peer") != "dst" or sample.value <= 0):
+            continue
+        src, dst = labels.get(label, ""), labels.get("dst_" + label, "")
+        src_ns, dst_ns = labels.get("namespace", ""), labels.get("dst_namespace", "")
+        if not src or (namespace is not None and namespace not in (src_ns, dst_ns)):
+            continue
+        key = (src, src_ns, dst, dst_ns)
+        if key not in found:
+            found[key] = Edge(src, src_ns, dst, dst_ns,
+                              client_id=identities.get((src_ns, labels.get("pod", "")), ""),
+                              server_id=labels.get("server_id", ""),
+                              no_tls_reason=labels.get("no_tls_reason", ""))
+    return sorted(found.values(), key=lambda e: e.src_namespace + e.dst_namespace + e.src + e.dst)
 
 
-def _joined(values: Iterable[str | None]) -> str | None:
-    present = sorted({value for value in values if value})
-    return ",".join(present) if present else None
+def short_identity(identity: str) -> str:
+    """What linkerd viz edges -o wide prints of an identity: Linkerd's
+    sa.ns.serviceaccount.identity... becomes "sa.ns"; a SPIFFE ID spiffe://td/ns/NS/sa/SA too."""
+    account = spiffe_namespace_account(identity)
+    if account is not None:
+        return f"{account[1]}.{account[0]}"
+    parts = identity.split(".")
+    return ".".join(parts[:2]) if len(parts) >= 2 else identity
 
 
 def spiffe_namespace_account(identity: str) -> tuple[str, str] | None:
@@ -62,51 +87,9 @@ def spiffe_namespace_account(identity: str) -> tuple[str, str] | None:
     return None
 
 
-def _inbound_from_unknown_clients(samples: Iterable[Sample],
-                                  accounts: AbstractSet[tuple[str, str]]) -> list[Edge]:
-    """Edges seen only from the server side: an inbound client_id whose service account no
-    scraped pod runs as (its source's outbound series are not in these scrapes)."""
-    grouped: dict[tuple[str, str, str], set[str]] = {}
-    for sample in samples:
-        labels = sample.labels
-        client = labels.get("client_id")
-        if (sample.name not in _TRAFFIC or labels.get("direction") != INBOUND or not client
-                or not labels.get("pod")):
-            continue
-        account = spiffe_namespace_account(client)
-        if account is not None and account in accounts:
-            continue
-        grouped.setdefault((client, labels.get("namespace", ""), labels["pod"]), set()).add(
-            labels.get("tls", ""))
-    edges = []
-    for (client, namespace, pod), tls in sorted(grouped.items()):
-        account = spiffe_namespace_account(client)
-        src, src_namespace = (f"sa/{account[1]}", account[0]) if account else (client, "-")
-        edges.append(Edge(src, src_namespace, pod, namespace, ",".join(sorted(tls)), client_id=client))
-    return edges
-
-
-def pod_edges(samples: Iterable[Sample], accounts: AbstractSet[tuple[str, str]] = frozenset(),
-              namespace: str | None = None) -> list[Edge]:
-    """One edge per (source pod, destination); `accounts` are the (namespace, service
-    account) pairs of the scraped agents' pods. With `namespace`, edges touching it only."""
-    materialized = list(samples)
-    edges = [Edge(src, src_ns, dst, dst_ns, ",".join(sorted({s.get("tls", "") for s in series})),
-                  server_id=_joined(s.get("server_id") for s in series))
-             for (src_ns, src, dst, dst_ns), series in sorted(
-                 _outbound(materialized).items(), key=lambda item: tuple(v or "" for v in item[0]))]
-    edges += _inbound_from_unknown_clients(materialized, accounts)
-    if namespace is None:
-        return edges
-    return [edge for edge in edges if namespace in (edge.src_namespace, edge.dst_namespace)]
-
-
-def known_accounts(entries: Iterable[Mapping[str, object]]) -> set[tuple[str, str]]:
-    """(namespace, serviceAccount) of the pods agents list on GET /pods."""
-    return {(str(entry.get("namespace", "")), str(entry["serviceAccount"]))
-            for entry in entries if entry.get("serviceAccount")}
-
-
-def unknown_destinations(edges: Iterable[Edge]) -> bool:
-    return any(edge.dst is None for edge in edges)
-
+def pod_identities(entries: Iterable[Mapping[str, object]], trust_domain: str = "cluster.local") -> dict[
+        tuple[str, str], str]:
+    """(namespace, pod) -> SPIFFE ID, from the service accounts agents list on GET /pods."""
+    return {(str(entry.get("namespace", "")), str(entry["name"])):
+            f"spiffe://{trust_domain}/ns/{entry.get('namespace', '')}/sa/{entry['serviceAccount']}"
+            for entry in entries if entry.get("name") and entry.get("serviceAccount")}

@@ -7,6 +7,7 @@ an ellipsis, widest first. Pure: returns strings."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,3 +93,43 @@ def to_json(document: Any) -> str:
 
 def section(title: str) -> str:
     return f"{title}\n{'-' * len(title)}\n"
+
+
+# --- `linkerd viz` formats (viz/cmd/stat.go, edges.go) ----------------------------------------
+
+LINKERD_PADDING = 3
+SQUARE_ROOT = "√"  # linkerd viz edges' SECURED mark
+
+
+def linkerd_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A table as linkerd viz prints it (Go's tabwriter, AlignRight, padding 3, the leading
+    padding stripped): the first `left` columns (names) left-aligned, the others right-aligned,
+    every column at least three spaces from the one before."""
+    widths = [max(len(cell) for cell in cells) for cells in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = []
+        for index, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+            text = cell.ljust(width) if index < left else cell.rjust(width)
+            parts.append(text if index == 0 else " " * LINKERD_PADDING + text)
+        return "".join(parts)  # a left-aligned last column keeps its padding, as tabwriter's
+
+    return "".join(line(cells) + "\n" for cells in [headers, *rows])
+
+
+def linkerd_percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.2f}%"
+
+
+def linkerd_rps(per_second: float) -> str:
+    return f"{per_second:.1f}rps"
+
+
+def linkerd_millis(value: float | None) -> str:
+    """Whole milliseconds, rounded half away from zero (Go's math.Round); 0 when undefined,
+    as linkerd's metrics API reports a NaN quantile."""
+    return f"{math.floor(value + 0.5) if value is not None and value >= 0 else 0}ms"
+
+
+def linkerd_bytes(per_second: float) -> str:
+    return f"{per_second:.1f}B/s"

@@ -8,14 +8,16 @@ import math
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 REQUESTS = "request_total"
 RESPONSES = "response_total"
 LATENCY_BUCKETS = "response_latency_ms_bucket"
 TCP_OPEN_CONNECTIONS = "tcp_open_connections"
 INBOUND, OUTBOUND = "inbound", "outbound"
-_COUNTERS_IN_WINDOW = frozenset({REQUESTS, RESPONSES, LATENCY_BUCKETS})
+LOOPBACK = "loopback"  # no_tls_reason of the agent's own hop to the pod (TCP peer="dst" inbound)
+READ_BYTES, WRITE_BYTES = "tcp_read_bytes_total", "tcp_write_bytes_total"
+_COUNTERS_IN_WINDOW = frozenset({REQUESTS, RESPONSES, LATENCY_BUCKETS, READ_BYTES, WRITE_BYTES})
 
 K = TypeVar("K", bound=Hashable)
 
@@ -129,10 +131,16 @@ class Golden:
     buckets: dict[float, float] = field(default_factory=dict)
     tcp_open_connections: float = 0.0
     observed: bool = False     # some request/response/latency series was in the window
+    response_rps: float = 0.0  # responses per second: what `linkerd viz stat` calls RPS
+    read_bps: float = 0.0      # TCP bytes per second read from / written to the peers
+    write_bps: float = 0.0
 
     def merge(self, other: Golden) -> None:
         self.observed = self.observed or other.observed
         self.rps += other.rps
+        self.response_rps += other.response_rps
+        self.read_bps += other.read_bps
+        self.write_bps += other.write_bps
         self.successes += other.successes
         self.responses += other.responses
         self.tcp_open_connections += other.tcp_open_connections
@@ -149,11 +157,18 @@ class Golden:
 
 
 def _add_window_sample(golden: Golden, sample: Sample, elapsed: float) -> None:
+    if sample.name == READ_BYTES:
+        golden.read_bps += sample.value / elapsed
+        return
+    if sample.name == WRITE_BYTES:
+        golden.write_bps += sample.value / elapsed
+        return
     golden.observed = True
     if sample.name == REQUESTS:
         golden.rps += sample.value / elapsed
     elif sample.name == RESPONSES:
         golden.responses += sample.value
+        golden.response_rps += sample.value / elapsed
         if sample.labels.get("classification") == "success":
             golden.successes += sample.value
     elif sample.name == LATENCY_BUCKETS and "le" in sample.labels:
@@ -171,8 +186,9 @@ def golden_by(deltas: Iterable[Sample], current: Iterable[Sample], elapsed: floa
     for sample in deltas:
         if (found := key(sample)) is not None:
             _add_window_sample(result.setdefault(found, Golden()), sample, elapsed)
-    for sample in current:
-        if sample.name == TCP_OPEN_CONNECTIONS and (found := key(sample)) is not None:
+    for sample in current:  # each connection once: its peer's side, not the local hop
+        if (sample.name == TCP_OPEN_CONNECTIONS and sample.labels.get("no_tls_reason") != LOOPBACK
+                and (found := key(sample)) is not None):
             result.setdefault(found, Golden()).tcp_open_connections += sample.value
     return result
 
@@ -180,11 +196,6 @@ def golden_by(deltas: Iterable[Sample], current: Iterable[Sample], elapsed: floa
 def pod_of(sample: Sample) -> PodKey | None:
     namespace, pod = sample.labels.get("namespace"), sample.labels.get("pod")
     return PodKey(namespace, pod) if namespace is not None and pod else None
-
-
-def inbound_pod(sample: Sample) -> PodKey | None:
-    """Key for `stat`: a pod's inbound side (requests the pod served), as `linkerd viz stat`."""
-    return pod_of(sample) if sample.labels.get("direction") == INBOUND else None
 
 
 def pod_direction(sample: Sample) -> tuple[str, str, str] | None:
@@ -208,40 +219,10 @@ _DEPLOYMENT_POD = re.compile(rf"^(?P<owner>.+)-{_SAFE}{{6,10}}-{_SAFE}{{5}}$")
 
 def owner_name(pod: str) -> str:
     """The Deployment a pod belongs to, guessed from its name; a pod without that shape
-    (StatefulSet, DaemonSet, bare pod) is its own owner. Used when the agent does not know
-    (standalone mode); in Kubernetes mode the `deployment` label says it."""
+    (StatefulSet, DaemonSet, bare pod) is its own owner. Used for pods of no known owner
+    (standalone mode); in Kubernetes mode the workload labels say it."""
     match = _DEPLOYMENT_POD.match(pod)
     return match.group("owner") if match else pod
-
-
-@dataclass
-class StatRow:
-    namespace: str
-    name: str
-    meshed: int
-    total: int
-    golden: Golden
-
-
-def stat_rows(resource: str, golden: Mapping[PodKey, Golden], meshed: set[PodKey],
-              seen: set[PodKey], namespace: str | None,
-              owners: Mapping[PodKey, str] | None = None) -> list[StatRow]:
-    """One row per pod (resource "pods") or per Deployment ("deployments": the agents'
-    `deployment` label, else guessed from the pod name) among every pod an agent meshes or
-    has series for, optionally in one namespace only."""
-    rows: dict[tuple[str, str], StatRow] = {}
-    owners = owners or {}
-    for pod in sorted(meshed | seen | set(golden)):
-        if namespace is not None and pod.namespace != namespace:
-            continue
-        name = pod.name
-        if resource == "deployments":
-            name = owners.get(pod) or owner_name(pod.name)
-        row = rows.setdefault((pod.namespace, name), StatRow(pod.namespace, name, 0, 0, Golden()))
-        row.total += 1
-        row.meshed += pod in meshed
-        row.golden.merge(golden.get(pod, Golden()))
-    return [rows[key] for key in sorted(rows)]
 
 
 def busiest_first(golden: Mapping[K, Golden]) -> list[tuple[K, Golden]]:
@@ -250,17 +231,6 @@ def busiest_first(golden: Mapping[K, Golden]) -> list[tuple[K, Golden]]:
 
 def pods_in(samples: Iterable[Sample]) -> set[PodKey]:
     return {pod for sample in samples if (pod := pod_of(sample)) is not None}
-
-
-def deployments_of(samples: Iterable[Sample], entries: Iterable[Mapping[str, Any]]) -> dict[PodKey, str]:
-    """Pod -> Deployment, from the `deployment` label of series and the owner in GET /pods."""
-    owners = {pod: sample.labels["deployment"] for sample in samples
-              if sample.labels.get("deployment") and (pod := pod_of(sample)) is not None}
-    for entry in entries:
-        owner = entry.get("owner")
-        if isinstance(owner, dict) and owner.get("kind") == "deployment" and entry.get("name"):
-            owners[PodKey(str(entry.get("namespace", "")), str(entry["name"]))] = str(owner.get("name"))
-    return owners
 
 
 def meshed_pods(entries: Iterable[Mapping[str, object]]) -> set[PodKey]:

@@ -147,13 +147,14 @@ after_capture = pytest.mark.parametrize("backend", ["nftables"])
 
 @contextlib.contextmanager
 def running_mesh(backend: str, extra_args: Sequence[str] = (),
-                 identity_dir: Path | None = None) -> Iterator[Mesh]:
+                 identity_dir: Path | None = None, keeper: bool = False) -> Iterator[Mesh]:
     """Two lab nodes with an agent each (`extra_args` added); all removed afterwards."""
     agents: list[LabAgent] = []
     lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
     mesh = Mesh(lab, agents, identity_dir=identity_dir)
     try:
-        agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args) for node in lab.nodes]
+        agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args, keeper=keeper)
+                   for node in lab.nodes]
         start_agents(agents)
         for agent in agents:
             if backend == "ebpf":  # a fallback to netfilter must not pass for eBPF

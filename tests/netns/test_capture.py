@@ -44,7 +44,7 @@ def test_outbound_goes_through_the_agent_and_keeps_the_pods_source_ip(mesh: Mesh
     assert metrics.value("tcp_read_bytes_total", direction="outbound", pod="client") > 0
     assert metrics.value("tcp_write_bytes_total", direction="outbound", pod="client") > 0
     assert eventually(lambda: mesh.agents[0].metrics().value(
-        "tcp_close_total", pod="client", classification="success") == 1)
+        "tcp_close_total", pod="client", errno="") == 1)
     assert mesh.agents[1].metrics().value("tcp_open_total") == 0  # legacy is not meshed
 
 
@@ -71,7 +71,9 @@ def test_meshed_to_meshed_across_nodes_is_counted_on_both_agents(mesh: Mesh) -> 
     out, inb = mesh.agents[0].metrics(), mesh.agents[1].metrics()
     assert out.value("tcp_open_total", direction="outbound", pod="client") == 3
     assert inb.value("tcp_open_total", direction="inbound", pod="web") == 3
-    assert out.value("tcp_write_bytes_total", pod="client") >= 10000
+    # the responses: read from web's side (peer="dst"), written to the client's app ("src")
+    assert out.value("tcp_read_bytes_total", pod="client") >= 10000
+    assert out.value("tcp_write_bytes_total", pod="client", peer="src") >= 10000
     assert inb.value("tcp_write_bytes_total", pod="web") >= 10000
 
 
@@ -143,7 +145,7 @@ def test_half_close_is_forwarded(mesh: Mesh) -> None:
     result = client.run([sys.executable, "-c", script, server.ip])
 
     assert result.stdout.strip() == "got 100000 bytes"
-    assert eventually(lambda: [agent.metrics().value("tcp_close_total", classification="success")
+    assert eventually(lambda: [agent.metrics().value("tcp_close_total", errno="")
                                 for agent in mesh.agents] == [1, 1])
 
 
@@ -163,7 +165,7 @@ def test_a_reset_upstream_becomes_a_reset_downstream(mesh: Mesh) -> None:
 
     assert client.run([sys.executable, "-c", script, server.ip]).stdout.strip() == "reset"
     assert eventually(lambda: mesh.agents[0].metrics().value(
-        "tcp_close_total", classification="failure") == 1)
+        "tcp_close_total", errno="ECONNRESET") == 1)
 
 
 # Relaying, once captured: one backend (conftest.after_capture).
@@ -179,7 +181,7 @@ def test_a_refused_upstream_is_refused_to_the_client(mesh: Mesh) -> None:
     metrics = mesh.agents[0].metrics()
     assert metrics.value("pinion_proxy_errors_total", reason="econnrefused") == 1
     assert eventually(lambda: mesh.agents[0].metrics().value(
-        "tcp_close_total", classification="failure") == 1)
+        "tcp_close_total", errno="ECONNREFUSED") == 1)
 
 
 # Relaying, once captured: one backend; its pods' names are its own and it counts nothing

@@ -78,7 +78,7 @@ def test_demo_counts_every_meshed_pod_and_removes_its_lab(redirect: str) -> None
 
     assert "counts match curl" in output
     assert "appears 0 times: TLS on the wire" in output  # meshed pods' bytes crossed as TLS
-    assert "tls labels on the agents' series: disabled, true" in output
+    assert "tls labels on the agents' series: no_identity, true" in output
     assert "cleaned up: no namespaces left" in output
     prefix = _namespace_prefix(output)
     assert [name for name in _namespaces() if name.startswith(prefix)] == []

@@ -126,7 +126,7 @@ def test_http1_known_mix_is_counted_exactly_on_both_agents(mesh: Mesh) -> None:
     for agent, direction, pod in [(0, "outbound", client.name), (1, "inbound", web.name)]:
         metrics = mesh.agents[agent].metrics()
         assert metrics.value("tcp_open_total", direction=direction, pod=pod) == 4
-        assert metrics.value("request_total", direction=direction, pod=pod, tls="disabled") == 100
+        assert metrics.value("request_total", direction=direction, pod=pod, tls="no_identity") == 100
 
 
 def test_http1_4xx_is_a_success(mesh: Mesh) -> None:

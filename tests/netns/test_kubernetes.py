@@ -7,10 +7,12 @@ before the runtime calls CNI ADD, and its status.podIP is written after."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +23,10 @@ from typing import Any
 import pytest
 
 from agent.identity.files import init_identity_dir
+from agent.inpod.errors import CNI_TRY_AGAIN_LATER
 from agent.lab.agents import LabAgent, node_socket
 from agent.lab.capture import UnderlayCapture
+from agent.lab.cni import CniError
 from agent.lab.topology import Lab, Pod
 from tests.netns.conftest import REPO, eventually
 from tests.support.kubeapi import FakeApiServer
@@ -55,11 +59,22 @@ class Cluster:
         its IP in the status, as kubelet would."""
         obj = self.api.apply(pod_object(name, namespace, self.lab.nodes[node].name, labels, annotations,
                                         deployment))
-        uid = obj["metadata"]["uid"]
-        pod = self.lab.add_pod(self.lab.nodes[node], name, namespace, args={"K8S_POD_UID": uid})
+        pod = self.sandbox(node, name, namespace, obj["metadata"]["uid"])
         obj["status"] = {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
         self.objects[f"{namespace}/{name}"] = self.api.apply(obj)
         return pod
+
+    def sandbox(self, node: int, name: str, namespace: str, uid: str) -> Pod:
+        """The pod's sandbox through CNI. As kubelet, retry while the agent answers "try again
+        later": its watch has not brought the pod object yet (a loaded machine)."""
+        for attempt in range(10):
+            try:
+                return self.lab.add_pod(self.lab.nodes[node], name, namespace, args={"K8S_POD_UID": uid})
+            except CniError as exc:
+                if exc.code != CNI_TRY_AGAIN_LATER or attempt == 9:
+                    raise
+                time.sleep(0.3)
+        raise AssertionError("unreachable")
 
     def relabel(self, pod: Pod, labels: dict[str, str]) -> None:
         obj = self.objects[f"{pod.namespace}/{pod.name}"]
@@ -131,14 +146,18 @@ def kubernetes_cluster(tmp_path: Path, backend: str = "nftables", issuer: bool =
             agent.start()
         yield cluster
     finally:
-        for agent in agents:
-            agent.stop()
-            print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
-        if issuer_log.exists():
-            print(f"--- issuer log ---\n{issuer_log.read_text()[-4000:]}")
-        lab.close()
-        if api is not None:
-            api.stop()
+        try:
+            for agent in agents:
+                agent.stop()
+            with contextlib.suppress(OSError):  # a closed stdout must not leak the lab
+                for agent in agents:
+                    print(f"--- agent {agent.node.name} log ---\n{agent.log()[-4000:]}")
+                if issuer_log.exists():
+                    print(f"--- issuer log ---\n{issuer_log.read_text()[-4000:]}")
+        finally:
+            lab.close()
+            if api is not None:
+                api.stop()
 
 
 def start_issuer(lab: Lab, api: FakeApiServer, identity: Path, log_path: Path) -> None:
@@ -259,7 +278,7 @@ def test_the_mesh_is_decided_by_the_registry_not_by_probing(cluster: Cluster, tm
 
     metrics = cluster.agents[0].metrics()
     assert metrics.value("request_total", direction="outbound", namespace="shop", pod="client",
-                         deployment="front", tls="disabled", dst_pod="old", dst_namespace="legacy",
+                         deployment="front", tls="no_identity", dst_pod="old", dst_namespace="legacy",
                          dst_deployment="web") == 1
 
 

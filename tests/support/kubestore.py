@@ -65,6 +65,7 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", True),
     Resource("apps", "v1", "DaemonSet", "daemonsets", True, short_names=("ds",)),
     Resource("apps", "v1", "Deployment", "deployments", True, short_names=("deploy",)),
+    Resource("batch", "v1", "Job", "jobs", True),
     Resource("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", True, short_names=("netpol",)),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),
     Resource("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", False),

@@ -9,6 +9,7 @@ import pytest
 from agent.controlplane.cluster.objects import (
     NamespaceRecord,
     Owner,
+    project_job,
     project_namespace,
     project_pod,
     project_service,
@@ -210,3 +211,34 @@ def test_headless_services_and_ipv6_slices_are_not_kept() -> None:
     ipv6 = slice_object("web-v6", "web", [("fd00::1", True)], 8080)
     ipv6["addressType"] = "IPv6"
     assert project_slice(ipv6) is None
+
+
+def job_object(name: str, cronjob: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "shop"}
+    if cronjob:
+        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "CronJob", "name": cronjob,
+                                    "uid": "x", "controller": True}]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta}
+
+
+def test_a_cronjobs_pods_are_the_cronjobs_as_linkerd_labels_them_and_other_jobs_stay_jobs() -> None:
+    state = cluster()
+    assert project_job(job_object("backup", None)) is None  # only CronJobs' Jobs are kept
+    made = project_job(job_object("nightly-29000000", "nightly"))
+    assert made is not None
+    state.upsert_job(made)
+    nightly = record("nightly-29000000-x7k2p", "10.42.1.9", owner=("Job", "nightly-29000000"))
+    backup = record("backup-q7w2z", "10.42.1.10", owner=("Job", "backup"))
+    for pod in (nightly, backup):
+        state.upsert_pod(pod)
+
+    assert state.owner(nightly) == Owner("cronjob", "nightly")
+    assert state.owner(backup) == Owner("job", "backup")
+    assert state.route(("10.42.1.9", 8080)).labels.dst_owner_kind == "cronjob"
+    announced = Pod(PodKey("shop", nightly.name), "uid", "c", "/netns", ("10.42.1.9",))
+    assert apply_record(announced, nightly, state.owner(nightly)).owner_kind == "cronjob"
+    to_backup = state.route(("10.42.1.10", 80)).labels
+    values = tcp_label_values(TcpLabels("outbound", "shop", "front-1", to_backup))
+    assert values["dst_k8s_job"] == "backup"
+    state.delete_job(made.key)
+    assert state.owner(nightly) == Owner("job", "nightly-29000000")

@@ -61,9 +61,25 @@ def ignored(path: str) -> bool:
                for pattern in dockerignore() for prefix in prefixes)
 
 
-def test_two_stages_both_on_bookworm_slim() -> None:
+def test_builder_and_runtime_on_bookworm_slim_then_one_layer_from_scratch() -> None:
     froms = [args for name, args in instructions() if name == "FROM"]
-    assert froms == [f"{BASE} AS builder", BASE]
+    assert froms == [f"{BASE} AS builder", f"{BASE} AS runtime", "scratch"]
+    assert stages()[2][1] == ("COPY", "--from=runtime / /")
+
+
+def test_the_purge_keeps_what_the_agent_loads_and_then_tries_it() -> None:
+    runtime = stages()[1]
+    unused = next(args for name, args in runtime if name == "ARG" and args.startswith("UNUSED="))
+    purged = set(shlex.split(unused.removeprefix("UNUSED="))[0].split())
+    purge = next(args for name, args in runtime if name == "RUN" and "dpkg --purge" in args)
+    purged |= {"debconf", "init-system-helpers", "perl-base", "tar", "diffutils"}
+    assert "debconf init-system-helpers perl-base tar diffutils" in purge
+    for kept in (*RUNTIME_PACKAGES, "dpkg", "libc6", "libc-bin", "dash", "coreutils", "libssl3",
+                 "libelf1", "libmnl0", "libnftnl11", "libxtables12", "libip4tc2", "zlib1g"):
+        assert kept not in purged, kept
+    for check in ("import ctypes, importlib, pkgutil, agent, iptc", "libbpf.so.1", "libnftables.so.1",
+                  "ip -V", "nft --version", "iptables -V", "pinion --help"):
+        assert check in purge, check
 
 
 def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
@@ -95,7 +111,7 @@ def test_copies_between_stages_name_a_stage() -> None:
 
 
 def test_the_runtime_stage_has_what_the_agent_loads_and_no_compiler() -> None:
-    builder, runtime = stages()
+    builder, runtime, _ = stages()
     assert apt_packages(runtime) >= RUNTIME_PACKAGES
     assert not {p for p in apt_packages(runtime) if COMPILERS.search(p)}
     assert {"clang", "libbpf-dev", "python3-venv"} <= apt_packages(builder)
@@ -111,9 +127,9 @@ def test_the_bpf_object_is_built_with_the_makefiles_flags_for_the_targets_multia
 
 
 def test_the_paths_the_manifests_use_are_where_the_image_puts_things() -> None:
-    builder, runtime = stages()
+    builder, runtime, final = stages()
     build = " ".join(args for name, args in builder if name == "RUN")
-    env = " ".join(args for name, args in runtime if name == "ENV")
+    env = " ".join(args for name, args in final if name == "ENV")
     bpf_object = re.search(r"PINION_BPF_OBJECT=(\S+)", env).group(1)
     assert f"-o {bpf_object}" in build
     daemonset = next(d for d in yaml.safe_load_all((REPO / "deploy/daemonset.yaml").read_text())
@@ -130,7 +146,15 @@ def test_the_paths_the_manifests_use_are_where_the_image_puts_things() -> None:
 def test_the_manifests_run_pinion_from_the_venv_on_path(command: str) -> None:
     documents = [d for path in (REPO / "deploy").glob("*.yaml") for d in yaml.safe_load_all(path.read_text())
                  if d and d["kind"] in ("DaemonSet", "Deployment")]
-    commands = {c["command"][1] for d in documents for c in d["spec"]["template"]["spec"]["containers"]}
-    assert command in commands
-    assert {c["command"][0] for d in documents
-            for c in d["spec"]["template"]["spec"]["containers"]} == {"pinion"}
+    containers = [c for d in documents for c in d["spec"]["template"]["spec"]["containers"]]
+    assert command in {c["command"][1] for c in containers if c["command"][0] == "pinion"}
+    assert {c["command"][0] for c in containers} == {"pinion", "pinion-keeper"}
+
+
+def test_the_keeper_binary_is_built_into_the_image_on_path() -> None:
+    """deploy/keeper.yaml runs `pinion-keeper` (keeper/keeper.c): built in the builder stage
+    into /opt/pinion/bin, which the runtime's PATH holds."""
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "-o /opt/pinion/bin/pinion-keeper keeper/keeper.c" in text
+    assert "COPY keeper/ keeper/" in text
+    assert re.search(r"ENV PATH=[^\n]*/opt/pinion/bin", text)

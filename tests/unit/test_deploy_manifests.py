@@ -151,8 +151,10 @@ def test_each_workload_runs_as_a_service_account_of_rbac_yaml(objects: list[dict
     accounts = {(d["metadata"]["name"], d["metadata"]["namespace"])
                 for d in rbac if d["kind"] == "ServiceAccount"}
     assert dict((w, s["serviceAccountName"]) for w, s in pod_specs(objects)) == {
-        "pinion-agent": "pinion-agent", "pinion-issuer": "pinion-issuer"}
-    assert {("pinion-agent", NAMESPACE), ("pinion-issuer", NAMESPACE)} <= accounts
+        "pinion-agent": "pinion-agent", "pinion-issuer": "pinion-issuer",
+        "pinion-keeper": "pinion-keeper"}
+    assert {("pinion-agent", NAMESPACE), ("pinion-issuer", NAMESPACE),
+            ("pinion-keeper", NAMESPACE)} <= accounts
 
 
 def rules_of(document: dict[str, Any]) -> set[tuple[str, str, tuple[str, ...], str]]:
@@ -166,6 +168,7 @@ def test_rbac_grants_exactly_what_docs_kubernetes_md_says() -> None:
     rbac = objects_in(DEPLOY / "rbac.yaml")
     agent = {("", r, (), v) for r in ("pods", "namespaces", "services") for v in ("get", "list", "watch")}
     agent |= {("discovery.k8s.io", "endpointslices", (), v) for v in ("list", "watch")}
+    agent |= {("batch", "jobs", (), v) for v in ("list", "watch")}
     assert rules_of(find(rbac, "ClusterRole", "pinion-agent")) == agent
     assert rules_of(find(rbac, "ClusterRole", "pinion-issuer")) == {
         ("authentication.k8s.io", "tokenreviews", (), "create"),
@@ -206,7 +209,8 @@ def test_nothing_is_privileged_and_capabilities_are_exactly_the_listed_ones(
         objects: list[dict[str, Any]]) -> None:
     assert ("privileged", True) not in list(walk(objects))
     wanted = {("pinion-agent", "agent"): {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF"},
-              ("pinion-agent", "cni-installer"): set(), ("pinion-issuer", "issuer"): set()}
+              ("pinion-agent", "cni-installer"): set(), ("pinion-issuer", "issuer"): set(),
+              ("pinion-keeper", "keeper"): set()}
     found = {}
     for workload, spec in pod_specs(objects):
         for c in spec["containers"]:
@@ -255,7 +259,8 @@ def test_the_agent_mounts_what_capture_needs(objects: list[dict[str, Any]]) -> N
         "/run/pinion": ("/run/pinion", None, False),
         "/var/lib/pinion": ("/var/lib/pinion", None, False),
         "/run/netns": ("/run/netns", "HostToContainer", False),
-        "/sys/fs/bpf": ("/sys/fs/bpf", "HostToContainer", False),  # Bidirectional needs privileged
+        # Bidirectional needs privileged; HostToContainer a shared host mount (systemd's only)
+        "/sys/fs/bpf": ("/sys/fs/bpf", None, False),
         "/sys/fs/cgroup": ("/sys/fs/cgroup", None, True),
     }
     token = mounts["/var/run/secrets/pinion"][1]["projected"]["sources"]
@@ -642,3 +647,22 @@ def test_install_node_cidr_is_repeatable_and_replaces_the_default() -> None:
     assert [peer["ipBlock"]["cidr"] for peer in peers] == ["192.168.1.0/24", "192.168.2.0/24", "10.42.0.0/31"]
     for document in documents:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_keeper_holds_listeners_where_the_agent_hands_them_over(objects: list[dict[str, Any]]) -> None:
+    """The agent's --keeper-socket is the keeper's --socket, in the same host directory; the
+    keeper's own rollout overlaps (maxSurge, possible as it has no host port), the agent's
+    grace period covers its drain."""
+    specs = dict(pod_specs(objects))
+    agent, keeper = container(objects, "pinion-agent", "agent"), container(objects, "pinion-keeper", "keeper")
+    agent_flags = dict(arg.split("=", 1) for arg in agent["args"] if "=" in arg)
+    keeper_flags = dict(arg.split("=", 1) for arg in keeper["args"])
+    assert agent_flags["--keeper-socket"] == keeper_flags["--socket"] == "/run/pinion/keeper.sock"
+    for workload, c in (("pinion-agent", agent), ("pinion-keeper", keeper)):
+        mounts = mounts_by_path(c, specs[workload])
+        mount, volume = mounts["/run/pinion"]
+        assert volume["hostPath"]["path"] == "/run/pinion" and not mount.get("readOnly")
+    keeper_set = find(objects, "DaemonSet", "pinion-keeper")
+    assert keeper_set["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert not specs["pinion-keeper"].get("hostNetwork") and "ports" not in keeper
+    assert specs["pinion-agent"]["terminationGracePeriodSeconds"] >= float(agent_flags["--drain-seconds"]) + 5

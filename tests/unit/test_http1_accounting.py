@@ -256,3 +256,21 @@ def test_split_at_every_byte_boundary_gives_identical_records() -> None:
         records = observer.server_bytes(server[:cut], 2.0) + observer.server_bytes(server[cut:], 2.0)
         assert records == expected, cut
         assert observer.closed(3.0, reset=False) == []
+
+
+def test_the_connections_authority_is_its_first_requests_host() -> None:
+    observer = Http1Observer()
+    assert observer.authority == ""
+    head = b"GET / HTTP/1.1\r\nAccept: */*\r\nHOST:  Web.Shop.svc.cluster.local:8080 \r\n\r\n"
+    observer.client_bytes(head[:20], 1.0)  # the Host line not there yet
+    observer.client_bytes(head[20:], 1.0)
+    assert observer.authority == "web.shop.svc.cluster.local:8080"
+    observer.client_bytes(b"GET / HTTP/1.1\r\nHost: other\r\n\r\n", 2.0)  # later requests: kept
+    assert observer.authority == "web.shop.svc.cluster.local:8080"
+
+
+def test_a_host_that_is_no_host_name_gives_no_authority() -> None:
+    for host in (b"evil\"name", b"a" * 300, b"x y", b""):
+        observer = Http1Observer()
+        observer.client_bytes(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 1.0)
+        assert observer.authority == "", host

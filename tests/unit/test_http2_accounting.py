@@ -8,6 +8,7 @@ import struct
 import hpack
 
 from agent.core.accounting import GRPC_FAILURE_LINKERD, Record
+from agent.core.detect import Protocol, observer_for
 from agent.core.http2 import PREFACE, Http2Observer
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = range(5)
@@ -271,3 +272,18 @@ def test_memoised_indexed_blocks_follow_dynamic_table_changes() -> None:
         Record("failure", 200, 14, 1000.0, "GET")
     ]
     assert respond(7, indexed_only) == [Record("failure", 200, 14, 1000.0, "GET")]  # entry 62 moved on
+
+
+def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
+    """linkerd2-proxy grpc::Codes::default: UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED,
+    INTERNAL, UNAVAILABLE and DATA_LOSS fail; NOT_FOUND, INVALID_ARGUMENT, ... succeed."""
+    assert {2, 4, 7, 13, 14, 15} == GRPC_FAILURE_LINKERD
+    peers, observer = Peers(), observer_for(Protocol.HTTP2)
+    assert isinstance(observer, Http2Observer)
+    start(observer)
+    observer.client_bytes(peers.request(1, grpc=True) + peers.request(3, grpc=True), 1.0)
+    found = observer.server_bytes(peers.response(1, end_stream=True, grpc_status="5"), 1.5)
+    denied = observer.server_bytes(peers.response(3, end_stream=True, grpc_status="7"), 1.5)
+    assert found == [Record("success", 200, 5, 500.0, "GET")]
+    assert denied == [Record("failure", 200, 7, 500.0, "GET")]
+    assert observer.authority == "svc"  # the first request's :authority

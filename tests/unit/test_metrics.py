@@ -1,16 +1,20 @@
 """The node endpoint's metrics, rendered as Prometheus scrapes them: Linkerd's TCP schema
 per pod (tcp_open_total, tcp_open_connections, tcp_read_bytes_total, tcp_write_bytes_total,
-tcp_close_total{classification}), plus the agent's own counters."""
+tcp_close_total{errno}, each as peer="src" and peer="dst"), per-pod process_start_time_seconds,
+plus the agent's own counters."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.core.telemetry import TcpLabels, Telemetry
+from agent.core.telemetry import PLAINTEXT, HttpLabels, PeerLabels, TcpLabels, Telemetry
 from agent.observability.metrics import build_registry
 
 GRACE = 300.0
-WEB = 'direction="inbound",namespace="default",peer="src",pod="web",tls="disabled"'
+WEB = ('direction="inbound",namespace="default",no_tls_reason="no_tls_from_remote",peer="src",'
+       'pod="web",tls="no_identity"')
+WEB_APP = ('direction="inbound",namespace="default",no_tls_reason="loopback",peer="dst",'
+           'pod="web",tls="no_identity"')
 
 
 class FakeClock:
@@ -34,26 +38,40 @@ def test_one_failed_inbound_connection_renders_in_linkerds_tcp_schema() -> None:
     connection = telemetry.open(TcpLabels("inbound", "default", "web"))
     connection.read(10)
     connection.wrote(20)
-    connection.close(failed=True)
+    connection.close(failed=True, errno_name="ECONNRESET")
 
+    # peer="src": the client's connection; peer="dst": the agent's hop to the app (bytes swap)
     assert scrape(registry) == [
-        "# HELP tcp_open_total Connections opened",
+        "# HELP tcp_open_total Total count of opened connections",
         "# TYPE tcp_open_total counter",
         f"tcp_open_total{{{WEB}}} 1.0",
-        "# HELP tcp_open_connections Connections open now",
+        f"tcp_open_total{{{WEB_APP}}} 1.0",
+        "# HELP tcp_open_connections Number of currently-open connections",
         "# TYPE tcp_open_connections gauge",
         f"tcp_open_connections{{{WEB}}} 0.0",
-        "# HELP tcp_read_bytes_total Bytes read from the peer",
+        f"tcp_open_connections{{{WEB_APP}}} 0.0",
+        "# HELP tcp_read_bytes_total Total count of bytes read from peers",
         "# TYPE tcp_read_bytes_total counter",
         f"tcp_read_bytes_total{{{WEB}}} 10.0",
-        "# HELP tcp_write_bytes_total Bytes written to the peer",
+        f"tcp_read_bytes_total{{{WEB_APP}}} 20.0",
+        "# HELP tcp_write_bytes_total Total count of bytes written to peers",
         "# TYPE tcp_write_bytes_total counter",
         f"tcp_write_bytes_total{{{WEB}}} 20.0",
-        "# HELP tcp_close_total Connections closed",
+        f"tcp_write_bytes_total{{{WEB_APP}}} 10.0",
+        "# HELP tcp_close_total Total count of closed connections",
         "# TYPE tcp_close_total counter",
-        f'tcp_close_total{{classification="success",{WEB}}} 0.0',
-        f'tcp_close_total{{classification="failure",{WEB}}} 1.0',
+        f'tcp_close_total{{{_with(WEB, errno="")}}} 0.0',
+        f'tcp_close_total{{{_with(WEB, errno="ECONNRESET")}}} 1.0',
+        f'tcp_close_total{{{_with(WEB_APP, errno="")}}} 0.0',
+        f'tcp_close_total{{{_with(WEB_APP, errno="ECONNRESET")}}} 1.0',
     ]
+
+
+def _with(labels: str, **extra: str) -> str:
+    """The label text with `extra` added, in the exposition's (sorted) order."""
+    pairs = dict(pair.split("=", 1) for pair in labels.split(","))
+    pairs.update({name: f'"{value}"' for name, value in extra.items()})
+    return ",".join(f"{name}={pairs[name]}" for name in sorted(pairs))
 
 
 def test_an_open_connection_shows_in_the_gauge_until_it_closes() -> None:
@@ -64,7 +82,72 @@ def test_an_open_connection_shows_in_the_gauge_until_it_closes() -> None:
     assert f"tcp_open_connections{{{WEB}}} 1.0" in scrape(registry)
     connection.close(failed=False)
     assert f"tcp_open_connections{{{WEB}}} 0.0" in scrape(registry)
-    assert f'tcp_close_total{{classification="success",{WEB}}} 1.0' in scrape(registry)
+    assert f'tcp_close_total{{{_with(WEB, errno="")}}} 1.0' in scrape(registry)
+
+
+def test_a_failure_without_an_os_error_is_the_agents_abort() -> None:
+    telemetry = Telemetry(FakeClock(), GRACE)
+    registry, _ = build_registry(telemetry)
+    telemetry.open(TcpLabels("inbound", "default", "web")).close(failed=True)
+
+    assert f'tcp_close_total{{{_with(WEB, errno="ECONNABORTED")}}} 1.0' in scrape(registry)
+
+
+def test_outbound_the_destination_labels_the_dst_side_and_the_src_side_is_the_pods_hop() -> None:
+    telemetry = Telemetry(FakeClock(), GRACE)
+    registry, _ = build_registry(telemetry)
+    db = PeerLabels(tls="true", server_id="spiffe://cluster.local/ns/data/sa/db", dst_namespace="data",
+                    dst_pod="db-0", dst_owner_kind="statefulset", dst_owner_name="db")
+    for peer in (db, PLAINTEXT):  # over the tunnel, then to an unmeshed destination
+        connection = telemetry.open(TcpLabels("outbound", "shop", "backup-x1", peer, owner_kind="job",
+                                              owner_name="backup"))
+        connection.read(3)
+        connection.wrote(5)
+
+    lines = [line for line in scrape(registry, "tcp_read_bytes_total") if not line.startswith("#")]
+    assert lines == [
+        'tcp_read_bytes_total{direction="outbound",dst_namespace="data",dst_pod="db-0",'
+        'dst_statefulset="db",k8s_job="backup",namespace="shop",peer="dst",pod="backup-x1",'
+        'server_id="spiffe://cluster.local/ns/data/sa/db",tls="true"} 5.0',
+        'tcp_read_bytes_total{direction="outbound",k8s_job="backup",namespace="shop",'
+        'no_tls_reason="not_provided_by_service_discovery",peer="dst",pod="backup-x1",'
+        'tls="no_identity"} 5.0',
+        # both connections, from the pod's side: what the pod wrote, summed
+        'tcp_read_bytes_total{direction="outbound",k8s_job="backup",namespace="shop",'
+        'no_tls_reason="loopback",peer="src",pod="backup-x1",tls="no_identity"} 6.0',
+    ]
+
+
+def test_each_served_pod_has_its_own_process_start_time_with_its_workload() -> None:
+    clock = FakeClock()
+    telemetry = Telemetry(clock, GRACE)
+    registry, _ = build_registry(telemetry)
+    telemetry.pod_added("shop", "web-5d8f7-abcde", "deployment", "web", 1_700_000_000.0)
+    telemetry.pod_added("shop", "backup-x1", "job", "backup", 1_700_000_100.0)
+
+    starts = [line for line in scrape(registry, "process_start_time_seconds")
+              if not line.startswith("#")]
+    assert starts[0].startswith("process_start_time_seconds ")  # the agent's own process
+    assert starts[1:] == [
+        'process_start_time_seconds{deployment="web",namespace="shop",pod="web-5d8f7-abcde"} 1.7e+09',
+        'process_start_time_seconds{k8s_job="backup",namespace="shop",pod="backup-x1"} 1.7000001e+09',
+    ]
+    telemetry.pod_removed("shop", "backup-x1")
+    clock.now += GRACE
+    assert not any("backup" in line for line in scrape(registry, "process_start_time_seconds"))
+
+
+def test_http_series_carry_the_authority_and_linkerds_tls_labels() -> None:
+    telemetry = Telemetry(FakeClock(), GRACE)
+    registry, _ = build_registry(telemetry)
+    labels = HttpLabels("inbound", "shop", "web", owner_kind="deployment", owner_name="web",
+                        authority="web.shop.svc.cluster.local:8080")
+    telemetry.http(labels).requests += 2
+
+    assert [line for line in scrape(registry, "request_total") if not line.startswith("#")] == [
+        'request_total{authority="web.shop.svc.cluster.local:8080",deployment="web",'
+        'direction="inbound",namespace="shop",no_tls_reason="no_tls_from_remote",pod="web",'
+        'tls="no_identity"} 2.0']
 
 
 def test_with_no_connections_only_the_metric_headers_are_rendered() -> None:
@@ -108,6 +191,10 @@ def test_the_agents_own_counters_sit_beside_the_tcp_series() -> None:
         "pinion_admin_connections 1.0",
         'pinion_admin_connections_refused_total{reason="head_timeout"} 4.0',
         "pinion_relay_idle_resets_total 0.0",
+        "pinion_tunnel_streams_moved_total 0.0",
+        "pinion_drain_resets_total 0.0",
+        "pinion_connection_budget_exhausted_total 0.0",
+        "pinion_accepting 0.0",  # no function set here: the agent sets it
     ]
 
 

@@ -73,9 +73,11 @@ class Session:
         self.streams: list[tuple[int, Mapping[str, str]]] = []
         self.refused: list[tuple[int, int]] = []
 
-    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: Mapping[str, str]) -> None:
+    def open_stream(self, protocol: asyncio.Protocol, port: int, metadata: Mapping[str, str]) -> Pipe:
         self.streams.append((port, metadata))
-        protocol.connection_made(Pipe(protocol))  # type: ignore[arg-type]
+        pipe = Pipe(protocol)
+        protocol.connection_made(pipe)  # type: ignore[arg-type]
+        return pipe
 
     def refuse(self, stream_id: int, error_code: int) -> None:
         self.refused.append((stream_id, error_code))

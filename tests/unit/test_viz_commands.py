@@ -98,27 +98,38 @@ def test_stat_pods_shows_the_inbound_golden_metrics_of_the_window(capsys: pytest
         code, out, err = run(capsys, "stat", "pods", "--agent", agent.address, "--window", "0.5")
     assert (code, err) == (0, "")
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "MESHED", "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN"]
+    assert header.split() == ["NAME", "STATUS", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95",
+                              "LATENCY_P99", "TCP_CONN"]
     cells = row.split()
-    assert cells[:3] == [WEB, "1/1", "90.00%"]
-    assert 100 / 1.5 < float(cells[3]) <= 100 / 0.5
-    assert cells[4:] == ["8.8ms", "75ms", "95ms", "3"]
-    assert all(len(line) <= 80 for line in out.splitlines())
+    assert cells[:4] == [WEB, "Running", "1/1", "90.00%"]
+    assert cells[4].endswith("rps") and 100 / 1.5 < float(cells[4].removesuffix("rps")) <= 100 / 0.5
+    assert cells[5:] == ["9ms", "75ms", "95ms", "3"]
 
 
 def test_stat_json_has_linkerds_shape(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeAgent([BEFORE, AFTER], [pod_entry(WEB)]) as agent:
-        code, out, _ = run(capsys, "stat", "deployments", "--agent", agent.address, "--window", "0.3",
-                           "-o", "json")
-    [row] = json.loads(out)
+        code, out, _ = run(capsys, "stat", "deploy", "--agent", agent.address, "-t", "300ms", "-o", "json")
+    [row] = json.loads(out) if code == 0 else [None]
     assert code == 0
     assert set(row) == {"namespace", "kind", "name", "meshed", "success", "rps", "latency_ms_p50",
-                        "latency_ms_p95", "latency_ms_p99", "tcp_open_connections"}
+                        "latency_ms_p95", "latency_ms_p99", "tcp_open_connections", "tcp_read_bytes_rate",
+                        "tcp_write_bytes_rate"}
     assert (row["kind"], row["name"], row["meshed"], row["success"]) == ("deployment", "web", "1/1", 0.9)
     assert 100 / 1.3 < row["rps"] <= 100 / 0.3
     assert (row["latency_ms_p50"], row["latency_ms_p95"], row["latency_ms_p99"]) == (8.75, WINDOW_P95,
                                                                                    WINDOW_P99)
     assert row["tcp_open_connections"] == 3
+
+
+def test_stat_refuses_unknown_kinds_and_durations(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["stat", "gateways"])
+    assert "unknown resource type 'gateways'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["stat", "deploy", "-t", "soon"])
+    assert "not a duration" in capsys.readouterr().err
+    assert main(["stat", "deploy", "--to", "deploy/a", "--from", "deploy/b"]) == 2
+    assert "--to and --from cannot be used together" in capsys.readouterr().err
 
 
 def test_stat_groups_deployments_and_counts_meshed_pods(capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,8 +139,8 @@ def test_stat_groups_deployments_and_counts_meshed_pods(capsys: pytest.CaptureFi
     with FakeAgent([text], [pod_entry(WEB), pod_entry("db-0")]) as agent:
         code, out, _ = run(capsys, "stat", "deployments", "--agent", agent.address, "--window", "0.1")
     assert code == 0
-    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["db-0", "1/1", "-"],
-                                                                    ["web", "1/2", "-"]]
+    assert [line.split() for line in out.splitlines()[1:]] == [["db-0", "1/1", *["-"] * 6],
+                                                                ["web", "1/2", *["-"] * 6]]
     with FakeAgent([text], []) as agent:
         _, out, _ = run(capsys, "stat", "pods", "-A", "--agent", agent.address, "--window", "0.1")
     assert out.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
@@ -150,53 +161,47 @@ def test_stat_with_no_pods_in_the_namespace_says_so(capsys: pytest.CaptureFixtur
     with FakeAgent([BEFORE]) as agent:
         code, out, err = run(capsys, "stat", "pods", "-n", "shop", "--agent", agent.address,
                              "--window", "0.1")
-    assert (code, out, err) == (0, "", "No pods found in namespace shop.\n")
+    assert (code, out, err) == (0, "", "No traffic found.\n")
 
 
 # --- edges ------------------------------------------------------------------------------------
 
-def test_edges_with_destination_labels(capsys: pytest.CaptureFixture[str]) -> None:
-    text = metrics_text(
-        pod_series("default", "web", "outbound", ok=3, extra={"dst_namespace": "default",
-                                                               "dst_pod": "api-1", "server_id": "x"}),
-        pod_series("default", "web", "outbound", ok=1, tls="disabled",
-                   extra={"dst_namespace": "default", "dst_pod": "legacy-0"}))
-    with FakeAgent([text]) as agent:
-        code, out, err = run(capsys, "edges", "pods", "--agent", agent.address)
+def _edge_series(dst: str, server: str = "", reason: str = "") -> dict[str, list[str]]:
+    tls = {"tls": "true", "server_id": server} if server else {"tls": "no_identity", "no_tls_reason": reason}
+    labels = ",".join(f'{k}="{v}"' for k, v in {
+        "direction": "outbound", "peer": "dst", "namespace": "emojivoto", "pod": "vote-bot-5b7f5657f6-xbjjw",
+        "deployment": "vote-bot", "dst_namespace": "emojivoto", "dst_deployment": dst, **tls}.items())
+    return {"tcp_open_connections gauge": [f"tcp_open_connections{{{labels}}} 2"]}
+
+
+def test_edges_print_as_linkerd_viz_edges(capsys: pytest.CaptureFixture[str]) -> None:
+    text = metrics_text(_edge_series("web", server="spiffe://cluster.local/ns/emojivoto/sa/web"),
+                        _edge_series("legacy", reason="not_provided_by_service_discovery"))
+    bot = pod_entry("vote-bot-5b7f5657f6-xbjjw", "emojivoto", account="default")
+    with FakeAgent([text], [bot]) as agent:
+        code, out, err = run(capsys, "edges", "deploy", "-n", "emojivoto", "--agent", agent.address)
+        _, wide, _ = run(capsys, "edges", "deployment", "-n", "emojivoto", "-o", "wide",
+                         "--agent", agent.address)
+        _, as_json, _ = run(capsys, "edges", "deploy", "-A", "-o", "json", "--agent", agent.address)
     assert (code, err) == (0, "")
-    assert out.splitlines() == ["SRC  DST       SRC_NS   DST_NS   SECURED",
-                                "web  api-1     default  default  ✓",
-                                "web  legacy-0  default  default  ✗"]
+    # every column left-aligned and padded, the last one too (tabwriter cells end in a tab)
+    assert out == ("SRC        DST      SRC_NS      DST_NS      SECURED                          \n"
+                   "vote-bot   legacy   emojivoto   emojivoto   Not Provided By Service Discovery\n"
+                   "vote-bot   web      emojivoto   emojivoto   √                                \n")
+    assert wide.splitlines()[0].split() == ["SRC", "DST", "SRC_NS", "DST_NS", "CLIENT_ID", "SERVER_ID",
+                                            "SECURED"]
+    assert wide.splitlines()[2].split() == ["vote-bot", "web", "emojivoto", "emojivoto",
+                                            "default.emojivoto", "web.emojivoto", "√"]
+    assert json.loads(as_json)[1] == {"src": "vote-bot", "src_namespace": "emojivoto", "dst": "web",
+                                      "dst_namespace": "emojivoto", "client_id": "default.emojivoto",
+                                      "server_id": "web.emojivoto", "no_tls_reason": ""}
 
 
-def test_edges_without_destination_labels_do_not_invent_them(capsys: pytest.CaptureFixture[str]) -> None:
+def test_edges_without_open_connections_are_none(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeAgent([metrics_text(pod_series("default", "web", "outbound", ok=3))]) as agent:
-        code, out, _ = run(capsys, "edges", "pods", "--agent", agent.address)
-        _, json_out, json_err = run(capsys, "edges", "pods", "--agent", agent.address, "-o", "json")
-    assert code == 0
-    assert out.splitlines() == ["SRC  DST  SRC_NS   DST_NS  SECURED",
-                                "web  -    default  -       ✓",
-                                "note: DST - = no dst_* labels yet; known once the pod registry/tunnel is in"]
-    assert json.loads(json_out) == [{"src": "web", "src_namespace": "default", "dst": None,
-                                     "dst_namespace": None, "secured": True, "tls": "true",
-                                     "server_id": None, "client_id": None}]
-    assert json_err.startswith("note: DST - = no dst_* labels yet")
-
-
-def test_edges_know_clients_by_service_account_from_the_public_pods_view(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    web_id = "spiffe://cluster.local/ns/default/sa/web"
-    text = metrics_text(
-        pod_series("default", "web", "outbound", ok=3, extra={"dst_namespace": "default",
-                                                               "dst_pod": "api-1", "server_id": "x"}),
-        pod_series("default", "api-1", ok=3, extra={"client_id": web_id}))
-    with FakeAgent([text], [pod_entry("web", account="web")]) as agent:
-        _, known, _ = run(capsys, "edges", "pods", "--agent", agent.address)
-    with FakeAgent([text]) as agent:
-        _, unknown, _ = run(capsys, "edges", "pods", "--agent", agent.address)
-    assert [line.split()[:2] for line in known.splitlines()[1:]] == [["web", "api-1"]]
-    assert [line.split()[:2] for line in unknown.splitlines()[1:]] == [["web", "api-1"],
-                                                                        ["sa/web", "api-1"]]
+        code, out, err = run(capsys, "edges", "pods", "--agent", agent.address)
+    assert (code, out, err) == (0, "", "No edges found.\n")
+    assert main(["edges", "svc"]) == 2
 
 
 # --- top --------------------------------------------------------------------------------------

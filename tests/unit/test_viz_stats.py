@@ -8,19 +8,17 @@ from collections.abc import Mapping
 
 import pytest
 
+from agent.viz.resources import Resource, Selection, owners_of, stat_rows
 from agent.viz.scrape import parse_metrics
 from agent.viz.stats import (
     Golden,
     PodKey,
     Sample,
     counter_delta,
-    deployments_of,
     golden_by,
     histogram_quantile,
-    inbound_pod,
     owner_name,
     pod_direction,
-    stat_rows,
     window_deltas,
 )
 
@@ -79,6 +77,8 @@ BEFORE = metrics_text(pod_series("default", "web-7d4b9c8f6d-x2x9q", ok=45, faile
 AFTER = metrics_text(pod_series("default", "web-7d4b9c8f6d-x2x9q", ok=135, failed=15,
                                 latencies={5: 70, 10: 40, 50: 30, 100: 10}, tcp_open=3))
 WINDOW_P50, WINDOW_P95, WINDOW_P99 = 8.75, 75.0, 95.0
+PODS = Selection(Resource("pod"), None)
+inbound_pod = PODS.key  # `pinion stat pods -A`: each pod's inbound side
 
 
 # --- histogram_quantile ------------------------------------------------------------------------
@@ -211,28 +211,62 @@ def test_deployments_group_pods_and_add_their_traffic() -> None:
     web_a, web_b = PodKey("default", "web-7d4b9c8f6d-x2x9q"), PodKey("default", "web-7d4b9c8f6d-k8m4t")
     golden = {web_a: Golden(rps=3.0, successes=9, responses=10, buckets={10.0: 10, INF: 10}, observed=True),
               web_b: Golden(rps=1.0, successes=1, responses=2, buckets={10.0: 2, INF: 2}, observed=True)}
-    rows = stat_rows("deployments", golden, meshed={web_a, PodKey("other", "db-0")},
-                     seen={web_b}, namespace="default")
+    deployments = Selection(Resource("deployment"), "default")
+    rows = stat_rows(deployments, golden, meshed={web_a, PodKey("other", "db-0")}, seen={web_b},
+                     owners={}, guess=owner_name)
     assert [(r.name, r.meshed, r.total) for r in rows] == [("web", 1, 2)]
-    assert rows[0].golden.rps == 4.0
+    assert rows[0].golden is not None and rows[0].golden.rps == 4.0
     assert rows[0].golden.success_rate == pytest.approx(10 / 12)
     assert rows[0].golden.buckets == {10.0: 12, INF: 12}
-    all_rows = stat_rows("pods", golden, {web_a, PodKey("other", "db-0")}, {web_b}, None)
-    assert [(r.namespace, r.name) for r in all_rows] == [
-        ("default", "web-7d4b9c8f6d-k8m4t"), ("default", "web-7d4b9c8f6d-x2x9q"), ("other", "db-0")]
+    all_rows = stat_rows(PODS, golden, {web_a, PodKey("other", "db-0")}, {web_b}, {}, owner_name)
+    assert [(r.namespace, r.name, r.running) for r in all_rows] == [
+        ("default", "web-7d4b9c8f6d-k8m4t", False), ("default", "web-7d4b9c8f6d-x2x9q", True),
+        ("other", "db-0", True)]
 
 
-def test_the_agents_deployment_label_beats_the_guess_from_the_pod_name() -> None:
-    """Kubernetes mode: the agent knows the owner (a pod named like no Deployment's, or a
-    Deployment whose name itself ends like a hash)."""
+def test_known_owners_beat_the_guess_and_a_job_pod_is_no_deployment() -> None:
+    """Kubernetes mode: the agents know the owner (a pod named like no Deployment's, a
+    Deployment whose name ends like a hash, a Job's pod whose name looks like a Deployment's)."""
     odd, api = PodKey("shop", "frontend-blue"), PodKey("shop", "api-v2-5d8f9c7b6-abcde")
+    job = PodKey("shop", "backup-5d8f9c7b6-abcde")
     samples = [Sample("request_total", {"namespace": "shop", "pod": "frontend-blue", "deployment": "frontend",
+                                        "direction": "inbound"}, 3.0),
+               Sample("request_total", {"namespace": "shop", "pod": job.name, "k8s_job": "backup",
                                         "direction": "inbound"}, 3.0)]
     entries = [{"namespace": "shop", "name": api.name, "owner": {"kind": "deployment", "name": "api-v2"}},
                {"namespace": "shop", "name": "db-0", "owner": {"kind": "statefulset", "name": "db"}}]
+    owners = owners_of(samples, entries)
+    pods = {odd, api, job, PodKey("shop", "db-0")}
 
-    owners = deployments_of(samples, entries)
-    rows = stat_rows("deployments", {}, {odd, api, PodKey("shop", "db-0")}, set(), "shop", owners)
+    def names(kind: str) -> list[str]:
+        selection = Selection(Resource(kind), "shop")
+        return [r.name for r in stat_rows(selection, {}, pods, set(), owners, owner_name)]
 
-    assert owners == {odd: "frontend", api: "api-v2"}
-    assert [r.name for r in rows] == ["api-v2", "db-0", "frontend"]
+    assert owners[odd] == ("deployment", "frontend") and owners[job] == ("job", "backup")
+    assert names("deployment") == ["api-v2", "frontend"]
+    assert (names("job"), names("statefulset"), names("daemonset")) == (["backup"], ["db"], [])
+    assert names("namespace") == ["shop"]
+
+
+def _outbound(pod: str, deployment: str, **labels: str) -> Sample:
+    return Sample("response_total", {"direction": "outbound", "namespace": "shop", "pod": pod,
+                                     "deployment": deployment, "classification": "success", **labels}, 4.0)
+
+
+def test_to_and_from_select_the_outbound_series_between_two_resources() -> None:
+    """linkerd viz stat deploy --to deploy/api: the clients' outbound series naming api;
+    --from deploy/web: web's outbound series, one row per destination."""
+    samples = [_outbound("web-1", "web", dst_deployment="api", dst_namespace="shop"),
+               _outbound("web-1", "web", dst_statefulset="db", dst_namespace="shop"),
+               _outbound("cron-1", "cron", dst_deployment="api", dst_namespace="shop"),
+               Sample("response_total", {"direction": "inbound", "namespace": "shop", "pod": "api-1",
+                                         "deployment": "api", "classification": "success"}, 8.0)]
+    to_api = Selection(Resource("deployment"), "shop", to=Resource("deployment", "api"))
+    from_web = Selection(Resource("statefulset"), "shop", from_=Resource("deployment", "web"))
+    services = Selection(Resource("service"), "shop")
+
+    assert {to_api.key(s) for s in samples} == {PodKey("shop", "web-1"), PodKey("shop", "cron-1"), None}
+    assert [from_web.key(s) for s in samples] == [None, PodKey("shop", "db"), None, None]
+    assert {services.key(s) for s in samples} == {None}
+    with pytest.raises(ValueError, match="together"):
+        Selection(Resource("pod"), "shop", to=Resource("deployment", "a"), from_=Resource("deployment", "b"))

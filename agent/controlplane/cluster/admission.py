@@ -165,7 +165,7 @@ class ClusterAdmission:
                 log.info("pod %s not meshed: %s", pod.key, why)
             return
         try:
-            desired = apply_record(pod, record)
+            desired = apply_record(pod, record, self._state.owner(record))
         except ValueError as exc:
             raise CaptureError(CNI_INVALID_CONFIG, str(exc)) from None
         if captured is not None and _same_capture(captured.pod, desired):

@@ -71,6 +71,20 @@ class NamespaceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A Job a CronJob made: its pods are labelled with the CronJob, as Linkerd labels them
+    (`cronjob="nightly"`). Jobs of no CronJob are not kept."""
+
+    namespace: str
+    name: str
+    cronjob: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     port: int
@@ -222,6 +236,15 @@ def project_service(obj: dict[str, Any]) -> ServiceRecord | None:
         return None
     return ServiceRecord(str(meta.get("namespace") or "default"), str(meta["name"]), tuple(vips),
                          tuple(ports))
+
+
+def project_job(obj: dict[str, Any]) -> JobRecord | None:
+    """Only Jobs whose controller is a CronJob (the rest say nothing a pod does not)."""
+    meta = _meta(obj)
+    owner = owner_of(meta, {})
+    if not meta.get("name") or owner is None or owner.kind != "cronjob":
+        return None
+    return JobRecord(str(meta.get("namespace") or "default"), str(meta["name"]), owner.name)
 
 
 def project_slice(obj: dict[str, Any]) -> SliceRecord | None:

@@ -8,6 +8,7 @@ from agent.controlplane.cluster.objects import (
     ENABLED,
     LINKERD_POLICIES,
     NamespaceRecord,
+    Owner,
     PodRecord,
 )
 from agent.model import CaptureSettings, InboundPolicy, Pod, parse_cidrs, parse_duration, parse_ports
@@ -32,9 +33,10 @@ def inbound_policy(pod: PodRecord) -> InboundPolicy:
     return InboundPolicy(mode, tuple(sorted(set(filter(None, clients)))))
 
 
-def apply_record(pod: Pod, record: PodRecord) -> Pod:
+def apply_record(pod: Pod, record: PodRecord, owner: Owner | None = None) -> Pod:
     """The pod as the CNI plugin announced it, with what the API says of it: service
-    account, owner, and the per-pod annotations. A malformed annotation is a ValueError
+    account, owner (`owner`: as the cluster state resolves it; default the pod's own
+    controller), and the per-pod annotations. A malformed annotation is a ValueError
     naming it: the pod is refused rather than meshed with a weaker policy than asked."""
     try:
         capture = CaptureSettings(
@@ -48,7 +50,7 @@ def apply_record(pod: Pod, record: PodRecord) -> Pod:
         idle_timeout = parse_duration(record.setting("idle-timeout"))
     except ValueError as exc:
         raise ValueError(f"pod {record.key}: bad annotation: {exc}") from None
-    owner = record.owner
+    owner = owner if owner is not None else record.owner
     return dataclasses.replace(
         pod, uid=record.uid or pod.uid, service_account=record.service_account,
         capture=capture, opaque_ports=opaque_ports, inbound=inbound, idle_timeout=idle_timeout,

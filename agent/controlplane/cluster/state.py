@@ -8,7 +8,9 @@ import itertools
 from collections.abc import Iterator
 
 from agent.controlplane.cluster.objects import (
+    JobRecord,
     NamespaceRecord,
+    Owner,
     PodRecord,
     ServicePort,
     ServiceRecord,
@@ -30,6 +32,7 @@ class ClusterState:
         self._slices: dict[str, SliceRecord] = {}
         self._slices_of: dict[str, set[str]] = {}
         self._turns: dict[tuple[str, int], itertools.count[int]] = {}
+        self._cronjob_of: dict[str, str] = {}  # "ns/job" -> the CronJob that made it
 
     # --- fed by the watches -------------------------------------------------------------
     def upsert_pod(self, record: PodRecord) -> None:
@@ -50,6 +53,21 @@ class ClusterState:
         for ip in record.ips:
             if self._by_ip.get(ip) == record.key:
                 del self._by_ip[ip]
+
+    def upsert_job(self, record: JobRecord) -> None:
+        self._cronjob_of[record.key] = record.cronjob
+
+    def delete_job(self, key: str) -> None:
+        self._cronjob_of.pop(key, None)
+
+    def owner(self, record: PodRecord) -> Owner | None:
+        """The pod's workload as Linkerd names it: a CronJob's Job's pod is the CronJob's."""
+        owner = record.owner
+        if owner is not None and owner.kind == "job":
+            cronjob = self._cronjob_of.get(f"{record.namespace}/{owner.name}")
+            if cronjob:
+                return Owner("cronjob", cronjob)
+        return owner
 
     def upsert_namespace(self, record: NamespaceRecord) -> None:
         self._namespaces[record.name] = record
@@ -137,7 +155,7 @@ class ClusterState:
         if record is None:
             labels = PeerLabels(dst_service=service) if service else PLAINTEXT
             return Route(destination, labels, False, "")
-        owner = record.owner
+        owner = self.owner(record)
         labels = PeerLabels(dst_namespace=record.namespace, dst_pod=record.name,
                             dst_owner_kind=owner.kind if owner else "",
                             dst_owner_name=owner.name if owner else "", dst_service=service)
@@ -146,7 +164,8 @@ class ClusterState:
 
     def sizes(self) -> dict[str, int]:
         return {"pods": len(self._pods), "namespaces": len(self._namespaces),
-                "services": len(self._services), "endpointslices": len(self._slices)}
+                "services": len(self._services), "endpointslices": len(self._slices),
+                "cronjob jobs": len(self._cronjob_of)}
 
 
 def _target_port(service_port: ServicePort, record: SliceRecord) -> int | None:

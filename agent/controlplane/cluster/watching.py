@@ -1,4 +1,4 @@
-"""Kubernetes mode's moving parts: the five watches (docs/kubernetes.md), the cluster
+"""Kubernetes mode's moving parts: the six watches (docs/kubernetes.md), the cluster
 state they feed, and the admission that follows them. Imported only in Kubernetes mode."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from typing import Any, TypeVar
 from agent.config import Config
 from agent.controlplane.cluster.admission import ClusterAdmission
 from agent.controlplane.cluster.objects import (
+    JobRecord,
     NamespaceRecord,
     PodRecord,
     ServiceRecord,
     SliceRecord,
+    project_job,
     project_namespace,
     project_pod,
     project_service,
@@ -58,6 +60,8 @@ class KubernetesMode:
         self.slices: Reflector[SliceRecord] = self._watch(
             "/apis/discovery.k8s.io/v1/endpointslices", {}, project_slice,
             _feed(state.upsert_slice, state.delete_slice))
+        self.jobs: Reflector[JobRecord] = self._watch(
+            "/apis/batch/v1/jobs", {}, project_job, _feed(state.upsert_job, state.delete_job))
 
     def _watch(self, path: str, params: dict[str, str], project: Callable[[dict[str, Any]], T | None],
                on_event: Callable[[str, str, T | None, T | None], None]) -> Reflector[T]:
@@ -72,7 +76,7 @@ class KubernetesMode:
         self.admission.namespace_event(kind, key, old, new)
 
     def reflectors(self) -> list[Reflector[Any]]:
-        return [self.local_pods, self.pods, self.namespaces, self.services, self.slices]
+        return [self.local_pods, self.pods, self.namespaces, self.services, self.slices, self.jobs]
 
     async def run(self) -> None:
         """Every watch, and the admission once this node's pods and the namespaces are known."""
@@ -83,7 +87,9 @@ class KubernetesMode:
             tasks.create_task(self.admission.run())
 
     async def _signal_synced(self) -> None:
-        await asyncio.gather(self.local_pods.synced.wait(), self.namespaces.synced.wait())
+        # a CronJob's pod is labelled by its Job's owner: know the Jobs before admitting
+        await asyncio.gather(self.local_pods.synced.wait(), self.namespaces.synced.wait(),
+                             self.jobs.synced.wait())
         self.admission.synced.set()
         await asyncio.gather(*(r.synced.wait() for r in self.reflectors()))
         log.info("kubernetes: watches synced: %s", self.state.sizes())

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import subprocess
 import threading
 
 from agent.dataplane.redirect.plan import COMMENT_PREFIX, Action, Hook, Match, Plan, Rule
@@ -47,6 +49,8 @@ class _Libnftables:
         self._lock = threading.Lock()
 
     def run(self, commands: str, json_output: bool = False) -> str:
+        if _lowest_free_fd() >= _FD_SETSIZE - 64:
+            return _run_nft_process(commands, json_output)
         lib = self._lib
         with self._lock:
             ctx = lib.nft_ctx_new(0)
@@ -65,6 +69,38 @@ class _Libnftables:
         if status != 0:
             raise NftError(error.strip() or f"nft failed with status {status}")
         return output
+
+
+_FD_SETSIZE = 1024
+
+
+def _lowest_free_fd() -> int:
+    fd = os.dup(0) if _stdin_open() else os.open("/dev/null", os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+def _stdin_open() -> bool:
+    try:
+        os.fstat(0)
+    except OSError:
+        return False
+    return True
+
+
+def _run_nft_process(commands: str, json_output: bool) -> str:
+    """The same commands through the `nft` binary. libnftables talks to netlink with
+    select(), which glibc aborts the whole process for once the socket's fd is past
+    FD_SETSIZE (1024): an agent holding a thousand connections would die at its next pod.
+    A child starts with only its three fds; it inherits the calling thread's netns."""
+    argv = ["nft", *(["-j"] if json_output else []), "-f", "-"]
+    try:
+        done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NftError(f"nft: {exc}") from None
+    if done.returncode != 0:
+        raise NftError(done.stderr.strip() or f"nft failed with status {done.returncode}")
+    return done.stdout
 
 
 class NftablesBackend:

@@ -1,0 +1,128 @@
+"""The agent's connection budget: how many relayed connections the whole agent holds at once.
+
+Each relayed connection costs the agent ~12 KiB (a relay, its two transports, an observer,
+for a while a connect task). An agent that cannot keep up — a Pi's CPU, a burst of new
+connections — would otherwise accept as fast as connections arrive and grow until its
+memory cgroup kills it (issue #21: +50 MiB in two seconds at 0.2 CPU). At `limit` the agent
+stops taking new work instead: the pods' listeners stop accepting (connections wait in the
+kernel's backlog, as they do while an agent restarts) and new tunnel streams into this node
+are refused (REFUSED_STREAM: they never reached the destination, and the client's agent
+tries again after a pause, a few times, before it gives up); once the count is back under
+`resume_at`, both resume. Tunnel connections are still read: the streams already open on
+them need their bytes to finish, and finishing is what gives the budget back.
+
+`RelaySet` is a pod's set of relays that keeps the count: the proxies add a relay when it is
+accepted and the relay discards itself when it is counted closed, exactly once each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS = 4096  # with no memory limit to size it by
+# measured (bench/overload.py, cgroup v1 with kernel memory): ~13 KiB of heap and 9-20 KiB of
+# kernel memory (socket slabs) per relayed connection
+CONNECTION_BYTES = 40 * 1024
+MIN_CONNECTIONS = 64
+HEADROOM_BYTES = 4 * 1024 * 1024  # for a scrape, a burst of pods, the allocator's slack
+
+
+def sized_for(limit: int | None, in_use: int) -> int:
+    """How many connections fit in what the memory limit leaves (85 % of it, less what the
+    agent uses at start and some headroom): a 48 MiB agent starts at ~300, a 256 MiB one at
+    ~4,500. Memory pressure then adjusts it (`shrink`, `grow`)."""
+    if limit is None:
+        return DEFAULT_MAX_CONNECTIONS
+    room = int(limit * 0.85) - in_use - HEADROOM_BYTES
+    return max(MIN_CONNECTIONS, min(16384, room // CONNECTION_BYTES))
+
+
+class ConnectionBudget:
+    __slots__ = ("_on_pause", "_on_resume", "ceiling", "exhausted", "limit", "live", "pauses",
+                 "pressure", "resume_at")
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS, resume_fraction: float = 0.75) -> None:
+        self.limit = self.ceiling = limit
+        self.resume_at = int(limit * resume_fraction)
+        self.live = 0
+        self.exhausted = False
+        self.pressure = False  # the memory cgroup is nearly full (`agent.app` watches it)
+        self.pauses = 0  # times the budget ran out (a counter on /metrics)
+        self._on_pause: list[Callable[[], None]] = []
+        self._on_resume: list[Callable[[], None]] = []
+
+    def when_exhausted(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self._on_pause.append(pause)
+        self._on_resume.append(resume)
+
+    def taken(self) -> None:
+        self.live += 1
+        if not self.exhausted and self.live >= self.limit:
+            self._run_out(f"{self.live} connections open")
+
+    def returned(self) -> None:
+        self.live -= 1
+        if self.exhausted and self.live <= self.resume_at and not self.pressure:
+            self._come_back()
+
+    def under_pressure(self, pressure: bool) -> None:
+        """The memory cgroup is nearly full (or no longer): out of budget whatever the count."""
+        if pressure == self.pressure:
+            return
+        self.pressure = pressure
+        if pressure and not self.exhausted:
+            self._run_out("memory nearly full")
+        elif not pressure and self.exhausted and self.live <= self.resume_at:
+            self._come_back()
+
+    def shrink(self) -> None:
+        """Memory ran short at `live` connections: the budget is what fit, less a fifth."""
+        self.limit = max(MIN_CONNECTIONS, min(self.limit, int(self.live * 0.8)))
+        self.resume_at = int(self.limit * 0.75)
+
+    def grow(self) -> None:
+        """Memory has room again: a tenth more, up to where it started (or was set)."""
+        self.limit = min(self.ceiling, self.limit + max(16, self.limit // 10))
+        self.resume_at = int(self.limit * 0.75)
+
+    def _run_out(self, why: str) -> None:
+        self.exhausted = True
+        self.pauses += 1
+        log.warning("%s (%d connections): not accepting new ones for now", why, self.live)
+        for pause in self._on_pause:
+            pause()
+
+    def _come_back(self) -> None:
+        self.exhausted = False
+        log.info("%d connections open: accepting again", self.live)
+        for resume in self._on_resume:
+            resume()
+
+
+class RelaySet(set):  # type: ignore[type-arg]  # of Relay: typed at the use (PodContext)
+    """A pod's relays, counted against the agent's budget as they come and go."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, budget: ConnectionBudget | None = None, items: Iterable[object] = ()) -> None:
+        super().__init__(items)
+        self.budget = budget
+
+    def add(self, relay: object) -> None:
+        if relay not in self:
+            super().add(relay)
+            if self.budget is not None:
+                self.budget.taken()
+
+    def discard(self, relay: object) -> None:
+        if relay in self:
+            super().discard(relay)
+            if self.budget is not None:
+                self.budget.returned()
+
+
+def out_of_budget(relays: object) -> bool:
+    """A pod's relay set says the agent's budget is out (see `RelaySet`)."""
+    return isinstance(relays, RelaySet) and relays.budget is not None and relays.budget.exhausted

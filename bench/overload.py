@@ -1,0 +1,308 @@
+"""Memory of an agent that cannot keep up (issue #21): one agent in a small memory cgroup and a
+small CPU share, its node's meshed pods offered twice what that share serves, scraped every
+5 s, then given many more pods. Per capture mode: OOM kills, the cgroup's peak, and whether
+memory comes back once the traffic stops.
+
+    sudo .venv/bin/python bench/overload.py [--modes nftables iptables ebpf] [--memory 48]
+        [--cpu 0.2] [--pods 50] [--then-pods 200] [--seconds 60]
+
+Two lab nodes, one `pinion agent --identity-dir` each (mTLS between them). The agent under test
+(node 1) runs in cgroup v1 `memory` and `cpu` groups of its own (memory.limit_in_bytes,
+cpu.cfs_quota_us), or v2 (memory.max, cpu.max) where that is what the host has; its `pods`
+meshed nginx pods are the servers. Clients on node 0 (unlimited agent) first measure what the
+limited agent serves (`ab -c 16`, a new connection per request, closed loop), then offer
+twice that, open loop: `h2load --h1` creating one new connection per request at a fixed
+rate, spread over ten server pods, for `seconds`. Markdown on stdout; samples in --json."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from foundation import start_nginx, write_nginx_site  # noqa: E402
+
+from agent.identity.files import init_identity_dir  # noqa: E402
+from agent.lab.agents import LabAgent, start_agents, stop_agents  # noqa: E402
+from agent.lab.topology import Lab, Pod  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+class Cgroup:
+    """The agent's memory and CPU limits: cgroup v1 controllers if mounted, else v2."""
+
+    def __init__(self, name: str, memory_bytes: int, cpu: float) -> None:
+        self.v1 = Path("/sys/fs/cgroup/memory").is_dir() and Path("/sys/fs/cgroup/cpu").is_dir()
+        if self.v1:
+            self.memory = Path("/sys/fs/cgroup/memory") / name
+            self.cpu = Path("/sys/fs/cgroup/cpu") / name
+            for path in (self.memory, self.cpu):
+                path.mkdir()
+            (self.memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+            with contextlib.suppress(OSError):  # no swap here, but say so if there were
+                (self.memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+            (self.cpu / "cpu.cfs_period_us").write_text("100000")
+            (self.cpu / "cpu.cfs_quota_us").write_text(str(int(cpu * 100000)))
+        else:
+            self.memory = self.cpu = Path("/sys/fs/cgroup") / name
+            self.memory.mkdir()
+            (self.memory / "memory.max").write_text(str(memory_bytes))
+            (self.memory / "cpu.max").write_text(f"{int(cpu * 100000)} 100000")
+
+    def usage(self) -> int:
+        name = "memory.usage_in_bytes" if self.v1 else "memory.current"
+        return int((self.memory / name).read_text())
+
+    def peak(self) -> int:
+        name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
+        return int((self.memory / name).read_text())
+
+    def reset_peak(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.memory / ("memory.max_usage_in_bytes" if self.v1 else "memory.peak")).write_text("0")
+
+    def anon(self) -> int:
+        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
+        return int(stat.get("rss" if self.v1 else "anon", 0))
+
+    def kernel(self) -> int:
+        """Kernel memory charged to the group (v1: memory.kmem.usage_in_bytes; v2: the
+        kernel-side counters of memory.stat)."""
+        if self.v1:
+            with contextlib.suppress(OSError):
+                return int((self.memory / "memory.kmem.usage_in_bytes").read_text())
+            return 0
+        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
+        return sum(int(stat.get(k, 0)) for k in ("kernel", "sock")) or int(stat.get("slab", 0))
+
+    def oom_kills(self) -> int:
+        if self.v1:
+            text = (self.memory / "memory.oom_control").read_text()
+        else:
+            text = (self.memory / "memory.events").read_text()
+        match = re.search(r"oom_kill (\d+)", text)
+        return int(match.group(1)) if match else 0
+
+    def remove(self) -> None:
+        for path in {self.memory, self.cpu}:
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+class LimitedAgent(LabAgent):
+    """Started inside the cgroup (a v1 group charges only what is allocated after joining)."""
+
+    cgroup: Cgroup
+
+    def argv(self) -> list[str]:
+        joins = "; ".join(f"echo $$ > {path}/cgroup.procs"
+                          for path in sorted({str(self.cgroup.memory), str(self.cgroup.cpu)}))
+        return ["/bin/sh", "-c", f'{joins}; exec "$@"', "sh", *super().argv()]
+
+
+@dataclass
+class Run:
+    mode: str
+    capacity_rps: float = 0.0
+    offered_rps: float = 0.0
+    served: int = 0
+    failed: int = 0
+    before_mib: float = 0.0
+    peak_traffic_mib: float = 0.0
+    after_30s_mib: float = 0.0
+    peak_pods_mib: float = 0.0
+    anon_peak_mib: float = 0.0
+    oom_kills: int = 0
+    agent_alive: bool = True
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, all, anon, kernel
+    load: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, open, tasks, streams
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+def new_connection_rps(client: Pod, url: str, requests: int = 3000) -> float:
+    """What the limited agent serves with a new connection per request (`ab -c 16`, closed
+    loop): the load below offers twice this."""
+    out = client.run(["ab", "-q", "-n", str(requests), "-c", "16", url], timeout=120).stdout
+    match = re.search(r"Requests per second:\s+([\d.]+)", out)
+    return float(match.group(1)) if match else 0.0
+
+
+def h2load(client: Pod, url: str, rate: int, seconds: int) -> subprocess.Popen[str]:
+    total = rate * seconds
+    return client.spawn(["h2load", "--h1", "-n", str(total), "-c", str(total), "-r", str(rate),
+                         "-T", "10", "-N", "10", url], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+
+
+def parse_h2load(out: str) -> tuple[int, int]:
+    """(succeeded, not succeeded) of what h2load was asked for."""
+    match = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
+    if not match:
+        return 0, 0
+    total, succeeded = int(match.group(1)), int(match.group(2))
+    return succeeded, total - succeeded
+
+
+@contextlib.contextmanager
+def sampling(cgroup: Cgroup, run: Run, start: float) -> Iterator[None]:
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            with contextlib.suppress(OSError, ValueError):
+                run.samples.append((round(time.monotonic() - start, 1), round(cgroup.usage() / MIB, 1),
+                                    round(cgroup.anon() / MIB, 1), round(cgroup.kernel() / MIB, 1)))
+                run.anon_peak_mib = max(run.anon_peak_mib, cgroup.anon() / MIB)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def scrape_every(agent: LabAgent, seconds: float, stop: threading.Event, run: Run,
+                 start: float) -> threading.Thread:
+    def loop() -> None:
+        while not stop.wait(seconds):
+            with contextlib.suppress(Exception):
+                metrics = agent.metrics()
+                run.load.append((round(time.monotonic() - start, 1),
+                                 metrics.value("tcp_open_connections"),
+                                 metrics.value("pinion_event_loop_tasks"),
+                                 metrics.value("pinion_tunnel_connections")))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def one_mode(mode: str, args: argparse.Namespace) -> Run:
+    run = Run(mode)
+    identity = Path(tempfile.mkdtemp(prefix="pinion-overload-")) / "identity"
+    init_identity_dir(identity, trust_domain="cluster.local")
+    agents: list[LabAgent] = []
+    lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
+    cgroup = Cgroup(f"pinion-overload-{lab.run_id}-{mode}", args.memory * MIB, args.cpu)
+    try:
+        flags = ["--identity-dir", str(identity)]
+        limited = LimitedAgent(lab, lab.nodes[1], redirect=mode, extra_args=[*flags, *args.agent_args])
+        limited.cgroup = cgroup
+        agents += [LabAgent(lab, lab.nodes[0], redirect=mode, extra_args=flags), limited]
+        start_agents(agents)
+        assert limited.process is not None
+        servers = []
+        for index in range(args.pods):
+            pod = lab.add_pod(lab.nodes[1], f"web-{index}", namespace="bench")
+            start_nginx(pod, write_nginx_site(lab.workdir, f"web-{index}"))
+            servers.append(pod)
+        clients = [lab.add_pod(lab.nodes[0], f"load-{index}", namespace="bench") for index in range(10)]
+        for client, server in zip(clients, servers, strict=False):
+            deadline = time.monotonic() + 20
+            while client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                              f"http://{server.ip}/1k"], check=False).stdout != "200":
+                assert time.monotonic() < deadline, f"{server.ip} not served"
+                time.sleep(0.2)
+        time.sleep(2)
+        run.capacity_rps = new_connection_rps(clients[0], f"http://{servers[0].ip}/1k")
+        time.sleep(3)
+        limited.get("/metrics")
+        cgroup.reset_peak()
+        run.before_mib = cgroup.usage() / MIB
+        run.offered_rps = 2 * run.capacity_rps
+        rate = max(1, int(run.offered_rps / len(clients)))
+        start = time.monotonic()
+        stop = threading.Event()
+        scraper = scrape_every(limited, args.scrape_seconds, stop, run, start)
+        with sampling(cgroup, run, start):
+            loads = [h2load(client, f"http://{server.ip}/1k", rate, args.seconds)
+                     for client, server in zip(clients, servers, strict=False)]
+            for load in loads:
+                out, _ = load.communicate(timeout=args.seconds + 120)
+                served, failed = parse_h2load(out)
+                run.served += served
+                run.failed += failed
+            run.peak_traffic_mib = cgroup.peak() / MIB
+            time.sleep(30)
+            run.after_30s_mib = cgroup.usage() / MIB
+            with contextlib.suppress(Exception):
+                metrics = limited.metrics()
+                run.breakdown = {s.labels.get("part", s.name): s.value / MIB for s in metrics.samples
+                                 if s.name.startswith("pinion_memory_")}
+            stop.set()
+            scraper.join()
+            cgroup.reset_peak()
+            for index in range(args.pods, args.then_pods):
+                lab.add_pod(lab.nodes[1], f"idle-{index}", namespace="bench")
+            limited.get("/metrics")
+            run.peak_pods_mib = cgroup.peak() / MIB
+        run.oom_kills = cgroup.oom_kills()
+        run.agent_alive = limited.process.poll() is None
+    except Exception:
+        for agent in agents:
+            print(f"--- {agent.node.name} log:\n{agent.log()[-1500:]}", file=sys.stderr)
+        print(f"--- OOM kills {cgroup.oom_kills()}, peak {cgroup.peak() / MIB:.1f} MiB; "
+              f"samples {run.samples[::4]}; load {run.load}", file=sys.stderr)
+        raise
+    finally:
+        stop_agents(agents)
+        lab.close()
+        cgroup.remove()
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", nargs="+", default=["nftables", "iptables", "ebpf"])
+    parser.add_argument("--memory", type=int, default=48, help="MiB")
+    parser.add_argument("--cpu", type=float, default=0.2, help="CPUs")
+    parser.add_argument("--pods", type=int, default=50)
+    parser.add_argument("--then-pods", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--scrape-seconds", type=float, default=5.0)
+    parser.add_argument("--agent-args", nargs="*", default=[], metavar="FLAG",
+                        help="more flags for the limited agent (e.g. --max-connections=1024)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, cgroups)")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # as deploy/daemonset.yaml sets it
+    runs = [one_mode(mode, args) for mode in args.modes]
+    print(f"One agent: {args.memory} MiB memory, {args.cpu} CPU; {args.pods} meshed nginx pods; "
+          f"offered 2× what it serves for {args.seconds} s (new connection per request), "
+          f"scraped every 5 s; then {args.then_pods} pods.\n")
+    print("| mode | serves req/s | offered | served | failed | before MiB | peak in traffic | "
+          "30 s after | peak to 200 pods | anon peak | OOM kills | alive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in runs:
+        print(f"| {r.mode} | {r.capacity_rps:,.0f} | {r.offered_rps:,.0f} | {r.served:,} | {r.failed:,} | "
+              f"{r.before_mib:.1f} | {r.peak_traffic_mib:.1f} | {r.after_30s_mib:.1f} | "
+              f"{r.peak_pods_mib:.1f} | {r.anon_peak_mib:.1f} | {r.oom_kills} | {r.agent_alive} |")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

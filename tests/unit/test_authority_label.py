@@ -1,0 +1,30 @@
+"""The `authority` label: a valid host[:port] from the request, and at most MAX_AUTHORITIES
+values per pod and direction, so a client sending ever new Host headers cannot mint series."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from agent.core.accounting import authority_label
+from agent.core.telemetry import MAX_AUTHORITIES, PLAINTEXT
+from agent.dataplane.context import PodContext
+from agent.dataplane.netns import NetNs
+
+
+def test_label_values_are_host_names_or_ips_with_a_port() -> None:
+    assert authority_label(b"Web.Shop.svc.cluster.local:8080") == "web.shop.svc.cluster.local:8080"
+    assert authority_label(b"10.42.0.7") == "10.42.0.7"
+    assert authority_label(b"[fd00::1]:80") == "[fd00::1]:80"
+    for bad in (b"", b"web/../x", b'web"', b"web:port", b"-web", b"a" * 254, b"\xff"):
+        assert authority_label(bad) == "", bad
+
+
+def test_past_the_bound_requests_are_counted_without_the_label() -> None:
+    pod = PodContext("shop", "web", cast(NetNs, None), frozenset())
+    names = [f"host-{index}.example" for index in range(MAX_AUTHORITIES + 5)]
+    labels = [pod.http_labels("inbound", PLAINTEXT, name) for name in names]
+
+    assert [label.authority for label in labels[:MAX_AUTHORITIES]] == names[:MAX_AUTHORITIES]
+    assert {label.authority for label in labels[MAX_AUTHORITIES:]} == {""}
+    assert pod.http_labels("inbound", PLAINTEXT, names[0]).authority == names[0]  # known: kept
+    assert pod.http_labels("outbound", PLAINTEXT, names[-1]).authority == names[-1]  # per direction

@@ -1,0 +1,138 @@
+"""The agent's connection budget: counted by the pods' relay sets, runs out at its limit or
+under memory pressure, comes back with hysteresis, and is sized from the memory cgroup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.dataplane.budget import (
+    CONNECTION_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    ConnectionBudget,
+    RelaySet,
+    out_of_budget,
+    sized_for,
+)
+from agent.memory import CgroupMemory
+
+MIB = 1024 * 1024
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def pause(self) -> None:
+        self.log.append("pause")
+
+    def resume(self) -> None:
+        self.log.append("resume")
+
+
+def budget_with(limit: int) -> tuple[ConnectionBudget, Calls]:
+    budget, calls = ConnectionBudget(limit), Calls()
+    budget.when_exhausted(calls.pause, calls.resume)
+    return budget, calls
+
+
+def test_relay_sets_count_each_relay_once_and_the_budget_runs_out_at_its_limit() -> None:
+    budget, calls = budget_with(8)  # back at 6 (three quarters)
+    pods = [RelaySet(budget), RelaySet(budget)]
+    relays = [object() for _ in range(8)]
+    for index, relay in enumerate(relays):
+        pods[index % 2].add(relay)
+        pods[index % 2].add(relay)  # twice: counted once
+    assert budget.live == 8 and budget.exhausted and calls.log == ["pause"]
+    assert out_of_budget(pods[0]) and not out_of_budget(set())
+    pods[0].discard(relays[0])  # 7 > 6: still out
+    pods[0].discard(relays[0])  # not a member any more: nothing
+    assert budget.live == 7 and budget.exhausted and calls.log == ["pause"]
+    pods[1].discard(relays[1])  # 6: back
+    assert not budget.exhausted and calls.log == ["pause", "resume"]
+    assert budget.pauses == 1 and not out_of_budget(pods[0])
+
+
+def test_memory_pressure_runs_it_out_whatever_the_count() -> None:
+    budget, calls = budget_with(100)
+    pod = RelaySet(budget)
+    pod.add(object())
+    budget.under_pressure(True)
+    assert budget.exhausted and calls.log == ["pause"]
+    budget.under_pressure(True)  # no change, no call
+    assert calls.log == ["pause"]
+    budget.under_pressure(False)
+    assert not budget.exhausted and calls.log == ["pause", "resume"]
+
+
+def test_the_count_does_not_end_pressure_and_pressure_does_not_end_the_count() -> None:
+    budget, calls = budget_with(2)
+    pod = RelaySet(budget)
+    a, b = object(), object()
+    pod.add(a)
+    pod.add(b)  # out by count
+    budget.under_pressure(True)
+    pod.discard(a)
+    pod.discard(b)  # count back under, but memory still short: stays out
+    assert budget.exhausted
+    budget.under_pressure(False)
+    assert not budget.exhausted and calls.log == ["pause", "resume"]
+
+
+def test_it_is_sized_from_the_memory_limit() -> None:
+    assert sized_for(None, 25 * MIB) == DEFAULT_MAX_CONNECTIONS
+    at_48 = sized_for(48 * MIB, 25 * MIB)
+    assert 250 <= at_48 <= 350  # bench/overload.py: up to ~40 KiB each, ~25 MiB before any
+    assert at_48 == (int(48 * MIB * 0.85) - 25 * MIB - 4 * MIB) // CONNECTION_BYTES
+    assert sized_for(256 * MIB, 25 * MIB) > 4000
+    assert sized_for(30 * MIB, 29 * MIB) == 64  # never nothing at all
+    assert sized_for(64 * 1024 * MIB, 25 * MIB) == 16384
+
+
+def test_cgroup_memory_reads_v2_and_v1_layouts(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "agent").mkdir(parents=True)
+    (v2 / "kubepods" / "agent" / "memory.current").write_text("26214400\n")
+    (v2 / "kubepods" / "agent" / "memory.max").write_text("50331648\n")
+    proc = tmp_path / "cgroup-v2"
+    proc.write_text("0::/kubepods/agent\n")
+    memory = CgroupMemory(str(proc), str(v2))
+    assert (memory.usage(), memory.limit) == (26214400, 50331648)
+
+    (v2 / "kubepods" / "agent" / "memory.max").write_text("max\n")
+    assert CgroupMemory(str(proc), str(v2)).limit is None
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "pinion").mkdir(parents=True)
+    (v1 / "memory" / "pinion" / "memory.usage_in_bytes").write_text("1000\n")
+    (v1 / "memory" / "pinion" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    proc1 = tmp_path / "cgroup-v1"
+    proc1.write_text("12:pids:/x\n9:memory:/pinion\n1:name=systemd:/y\n0::/z\n")
+    memory = CgroupMemory(str(proc1), str(v1))
+    assert memory.usage() == 1000 and memory.limit is None  # v1's "no limit"
+    (v1 / "memory" / "pinion" / "memory.limit_in_bytes").write_text("50331648\n")
+    assert CgroupMemory(str(proc1), str(v1)).limit == 50331648
+
+    nowhere = CgroupMemory(str(tmp_path / "missing"), str(v1))
+    assert (nowhere.usage(), nowhere.limit) == (0, None)
+
+
+def test_memory_pressure_shrinks_it_to_what_fit_and_room_grows_it_back() -> None:
+    budget, _ = budget_with(1000)
+    pod = RelaySet(budget)
+    relays = [object() for _ in range(500)]
+    for relay in relays:
+        pod.add(relay)
+    budget.shrink()  # memory ran short at 500 open
+    assert (budget.limit, budget.resume_at) == (400, 300)
+    budget.under_pressure(True)
+    for relay in relays[:250]:
+        pod.discard(relay)
+    budget.under_pressure(False)  # 250 <= 300: back
+    assert not budget.exhausted
+    for _ in range(100):
+        budget.grow()
+    assert budget.limit == budget.ceiling == 1000  # never past where it started
+    for relay in relays[250:314]:
+        pod.discard(relay)
+    budget.shrink()  # 186 open: never under the floor, and never up
+    assert budget.limit == 148

@@ -3,8 +3,8 @@ Python observer counts: every scenario of the HTTP/1 accounting tests runs on bo
 differential property test drives both with the same generated conversations — heads of the
 fast path's shape and of every shape it hands over (HEAD, 1xx, 204, Upgrade, Connection,
 odd spacing), Content-Length and chunked bodies (hex case, leading zeros, extensions,
-trailers) split anywhere, byte flips, resets — comparing the records, the started counts and
-`opaque` after every step."""
+trailers) split anywhere, byte flips, resets — comparing the records, the started counts,
+`opaque`, `authority` and `at_rest` after every step."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core import http1
-from agent.core.accounting import Observer
-from agent.core.http1 import Http1Observer, http1_observer
+from agent.core import accounting, http1
+from agent.core.accounting import GRPC_FAILURE_LINKERD
+from agent.core.detect import ConnectionObserver, Protocol, observer_for
+from agent.core.http1 import Http1Observer, http1_at_rest, http1_observer
 
 from . import test_http1_accounting, test_http1_accounting_properties
 
 if not os.environ.get("CI"):  # in CI the extension must be there: `make venv` builds it
     pytest.importorskip("agent.core._http1fast", reason="not built: pip install -e . builds it")
-from agent.core._http1fast import Http1Fast, scan_request, scan_response
+from agent.core._http1fast import Http1Fast, host_in, scan_request, scan_response
 
 
 def fast_observer(max_header_bytes: int = http1.MAX_HEADER_BYTES, max_pending: int = http1.MAX_PENDING,
@@ -35,6 +36,27 @@ def fast_observer(max_header_bytes: int = http1.MAX_HEADER_BYTES, max_pending: i
 
 def test_the_agent_uses_the_compiled_path() -> None:
     assert isinstance(http1_observer(), Http1Fast)
+    assert isinstance(observer_for(Protocol.HTTP1), Http1Fast)
+
+
+def test_the_grpc_rule_reaches_the_python_observer_at_a_hand_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detect.observer_for gives HTTP/1 the agent's gRPC rule (Linkerd's): the compiled path
+    passes it to the Python observer it hands over to."""
+    seen: list[frozenset[int] | None] = []
+    original = Http1Observer.adopt
+
+    def spy(*args: Any) -> Http1Observer:
+        observer = original(*args)
+        seen.append(observer._grpc_failures)
+        return observer
+
+    monkeypatch.setattr(Http1Observer, "adopt", spy)
+    for observer in (observer_for(Protocol.HTTP1), http1_observer(),
+                     http1_observer(grpc_failures=frozenset({2}))):
+        assert isinstance(observer, Http1Fast)
+        observer.client_bytes(b"HEAD / HTTP/1.1\r\n\r\n", 1.0)  # HEAD is handed over
+        assert observer.delegated
+    assert seen == [GRPC_FAILURE_LINKERD, None, frozenset({2})]
 
 
 # ------------------------------------------------ every existing scenario, on the fast path
@@ -131,6 +153,9 @@ fields = st.sampled_from([
     "Connection: close", "Connection: keep-alive", "connection: Keep-Alive", "Connection: upgrade",
     "Keep-Alive: timeout=5", "Upgrade: websocket",
     "Expect: 100-continue", "Proxy-Connection: close", "content-length: 2", "Bad Name: x",
+    # Host: the connection's authority label (valid, invalid, odd spacing, too long)
+    "host:Web.Shop.svc:8080", "HOST \t: [::1]:80", "Host: 10.1.2.3", "Host: a_b", "Host: a b",
+    "Host: x:123456", "Host: " + "h" * 254, "Host: " + "h" * 253,
 ])
 request_line = st.sampled_from([
     "GET / HTTP/1.1", "GET /a/b?c=d&e=%20 HTTP/1.1", "POST /p HTTP/1.1", "PUT /x HTTP/1.1",
@@ -185,12 +210,15 @@ def conversation(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
     return steps
 
 
-def run(observer: Observer, steps: list[tuple[bool, bytes]], reset: bool) -> list[object]:
+def run(observer: Http1Observer | Http1Fast, steps: list[tuple[bool, bytes]], reset: bool) -> list[object]:
     trace: list[object] = []
     for t, (from_client, data) in enumerate(steps):
         feed = observer.client_bytes if from_client else observer.server_bytes
-        trace.append((feed(data, float(t)), observer.take_started(), observer.opaque))
-    trace.append((observer.closed(float(len(steps)), reset), observer.take_started(), observer.opaque))
+        trace.append((feed(data, float(t)), observer.take_started(), observer.opaque,
+                      observer.authority, observer.at_rest))
+        assert http1_at_rest(observer) == observer.at_rest
+    trace.append((observer.closed(float(len(steps)), reset), observer.take_started(), observer.opaque,
+                  observer.authority, observer.at_rest))
     return trace
 
 
@@ -203,10 +231,115 @@ def test_fast_and_python_observers_count_the_same(steps: list[tuple[bool, bytes]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=120)), max_size=20), st.booleans())
-def test_byte_soup_counts_the_same(steps: list[tuple[bool, bytes]], reset: bool) -> None:
-    prefix = [(True, b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")]
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=120)), max_size=20), st.booleans(),
+       st.sampled_from([b"", b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a"]))
+def test_byte_soup_counts_the_same(steps: list[tuple[bool, bytes]], reset: bool, first: bytes) -> None:
+    prefix = [(True, first)] if first else []
     assert run(fast_observer(), prefix + steps, reset) == run(Http1Observer(), prefix + steps, reset)
+
+
+# ------------------------------------------------------------------- authority, at rest
+
+host_pieces = st.sampled_from([
+    b"\r\n", b"\r", b"\n", b"Host", b"hOsT", b"host", b"HOST", b"Hos", b":", b" ", b"\t", b"a", b"Z",
+    b"[", b"]", b"::1", b"8080", b":80", b"_", b".", b"-", b"9", b"f", b"\xff", b"\x00", b"~",
+    b"GET / HTTP/1.1", b"x" * 300, b"y" * 250, b"1" * 6, b"e" * 44,
+])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(host_pieces, max_size=30))
+def test_the_c_host_finder_finds_what_the_python_one_finds(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert host_in(data) == accounting.host_in(data), data
+
+
+def test_the_c_host_finder_cases() -> None:
+    cases = {
+        b"GET / HTTP/1.1\r\nHost: Web.Shop:8080\r\n\r\n": "web.shop:8080",
+        b"GET / HTTP/1.1\r\nhost \t:\t10.0.0.1 \t\r\n": "10.0.0.1",
+        b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n": "[::1]:80",
+        b"GET / HTTP/1.1\r\nHost: [::1]x\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: [1]\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: [" + b"1" * 45 + b"]\r\n": "[" + "1" * 45 + "]",
+        b"GET / HTTP/1.1\r\nHost: [" + b"1" * 46 + b"]\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: a:\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: a:123456\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: a:12345\r\n": "a:12345",
+        b"GET / HTTP/1.1\r\nHost: -a\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: " + b"a" * 253 + b"\r\n": "a" * 253,
+        b"GET / HTTP/1.1\r\nHost: " + b"a" * 254 + b"\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: " + b"a" * 301 + b"\r\nHost: b\r\n": "b",
+        b"GET / HTTP/1.1\r\nHost: a b\r\nHost: c\r\n": "c",  # the first line does not match
+        b"GET / HTTP/1.1\r\nHost: a_b\r\nHost: c\r\n": "",  # it matches, and is no label
+        b"GET / HTTP/1.1\r\nX-Host: a\r\n": "",
+        b"GET / HTTP/1.1\r\nHost: a": "",  # the line is not complete in this chunk
+        b"Host: a\r\n": "",
+        b"": "",
+    }
+    for data, label in cases.items():
+        assert accounting.host_in(data) == label, data  # the reference
+        assert host_in(data) == label, data
+
+
+def test_authority_on_the_fast_path_and_after_a_hand_over() -> None:
+    observer = fast_observer()
+    assert observer.authority == "" and observer.at_rest
+    observer.client_bytes(b"GET / HTTP/1.1\r\nHost: a_b\r\n\r\n", 1.0)  # no label, and no more looking
+    observer.client_bytes(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", 1.0)
+    assert observer.authority == "" and not observer.delegated
+    observer = fast_observer()
+    observer.client_bytes(b"GET / HTTP/1.1\r\nHost: Web:80\r\n\r\n"
+                          b"HEAD / HTTP/1.1\r\nHost: other\r\n\r\n", 1.0)
+    assert observer.delegated and observer.authority == "web:80"
+    observer = fast_observer()  # the first head handed over, its Host line cut: Python looks on
+    observer.client_bytes(b"HEAD / HTTP/1.1\r\nHo", 1.0)
+    observer.client_bytes(b"\r\nHost: later\r\n\r\n", 1.0)
+    assert observer.delegated and observer.authority == "later"
+
+
+def test_at_rest_on_the_fast_path_and_after_a_hand_over() -> None:
+    for observer in (fast_observer(), Http1Observer()):
+        states = [observer.at_rest]
+        observer.client_bytes(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab", 1.0)
+        states.append(observer.at_rest)  # a request awaits its response
+        observer.server_bytes(b"HTTP/1.1 413 Too Big\r\nContent-Length: 0\r\n\r\n", 2.0)
+        states.append(observer.at_rest)  # answered in full (its body is still coming)
+        observer.client_bytes(b"cd", 3.0)
+        states.append(observer.at_rest)
+        observer.client_bytes(b"GET / HTTP/1.1\r\n\r\n", 4.0)
+        observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", 5.0)
+        states.append(observer.at_rest)  # mid response body
+        observer.server_bytes(b"cd", 6.0)
+        states.append(observer.at_rest)
+        observer.client_bytes(b"HEAD / HTTP/1.1\r\n\r\nGET / HT", 7.0)  # handed over, mid head
+        states.append(observer.at_rest)
+        observer.client_bytes(b"TP/1.1\r\n\r\n", 7.0)
+        observer.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 8.0)
+        states.append(observer.at_rest)
+        observer.closed(9.0, reset=False)
+        states.append(observer.at_rest)  # opaque
+        assert states == [True, False, True, True, False, True, False, True, False], type(observer)
+        assert isinstance(observer, Http1Observer) or observer.delegated
+
+
+def test_the_connection_observer_asks_either_http1_observer_if_at_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.core import detect
+
+    for make in (http1_observer, Http1Observer):
+        monkeypatch.setattr(detect, "observer_for", lambda protocol, make=make: make())
+        connection = ConnectionObserver()
+        assert connection.at_rest
+        connection.client_bytes(b"GET / HTTP/1.1\r\nHost: Svc:8080\r\n\r\n", 1.0)
+        assert not connection.at_rest and connection.authority == "svc:8080"
+        connection.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 2.0)
+        assert connection.at_rest, make
+        connection.client_bytes(b"HEAD / HTTP/1.1\r\n\r\n", 3.0)
+        assert not connection.at_rest
+        connection.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", 4.0)
+        assert connection.at_rest, make
 
 
 def test_abandon_on_both_paths() -> None:

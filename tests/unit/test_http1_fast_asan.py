@@ -2,7 +2,7 @@
 Records) under AddressSanitizer and UBSan: the extension is compiled with them into a
 temporary file, loaded in a child interpreter in place of the installed one, and driven by
 the differential tests of test_http1_fast.py (300 generated conversations, 200 byte
-soups). The libFuzzer run (test_http1_fast_fuzz.py) covers the scanner alone."""
+soups), the Host finder's tests and the authority / at_rest scenarios. The libFuzzer run (test_http1_fast_fuzz.py) covers the scanner alone."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ CHILD = textwrap.dedent("""
     t.test_a_chunk_extension_hands_over_mid_body()
     t.test_chunked_bodies_stay_on_the_fast_path_split_anywhere()
     t.test_common_messages_stay_on_the_fast_path_bodies_split_anywhere()
+    t.test_the_c_host_finder_finds_what_the_python_one_finds()
+    t.test_the_c_host_finder_cases()
+    t.test_authority_on_the_fast_path_and_after_a_hand_over()
+    t.test_at_rest_on_the_fast_path_and_after_a_hand_over()
     print("instrumented run ok")
 """)
 

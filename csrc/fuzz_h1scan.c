@@ -3,7 +3,8 @@
  * framing, then the next head), as requests and, separately, as responses. Checks: no read
  * outside the input (ASan), every accepted head lies inside the input and the bounded
  * prefix, ends with CRLF CRLF and has fields in range; the body walker only moves forward,
- * stays inside the input and keeps its state in range. Built and run by
+ * stays inside the input and keeps its state in range; the Host finder reads only the input
+ * and returns a lower-case printable label. Built and run by
  * tests/unit/test_http1_fast_fuzz.py (bounded) and, longer, as docs/fastpath.md describes:
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined csrc/fuzz_h1scan.c csrc/h1scan.c -o fuzz
  *   ./fuzz -max_total_time=600 corpus/ */
@@ -63,7 +64,25 @@ static void walk(const uint8_t *data, size_t size, int request) {
     }
 }
 
+/* The Host finder reads only the input, and what it returns is a label of the allowed shape. */
+static void host(const uint8_t *data, size_t size) {
+    char out[H1_MAX_HOST];
+    uint8_t *copy = malloc(size ? size : 1);
+    size_t length, i;
+    if (copy == NULL)
+        return;
+    memcpy(copy, data, size);
+    length = h1_host_in(copy, size, out);
+    free(copy);
+    if (length > H1_MAX_HOST)
+        abort();
+    for (i = 0; i < length; i++)
+        if (out[i] < '!' || out[i] > '~' || (out[i] >= 'A' && out[i] <= 'Z'))
+            abort();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    host(data, size);
     walk(data, size, 1);
     walk(data, size, 0);
     return 0;

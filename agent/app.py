@@ -56,12 +56,13 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     store.prepare()
     identities = _identities(config, registry)
     mesh_settings = MeshSettings(port=config.ports.tunnel, idle_timeout=config.tunnel_idle_seconds,
-                                 networks=config.mesh_networks)
+                                 networks=config.mesh_networks,
+                                 gateways=frozenset(config.gateway_identities))
     mesh = MeshClient(sockets, identities, metrics, mesh_settings) if identities is not None else None
     state = _cluster_state(config, identities)
     relay = RelaySettings(config.connect_timeout_seconds, config.write_buffer_high)
     outbound = OutboundProxy(sockets, telemetry, metrics, relay, mesh=mesh, router=state)
-    inbound = InboundProxy(sockets, telemetry, metrics, relay)
+    inbound = InboundProxy(sockets, telemetry, metrics, relay, mesh_settings.gateways)
     acceptor = None
     if identities is not None:  # the acceptor hands each stream it accepts to `inbound`
         acceptor = TunnelAcceptor(identities, metrics, mesh_settings, inbound)

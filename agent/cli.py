@@ -20,9 +20,9 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Coroutine, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from agent.config import REDIRECT_MODES, Config, Ports  # noqa: E402
 from agent.model import CaptureSettings  # noqa: E402
@@ -36,7 +36,7 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "issuer_url", "issuer_id", "token_file", "trust_bundle", "trust_domain",
                 "pod_uid", "tunnel_syn_rate", "bpf_max_pods", "bpf_max_connections",
                 "sweep_interval_seconds", "relay_idle_timeout_seconds", "keeper_socket",
-                "drain_seconds", "max_connections")
+                "drain_seconds", "max_connections", "gateway_identities")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     kube.add_argument("--trust-bundle", metavar="PATH", help="the mounted trust bundle "
                       "(default /var/run/pinion/trust-bundle/trust-bundle.crt)")
     kube.add_argument("--trust-domain", metavar="TD", help="default cluster.local")
+    agent.add_argument("--gateway-identities", metavar="SPIFFE,SPIFFE",
+                       help="this cluster's multicluster gateways: streams they forward count "
+                            "as from the linked cluster's caller, for policy and metrics")
     agent.add_argument("--cleanup", action="store_true",
                        help="on shutdown remove every capture rule (uninstall) instead of "
                             "leaving pods captured for the next agent")
@@ -143,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_issuer_parser(sub)
     _add_install_parser(sub)
     _add_viz_parsers(sub)
+    _add_multicluster_parser(sub)
     return parser
 
 
@@ -183,6 +187,9 @@ def _add_identity_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
                       help="SPIFFE trust domain (default cluster.local)")
     init.add_argument("--force", action="store_true",
                       help="replace existing keys (every certificate issued so far stops verifying)")
+    init.add_argument("--anchor-from", type=Path, metavar="DIR",
+                      help="no new anchor: an issuer for --trust-domain under the anchor of this "
+                           "identity dir (multicluster: linked clusters share one anchor)")
     init.set_defaults(run=_run_identity_init)
 
 
@@ -228,7 +235,19 @@ def _add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     install.add_argument("--pod-cidr", metavar="CIDR",
                          help="the cluster's pod network, kept out of --node-cidr, with a /24 per node "
                               "whose .0 and .1 (flannel.1, cni0) are admitted (default 10.42.0.0/16, k3s's)")
+    install.add_argument("--multicluster", action="store_true",
+                         help="also a gateway, so linked clusters reach Services exported here "
+                              "(docs/multicluster.md); agents then trust its forwarded identities")
+    install.add_argument("--linked-trust-domain", action="append", metavar="TD",
+                         help="with --multicluster: a trust domain the gateway admits; repeatable")
     install.set_defaults(run=_run_install)
+
+
+def _add_multicluster_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pinion multicluster`: as `linkerd multicluster` (docs/multicluster.md)."""
+    from agent.viz.multicluster_commands import add_multicluster_commands
+
+    add_multicluster_commands(sub)
 
 
 def _add_viz_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -264,15 +283,19 @@ def _run_agent(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.app import run_agent
 
-    runner = asyncio.run
+    return _event_loop_runner()(run_agent(config, cleanup=args.cleanup))
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop's run when it is installed (a faster event loop), else asyncio's."""
     if os.environ.get("PINION_EVENT_LOOP", "uvloop") == "uvloop":
         try:
             import uvloop  # optional: a faster event loop
 
-            runner = uvloop.run
+            return uvloop.run
         except ImportError:
             pass
-    return runner(run_agent(config, cleanup=args.cleanup))
+    return asyncio.run
 
 
 def _run_keeper(args: argparse.Namespace) -> int:
@@ -403,10 +426,13 @@ def _run_cni_uninstall(args: argparse.Namespace) -> int:
 
 
 def _run_identity_init(args: argparse.Namespace) -> int:
-    from agent.identity.files import init_identity_dir
+    from agent.identity.files import init_identity_dir, init_linked_identity_dir
 
     try:
-        written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
+        if args.anchor_from is not None:
+            written = init_linked_identity_dir(args.dir, args.anchor_from, args.trust_domain)
+        else:
+            written = init_identity_dir(args.dir, args.trust_domain, force=args.force)
     except FileExistsError as exc:
         print(f"pinion identity init: {exc}", file=sys.stderr)
         return 1
@@ -449,6 +475,10 @@ def _run_install(args: argparse.Namespace) -> int:
                                       tuple(args.node_cidr or install.DEFAULT_NODE_CIDRS),
                                       args.pod_cidr or install.DEFAULT_POD_CIDR)
         documents = install.render(install.load_manifests(), credentials, overrides)
+        if args.multicluster:
+            documents = install.with_multicluster(documents, credentials.trust_domain,
+                                                  args.linked_trust_domain or [],
+                                                  args.image)
     except install.InstallError as exc:
         print(f"pinion install: {exc}", file=sys.stderr)
         return 1

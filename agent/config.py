@@ -79,6 +79,9 @@ class Config:
     keeper_socket: Path | None = None  # the socket keeper (agent/inpod/keeper.py); None: none
     drain_seconds: float = 20.0  # SIGTERM: in-flight connections finish within this
     max_connections: int = 0  # relayed connections at once, all pods; 0 = from the memory limit
+    # multicluster gateways of this cluster (SPIFFE IDs): their streams carry the identity of
+    # a linked cluster's caller, which pods' policies and metrics then see (docs/multicluster.md)
+    gateway_identities: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str | None]) -> Config:
@@ -137,7 +140,16 @@ class Config:
             keeper_socket=_path(get("keeper_socket")),
             drain_seconds=_number(get("drain_seconds", "20"), "--drain-seconds", float),
             max_connections=_number(get("max_connections", "0"), "--max-connections", int),
+            gateway_identities=_spiffe_ids(get("gateway_identities", "") or ""),
         )
+
+
+def _spiffe_ids(text: str) -> tuple[str, ...]:
+    ids = tuple(sorted({i.strip() for i in text.split(",") if i.strip()}))
+    for spiffe_id in ids:
+        if not spiffe_id.startswith("spiffe://") or "/ns/" not in spiffe_id:
+            raise ValueError(f"--gateway-identity: {spiffe_id!r} is not a spiffe://TD/ns/NS/sa/SA ID")
+    return ids
 
 
 def _at_least_one(text: str | None, what: str) -> int:

@@ -8,6 +8,7 @@ what it returns. Nothing here touches a socket, a task or a clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,8 @@ class Route:
     labels: PeerLabels
     meshed: bool  # the destination is a pod whose agent serves the mesh tunnel
     identity: str  # its SPIFFE ID when meshed ("" otherwise)
+    target: str = ""  # a mirrored Service: `destination` is its cluster's gateway, and this
+    #                   the Service there (`<namespace>/<name>`) the stream asks for
 
 
 class Router(Protocol):
@@ -74,6 +77,8 @@ class Forward:
     observe: bool  # sniff and account HTTP; False: the port is declared opaque
     labels: PeerLabels = PLAINTEXT  # the dst_* labels of its metrics (outbound)
     identity: str = ""  # the SPIFFE ID the tunnel's server must prove ("" = not checked)
+    target: str = ""  # through a multicluster gateway: the remote Service (`<ns>/<name>`)
+    target_port: int = 0  # and its port (the one the app dialled)
 
 
 Decision = Refuse | Forward
@@ -108,8 +113,12 @@ def outbound(original_destination: tuple[str, int] | None, pod: PodFacts,
         path = Path.PROBE if mesh and pod.identity is not None else Path.PLAIN
         return Forward(original_destination, path, observe)
     route = router.route(original_destination)
+    if route.target and (not mesh or pod.identity is None):  # a gateway takes mTLS only
+        return Refuse("no_identity", f"{route.target} is in another cluster: only a pod with a "
+                      "mesh identity reaches it (through its gateway)")
     if mesh and pod.identity is not None and route.meshed:
-        return Forward(route.destination, Path.TUNNEL, observe, route.labels, route.identity)
+        return Forward(route.destination, Path.TUNNEL, observe, route.labels, route.identity,
+                       route.target, original_destination[1] if route.target else 0)
     return Forward(route.destination, Path.PLAIN, observe, route.labels)
 
 
@@ -124,9 +133,16 @@ def inbound_plaintext(original_destination: tuple[str, int] | None, pod: PodFact
     return Forward(original_destination, Path.PLAIN, original_destination[1] not in pod.opaque_ports)
 
 
-def inbound_stream(port: int, pod: PodFacts, labels: PeerLabels) -> Decision:
+def inbound_stream(port: int, pod: PodFacts, labels: PeerLabels, forwarded: str = "") -> Decision:
     """A tunnel stream to the pod's `port` (arrived on its 15008), from a client whose
-    proven identity `labels` carry; never to the proxy's own ports."""
+    proven identity `labels` carry; never to the proxy's own ports. `forwarded`: the stream
+    came through this cluster's multicluster gateway for that caller (another cluster's),
+    who is then the client: in the metrics and for the pod's allow-list."""
     if port in pod.own_ports or pod.ip is None:
         return Refuse("loop", f"tunnel stream to the proxy's own port {port}")
+    if forwarded:
+        if not pod.inbound.admits(forwarded):
+            return Refuse("not_allowed", f"{forwarded} (through the gateway) is not in the "
+                          "pod's allowed clients")
+        labels = dataclasses.replace(labels, client_id=forwarded)
     return Forward((pod.ip, port), Path.PLAIN, port not in pod.opaque_ports, labels)

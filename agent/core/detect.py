@@ -115,11 +115,13 @@ class ConnectionObserver:
 
     @property
     def at_rest(self) -> bool:
-        """HTTP/1 between messages, or nothing sent yet: a clean point to close at. Never
-        for HTTP/2 or opaque streams (they have no such point we can see)."""
+        """HTTP/1 between messages: a clean point to close at. Never for HTTP/2 or opaque
+        streams (they have no such point we can see), nor before the first byte is read."""
         inner = self._inner
         if inner is None:
-            return not self._prefix and not self._early_server
+            # Nothing read yet is not "between requests": a connection just accepted is not
+            # read until its upstream is connected, and its request may wait in the kernel.
+            return False
         return http1_at_rest(inner)
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:

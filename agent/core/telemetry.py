@@ -52,6 +52,8 @@ class PeerLabels:
     dst_owner_kind: str = ""  # rendered as dst_<kind>="<name>", e.g. dst_deployment="web"
     dst_owner_name: str = ""
     dst_service: str = ""  # the Service whose virtual IP the client connected to
+    dst_target_cluster: str = ""  # a mirrored Service's cluster (Linkerd multicluster's labels)
+    dst_target_service: str = ""  # and its name there
 
 
 PLAINTEXT: Final = PeerLabels()

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from agent.core import connections
+from agent.core.multicluster import forwarded_client
 from agent.core.telemetry import Telemetry
 from agent.core.tunnel_frames import ErrorCode
 from agent.dataplane.budget import out_of_budget
@@ -27,8 +28,9 @@ class InboundProxy:
     """15006 in every captured pod, and the streams its 15008 accepts (`InboundStreams`)."""
 
     def __init__(self, sockets: SocketFactory, telemetry: Telemetry, metrics: AgentMetrics,
-                 settings: RelaySettings) -> None:
+                 settings: RelaySettings, gateways: frozenset[str] = frozenset()) -> None:
         self.telemetry = telemetry
+        self._gateways = gateways  # multicluster gateways: they forward callers' identities
         self._settings = settings
         self._metrics = metrics
         self._plain = PlainUpstream(sockets, metrics, settings.connect_timeout)
@@ -43,7 +45,10 @@ class InboundProxy:
             self._metrics.proxy_errors.labels("inbound", "over_capacity").inc()
             session.refuse(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        decision = connections.inbound_stream(port, pod, session.labels)
+        forwarded = ""
+        if session.peer_id in self._gateways:
+            forwarded = forwarded_client(session.peer_id, metadata, self._gateways)
+        decision = connections.inbound_stream(port, pod, session.labels, forwarded)
         if isinstance(decision, connections.Refuse):
             self._metrics.proxy_errors.labels("inbound", decision.reason).inc()
             session.refuse(stream_id, ErrorCode.CONNECT_ERROR)

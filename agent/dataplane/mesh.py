@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.config import DEFAULT_MESH_NETWORKS
 from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, HandshakeGate, HandshakeLimits
+from agent.core.multicluster import trust_domain_of
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.slots import SourceSlots
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
@@ -79,6 +80,9 @@ class MeshSettings:
     max_peer_connections: int = 4  # per (client identity, address) on one pod's 15008...
     max_peer_connections_node: int = 256  # ...and on all this node's pods (k3s: 110 a node)
     handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)
+    # multicluster gateways of this cluster: they forward callers of linked clusters, whose
+    # identity (not the gateway's) a pod's allow-list is checked against, stream by stream
+    gateways: frozenset[str] = frozenset()
 
 
 class MeshClient:
@@ -108,10 +112,11 @@ class MeshClient:
         return None
 
     async def session_for(self, pod: PodContext, destination: str,
-                          expected: str = "") -> TunnelSession | None:
+                          expected: str = "", port: int = 0) -> TunnelSession | None:
         """A session to `destination`'s 15008, or None: not meshed, go in plaintext.
         `expected`: the SPIFFE ID the destination must prove (Kubernetes mode knows it
-        from the pod registry, and never probes); "" = find out by trying 15008 once."""
+        from the pod registry, and never probes); "" = find out by trying 15008 once.
+        `port`: another port than 15008 (a multicluster gateway's; `expected` required)."""
         if pod.identity is None:
             return None
         key = (pod.identity, destination)
@@ -123,7 +128,7 @@ class MeshClient:
         dialing = self._dialing.get(key)
         if dialing is None:  # its own task: a client that gives up does not cancel it
             dialing = self._dialing[key] = asyncio.get_running_loop().create_task(
-                self._dial(pod, key, expected))
+                self._dial(pod, key, expected, port or self._settings.port))
             dialing.add_done_callback(lambda task: self._dialed(key, task))
         return await asyncio.shield(dialing)
 
@@ -142,8 +147,9 @@ class MeshClient:
         address = ipaddress.IPv4Address(destination)
         return any(address in network for network in self._networks)
 
-    async def _dial(self, pod: PodContext, key: tuple[str, str], expected: str) -> TunnelSession | None:
-        """Connect to the destination's 15008 from the pod's netns, then the TLS handshake."""
+    async def _dial(self, pod: PodContext, key: tuple[str, str], expected: str,
+                    port: int) -> TunnelSession | None:
+        """Connect to the destination's 15008 (or `port`) from the pod's netns, then TLS."""
         settings, loop = self._settings, asyncio.get_running_loop()
         destination = key[1]
         try:
@@ -152,19 +158,19 @@ class MeshClient:
             raise TunnelError("socket", f"cannot create tunnel socket: {exc}") from None
         try:
             set_keepalive(sock)
-            await connect(loop, sock, (destination, settings.port), settings.dial_timeout)
+            await connect(loop, sock, (destination, port), settings.dial_timeout)
         except ConnectionRefusedError:
             sock.close()
             if expected:
                 raise TunnelError("tunnel_refused", f"{destination} is a meshed pod ({expected}) and "
-                                  f"refuses port {settings.port}: not falling back to plaintext") from None
+                                  f"refuses port {port}: not falling back to plaintext") from None
             self._refused(destination)
             return None
         except (OSError, TimeoutError) as exc:
             sock.close()
             reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
             raise TunnelError(f"tunnel_{reason}",
-                              f"mesh tunnel to {destination}:{settings.port}: {exc or 'timeout'}") from None
+                              f"mesh tunnel to {destination}:{port}: {exc or 'timeout'}") from None
         except BaseException:
             sock.close()
             raise
@@ -209,8 +215,9 @@ class MeshClient:
             raise TunnelError(f"tunnel_{reason}", f"mesh tunnel to {destination}: TLS "
                               f"handshake failed ({reason}): {exc}") from None
         self._metrics.tunnel_connections.labels("outbound").inc()
-        try:
-            server_id = verify_identity(transport, self._identities.trust_domain)
+        try:  # a remote cluster's gateway proves an ID of its own (linked) trust domain
+            domain = trust_domain_of(expected) or self._identities.trust_domain
+            server_id = verify_identity(transport, domain)
             if expected and server_id != expected:
                 raise IdentityRejected("unexpected_identity", f"server proved {server_id}, "
                                        f"but the pod at {destination} is {expected}")
@@ -391,8 +398,7 @@ class TunnelAcceptor:
 
         def admit(session: TunnelSession, transport: asyncio.BaseTransport) -> bool:
             try:
-                client_id = verify_identity(transport, self._identities.trust_domain,
-                                            pod.inbound.allowed_clients)
+                client_id = self.client_identity(pod, transport)
                 self._count_peer(pod, client_id, session)
             except IdentityRejected as exc:
                 self._refused(pod, session.peername, exc.reason, str(exc))
@@ -411,6 +417,14 @@ class TunnelAcceptor:
 
         return TunnelSession("server", on_stream=on_stream, on_closed=closed, admit=admit,
                              max_streams=self._settings.max_streams)
+
+    def client_identity(self, pod: PodContext, transport: asyncio.BaseTransport) -> str:
+        """The client's proven SPIFFE ID if it may tunnel into `pod`; else IdentityRejected.
+        (A multicluster gateway's callers are checked stream by stream, by inbound_stream.)"""
+        client_id = verify_identity(transport, self._identities.trust_domain)
+        if client_id not in self._settings.gateways and not pod.inbound.admits(client_id):
+            raise IdentityRejected("not_allowed", f"{client_id} is not in the pod's allowed clients")
+        return client_id
 
     def _count_peer(self, pod: PodContext, client_id: str, session: TunnelSession) -> None:
         """A client pod needs one connection per pod pair (more only past 256 streams): at

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from agent.core import connections
 from agent.core.connections import Forward, Path, Router
+from agent.core.multicluster import TARGET_KEY
 from agent.core.telemetry import PeerLabels, Telemetry
 from agent.dataplane.context import PodContext
 from agent.dataplane.mesh import MeshClient, TunnelError
@@ -81,8 +82,9 @@ class OutboundProxy:
         try:
             if pause:
                 await asyncio.sleep(pause)
-            session = await self._mesh.session_for(relay.pod, decision.destination[0],
-                                                   decision.identity)
+            session = await self._mesh.session_for(  # a gateway listens on its own port
+                relay.pod, decision.destination[0], decision.identity,
+                decision.destination[1] if decision.target else 0)
         except TunnelError as exc:  # counted as what it was to be: mTLS, never plaintext
             relay.connecting = None
             relay.peer_labels = self._tunnel_labels(decision.labels, decision.identity)
@@ -113,7 +115,11 @@ class OutboundProxy:
             labels = self._tunnel_labels(decision.labels, labels.server_id)
         if relay.record is None:
             relay.open_record(labels)
-        stream = session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
+        if decision.target:  # to another cluster's gateway: the Service there, and its port
+            stream = session.open_stream(relay.upstream, decision.target_port,
+                                         {**relay.pod.metadata, TARGET_KEY: decision.target})
+        else:
+            stream = session.open_stream(relay.upstream, decision.destination[1], relay.pod.metadata)
         stream.on_refused = lambda sent: self._move(relay, decision, sent, session)
         if not relay.upstream.write_blocked:
             client.resume_reading()

@@ -43,7 +43,8 @@ class SocketFactory:
         `source` (a client's address), a transparent socket that speaks as that client."""
         sock = self._switch.call(netns, _nonblocking_tcp_socket)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+            if self._mark:  # 0: nothing here is captured (the multicluster gateway's own pod)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
             # TCP_NODELAY: the event loop sets it on every transport it makes of a socket
             if source is not None:
                 _bind_as(sock, source)

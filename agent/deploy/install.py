@@ -149,6 +149,26 @@ def render(manifests: Sequence[dict[str, Any]], credentials: IssuerCredentials,
     return documents
 
 
+def with_multicluster(documents: list[dict[str, Any]], trust_domain: str, linked_domains: Sequence[str],
+                      image: str | None) -> list[dict[str, Any]]:
+    """The rendered manifests plus the gateway's (agent.deploy.multicluster), and the agents
+    told to trust the gateway's forwarded identities (ConfigMap key gateway-identities)."""
+    from agent.deploy import multicluster
+
+    try:
+        extra = multicluster.gateway_manifests(trust_domain, list(linked_domains),
+                                               image or multicluster.DEFAULT_IMAGE)
+    except ValueError as exc:
+        raise InstallError(str(exc)) from None
+    documents = copy.deepcopy(documents)
+    settings = _find(documents, "ConfigMap", CONFIG_NAME)["data"]
+    settings["gateway-identities"] = multicluster.gateway_identity(trust_domain)
+    policy = _find(documents, "NetworkPolicy", ISSUER_POLICY)  # the gateway asks it too
+    policy["spec"]["ingress"][0]["from"].append(
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": multicluster.GATEWAY}}})
+    return documents + extra
+
+
 def issuer_peers(node_cidrs: Sequence[str], pod_cidr: str,
                  node_prefix: int = NODE_POD_PREFIX) -> list[dict[str, Any]]:
     """The NetworkPolicy peers that are nodes: each node CIDR without the pod network, and the .0/31 of

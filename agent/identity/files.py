@@ -23,6 +23,7 @@ from agent.identity.crypto import (
     cert_info,
     generate_key,
     issue_intermediate,
+    load_private_key,
     self_signed_ca,
 )
 from agent.identity.spiffe import check_trust_domain
@@ -86,6 +87,35 @@ def new_authority(trust_domain: str = "cluster.local", anchor_lifetime: float = 
             TRUST_BUNDLE: anchor,
             TRUST_DOMAIN: f"{trust_domain}\n".encode(),
         }
+
+
+def init_linked_identity_dir(path: Path, anchor_dir: Path, trust_domain: str,
+                             issuer_lifetime: float = YEAR, *,
+                             clock: Callable[[], float] = time.time) -> list[Path]:
+    """An identity dir for another trust domain under the anchor of `anchor_dir` (multicluster:
+    two clusters, two trust domains, one anchor, so each verifies the other's workloads). The
+    anchor's key is read, not copied; the new dir holds its own issuer and the same bundle."""
+    check_trust_domain(trust_domain)
+    existing = [name for name in (ISSUER_KEY, ISSUER_CERT) if (path / name).exists()]
+    if existing:
+        raise FileExistsError(f"{path} already holds {', '.join(existing)}")
+    anchor_pem = (anchor_dir / TRUST_ANCHOR_CERT).read_bytes()
+    bundle = (anchor_dir / TRUST_BUNDLE).read_bytes()
+    now = clock()
+    with load_private_key((anchor_dir / TRUST_ANCHOR_KEY).read_bytes()) as anchor_key, \
+            generate_key() as issuer_key:
+        issuer = issue_intermediate(issuer_key, issuer_cert_pem=anchor_pem, issuer_key=anchor_key,
+                                    common_name=f"identity.pinion.{trust_domain}",
+                                    not_before=now - CA_BACKDATE, not_after=now + issuer_lifetime,
+                                    trust_domain=trust_domain)
+        files = {ISSUER_KEY: issuer_key.private_pem(), TRUST_ANCHOR_CERT: anchor_pem,
+                 ISSUER_CERT: issuer, TRUST_BUNDLE: bundle,
+                 TRUST_DOMAIN: f"{trust_domain}\n".encode()}
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for name, data in files.items():
+        atomic_write(path / name, data, 0o600 if name.endswith(".key") else 0o644)
+    return [path / name for name in files]
 
 
 def split_pem_certificates(pem: bytes) -> list[bytes]:

@@ -159,7 +159,8 @@ def _with_peer(values: dict[str, str], peer: PeerLabels, direction: str) -> dict
     if peer.tls != "true":
         values["no_tls_reason"] = (NO_TLS_FROM_REMOTE if direction == "inbound"
                                    else NOT_PROVIDED_BY_SERVICE_DISCOVERY)
-    for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service"):
+    for name in ("client_id", "server_id", "dst_namespace", "dst_pod", "dst_service",
+                 "dst_target_cluster", "dst_target_service"):
         value = getattr(peer, name)
         if value:
             values[name] = value

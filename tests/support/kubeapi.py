@@ -413,7 +413,9 @@ class FakeApiServer:
     def start(self) -> FakeApiServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         hosts = [self.host, "127.0.0.1", "::1", "localhost", "kubernetes", "kubernetes.default.svc"]
-        self._certs = make_server_certs(self.directory, [h for h in hosts if h not in ("0.0.0.0", "::")])
+        if self._certs is None:  # a restart (go_away, come_back) keeps them, as a real server
+            self._certs = make_server_certs(self.directory, [h for h in hosts if h not in ("0.0.0.0", "::")])
+        self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="fake-kube-apiserver", daemon=True)
         self._thread.start()
         if not self._ready.wait(10) or self._failure is not None:
@@ -429,6 +431,21 @@ class FakeApiServer:
         self._thread = self._loop = None
         if self._own_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def go_away(self) -> None:
+        """Stop serving (every connection cut, the listener closed), keeping the objects, the
+        tokens and the certificates: `come_back` then restarts it, as a restarted API server
+        with its etcd. Objects cannot be changed meanwhile."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._thread = self._loop = None
+
+    def come_back(self, listen_socket: socket.socket | None = None) -> FakeApiServer:
+        """Serve again after `go_away` (on a new listening socket when it had one)."""
+        self._listen_socket = listen_socket
+        return self.start()
 
     def __enter__(self) -> FakeApiServer:
         return self.start()

@@ -268,6 +268,7 @@ class Store:
     history_limit: int = 10_000
     revision: int = 1
     horizon: int = 0  # watching from a resourceVersion older than this is 410 Gone
+    allocated_ips: int = 0  # ClusterIPs handed out
     _objects: dict[tuple[str, str], dict[tuple[str, str], JsonObject]] = field(default_factory=dict)
     _history: deque[Change] = field(default_factory=deque)
     _watchers: set[Watcher] = field(default_factory=set)
@@ -298,7 +299,20 @@ class Store:
         if resource.kind == "Namespace":
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             obj.setdefault("status", {"phase": "Active"})
+        if resource.kind == "Service":
+            self._allocate_cluster_ip(obj)
         return self._commit(resource, key, "ADDED", None, obj)
+
+    def _allocate_cluster_ip(self, obj: JsonObject) -> None:
+        """As a real API server: a ClusterIP Service created without one gets one (from
+        10.43.0.0/16, k3s's service CIDR), kept when an update leaves it out."""
+        spec = obj.setdefault("spec", {})
+        if spec.get("type", "ClusterIP") not in ("ClusterIP", "NodePort", "LoadBalancer") or \
+                spec.get("clusterIP"):
+            return
+        self.allocated_ips += 1
+        ip = f"10.43.{200 + self.allocated_ips // 250}.{self.allocated_ips % 250 + 1}"
+        spec["clusterIP"], spec["clusterIPs"] = ip, [ip]
 
     def replace(self, resource: Resource, obj: JsonObject) -> JsonObject:
         key = self._key(resource, obj)
@@ -313,6 +327,11 @@ class Store:
         metadata = obj.setdefault("metadata", {})
         for kept in ("uid", "creationTimestamp"):
             metadata[kept] = current["metadata"][kept]
+        if resource.kind == "Service" and not (obj.get("spec") or {}).get("clusterIP"):
+            current_spec = current.get("spec") or {}
+            for field_name in ("clusterIP", "clusterIPs"):  # immutable: an update keeps it
+                if field_name in current_spec:
+                    obj.setdefault("spec", {})[field_name] = current_spec[field_name]
         return self._commit(resource, key, "MODIFIED", current, obj)
 
     def apply(self, resource: Resource, obj: JsonObject) -> JsonObject:
@@ -364,8 +383,17 @@ class Store:
                              "consistent list result. You can start a new list without the continue "
                              "parameter.")
 
+    @staticmethod
+    def _string_data(resource: Resource, obj: JsonObject) -> None:
+        """As a real API server: a Secret's stringData is written into data, base64."""
+        if resource.kind == "Secret" and isinstance(obj.get("stringData"), dict):
+            data = obj.setdefault("data", {})
+            for key, value in obj.pop("stringData").items():
+                data[key] = base64.b64encode(str(value).encode()).decode()
+
     def _commit(self, resource: Resource, key: tuple[str, str], change_type: str, old: JsonObject | None,
                 new: JsonObject) -> JsonObject:
+        self._string_data(resource, new)
         self.revision += 1
         new["apiVersion"], new["kind"] = resource.group_version, resource.kind
         new["metadata"]["resourceVersion"] = str(self.revision)

@@ -518,7 +518,8 @@ def test_overrides_change_only_what_they_name() -> None:
     assert code == 0
     documents = [d for d in yaml.safe_load_all(out) if d]
     assert find(documents, "ConfigMap", "pinion-config")["data"] == {
-        "trust-domain": "cluster.local", "redirect": "nftables", "log-level": "debug"}
+        "trust-domain": "cluster.local", "redirect": "nftables", "log-level": "debug",
+        "gateway-identities": ""}
     images = {c["image"] for _, spec in pod_specs(documents) for c in spec["containers"]}
     assert images == {"registry.local/pinion:dev"}
     agent = container(documents, "pinion-agent", "agent")
@@ -666,3 +667,43 @@ def test_the_keeper_holds_listeners_where_the_agent_hands_them_over(objects: lis
     assert keeper_set["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert not specs["pinion-keeper"].get("hostNetwork") and "ports" not in keeper
     assert specs["pinion-agent"]["terminationGracePeriodSeconds"] >= float(agent_flags["--drain-seconds"]) + 5
+
+
+# --- multicluster (docs/multicluster.md) ------------------------------------------------------
+
+def multicluster_documents() -> list[dict[str, Any]]:
+    from agent.deploy import multicluster
+
+    code, stream, err = run_install("--multicluster", "--linked-trust-domain", "edge.local")
+    assert code == 0, err
+    remote = multicluster.RemoteCluster("https://203.0.113.7:6443", b"CA", "token", "203.0.113.7:4143",
+                                        multicluster.gateway_identity("cloud.local"), "203.0.113.7:4191")
+    return [d for d in yaml.safe_load_all(stream) if d] + multicluster.link_manifests("cloud", remote)
+
+
+def test_multicluster_manifests_validate_against_kubernetes_1_30() -> None:
+    for document in multicluster_documents():
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_gateway_and_the_mirror_run_commands_pinion_accepts_unprivileged() -> None:
+    from agent.viz import multicluster_commands as commands
+
+    documents = multicluster_documents()
+    for workload, spec in pod_specs(documents):
+        if workload not in ("pinion-gateway", "pinion-mirror-cloud"):
+            continue
+        for c in spec["containers"]:
+            context = c["securityContext"]
+            assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
+            parsed = cli._parser().parse_args(c["args"])  # an unknown flag would exit 2 here
+            assert parsed.run in (commands._run_mc_gateway, commands._run_mc_mirror) and parsed.in_cluster
+    accounts = {d["metadata"]["name"] for d in documents if d["kind"] == "ServiceAccount"}
+    assert {spec["serviceAccountName"] for _, spec in pod_specs(documents)} <= accounts
+
+
+def test_kubectl_would_create_every_multicluster_object(api_server: Any, tmp_path: Path) -> None:
+    documents = multicluster_documents()
+    stream = yaml.safe_dump_all(documents)
+    output = kubectl_dry_run(api_server, tmp_path, "-", stdin=stream)
+    assert sorted(output) == created(documents)

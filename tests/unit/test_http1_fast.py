@@ -331,7 +331,7 @@ def test_the_connection_observer_asks_either_http1_observer_if_at_rest(
     for make in (http1_observer, Http1Observer):
         monkeypatch.setattr(detect, "observer_for", lambda protocol, make=make: make())
         connection = ConnectionObserver()
-        assert connection.at_rest
+        assert not connection.at_rest  # nothing read yet: its request may wait in the kernel
         connection.client_bytes(b"GET / HTTP/1.1\r\nHost: Svc:8080\r\n\r\n", 1.0)
         assert not connection.at_rest and connection.authority == "svc:8080"
         connection.server_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 2.0)

@@ -376,3 +376,26 @@ def test_the_signer_must_be_in_the_policys_trust_domain(world: World) -> None:
 
     with pytest.raises(ValueError, match="trust domain"):
         CertificateIssuer(IssuerPolicy("other.org"), signer, world.reviews, world.pods)
+
+
+# --- the multicluster gateway (docs/multicluster.md) -------------------------------------------
+
+GATEWAY = SpiffeId("cluster.local", "pinion-system", "pinion-gateway")
+
+
+def test_the_gateways_own_token_gets_the_gateways_identity_and_nothing_else(world: World) -> None:
+    world.reviews.agent("gateway", username="system:serviceaccount:pinion-system:pinion-gateway")
+
+    issued = world.ask(csr_body(GATEWAY), token="gateway")
+    assert (issued.status, issued.result, issued.identity) == (200, "issued", str(GATEWAY))
+    assert world.ask(csr_body(CART), token="gateway").result == "wrong_service_account"
+    other = SpiffeId("cluster.local", "pinion-system", "pinion-agent")
+    assert world.ask(csr_body(other), token="gateway").result == "forbidden_namespace"
+
+
+def test_no_one_else_gets_the_gateways_identity(world: World) -> None:
+    world.reviews.agent("web", username="system:serviceaccount:shop:web")
+
+    assert world.ask(csr_body(GATEWAY)).result == "wrong_service_account"  # an agent's token
+    assert world.ask(csr_body(GATEWAY), token="web").result == "wrong_service_account"
+    assert world.ask(csr_body(GATEWAY), token="nobody").result == "unauthenticated"

@@ -187,7 +187,8 @@ class RefusingMesh:
     def pooled(self, pod: PodContext, destination: str, expected: str = "") -> None:
         return None
 
-    async def session_for(self, pod: PodContext, destination: str, expected: str = "") -> None:
+    async def session_for(self, pod: PodContext, destination: str, expected: str = "",
+                          port: int = 0) -> None:
         from agent.dataplane.mesh import TunnelError
 
         raise TunnelError("tunnel_refused", f"{destination} refuses port 15008")

@@ -42,11 +42,17 @@ def test_draining_mid_request_closes_right_after_the_response(netns: NetNs) -> N
     assert (counters.close_success, counters.close_failure) == (1, 0)
 
 
-def test_draining_a_connection_that_sent_nothing_closes_it(netns: NetNs) -> None:  # noqa: F811
+def test_draining_a_connection_not_read_yet_waits_for_its_request(netns: NetNs) -> None:  # noqa: F811
+    """Accepted just before the drain: its request may be in the kernel, unread (the client
+    side is not read until the upstream is connected). Closing it would lose that request."""
     connection = Connection(netns)
     upstream = connection.connect_upstream()
     connection.relay.drain()
+    assert not connection.client.closed and not upstream.closed
+    connection.client.send(REQUEST)
+    upstream.send(RESPONSE)  # then it ends after its response, as any HTTP/1 connection
     assert connection.client.closed and upstream.closed
+    assert bytes(connection.client.received) == RESPONSE
 
 
 def test_draining_leaves_opaque_and_http2_connections_running(netns: NetNs) -> None:  # noqa: F811

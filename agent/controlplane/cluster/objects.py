@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from agent.core import multicluster
+
 # Opt-in keys, in the order they are asked (docs/kubernetes.md).
 MESH_KEY = "pinion.dev/mesh"
 LINKERD_INJECT = "linkerd.io/inject"
@@ -92,11 +94,22 @@ class ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorOf:
+    """A Service mirrored from a linked cluster (agent.core.multicluster): whose it is and
+    whom its endpoint, that cluster's gateway, must prove to be."""
+
+    cluster: str
+    remote_name: str  # the Service's name there (same namespace)
+    gateway_identity: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceRecord:
     namespace: str
     name: str
     cluster_ips: tuple[str, ...]
     ports: tuple[ServicePort, ...]
+    mirror: MirrorOf | None = None
 
     @property
     def key(self) -> str:
@@ -235,7 +248,18 @@ def project_service(obj: dict[str, Any]) -> ServiceRecord | None:
     if not vips or not ports:
         return None
     return ServiceRecord(str(meta.get("namespace") or "default"), str(meta["name"]), tuple(vips),
-                         tuple(ports))
+                         tuple(ports), _mirror_of(meta))
+
+
+def _mirror_of(meta: dict[str, Any]) -> MirrorOf | None:
+    labels, annotations = _strings(meta.get("labels")), _strings(meta.get("annotations"))
+    cluster = labels.get(multicluster.CLUSTER_LABEL, "")
+    identity = annotations.get(multicluster.GATEWAY_IDENTITY, "")
+    remote = annotations.get(multicluster.REMOTE_NAME, "").split(".", 1)[0]
+    if labels.get(multicluster.MIRRORED_LABEL) != "true" or not cluster or not remote or \
+            not identity.startswith("spiffe://"):
+        return None
+    return MirrorOf(cluster, remote, identity)
 
 
 def project_job(obj: dict[str, Any]) -> JobRecord | None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from agent.controlplane.cluster.objects import (
     JobRecord,
+    MirrorOf,
     NamespaceRecord,
     Owner,
     PodRecord,
@@ -111,6 +112,9 @@ class ClusterState:
     def pod(self, key: str) -> PodRecord | None:
         return self._pods.get(key)
 
+    def service(self, key: str) -> ServiceRecord | None:
+        return self._services.get(key)
+
     def namespace(self, name: str) -> NamespaceRecord | None:
         return self._namespaces.get(name)
 
@@ -151,6 +155,9 @@ class ClusterState:
             turn = self._turns.setdefault(destination, itertools.count())
             destination = endpoints[next(turn) % len(endpoints)]
             service = key.split("/", 1)[1]
+            mirror = self._services[key].mirror
+            if mirror is not None:  # another cluster's Service: through its gateway
+                return _through_gateway(destination, key, mirror)
         record = self.pod_at(destination[0])
         if record is None:
             labels = PeerLabels(dst_service=service) if service else PLAINTEXT
@@ -166,6 +173,16 @@ class ClusterState:
         return {"pods": len(self._pods), "namespaces": len(self._namespaces),
                 "services": len(self._services), "endpointslices": len(self._slices),
                 "cronjob jobs": len(self._cronjob_of)}
+
+
+def _through_gateway(gateway: tuple[str, int], key: str, mirror: MirrorOf) -> Route:
+    """A mirrored Service's route: to the linked cluster's gateway, which must prove its
+    identity, asking for the Service there (Linkerd's dst_target_* labels say which)."""
+    namespace, name = key.split("/", 1)
+    labels = PeerLabels(dst_namespace=namespace, dst_service=name,
+                        dst_target_cluster=mirror.cluster, dst_target_service=mirror.remote_name)
+    return Route(gateway, labels, True, mirror.gateway_identity,
+                 f"{namespace}/{mirror.remote_name}")
 
 
 def _target_port(service_port: ServicePort, record: SliceRecord) -> int | None:

@@ -83,10 +83,20 @@ class IssuerPolicy:
     audience: str = "pinion-issuer"
     max_lifetime: float = 86400.0
     also_protected: tuple[str, ...] = ()  # e.g. where the trust bundle is published
+    # the multicluster gateway (docs/multicluster.md): its own pod's token gets its own identity
+    gateway_service_account: str = "pinion-gateway"
 
     @property
     def agent_username(self) -> str:
         return f"system:serviceaccount:{self.agent_namespace}:{self.agent_service_account}"
+
+    @property
+    def gateway_username(self) -> str:
+        return f"system:serviceaccount:{self.agent_namespace}:{self.gateway_service_account}"
+
+    @property
+    def gateway_identity(self) -> SpiffeId:
+        return SpiffeId(self.trust_domain, self.agent_namespace, self.gateway_service_account)
 
     @property
     def protected_namespaces(self) -> frozenset[str]:
@@ -154,10 +164,15 @@ class CertificateIssuer:
             token = bearer_token(authorization)
             request = parse_request(body, self.policy)
             identity = str(request.identity)
-            check_namespace(request.identity, self.policy)  # before TokenReview: it costs nothing
+            gateway = request.identity == self.policy.gateway_identity
+            if not gateway:
+                check_namespace(request.identity, self.policy)  # before TokenReview: it costs nothing
             async with asyncio.timeout(self._deadline):
-                node = await self.caller_node(token)
-                await self.check_scheduled(request.identity, node)
+                if gateway:  # its own token, its own identity: nothing else, from no one else
+                    await self.check_gateway(token)
+                else:
+                    node = await self.caller_node(token)
+                    await self.check_scheduled(request.identity, node)
             return self._issue(request, node)
         except Refusal as refusal:
             result = _STATUS_RESULT.get(refusal.status, refusal.reason)
@@ -171,8 +186,8 @@ class CertificateIssuer:
             return Reply(500, "error", {"error": "internal error", "reason": "error"}, identity, node,
                          f"internal error: {exc!r}")
 
-    async def caller_node(self, token: str) -> str:
-        """The node of the agent whose token this is; Refusal 401/403 when it is not an agent's."""
+    async def _reviewed(self, token: str) -> Review:
+        """TokenReview's answer for a token valid for the issuer; Refusal 401 otherwise."""
         review = await self._reviewer.review(token, self.policy.audience)
         if not review.authenticated:
             raise Refusal(401, "unauthenticated",
@@ -181,6 +196,19 @@ class CertificateIssuer:
             # An empty status.audiences means the token is for the API server itself (Kubernetes docs).
             raise Refusal(401, "unauthenticated",
                           f"the token is not valid for audience {self.policy.audience}")
+        return review
+
+    async def check_gateway(self, token: str) -> None:
+        """Refusal unless the token is the multicluster gateway's service account's."""
+        review = await self._reviewed(token)
+        if review.username != self.policy.gateway_username:
+            raise Refusal(403, "wrong_service_account",
+                          f"{review.username or 'the caller'} is not the gateway's service account "
+                          f"({self.policy.gateway_username}): only it gets {self.policy.gateway_identity}")
+
+    async def caller_node(self, token: str) -> str:
+        """The node of the agent whose token this is; Refusal 401/403 when it is not an agent's."""
+        review = await self._reviewed(token)
         if review.username != self.policy.agent_username:
             raise Refusal(403, "wrong_service_account",
                           f"{review.username or 'the caller'} is not the agent's service account "

@@ -2,7 +2,8 @@
 Records) under AddressSanitizer and UBSan: the extension is compiled with them into a
 temporary file, loaded in a child interpreter in place of the installed one, and driven by
 the differential tests of test_http1_fast.py (300 generated conversations, 200 byte
-soups), the Host finder's tests and the authority / at_rest scenarios. The libFuzzer run (test_http1_fast_fuzz.py) covers the scanner alone."""
+soups), the Host finder's tests and the authority / at_rest scenarios. The libFuzzer run
+(test_http1_fast_fuzz.py) covers the scanner, body walker and Host finder alone."""
 
 from __future__ import annotations
 

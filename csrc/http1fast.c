@@ -42,6 +42,7 @@ typedef struct {
     Py_ssize_t started;
     Py_ssize_t request_heads; /* request heads accepted; Host is looked for until one is */
     PyObject *authority;      /* the first request's Host label (str), NULL until found */
+    int last_method;          /* of the last request head accepted, -1 before the first */
     h1_body request_body, response_body; /* the body being read in each direction */
     int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
 } Http1Fast;
@@ -134,13 +135,23 @@ static int push(Http1Fast *self, int method, double now) {
 /* ------------------------------------------------------------------ bodies */
 
 /* The bytes that bring a fresh llhttp parser to where `body` is: a head of the same
- * framing, then what of the chunked framing was read. b"" between messages. */
-static PyObject *synthetic_state(const h1_body *body, int request) {
-    const char *head = request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n";
-    char suffix[64], state[160];
+ * framing, then what of the chunked framing was read. A request parser also gets the method
+ * of the last request head (`method`, -1: none yet), which llhttp keeps until the next one is
+ * parsed: Http1Observer reads it when a response answers a head still arriving. b"" for a
+ * response parser between messages. */
+static PyObject *synthetic_state(const h1_body *body, int request, int method) {
+    char head[48], suffix[64], state[160];
     suffix[0] = 0;
+    if (request && method >= 0)
+        snprintf(head, sizeof head, "%s / HTTP/1.1\r\n", h1_method_names[method]);
+    else
+        snprintf(head, sizeof head, "%s", request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n");
     switch (body->state) {
     case H1_BODY_NONE:
+        if (request && method >= 0) { /* a whole message: the parser is between messages */
+            snprintf(state, sizeof state, "%s\r\n", head);
+            return PyBytes_FromString(state);
+        }
         return PyBytes_FromString("");
     case H1_BODY_LENGTH:
         snprintf(state, sizeof state, "%sContent-Length: %llu\r\n\r\n", head,
@@ -196,8 +207,8 @@ static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, 
         PyList_SET_ITEM(pending, i, item);
     }
     delegate = PyObject_CallFunction(self->adopt, "(NNNnnOOn)", pending,
-                                     synthetic_state(&self->request_body, 1),
-                                     synthetic_state(&self->response_body, 0),
+                                     synthetic_state(&self->request_body, 1, self->last_method),
+                                     synthetic_state(&self->response_body, 0, -1),
                                      self->max_header_bytes, self->max_pending, self->grpc_failures,
                                      self->authority != NULL ? self->authority : s_empty,
                                      self->request_heads);
@@ -278,6 +289,7 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
         }
         pos += (Py_ssize_t)head.head_length;
         self->request_heads++;
+        self->last_method = head.method;
         h1_start_body(&self->request_body, &head);
     }
     if (pos < view.len)
@@ -449,6 +461,7 @@ static int Http1Fast_init(Http1Fast *self, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(self->grpc_failures, Py_NewRef(grpc_failures));
     self->max_header_bytes = max_header_bytes;
     self->max_pending = max_pending;
+    self->last_method = -1;
     return 0;
 }
 

@@ -28,7 +28,7 @@ from agent.core.accounting import (
     OpaqueObserver,
     Record,
 )
-from agent.core.http1 import Http1Observer
+from agent.core.http1 import http1_at_rest, http1_observer
 from agent.core.http2 import Http2Observer
 from agent.core.tap import NEVER, TapSwitch
 
@@ -83,7 +83,7 @@ def _starts_like_settings(data: bytes) -> bool:
 def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
     """The agent's observers classify gRPC as Linkerd's proxy does."""
     if protocol is Protocol.HTTP1:
-        return Http1Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
+        return http1_observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     if protocol is Protocol.HTTP2:
         return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     return OpaqueObserver()
@@ -124,7 +124,7 @@ class ConnectionObserver:
             # Nothing read yet is not "between requests": a connection just accepted is not
             # read until its upstream is connected, and its request may wait in the kernel.
             return False
-        return isinstance(inner, Http1Observer) and inner.at_rest
+        return http1_at_rest(inner)
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         inner = self._inner

@@ -35,6 +35,7 @@ leaves this module's public methods.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Final, Protocol
 
@@ -44,6 +45,7 @@ from agent.core.accounting import (
     CLOSED,
     PROTOCOL_ERROR,
     RESET,
+    Observer,
     Record,
     classify,
     host_in,
@@ -127,6 +129,7 @@ class Http1Observer:
         "_held_bytes",
         "_max_header_bytes",
         "_max_pending",
+        "_muted",
         "_now",
         "_opaque",
         "_out",
@@ -190,7 +193,46 @@ class Http1Observer:
         # After an upgrade request: client bytes held until the response (None: not held).
         self._client_held: list[bytes] | None = None
         self._held_bytes = 0
+        self._muted = False  # `adopt` feeding a synthetic head: callbacks do nothing
         self._authority = ""  # the first request's Host (a label value), looked for until its head ends
+
+    @classmethod
+    def adopt(
+        cls,
+        pending: list[tuple[str, float, int | None, float | None]],
+        request_state: bytes,
+        response_state: bytes,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_pending: int = MAX_PENDING,
+        grpc_failures: frozenset[int] | None = None,
+        authority: str = "",
+        request_heads: int = 0,
+        tap: TapSwitch = NEVER,
+    ) -> Http1Observer:
+        """An observer in the state this one would have after the messages another observer
+        (the compiled fast path, `agent.core._http1fast`) already followed, at a boundary of
+        complete heads: `pending` = (method, start, status, latency_ms) of the requests
+        awaiting (the end of) their responses; `request_state` / `response_state` = bytes
+        that bring a fresh parser to where the body being read in that direction is (a head
+        of the same framing, then what of a chunked body was read), b"" between messages;
+        `authority` = what `host_in` found in the chunks of the first request head, and
+        `request_heads` = how many request heads were complete (once one is, Host is no
+        longer looked for); `tap`: the pod's tap switch (the fast path hands a connection
+        over when a tap opens, so the requests that start then are tapped)."""
+        observer = cls(max_header_bytes, max_pending, grpc_failures, tap)
+        observer._authority = authority
+        observer._req_heads = request_heads
+        for method, start, status, latency_ms in pending:
+            request = _Pending(method, start)
+            request.status, request.latency_ms = status, latency_ms
+            observer._pending.append(request)
+        observer._muted = True  # the parsers reach the middle of those bodies
+        if request_state:
+            observer._feed_request(request_state)
+        if response_state:
+            observer._feed_response(response_state)
+        observer._muted = False
+        return observer
 
     # --- the Observer interface -------------------------------------------------------
 
@@ -362,6 +404,8 @@ class Http1Observer:
     # --- llhttp callbacks (they must not raise) ---------------------------------------
 
     def _req_begin(self) -> None:
+        if self._muted:
+            return
         self._req_began_at = self._now
         self._req_in_head = True
         self._req_head_bytes = 0
@@ -388,6 +432,8 @@ class Http1Observer:
             self._pending[0].detail.response_bytes += len(body)
 
     def _req_headers(self) -> None:
+        if self._muted:
+            return
         self._req_in_head = False
         self._req_heads += 1
         if self._req_answered_early:
@@ -414,11 +460,15 @@ class Http1Observer:
             self._give_up(PROTOCOL_ERROR)
 
     def _resp_begin(self) -> None:
+        if self._muted:
+            return
         self._resp_in_head = True
         self._resp_head_bytes = 0
         self._resp_idle = False
 
     def _resp_headers(self) -> None:
+        if self._muted:
+            return
         self._resp_in_head = False
         self._resp_heads += 1
         if self._opaque:
@@ -488,3 +538,40 @@ class Http1Observer:
             return []
         self._out = []
         return out
+
+
+_Http1Fast: type[_http1fast.Http1Fast] | None
+try:  # the compiled fast path (csrc/http1fast.c), built by `pip install`; see http1_observer
+    from agent.core import _http1fast
+
+    _Http1Fast = _http1fast.Http1Fast
+except ImportError:  # pragma: no cover - a checkout used without building it
+    _Http1Fast = None
+
+
+def http1_observer(
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_pending: int = MAX_PENDING,
+    grpc_failures: frozenset[int] | None = None,
+    tap: TapSwitch = NEVER,
+) -> Observer:
+    """The observer the proxy uses for an HTTP/1 connection: the compiled fast path when it is
+    built (it accounts messages of the common shape itself and hands the connection to an
+    `Http1Observer`, via `Http1Observer.adopt`, at the first message it does not take), else
+    `Http1Observer` from the start. Both count the same (tests/unit/test_http1_fast.py)."""
+    if _Http1Fast is None:
+        return Http1Observer(max_header_bytes, max_pending, grpc_failures, tap)
+    if tap is NEVER:
+        return _Http1Fast(Http1Observer.adopt, max_header_bytes, max_pending, grpc_failures)
+    # While a tap of the pod is open, requests that start are handed to the Python observer
+    # (which taps them); the fast path checks the switch before each request head.
+    return _Http1Fast(functools.partial(Http1Observer.adopt, tap=tap), max_header_bytes,
+                      max_pending, grpc_failures, tap)
+
+
+def http1_at_rest(observer: Observer) -> bool:
+    """`at_rest` of an HTTP/1 observer, compiled or not (the fast path answers it itself,
+    or by its Python delegate once it handed over); False for any other observer."""
+    if isinstance(observer, Http1Observer):
+        return observer.at_rest
+    return _Http1Fast is not None and isinstance(observer, _Http1Fast) and observer.at_rest

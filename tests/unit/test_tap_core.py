@@ -167,3 +167,28 @@ def test_the_proxy_builds_no_event_when_no_tap_of_the_pod_has_room() -> None:
     assert hub.ready_for("shop", "web-1", "deployment", "web") == []  # no token left this second
     assert (web.dropped, web.limited, web.sent) == (1, 1, 1)
     assert other.limited == other.dropped == 0 and not other.queue  # not its pod
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_agents_http1_observer_taps_from_the_next_request_on_either_path(compiled: bool) -> None:
+    """`http1_observer`: the compiled fast path (agent.core._http1fast) checks the pod's tap
+    switch before each request head and hands the connection to the Python observer, which
+    taps, once it is on; the same as the Python observer alone."""
+    from agent.core import http1
+
+    if compiled and http1._Http1Fast is None:
+        pytest.fail("the compiled fast path is not built (pip install -e . / make venv)")
+    switch = TapSwitch()
+    observer = http1.http1_observer(tap=switch) if compiled else Http1Observer(tap=switch)
+    assert type(observer).__name__ == ("Http1Fast" if compiled else "Http1Observer")
+    observer.client_bytes(request("/before"), 0.0)
+    [before] = observer.server_bytes(response(), 0.001)
+    assert before.detail is None  # no tap yet
+    switch.on = True
+    observer.client_bytes(request("/after"), 0.002)
+    [after] = observer.server_bytes(response(), 0.004)
+    assert after.detail is not None and after.detail.path == "/after"
+    switch.on = False
+    observer.client_bytes(request("/closed"), 0.005)
+    [closed] = observer.server_bytes(response(), 0.006)
+    assert closed.detail is None

@@ -25,7 +25,7 @@ import setuptools
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "support"
 NOT_SOURCE = (".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis",
-              "__pycache__", "build", "dist", "*.egg-info", "*.o")  # names, at any depth
+              "__pycache__", "build", "dist", "*.egg-info", "*.o", "*.so")  # names, at any depth
 
 
 def missing_wheel_backend() -> str | None:
@@ -59,6 +59,12 @@ def test_the_wheel_holds_the_agent_the_demo_lab_and_the_manifests(wheel_files: l
     assert {"agent/cli.py", "agent/app.py", "agent/lab/demo.py", "agent/lab/topology.py"} <= set(wheel_files)
     manifests = {f"agent/deploy/manifests/{path.name}" for path in (REPO / "deploy").glob("*.yaml")}
     assert manifests and manifests <= set(wheel_files)
+
+
+def test_the_wheel_holds_the_compiled_http1_fast_path(wheel_files: list[str]) -> None:
+    # built from csrc/ by setup.py (the tree copied above has no in-place build of it)
+    assert [name for name in wheel_files if name.startswith("agent/core/_http1fast.")
+            and name.endswith(".so")], "agent.core._http1fast was not compiled into the wheel"
 
 
 def test_the_wheel_holds_only_the_agent_package(wheel_files: list[str]) -> None:

@@ -1,0 +1,138 @@
+"""Per-request cost of the agent's hot-path pieces, in-process, counted in instructions.
+
+The side-by-side lab (../shared/bench/side_by_side.py) gives the figures that matter, but on
+a shared 2-vCPU machine they move by tens of percent from run to run. This script gives the
+repeatable part: the real classes of the data path driven with the bytes of one benchmark
+request (wrk's GET, nginx's 1 KiB response), and valgrind's callgrind counting the
+instructions one more request costs (the difference between two request counts, so start-up
+and import cost cancel out).
+
+Cases:
+  relay-http1-python    one relayed keep-alive connection, HTTP/1 observed by the llhttp-based
+                        Python observer (Relay.forward both ways: counters, observer, records)
+  relay-http1-compiled  the same with the compiled fast path (agent.core._http1fast)
+  relay-opaque          the same connection declared opaque: no observation at all
+  tunnel-framing        the mesh tunnel's framing for that request and response, both ends
+                        (send_data, data_to_send, receive_data, acknowledge; no TLS)
+
+    python bench/hotpath.py                      # callgrind table (about 1 minute)
+    python bench/hotpath.py --case C --requests N  # one run, no valgrind (what is counted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, cast
+
+REQUEST = (b"GET /1k.bin HTTP/1.1\r\nHost: 10.42.2.3\r\n\r\n")  # what wrk sends
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 08:00:00 GMT\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+            b"Last-Modified: Sun, 06 Dec 2026 07:00:00 GMT\r\nConnection: keep-alive\r\n"
+            b"ETag: \"6752a000-400\"\r\nAccept-Ranges: bytes\r\n\r\n" + b"x" * 1024)
+CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing")
+
+
+class _Sink:
+    """The transport a relay writes to: takes the bytes, never pushes back."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def relay_loop(case: str, requests: int) -> None:
+    from agent.core import http1
+    from agent.core.telemetry import PLAINTEXT, Telemetry
+    from agent.dataplane.context import PodContext
+    from agent.dataplane.relay import Relay
+
+    if case == "relay-http1-python":
+        http1._Http1Fast = None  # the observer factory falls back to Http1Observer
+    elif case == "relay-http1-compiled" and http1._Http1Fast is None:
+        sys.exit("agent.core._http1fast is not built (pip install -e .)")
+
+    class Owner:
+        telemetry = Telemetry(time.monotonic, 60.0)
+
+        def accepted(self, relay: Relay) -> None:
+            pass
+
+    pod = PodContext("bench", "web", cast(Any, None), frozenset({80}))
+    relay = Relay(Owner(), pod, "inbound", 64 * 1024)
+    relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+    relay.open_record(PLAINTEXT)
+    if case == "relay-opaque":
+        relay.observer = None
+    for _ in range(requests):
+        relay.forward(relay.client, REQUEST)
+        relay.forward(relay.upstream, RESPONSE)
+
+
+def tunnel_loop(requests: int) -> None:
+    from agent.core.tunnel import Connection, DataReceived
+
+    client, server = Connection("client"), Connection("server")
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    stream = client.open_stream(80, {"pod": "cli"})
+    server.receive_data(client.data_to_send())
+    server.accept_stream(stream)
+    client.receive_data(server.data_to_send())
+    for _ in range(requests):
+        client.send_data(stream, REQUEST)
+        for event in server.receive_data(client.data_to_send()):
+            if isinstance(event, DataReceived):
+                server.acknowledge(stream, len(event.data))
+        server.send_data(stream, RESPONSE)
+        for event in client.receive_data(server.data_to_send()):
+            if isinstance(event, DataReceived):
+                client.acknowledge(stream, len(event.data))
+        server.receive_data(client.data_to_send())  # window updates, when due
+        client.receive_data(server.data_to_send())
+
+
+def run_case(case: str, requests: int) -> None:
+    if case == "tunnel-framing":
+        tunnel_loop(requests)
+    else:
+        relay_loop(case, requests)
+
+
+def instructions(case: str, requests: int) -> int:
+    run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                          sys.executable, __file__, "--case", case, "--requests", str(requests)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    found = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", choices=CASES)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--base", type=int, default=200, help="requests of the baseline run")
+    args = parser.parse_args()
+    if args.case:
+        run_case(args.case, args.requests)
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed (apt-get install valgrind)")
+    print(f"instructions per request (callgrind, {args.requests} - {args.base} requests), "
+          f"python {sys.version.split()[0]}\n")
+    print("| case | instructions per request |")
+    print("|---|---:|")
+    for case in CASES:
+        low, high = instructions(case, args.base), instructions(case, args.requests)
+        print(f"| {case} | {(high - low) / (args.requests - args.base):,.0f} |", flush=True)
+
+if __name__ == "__main__":
+    main()

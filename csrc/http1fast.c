@@ -1,0 +1,650 @@
+/* agent.core._http1fast: the compiled fast path of HTTP/1 request accounting.
+ *
+ * `Http1Fast` is an Observer (agent/core/accounting.py) for one HTTP/1 connection. While
+ * every message head is of the narrow shape h1scan.h accepts, it accounts requests itself:
+ * one C call per relayed chunk, message bodies skipped by Content-Length or walked through
+ * their chunked framing without the data being looked at, a Record built only when a
+ * response ends. At the first byte it does not accept (chunk extensions or trailers, an
+ * Upgrade, HEAD, a 1xx, a head split across reads...) it hands
+ * the connection, at that message boundary, to the llhttp-based Python observer:
+ * `adopt(pending, request_state, response_state, ...)` (Http1Observer.adopt) builds
+ * one in exactly the state the Python path would have reached, and every later call is
+ * passed to it. So the Python observer remains the reference: the fast path only ever
+ * handles messages both parse the same way (tests/unit/test_http1_fast.py checks it).
+ * It also answers what the proxy asks of Http1Observer: `authority`, the first request's Host
+ * as a label (h1_host_in looks in each chunk until a request head is complete, as
+ * accounting.host_in does; both are passed to `adopt`), and `at_rest` (no request awaiting
+ * its response: the fast path never holds a half-read head or held bytes).
+ *
+ * Memory per connection: this object plus 32 bytes per request awaiting its response, at
+ * most max_pending of them (one more hands over, and the Python observer gives up there). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include "h1scan.h"
+
+typedef struct {
+    double start;      /* request headers complete (the `now` of that chunk) */
+    double latency_ms; /* to the response headers; < 0 until then */
+    int method;
+    int status; /* 0 until the response headers */
+} pending_t;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *delegate; /* the Python observer after a hand-over, else NULL */
+    PyObject *adopt;    /* callable building it */
+    PyObject *grpc_failures;
+    PyObject *tap;      /* the pod's tap switch (agent.core.tap.TapSwitch) or None */
+    pending_t *pending; /* a ring of `capacity` */
+    Py_ssize_t head, count, capacity;
+    Py_ssize_t max_pending, max_header_bytes;
+    Py_ssize_t started;
+    Py_ssize_t request_heads; /* request heads accepted; Host is looked for until one is */
+    PyObject *authority;      /* the first request's Host label (str), NULL until found */
+    int last_method;          /* of the last request head accepted, -1 before the first */
+    h1_body request_body, response_body; /* the body being read in each direction */
+    int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
+} Http1Fast;
+
+static PyObject *record_type; /* agent.core.accounting.Record */
+static PyObject *method_strings[H1_METHODS];
+static PyObject *s_success, *s_failure, *s_reset, *s_closed, *s_empty;
+static PyObject *n_classification, *n_status_code, *n_grpc_status, *n_latency_ms, *n_method,
+    *n_error, *n_client_bytes, *n_server_bytes, *n_closed, *n_abandon, *n_take_started,
+    *n_opaque, *n_authority, *n_at_rest, *n_detail;
+
+/* ------------------------------------------------------------------------ records */
+
+static PyObject *make_record(const pending_t *pending, PyObject *error) {
+    /* Record is a frozen slots dataclass: its generated __init__ goes through
+     * object.__setattr__ for each field; setting the slots directly is what that does.
+     * All seven: `detail` (a tap's) is None here, the fast path never runs while tapping. */
+    PyObject *values[7], *names[7], *record;
+    int i, failed = 0;
+    PyTypeObject *type = (PyTypeObject *)record_type;
+    values[0] = (error != NULL || pending->status >= 500) ? s_failure : s_success;
+    Py_INCREF(values[0]);
+    values[1] = pending->status ? PyLong_FromLong(pending->status) : Py_NewRef(Py_None);
+    values[2] = Py_NewRef(Py_None);
+    values[3] = pending->latency_ms >= 0 ? PyFloat_FromDouble(pending->latency_ms) : Py_NewRef(Py_None);
+    values[4] = Py_NewRef(method_strings[pending->method]);
+    values[5] = Py_NewRef(error != NULL ? error : Py_None);
+    values[6] = Py_NewRef(Py_None);
+    names[0] = n_classification, names[1] = n_status_code, names[2] = n_grpc_status;
+    names[3] = n_latency_ms, names[4] = n_method, names[5] = n_error, names[6] = n_detail;
+    record = type->tp_alloc(type, 0);
+    for (i = 0; i < 7; i++) {
+        if (values[i] == NULL)
+            failed = 1;
+        else if (record != NULL && !failed && PyObject_GenericSetAttr(record, names[i], values[i]) < 0)
+            failed = 1;
+        Py_XDECREF(values[i]);
+    }
+    if (record == NULL || failed) {
+        Py_XDECREF(record);
+        return NULL;
+    }
+    return record;
+}
+
+/* Append to *out (a list made on first use); 0 ok, -1 error. */
+static int emit(PyObject **out, PyObject *record) {
+    int rc;
+    if (record == NULL)
+        return -1;
+    if (*out == NULL && (*out = PyList_New(0)) == NULL) {
+        Py_DECREF(record);
+        return -1;
+    }
+    rc = PyList_Append(*out, record);
+    Py_DECREF(record);
+    return rc;
+}
+
+static PyObject *finish(PyObject *out) { return out != NULL ? out : PyList_New(0); }
+
+/* ------------------------------------------------------------------ pending ring */
+
+static pending_t *first(Http1Fast *self) { return &self->pending[self->head]; }
+
+static void pop_first(Http1Fast *self) {
+    self->head = (self->head + 1) % self->capacity;
+    self->count--;
+}
+
+static int push(Http1Fast *self, int method, double now) {
+    pending_t *slot;
+    if (self->count == self->capacity) {
+        Py_ssize_t capacity = self->capacity * 2, i;
+        pending_t *grown = PyMem_New(pending_t, capacity);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (i = 0; i < self->count; i++)
+            grown[i] = self->pending[(self->head + i) % self->capacity];
+        PyMem_Free(self->pending);
+        self->pending = grown, self->head = 0, self->capacity = capacity;
+    }
+    slot = &self->pending[(self->head + self->count) % self->capacity];
+    slot->start = now, slot->latency_ms = -1.0, slot->method = method, slot->status = 0;
+    self->count++;
+    self->started++;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ bodies */
+
+/* The bytes that bring a fresh llhttp parser to where `body` is: a head of the same
+ * framing, then what of the chunked framing was read. A request parser also gets the method
+ * of the last request head (`method`, -1: none yet), which llhttp keeps until the next one is
+ * parsed: Http1Observer reads it when a response answers a head still arriving. b"" for a
+ * response parser between messages. */
+static PyObject *synthetic_state(const h1_body *body, int request, int method) {
+    char head[48], suffix[64], state[160];
+    suffix[0] = 0;
+    if (request && method >= 0)
+        snprintf(head, sizeof head, "%s / HTTP/1.1\r\n", h1_method_names[method]);
+    else
+        snprintf(head, sizeof head, "%s", request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n");
+    switch (body->state) {
+    case H1_BODY_NONE:
+        if (request && method >= 0) { /* a whole message: the parser is between messages */
+            snprintf(state, sizeof state, "%s\r\n", head);
+            return PyBytes_FromString(state);
+        }
+        return PyBytes_FromString("");
+    case H1_BODY_LENGTH:
+        snprintf(state, sizeof state, "%sContent-Length: %llu\r\n\r\n", head,
+                 (unsigned long long)body->left);
+        return PyBytes_FromString(state);
+    case H1_CHUNK_SIZE:
+    case H1_CHUNK_SIZE_LF:
+        if (body->digits)
+            snprintf(suffix, sizeof suffix, "%0*llx%s", body->digits,
+                     (unsigned long long)body->left, body->state == H1_CHUNK_SIZE_LF ? "\r" : "");
+        break;
+    case H1_CHUNK_DATA:
+        snprintf(suffix, sizeof suffix, "%llx\r\n", (unsigned long long)body->left);
+        break;
+    case H1_CHUNK_DATA_CR:
+        snprintf(suffix, sizeof suffix, "1\r\nx");
+        break;
+    case H1_CHUNK_DATA_LF:
+        snprintf(suffix, sizeof suffix, "1\r\nx\r");
+        break;
+    case H1_CHUNK_LAST_CR:
+        snprintf(suffix, sizeof suffix, "0\r\n");
+        break;
+    case H1_CHUNK_LAST_LF:
+        snprintf(suffix, sizeof suffix, "0\r\n\r");
+        break;
+    }
+    snprintf(state, sizeof state, "%sTransfer-Encoding: chunked\r\n\r\n%s", head, suffix);
+    return PyBytes_FromString(state);
+}
+
+/* ------------------------------------------------------------------- hand-over */
+
+/* Build the Python observer in the state reached so far, then feed it data[pos:]. */
+static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, PyObject *data,
+                           const Py_buffer *view, Py_ssize_t pos, PyObject *now) {
+    PyObject *pending = PyList_New(self->count), *delegate, *rest, *more;
+    Py_ssize_t i;
+    if (pending == NULL)
+        goto fail;
+    for (i = 0; i < self->count; i++) { /* (method, start, status | None, latency_ms | None) */
+        const pending_t *p = &self->pending[(self->head + i) % self->capacity];
+        PyObject *status = p->status ? PyLong_FromLong(p->status) : Py_NewRef(Py_None);
+        PyObject *latency = p->latency_ms >= 0 ? PyFloat_FromDouble(p->latency_ms) : Py_NewRef(Py_None);
+        PyObject *item = (status && latency) ? Py_BuildValue("(OdOO)", method_strings[p->method],
+                                                             p->start, status, latency) : NULL;
+        Py_XDECREF(status);
+        Py_XDECREF(latency);
+        if (item == NULL) {
+            Py_DECREF(pending);
+            goto fail;
+        }
+        PyList_SET_ITEM(pending, i, item);
+    }
+    delegate = PyObject_CallFunction(self->adopt, "(NNNnnOOn)", pending,
+                                     synthetic_state(&self->request_body, 1, self->last_method),
+                                     synthetic_state(&self->response_body, 0, -1),
+                                     self->max_header_bytes, self->max_pending, self->grpc_failures,
+                                     self->authority != NULL ? self->authority : s_empty,
+                                     self->request_heads);
+    if (delegate == NULL)
+        goto fail;
+    self->delegate = delegate;
+    self->count = self->head = 0;
+    if (pos >= view->len)
+        return finish(out);
+    rest = pos == 0 ? Py_NewRef(data)
+                    : PyBytes_FromStringAndSize((const char *)view->buf + pos, view->len - pos);
+    if (rest == NULL)
+        goto fail;
+    more = PyObject_CallMethodObjArgs(delegate, feed_name, rest, now, NULL);
+    Py_DECREF(rest);
+    if (more == NULL)
+        goto fail;
+    if (out == NULL)
+        return more;
+    if (PyList_SetSlice(out, PyList_GET_SIZE(out), PyList_GET_SIZE(out), more) < 0) {
+        Py_DECREF(more);
+        goto fail;
+    }
+    Py_DECREF(more);
+    return out;
+fail:
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* -------------------------------------------------------------- the Observer API */
+
+static int parse_feed(PyObject *args, PyObject **data, PyObject **now_object, double *now) {
+    if (!PyArg_UnpackTuple(args, "feed", 2, 2, data, now_object))
+        return -1;
+    *now = PyFloat_AsDouble(*now_object);
+    return (*now == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* A tap of the pod is open (its switch's `on`): requests that start now are handed over to
+ * the Python observer, which reports them to the tap. An error reading it counts as on. */
+static int tap_on(Http1Fast *self) {
+    if (self->tap == NULL || self->tap == Py_None)
+        return 0;
+    PyObject *on = PyObject_GetAttrString(self->tap, "on");
+    if (on == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    int truth = PyObject_IsTrue(on);
+    Py_DECREF(on);
+    if (truth < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    return truth;
+}
+
+static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
+    PyObject *data, *now_object, *out = NULL;
+    Py_buffer view;
+    Py_ssize_t pos = 0;
+    double now;
+    h1_head head;
+    if (parse_feed(args, &data, &now_object, &now) < 0)
+        return NULL;
+    if (self->delegate != NULL)
+        return PyObject_CallMethodObjArgs(self->delegate, n_client_bytes, data, now_object, NULL);
+    if (self->given_up)
+        return PyList_New(0);
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (self->request_heads == 0 && self->authority == NULL) {
+        /* as Http1Observer.client_bytes: each chunk until the first head is complete */
+        char host[H1_MAX_HOST];
+        size_t length = h1_host_in(view.buf, (size_t)view.len, host);
+        if (length && (self->authority = PyUnicode_FromStringAndSize(host, (Py_ssize_t)length)) == NULL) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    while (pos < view.len) {
+        const uint8_t *p = (const uint8_t *)view.buf + pos;
+        if (self->request_body.state != H1_BODY_NONE) { /* skipped by its framing, never looked at */
+            size_t at = (size_t)pos;
+            int walked = h1_walk_body(&self->request_body, view.buf, (size_t)view.len, &at);
+            pos = (Py_ssize_t)at;
+            if (walked < 0)
+                break;
+            continue;
+        }
+        if (self->count >= self->max_pending || tap_on(self) ||
+            !h1_scan_request(p, (size_t)(view.len - pos), &head))
+            break; /* a tap open: the next request is the Python observer's, which taps it */
+        if (push(self, head.method, now) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        pos += (Py_ssize_t)head.head_length;
+        self->request_heads++;
+        self->last_method = head.method;
+        h1_start_body(&self->request_body, &head);
+    }
+    if (pos < view.len)
+        out = hand_over(self, out, n_client_bytes, data, &view, pos, now_object);
+    else
+        out = finish(out);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
+    PyObject *data, *now_object, *out = NULL;
+    Py_buffer view;
+    Py_ssize_t pos = 0;
+    double now;
+    h1_head head;
+    if (parse_feed(args, &data, &now_object, &now) < 0)
+        return NULL;
+    if (self->delegate != NULL)
+        return PyObject_CallMethodObjArgs(self->delegate, n_server_bytes, data, now_object, NULL);
+    if (self->given_up)
+        return PyList_New(0);
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    while (pos < view.len) {
+        const uint8_t *p = (const uint8_t *)view.buf + pos;
+        int ended;
+        if (self->response_body.state != H1_BODY_NONE) {
+            size_t at = (size_t)pos;
+            ended = h1_walk_body(&self->response_body, view.buf, (size_t)view.len, &at);
+            pos = (Py_ssize_t)at;
+            if (ended < 0)
+                break;
+            if (ended) {
+                if (emit(&out, make_record(first(self), NULL)) < 0)
+                    goto fail;
+                pop_first(self);
+            }
+            continue;
+        }
+        if (self->count == 0 || !h1_scan_response(p, (size_t)(view.len - pos), &head))
+            break;
+        first(self)->status = head.status;
+        first(self)->latency_ms = (now - first(self)->start) * 1000.0;
+        pos += (Py_ssize_t)head.head_length;
+        h1_start_body(&self->response_body, &head);
+        if (self->response_body.state == H1_BODY_NONE) {
+            if (emit(&out, make_record(first(self), NULL)) < 0)
+                goto fail;
+            pop_first(self);
+        }
+    }
+    if (pos < view.len)
+        out = hand_over(self, out, n_server_bytes, data, &view, pos, now_object);
+    else
+        out = finish(out);
+    PyBuffer_Release(&view);
+    return out;
+fail:
+    Py_XDECREF(out);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* Every request in flight ends as a failure with `error`; then the observer is opaque. */
+static PyObject *give_up(Http1Fast *self, PyObject *error) {
+    PyObject *out = NULL;
+    self->given_up = 1;
+    while (self->count) {
+        if (emit(&out, make_record(first(self), error)) < 0) {
+            Py_XDECREF(out);
+            return NULL;
+        }
+        pop_first(self);
+    }
+    return finish(out);
+}
+
+static PyObject *Http1Fast_closed(Http1Fast *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"now", "reset", NULL};
+    PyObject *now_object;
+    int reset;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Op:closed", keywords, &now_object, &reset))
+        return NULL;
+    if (self->delegate != NULL)
+        return PyObject_CallMethodObjArgs(self->delegate, n_closed, now_object,
+                                          reset ? Py_True : Py_False, NULL);
+    if (self->given_up)
+        return PyList_New(0);
+    /* every response of the fast path has a length: none may end at the close */
+    return give_up(self, reset ? s_reset : s_closed);
+}
+
+static PyObject *Http1Fast_abandon(Http1Fast *self, PyObject *error) {
+    if (self->delegate != NULL)
+        return PyObject_CallMethodObjArgs(self->delegate, n_abandon, error, NULL);
+    if (self->given_up)
+        return PyList_New(0);
+    return give_up(self, error);
+}
+
+static PyObject *Http1Fast_take_started(Http1Fast *self, PyObject *Py_UNUSED(ignored)) {
+    Py_ssize_t started = self->started;
+    self->started = 0;
+    if (self->delegate != NULL) {
+        PyObject *more = PyObject_CallMethodNoArgs(self->delegate, n_take_started);
+        Py_ssize_t value;
+        if (more == NULL)
+            return NULL;
+        value = PyLong_AsSsize_t(more);
+        Py_DECREF(more);
+        if (value == -1 && PyErr_Occurred())
+            return NULL;
+        started += value;
+    }
+    return PyLong_FromSsize_t(started);
+}
+
+static PyObject *Http1Fast_get_opaque(Http1Fast *self, void *Py_UNUSED(closure)) {
+    if (self->delegate != NULL)
+        return PyObject_GetAttr(self->delegate, n_opaque);
+    return PyBool_FromLong(self->given_up);
+}
+
+static PyObject *Http1Fast_get_authority(Http1Fast *self, void *Py_UNUSED(closure)) {
+    if (self->delegate != NULL)
+        return PyObject_GetAttr(self->delegate, n_authority);
+    return Py_NewRef(self->authority != NULL ? self->authority : s_empty);
+}
+
+/* As Http1Observer.at_rest: every request answered in full, no next one begun, not opaque,
+ * nothing held. On the fast path a head is never held half-read (that hands over) and no
+ * bytes are held, so it is: not given up and no request awaiting (the end of) its response. */
+static PyObject *Http1Fast_get_at_rest(Http1Fast *self, void *Py_UNUSED(closure)) {
+    if (self->delegate != NULL)
+        return PyObject_GetAttr(self->delegate, n_at_rest);
+    return PyBool_FromLong(!self->given_up && self->count == 0);
+}
+
+static PyObject *Http1Fast_get_delegated(Http1Fast *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->delegate != NULL);
+}
+
+/* ---------------------------------------------------------------------- the type */
+
+static int Http1Fast_init(Http1Fast *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"adopt", "max_header_bytes", "max_pending", "grpc_failures", "tap",
+                               NULL};
+    PyObject *adopt, *grpc_failures = Py_None, *tap = Py_None;
+    Py_ssize_t max_header_bytes, max_pending;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn|OO:Http1Fast", keywords, &adopt,
+                                     &max_header_bytes, &max_pending, &grpc_failures, &tap))
+        return -1;
+    if (!PyCallable_Check(adopt)) {
+        PyErr_SetString(PyExc_TypeError, "adopt must be callable");
+        return -1;
+    }
+    if (max_pending < 1 || max_header_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_pending and max_header_bytes must be positive");
+        return -1;
+    }
+    if (self->pending == NULL) {
+        self->capacity = 4;
+        if ((self->pending = PyMem_New(pending_t, self->capacity)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_XSETREF(self->adopt, Py_NewRef(adopt));
+    Py_XSETREF(self->grpc_failures, Py_NewRef(grpc_failures));
+    Py_XSETREF(self->tap, Py_NewRef(tap));
+    self->max_header_bytes = max_header_bytes;
+    self->max_pending = max_pending;
+    self->last_method = -1;
+    return 0;
+}
+
+static int Http1Fast_traverse(Http1Fast *self, visitproc visit, void *arg) {
+    Py_VISIT(self->delegate);
+    Py_VISIT(self->adopt);
+    Py_VISIT(self->grpc_failures);
+    Py_VISIT(self->tap);
+    Py_VISIT(self->authority);
+    return 0;
+}
+
+static int Http1Fast_clear(Http1Fast *self) {
+    Py_CLEAR(self->delegate);
+    Py_CLEAR(self->adopt);
+    Py_CLEAR(self->grpc_failures);
+    Py_CLEAR(self->tap);
+    Py_CLEAR(self->authority);
+    return 0;
+}
+
+static void Http1Fast_dealloc(Http1Fast *self) {
+    PyObject_GC_UnTrack(self);
+    Http1Fast_clear(self);
+    PyMem_Free(self->pending);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Http1Fast_methods[] = {
+    {"client_bytes", (PyCFunction)Http1Fast_client_bytes, METH_VARARGS,
+     "client_bytes(data, now) -> list[Record]"},
+    {"server_bytes", (PyCFunction)Http1Fast_server_bytes, METH_VARARGS,
+     "server_bytes(data, now) -> list[Record]"},
+    {"closed", (PyCFunction)(void (*)(void))Http1Fast_closed, METH_VARARGS | METH_KEYWORDS, "closed(now, reset) -> list[Record]"},
+    {"abandon", (PyCFunction)Http1Fast_abandon, METH_O, "abandon(error) -> list[Record]"},
+    {"take_started", (PyCFunction)Http1Fast_take_started, METH_NOARGS, "take_started() -> int"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Http1Fast_getset[] = {
+    {"opaque", (getter)Http1Fast_get_opaque, NULL, "True once the observer stopped looking", NULL},
+    {"authority", (getter)Http1Fast_get_authority, NULL,
+     "The first request's Host as a label value (\"\" if none yet)", NULL},
+    {"at_rest", (getter)Http1Fast_get_at_rest, NULL,
+     "Between messages: every request answered in full, no next one begun", NULL},
+    {"delegated", (getter)Http1Fast_get_delegated, NULL,
+     "True once the connection was handed to the Python observer", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Http1FastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "agent.core._http1fast.Http1Fast",
+    .tp_basicsize = sizeof(Http1Fast),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "HTTP/1 request accounting, compiled fast path (see the module docstring)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Http1Fast_init,
+    .tp_dealloc = (destructor)Http1Fast_dealloc,
+    .tp_traverse = (traverseproc)Http1Fast_traverse,
+    .tp_clear = (inquiry)Http1Fast_clear,
+    .tp_methods = Http1Fast_methods,
+    .tp_getset = Http1Fast_getset,
+};
+
+/* scan_request(data) / scan_response(data): the scanner alone, for tests and the fuzzer's
+ * corpus: (head_length, content_length, method or status), or None when declined. */
+static PyObject *scan(PyObject *data, int request) {
+    Py_buffer view;
+    h1_head head;
+    int ok;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    ok = request ? h1_scan_request(view.buf, (size_t)view.len, &head)
+                 : h1_scan_response(view.buf, (size_t)view.len, &head);
+    PyBuffer_Release(&view);
+    if (!ok)
+        Py_RETURN_NONE;
+    if (request)
+        return Py_BuildValue("(nKO)", (Py_ssize_t)head.head_length,
+                             (unsigned long long)head.content_length, method_strings[head.method]);
+    return Py_BuildValue("(nKi)", (Py_ssize_t)head.head_length,
+                         (unsigned long long)head.content_length, head.status);
+}
+
+/* host_in(data): h1_host_in alone, for the test that it finds what accounting.host_in finds. */
+static PyObject *host_in(PyObject *m, PyObject *data) {
+    Py_buffer view;
+    char host[H1_MAX_HOST];
+    size_t length;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    length = h1_host_in(view.buf, (size_t)view.len, host);
+    PyBuffer_Release(&view);
+    return PyUnicode_FromStringAndSize(host, (Py_ssize_t)length);
+}
+
+static PyObject *scan_request(PyObject *m, PyObject *data) { return scan(data, 1); }
+static PyObject *scan_response(PyObject *m, PyObject *data) { return scan(data, 0); }
+
+static PyMethodDef module_methods[] = {
+    {"scan_request", scan_request, METH_O, "A request head's (length, content_length, method) or None"},
+    {"host_in", host_in, METH_O, "The Host label h1_host_in finds in one chunk (\"\" if none)"},
+    {"scan_response", scan_response, METH_O, "A response head's (length, content_length, status) or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "agent.core._http1fast",
+    "Compiled fast path of HTTP/1 request accounting (csrc/http1fast.c).", -1, module_methods,
+};
+
+#define INTERN(var, text)                                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                      \
+        return NULL;
+
+PyMODINIT_FUNC PyInit__http1fast(void) {
+    PyObject *m, *accounting;
+    int i;
+    for (i = 0; i < H1_METHODS; i++)
+        INTERN(method_strings[i], h1_method_names[i]);
+    INTERN(s_success, "success");
+    INTERN(s_failure, "failure");
+    INTERN(s_reset, "reset");   /* agent.core.accounting.RESET */
+    INTERN(s_closed, "closed"); /* agent.core.accounting.CLOSED */
+    INTERN(s_empty, "");
+    INTERN(n_classification, "classification");
+    INTERN(n_status_code, "status_code");
+    INTERN(n_grpc_status, "grpc_status");
+    INTERN(n_latency_ms, "latency_ms");
+    INTERN(n_method, "method");
+    INTERN(n_error, "error");
+    INTERN(n_client_bytes, "client_bytes");
+    INTERN(n_server_bytes, "server_bytes");
+    INTERN(n_closed, "closed");
+    INTERN(n_abandon, "abandon");
+    INTERN(n_take_started, "take_started");
+    INTERN(n_opaque, "opaque");
+    INTERN(n_authority, "authority");
+    INTERN(n_at_rest, "at_rest");
+    INTERN(n_detail, "detail");
+    if ((accounting = PyImport_ImportModule("agent.core.accounting")) == NULL)
+        return NULL;
+    record_type = PyObject_GetAttrString(accounting, "Record");
+    Py_DECREF(accounting);
+    if (record_type == NULL)
+        return NULL;
+    if (!PyType_Check(record_type)) {
+        PyErr_SetString(PyExc_TypeError, "agent.core.accounting.Record is not a class");
+        return NULL;
+    }
+    if (PyType_Ready(&Http1FastType) < 0)
+        return NULL;
+    if ((m = PyModule_Create(&module)) == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Http1Fast", (PyObject *)&Http1FastType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HEAD", H1_MAX_HEAD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

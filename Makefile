@@ -102,7 +102,9 @@ IMAGE       ?= localhost/pinion:dev
 PAUSE_IMAGE ?= localhost/pause:3.9
 IMAGE_CACHE ?= /var/cache/pinion
 BASE_IMAGE  := docker.io/library/debian:bookworm-slim
-BASE_TAR    := $(IMAGE_CACHE)/debian-bookworm-slim-$(ARCH).tar
+# Named by mkbase's content, not compared by mtime: a fresh clone (CI) has a new mtime on
+# every file and would remake the base, and with it every layer, each run.
+BASE_TAR    := $(IMAGE_CACHE)/debian-bookworm-slim-$(ARCH)-$(shell sha256sum deploy/image/mkbase | cut -c1-12).tar
 # pip in the build trusts what this machine trusts (a TLS-inspecting proxy's CA included).
 HOST_CA     := /etc/ssl/certs/ca-certificates.crt
 PIP_CA_ARGS := $(if $(wildcard $(HOST_CA)),--volume $(HOST_CA):/etc/pinion-build-ca.crt:ro --build-arg PIP_CERT=/etc/pinion-build-ca.crt)
@@ -121,7 +123,7 @@ image: deps $(BASE_TAR)
 	  -f deploy/Dockerfile -t $(IMAGE) . >/dev/null
 	@podman image inspect --format '$(IMAGE): {{.Size}} bytes, linux/{{.Architecture}}' $(IMAGE)
 
-$(BASE_TAR): deploy/image/mkbase
+$(BASE_TAR):
 	mkdir -p $(IMAGE_CACHE)
 	deploy/image/mkbase $(ARCH) $@ 2>$(IMAGE_CACHE)/mkbase-$(ARCH).log || \
 	  { tail -20 $(IMAGE_CACHE)/mkbase-$(ARCH).log; exit 1; }

@@ -144,7 +144,7 @@ def test_a_sigterm_during_start_up_ends_the_agent_at_once(tmp_path: Path) -> Non
     that comes while the agent imports must not wait out the grace period for SIGKILL."""
     import os
 
-    argv = ["unshare", "--pid", "--fork", sys.executable, "-m", "agent", "agent",
+    argv = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "agent", "agent",
             "--node-name", "early", "--state-dir", str(tmp_path / "state"),
             "--cni-socket", str(tmp_path / "cni.sock"), "--pending-dir", str(tmp_path / "pending"),
             "--admin-addr", f"127.0.0.1:{free_port()}", "--redirect", "nftables"]

@@ -110,8 +110,12 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
         metrics.memory.labels("cgroup_limit").set(memory.limit or 0)
         metrics.memory.labels("cgroup_usage").set_function(memory.usage)
         metrics.memory.labels("rss").set_function(resident_bytes)
-        metrics.memory.labels("relay_buffers").set_function(lambda: pods.buffered()[0])
-        metrics.memory.labels("tunnel_buffers").set_function(lambda: pods.buffered()[1])
+        def count_buffers() -> None:  # one pass over the connections per scrape
+            relays, tunnels = pods.buffered()
+            metrics.memory.labels("relay_buffers").set(relays)
+            metrics.memory.labels("tunnel_buffers").set(tunnels)
+
+        telemetry.on_scrape(count_buffers)
         if memory.limit is not None:
             background.append(tasks.create_task(_watch_memory(memory, memory.limit, budget)))
         if cluster is not None:

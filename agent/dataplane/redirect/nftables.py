@@ -75,17 +75,9 @@ _FD_SETSIZE = 1024
 
 
 def _lowest_free_fd() -> int:
-    fd = os.dup(0) if _stdin_open() else os.open("/dev/null", os.O_RDONLY)
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # the kernel gives the lowest free
     os.close(fd)
     return fd
-
-
-def _stdin_open() -> bool:
-    try:
-        os.fstat(0)
-    except OSError:
-        return False
-    return True
 
 
 def _run_nft_process(commands: str, json_output: bool) -> str:

@@ -17,7 +17,7 @@ accepted and the relay discards itself when it is counted closed, exactly once e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class RelaySet(set):  # type: ignore[type-arg]  # of Relay: typed at the use (Po
 
     __slots__ = ("budget",)
 
-    def __init__(self, budget: ConnectionBudget | None = None, items: Iterable[object] = ()) -> None:
-        super().__init__(items)
+    def __init__(self, budget: ConnectionBudget | None = None) -> None:
+        super().__init__()
         self.budget = budget
 
     def add(self, relay: object) -> None:

@@ -234,8 +234,7 @@ class Relay:
         # keep-alive connection closed, a draining agent): the client's connection is closed
         # whole, so a request it sends next fails at once instead of waiting for nothing.
         observer = self.observer
-        done = (side is self.upstream and observer is not None
-                and observer.protocol is Wire.HTTP1 and observer.at_rest)
+        done = side is self.upstream and observer is not None and observer.at_rest
         if target.eof or done:  # both directions finished: close (flushes what is buffered)
             for each in (self.client, self.upstream):
                 if each.transport is not None:

@@ -122,17 +122,7 @@ class LabAgent:
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET from the admin endpoint, over a socket made inside the node's netns."""
-        sock = node_socket(self.node)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self.admin)
-            conn = http.client.HTTPConnection(*self.admin, timeout=timeout)
-            conn.sock = sock
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            sock.close()
+        return admin_get(self.node, self.admin, path, timeout)
 
     def metrics(self) -> Metrics:
         status, body = self.get("/metrics")
@@ -190,6 +180,22 @@ class Metrics:
         return sum(s.value for s in self.samples if s.name == name
                    and (local_too or s.labels.get("no_tls_reason") != "loopback")
                    and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def admin_get(node: Node, admin: tuple[str, int], path: str,
+              timeout: float = 5.0) -> tuple[int, str]:
+    """GET `path` from an agent's admin endpoint at `admin`, from inside `node`'s netns."""
+    sock = node_socket(node)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(admin)
+        conn = http.client.HTTPConnection(*admin, timeout=timeout)
+        conn.sock = sock
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        sock.close()
 
 
 def node_socket(node: Node) -> socket.socket:

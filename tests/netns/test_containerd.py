@@ -123,10 +123,7 @@ def k3s_cluster(redirect: str, archives: list[Path]) -> Iterator[Cluster]:
             lab.on_close(f"bpf pins {bpf_dir}", lambda d=bpf_dir: shutil.rmtree(d, ignore_errors=True))
             agent = AgentPod(node, redirect, str(bpf_dir), identity_dir=identity)
             cluster.agents.append(agent)
-            agent.run_sandbox()
-            agent.start("cni-installer")
-            agent.wait_installed()
-            agent.start("agent")
+            agent.boot()
         for agent in cluster.agents:
             agent.wait_ready()
             if redirect == "ebpf":  # a fallback to netfilter must not pass for eBPF
@@ -356,10 +353,7 @@ def k3s_kubernetes_cluster(archives: list[Path], tmp_path: Path) -> Iterator[tup
             bpf_dir = BPF_ROOT / f"cri-{lab.run_id}-{lab_node.name}"
             agent = AgentPod(node, "nftables", str(bpf_dir), kube=kube)
             cluster.agents.append(agent)
-            agent.run_sandbox()
-            agent.start("cni-installer")
-            agent.wait_installed()
-            agent.start("agent")
+            agent.boot()
         for agent in cluster.agents:
             agent.wait_ready()
         yield cluster, api

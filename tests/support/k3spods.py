@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.lab.agents import ADMIN_PORT, Metrics, node_socket
+from agent.lab.agents import ADMIN_PORT, Metrics, admin_get
 from tests.support import daemonset
 from tests.support.containerd import IMAGE, K3sNode, cgroup_mounts
 from tests.support.cri import CONTAINER_RUNNING, Container, CriError, Mount
@@ -104,6 +104,14 @@ class AgentPod:
         return env, {"issuer-token": volumes / "issuer-token",
                      "trust-bundle": volumes / "trust-bundle"}, account
 
+    def boot(self) -> None:
+        """As kubelet starts the DaemonSet's pod: the sandbox, the installer until it has
+        written the chain, then the agent (its readiness is `wait_ready`)."""
+        self.run_sandbox()
+        self.start("cni-installer")
+        self.wait_installed()
+        self.start("agent")
+
     def run_sandbox(self) -> None:
         with self.node.cri() as cri:
             self.sandbox_id = cri.run_pod_sandbox(self.sandbox)
@@ -188,19 +196,7 @@ class AgentPod:
         raise TimeoutError(f"agent on {self.node.node.name} not ready: {self.log('agent')[-3000:]}")
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        import http.client
-
-        sock = node_socket(self.node.node)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self.admin)
-            conn = http.client.HTTPConnection(*self.admin, timeout=timeout)
-            conn.sock = sock
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            sock.close()
+        return admin_get(self.node.node, self.admin, path, timeout)
 
     def metrics(self) -> Metrics:
         status, body = self.get("/metrics")

@@ -92,6 +92,7 @@ class PodManager:
         self._pods: dict[str, CapturedPod] = {}
         self._lock = asyncio.Lock()  # one pod change at a time; each takes milliseconds
         self._kernel_seen: dict[str, tuple[int, int, int, int]] = {}  # container id -> counts
+        self._tunnels_seen = 0  # tunnel connections at the last sweep
         if self._cgroups is not None:
             telemetry.on_scrape(self._count_in_kernel)
 
@@ -164,6 +165,12 @@ class PodManager:
         """Reset relays idle past their pod's timeout; release pods whose netns vanished
         without a CNI DEL (bounded memory)."""
         now = time.monotonic()
+        tunnels = sum(len(c.context.tunnels) for c in self._pods.values())
+        if tunnels < self._tunnels_seen:
+            # tunnel connections ended (a burst's spares reaped, peers gone): each held TLS
+            # state and buffers the allocator keeps unless asked to give them back
+            give_back_memory()
+        self._tunnels_seen = tunnels
         for captured in self._pods.values():
             context = captured.context
             if context.relays:

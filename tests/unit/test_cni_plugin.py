@@ -1,7 +1,10 @@
-"""cni/pinion-cni, run as the container runtime runs it: a subprocess fed a network
-config on stdin and CNI_* variables, talking to a fake agent on a Unix socket.
+"""pinion-cni, run as the container runtime runs it: a subprocess fed a network config on
+stdin and CNI_* variables, talking to a fake agent on a Unix socket. Every test runs twice:
+against cni/pinion-cni (the static C binary nodes run, built by `make cni`) and against
+cni/pinion_cni_reference.py, its reference; test_cni_plugin_differential.py compares the two
+on generated input.
 
-Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the plugin under another interpreter.
+Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the reference under another interpreter.
 """
 
 from __future__ import annotations
@@ -23,8 +26,26 @@ from typing import Any
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "pinion-cni"
+REFERENCE = Path(__file__).resolve().parents[2] / "cni" / "pinion_cni_reference.py"
+C_PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "pinion-cni"
 PYTHON = os.environ.get("PINION_CNI_PYTHON", sys.executable)
+IMPLEMENTATIONS = {"python": [PYTHON, str(REFERENCE)], "c": [str(C_PLUGIN)]}
+ARGV = IMPLEMENTATIONS["python"]  # the implementation under test (the fixture below sets it)
+
+
+def require_c_plugin() -> None:
+    if not C_PLUGIN.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{C_PLUGIN} is not built (make cni)")
+        pytest.skip(f"{C_PLUGIN} is not built (make cni)")
+
+
+@pytest.fixture(autouse=True, params=list(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c":
+        require_c_plugin()
+    monkeypatch.setattr(sys.modules[__name__], "ARGV", IMPLEMENTATIONS[request.param])
+    return str(request.param)
 
 OK = {"ok": True}
 CLOSE_WITHOUT_REPLY = "close without reply"
@@ -183,7 +204,7 @@ def invoke(command: str, config: dict[str, Any] | str, **env: str | None) -> Plu
     stdin = config if isinstance(config, str) else json.dumps(config)
     started = time.monotonic()
     completed = subprocess.run(
-        [PYTHON, str(PLUGIN)], input=stdin, env=environ, capture_output=True, text=True, timeout=30
+        ARGV, input=stdin, env=environ, capture_output=True, text=True, timeout=30
     )
     elapsed = time.monotonic() - started
     return PluginRun(completed.returncode, completed.stdout, completed.stderr, elapsed)

@@ -62,7 +62,7 @@ keeper/pinion-keeper: keeper/keeper.c keeper/keeper.h
 # pinion-cni (cni/pinion-cni.c; cni/pinion_cni_reference.py is its reference): the plugin the
 # container runtime runs for every pod, static so it needs nothing on the host (no python3).
 CNI_CFLAGS = -O2 -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong -static
-CNI_SOURCES := cni/pinion-cni.c cni/cnicore.c
+CNI_SOURCES := cni/pinion-cni.c cni/cnicore.c cni/cnijson.c
 CNI_HEADERS := cni/cnicore.h cni/printable.h
 
 cni: cni/pinion-cni
@@ -73,7 +73,7 @@ cni/pinion-cni: $(CNI_SOURCES) $(CNI_HEADERS)
 FUZZ_SECONDS ?= 60
 fuzz-cni:  ## libFuzzer (ASan, UBSan) on pinion-cni's config and agent-reply parsing, FUZZ_SECONDS long
 	@mkdir -p /tmp/pinion-fuzz-cni/corpus && cp cni/corpus/* /tmp/pinion-fuzz-cni/corpus/
-	clang -g -O1 -fsanitize=fuzzer,address,undefined cni/fuzz.c cni/cnicore.c -lm \
+	clang -g -O1 -fsanitize=fuzzer,address,undefined cni/fuzz.c cni/cnicore.c cni/cnijson.c -lm \
 	  -o /tmp/pinion-fuzz-cni/fuzz
 	/tmp/pinion-fuzz-cni/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	  /tmp/pinion-fuzz-cni/corpus

@@ -93,6 +93,7 @@ void py_repr_str(struct buf *out, const char *text, size_t n);
 void py_repr_bytes(struct buf *out, const char *bytes, size_t n);
 void py_float_repr(struct buf *out, double value);
 void py_format_g(struct buf *out, double value);
+int hex_value(unsigned char c); /* 0-15, or -1 */
 
 /* A failure for the runtime: CNI error JSON on stdout. `code` is decimal text (an agent's
  * code may be any JSON integer). */

@@ -23,7 +23,7 @@ def test_the_cni_plugins_parsers_survive_a_fuzz_run(tmp_path: Path) -> None:
         pytest.skip("clang is needed for pinion-cni's fuzz run")
     binary = tmp_path / "fuzz"
     subprocess.run(["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined", str(CNI / "fuzz.c"),
-                    str(CNI / "cnicore.c"), "-lm", "-o", str(binary)],
+                    str(CNI / "cnicore.c"), str(CNI / "cnijson.c"), "-lm", "-o", str(binary)],
                    check=True, capture_output=True, timeout=120)
     corpus = tmp_path / "corpus"
     shutil.copytree(CNI / "corpus", corpus)

@@ -138,7 +138,7 @@ def test_the_paths_the_manifests_use_are_where_the_image_puts_things() -> None:
     installer = next(c for c in daemonset["spec"]["template"]["spec"]["containers"]
                      if c["name"] == "cni-installer")
     plugin = next(a for a in installer["args"] if a.startswith("--plugin=")).removeprefix("--plugin=")
-    assert f"-o {plugin} cni/pinion-cni.c cni/cnicore.c" in build
+    assert f"-o {plugin} cni/pinion-cni.c cni/cnicore.c cni/cnijson.c" in build
     assert "/opt/pinion/venv/bin" in env and "pip install --no-cache-dir '.[fast]'" in build
     assert ("COPY", "--from=builder /opt/pinion /opt/pinion") in runtime
 

@@ -494,6 +494,27 @@ def test_cni_args_too_long_for_the_agent_are_refused_before_sending(run_dir: Pat
     assert "over its 64 KiB" in error["msg"]
 
 
+@pytest.mark.parametrize(("over", "accepted"), [(0, True), (1, False)])
+def test_the_64_kib_request_limit_counts_the_same_bytes_in_both_implementations(
+    run_dir: Path, start_agent: Any, over: int, accepted: bool
+) -> None:
+    """The agent reads 64 KiB of one request line: a request of exactly that is sent, one
+    byte more is refused before sending. Both plugins format the request as json.dumps does."""
+    agent = start_agent(OK)
+    request = add_request(args={**POD_ARGS_PARSED, "PINION_PAD": ""})
+    xs = 64 * 1024 - len(json.dumps(request).encode() + b"\n") - len("\\u00e9") + over
+    cni_args = POD_ARGS + ";PINION_PAD=" + "x" * xs + "é"  # é: sent as \u00e9, 6 bytes
+
+    run = invoke("ADD", pinion_config(run_dir), CNI_ARGS=cni_args)
+
+    if accepted:
+        assert run.exit_code == 0, run.stdout
+        assert len(agent.requests) == 1
+    else:
+        assert "is 65537 bytes, over its 64 KiB" in expect_cni_error(run, 4)["msg"]
+        assert agent.requests == []
+
+
 def test_malformed_cni_args_pair_is_an_environment_error(run_dir: Path) -> None:
     run = invoke("ADD", pinion_config(run_dir), CNI_ARGS="K8S_POD_NAME=cart;garbage")
 

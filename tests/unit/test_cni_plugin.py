@@ -4,7 +4,8 @@ against cni/pinion-cni (the static C binary nodes run, built by `make cni`) and 
 cni/pinion_cni_reference.py, its reference; test_cni_plugin_differential.py compares the two
 on generated input.
 
-Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the reference under another interpreter.
+Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the reference under another interpreter,
+PINION_CNI_BINARY to test another build of the C plugin (another arch's, under qemu-user).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Any
 import pytest
 
 REFERENCE = Path(__file__).resolve().parents[2] / "cni" / "pinion_cni_reference.py"
-C_PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "pinion-cni"
+# PINION_CNI_BINARY: another build of it, e.g. an arm64 one run through qemu-user's binfmt
+C_PLUGIN = Path(os.environ.get("PINION_CNI_BINARY")
+                or Path(__file__).resolve().parents[2] / "cni" / "pinion-cni")
 PYTHON = os.environ.get("PINION_CNI_PYTHON", sys.executable)
 IMPLEMENTATIONS = {"python": [PYTHON, str(REFERENCE)], "c": [str(C_PLUGIN)]}
 ARGV = IMPLEMENTATIONS["python"]  # the implementation under test (the fixture below sets it)

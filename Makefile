@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
-                curl wrk nginx-light procps python3-venv python3-dev gcc \
+                curl wrk nginx-light procps python3-venv python3-dev gcc libc6-dev \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
                 clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
                 podman mmdebstrap containerd runc chromium

@@ -78,8 +78,16 @@ class Build:
     pods: dict[str, tuple[Pod, Pod]] = field(default_factory=dict)  # case -> (client, server)
     samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
+    sys_samples: dict[str, list[float]] = field(default_factory=dict)
+
     def cpu(self) -> float:
         return sum(cpu_seconds(agent.process.pid) for agent in self.agents if agent.process)
+
+    def sys_cpu(self) -> float:
+        """Kernel time (stime) of both agents: the rest of `cpu` is user space."""
+        return sum(int(Path(f"/proc/{agent.process.pid}/stat").read_text().rsplit(")", 1)[1]
+                       .split()[12]) / os.sysconf("SC_CLK_TCK")
+                   for agent in self.agents if agent.process)
 
 
 def run_ab(client: Pod, server: Pod, requests: int) -> float:
@@ -119,9 +127,11 @@ def measure(builds: list[Build], rounds: int, requests: int) -> list[str]:
         if index % 2:
             order.reverse()
         for build, case in order:
-            before = build.cpu()
+            before, sys_before = build.cpu(), build.sys_cpu()
             rate = run_ab(*build.pods[case], requests)
             build.samples[case].append((rate, (build.cpu() - before) / requests * 1000))
+            build.sys_samples.setdefault(case, []).append(
+                (build.sys_cpu() - sys_before) / requests * 1000)
         loads.append(load_average())
         print(f"  round {index + 1}: " + ", ".join(
             f"{b.name}/{c} {b.samples[c][-1][0]:,.0f}/s {b.samples[c][-1][1]:.3f}s"
@@ -158,8 +168,8 @@ def report(builds: list[Build], loads: list[str], rounds: int, requests: int) ->
     base = {case: statistics.median(cpu for _, cpu in first.samples[case]) for case in CASES}
     lines = [
         f"| build | case | conn/s (median) | range | agents' CPU s per 1,000 conns (median) | "
-        f"range | CPU vs {first.name} |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        f"range | of it kernel (median) | CPU vs {first.name} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for build in builds:
         for case in CASES:
             rates = [rate for rate, _ in build.samples[case]]
@@ -167,7 +177,9 @@ def report(builds: list[Build], loads: list[str], rounds: int, requests: int) ->
             cpu = statistics.median(cpus)
             lines.append(f"| {build.name} | {case} | {statistics.median(rates):,.0f} | "
                          f"{min(rates):,.0f}–{max(rates):,.0f} | {cpu:.3f} | "
-                         f"{min(cpus):.3f}–{max(cpus):.3f} | {cpu / base[case]:.2f}× |")
+                         f"{min(cpus):.3f}–{max(cpus):.3f} | "
+                         f"{statistics.median(build.sys_samples[case]):.3f} | "
+                         f"{cpu / base[case]:.2f}× |")
     facts = machine_facts()
     head = [f"# New connections per build (`ab -n {requests} -c {CONCURRENCY}`, mTLS, "
             f"{rounds} interleaved rounds)", "",

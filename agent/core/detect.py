@@ -80,11 +80,10 @@ def _starts_like_settings(data: bytes) -> bool:
     return len(header) < 9 or header[5:9] == b"\x00\x00\x00\x00"
 
 
-def observer_for(protocol: Protocol, tap: TapSwitch = NEVER, first_bytes: bytes = b"") -> Observer:
-    """The agent's observers classify gRPC as Linkerd's proxy does. `first_bytes`: the
-    client's bytes the protocol was detected from (they choose the HTTP/1 observer)."""
+def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
+    """The agent's observers classify gRPC as Linkerd's proxy does."""
     if protocol is Protocol.HTTP1:
-        return http1_observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap, first_bytes=first_bytes)
+        return http1_observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     if protocol is Protocol.HTTP2:
         return Http2Observer(grpc_failures=GRPC_FAILURE_LINKERD, tap=tap)
     return OpaqueObserver()
@@ -135,7 +134,7 @@ class ConnectionObserver:
             if protocol is None:
                 self._prefix = prefix
                 return []
-            inner = self._decide(protocol, prefix)
+            inner = self._decide(protocol)
             data = prefix
         elif inner.opaque:
             return []
@@ -188,12 +187,12 @@ class ConnectionObserver:
             return []
         return self._inner.abandon(error)
 
-    def _decide(self, protocol: Protocol, first_bytes: bytes = b"") -> Observer:
+    def _decide(self, protocol: Protocol) -> Observer:
         self.protocol = protocol
         self._prefix = b""
         if protocol is not Protocol.HTTP2:
             self._early_server = b""
-        self._inner = observer_for(protocol, self._tap, first_bytes)
+        self._inner = observer_for(protocol, self._tap)
         return self._inner
 
     def _abandon(self) -> list[Record]:

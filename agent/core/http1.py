@@ -554,16 +554,12 @@ def http1_observer(
     max_pending: int = MAX_PENDING,
     grpc_failures: frozenset[int] | None = None,
     tap: TapSwitch = NEVER,
-    first_bytes: bytes = b"",
 ) -> Observer:
     """The observer the proxy uses for an HTTP/1 connection: the compiled fast path when it is
     built (it accounts messages of the common shape itself and hands the connection to an
     `Http1Observer`, via `Http1Observer.adopt`, at the first message it does not take), else
-    `Http1Observer` from the start. Both count the same (tests/unit/test_http1_fast.py).
-    `first_bytes`: the connection's first client bytes, when known: a first request line the
-    fast path never takes gets `Http1Observer` at once (the fast path would hand over at its
-    first byte, having been built for nothing: one per connection of ab, HTTP/1.0)."""
-    if _Http1Fast is None or _not_http11(first_bytes):
+    `Http1Observer` from the start. Both count the same (tests/unit/test_http1_fast.py)."""
+    if _Http1Fast is None:
         return Http1Observer(max_header_bytes, max_pending, grpc_failures, tap)
     if tap is NEVER:
         return _Http1Fast(Http1Observer.adopt, max_header_bytes, max_pending, grpc_failures)
@@ -571,12 +567,6 @@ def http1_observer(
     # (which taps them); the fast path checks the switch before each request head.
     return _Http1Fast(functools.partial(Http1Observer.adopt, tap=tap), max_header_bytes,
                       max_pending, grpc_failures, tap)
-
-
-def _not_http11(first_bytes: bytes) -> bool:
-    """A whole first request line that is not HTTP/1.1 (csrc/h1scan.c takes only 1.1)."""
-    end = first_bytes.find(b"\r\n")
-    return end > 0 and not first_bytes.endswith(b" HTTP/1.1", 0, end)
 
 
 def http1_at_rest(observer: Observer) -> bool:

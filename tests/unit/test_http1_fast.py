@@ -21,7 +21,6 @@ from agent.core import accounting, http1
 from agent.core.accounting import GRPC_FAILURE_LINKERD
 from agent.core.detect import ConnectionObserver, Protocol, observer_for
 from agent.core.http1 import Http1Observer, http1_at_rest, http1_observer
-from agent.core.tap import NEVER
 
 from . import test_http1_accounting, test_http1_accounting_properties
 
@@ -38,26 +37,6 @@ def fast_observer(max_header_bytes: int = http1.MAX_HEADER_BYTES, max_pending: i
 def test_the_agent_uses_the_compiled_path() -> None:
     assert isinstance(http1_observer(), Http1Fast)
     assert isinstance(observer_for(Protocol.HTTP1), Http1Fast)
-
-
-def test_a_first_request_line_the_compiled_path_never_takes_gets_the_python_observer_at_once() -> None:
-    """ab and other HTTP/1.0 clients: one connection per request, and the fast path would hand
-    each over at its first byte; the observer is chosen from the detected bytes instead, and
-    counts the same as the fast path handing over would."""
-    ab_request = b"GET /1k HTTP/1.0\r\nHost: web:80\r\nUser-Agent: ApacheBench/2.3\r\n\r\n"
-    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-    assert type(observer_for(Protocol.HTTP1, NEVER, ab_request)) is Http1Observer
-    assert type(http1_observer(first_bytes=b"GET / HTTP/1.0\r\n")) is Http1Observer
-    for first in (b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", b"GET / HTTP/1.", b""):
-        assert isinstance(http1_observer(first_bytes=first), Http1Fast), first
-    chosen, handing_over = ConnectionObserver(), fast_observer()
-    records = [chosen.client_bytes(ab_request, 1.0), chosen.server_bytes(response, 1.5),
-               chosen.closed(2.0, reset=False)]
-    expected = [handing_over.client_bytes(ab_request, 1.0), handing_over.server_bytes(response, 1.5),
-                handing_over.closed(2.0, reset=False)]
-    assert handing_over.delegated
-    assert records == expected and len(records[1]) == 1
-    assert chosen.authority == handing_over.authority == "web:80"
 
 
 def test_the_grpc_rule_reaches_the_python_observer_at_a_hand_over(monkeypatch: pytest.MonkeyPatch) -> None:

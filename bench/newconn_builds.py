@@ -139,7 +139,7 @@ def measure(builds: list[Build], rounds: int, requests: int) -> list[str]:
     return loads
 
 
-def profile(builds: list[Build], requests: int, directory: Path, py_spy: str) -> None:
+def profile(builds: list[Build], requests: int, directory: Path, py_spy: str, native: bool) -> None:
     """py-spy (raw collapsed stacks, 250 Hz, --nonblocking) on both agents of each build for one
     `ab` run per case: DIR/<build>-<case>-<side>.txt."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,8 @@ def profile(builds: list[Build], requests: int, directory: Path, py_spy: str) ->
                 out = directory / f"{build.checkout.name}-{case}-{side}.txt"
                 spies.append(subprocess.Popen(
                     [py_spy, "record", "-r", "250", "--nonblocking", "-f", "raw", "-o", str(out),
-                     "-p", str(agent.process.pid)], stdout=subprocess.DEVNULL,
+                     *(["--native"] if native else []), "-p", str(agent.process.pid)],
+                    stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))
             time.sleep(1.0)
             try:
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after the rounds, py-spy both agents of each build for one ab run")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     args = parser.parse_args(argv)
     for checkout in args.checkout:
         if not (checkout / "agent" / "__main__.py").is_file():
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
             loads = measure(builds, args.rounds, args.requests)
             if args.profile is not None:
-                profile(builds, args.requests, args.profile, args.py_spy)
+                profile(builds, args.requests, args.profile, args.py_spy, args.native)
             for build in builds:
                 opened = build.agents[0].metrics().value("tcp_open_total", tls="true")
                 if opened == 0:

@@ -140,7 +140,8 @@ def measure(builds: list[Build], rounds: int, requests: int) -> list[str]:
 
 
 def profile(builds: list[Build], requests: int, directory: Path, py_spy: str, native: bool) -> None:
-    """py-spy (raw collapsed stacks, 250 Hz, --nonblocking) on both agents of each build for one
+    """py-spy (raw collapsed stacks, 250 Hz; --nonblocking unless --native) on both agents of
+    each build for one
     `ab` run per case: DIR/<build>-<case>-<side>.txt."""
     directory.mkdir(parents=True, exist_ok=True)
     for build in builds:
@@ -150,8 +151,9 @@ def profile(builds: list[Build], requests: int, directory: Path, py_spy: str, na
                 assert agent.process is not None
                 out = directory / f"{build.checkout.name}-{case}-{side}.txt"
                 spies.append(subprocess.Popen(
-                    [py_spy, "record", "-r", "250", "--nonblocking", "-f", "raw", "-o", str(out),
-                     *(["--native"] if native else []), "-p", str(agent.process.pid)],
+                    # --native cannot be --nonblocking: py-spy then pauses the agent per sample
+                    [py_spy, "record", "-r", "250", "-f", "raw", "-o", str(out),
+                     *(["--native"] if native else ["--nonblocking"]), "-p", str(agent.process.pid)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))
             time.sleep(1.0)

@@ -9,7 +9,7 @@ APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plug
                 podman mmdebstrap containerd runc chromium
 
 .PHONY: deps venv bpf keeper cni fuzz-keeper fuzz-cni test unit netns demo bench bench-quick lint clean \
-        image pause-image deps-arm64 test-arm64 smoke-arm64
+        image pause-image deps-arm64 test-arm64 smoke-arm64 image-arm64 image-arm64-check
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -114,12 +114,23 @@ bench-quick: deps venv bpf cni  ## smoke run of the same (~1 min)
 # (deploy/image/mkbase; the tarball is cached in IMAGE_CACHE, remade when missing or when
 # mkbase changes: delete it for newer security updates), imported into podman under that
 # name, then deploy/Dockerfile built with podman, tagged $(IMAGE). ARCH=arm64 builds for a
-# Pi (an arm64 machine, or qemu-user-static + binfmt for emulation).
-ARCH        ?= $(shell dpkg --print-architecture)
-IMAGE       ?= localhost/pinion:dev
+# Pi (an arm64 machine, or qemu-user-static + binfmt for emulation: docs/arm64.md).
+#
+# One tag per architecture, never one name for two: the host's own architecture keeps the
+# plain names (localhost/pinion:dev is what tests/netns/test_containerd.py imports into this
+# host's containerd), another one gets a suffix (localhost/pinion:dev-arm64, its base
+# localhost/debian:bookworm-slim-arm64, substituted for the Dockerfile's `FROM
+# debian:bookworm-slim` with --build-context). So an arm64 build never re-imports or retags
+# what an amd64 `make image` (here or in a parallel run) builds on. A manifest list joining
+# the two is for a registry push (README: docker buildx), which this target does not do.
+HOST_ARCH   := $(shell dpkg --print-architecture)
+ARCH        ?= $(HOST_ARCH)
+FOREIGN     := $(filter-out $(HOST_ARCH),$(ARCH))
+IMAGE       ?= localhost/pinion:dev$(if $(FOREIGN),-$(ARCH))
 PAUSE_IMAGE ?= localhost/pause:3.9
 IMAGE_CACHE ?= /var/cache/pinion
-BASE_IMAGE  := docker.io/library/debian:bookworm-slim
+BASE_IMAGE  := $(if $(FOREIGN),localhost/debian:bookworm-slim-$(ARCH),docker.io/library/debian:bookworm-slim)
+BASE_CONTEXT := $(if $(FOREIGN),--build-context debian:bookworm-slim=docker-image://$(BASE_IMAGE))
 # Named by mkbase's content, not compared by mtime: a fresh clone (CI) has a new mtime on
 # every file and would remake the base, and with it every layer, each run.
 BASE_TAR    := $(IMAGE_CACHE)/debian-bookworm-slim-$(ARCH)-$(shell sha256sum deploy/image/mkbase | cut -c1-12).tar
@@ -129,14 +140,14 @@ PIP_CA_ARGS := $(if $(wildcard $(HOST_CA)),--volume $(HOST_CA):/etc/pinion-build
 
 image: deps $(BASE_TAR)
 	@# Re-import only a changed tarball (a new import is a new base: every layer rebuilds), or
-	@# when the name holds another ARCH's base (one name, one architecture at a time).
+	@# when the name holds another ARCH's base (as an older Makefile could leave it).
 	@if [ "$$(podman image inspect --format '{{.Architecture}}' $(BASE_IMAGE) 2>/dev/null)" != $(ARCH) ] \
 	   || [ $(BASE_TAR) -nt $(BASE_TAR).imported ]; then \
 	  echo "importing $(BASE_TAR) as $(BASE_IMAGE)"; \
 	  podman import -q --arch $(ARCH) --change 'CMD ["bash"]' $(BASE_TAR) $(BASE_IMAGE) >/dev/null && \
 	  touch $(BASE_TAR).imported; \
 	fi
-	podman build -q --pull=never --network host --platform linux/$(ARCH) $(PIP_CA_ARGS) \
+	podman build -q --pull=never --network host --platform linux/$(ARCH) $(PIP_CA_ARGS) $(BASE_CONTEXT) \
 	  --label io.pinion.sources=$$(python3 deploy/image/sources-digest) \
 	  -f deploy/Dockerfile -t $(IMAGE) . >/dev/null
 	@podman image inspect --format '$(IMAGE): {{.Size}} bytes, linux/{{.Architecture}}' $(IMAGE)
@@ -174,6 +185,16 @@ test-arm64: deps-arm64  ## the unit suite on arm64 under qemu-user (first run bu
 
 smoke-arm64: deps-arm64  ## Debian's arm64 kernel under qemu-system-aarch64: netns smoke, console in docs/
 	tools/arm64/smoke.sh
+
+# The image a Pi pulls, built here under qemu-user (every RUN of deploy/Dockerfile emulated,
+# niced: ~10 min the first time here), tagged localhost/pinion:dev-arm64 beside the host's
+# localhost/pinion:dev (see IMAGE above). The check runs it and asserts what docs/arm64.md says.
+image-arm64: deps-arm64
+	tools/arm64/binfmt.sh
+	nice -n 15 ionice -c3 $(MAKE) --no-print-directory image ARCH=arm64
+
+image-arm64-check: image-arm64  ## the arm64 image: linux/arm64, runs pinion, aarch64 inside, own tag
+	tools/arm64/image-check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS) keeper/pinion-keeper cni/pinion-cni

@@ -4,6 +4,7 @@ and reading its admin endpoint from inside that node's netns."""
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.dataplane.netns import NetNs, NetnsSwitch
 from agent.lab.topology import Lab, Node
+
+# Seconds an agent gets from spawn to /ready. Natively it takes well under one; under full-system
+# emulation (tools/arm64/smoke-init.sh, TCG on a shared host) the interpreter's start-up alone
+# can take most of 20, so the smoke raises it there.
+READY_TIMEOUT = float(os.environ.get("PINION_LAB_READY_TIMEOUT", "20"))
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "cni" / "pinion-cni"
@@ -95,7 +101,7 @@ class LabAgent:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:

@@ -66,6 +66,14 @@ def image_problem() -> str | None:
                if subprocess.run(["podman", "image", "exists", image]).returncode != 0]
     if missing:
         return f"no image {', '.join(missing)} in podman's storage (sudo make image pause-image)"
+    # binfmt_misc would run another architecture's agent here, emulated and slowly: refuse it
+    # (`make image ARCH=arm64` tags localhost/pinion:dev-arm64, never this one).
+    architecture = subprocess.run(["podman", "image", "inspect", "--format", "{{.Architecture}}", IMAGE],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    host = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if architecture != host:
+        return f"{IMAGE} is linux/{architecture}, this host is {host} (sudo make image)"
     if os.environ.get("PINION_IMAGE"):
         return None  # named by the caller: theirs to keep current
     label = subprocess.run(["podman", "image", "inspect", "--format",

@@ -19,11 +19,17 @@ import pytest
 from agent.controlplane.issuer.limits import ListenerLimits
 from agent.identity.crypto import cert_info
 from agent.identity.files import init_identity_dir
+from tests.support.emulation import EMULATION
 from tests.support.kubeapi import FakeApiServer
 from tests.unit.test_issuer_end_to_end import AGENT, CART, NODE_NAME, Issuer, pod, start_issuer
 
 IDLE_CONNECTIONS = 500
 RSS_CEILING = 64 * 1024 * 1024
+# Under qemu-user (`make test-arm64`) VmRSS holds the emulator too (its translated code and
+# heap: the issuer starts at 80 MiB there, 31 MiB natively), so the absolute ceiling would
+# measure qemu. There the bound is on what the idle connections add, with the headroom the
+# ceiling leaves natively (64 - ~32 MiB); before the fix, 400 of them added 113 MiB.
+EMULATED_GROWTH_CEILING = 32 * 1024 * 1024
 NEAR_BASELINE = 8 * 1024 * 1024
 HANDSHAKE_TIMEOUT = ListenerLimits().handshake_timeout
 
@@ -101,7 +107,10 @@ def test_500_idle_connections_cost_little_and_a_csr_is_still_signed(issuer: Issu
         assert time.monotonic() - started < HANDSHAKE_TIMEOUT - 1, "too slow: the idle ones may be gone"
         print(f"\nissuer RSS: baseline {baseline / 2**20:.1f} MiB, holding {IDLE_CONNECTIONS} idle "
               f"{holding / 2**20:.1f} MiB, a CSR signed meanwhile in {signing * 1000:.0f} ms")
-        assert holding < RSS_CEILING
+        if EMULATION is None:
+            assert holding < RSS_CEILING
+        else:
+            assert holding - baseline < EMULATED_GROWTH_CEILING, f"under qemu-user ({EMULATION})"
         assert cert_info(chain).uri_sans == (str(CART),)
         assert admin_status == 200
 

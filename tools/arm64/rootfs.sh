@@ -1,7 +1,7 @@
 #!/bin/bash
 # An arm64 Debian bookworm root filesystem, cached: what `make test-arm64` and `make smoke-arm64`
 # run in. Built once with mmdebstrap from the Debian archive this machine's apt uses; maintainer
-# scripts run under qemu-user (binfmt_misc, registered here if the host has not done it).
+# scripts run under qemu-user (binfmt_misc: tools/arm64/binfmt.sh registers it if the host has not).
 #
 #   tools/arm64/rootfs.sh            prints the rootfs directory, building it when missing/stale
 #
@@ -23,18 +23,6 @@ PACKAGES=(
   containernetworking-plugins kmod tcpdump mount kubernetes-client libclang-rt-dev
   linux-image-arm64 initramfs-tools
 )
-
-# binfmt_misc: mount it and register qemu-aarch64 (flags F: the interpreter is opened now, so it
-# works inside a chroot) unless already there.
-ensure_binfmt() {
-  command -v qemu-aarch64-static >/dev/null || {
-    echo "rootfs.sh: qemu-user-static is missing (make deps-arm64 installs it)" >&2; exit 1; }
-  [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || cat /usr/lib/binfmt.d/qemu-aarch64.conf \
-    > /proc/sys/fs/binfmt_misc/register
-  grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
-    echo "rootfs.sh: binfmt_misc entry qemu-aarch64 is disabled" >&2; exit 1; }
-}
 
 mirror() {  # the first Debian archive URI apt on this machine uses
   local uri
@@ -64,7 +52,7 @@ add_packages() {  # apt-get install in the chroot, in a private mount namespace
 }
 
 main() {
-  ensure_binfmt
+  "$HERE/binfmt.sh"
   local rootfs="$CACHE/rootfs-bookworm"
   if [ ! -e "$rootfs/.complete" ]; then
     mkdir -p "$CACHE"

@@ -20,6 +20,14 @@ venv=$(ls -d /opt/pinion/venv-* | head -1)
 cd /src || exit 1
 "$venv/bin/python" -c 'import platform, ssl; print("pinion-smoke:", platform.machine(), "Python",
   platform.python_version(), ssl.OPENSSL_VERSION)'
+# Every instruction is emulated (TCG): what takes milliseconds natively takes seconds here.
+# The lab gives an agent 20 s to be ready; the first runs here saw some miss it (empty logs:
+# still importing) while the same tests passed in the next run. 90 s, and the import time shown.
+export PINION_LAB_READY_TIMEOUT=90
+import_start=$(cut -d' ' -f1 /proc/uptime)
+"$venv/bin/python" -c 'import agent.app'
+echo "pinion-smoke: python -c 'import agent.app' took" \
+     "$(awk -v a="$import_start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN {printf "%.1f", b - a}') s"
 read -r -a tests < /src/.smoke-tests
 start=$(cut -d' ' -f1 /proc/uptime)
 timeout 5400 "$venv/bin/python" -m pytest -v --color=no -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1

@@ -1,8 +1,9 @@
 #!/bin/bash
 # `make test-arm64`: the unit suite on arm64, under qemu-user. The project is copied into the
 # cached arm64 rootfs (tools/arm64/rootfs.sh), installed into a venv there as the image does
-# (`pip install '.[fast]'`: python-iptables builds with the rootfs's gcc), the keeper and the
-# eBPF object are built with the rootfs's compilers, and pytest runs in a chroot.
+# (`pip install '.[fast]'`: python-iptables builds with the rootfs's gcc), the keeper, the
+# eBPF object and agent.core._http1fast (in place: pytest imports agent from the source tree)
+# are built with the rootfs's compilers, and pytest runs in a chroot.
 #
 #   tools/arm64/test.sh [pytest args]     default: -q -p no:cacheprovider tests/unit
 #   PINION_ARM64_PREPARE_ONLY=1 tools/arm64/test.sh    everything but pytest (for smoke.sh)
@@ -23,7 +24,8 @@ rm -rf "$ROOTFS/src" && mkdir -p "$ROOTFS/src"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
    | xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' \
    | tar --null -T - -cf -) | tar -xf - -C "$ROOTFS/src"
-rm -f "$ROOTFS/src/keeper/pinion-keeper" "$ROOTFS/src/cni/pinion-cni" "$ROOTFS"/src/bpf/*.o  # built below
+# built for arm64 below, never copied (git ignores them; a checkout with them staged would not)
+rm -f "$ROOTFS/src/keeper/pinion-keeper" "$ROOTFS/src/cni/pinion-cni" "$ROOTFS"/src/bpf/*.o "$ROOTFS"/src/agent/core/*.so
 cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"  # pip reaches PyPI from the chroot
 # ...trusting what the host trusts (a TLS-inspecting proxy's CA, where there is one)
 cp -L /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/pinion-host-ca.crt"
@@ -56,8 +58,8 @@ fi
 
 start=$SECONDS
 inside /bin/sh -ec "cd /src && uname -m && $venv/bin/python -c 'import platform; print(platform.machine(), platform.python_version())' \
-  && make -s keeper cni bpf PY=$venv/bin/python"
-echo "test-arm64: keeper, pinion-cni and bpf/capture.o built in $((SECONDS - start)) s" >&2
+  && make -s keeper cni bpf PY=$venv/bin/python && $venv/bin/python setup.py -q build_ext --inplace"
+echo "test-arm64: keeper, pinion-cni, bpf/capture.o and agent.core._http1fast built in $((SECONDS - start)) s" >&2
 
 [ -z "${PINION_ARM64_PREPARE_ONLY:-}" ] || exit 0  # smoke.sh: the rootfs is ready to boot
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 from types import ModuleType
 
@@ -44,15 +45,17 @@ def tunnel_extensions() -> list[Extension]:
     core = os.path.join("agent", "core")
     digest = rules.source_digest(os.path.join(HERE, core))
     for stale in glob.glob(os.path.join(HERE, core, "_tunnel_*")):  # builds of other sources
-        if not os.path.basename(stale).startswith(f"_tunnel_{digest}__"):
-            os.remove(stale)
+        if not os.path.basename(stale).startswith(f"_tunnel_{digest}"):
+            shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     extensions: list[Extension] = mypycify(
         [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
         group_name=rules.group_name(digest), opt_level="3", debug_level="0")
-    for extension in extensions:  # the shims: beside the sources, under names that never shadow them
+    for extension in extensions:  # the shims: in a directory of their own, never shadowing a .py
         if not extension.name.endswith("__mypyc"):
             module = extension.name.rsplit(".", 1)[1]
-            extension.name = "agent.core." + rules.build_file(digest, module, "")
+            extension.name = f"agent.core.{rules.shim_directory(digest)}.{module}"
+    # an in-place build (pip install -e) copies the shims there, and does not create it
+    os.makedirs(os.path.join(HERE, core, rules.shim_directory(digest)), exist_ok=True)
     return extensions
 
 

@@ -2,13 +2,14 @@
 `agent.core.tunnel` compiled by mypyc (setup.py), or their Python sources.
 
 A compiled build is used only when it was built from exactly the sources beside it. setup.py
-names its files after a digest of those sources (`_tunnel_<digest>__tunnel.<ext>`, and the
-shared library `_tunnel_<digest>__mypyc.<ext>`), so they never shadow the `.py` files; the
-import hook below loads them in place of the sources only when the digest of the sources on
-disk names an existing build. A build left from other sources (an edited `.py` in an editable
-install) is never loaded: the Python modules are, and one warning says so. Environment
-`PINION_PURE_PYTHON=1` forces the Python modules (the tests of the fallback use it; agents
-started by the tests inherit it).
+names its files after a digest of those sources: mypyc's shared library
+`_tunnel_<digest>__mypyc.<ext>` and, in the directory `_tunnel_<digest>/` (no `__init__.py`:
+not a package, so nothing walks into it), one shim per module, `tunnel.<ext>`. They never
+shadow the `.py` files; the import hook below loads the shims in place of the sources only
+when the digest of the sources on disk names an existing build. A build left from other
+sources (an edited `.py` in an editable install) is never loaded: the Python modules are, and
+one warning says so. Environment `PINION_PURE_PYTHON=1` forces the Python modules (the
+tests of the fallback use it; agents started by the tests inherit it).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def group_name(digest: str) -> str:
     return f"{_PACKAGE}._tunnel_{digest}"
 
 
-def build_file(digest: str, module: str, suffix: str) -> str:
-    """File name of `module`'s compiled shim (the name setup.py gives it)."""
-    return f"_tunnel_{digest}__{module}{suffix}"
+def shim_directory(digest: str) -> str:
+    """The directory (beside the sources) of the modules' compiled shims."""
+    return f"_tunnel_{digest}"
 
 
 class CompiledTunnelFinder:
@@ -77,17 +78,18 @@ class CompiledTunnelFinder:
             digest = source_digest(self.directory)
         except OSError:  # no sources to check a build against: do not trust one
             return {}
-        builds = [name for name in files if name.startswith("_tunnel_") and "__mypyc" in name]
+        builds = sorted(name for name in files if name.startswith("_tunnel_"))
+        shims = os.path.join(self.directory, shim_directory(digest))
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            wanted = {module: build_file(digest, module, suffix) for module in COMPILED_MODULES}
-            if all(file in files for file in wanted.values()) and any(
-                    name.startswith(f"_tunnel_{digest}__mypyc") for name in builds):
-                return {f"{_PACKAGE}.{module}": os.path.join(self.directory, file)
-                        for module, file in wanted.items()}
+            wanted = {f"{_PACKAGE}.{module}": os.path.join(shims, module + suffix)
+                      for module in COMPILED_MODULES}
+            if f"_tunnel_{digest}__mypyc{suffix}" in files and all(
+                    os.path.exists(path) for path in wanted.values()):
+                return wanted
         if builds:
-            log.warning("compiled tunnel framing in %s was built from other sources than %s "
-                        "(%s): running the Python modules; rebuild with `make venv` or "
-                        "`pip install -e .`", self.directory,
+            log.warning("compiled tunnel framing in %s is no complete build of the sources "
+                        "beside it (%s; found %s): running the Python modules; rebuild with "
+                        "`make venv` or `pip install -e .`", self.directory,
                         ", ".join(module + ".py" for module in COMPILED_MODULES), ", ".join(builds))
         return {}
 

@@ -38,9 +38,10 @@ def copy_of_core(tmp_path: Path) -> Path:
     """The compiled sources and this tree's builds of them, in a directory of their own."""
     directory = tmp_path / "core"
     directory.mkdir()
-    for name in [*(module + ".py" for module in compiled.COMPILED_MODULES),
-                 *(path.name for path in CORE.glob("_tunnel_*"))]:
-        shutil.copy2(CORE / name, directory / name)
+    for module in compiled.COMPILED_MODULES:
+        shutil.copy2(CORE / f"{module}.py", directory)
+    for build in CORE.glob("_tunnel_*"):  # the shared library, and the shims' directory
+        (shutil.copytree if build.is_dir() else shutil.copy2)(build, directory / build.name)
     return directory
 
 
@@ -49,9 +50,19 @@ def test_a_build_of_these_sources_is_chosen(tmp_path: Path, caplog: pytest.LogCa
     finder = compiled.CompiledTunnelFinder(str(copy_of_core(tmp_path)))
     spec = finder.find_spec("agent.core.tunnel")
     assert spec is not None and spec.origin is not None
-    assert Path(spec.origin).name.startswith(f"_tunnel_{compiled.source_digest()}__tunnel.")
+    origin = Path(spec.origin)
+    assert origin.parent.name == f"_tunnel_{compiled.source_digest()}" and origin.name.startswith("tunnel.")
     assert finder.find_spec("agent.core.connections") is None  # nothing else is its business
     assert not caplog.records
+
+
+@needs_build
+def test_a_build_missing_a_shim_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = copy_of_core(tmp_path)
+    (shim,) = (directory / f"_tunnel_{compiled.source_digest()}").glob("tunnel_frames.*")
+    shim.unlink()
+    assert compiled.CompiledTunnelFinder(str(directory)).find_spec("agent.core.tunnel") is None
+    assert len(caplog.records) == 1
 
 
 @needs_build
@@ -65,7 +76,7 @@ def test_an_edited_source_is_never_shadowed_by_its_old_build(
         assert finder.find_spec("agent.core.tunnel_frames") is None  # the .py is loaded...
         assert finder.find_spec("agent.core.tunnel") is None  # ...for both modules
     (warning,) = caplog.records  # said once
-    assert "built from other sources" in warning.getMessage() and "tunnel.py" in warning.getMessage()
+    assert "no complete build of the sources" in warning.getMessage() and "tunnel.py" in warning.getMessage()
 
 
 @needs_build
@@ -81,7 +92,7 @@ def test_an_edited_tree_runs_its_python_and_says_so(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60, check=True)
     assert run.stdout.split() == ["True", "python"]
-    assert run.stderr.count("built from other sources") == 1, run.stderr
+    assert run.stderr.count("no complete build of the sources") == 1, run.stderr
 
 
 def test_pinion_pure_python_forces_the_python_modules() -> None:

@@ -73,8 +73,8 @@ def test_the_wheel_holds_the_tunnel_framing_compiled_from_its_sources(wheel_file
     # mypyc's shared library and one shim per module, named after the digest of the sources
     # they were built from (agent/core/compiled.py loads nothing else)
     digest = compiled.source_digest(str(REPO / "agent" / "core"))
-    for part in (*compiled.COMPILED_MODULES, "mypyc"):
-        assert [name for name in wheel_files if name.startswith(f"agent/core/_tunnel_{digest}__{part}.")
+    for part in (*(f"/{module}." for module in compiled.COMPILED_MODULES), "__mypyc."):
+        assert [name for name in wheel_files if name.startswith(f"agent/core/_tunnel_{digest}{part}")
                 and name.endswith(".so")], f"{part}: no build of these sources in the wheel"
 
 

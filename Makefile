@@ -3,12 +3,12 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
-                curl wrk nginx-light procps python3-venv python3-dev gcc \
+                curl wrk nginx-light procps python3-venv python3-dev gcc libc6-dev \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
                 clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
                 podman mmdebstrap containerd runc chromium
 
-.PHONY: deps venv bpf keeper fuzz-keeper test unit netns demo bench bench-quick lint clean \
+.PHONY: deps venv bpf keeper cni fuzz-keeper fuzz-cni test unit netns demo bench bench-quick lint clean \
         image pause-image deps-arm64 test-arm64 smoke-arm64
 
 deps:  ## Debian packages: the real CNI plugins, netfilter tools, load generators
@@ -61,7 +61,25 @@ keeper: keeper/pinion-keeper
 keeper/pinion-keeper: keeper/keeper.c keeper/keeper.h
 	gcc $(KEEPER_CFLAGS) -o $@ keeper/keeper.c
 
+# pinion-cni (cni/pinion-cni.c; cni/pinion_cni_reference.py is its reference): the plugin the
+# container runtime runs for every pod, static so it needs nothing on the host (no python3).
+CNI_CFLAGS = -O2 -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong -static
+CNI_SOURCES := cni/pinion-cni.c cni/cnicore.c cni/cnijson.c
+CNI_HEADERS := cni/cnicore.h cni/printable.h
+
+cni: cni/pinion-cni
+
+cni/pinion-cni: $(CNI_SOURCES) $(CNI_HEADERS)
+	gcc $(CNI_CFLAGS) -o $@ $(CNI_SOURCES) -lm
+
 FUZZ_SECONDS ?= 60
+fuzz-cni:  ## libFuzzer (ASan, UBSan) on pinion-cni's config and agent-reply parsing, FUZZ_SECONDS long
+	@mkdir -p /tmp/pinion-fuzz-cni/corpus && cp cni/corpus/* /tmp/pinion-fuzz-cni/corpus/
+	clang -g -O1 -fsanitize=fuzzer,address,undefined cni/fuzz.c cni/cnicore.c cni/cnijson.c -lm \
+	  -o /tmp/pinion-fuzz-cni/fuzz
+	/tmp/pinion-fuzz-cni/fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  /tmp/pinion-fuzz-cni/corpus
+
 fuzz-keeper:  ## libFuzzer (ASan, UBSan) on the keeper's request handling, FUZZ_SECONDS long
 	@mkdir -p /tmp/pinion-fuzz-keeper/corpus && cp keeper/corpus/* /tmp/pinion-fuzz-keeper/corpus/
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DKEEPER_FUZZING keeper/fuzz.c keeper/keeper.c \
@@ -73,24 +91,24 @@ lint: venv  ## ruff, and mypy --strict on the files pyproject.toml's [tool.mypy]
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-unit: venv keeper
+unit: venv keeper cni
 	$(PY) -m pytest -q tests/unit
 
-netns: deps venv bpf keeper image pause-image
+netns: deps venv bpf keeper cni image pause-image
 	$(PY) -m pytest -q tests/netns
 
-test: deps venv bpf keeper lint image pause-image
+test: deps venv bpf keeper cni lint image pause-image
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/netns
 
-demo: deps venv bpf keeper
+demo: deps venv bpf keeper cni
 	$(PY) -m agent demo
 
-bench: deps venv bpf  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
+bench: deps venv bpf cni  ## benchmarks (root, ~6 min): markdown on stdout, raw samples in JSON
 	$(PY) bench/foundation.py --json bench-results.json | tee bench-results.md
 	$(PY) bench/newconn.py | tee -a bench-results.md
 	$(PY) bench/backends.py | tee -a bench-results.md
 
-bench-quick: deps venv bpf  ## smoke run of the same (~1 min)
+bench-quick: deps venv bpf cni  ## smoke run of the same (~1 min)
 	$(PY) bench/foundation.py --quick
 
 # ---------------------------------------------------------------- the image, without a registry
@@ -160,4 +178,4 @@ smoke-arm64: deps-arm64  ## Debian's arm64 kernel under qemu-system-aarch64: net
 	tools/arm64/smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS) keeper/pinion-keeper
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(BPF_OBJECTS) keeper/pinion-keeper cni/pinion-cni

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from agent.config import Config
 from agent.core.compiled import tunnel_build
 from agent.core.telemetry import Telemetry
-from agent.dataplane.budget import ConnectionBudget, sized_for
+from agent.dataplane.budget import MIN_CONNECTIONS, ConnectionBudget, sized_for
 from agent.dataplane.inbound import InboundProxy
 from agent.dataplane.mesh import MeshClient, MeshSettings, TunnelAcceptor
 from agent.dataplane.netns import NetNs, NetnsSwitch
@@ -76,6 +76,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
              f" (memory limit {memory.limit // 2**20} MiB)" if memory.limit else "")
     budget.when_exhausted(metrics.budget_pauses.inc, lambda: None)
     metrics.accepting.set_function(lambda: 0.0 if budget.exhausted else 1.0)
+    metrics.budget.labels("limit").set_function(lambda: budget.limit)
+    metrics.budget.labels("ceiling").set_function(lambda: budget.ceiling)
+    metrics.budget.labels("open").set_function(lambda: budget.live)
     pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),
                       store, telemetry, metrics, identities, hold, budget)
     cluster = _kubernetes(config, pods, state, damaged)
@@ -238,23 +241,29 @@ async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudg
     budget to what fit, less a fifth; under 70 % it takes them again, and every 5 s with room
     the budget grows by a tenth back towards where it started. What a connection costs
     (heap, and kernel memory a v1 cgroup also charges) is learnt, not assumed; far cheaper
-    than the OOM killer, which takes every connection of the node with it. And once a burst
-    of connections is over, what it left is collected and given back."""
+    than the OOM killer, which takes every connection of the node with it. A CPU that
+    cannot keep up (the loop running late) lowers the budget the same way
+    (`ConnectionBudget.loop_lag`). And once a burst of connections is over, what it left
+    is collected and given back."""
     busiest = 0  # connections at the top of the last burst
-    calm_since = 0.0
+    calm_since = collected = 0.0
     loop = asyncio.get_running_loop()
+    due = loop.time() + every
     while True:
         await asyncio.sleep(every)
+        now = loop.time()
+        budget.loop_lag(now - due, now)
+        due = now + every
         busiest = max(busiest, budget.live)
-        if busiest >= 256 and budget.live <= busiest // 8:
+        if busiest >= MIN_CONNECTIONS and budget.live <= busiest // 8 and now - collected >= 10.0:
             # A burst is over: its connections lived long enough to reach the oldest
             # generation, and an agent that now allocates little never collects it.
             give_back_memory(full=True)
-            busiest = budget.live
+            busiest, collected = budget.live, now
         used = memory.usage() / limit
-        now = loop.time()
-        if used >= high:
+        if used >= high or budget.cpu_busy:
             calm_since = now
+        if used >= high:
             if not budget.pressure:
                 give_back_memory()
                 if memory.usage() / limit >= high:

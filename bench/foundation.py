@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -47,8 +46,8 @@ MIB = 1024 * 1024
 # Meshed, but port 80 relayed as opaque TCP: what the HTTP accounting costs, side by side.
 OPAQUE_HTTP = {"PINION_OPAQUE_PORTS": "80"}
 OPT_OUT = {"PINION_MESH": "disabled"}
-# What containerd/k3s (systemd services) give CNI plugins; pinion-cni's `#!/usr/bin/env python3`
-# resolves on it. A login shell's PATH may put a slow shim (pyenv: ~80 ms) first instead.
+# What containerd/k3s (systemd services) give CNI plugins (pinion-cni, a static binary, needs
+# nothing on it; `bridge` and `host-local` are found through CNI_PATH).
 RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -140,7 +139,7 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "uvloop in the agent": uvloop_state(),
-        "python3 running pinion-cni": plugin_python(),
+        "pinion-cni": plugin_kind(),
         "nginx": run_quiet(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": run_quiet(["wrk", "-v"]).splitlines()[0].split(" [")[0],
         "load average at start": load_average(),
@@ -155,12 +154,14 @@ def pinion_commit() -> str:
     return f"{head} (agent/ or cni/ modified)" if dirty else head
 
 
-def plugin_python() -> str:
-    """The python3 pinion-cni's shebang finds on the container runtime's PATH."""
-    python3 = shutil.which("python3", path=RUNTIME_PATH)
-    if python3 is None:
-        return "none on " + RUNTIME_PATH
-    return f"{run_quiet([python3, '--version']).replace('Python ', '')} ({python3})"
+def plugin_kind() -> str:
+    """What runs as pinion-cni: the static binary (`make cni`), or a script and its interpreter."""
+    head = PLUGIN.read_bytes()[:64] if PLUGIN.exists() else b""
+    if head.startswith(b"\x7fELF"):
+        return f"binary, {PLUGIN.stat().st_size:,} bytes"
+    if head.startswith(b"#!"):
+        return "script: " + head.split(b"\n", 1)[0].decode(errors="replace")
+    return f"missing ({PLUGIN}: make cni)"
 
 
 def foreign_netns(run_id: str) -> int:

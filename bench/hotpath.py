@@ -16,6 +16,11 @@ Cases:
                         (send_data, data_to_send, receive_data, acknowledge; no TLS), the
                         Python modules (PINION_PURE_PYTHON=1)
   tunnel-framing-compiled  the same with the mypyc build of agent.core.tunnel(_frames)
+  newconn-http1         a new relay per request, as `ab` makes them (issue #16's new
+                        connections/s): ab's HTTP/1.0 request, nginx's `Connection: close`
+                        answer, the server's FIN, the close counted; the relay's own
+                        set-up, labels and series lookups, observer and close accounting
+  newconn-opaque        the same connection on a port declared opaque
 
     python bench/hotpath.py                      # callgrind table (about 1 minute)
     python bench/hotpath.py --case C --requests N  # one run, no valgrind (what is counted)
@@ -37,9 +42,11 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 
             b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
             b"Last-Modified: Sun, 06 Dec 2026 07:00:00 GMT\r\nConnection: keep-alive\r\n"
             b"ETag: \"6752a000-400\"\r\nAccept-Ranges: bytes\r\n\r\n" + b"x" * 1024)
+AB_REQUEST = b"GET /1k HTTP/1.0\r\nHost: 10.42.2.3\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"
+CLOSING_RESPONSE = RESPONSE.replace(b"Connection: keep-alive", b"Connection: close")
 PURE_PYTHON_ENV = "PINION_PURE_PYTHON"  # agent.core.compiled: the Python tunnel modules
 CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing-python",
-         "tunnel-framing-compiled")
+         "tunnel-framing-compiled", "newconn-http1", "newconn-opaque")
 
 
 class _Sink:
@@ -50,6 +57,15 @@ class _Sink:
 
     def is_closing(self) -> bool:
         return False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def relay_loop(case: str, requests: int) -> None:
@@ -78,6 +94,33 @@ def relay_loop(case: str, requests: int) -> None:
     for _ in range(requests):
         relay.forward(relay.client, REQUEST)
         relay.forward(relay.upstream, RESPONSE)
+
+
+def newconn_loop(case: str, connections: int) -> None:
+    from agent.core.telemetry import PLAINTEXT, Telemetry
+    from agent.dataplane.context import PodContext
+    from agent.dataplane.relay import Relay
+
+    class Owner:
+        telemetry = Telemetry(time.monotonic, 60.0)
+
+        def accepted(self, relay: Relay) -> None:
+            pass
+
+    opaque = frozenset({80}) if case == "newconn-opaque" else frozenset()
+    pod = PodContext("bench", "web", cast(Any, None), frozenset({15001, 15006, 15008}), opaque)
+    owner = Owner()
+    for _ in range(connections):
+        relay = Relay(owner, pod, "inbound", 64 * 1024)
+        relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+        if opaque:
+            relay.observer = None  # what the proxies do for a port declared opaque
+        relay.open_record(PLAINTEXT)
+        relay.forward(relay.client, AB_REQUEST)
+        relay.forward(relay.upstream, CLOSING_RESPONSE)
+        relay.upstream.eof = True
+        relay.half_closed(relay.upstream)
+        relay.finish()
 
 
 def tunnel_loop(case: str, requests: int) -> None:
@@ -111,6 +154,8 @@ def tunnel_loop(case: str, requests: int) -> None:
 def run_case(case: str, requests: int) -> None:
     if case.startswith("tunnel-framing"):
         tunnel_loop(case, requests)
+    elif case.startswith("newconn-"):
+        newconn_loop(case, requests)
     else:
         relay_loop(case, requests)
 

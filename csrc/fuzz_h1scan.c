@@ -23,6 +23,19 @@ static void check_head(const uint8_t *rest, size_t left, const h1_head *head, in
     if (request ? (head->method < 0 || head->method >= H1_METHODS)
                 : (head->status < 200 || head->status > 599 || !head->has_length))
         abort();
+    /* one Connection header at most; `closes` follows it (and the version, for requests) */
+    if ((head->keep_alive && head->close) || (unsigned)head->closes > 1 ||
+        (head->close && !head->closes) || (!request && head->closes != head->close))
+        abort();
+    if (request) { /* the request line ends in HTTP/1.0 or HTTP/1.1; 1.0 closes but with keep-alive */
+        const uint8_t *line_end = memchr(rest, '\r', head->head_length);
+        int version10;
+        if (line_end == NULL || line_end - rest < 9 || memcmp(line_end - 8, "HTTP/1.", 7) != 0)
+            abort();
+        version10 = line_end[-1] == '0';
+        if (head->closes != (version10 ? !head->keep_alive : head->close) || (version10 && head->chunked))
+            abort();
+    }
 }
 
 static void walk(const uint8_t *data, size_t size, int request) {

@@ -37,9 +37,10 @@ static int name_is(const uint8_t *name, size_t length, const char *lower) {
 
 /* Header lines from `pos` to the empty line; fills out->head_length and the framing. */
 static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
-    int seen_length = 0, seen_encoding = 0;
+    int seen_length = 0, seen_encoding = 0, seen_connection = 0;
     out->content_length = 0;
     out->chunked = 0;
+    out->keep_alive = out->close = 0;
     for (;;) {
         size_t name, name_length, value, value_end;
         if (pos + 2 > n)
@@ -90,9 +91,16 @@ static int scan_fields(const uint8_t *p, size_t n, size_t pos, h1_head *out) {
             seen_encoding = 1;
             out->chunked = 1;
         } else if (name_is(p + name, name_length, "connection")) {
-            /* HTTP/1.1 keeps the connection alive anyway; anything else (close, upgrade,
-             * a list) changes the framing or the connection's fate: llhttp's business */
-            if (!name_is(p + value, value_end - value, "keep-alive"))
+            /* one Connection header, "keep-alive" or "close"; anything else (upgrade, a
+             * list, both) changes the framing or the connection's fate: llhttp's business */
+            if (seen_connection)
+                return 0;
+            seen_connection = 1;
+            if (name_is(p + value, value_end - value, "keep-alive"))
+                out->keep_alive = 1;
+            else if (name_is(p + value, value_end - value, "close"))
+                out->close = 1;
+            else
                 return 0;
         } else if (name_is(p + name, name_length, "proxy-connection") ||
                    name_is(p + name, name_length, "upgrade")) {
@@ -108,7 +116,7 @@ static int match(const uint8_t *p, size_t n, size_t pos, const char *literal) {
 
 int h1_scan_request(const uint8_t *data, size_t length, h1_head *out) {
     size_t n = length < H1_MAX_HEAD ? length : H1_MAX_HEAD, pos = 0, target;
-    int method;
+    int method, version10;
     for (method = 0; method < H1_METHODS; method++) {
         const char *name = h1_method_names[method];
         if (match(data, n, 0, name) && n > strlen(name) && data[strlen(name)] == ' ')
@@ -122,11 +130,23 @@ int h1_scan_request(const uint8_t *data, size_t length, h1_head *out) {
         return 0;
     while (pos < n && is_target_char(data[pos]))
         pos++;
-    if (pos == target || !match(data, n, pos, " HTTP/1.1\r\n"))
+    if (pos == target)
+        return 0;
+    if (match(data, n, pos, " HTTP/1.1\r\n"))
+        version10 = 0;
+    else if (match(data, n, pos, " HTTP/1.0\r\n"))
+        version10 = 1;
+    else
         return 0;
     out->method = method;
     out->status = 0;
-    return scan_fields(data, n, pos + 11, out);
+    if (!scan_fields(data, n, pos + 11, out))
+        return 0;
+    if (version10 && out->chunked)
+        return 0; /* chunked in HTTP/1.0: llhttp's business */
+    /* llhttp's should_keep_alive: HTTP/1.1 unless "close", HTTP/1.0 only with "keep-alive" */
+    out->closes = version10 ? !out->keep_alive : out->close;
+    return 1;
 }
 
 int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
@@ -151,6 +171,7 @@ int h1_scan_response(const uint8_t *data, size_t length, h1_head *out) {
     out->status = status;
     if (!scan_fields(data, n, pos + 2, out))
         return 0;
+    out->closes = out->close; /* HTTP/1.1: alive unless "Connection: close" */
     if (status == 204 || status == 304) { /* never a body, whatever the head says (llhttp too) */
         out->content_length = 0;
         out->chunked = 0;

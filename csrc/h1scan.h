@@ -5,9 +5,10 @@
  * observer. So the scanner must accept only heads that llhttp (strict mode, as httptools
  * runs it) parses the same way, and it may decline anything: a decline costs speed, never
  * correctness. Accepted: "METHOD SP origin-form SP HTTP/1.1 CRLF" (GET POST PUT DELETE
- * OPTIONS PATCH) or "HTTP/1.1 SP 200..599 SP reason CRLF" (204 and 304: no body), then header
- * lines "token: value CRLF" without obs-fold, without a Proxy-Connection or Upgrade
- * header, with no Connection header but "Connection: keep-alive", with at most one of
+ * OPTIONS PATCH; also HTTP/1.0, not chunked) or "HTTP/1.1 SP 200..599 SP reason CRLF" (204
+ * and 304: no body), then header lines "token: value CRLF" without obs-fold, without a
+ * Proxy-Connection or Upgrade header, with at most one Connection header, "keep-alive" or
+ * "close" (`closes` says whether llhttp ends the connection after the message), with at most one of
  * "Content-Length: <digits>" and "Transfer-Encoding: chunked" (a response must have one:
  * without, its body runs to the close), then CRLF.
  * The whole head must be in the buffer and at most H1_MAX_HEAD bytes.
@@ -30,6 +31,8 @@ typedef struct {
     int chunked;             /* Transfer-Encoding: chunked (and no Content-Length) */
     int method;              /* requests: enum h1_method */
     int status;              /* responses: 200..599 */
+    int keep_alive, close;   /* "Connection: keep-alive" / "Connection: close" seen */
+    int closes;              /* llhttp's !should_keep_alive: no message may follow this one */
 } h1_head;
 
 /* 1: a whole head of the accepted shape starts at `data`, described in `out`; 0: not. */

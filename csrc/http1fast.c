@@ -45,6 +45,9 @@ typedef struct {
     PyObject *authority;      /* the first request's Host label (str), NULL until found */
     int last_method;          /* of the last request head accepted, -1 before the first */
     h1_body request_body, response_body; /* the body being read in each direction */
+    /* the last head in that direction ends the connection (HTTP/1.0, "Connection: close"):
+     * llhttp takes nothing after its message (CR and LF aside); what comes is handed over */
+    int request_closes, response_closes;
     int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
 } Http1Fast;
 
@@ -142,17 +145,23 @@ static int push(Http1Fast *self, int method, double now) {
  * of the last request head (`method`, -1: none yet), which llhttp keeps until the next one is
  * parsed: Http1Observer reads it when a response answers a head still arriving. b"" for a
  * response parser between messages. */
-static PyObject *synthetic_state(const h1_body *body, int request, int method) {
-    char head[48], suffix[64], state[160];
+static PyObject *synthetic_state(const h1_body *body, int request, int method, int closes) {
+    char head[80], suffix[64], state[192];
+    const char *close = closes ? "Connection: close\r\n" : "";
     suffix[0] = 0;
     if (request && method >= 0)
-        snprintf(head, sizeof head, "%s / HTTP/1.1\r\n", h1_method_names[method]);
+        snprintf(head, sizeof head, "%s / HTTP/1.1\r\n%s", h1_method_names[method], close);
     else
-        snprintf(head, sizeof head, "%s", request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n");
+        snprintf(head, sizeof head, "%s%s", request ? "POST / HTTP/1.1\r\n" : "HTTP/1.1 200 OK\r\n",
+                 close);
     switch (body->state) {
     case H1_BODY_NONE:
         if (request && method >= 0) { /* a whole message: the parser is between messages */
             snprintf(state, sizeof state, "%s\r\n", head);
+            return PyBytes_FromString(state);
+        }
+        if (closes) { /* after a response that ends the connection: the parser takes no more */
+            snprintf(state, sizeof state, "%sContent-Length: 0\r\n\r\n", head);
             return PyBytes_FromString(state);
         }
         return PyBytes_FromString("");
@@ -195,12 +204,16 @@ static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, 
     Py_ssize_t i;
     if (pending == NULL)
         goto fail;
-    for (i = 0; i < self->count; i++) { /* (method, start, status | None, latency_ms | None) */
+    for (i = 0; i < self->count; i++) {
+        /* (method, start, status | None, latency_ms | None, may_end_at_eof): the response
+         * whose head was read (only the first's can be) ends the connection, or not */
         const pending_t *p = &self->pending[(self->head + i) % self->capacity];
         PyObject *status = p->status ? PyLong_FromLong(p->status) : Py_NewRef(Py_None);
         PyObject *latency = p->latency_ms >= 0 ? PyFloat_FromDouble(p->latency_ms) : Py_NewRef(Py_None);
-        PyObject *item = (status && latency) ? Py_BuildValue("(OdOO)", method_strings[p->method],
-                                                             p->start, status, latency) : NULL;
+        PyObject *item = (status && latency) ? Py_BuildValue("(OdOOO)", method_strings[p->method],
+                                                             p->start, status, latency,
+                                                             (p->status && self->response_closes)
+                                                                 ? Py_True : Py_False) : NULL;
         Py_XDECREF(status);
         Py_XDECREF(latency);
         if (item == NULL) {
@@ -210,8 +223,10 @@ static PyObject *hand_over(Http1Fast *self, PyObject *out, PyObject *feed_name, 
         PyList_SET_ITEM(pending, i, item);
     }
     delegate = PyObject_CallFunction(self->adopt, "(NNNnnOOn)", pending,
-                                     synthetic_state(&self->request_body, 1, self->last_method),
-                                     synthetic_state(&self->response_body, 0, -1),
+                                     synthetic_state(&self->request_body, 1, self->last_method,
+                                                     self->request_closes),
+                                     synthetic_state(&self->response_body, 0, -1,
+                                                     self->response_closes),
                                      self->max_header_bytes, self->max_pending, self->grpc_failures,
                                      self->authority != NULL ? self->authority : s_empty,
                                      self->request_heads);
@@ -303,7 +318,7 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
                 break;
             continue;
         }
-        if (self->count >= self->max_pending || tap_on(self) ||
+        if (self->request_closes || self->count >= self->max_pending || tap_on(self) ||
             !h1_scan_request(p, (size_t)(view.len - pos), &head))
             break; /* a tap open: the next request is the Python observer's, which taps it */
         if (push(self, head.method, now) < 0) {
@@ -313,6 +328,7 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
         pos += (Py_ssize_t)head.head_length;
         self->request_heads++;
         self->last_method = head.method;
+        self->request_closes = head.closes;
         h1_start_body(&self->request_body, &head);
     }
     if (pos < view.len)
@@ -353,11 +369,13 @@ static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
             }
             continue;
         }
-        if (self->count == 0 || !h1_scan_response(p, (size_t)(view.len - pos), &head))
+        if (self->response_closes || self->count == 0 ||
+            !h1_scan_response(p, (size_t)(view.len - pos), &head))
             break;
         first(self)->status = head.status;
         first(self)->latency_ms = (now - first(self)->start) * 1000.0;
         pos += (Py_ssize_t)head.head_length;
+        self->response_closes = head.closes;
         h1_start_body(&self->response_body, &head);
         if (self->response_body.state == H1_BODY_NONE) {
             if (emit(&out, make_record(first(self), NULL)) < 0)
@@ -402,7 +420,22 @@ static PyObject *Http1Fast_closed(Http1Fast *self, PyObject *args, PyObject *kwa
                                           reset ? Py_True : Py_False, NULL);
     if (self->given_up)
         return PyList_New(0);
-    /* every response of the fast path has a length: none may end at the close */
+    /* a response that ends the connection, cut short by a close (not a reset), counts as
+     * ended (as Http1Observer's may_end_at_eof); the rest fail */
+    if (!reset && self->count && first(self)->status && self->response_closes) {
+        PyObject *out = NULL, *more;
+        if (emit(&out, make_record(first(self), NULL)) < 0)
+            return NULL;
+        pop_first(self);
+        more = give_up(self, s_closed);
+        if (more == NULL || PyList_SetSlice(out, PyList_GET_SIZE(out), PyList_GET_SIZE(out), more) < 0) {
+            Py_XDECREF(more);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(more);
+        return out;
+    }
     return give_up(self, reset ? s_reset : s_closed);
 }
 

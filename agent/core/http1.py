@@ -199,7 +199,7 @@ class Http1Observer:
     @classmethod
     def adopt(
         cls,
-        pending: list[tuple[str, float, int | None, float | None]],
+        pending: list[tuple[str, float, int | None, float | None, bool]],
         request_state: bytes,
         response_state: bytes,
         max_header_bytes: int = MAX_HEADER_BYTES,
@@ -211,8 +211,9 @@ class Http1Observer:
     ) -> Http1Observer:
         """An observer in the state this one would have after the messages another observer
         (the compiled fast path, `agent.core._http1fast`) already followed, at a boundary of
-        complete heads: `pending` = (method, start, status, latency_ms) of the requests
-        awaiting (the end of) their responses; `request_state` / `response_state` = bytes
+        complete heads: `pending` = (method, start, status, latency_ms, may_end_at_eof) of
+        the requests awaiting (the end of) their responses (the last: that response, its
+        head read, ends the connection, so a close ends it too); `request_state` / `response_state` = bytes
         that bring a fresh parser to where the body being read in that direction is (a head
         of the same framing, then what of a chunked body was read), b"" between messages;
         `authority` = what `host_in` found in the chunks of the first request head, and
@@ -222,9 +223,10 @@ class Http1Observer:
         observer = cls(max_header_bytes, max_pending, grpc_failures, tap)
         observer._authority = authority
         observer._req_heads = request_heads
-        for method, start, status, latency_ms in pending:
+        for method, start, status, latency_ms, may_end_at_eof in pending:
             request = _Pending(method, start)
             request.status, request.latency_ms = status, latency_ms
+            request.may_end_at_eof = may_end_at_eof
             observer._pending.append(request)
         observer._muted = True  # the parsers reach the middle of those bodies
         if request_state:

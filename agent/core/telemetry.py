@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from agent.core.accounting import Record
@@ -39,6 +39,14 @@ def workload_label(kind: str) -> str:
     return "k8s_job" if kind == "job" else kind
 
 
+def _hash_once(labels: PeerLabels | TcpLabels | HttpLabels) -> None:
+    """Label sets are dict keys several times per new connection (the pod's label cache, the
+    series, the HTTP series): hashed once when made, not field by field at every lookup.
+    Equal label sets have equal fields, so equal hashes (`_hash` itself is not compared)."""
+    values = tuple(getattr(labels, name) for name in labels.__dataclass_fields__ if name != "_hash")
+    object.__setattr__(labels, "_hash", hash(values))
+
+
 @dataclass(frozen=True, slots=True)
 class PeerLabels:
     """Who is on the other end, when the mesh knows: the verified SPIFFE ID of the client
@@ -55,6 +63,13 @@ class PeerLabels:
     dst_service: str = ""  # the Service whose virtual IP the client connected to
     dst_target_cluster: str = ""  # a mirrored Service's cluster (Linkerd multicluster's labels)
     dst_target_service: str = ""  # and its name there
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _hash_once(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 PLAINTEXT: Final = PeerLabels()
@@ -69,6 +84,13 @@ class TcpLabels:
     peer: str = "src"  # counts are of the pod-side connection, as Linkerd's peer="src"
     owner_kind: str = ""  # the pod's workload, rendered as <kind>="<name>" (deployment="web")
     owner_name: str = ""
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _hash_once(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +102,14 @@ class HttpLabels:
     owner_kind: str = ""
     owner_name: str = ""
     authority: str = ""  # the connection's first request's Host / :authority, bounded per pod
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _hash_once(self)
+
+    def __hash__(self) -> int:
+        return self._hash
+
 
 
 class HttpCounters:

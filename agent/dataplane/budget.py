@@ -27,6 +27,10 @@ DEFAULT_MAX_CONNECTIONS = 4096  # with no memory limit to size it by
 CONNECTION_BYTES = 40 * 1024
 MIN_CONNECTIONS = 64
 HEADROOM_BYTES = 4 * 1024 * 1024  # for a scrape, a burst of pods, the allocator's slack
+# The event loop this late on a 100 ms tick, several ticks running: the CPU is the limit
+LAG_BUSY_SECONDS = 0.05
+LAG_BUSY_TICKS = 3
+CPU_SHRINK_EVERY = 1.0  # seconds between two shrinks while the CPU stays the limit
 
 
 def sized_for(limit: int | None, in_use: int) -> int:
@@ -40,8 +44,8 @@ def sized_for(limit: int | None, in_use: int) -> int:
 
 
 class ConnectionBudget:
-    __slots__ = ("_on_pause", "_on_resume", "ceiling", "exhausted", "limit", "live", "pauses",
-                 "pressure", "resume_at")
+    __slots__ = ("_lagging", "_on_pause", "_on_resume", "_shrunk_at", "ceiling", "cpu_busy",
+                 "exhausted", "limit", "live", "pauses", "pressure", "resume_at")
 
     def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS, resume_fraction: float = 0.75) -> None:
         self.limit = self.ceiling = limit
@@ -50,6 +54,9 @@ class ConnectionBudget:
         self.exhausted = False
         self.pressure = False  # the memory cgroup is nearly full (`agent.app` watches it)
         self.pauses = 0  # times the budget ran out (a counter on /metrics)
+        self.cpu_busy = False  # the event loop has been running late: see `loop_lag`
+        self._lagging = 0
+        self._shrunk_at = float("-inf")
         self._on_pause: list[Callable[[], None]] = []
         self._on_resume: list[Callable[[], None]] = []
 
@@ -81,6 +88,21 @@ class ConnectionBudget:
         """Memory ran short at `live` connections: the budget is what fit, less a fifth."""
         self.limit = max(MIN_CONNECTIONS, min(self.limit, int(self.live * 0.8)))
         self.resume_at = int(self.limit * 0.75)
+
+    def loop_lag(self, lag: float, now: float) -> None:
+        """The event loop ran `lag` seconds late on its last tick. Late several ticks
+        running, the agent's CPU (a Pi's core, its cgroup's share) is what limits it:
+        connections held beyond what it serves only wait inside it, costing memory (and,
+        after the burst, heap left fragmented) for no throughput. So the budget is halved
+        to what is open, at most once a second, down to the floor (a multiplicative
+        decrease, as TCP's congestion window); what it sheds waits in the kernel's backlog
+        or is moved by the client's agent. Room grows it back by a tenth (`grow`)."""
+        self._lagging = self._lagging + 1 if lag >= LAG_BUSY_SECONDS else 0
+        self.cpu_busy = self._lagging >= LAG_BUSY_TICKS
+        if self.cpu_busy and now - self._shrunk_at >= CPU_SHRINK_EVERY and self.live > MIN_CONNECTIONS:
+            self._shrunk_at = now
+            self.limit = max(MIN_CONNECTIONS, min(self.limit, self.live // 2))
+            self.resume_at = int(self.limit * 0.75)
 
     def grow(self) -> None:
         """Memory has room again: a tenth more, up to where it started (or was set)."""

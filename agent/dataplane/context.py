@@ -40,6 +40,10 @@ class PodContext:
     # the authority label values this pod's series carry, per direction (at most
     # MAX_AUTHORITIES each: a client cannot mint series by sending new Host headers)
     authorities: dict[str, set[str]] = field(default_factory=dict)
+    # and the HTTP label sets that carry one, built once, not per connection (bounded as
+    # series_labels is)
+    authority_labels: dict[tuple[str, PeerLabels, str], HttpLabels] = \
+        field(default_factory=dict)
 
     def labels(self, direction: str, peer: PeerLabels) -> tuple[TcpLabels, HttpLabels]:
         key = (direction, peer)
@@ -57,12 +61,19 @@ class PodContext:
     def http_labels(self, direction: str, peer: PeerLabels, authority: str) -> HttpLabels:
         """The HTTP series of a connection whose first request named `authority` (already a
         valid label value, or ""); past the per-pod bound it is counted without one."""
-        labels = self.labels(direction, peer)[1]
         if not authority:
-            return labels
+            return self.labels(direction, peer)[1]
+        key = (direction, peer, authority)
+        found = self.authority_labels.get(key)
+        if found is not None:
+            return found
+        labels = self.labels(direction, peer)[1]
         known = self.authorities.setdefault(direction, set())
         if authority not in known:
             if len(known) >= MAX_AUTHORITIES:
                 return labels
             known.add(authority)
-        return replace(labels, authority=authority)
+        if len(self.authority_labels) >= 64:  # bounded: peers come and go
+            self.authority_labels.clear()
+        found = self.authority_labels[key] = replace(labels, authority=authority)
+        return found

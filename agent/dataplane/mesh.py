@@ -73,6 +73,9 @@ class MeshSettings:
     handshake_timeout: float = 10.0  # ours, as the client
     accept_handshake_timeout: float = 3.0  # a peer's on our 15008: agents of the cluster, fast
     idle_timeout: float = 60.0  # close a client connection with no stream this long
+    # ...or this long, for a second or later connection to one peer: opened only because
+    # the first was full (a burst), it would keep its TLS state for a minute after it
+    spare_idle_timeout: float = 5.0
     not_meshed_ttl: float = 60.0  # remember "refused" this long
     meshed_ttl: float = 600.0  # and "meshed" this long (no downgrade meanwhile)
     networks: tuple[str, ...] = DEFAULT_MESH_NETWORKS  # others are never probed
@@ -231,10 +234,16 @@ class MeshClient:
         return session
 
     def reap_idle(self) -> int:
-        """Close client sessions without a stream for longer than the idle timeout."""
+        """Close client sessions without a stream for longer than the idle timeout; those
+        beyond the first to a peer (a burst's) after `spare_idle_timeout`."""
         now = asyncio.get_running_loop().time()
-        idle = [s for sessions in self._sessions.values() for s in sessions
-                if not s.streams and now - s.idle_since > self._settings.idle_timeout]
+        settings = self._settings
+        idle = []
+        for sessions in self._sessions.values():
+            for index, session in enumerate(sessions):
+                timeout = settings.idle_timeout if index == 0 else settings.spare_idle_timeout
+                if not session.streams and now - session.idle_since > timeout:
+                    idle.append(session)
         for session in idle:
             session.close()
         cutoff = self._clock()

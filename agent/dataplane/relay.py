@@ -234,7 +234,20 @@ class Relay:
         # keep-alive connection closed, a draining agent): the client's connection is closed
         # whole, so a request it sends next fails at once instead of waiting for nothing.
         observer = self.observer
-        done = side is self.upstream and observer is not None and observer.at_rest
+        at_rest = observer is not None and observer.at_rest
+        if at_rest and side is self.client and self.direction == "inbound":
+            # An HTTP/1 client that ends its side between messages asks nothing more: the
+            # pod's idle connection to its app is closed with RST, as HAProxy closes idle
+            # server connections. A FIN would make the agent the active closer, its socket
+            # in TIME_WAIT for 60 s: ~240 B of kernel memory charged to the agent's cgroup
+            # per connection, 14 MiB at 1,000 new connections/s (issue #21). Nothing is
+            # lost: every request was answered in full. Inbound only: an outbound upstream
+            # may be another agent's listener, which would count the RST as a failure.
+            self.reset(target)
+            if side.transport is not None:
+                side.transport.close()
+            return
+        done = side is self.upstream and at_rest
         if target.eof or done:  # both directions finished: close (flushes what is buffered)
             for each in (self.client, self.upstream):
                 if each.transport is not None:

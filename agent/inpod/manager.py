@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -55,6 +56,52 @@ class CapturedPod:
         dataclasses.field(default_factory=list)
 
 
+class _Waiting:
+    """15001/15006 listeners the connection budget closed, watched for what waits in their
+    backlogs in one epoll set of our own. While the budget is out that set is not in the
+    event loop; once it is back, the set's one fd is, and only a listener with a
+    connection waiting is served again. A budget that runs out and comes back many times
+    a second (a node at its limit) so costs a create_server per pod with traffic, not one
+    per listener of every pod, and no server is re-made for a pod nobody calls."""
+
+    __slots__ = ("_epoll", "_keys", "_on_ready", "armed")
+
+    def __init__(self, on_ready: Callable[[tuple[str, int]], None]) -> None:
+        self._epoll = select.epoll()
+        self._keys: dict[int, tuple[str, int]] = {}  # fd -> (container id, server index)
+        self._on_ready = on_ready
+        self.armed = False
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self._keys
+
+    def watch(self, fd: int, key: tuple[str, int]) -> None:
+        if fd not in self._keys:
+            self._epoll.register(fd, select.EPOLLIN)  # level-triggered: a backlog stays ready
+            self._keys[fd] = key
+
+    def forget(self, fd: int) -> None:
+        if self._keys.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.armed:
+            loop.add_reader(self._epoll.fileno(), self._ready)
+            self.armed = True
+
+    def disarm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.armed:
+            loop.remove_reader(self._epoll.fileno())
+            self.armed = False
+
+    def _ready(self) -> None:
+        for fd, _ in self._epoll.poll(0, 64):
+            key = self._keys.get(fd)
+            if key is not None:
+                self.forget(fd)
+                self._on_ready(key)
+
+
 @dataclass(frozen=True, slots=True)
 class Proxies:
     """What serves a captured pod's three listeners: 15001, 15006 and 15008 (None: this
@@ -92,6 +139,8 @@ class PodManager:
         self._pods: dict[str, CapturedPod] = {}
         self._lock = asyncio.Lock()  # one pod change at a time; each takes milliseconds
         self._kernel_seen: dict[str, tuple[int, int, int, int]] = {}  # container id -> counts
+        self._tunnels_seen = 0  # tunnel connections at the last sweep
+        self._waiting = _Waiting(self._serve_again)  # listeners the budget closed
         if self._cgroups is not None:
             telemetry.on_scrape(self._count_in_kernel)
 
@@ -141,8 +190,10 @@ class PodManager:
         problems += [f"{what} missing" for what in
                      await self._in_netns(captured.netns, lambda: routing.missing(captured.plan))]
         paused = self._budget is not None and self._budget.exhausted
+        watched = {index for index, sock, _ in captured.accepting if sock.fileno() in self._waiting}
         problems += [f"listener {s.sockets[0].getsockname() if s.sockets else '?'} closed"
-                     for s in captured.servers if not s.is_serving() and not paused]
+                     for index, s in enumerate(captured.servers)
+                     if not s.is_serving() and not paused and index not in watched]
         return problems
 
     async def adopt(self) -> None:
@@ -164,6 +215,12 @@ class PodManager:
         """Reset relays idle past their pod's timeout; release pods whose netns vanished
         without a CNI DEL (bounded memory)."""
         now = time.monotonic()
+        tunnels = sum(len(c.context.tunnels) for c in self._pods.values())
+        if tunnels < self._tunnels_seen:
+            # tunnel connections ended (a burst's spares reaped, peers gone): each held TLS
+            # state and buffers the allocator keeps unless asked to give them back
+            give_back_memory()
+        self._tunnels_seen = tunnels
         for captured in self._pods.values():
             context = captured.context
             if context.relays:
@@ -184,6 +241,7 @@ class PodManager:
         """Close our listeners (a keeper's copies keep them listening: what arrives now
         waits for the next agent); connections already accepted go on."""
         self._accepting = False
+        self._waiting.disarm(asyncio.get_running_loop())
         for captured in self._pods.values():
             for server in captured.servers:
                 server.close()
@@ -209,28 +267,39 @@ class PodManager:
 
     def _budget_exhausted(self) -> None:
         """Too many connections open: stop accepting on 15001/15006 (our duplicate keeps
-        each listener, and its backlog, alive). Tunnel streams into this node are refused
-        meanwhile (`agent.dataplane.inbound`); tunnel connections stay read, as the
-        streams already open on them need their bytes to finish."""
+        each listener, and its backlog, alive; `_Waiting` watches it). Tunnel streams into
+        this node are refused meanwhile (`agent.dataplane.inbound`); tunnel connections stay
+        read, as the streams already open on them need their bytes to finish."""
+        self._waiting.disarm(asyncio.get_running_loop())
         for captured in self._pods.values():
-            for index, _, _ in captured.accepting:
-                captured.servers[index].close()
+            for index, sock, _ in captured.accepting:
+                server = captured.servers[index]
+                if server.is_serving():
+                    server.close()
+                    self._waiting.watch(sock.fileno(), (captured.pod.container_id, index))
 
     def _budget_back(self) -> None:
         if self._accepting:
-            asyncio.get_running_loop().create_task(self._accept_again())
+            self._waiting.arm(asyncio.get_running_loop())
 
-    async def _accept_again(self) -> None:
-        loop = asyncio.get_running_loop()
-        for captured in list(self._pods.values()):
-            for index, sock, factory in captured.accepting:
-                server = captured.servers[index]
-                if server.is_serving() or not self._accepting or (
-                        self._budget is not None and self._budget.exhausted):
-                    continue
-                if self._pods.get(captured.pod.container_id) is not captured:
-                    break  # released meanwhile
-                captured.servers[index] = await loop.create_server(factory, sock=sock.dup())
+    def _serve_again(self, key: tuple[str, int]) -> None:
+        """A closed listener has a connection waiting and the budget is back: serve it."""
+        captured = self._pods.get(key[0])
+        if captured is not None and self._accepting:
+            asyncio.get_running_loop().create_task(self._accept_again(captured, key[1]))
+
+    async def _accept_again(self, captured: CapturedPod, index: int) -> None:
+        _, sock, factory = next(entry for entry in captured.accepting if entry[0] == index)
+        if self._budget is not None and self._budget.exhausted:
+            self._waiting.watch(sock.fileno(), (captured.pod.container_id, index))
+            return  # out again meanwhile
+        server = await asyncio.get_running_loop().create_server(factory, sock=sock.dup())
+        if self._pods.get(captured.pod.container_id) is not captured or not self._accepting:
+            server.close()  # released (or the agent stopping) meanwhile
+            return
+        captured.servers[index] = server
+        if self._budget is not None and self._budget.exhausted:
+            self._budget_exhausted()  # ran out while the server was being made
 
     async def drain(self, seconds: float, quiet: float = DRAIN_QUIET_SECONDS) -> int:
         """SIGTERM, after `stop_accepting`: let what is in flight finish, for at most
@@ -403,10 +472,13 @@ class PodManager:
                 captured.servers.append(await serve_tunnel(proxies.tunnel, context, sock,
                                                            self._metrics))
             else:
-                captured.accepting.append((len(captured.servers), sock.dup(), factory))
+                own = sock.dup()
+                captured.accepting.append((len(captured.servers), own, factory))
                 server = await loop.create_server(factory, sock=sock)
                 if self._budget is not None and self._budget.exhausted:
                     server.close()  # the budget is out: accepted once it is back
+                    self._waiting.watch(own.fileno(), (captured.pod.container_id,
+                                                       len(captured.servers)))
                 captured.servers.append(server)
 
     async def _release(self, captured: CapturedPod, remove_rules: bool = True,
@@ -414,6 +486,7 @@ class PodManager:
         for server in captured.servers:
             server.close()
         for _, sock, _ in captured.accepting:
+            self._waiting.forget(sock.fileno())
             sock.close()
         captured.accepting.clear()
         for relay in list(captured.context.relays):

@@ -53,6 +53,8 @@ class LabAgent:
 
     def plugin_config(self) -> dict[str, Any]:
         """The pinion-cni entry of this node's conflist (lab: plugin run from the repo)."""
+        if not PLUGIN.exists():  # a checkout, not an install: the binary is built by make
+            raise RuntimeError(f"{PLUGIN} is not built: run `make cni` (gcc, static glibc)")
         return {"type": "pinion-cni", "_path": str(PLUGIN), "agentSocket": str(self.cni_socket),
                 "failPolicy": self.fail_policy, "pendingDir": str(self.pending_dir),
                 "timeoutSeconds": 20}

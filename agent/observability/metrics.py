@@ -287,6 +287,11 @@ class AgentMetrics:
         self.accepting = Gauge("pinion_accepting", "1 while the agent accepts new connections, "
                                "0 while its connection budget is out (backpressure)",
                                registry=registry)
+        self.budget = Gauge("pinion_connection_budget", "The connection budget: limit (what "
+                            "the agent holds at most now: lowered under memory pressure or "
+                            "while its CPU cannot keep up, grown back with room), ceiling "
+                            "(where it started, --max-connections or sized from the memory "
+                            "limit), open (connections it holds)", ("kind",), registry=registry)
         self.memory = Gauge("pinion_memory_bytes", "The agent's memory by part: cgroup_usage "
                             "and cgroup_limit (0 = none; at 80 % it stops taking new "
                             "connections), rss, relay_buffers and tunnel_buffers (bytes held "

@@ -20,7 +20,6 @@ CLOCK_SKEW_LIMIT = 60.0   # seconds an agent's process may seem to have started 
 BPFFS = "/sys/fs/bpf"
 # Read-only commands that fail unless the kernel can do nftables / iptables (nat) rules.
 NETFILTER_PROBES = (("nft", "list", "tables"), ("iptables-legacy", "-t", "nat", "-S"))
-MIN_PLUGIN_PYTHON = (3, 9)
 
 
 @dataclass(frozen=True)
@@ -218,17 +217,6 @@ def _read_mounts() -> str:
     return _read_text("/proc/self/mounts") or ""
 
 
-def _host_python() -> tuple[int, int] | None:
-    """Version of the `python3` on PATH: the interpreter the host runs cni/pinion-cni with."""
-    try:
-        done = subprocess.run(["python3", "-c", "import sys; print(*sys.version_info[:2])"],
-                              capture_output=True, text=True, timeout=10, check=True)
-        major, minor = done.stdout.split()
-        return int(major), int(minor)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
 def _succeeds(argv: Sequence[str]) -> bool:
     try:
         return subprocess.run(list(argv), capture_output=True, timeout=10, check=False).returncode == 0
@@ -267,7 +255,6 @@ class HostProbes:
     euid: Callable[[], int] = os.geteuid
     which: Callable[[str], str | None] = shutil.which
     mounts: Callable[[], str] = _read_mounts
-    python3: Callable[[], tuple[int, int] | None] = _host_python
     read_text: Callable[[str], str | None] = _read_text
     kernel_release: Callable[[], str] = lambda: os.uname().release
     cni_config: Callable[[], CniConfig] = _cni_config
@@ -346,16 +333,6 @@ def _cni(probes: HostProbes) -> CheckResult:
                        "10-flannel.conflist when k3s starts; elsewhere install a CNI network first")
 
 
-def _python(probes: HostProbes) -> CheckResult:
-    version = probes.python3()
-    wanted = ".".join(map(str, MIN_PLUGIN_PYTHON))
-    ok = version is not None and version >= MIN_PLUGIN_PYTHON
-    detail = () if ok else (("no python3 on PATH",) if version is None
-                            else (f"python3 is {version[0]}.{version[1]}",))
-    return CheckResult(f"python3 >= {wanted} for the CNI plugin", ok, detail,
-                       f"the host runs cni/pinion-cni with its own python3; install python3 >= {wanted}")
-
-
 def host_results(probes: HostProbes) -> list[CheckResult]:
     """--pre: what running an agent on this host (a k3s node, or standalone) needs."""
     return [CheckResult("running as root", probes.euid() == 0, (),
@@ -365,5 +342,4 @@ def host_results(probes: HostProbes) -> list[CheckResult]:
             _cgroup2(probes),
             _memory_cgroup(probes),
             _bpffs(probes),
-            _cni(probes),
-            _python(probes)]
+            _cni(probes)]  # no python3: pinion-cni is a static binary

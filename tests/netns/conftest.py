@@ -82,7 +82,7 @@ class Mesh:
                "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
                "CNI_ARGS": cni_args,
                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        return subprocess.run(["/usr/bin/python3", plugin], input=json.dumps(config), env=env,
+        return subprocess.run([plugin], input=json.dumps(config), env=env,
                               capture_output=True, text=True, timeout=30)
 
     def http(self, pod: Pod, url: str) -> str:

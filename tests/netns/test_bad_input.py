@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -137,7 +136,7 @@ def test_plugin_rejects_malformed_cni_json_before_reaching_the_agent(shared_busy
     pod_env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "x1", "CNI_NETNS": "/var/run/netns/x",
                "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "PATH": "/usr/bin:/bin"}
     plugin = shared_busy_mesh.agents[0].plugin_config()["_path"]
-    done = subprocess.run([sys.executable, plugin], input="{oops", env=pod_env,
+    done = subprocess.run([plugin], input="{oops", env=pod_env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert json.loads(done.stdout)["code"] == 6

@@ -227,7 +227,7 @@ SONAME = re.compile(r"""["'](lib[A-Za-z0-9_+-]+\.so(?:\.\d+)+)["']""")
 
 
 def _agent_sources() -> list[Path]:
-    return [*sorted((ROOT / "agent").rglob("*.py")), ROOT / "cni" / "pinion-cni"]
+    return [*sorted((ROOT / "agent").rglob("*.py")), ROOT / "cni" / "pinion_cni_reference.py"]
 
 
 def test_every_library_the_agent_loads_is_named_by_soname_and_found_here() -> None:

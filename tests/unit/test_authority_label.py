@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import cast
 
 from agent.core.accounting import authority_label
-from agent.core.telemetry import MAX_AUTHORITIES, PLAINTEXT
+from agent.core.telemetry import MAX_AUTHORITIES, PLAINTEXT, HttpLabels, PeerLabels
 from agent.dataplane.context import PodContext
 from agent.dataplane.netns import NetNs
 
@@ -28,3 +28,16 @@ def test_past_the_bound_requests_are_counted_without_the_label() -> None:
     assert {label.authority for label in labels[MAX_AUTHORITIES:]} == {""}
     assert pod.http_labels("inbound", PLAINTEXT, names[0]).authority == names[0]  # known: kept
     assert pod.http_labels("outbound", PLAINTEXT, names[-1]).authority == names[-1]  # per direction
+
+
+def test_a_known_authority_reuses_its_label_set_and_the_cache_stays_bounded() -> None:
+    pod = PodContext("shop", "web", cast(NetNs, None), frozenset())
+    first = pod.http_labels("inbound", PLAINTEXT, "web.shop")
+
+    assert pod.http_labels("inbound", PLAINTEXT, "web.shop") is first  # built once, not per connection
+    assert first == HttpLabels("inbound", "shop", "web", PLAINTEXT, authority="web.shop")
+    peers = [PeerLabels(tls="true", client_id=f"spiffe://cluster.local/ns/a/sa/c{index}")
+             for index in range(200)]
+    for peer in peers:  # peers come and go: the cache never holds more than its bound
+        assert pod.http_labels("inbound", peer, "web.shop").peer_labels is peer
+    assert len(pod.authority_labels) <= 64

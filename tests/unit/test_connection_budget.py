@@ -136,3 +136,39 @@ def test_memory_pressure_shrinks_it_to_what_fit_and_room_grows_it_back() -> None
         pod.discard(relay)
     budget.shrink()  # 186 open: never under the floor, and never up
     assert budget.limit == 148
+
+
+def test_a_loop_running_late_brings_it_down_to_what_is_open() -> None:
+    """A CPU that cannot keep up: connections held beyond what it serves only wait (and
+    cost memory), so the budget is halved to what is open, once a second at most, never for
+    a single late tick, never below the floor; room grows it back."""
+    budget, _ = budget_with(1000)
+    pod = RelaySet(budget)
+    for relay in [object() for _ in range(300)]:
+        pod.add(relay)
+    budget.loop_lag(0.2, now=10.0)  # one late tick: a scrape, a pod added
+    budget.loop_lag(0.0, now=10.1)
+    budget.loop_lag(0.2, now=10.2)
+    budget.loop_lag(0.2, now=10.3)
+    assert budget.limit == 1000 and not budget.cpu_busy
+    budget.loop_lag(0.2, now=10.4)  # the third late tick running
+    assert budget.cpu_busy and budget.limit == 150  # halved to what is open
+    budget.loop_lag(0.2, now=10.5)
+    assert budget.limit == 150  # once a second
+    pod.add(object())  # 301 open, over the new limit: out of budget
+    assert budget.exhausted
+    budget.loop_lag(0.0, now=11.6)
+    assert not budget.cpu_busy and budget.limit == 150
+    for _ in range(100):
+        budget.grow()
+    assert budget.limit == 1000
+
+
+def test_a_late_loop_with_few_connections_open_leaves_the_budget_alone() -> None:
+    budget, _ = budget_with(1000)
+    pod = RelaySet(budget)
+    for relay in [object() for _ in range(40)]:
+        pod.add(relay)
+    for tick in range(10):
+        budget.loop_lag(0.5, now=float(tick))
+    assert budget.cpu_busy and budget.limit == 1000  # under the floor: nothing to shed

@@ -91,7 +91,8 @@ def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: no such path"
         assert not ignored(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
-    assert not ignored("bpf/capture.c") and not ignored("cni/pinion-cni")
+    assert not ignored("bpf/capture.c") and not ignored("cni/pinion-cni.c")
+    assert ignored("cni/pinion-cni")  # a host-built binary: the builder makes the image's own
     # The package data is a symlink into deploy/: both sides must be in the image.
     assert (REPO / "agent/deploy/manifests").resolve() == (REPO / "deploy").resolve()
     assert {"agent/", "deploy/"} <= set(sources)
@@ -137,7 +138,7 @@ def test_the_paths_the_manifests_use_are_where_the_image_puts_things() -> None:
     installer = next(c for c in daemonset["spec"]["template"]["spec"]["containers"]
                      if c["name"] == "cni-installer")
     plugin = next(a for a in installer["args"] if a.startswith("--plugin=")).removeprefix("--plugin=")
-    assert f"cni/pinion-cni {plugin}" in build
+    assert f"-o {plugin} cni/pinion-cni.c cni/cnicore.c cni/cnijson.c" in build
     assert "/opt/pinion/venv/bin" in env and "pip install --no-cache-dir '.[fast]'" in build
     assert ("COPY", "--from=builder /opt/pinion /opt/pinion") in runtime
 
@@ -149,6 +150,17 @@ def test_the_manifests_run_pinion_from_the_venv_on_path(command: str) -> None:
     containers = [c for d in documents for c in d["spec"]["template"]["spec"]["containers"]]
     assert command in {c["command"][1] for c in containers if c["command"][0] == "pinion"}
     assert {c["command"][0] for c in containers} == {"pinion", "pinion-keeper"}
+
+
+def test_the_cni_plugin_is_built_static_with_the_makefiles_flags() -> None:
+    """The installer copies /opt/pinion/cni/pinion-cni onto the host, which may have no
+    libc the image's matches: the builder links it statically, as `make cni` does."""
+    makefile = (REPO / "Makefile").read_text()
+    flags = re.search(r"^CNI_CFLAGS\s*=\s*(.+)$", makefile, re.M).group(1).split()
+    assert "-static" in flags
+    build = " ".join(" ".join(args.split()) for name, args in stages()[0] if name == "RUN")
+    assert f"gcc {' '.join(flags)} -s -o /opt/pinion/cni/pinion-cni" in build
+    assert {"gcc", "libc6-dev"} <= apt_packages(stages()[0])
 
 
 def test_the_keeper_binary_is_built_into_the_image_on_path() -> None:

@@ -123,9 +123,18 @@ def test_the_scanner_declines_what_it_does_not_take() -> None:
     assert scan_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n") == (45, 0, 404)
     assert scan_response(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n") \
         == (62, 1, 200)  # what nginx sends
+    # HTTP/1.0 and "Connection: close" (ab, health checkers): taken; nothing may follow them
+    assert scan_request(b"GET /x HTTP/1.0\r\n\r\n") == (19, 0, "GET")
+    assert scan_request(b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n") == (38, 0, "GET")
+    assert scan_request(b"POST /x HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n") \
+        == (63, 1, "POST")
+    assert scan_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n") \
+        == (57, 1, 200)
     for head in (b"GET /x HTTP/1.1\r\nHost: a\r\n",  # not complete
-                 b"HEAD /x HTTP/1.1\r\n\r\n", b"GET x HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.0\r\n\r\n",
-                 b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                 b"HEAD /x HTTP/1.1\r\n\r\n", b"GET x HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.2\r\n\r\n",
+                 b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+                 b"GET /x HTTP/1.1\r\nConnection: close\r\nConnection: close\r\n\r\n",
                  b"GET /x HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n",
                  b"GET /x HTTP/1.1\r\ncontent-length: 1\r\nContent-Length: 1\r\n\r\n",
                  b"GET /x HTTP/1.1\r\nContent-Length: +1\r\n\r\n", b"GET /x HTTP/1.1\r\nA: b \r\n\r\n",
@@ -142,7 +151,9 @@ def test_the_scanner_declines_what_it_does_not_take() -> None:
                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                  b"HTTP/1.1 100 Continue\r\n\r\n",
                  b"HTTP/1.1 101 Up\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200\r\n\r\n",
-                 b"HTTP/1.1 600 X\r\n\r\n"):
+                 b"HTTP/1.1 600 X\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # to the close, again
+                 b"HTTP/1.1 200 OK\r\nConnection: Close, TE\r\nContent-Length: 1\r\n\r\n"):
         assert scan_response(head) is None, head
 
 
@@ -228,6 +239,42 @@ def test_fast_and_python_observers_count_the_same(steps: list[tuple[bool, bytes]
                                                   max_pending: int) -> None:
     expected = run(Http1Observer(max_pending=max_pending), steps, reset)
     assert run(fast_observer(max_pending=max_pending), steps, reset) == expected
+
+
+AB_REQUEST = b"GET /1k HTTP/1.0\r\nHost: 10.42.2.3\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"
+CLOSING_RESPONSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody"
+
+
+@pytest.mark.parametrize("steps", [
+    [(True, AB_REQUEST), (False, CLOSING_RESPONSE)],  # ab against nginx: all on the fast path
+    [(True, AB_REQUEST), (False, CLOSING_RESPONSE[:-2])],  # cut short by the close: it ends there
+    [(True, AB_REQUEST), (False, CLOSING_RESPONSE[:40]), (False, CLOSING_RESPONSE[40:-1])],
+    [(True, AB_REQUEST + b"\r\n"), (False, CLOSING_RESPONSE + b"\r\n")],  # CR LF after: llhttp skips
+    [(True, AB_REQUEST + AB_REQUEST), (False, CLOSING_RESPONSE)],  # nothing after an HTTP/1.0 request
+    [(True, AB_REQUEST), (False, CLOSING_RESPONSE + b"HTTP/1.1 200 OK\r\n")],  # nor a closing response
+    [(True, b"GET / HTTP/1.1\r\n\r\n"), (False, CLOSING_RESPONSE[:59]),
+     (True, b"HEAD / HTTP/1.1\r\n\r\n")],  # handed over in a closing body: it may end at the close
+    [(True, b"GET / HTTP/1.1\r\n\r\n"), (False, CLOSING_RESPONSE[:45])],  # handed over in its head
+    [(True, b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nab"),
+     (False, b"HTTP/1.1 204 No Content\r\n\r\n"), (True, AB_REQUEST), (False, CLOSING_RESPONSE)],
+])
+@pytest.mark.parametrize("reset", [False, True])
+def test_messages_that_end_the_connection_count_the_same(steps: list[tuple[bool, bytes]],
+                                                         reset: bool) -> None:
+    """HTTP/1.0 requests and "Connection: close" (ab's shape: a connection per request) stay on
+    the compiled path; bytes after such a message go to llhttp, which refuses them (CR LF
+    aside), and a closing response cut short by a close (not a reset) counts as ended."""
+    fast = fast_observer()
+    assert run(fast, steps, reset) == run(Http1Observer(), steps, reset)
+
+
+def test_ab_against_nginx_never_leaves_the_compiled_path() -> None:
+    fast = fast_observer()
+    fast.client_bytes(AB_REQUEST, 1.0)
+    records = fast.server_bytes(CLOSING_RESPONSE, 1.25)
+    assert [(r.status_code, r.latency_ms, r.classification) for r in records] == [(200, 250.0, "success")]
+    assert fast.at_rest and fast.authority == "10.42.2.3" and not fast.delegated
+    assert fast.closed(2.0, reset=False) == [] and not fast.delegated
 
 
 @settings(max_examples=200, deadline=None)

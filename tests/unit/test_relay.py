@@ -117,10 +117,11 @@ def netns() -> Iterator[NetNs]:
 class Connection:
     """One relayed connection: the client's pipe, and the upstream's once connected."""
 
-    def __init__(self, netns: NetNs, buffer_high: int = 64 * 1024) -> None:
+    def __init__(self, netns: NetNs, buffer_high: int = 64 * 1024,
+                 direction: str = "outbound") -> None:
         self.proxy = Proxy()
         self.pod = PodContext("shop", "front-1", netns, frozenset((15001, 15006, 15008)))
-        self.relay = Relay(self.proxy, self.pod, "outbound", buffer_high)
+        self.relay = Relay(self.proxy, self.pod, direction, buffer_high)
         self.pod.relays.add(self.relay)
         self.client = Pipe(self.relay.client)
         self.relay.client.connection_made(self.client)  # type: ignore[arg-type]

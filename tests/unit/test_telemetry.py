@@ -3,12 +3,13 @@ removed pod's series go away after the grace period (and only its series)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.telemetry import TcpCounters, TcpLabels, Telemetry
+from agent.core.telemetry import HttpLabels, PeerLabels, TcpCounters, TcpLabels, Telemetry
 
 GRACE = 300.0
 WEB_IN = TcpLabels("inbound", "default", "web")
@@ -243,3 +244,18 @@ def test_any_sequence_of_events_balances_and_expires_to_nothing(
     clock.advance(GRACE + 0.001)
     telemetry.expire()
     assert len(telemetry) == 0
+
+
+def test_label_sets_hashed_once_are_still_keys_by_value() -> None:
+    """Label sets carry their hash from when they are made (they are dict keys several times
+    per new connection): equal ones are one key, a replaced field makes another."""
+    peer = PeerLabels(tls="true", client_id="spiffe://cluster.local/ns/a/sa/b")
+    twin = PeerLabels(tls="true", client_id="spiffe://cluster.local/ns/a/sa/b")
+    series = {TcpLabels("inbound", "shop", "web", peer): 1, HttpLabels("inbound", "shop", "web", peer): 2}
+
+    assert twin == peer and hash(twin) == hash(peer) and twin is not peer
+    assert series[TcpLabels("inbound", "shop", "web", twin)] == 1
+    assert series[HttpLabels("inbound", "shop", "web", twin)] == 2
+    other = dataclasses.replace(HttpLabels("inbound", "shop", "web", twin), authority="web.shop")
+    assert other not in series and hash(other) != hash(HttpLabels("inbound", "shop", "web", twin))
+    assert "_hash" not in repr(peer)

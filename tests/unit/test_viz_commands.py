@@ -328,7 +328,7 @@ K3S_CNI = checks.CniConfig("k3s", "/var/lib/rancher/k3s/agent/etc/cni/net.d", "1
 def host(**overrides: object) -> checks.HostProbes:
     """A k3s node on Raspberry Pi OS with every prerequisite, unless overridden."""
     probes = {"euid": lambda: 0, "which": lambda tool: None, "mounts": lambda: K3S_MOUNTS,
-              "python3": lambda: (3, 11), "read_text": K3S_NODE.get, "kernel_release": lambda: "6.6.51+rpt",
+              "read_text": K3S_NODE.get, "kernel_release": lambda: "6.6.51+rpt",
               "cni_config": lambda: K3S_CNI, "succeeds": lambda argv: False}
     return checks.HostProbes(**{**probes, **overrides})  # type: ignore[arg-type]
 
@@ -344,8 +344,7 @@ def test_check_pre_all_green_on_a_k3s_node(capsys: pytest.CaptureFixture[str],
         "✓ cgroup v2 is mounted", "    at /sys/fs/cgroup",
         "✓ the memory cgroup controller is enabled", "✓ bpffs is mounted at /sys/fs/bpf",
         "✓ a primary CNI config in /var/lib/rancher/k3s/agent/etc/cni/net.d (k3s)",
-        "    10-flannel.conflist",
-        "✓ python3 >= 3.9 for the CNI plugin", "", "Status check results are ✓"]
+        "    10-flannel.conflist", "", "Status check results are ✓"]
 
 
 def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str],
@@ -354,7 +353,7 @@ def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str]
     no_conf_dir = checks.CniConfig("standard", "/etc/cni/net.d", None, "the directory does not exist")
     monkeypatch.setattr(checks, "HOST_PROBES", host(
         euid=lambda: 1000, mounts=lambda: "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n",
-        read_text={"/proc/cgroups": raspberry_pi_os_defaults}.get, python3=lambda: (3, 7),
+        read_text={"/proc/cgroups": raspberry_pi_os_defaults}.get,
         cni_config=lambda: no_conf_dir))
     code, out, _ = run(capsys, "check", "--pre")
     lines = out.splitlines()
@@ -362,10 +361,10 @@ def test_check_pre_every_prerequisite_missing(capsys: pytest.CaptureFixture[str]
     assert [line for line in lines if line.startswith(("✓", "✗"))] == [
         "✗ running as root", "✗ nftables or iptables is usable", "✗ cgroup v2 is mounted",
         "✗ the memory cgroup controller is enabled", "✗ bpffs is mounted at /sys/fs/bpf",
-        "✗ a primary CNI config in /etc/cni/net.d (standard)", "✗ python3 >= 3.9 for the CNI plugin"]
-    assert "    python3 is 3.7" in lines and "    the directory does not exist" in lines
+        "✗ a primary CNI config in /etc/cni/net.d (standard)"]
+    assert "    the directory does not exist" in lines
     assert any("cgroup_memory=1 cgroup_enable=memory" in line for line in lines)
-    assert sum(line.startswith("    hint: ") for line in lines) == 7
+    assert sum(line.startswith("    hint: ") for line in lines) == 6
     assert lines[-1] == "Status check results are ✗"
 
 

@@ -23,7 +23,7 @@ rm -rf "$ROOTFS/src" && mkdir -p "$ROOTFS/src"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
    | xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' \
    | tar --null -T - -cf -) | tar -xf - -C "$ROOTFS/src"
-rm -f "$ROOTFS/src/keeper/pinion-keeper" "$ROOTFS"/src/bpf/*.o  # built for arm64 below, never copied
+rm -f "$ROOTFS/src/keeper/pinion-keeper" "$ROOTFS/src/cni/pinion-cni" "$ROOTFS"/src/bpf/*.o  # built below
 cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"  # pip reaches PyPI from the chroot
 # ...trusting what the host trusts (a TLS-inspecting proxy's CA, where there is one)
 cp -L /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/pinion-host-ca.crt"
@@ -56,8 +56,8 @@ fi
 
 start=$SECONDS
 inside /bin/sh -ec "cd /src && uname -m && $venv/bin/python -c 'import platform; print(platform.machine(), platform.python_version())' \
-  && make -s keeper bpf PY=$venv/bin/python"
-echo "test-arm64: keeper and bpf/capture.o built in $((SECONDS - start)) s" >&2
+  && make -s keeper cni bpf PY=$venv/bin/python"
+echo "test-arm64: keeper, pinion-cni and bpf/capture.o built in $((SECONDS - start)) s" >&2
 
 [ -z "${PINION_ARM64_PREPARE_ONLY:-}" ] || exit 0  # smoke.sh: the rootfs is ready to boot
 

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""pinion-cni: CNI chained plugin that announces every pod to the node's Pinion agent.
+"""pinion-cni's reference implementation: what cni/pinion-cni.c (the plugin nodes run, a
+static binary) does, in Python. tests/unit/test_cni_plugin.py runs both on every case and
+compares them on generated input, so a change of behaviour is made here and there together.
+
+pinion-cni: CNI chained plugin that announces every pod to the node's Pinion agent.
 
 It runs after the plugin that creates the pod interface (e.g. bridge), forwards the
 netns, CNI_ARGS and the pod IPs from prevResult to the agent over a Unix socket, waits

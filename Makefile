@@ -27,9 +27,11 @@ venv: $(VENV)/.installed
 # the venv module, Python headers and a C compiler. Installed when missing (as root).
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
 
-# setup.py compiles csrc/ (agent.core._http1fast) into the editable install: a change there
-# re-runs the install, which rebuilds it.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
+# setup.py compiles csrc/ (agent.core._http1fast) and, with mypyc, the tunnel framing
+# (agent/core/compiled.py names the sources) into the editable install: a change there
+# re-runs the install, which rebuilds it (a build of other sources is never loaded).
+COMPILED_SOURCES := agent/core/tunnel.py agent/core/tunnel_frames.py agent/core/compiled.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) $(COMPILED_SOURCES)
 	@missing=$$(for p in $(VENV_BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make venv needs: $$missing (run it with sudo, or apt-get install them)"; exit 1; fi; \

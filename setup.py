@@ -1,11 +1,63 @@
-"""The compiled part of the agent (everything else is in pyproject.toml).
+"""The compiled parts of the agent (everything else is in pyproject.toml).
 
 agent.core._http1fast: the fast path of HTTP/1 request accounting (csrc/). `pip install`
 (and so `make venv` and deploy/Dockerfile's builder stage) compiles it with the Python
 headers and a C compiler both already need for python-iptables; the agent runs without it
-(the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py)."""
+(the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
+
+agent.core.tunnel_frames + agent.core.tunnel: the mesh tunnel's framing, the same sources
+compiled by mypyc (a build requirement in pyproject.toml; nothing at run time). The files are
+named after a digest of the sources (agent/core/compiled.py), which loads them only when it
+matches the sources beside them: an edited `.py` never runs as a stale build. Without mypy
+(`--no-build-isolation` in an environment that lacks it) the agent runs the Python modules."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+from types import ModuleType
 
 from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _compiled_rules() -> ModuleType:
+    """agent/core/compiled.py, loaded by path: building must not import the agent."""
+    path = os.path.join(HERE, "agent", "core", "compiled.py")
+    spec = importlib.util.spec_from_file_location("_pinion_compiled", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tunnel_extensions() -> list[Extension]:
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("setup.py: mypy (mypyc) is not installed: the tunnel framing stays Python", file=sys.stderr)
+        return []
+    rules = _compiled_rules()
+    core = os.path.join("agent", "core")
+    digest = rules.source_digest(os.path.join(HERE, core))
+    for stale in glob.glob(os.path.join(HERE, core, "_tunnel_*")):  # builds of other sources
+        if not os.path.basename(stale).startswith(f"_tunnel_{digest}"):
+            shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+    extensions: list[Extension] = mypycify(
+        [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
+        group_name=rules.group_name(digest), opt_level="3", debug_level="0")
+    for extension in extensions:  # the shims: in a directory of their own, never shadowing a .py
+        if not extension.name.endswith("__mypyc"):
+            module = extension.name.rsplit(".", 1)[1]
+            extension.name = f"agent.core.{rules.shim_directory(digest)}.{module}"
+    # an in-place build (pip install -e) copies the shims there, and does not create it
+    os.makedirs(os.path.join(HERE, core, rules.shim_directory(digest)), exist_ok=True)
+    return extensions
+
 
 setup(
     ext_modules=[
@@ -15,6 +67,7 @@ setup(
             depends=["csrc/h1scan.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
-        )
+        ),
+        *tunnel_extensions(),
     ],
 )

@@ -12,8 +12,10 @@ Cases:
                         Python observer (Relay.forward both ways: counters, observer, records)
   relay-http1-compiled  the same with the compiled fast path (agent.core._http1fast)
   relay-opaque          the same connection declared opaque: no observation at all
-  tunnel-framing        the mesh tunnel's framing for that request and response, both ends
-                        (send_data, data_to_send, receive_data, acknowledge; no TLS)
+  tunnel-framing-python    the mesh tunnel's framing for that request and response, both ends
+                        (send_data, data_to_send, receive_data, acknowledge; no TLS), the
+                        Python modules (PINION_PURE_PYTHON=1)
+  tunnel-framing-compiled  the same with the mypyc build of agent.core.tunnel(_frames)
   newconn-http1         a new relay per request, as `ab` makes them (issue #16's new
                         connections/s): ab's HTTP/1.0 request, nginx's `Connection: close`
                         answer, the server's FIN, the close counted; the relay's own
@@ -27,6 +29,7 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -41,8 +44,9 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 
             b"ETag: \"6752a000-400\"\r\nAccept-Ranges: bytes\r\n\r\n" + b"x" * 1024)
 AB_REQUEST = b"GET /1k HTTP/1.0\r\nHost: 10.42.2.3\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n"
 CLOSING_RESPONSE = RESPONSE.replace(b"Connection: keep-alive", b"Connection: close")
-CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing",
-         "newconn-http1", "newconn-opaque")
+PURE_PYTHON_ENV = "PINION_PURE_PYTHON"  # agent.core.compiled: the Python tunnel modules
+CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing-python",
+         "tunnel-framing-compiled", "newconn-http1", "newconn-opaque")
 
 
 class _Sink:
@@ -119,8 +123,13 @@ def newconn_loop(case: str, connections: int) -> None:
         relay.finish()
 
 
-def tunnel_loop(requests: int) -> None:
+def tunnel_loop(case: str, requests: int) -> None:
+    from agent.core import compiled, tunnel
     from agent.core.tunnel import Connection, DataReceived
+
+    if compiled.is_compiled(tunnel) != (case == "tunnel-framing-compiled"):
+        sys.exit(f"{case}: agent.core.tunnel is the {compiled.tunnel_build()} build "
+                 "(not built, or built from other sources: pip install -e .)")
 
     client, server = Connection("client"), Connection("server")
     server.receive_data(client.data_to_send())
@@ -143,8 +152,8 @@ def tunnel_loop(requests: int) -> None:
 
 
 def run_case(case: str, requests: int) -> None:
-    if case == "tunnel-framing":
-        tunnel_loop(requests)
+    if case.startswith("tunnel-framing"):
+        tunnel_loop(case, requests)
     elif case.startswith("newconn-"):
         newconn_loop(case, requests)
     else:
@@ -152,9 +161,13 @@ def run_case(case: str, requests: int) -> None:
 
 
 def instructions(case: str, requests: int) -> int:
+    environment = dict(os.environ)
+    environment.pop(PURE_PYTHON_ENV, None)
+    if case == "tunnel-framing-python":
+        environment[PURE_PYTHON_ENV] = "1"
     run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                           sys.executable, __file__, "--case", case, "--requests", str(requests)],
-                         capture_output=True, text=True, timeout=600, check=True)
+                         capture_output=True, text=True, timeout=600, check=True, env=environment)
     found = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
     if found is None:
         raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr[-2000:]}")

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ BPF_LAB_ROOT = Path("/sys/fs/bpf/pinion")
 class LabAgent:
     def __init__(self, lab: Lab, node: Node, redirect: str = "nftables",
                  fail_policy: str = "closed", extra_args: Iterable[str] = (),
-                 keeper: bool = False, log_name: str = "agent.log") -> None:
+                 keeper: bool = False, log_name: str = "agent.log",
+                 environment: Mapping[str, str] | None = None) -> None:
         self.node = node
+        self.environment = dict(environment or {})  # set for the agent, on top of ours
         self.redirect = redirect
         self.fail_policy = fail_policy
         self.extra_args = list(extra_args)
@@ -95,7 +97,7 @@ class LabAgent:
             self.start_keeper()
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it after spawn
         self.process = self.node.spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=str(REPO))
+                                       cwd=str(REPO), env={**os.environ, **self.environment})
         log.close()
         if wait:
             self.wait_ready()

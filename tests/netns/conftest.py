@@ -32,7 +32,7 @@ def require_root() -> None:
 import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -147,13 +147,16 @@ after_capture = pytest.mark.parametrize("backend", ["nftables"])
 
 @contextlib.contextmanager
 def running_mesh(backend: str, extra_args: Sequence[str] = (),
-                 identity_dir: Path | None = None, keeper: bool = False) -> Iterator[Mesh]:
-    """Two lab nodes with an agent each (`extra_args` added); all removed afterwards."""
+                 identity_dir: Path | None = None, keeper: bool = False,
+                 environments: Sequence[Mapping[str, str]] = ()) -> Iterator[Mesh]:
+    """Two lab nodes with an agent each (`extra_args` added; node i's agent gets the
+    environment variables `environments[i]`, if given); all removed afterwards."""
     agents: list[LabAgent] = []
     lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
     mesh = Mesh(lab, agents, identity_dir=identity_dir)
     try:
-        agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args, keeper=keeper)
+        agents += [LabAgent(lab, node, redirect=backend, extra_args=extra_args, keeper=keeper,
+                            environment=environments[node.index] if environments else None)
                    for node in lab.nodes]
         start_agents(agents)
         for agent in agents:

@@ -6,15 +6,17 @@ certificate renewal drops no connection."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from agent.core import compiled, tunnel
 from agent.identity.authority import LocalSigner
 from agent.identity.crypto import generate_key, make_csr
 from agent.identity.files import TRUST_BUNDLE, init_identity_dir
@@ -28,13 +30,14 @@ HTTP_SERVER = "agent.lab.httpserver"
 
 
 @contextlib.contextmanager
-def tls_mesh_running(tmp_path: Path, backend: str, lifetime: str = "86400") -> Iterator[Mesh]:
+def tls_mesh_running(tmp_path: Path, backend: str, lifetime: str = "86400",
+                     environments: Sequence[Mapping[str, str]] = ()) -> Iterator[Mesh]:
     """Two agents sharing one identity dir; their logs are printed (pytest shows them for a
     failed test)."""
     identity = tmp_path / "identity"
     init_identity_dir(identity, trust_domain="cluster.local")
     args = ["--identity-dir", str(identity), "--certificate-lifetime", lifetime]
-    with running_mesh(backend, args, identity) as mesh:
+    with running_mesh(backend, args, identity, environments=environments) as mesh:
         try:
             yield mesh
         finally:
@@ -265,3 +268,28 @@ def test_certificate_renewal_under_traffic_drops_no_connection(tmp_path: Path) -
         failed = sum(s.value for s in mesh.agents[0].metrics().samples
                      if s.name == "tcp_close_total" and s.labels.get("errno"))
         assert failed == 0
+
+
+# ------------------------------------------------------------------ builds interoperate
+
+
+@pytest.mark.skipif(not compiled.is_compiled(tunnel) and not os.environ.get("CI"),
+                    reason="the tunnel framing is not compiled here (pip install -e . builds it)")
+def test_a_compiled_agent_and_a_python_agent_tunnel_to_each_other(tmp_path: Path) -> None:
+    """Node 0 runs the mypyc build of the tunnel framing, node 1 the Python sources
+    (PINION_PURE_PYTHON=1): requests both ways, and a download larger than every window."""
+    environments = [{compiled.PURE_PYTHON_ENV: "0"}, {compiled.PURE_PYTHON_ENV: "1"}]
+    with tls_mesh_running(tmp_path, "nftables", environments=environments) as mesh:
+        assert "tunnel framing: compiled (mypyc)" in mesh.agents[0].log()
+        assert "tunnel framing: python" in mesh.agents[1].log()
+        pods = [mesh.pod(0, "left"), mesh.pod(1, "right")]
+        for pod in pods:
+            mesh.serve(pod, HTTP_SERVER, "--port", "8080")
+        for client, server in (pods, pods[::-1]):
+            for _ in range(3):
+                assert curl(client, f"http://{server.ip}:8080/whoami").stdout.strip() == client.ip
+            download = curl(client, f"http://{server.ip}:8080/bytes/3000000", "-o", "/dev/null",
+                            "-w", "%{http_code} %{size_download}")
+            assert download.stdout == "200 3000000", download.stderr
+        for agent in mesh.agents:
+            assert agent.metrics().value("pinion_tunnel_connections", direction="outbound") == 1

@@ -28,7 +28,15 @@ from agent.core.tunnel import (
     StreamState,
     WindowOpened,
 )
-from agent.core.tunnel_frames import FIN, HEADER_SIZE, MAX_FRAME_PAYLOAD, RST, SYN, encode_open_header
+from agent.core.tunnel_frames import (
+    FIN,
+    HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
+    RST,
+    SYN,
+    VERSION,
+    encode_open_header,
+)
 
 T = TypeVar("T")
 SIDES = ("client", "server")
@@ -211,7 +219,7 @@ def _frame(version: int, frame_type: int, flags: int, stream_id: int, length: in
 
 plausible_frames = st.builds(
     _frame,
-    version=st.sampled_from([1, 1, 1, 1, 0, 2]),
+    version=st.sampled_from([VERSION, VERSION, VERSION, VERSION, 0, 1]),
     frame_type=st.sampled_from([0, 0, 0, 1, 1, 2, 3, 4]),
     flags=st.sampled_from([0, 1, 2, 4, 5, 8, 3, 16]),
     stream_id=st.sampled_from([0, 1, 2, 3, 5, 7, 2**32 - 1]),
@@ -220,7 +228,7 @@ plausible_frames = st.builds(
 )
 opening_frames = st.builds(
     lambda stream_id, port, meta, extra: _frame(
-        1, 0, 1, stream_id, len(h := encode_open_header(port, meta)) + len(extra), h + extra),
+        VERSION, 0, 1, stream_id, len(h := encode_open_header(port, meta)) + len(extra), h + extra),
     stream_id=st.sampled_from([1, 3, 5, 7, 9]),
     port=st.integers(1, 65535),
     meta=metadata,
@@ -236,7 +244,7 @@ def test_random_bytes_only_ever_produce_events_or_a_clean_termination(
         with_preface: bool, pieces: list[bytes], split: int) -> None:
     server = Connection("server", initial_window=1000, max_streams=3)
     output = len(server.data_to_send())
-    wire = (_frame(1, 1, 0, 0, 500, b"") if with_preface else b"") + b"".join(pieces)
+    wire = (_frame(VERSION, 1, 0, 0, 500, b"") if with_preface else b"") + b"".join(pieces)
     events: list[Event] = []
     for start in range(0, len(wire), split):
         events += server.receive_data(wire[start : start + split])  # never raises
@@ -255,21 +263,21 @@ def test_random_bytes_only_ever_produce_events_or_a_clean_termination(
 @st.composite
 def client_transcripts(draw: st.DrawFn) -> bytes:
     """What a well-behaved client might send: streams opened, fed, ended, reset, pings."""
-    frames, next_id = [_frame(1, 1, 0, 0, 100_000, b"")], 1
+    frames, next_id = [_frame(VERSION, 1, 0, 0, 100_000, b"")], 1
     live: list[int] = []
     for op in draw(st.lists(st.sampled_from(["open", "data", "data", "fin", "rst", "ping"]), max_size=25)):
         if op == "open" or not live:
             header = encode_open_header(draw(st.integers(1, 65535)), draw(metadata))
-            frames.append(_frame(1, 0, SYN, next_id, len(header), header))
+            frames.append(_frame(VERSION, 0, SYN, next_id, len(header), header))
             live.append(next_id)
             next_id += 2
         elif op == "ping":
-            frames.append(_frame(1, 2, SYN, 0, draw(st.integers(0, 2**32 - 1)), b""))
+            frames.append(_frame(VERSION, 2, SYN, 0, draw(st.integers(0, 2**32 - 1)), b""))
         else:
             stream_id = draw(st.sampled_from(live))
             payload = draw(st.binary(max_size=300)) if op == "data" else b""
             flags = {"data": 0, "fin": FIN, "rst": RST}[op]
-            frames.append(_frame(1, 1 if op == "rst" else 0, flags, stream_id,
+            frames.append(_frame(VERSION, 1 if op == "rst" else 0, flags, stream_id,
                                  len(payload) if op != "rst" else 7, payload))
             if op != "data":
                 live.remove(stream_id)
@@ -277,7 +285,7 @@ def client_transcripts(draw: st.DrawFn) -> bytes:
 
 
 garbled_transcripts = st.lists(st.one_of(opening_frames, plausible_frames), max_size=20).map(
-    lambda pieces: _frame(1, 1, 0, 0, 500, b"") + b"".join(pieces))
+    lambda pieces: _frame(VERSION, 1, 0, 0, 500, b"") + b"".join(pieces))
 
 
 @settings(max_examples=500, deadline=None)

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import setuptools
 
+from agent.core import compiled
+
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "support"
 NOT_SOURCE = (".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis",
@@ -65,6 +67,15 @@ def test_the_wheel_holds_the_compiled_http1_fast_path(wheel_files: list[str]) ->
     # built from csrc/ by setup.py (the tree copied above has no in-place build of it)
     assert [name for name in wheel_files if name.startswith("agent/core/_http1fast.")
             and name.endswith(".so")], "agent.core._http1fast was not compiled into the wheel"
+
+
+def test_the_wheel_holds_the_tunnel_framing_compiled_from_its_sources(wheel_files: list[str]) -> None:
+    # mypyc's shared library and one shim per module, named after the digest of the sources
+    # they were built from (agent/core/compiled.py loads nothing else)
+    digest = compiled.source_digest(str(REPO / "agent" / "core"))
+    for part in (*(f"/{module}." for module in compiled.COMPILED_MODULES), "__mypyc."):
+        assert [name for name in wheel_files if name.startswith(f"agent/core/_tunnel_{digest}{part}")
+                and name.endswith(".so")], f"{part}: no build of these sources in the wheel"
 
 
 def test_the_wheel_holds_only_the_agent_package(wheel_files: list[str]) -> None:

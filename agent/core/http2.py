@@ -5,8 +5,9 @@ CONTINUATION, PUSH_PROMISE, SETTINGS, RST_STREAM, the first 8 bytes of GOAWAY). 
 every other frame are skipped by length without copying. Header blocks are decoded with one
 `hpack.Decoder` per direction, in byte-stream order, so the dynamic tables stay in step with
 the peers' — every block is decoded, even ones we do not need (request trailers, pushes).
-hpack is pure Python (~10 us a block), so blocks made only of indexed fields — the steady
-state of a busy connection — are memoised until the table changes.
+hpack is pure Python (~10 us a block), so a block whose decoding left the dynamic table as
+it was (indexed fields, literals not indexed: the steady state of a busy connection, a
+server's `date` changing once a second included) is memoised until a block changes the table.
 
 A request starts with the client's HEADERS on a new stream (odd id above every earlier one).
 Latency runs to the first non-1xx response HEADERS (`:status`). The Record is emitted at the
@@ -30,7 +31,6 @@ Not followed: h2c via HTTP/1.1 Upgrade (that connection is opaque after the 101)
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Final, cast
 
@@ -65,9 +65,8 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION =
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 _Headers = list[tuple[bytes, bytes]]
-# A block of one-byte indexed fields only (0x80-0xfe each) cannot change the dynamic table, so
-# its decoding can be memoised until a block that may change the table is decoded.
-_ONLY_INDEXED: Final = re.compile(rb"[\x80-\xfe]+")
+# Decoded blocks that left the dynamic table as it was, per direction: the same bytes decode
+# the same way until the table changes (then the memo is cleared). Oldest out when full.
 _MEMO_SIZE: Final = 64
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 
@@ -106,7 +105,7 @@ class _Direction:
         self.from_client = from_client
         self.preface_left = len(PREFACE) if from_client else 0
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
-        self.memo: dict[bytes, _Headers] = {}  # only-indexed block -> headers, this table state
+        self.memo: dict[bytes, _Headers] = {}  # block -> headers, at this table state
         self.max_frame = _DEFAULT_MAX_FRAME  # set by the *other* peer's SETTINGS
         self.skip = 0  # payload bytes still to pass over
         self.partial: bytearray | None = None  # a frame header or payload being collected
@@ -357,14 +356,21 @@ class Http2Observer:
     def _header_block(self, d: _Direction, stream: int, flags: int, push: bool, block: bytes) -> None:
         headers = d.memo.get(block)
         if headers is None:
+            table = d.decoder.header_table
+            entries = table.dynamic_entries
+            size, count = table.maxsize, len(entries)
+            newest = entries[0] if count else None  # add() puts a new tuple first
             try:
                 headers = cast(_Headers, d.decoder.decode(block, raw=True))
             except _DECODE_ERRORS:
                 self._give_up(PROTOCOL_ERROR)
                 return
-            if _ONLY_INDEXED.fullmatch(block) is None:
-                d.memo.clear()  # the table may have changed
-            elif len(d.memo) < _MEMO_SIZE:
+            if (table.maxsize != size or len(entries) != count
+                    or (entries[0] if entries else None) is not newest):
+                d.memo.clear()  # the table changed: what was memoised may decode otherwise
+            else:
+                if len(d.memo) >= _MEMO_SIZE:
+                    del d.memo[next(iter(d.memo))]
                 d.memo[block] = headers
         if push:
             return  # server push: decoded only to keep the table in step

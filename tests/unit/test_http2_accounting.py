@@ -274,6 +274,52 @@ def test_memoised_indexed_blocks_follow_dynamic_table_changes() -> None:
     assert respond(7, indexed_only) == [Record("failure", 200, 14, 1000.0, "GET")]  # entry 62 moved on
 
 
+def test_blocks_that_leave_the_table_as_it_was_are_memoised_literals_too() -> None:
+    """A server's response block: `:status` indexed, `date` a literal not indexed (as nginx
+    sends it, changing once a second). Decoding it changes no table, so the same bytes are
+    decoded once; a block that adds to the table clears the memo."""
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    observer.client_bytes(b"".join(peers.request(s) for s in (1, 3, 5, 7)), 1.0)
+    server = observer._server
+    decoded: list[bytes] = []
+    decode = server.decoder.decode
+
+    def counting(block: bytes, raw: bool = False) -> object:
+        decoded.append(block)
+        return decode(block, raw=raw)
+
+    server.decoder.decode = counting  # type: ignore[method-assign]
+
+    def respond(stream: int, block: bytes) -> list[Record]:
+        return observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
+
+    dated = peers.server.encode([(":status", "200"),
+                                 hpack.NeverIndexedHeaderTuple("date", "Sun, 06 Dec 2026 12:00:00 GMT")])
+    assert respond(1, dated) == [ok(200, 1000.0)]
+    assert respond(3, dated) == [ok(200, 1000.0)]
+    assert decoded == [dated] and dated in server.memo  # decoded once
+    assert respond(5, peers.server.encode([(":status", "200"), ("grpc-status", "14")])) == [
+        Record("failure", 200, 14, 1000.0, "GET")]
+    assert server.memo == {}  # grpc-status went into the table: nothing memoised may stand
+    assert respond(7, dated) == [ok(200, 1000.0)]
+    assert decoded.count(dated) == 2
+
+
+def test_the_memo_keeps_the_newest_blocks() -> None:
+    from agent.core.http2 import _MEMO_SIZE
+
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    streams = range(1, 2 * (_MEMO_SIZE + 5), 2)
+    observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
+    blocks = [peers.server.encode([(":status", "200"), hpack.NeverIndexedHeaderTuple(
+        "date", f"second {n}")]) for n in range(len(streams))]
+    for stream, block in zip(streams, blocks, strict=True):
+        observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
+    assert list(observer._server.memo) == blocks[-_MEMO_SIZE:]
+
+
 def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
     """linkerd2-proxy grpc::Codes::default: UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED,
     INTERNAL, UNAVAILABLE and DATA_LOSS fail; NOT_FOUND, INVALID_ARGUMENT, ... succeed."""

@@ -120,7 +120,8 @@ bench-quick: deps venv bpf cni  ## smoke run of the same (~1 min)
 #
 # One tag per architecture, never one name for two: the host's own architecture keeps the
 # plain names (localhost/pinion:dev is what tests/netns/test_containerd.py imports into this
-# host's containerd), another one gets a suffix (localhost/pinion:dev-arm64, its base
+# host's containerd), another one gets a suffix (localhost/pinion:dev-arm64 and
+# localhost/pause:3.9-arm64, the pinion image's base
 # localhost/debian:bookworm-slim-arm64, substituted for the Dockerfile's `FROM
 # debian:bookworm-slim` with --build-context). So an arm64 build never re-imports or retags
 # what an amd64 `make image` (here or in a parallel run) builds on. A manifest list joining
@@ -129,7 +130,7 @@ HOST_ARCH   := $(shell dpkg --print-architecture)
 ARCH        ?= $(HOST_ARCH)
 FOREIGN     := $(filter-out $(HOST_ARCH),$(ARCH))
 IMAGE       ?= localhost/pinion:dev$(if $(FOREIGN),-$(ARCH))
-PAUSE_IMAGE ?= localhost/pause:3.9
+PAUSE_IMAGE ?= localhost/pause:3.9$(if $(FOREIGN),-$(ARCH))
 IMAGE_CACHE ?= /var/cache/pinion
 BASE_IMAGE  := $(if $(FOREIGN),localhost/debian:bookworm-slim-$(ARCH),docker.io/library/debian:bookworm-slim)
 BASE_CONTEXT := $(if $(FOREIGN),--build-context debian:bookworm-slim=docker-image://$(BASE_IMAGE))

@@ -5,9 +5,14 @@ CONTINUATION, PUSH_PROMISE, SETTINGS, RST_STREAM, the first 8 bytes of GOAWAY). 
 every other frame are skipped by length without copying. Header blocks are decoded with one
 `hpack.Decoder` per direction, in byte-stream order, so the dynamic tables stay in step with
 the peers' — every block is decoded, even ones we do not need (request trailers, pushes).
-hpack is pure Python (~10 us a block), so a block whose decoding left the dynamic table as
-it was (indexed fields, literals not indexed: the steady state of a busy connection, a
-server's `date` changing once a second included) is memoised until a block changes the table.
+hpack is pure Python (~10 us a block, ~150 us for a block of Huffman-coded literals), so
+decoded blocks are memoised, two ways. A block that never reads the dynamic table (static
+indices and literals only: nginx's responses, whose literals are indexed on every response
+and never referred to) decodes the same at any table state; its memo keeps the entries it
+adds, and a repeat adds them to the table as hpack would have. Any other block whose decoding
+left the table as it was (indexed fields, literals not indexed: the steady state of a busy
+connection) is memoised until the table changes. Small blocks only (`_MEMO_BLOCK`,
+`_MEMO_FIELDS`), at most `_MEMO_SIZE` of each kind: a memo's memory stays small.
 
 A request starts with the client's HEADERS on a new stream (odd id above every earlier one).
 Latency runs to the first non-1xx response HEADERS (`:status`). The Record is emitted at the
@@ -32,7 +37,7 @@ Not followed: h2c via HTTP/1.1 Upgrade (that connection is opaque after the 101)
 from __future__ import annotations
 
 import struct
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 import hpack
 
@@ -65,10 +70,13 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION =
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 _Headers = list[tuple[bytes, bytes]]
-# Decoded blocks that left the dynamic table as it was, per direction: the same bytes decode
-# the same way until the table changes (then the memo is cleared). Oldest out when full.
+# Decoded blocks, per direction and kind (see the module docstring). Oldest out when full.
 _MEMO_SIZE: Final = 64
+_MEMO_BLOCK: Final = 1024  # bytes of a block worth remembering (real ones: 3 to ~300)
+_MEMO_FIELDS: Final = 64  # decoded fields of a block worth remembering
+_STATIC_ENTRIES: Final = 61  # RFC 7541 Appendix A: indices above read the dynamic table
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
+_T = TypeVar("_T")
 
 
 class _Stream:
@@ -94,6 +102,7 @@ class _Direction:
         "decoder",
         "frame",
         "from_client",
+        "lasting",
         "max_frame",
         "memo",
         "partial",
@@ -106,6 +115,8 @@ class _Direction:
         self.preface_left = len(PREFACE) if from_client else 0
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.memo: dict[bytes, _Headers] = {}  # block -> headers, at this table state
+        # blocks that never read the table: block -> (headers, the entries it adds)
+        self.lasting: dict[bytes, tuple[_Headers, _Headers]] = {}
         self.max_frame = _DEFAULT_MAX_FRAME  # set by the *other* peer's SETTINGS
         self.skip = 0  # payload bytes still to pass over
         self.partial: bytearray | None = None  # a frame header or payload being collected
@@ -354,24 +365,9 @@ class Http2Observer:
     # --- header blocks and streams ----------------------------------------------------
 
     def _header_block(self, d: _Direction, stream: int, flags: int, push: bool, block: bytes) -> None:
-        headers = d.memo.get(block)
+        headers = self._decode(d, block)
         if headers is None:
-            table = d.decoder.header_table
-            entries = table.dynamic_entries
-            size, count = table.maxsize, len(entries)
-            newest = entries[0] if count else None  # add() puts a new tuple first
-            try:
-                headers = cast(_Headers, d.decoder.decode(block, raw=True))
-            except _DECODE_ERRORS:
-                self._give_up(PROTOCOL_ERROR)
-                return
-            if (table.maxsize != size or len(entries) != count
-                    or (entries[0] if entries else None) is not newest):
-                d.memo.clear()  # the table changed: what was memoised may decode otherwise
-            else:
-                if len(d.memo) >= _MEMO_SIZE:
-                    del d.memo[next(iter(d.memo))]
-                d.memo[block] = headers
+            return
         if push:
             return  # server push: decoded only to keep the table in step
         if d.from_client:
@@ -381,6 +377,41 @@ class Http2Observer:
         state = self._streams.get(stream)
         if state is not None:
             self._response_headers(stream, state, flags, headers)
+
+    def _decode(self, d: _Direction, block: bytes) -> _Headers | None:
+        """A header block's fields, from a memo or hpack (None: broken, we gave up)."""
+        lasting = d.lasting.get(block)
+        if lasting is not None:
+            headers, adds = lasting
+            if adds:  # what hpack would have added: the table stays in step with the peer's
+                add = d.decoder.header_table.add
+                for name, value in adds:
+                    add(name, value)
+                d.memo.clear()
+            return headers
+        memoised = d.memo.get(block)
+        if memoised is not None:
+            return memoised
+        table = d.decoder.header_table
+        entries = table.dynamic_entries
+        size, count = table.maxsize, len(entries)
+        newest = entries[0] if count else None  # add() puts a new tuple first
+        try:
+            headers = cast(_Headers, d.decoder.decode(block, raw=True))
+        except _DECODE_ERRORS:
+            self._give_up(PROTOCOL_ERROR)
+            return None
+        changed = (table.maxsize != size or len(entries) != count
+                   or (entries[0] if entries else None) is not newest)
+        if changed:
+            d.memo.clear()  # the table changed: what was memoised may decode otherwise
+        if len(block) <= _MEMO_BLOCK and len(headers) <= _MEMO_FIELDS:
+            added = _table_free(block, len(headers))
+            if added is not None:
+                _remember(d.lasting, block, (headers, [headers[i] for i in added]))
+            elif not changed:
+                _remember(d.memo, block, headers)
+        return headers
 
     def _request_started(self, stream: int, headers: _Headers) -> None:
         if len(self._streams) >= self._max_streams:
@@ -460,6 +491,60 @@ class Http2Observer:
             return []
         self._out = []
         return out
+
+
+def _remember(memo: dict[bytes, _T], block: bytes, value: _T) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        del memo[next(iter(memo))]
+    memo[block] = value
+
+
+def _table_free(block: bytes, fields: int) -> list[int] | None:
+    """Of a header block hpack decoded into `fields` fields: the positions of the fields it adds
+    to the dynamic table, if no field reads the table (an index above the static table's) and
+    it does not resize the table; else None."""
+    added: list[int] = []
+    pos, end, field = 0, len(block), 0
+    while pos < end:
+        first = block[pos]
+        if first & 0x80:  # indexed field
+            index, pos = _integer(block, pos, 0x7F)
+            if index > _STATIC_ENTRIES:
+                return None
+        elif first & 0xE0 == 0x20:  # dynamic table size update
+            return None
+        else:  # a literal: 01 adds to the table (6-bit name index), 0000/0001 do not (4-bit)
+            if first & 0x40:
+                added.append(field)
+            index, pos = _integer(block, pos, 0x3F if first & 0x40 else 0x0F)
+            if index > _STATIC_ENTRIES:
+                return None
+            if index == 0:
+                pos = _skip_string(block, pos)
+            pos = _skip_string(block, pos)
+        field += 1
+    return added if field == fields and pos == end else None
+
+
+def _integer(block: bytes, pos: int, mask: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) with a `mask`-bit prefix at `pos`: (value, next pos)."""
+    value = block[pos] & mask
+    pos += 1
+    if value == mask:
+        shift = 0
+        while True:
+            octet = block[pos]
+            pos += 1
+            value += (octet & 0x7F) << shift
+            shift += 7
+            if not octet & 0x80:
+                break
+    return value, pos
+
+
+def _skip_string(block: bytes, pos: int) -> int:
+    length, pos = _integer(block, pos, 0x7F)
+    return pos + length
 
 
 def _tap_detail(headers: _Headers) -> RequestDetail:

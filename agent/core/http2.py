@@ -40,6 +40,7 @@ import struct
 from typing import Final, TypeVar, cast
 
 import hpack
+from hpack.table import HeaderTable
 
 from agent.core.accounting import (
     CLOSED,
@@ -77,6 +78,8 @@ _MEMO_FIELDS: Final = 64  # decoded fields of a block worth remembering
 _STATIC_ENTRIES: Final = 61  # RFC 7541 Appendix A: indices above read the dynamic table
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 _T = TypeVar("_T")
+# hpack 4's HeaderTable keeps its size in `_current_size`; with another layout, `add` is used
+_FAST_REPLAY: Final = isinstance(getattr(HeaderTable(), "_current_size", None), int)
 
 
 class _Stream:
@@ -384,9 +387,7 @@ class Http2Observer:
         if lasting is not None:
             headers, adds = lasting
             if adds:  # what hpack would have added: the table stays in step with the peer's
-                add = d.decoder.header_table.add
-                for name, value in adds:
-                    add(name, value)
+                _replay(d.decoder.header_table, adds)
                 d.memo.clear()
             return headers
         memoised = d.memo.get(block)
@@ -491,6 +492,28 @@ class Http2Observer:
             return []
         self._out = []
         return out
+
+
+def _replay(table: HeaderTable, adds: _Headers) -> None:
+    """`table.add` for each entry, in one call: the same entries, sizes and evictions (RFC 7541
+    4.4), without hpack's per-entry calls and per-eviction log line."""
+    if not _FAST_REPLAY:
+        for name, value in adds:
+            table.add(name, value)
+        return
+    entries, maxsize, size = table.dynamic_entries, table.maxsize, table._current_size
+    for entry in adds:
+        entry_size = 32 + len(entry[0]) + len(entry[1])
+        if entry_size > maxsize:
+            entries.clear()
+            size = 0
+            continue
+        entries.appendleft((entry[0], entry[1]))
+        size += entry_size
+        while size > maxsize:
+            name, value = entries.pop()
+            size -= 32 + len(name) + len(value)
+    table._current_size = size
 
 
 def _remember(memo: dict[bytes, _T], block: bytes, value: _T) -> None:

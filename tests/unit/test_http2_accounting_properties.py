@@ -172,4 +172,5 @@ def test_memoised_blocks_decode_as_hpack_does_and_keep_the_table_in_step(plans: 
         assert observer._decode(server, block) == expected
         assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
         assert server.decoder.header_table_size == shadow.header_table_size
+        assert server.decoder.header_table._current_size == shadow.header_table._current_size
         assert len(server.memo) <= 64 and len(server.lasting) <= 64

@@ -68,6 +68,7 @@ _FRAME_HEADER: Final = struct.Struct(">BHBBI")  # length (24 bits), type, flags,
 _DEFAULT_MAX_FRAME: Final = 16_384
 _LARGEST_MAX_FRAME: Final = (1 << 24) - 1
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 4, 5, 7, 9
+_COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY))
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 _Headers = list[tuple[bytes, bytes]]
@@ -231,9 +232,13 @@ class Http2Observer:
                 length = high << 16 | low
                 pos += 9
                 need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
-                if need is None:
-                    continue
-                if size - pos >= need:
+                if need is None:  # skipped by length (or given up): as much of it as is here
+                    skip = d.skip
+                    if skip:
+                        taken = skip if skip <= size - pos else size - pos
+                        d.skip = skip - taken
+                        pos += taken
+                elif size - pos >= need:
                     assert d.frame is not None
                     self._end_frame(d, d.frame, data[pos : pos + need])
                     pos += need
@@ -290,7 +295,7 @@ class Http2Observer:
                 self._response_ended(stream)
             d.skip = length
             return None
-        if ftype in (_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY):
+        if ftype in _COLLECTED:
             if ftype == _CONTINUATION and d.block is None:
                 self._give_up(PROTOCOL_ERROR)
                 return None
@@ -298,7 +303,7 @@ class Http2Observer:
                 self._give_up(PROTOCOL_ERROR)
                 return None
             d.frame = (ftype, flags, stream, length)
-            return self._payload_need(d.frame)
+            return length if ftype != _GOAWAY else min(length, 8)
         d.skip = length  # PRIORITY, PING, WINDOW_UPDATE, extensions: nothing to count
         return None
 

@@ -69,6 +69,7 @@ _DEFAULT_MAX_FRAME: Final = 16_384
 _LARGEST_MAX_FRAME: Final = (1 << 24) - 1
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 4, 5, 7, 9
 _COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY))
+_PASSED_OVER: Final = frozenset(range(256)) - _COLLECTED - {_DATA}
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 _Headers = list[tuple[bytes, bytes]]
@@ -231,7 +232,11 @@ class Http2Observer:
                 high, low, ftype, flags, stream = unpack_from(data, pos)
                 length = high << 16 | low
                 pos += 9
-                need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
+                if ftype in _PASSED_OVER and d.block is None and length <= d.max_frame:
+                    need = None  # WINDOW_UPDATE, PING, PRIORITY, extensions: nothing to count
+                    d.skip = length
+                else:
+                    need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
                 if need is None:  # skipped by length (or given up): as much of it as is here
                     skip = d.skip
                     if skip:
@@ -310,7 +315,9 @@ class Http2Observer:
     def _end_frame(self, d: _Direction, frame: tuple[int, int, int, int], payload: bytes) -> None:
         ftype, flags, stream, length = frame
         d.frame = None
-        if ftype in (_HEADERS, _PUSH_PROMISE):
+        if ftype == _HEADERS and flags & (_END_HEADERS | _PADDED | _PRIORITY) == _END_HEADERS:
+            self._header_block(d, stream, flags, False, payload)  # the whole block, as it is
+        elif ftype in (_HEADERS, _PUSH_PROMISE):
             self._headers_frame(d, ftype, flags, stream, payload)
         elif ftype == _CONTINUATION:
             self._continuation(d, flags, payload)

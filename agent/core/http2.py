@@ -9,10 +9,14 @@ hpack is pure Python (~10 us a block, ~150 us for a block of Huffman-coded liter
 decoded blocks are memoised, two ways. A block that never reads the dynamic table (static
 indices and literals only: nginx's responses, whose literals are indexed on every response
 and never referred to) decodes the same at any table state; its memo keeps the entries it
-adds, and a repeat adds them to the table as hpack would have. Any other block whose decoding
-left the table as it was (indexed fields, literals not indexed: the steady state of a busy
-connection) is memoised until the table changes. Small blocks only (`_MEMO_BLOCK`,
-`_MEMO_FIELDS`), at most `_MEMO_SIZE` of each kind: a memo's memory stays small.
+adds, and a repeat adds them to the table as hpack would have — lazily: the entries wait in
+a list until a block must be decoded against the table, and of a long wait only those that
+would still be in the table are added (a table keeps the newest entries that fit in it, RFC
+7541 4.4; the list is cut to them once it holds four times the table's size). Any other
+block whose decoding left the table as it was (indexed fields, literals not indexed: the
+steady state of a busy connection) is memoised until the table changes. Small blocks only
+(`_MEMO_BLOCK`, `_MEMO_FIELDS`), at most `_MEMO_SIZE` of each kind: a memo's memory stays
+small.
 
 A request starts with the client's HEADERS on a new stream (odd id above every earlier one).
 Latency runs to the first non-1xx response HEADERS (`:status`). The Record is emitted at the
@@ -78,6 +82,8 @@ _MEMO_SIZE: Final = 64
 _MEMO_BLOCK: Final = 1024  # bytes of a block worth remembering (real ones: 3 to ~300)
 _MEMO_FIELDS: Final = 64  # decoded fields of a block worth remembering
 _STATIC_ENTRIES: Final = 61  # RFC 7541 Appendix A: indices above read the dynamic table
+# Entries waiting to be added to the table, in tables' worth, before they are cut to one.
+_PENDING_TABLES: Final = 4
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 _T = TypeVar("_T")
 # hpack 4's HeaderTable keeps its size in `_current_size`; with another layout, `add` is used
@@ -111,6 +117,10 @@ class _Direction:
         "max_frame",
         "memo",
         "partial",
+        "pending",
+        "pending_clears",
+        "pending_limit",
+        "pending_size",
         "preface_left",
         "skip",
     )
@@ -120,8 +130,13 @@ class _Direction:
         self.preface_left = len(PREFACE) if from_client else 0
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.memo: dict[bytes, _Headers] = {}  # block -> headers, at this table state
-        # blocks that never read the table: block -> (headers, the entries it adds)
-        self.lasting: dict[bytes, tuple[_Headers, _Headers]] = {}
+        # blocks that never read the table: block -> (headers, the entries it adds, their size)
+        self.lasting: dict[bytes, tuple[_Headers, _Headers, int]] = {}
+        # entries such blocks added since, not yet in the decoder's table (see `_settle`)
+        self.pending: _Headers = []
+        self.pending_size = 0
+        self.pending_clears = False  # the entries now in the table are all evicted by them
+        self.pending_limit = _PENDING_TABLES * self.decoder.header_table.maxsize  # then cut
         self.max_frame = _DEFAULT_MAX_FRAME  # set by the *other* peer's SETTINGS
         self.skip = 0  # payload bytes still to pass over
         self.partial: bytearray | None = None  # a frame header or payload being collected
@@ -397,14 +412,21 @@ class Http2Observer:
         """A header block's fields, from a memo or hpack (None: broken, we gave up)."""
         lasting = d.lasting.get(block)
         if lasting is not None:
-            headers, adds = lasting
+            headers, adds, adds_size = lasting
             if adds:  # what hpack would have added: the table stays in step with the peer's
-                _replay(d.decoder.header_table, adds)
+                if _FAST_REPLAY:
+                    d.pending += adds
+                    d.pending_size += adds_size
+                    if d.pending_size > d.pending_limit:
+                        _cut_pending(d)
+                else:
+                    _replay(d.decoder.header_table, adds)
                 d.memo.clear()
             return headers
         memoised = d.memo.get(block)
         if memoised is not None:
             return memoised
+        _settle(d)
         table = d.decoder.header_table
         entries = table.dynamic_entries
         size, count = table.maxsize, len(entries)
@@ -416,12 +438,14 @@ class Http2Observer:
             return None
         changed = (table.maxsize != size or len(entries) != count
                    or (entries[0] if entries else None) is not newest)
+        d.pending_limit = _PENDING_TABLES * table.maxsize  # only a block resizes the table
         if changed:
             d.memo.clear()  # the table changed: what was memoised may decode otherwise
         if len(block) <= _MEMO_BLOCK and len(headers) <= _MEMO_FIELDS:
             added = _table_free(block, len(headers))
             if added is not None:
-                _remember(d.lasting, block, (headers, [headers[i] for i in added]))
+                adds = [headers[i] for i in added]
+                _remember(d.lasting, block, (headers, adds, sum(32 + len(n) + len(v) for n, v in adds)))
             elif not changed:
                 _remember(d.memo, block, headers)
         return headers
@@ -526,6 +550,35 @@ def _replay(table: HeaderTable, adds: _Headers) -> None:
             name, value = entries.pop()
             size -= 32 + len(name) + len(value)
     table._current_size = size
+
+
+def _settle(d: _Direction) -> None:
+    """Add the pending entries to the decoder's table: it is then the peer's table."""
+    if d.pending or d.pending_clears:
+        table = d.decoder.header_table
+        if d.pending_clears:
+            table.dynamic_entries.clear()
+            table._current_size = 0
+        _replay(table, d.pending)
+        d.pending, d.pending_size, d.pending_clears = [], 0, False
+
+
+def _cut_pending(d: _Direction) -> None:
+    """Keep of the pending entries only the newest that fit in the table together: a table
+    holds the longest run of newest entries that fits (RFC 7541 4.4), so when even the
+    pending ones do not all fit, the older ones and the table's present entries would all
+    be evicted (an entry larger than the table empties it: the same cut)."""
+    maxsize, pending = d.decoder.header_table.maxsize, d.pending
+    kept, first = 0, len(pending)
+    while first:
+        name, value = pending[first - 1]
+        entry_size = 32 + len(name) + len(value)
+        if kept + entry_size > maxsize:
+            break
+        kept += entry_size
+        first -= 1
+    if first:
+        d.pending, d.pending_size, d.pending_clears = pending[first:], kept, True
 
 
 def _remember(memo: dict[bytes, _T], block: bytes, value: _T) -> None:

@@ -329,16 +329,17 @@ def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
     """nginx's responses: `:status` static, every other field a literal with a static name and
     incremental indexing, the same bytes on every response within a second (`date`), and never
     referred to. Such a block decodes the same at any table state, so it is decoded once; each
-    repeat adds its entries to the table as hpack would, so a later block that does read the
-    table (here entries 62 and 63) is decoded against the table the server really has. (Entries
-    are replayed by the observer itself, or by hpack's `add` if hpack's table changes shape.)"""
+    repeat adds its entries to the table as hpack would (when a block needs the table: they
+    wait till then), so a later block that does read the table (here entries 62 and 63) is
+    decoded against the table the server really has. (Entries are added by the observer
+    itself, or at once by hpack's `add` if hpack's table changes shape.)"""
     from agent.core import http2
 
     assert http2._FAST_REPLAY
     monkeypatch.setattr(http2, "_FAST_REPLAY", fast_replay)
     peers, observer = Peers(), Http2Observer()
     start(observer)
-    streams = range(1, 2 * 50 + 1, 2)
+    streams = range(1, 2 * 100 + 1, 2)
     observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
     server = observer._server
     decoded = counting_decodes(server)
@@ -350,10 +351,17 @@ def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
         records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, nginx), 2.0)
         assert records == [ok(200, 1000.0)]
         shadow.decode(nginx, raw=True)
-        assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
-        assert server.decoder.header_table._current_size == shadow.header_table._current_size
+        if not fast_replay:
+            assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
     assert decoded == [nginx]
     assert list(server.lasting) == [nginx] and server.memo == {}
+    if fast_replay:  # waiting, and cut to what the table can hold (4,096: 17 entries here)
+        assert server.decoder.header_table.dynamic_entries != shadow.header_table.dynamic_entries
+        assert server.pending_clears and len(server.pending) <= 4 * 4096 // 50
+    http2._settle(server)
+    assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
+    assert server.decoder.header_table._current_size == shadow.header_table._current_size
+    assert not server.pending and not server.pending_clears
     reads_table = b"\x88\xbe\xbf"  # :status 200, the newest entry and the one before
     expected = shadow.decode(reads_table, raw=True)
     assert expected[1:] == [(b"content-type", b"application/octet-stream"), (b"content-length", b"1024")]
@@ -411,3 +419,52 @@ def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
     assert found == [Record("success", 200, 5, 500.0, "GET")]
     assert denied == [Record("failure", 200, 7, 500.0, "GET")]
     assert observer.authority == "svc"  # the first request's :authority
+
+
+def test_waiting_entries_are_cut_to_what_the_table_holds_exactly() -> None:
+    """A table of 100 holds two entries of 50 (RFC 7541 4.4: size 32 + name + value), not
+    three; an entry larger than the table empties it. The cut waiting list, once added, leaves
+    the table hpack's own adds leave."""
+    from hpack.table import HeaderTable
+
+    from agent.core.http2 import _cut_pending, _settle
+
+    fifty = [(b"a", bytes([c]) * 17) for c in b"xyz"]
+    oversize = (b"big", b"v" * 80)
+    for pending in (fifty, [*fifty, oversize], [oversize, *fifty[:2]], [fifty[0], oversize, fifty[1]]):
+        observer = Http2Observer()
+        direction = observer._server
+        direction.decoder.header_table.maxsize = 100
+        direction.decoder.header_table.add(b"old", b"entry")
+        direction.pending = list(pending)
+        direction.pending_size = sum(32 + len(n) + len(v) for n, v in pending)
+        _cut_pending(direction)
+        reference = HeaderTable()
+        reference.maxsize = 100
+        for name, value in [(b"old", b"entry"), *pending]:
+            reference.add(name, value)
+        _settle(direction)
+        assert direction.decoder.header_table.dynamic_entries == reference.dynamic_entries
+        assert direction.decoder.header_table._current_size == reference._current_size
+        if pending is fifty:
+            assert list(reference.dynamic_entries) == [fifty[2], fifty[1]]  # exactly full
+
+
+def test_waiting_entries_stay_within_four_tables_of_a_resized_table() -> None:
+    """After the server shrinks its table (a size update in a block), entries waiting for it
+    are cut at four times the new size, not the old one: memory follows the table."""
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    streams = range(1, 2 * 100 + 1, 2)
+    observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
+    resize = encode_integer(256, 5)
+    resize[0] |= 0x20
+    nginx = b"\x88" + literal(54, b"nginx/1.22.1") + literal(28, b"1024")  # two entries of 50
+    first, *rest = streams
+    block = bytes(resize) + nginx
+    records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, first, block), 2.0)
+    assert records == [ok(200, 1000.0)] and observer._server.decoder.header_table_size == 256
+    for stream in rest:
+        observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, nginx), 2.0)
+        assert observer._server.pending_size <= 4 * 256 + 100
+    assert observer._server.pending_clears

@@ -5,18 +5,7 @@ CONTINUATION, PUSH_PROMISE, SETTINGS, RST_STREAM, the first 8 bytes of GOAWAY). 
 every other frame are skipped by length without copying. Header blocks are decoded with one
 `hpack.Decoder` per direction, in byte-stream order, so the dynamic tables stay in step with
 the peers' — every block is decoded, even ones we do not need (request trailers, pushes).
-hpack is pure Python (~10 us a block, ~150 us for a block of Huffman-coded literals), so
-decoded blocks are memoised, two ways. A block that never reads the dynamic table (static
-indices and literals only: nginx's responses, whose literals are indexed on every response
-and never referred to) decodes the same at any table state; its memo keeps the entries it
-adds, and a repeat adds them to the table as hpack would have — lazily: the entries wait in
-a list until a block must be decoded against the table, and of a long wait only those that
-would still be in the table are added (a table keeps the newest entries that fit in it, RFC
-7541 4.4; the list is cut to them once it holds four times the table's size). Any other
-block whose decoding left the table as it was (indexed fields, literals not indexed: the
-steady state of a busy connection) is memoised until the table changes. Small blocks only
-(`_MEMO_BLOCK`, `_MEMO_FIELDS`), at most `_MEMO_SIZE` of each kind: a memo's memory stays
-small.
+Blocks are decoded, or found in memos, by `agent.core.hpack_blocks.HeaderBlocks`.
 
 A request starts with the client's HEADERS on a new stream (odd id above every earlier one).
 Latency runs to the first non-1xx response HEADERS (`:status`). The Record is emitted at the
@@ -41,10 +30,7 @@ Not followed: h2c via HTTP/1.1 Upgrade (that connection is opaque after the 101)
 from __future__ import annotations
 
 import struct
-from typing import Final, TypeVar, cast
-
-import hpack
-from hpack.table import HeaderTable
+from typing import Final
 
 from agent.core.accounting import (
     CLOSED,
@@ -56,6 +42,7 @@ from agent.core.accounting import (
     classify,
     parse_grpc_status,
 )
+from agent.core.hpack_blocks import HeaderBlocks, Headers
 from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -76,18 +63,6 @@ _COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS
 _PASSED_OVER: Final = frozenset(range(256)) - _COLLECTED - {_DATA}
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
-_Headers = list[tuple[bytes, bytes]]
-# Decoded blocks, per direction and kind (see the module docstring). Oldest out when full.
-_MEMO_SIZE: Final = 64
-_MEMO_BLOCK: Final = 1024  # bytes of a block worth remembering (real ones: 3 to ~300)
-_MEMO_FIELDS: Final = 64  # decoded fields of a block worth remembering
-_STATIC_ENTRIES: Final = 61  # RFC 7541 Appendix A: indices above read the dynamic table
-# Entries waiting to be added to the table, in tables' worth, before they are cut to one.
-_PENDING_TABLES: Final = 4
-_DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
-_T = TypeVar("_T")
-# hpack 4's HeaderTable keeps its size in `_current_size`; with another layout, `add` is used
-_FAST_REPLAY: Final = isinstance(getattr(HeaderTable(), "_current_size", None), int)
 
 
 class _Stream:
@@ -110,17 +85,11 @@ class _Direction:
         "block_flags",
         "block_push",
         "block_stream",
-        "decoder",
+        "blocks",
         "frame",
         "from_client",
-        "lasting",
         "max_frame",
-        "memo",
         "partial",
-        "pending",
-        "pending_clears",
-        "pending_limit",
-        "pending_size",
         "preface_left",
         "skip",
     )
@@ -128,15 +97,7 @@ class _Direction:
     def __init__(self, from_client: bool) -> None:
         self.from_client = from_client
         self.preface_left = len(PREFACE) if from_client else 0
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
-        self.memo: dict[bytes, _Headers] = {}  # block -> headers, at this table state
-        # blocks that never read the table: block -> (headers, the entries it adds, their size)
-        self.lasting: dict[bytes, tuple[_Headers, _Headers, int]] = {}
-        # entries such blocks added since, not yet in the decoder's table (see `_settle`)
-        self.pending: _Headers = []
-        self.pending_size = 0
-        self.pending_clears = False  # the entries now in the table are all evicted by them
-        self.pending_limit = _PENDING_TABLES * self.decoder.header_table.maxsize  # then cut
+        self.blocks = HeaderBlocks(MAX_HEADER_LIST)  # this direction's HPACK state and memos
         self.max_frame = _DEFAULT_MAX_FRAME  # set by the *other* peer's SETTINGS
         self.skip = 0  # payload bytes still to pass over
         self.partial: bytearray | None = None  # a frame header or payload being collected
@@ -387,16 +348,18 @@ class Http2Observer:
         other = self._server if d.from_client else self._client
         for setting, value in struct.iter_unpack(">HI", payload):
             if setting == _SETTINGS_HEADER_TABLE_SIZE:
-                allowed = max(other.decoder.max_allowed_table_size, min(value, MAX_TABLE_SIZE))
-                other.decoder.max_allowed_table_size = allowed
+                decoder = other.blocks.decoder
+                decoder.max_allowed_table_size = max(decoder.max_allowed_table_size,
+                                                     min(value, MAX_TABLE_SIZE))
             elif setting == _SETTINGS_MAX_FRAME_SIZE:
                 other.max_frame = max(other.max_frame, min(value, _LARGEST_MAX_FRAME))
 
     # --- header blocks and streams ----------------------------------------------------
 
     def _header_block(self, d: _Direction, stream: int, flags: int, push: bool, block: bytes) -> None:
-        headers = self._decode(d, block)
+        headers = d.blocks.decode(block)
         if headers is None:
+            self._give_up(PROTOCOL_ERROR)
             return
         if push:
             return  # server push: decoded only to keep the table in step
@@ -408,49 +371,7 @@ class Http2Observer:
         if state is not None:
             self._response_headers(stream, state, flags, headers)
 
-    def _decode(self, d: _Direction, block: bytes) -> _Headers | None:
-        """A header block's fields, from a memo or hpack (None: broken, we gave up)."""
-        lasting = d.lasting.get(block)
-        if lasting is not None:
-            headers, adds, adds_size = lasting
-            if adds:  # what hpack would have added: the table stays in step with the peer's
-                if _FAST_REPLAY:
-                    d.pending += adds
-                    d.pending_size += adds_size
-                    if d.pending_size > d.pending_limit:
-                        _cut_pending(d)
-                else:
-                    _replay(d.decoder.header_table, adds)
-                d.memo.clear()
-            return headers
-        memoised = d.memo.get(block)
-        if memoised is not None:
-            return memoised
-        _settle(d)
-        table = d.decoder.header_table
-        entries = table.dynamic_entries
-        size, count = table.maxsize, len(entries)
-        newest = entries[0] if count else None  # add() puts a new tuple first
-        try:
-            headers = cast(_Headers, d.decoder.decode(block, raw=True))
-        except _DECODE_ERRORS:
-            self._give_up(PROTOCOL_ERROR)
-            return None
-        changed = (table.maxsize != size or len(entries) != count
-                   or (entries[0] if entries else None) is not newest)
-        d.pending_limit = _PENDING_TABLES * table.maxsize  # only a block resizes the table
-        if changed:
-            d.memo.clear()  # the table changed: what was memoised may decode otherwise
-        if len(block) <= _MEMO_BLOCK and len(headers) <= _MEMO_FIELDS:
-            added = _table_free(block, len(headers))
-            if added is not None:
-                adds = [headers[i] for i in added]
-                _remember(d.lasting, block, (headers, adds, sum(32 + len(n) + len(v) for n, v in adds)))
-            elif not changed:
-                _remember(d.memo, block, headers)
-        return headers
-
-    def _request_started(self, stream: int, headers: _Headers) -> None:
+    def _request_started(self, stream: int, headers: Headers) -> None:
         if len(self._streams) >= self._max_streams:
             self._give_up(PROTOCOL_ERROR)
             return
@@ -475,7 +396,7 @@ class Http2Observer:
             else:
                 state.detail.response_bytes += length
 
-    def _response_headers(self, stream: int, state: _Stream, flags: int, headers: _Headers) -> None:
+    def _response_headers(self, stream: int, state: _Stream, flags: int, headers: Headers) -> None:
         for name, value in headers:
             if name == b":status":
                 status = int(value) if value.isdigit() and len(value) == 3 else None
@@ -530,112 +451,7 @@ class Http2Observer:
         return out
 
 
-def _replay(table: HeaderTable, adds: _Headers) -> None:
-    """`table.add` for each entry, in one call: the same entries, sizes and evictions (RFC 7541
-    4.4), without hpack's per-entry calls and per-eviction log line."""
-    if not _FAST_REPLAY:
-        for name, value in adds:
-            table.add(name, value)
-        return
-    entries, maxsize, size = table.dynamic_entries, table.maxsize, table._current_size
-    for entry in adds:
-        entry_size = 32 + len(entry[0]) + len(entry[1])
-        if entry_size > maxsize:
-            entries.clear()
-            size = 0
-            continue
-        entries.appendleft((entry[0], entry[1]))
-        size += entry_size
-        while size > maxsize:
-            name, value = entries.pop()
-            size -= 32 + len(name) + len(value)
-    table._current_size = size
-
-
-def _settle(d: _Direction) -> None:
-    """Add the pending entries to the decoder's table: it is then the peer's table."""
-    if d.pending or d.pending_clears:
-        table = d.decoder.header_table
-        if d.pending_clears:
-            table.dynamic_entries.clear()
-            table._current_size = 0
-        _replay(table, d.pending)
-        d.pending, d.pending_size, d.pending_clears = [], 0, False
-
-
-def _cut_pending(d: _Direction) -> None:
-    """Keep of the pending entries only the newest that fit in the table together: a table
-    holds the longest run of newest entries that fits (RFC 7541 4.4), so when even the
-    pending ones do not all fit, the older ones and the table's present entries would all
-    be evicted (an entry larger than the table empties it: the same cut)."""
-    maxsize, pending = d.decoder.header_table.maxsize, d.pending
-    kept, first = 0, len(pending)
-    while first:
-        name, value = pending[first - 1]
-        entry_size = 32 + len(name) + len(value)
-        if kept + entry_size > maxsize:
-            break
-        kept += entry_size
-        first -= 1
-    if first:
-        d.pending, d.pending_size, d.pending_clears = pending[first:], kept, True
-
-
-def _remember(memo: dict[bytes, _T], block: bytes, value: _T) -> None:
-    if len(memo) >= _MEMO_SIZE:
-        del memo[next(iter(memo))]
-    memo[block] = value
-
-
-def _table_free(block: bytes, fields: int) -> list[int] | None:
-    """Of a header block hpack decoded into `fields` fields: the positions of the fields it adds
-    to the dynamic table, if no field reads the table (an index above the static table's) and
-    it does not resize the table; else None."""
-    added: list[int] = []
-    pos, end, field = 0, len(block), 0
-    while pos < end:
-        first = block[pos]
-        if first & 0x80:  # indexed field
-            index, pos = _integer(block, pos, 0x7F)
-            if index > _STATIC_ENTRIES:
-                return None
-        elif first & 0xE0 == 0x20:  # dynamic table size update
-            return None
-        else:  # a literal: 01 adds to the table (6-bit name index), 0000/0001 do not (4-bit)
-            if first & 0x40:
-                added.append(field)
-            index, pos = _integer(block, pos, 0x3F if first & 0x40 else 0x0F)
-            if index > _STATIC_ENTRIES:
-                return None
-            if index == 0:
-                pos = _skip_string(block, pos)
-            pos = _skip_string(block, pos)
-        field += 1
-    return added if field == fields and pos == end else None
-
-
-def _integer(block: bytes, pos: int, mask: int) -> tuple[int, int]:
-    """An HPACK integer (RFC 7541 5.1) with a `mask`-bit prefix at `pos`: (value, next pos)."""
-    value = block[pos] & mask
-    pos += 1
-    if value == mask:
-        shift = 0
-        while True:
-            octet = block[pos]
-            pos += 1
-            value += (octet & 0x7F) << shift
-            shift += 7
-            if not octet & 0x80:
-                break
-    return value, pos
-
-
-def _skip_string(block: bytes, pos: int) -> int:
-    length, pos = _integer(block, pos, 0x7F)
-    return pos + length
-
-
-def _tap_detail(headers: _Headers) -> RequestDetail:
+def _tap_detail(headers: Headers) -> RequestDetail:
     """:authority (or Host) and :path of a request, for a tap; never other header values."""
     authority = path = b""
     for name, value in headers:

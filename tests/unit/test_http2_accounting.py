@@ -11,6 +11,7 @@ from hpack.hpack import encode_integer
 
 from agent.core.accounting import GRPC_FAILURE_LINKERD, Record
 from agent.core.detect import Protocol, observer_for
+from agent.core.hpack_blocks import HeaderBlocks
 from agent.core.http2 import PREFACE, Http2Observer
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = range(5)
@@ -284,17 +285,17 @@ def literal(name_index: int, value: bytes, indexing: bool = True) -> bytes:
     return bytes(name + encode_integer(len(value), 7)) + value
 
 
-def counting_decodes(direction: object) -> list[bytes]:
+def counting_decodes(direction: HeaderBlocks) -> list[bytes]:
     """The blocks hpack is asked to decode from now on, in order."""
     decoded: list[bytes] = []
-    decoder = direction.decoder  # type: ignore[attr-defined]
+    decoder = direction.decoder
     decode = decoder.decode
 
     def counting(block: bytes, raw: bool = False) -> object:
         decoded.append(block)
         return decode(block, raw=raw)
 
-    decoder.decode = counting
+    decoder.decode = counting  # type: ignore[method-assign]
     return decoded
 
 
@@ -305,7 +306,7 @@ def test_blocks_that_leave_the_table_as_it_was_are_memoised_until_it_changes() -
     peers, observer = Peers(), Http2Observer()
     start(observer)
     observer.client_bytes(b"".join(peers.request(s) for s in (1, 3, 5, 7, 9)), 1.0)
-    server = observer._server
+    server = observer._server.blocks
 
     def respond(stream: int, block: bytes) -> list[Record]:
         return observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
@@ -333,15 +334,15 @@ def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
     wait till then), so a later block that does read the table (here entries 62 and 63) is
     decoded against the table the server really has. (Entries are added by the observer
     itself, or at once by hpack's `add` if hpack's table changes shape.)"""
-    from agent.core import http2
+    from agent.core import hpack_blocks
 
-    assert http2._FAST_REPLAY
-    monkeypatch.setattr(http2, "_FAST_REPLAY", fast_replay)
+    assert hpack_blocks._FAST_REPLAY
+    monkeypatch.setattr(hpack_blocks, "_FAST_REPLAY", fast_replay)
     peers, observer = Peers(), Http2Observer()
     start(observer)
     streams = range(1, 2 * 100 + 1, 2)
     observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
-    server = observer._server
+    server = observer._server.blocks
     decoded = counting_decodes(server)
     shadow = hpack.Decoder()  # decodes every block: the table the observer must be in step with
     nginx = (b"\x88" + literal(54, b"nginx/1.22.1") + literal(33, b"Sun, 06 Dec 2026 12:00:00 GMT")
@@ -358,7 +359,7 @@ def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
     if fast_replay:  # waiting, and cut to what the table can hold (4,096: 17 entries here)
         assert server.decoder.header_table.dynamic_entries != shadow.header_table.dynamic_entries
         assert server.pending_clears and len(server.pending) <= 4 * 4096 // 50
-    http2._settle(server)
+    server.settle()
     assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
     assert server.decoder.header_table._current_size == shadow.header_table._current_size
     assert not server.pending and not server.pending_clears
@@ -370,40 +371,40 @@ def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
     assert records == [ok(200, 1000.0)]
 
 
-def test_a_table_resize_or_a_dynamic_name_is_not_taken_as_table_free() -> None:
-    from agent.core.http2 import _table_free
+def test_a_table_resize_or_a_dynamic_name_is_not_taken_astable_free() -> None:
+    from agent.core.hpack_blocks import table_free
 
     nginx = b"\x88" + literal(54, b"nginx") + literal(33, b"today", indexing=False)
-    assert _table_free(nginx, 3) == [1]
-    assert _table_free(b"\x3f\xe1\x1f" + nginx, 3) is None  # size update to 4096 first
-    assert _table_free(b"\x88\x7e\x01x", 2) is None  # literal, its name entry 62
-    assert _table_free(b"\x88\xbe", 2) is None  # indexed entry 62
-    assert _table_free(nginx, 4) is None  # not the fields hpack found: never trusted
+    assert table_free(nginx, 3) == [1]
+    assert table_free(b"\x3f\xe1\x1f" + nginx, 3) is None  # size update to 4096 first
+    assert table_free(b"\x88\x7e\x01x", 2) is None  # literal, its name entry 62
+    assert table_free(b"\x88\xbe", 2) is None  # indexed entry 62
+    assert table_free(nginx, 4) is None  # not the fields hpack found: never trusted
     huffman_name = b"\x40\x82\x94\xe7\x03abc"  # new name "foo" Huffman-coded, value "abc"
     assert hpack.Decoder().decode(huffman_name, raw=True) == [(b"foo", b"abc")]
-    assert _table_free(huffman_name, 1) == [0]
+    assert table_free(huffman_name, 1) == [0]
     long_value = literal(33, bytes(255), indexing=False)  # multi-octet integers: 0f 12, 7f 80 01
     assert long_value[:5] == b"\x0f\x12\x7f\x80\x01"
     assert hpack.Decoder().decode(long_value, raw=True)[0][0] == b"date"
-    assert _table_free(long_value, 1) == []
+    assert table_free(long_value, 1) == []
 
 
 def test_the_memo_keeps_the_newest_blocks_and_only_small_ones() -> None:
-    from agent.core.http2 import _MEMO_BLOCK, _MEMO_SIZE
+    from agent.core.hpack_blocks import MEMO_BLOCK, MEMO_SIZE
 
     peers, observer = Peers(), Http2Observer()
     start(observer)
-    streams = range(1, 2 * (_MEMO_SIZE + 6), 2)
+    streams = range(1, 2 * (MEMO_SIZE + 6), 2)
     observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
     blocks = [peers.server.encode([(":status", "200"), hpack.NeverIndexedHeaderTuple(
         "date", f"second {n}")]) for n in range(len(streams) - 1)]
     for stream, block in zip(streams, blocks, strict=False):
         observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
-    assert list(observer._server.lasting) == blocks[-_MEMO_SIZE:]
-    large = b"\x88" + literal(33, bytes(_MEMO_BLOCK), indexing=False)  # a date of 1 KiB
+    assert list(observer._server.blocks.lasting) == blocks[-MEMO_SIZE:]
+    large = b"\x88" + literal(33, bytes(MEMO_BLOCK), indexing=False)  # a date of 1 KiB
     assert observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, streams[-1], large), 2.0) == [
         ok(200, 1000.0)]
-    assert large not in observer._server.lasting and large not in observer._server.memo
+    assert large not in observer._server.blocks.lasting and large not in observer._server.blocks.memo
 
 
 def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
@@ -427,23 +428,22 @@ def test_waiting_entries_are_cut_to_what_the_table_holds_exactly() -> None:
     the table hpack's own adds leave."""
     from hpack.table import HeaderTable
 
-    from agent.core.http2 import _cut_pending, _settle
+    from agent.core.hpack_blocks import HeaderBlocks
 
     fifty = [(b"a", bytes([c]) * 17) for c in b"xyz"]
     oversize = (b"big", b"v" * 80)
     for pending in (fifty, [*fifty, oversize], [oversize, *fifty[:2]], [fifty[0], oversize, fifty[1]]):
-        observer = Http2Observer()
-        direction = observer._server
+        direction = HeaderBlocks(64 * 1024)
         direction.decoder.header_table.maxsize = 100
         direction.decoder.header_table.add(b"old", b"entry")
         direction.pending = list(pending)
         direction.pending_size = sum(32 + len(n) + len(v) for n, v in pending)
-        _cut_pending(direction)
+        direction._cut_pending()
         reference = HeaderTable()
         reference.maxsize = 100
         for name, value in [(b"old", b"entry"), *pending]:
             reference.add(name, value)
-        _settle(direction)
+        direction.settle()
         assert direction.decoder.header_table.dynamic_entries == reference.dynamic_entries
         assert direction.decoder.header_table._current_size == reference._current_size
         if pending is fifty:
@@ -463,8 +463,8 @@ def test_waiting_entries_stay_within_four_tables_of_a_resized_table() -> None:
     first, *rest = streams
     block = bytes(resize) + nginx
     records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, first, block), 2.0)
-    assert records == [ok(200, 1000.0)] and observer._server.decoder.header_table_size == 256
+    assert records == [ok(200, 1000.0)] and observer._server.blocks.decoder.header_table_size == 256
     for stream in rest:
         observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, nginx), 2.0)
-        assert observer._server.pending_size <= 4 * 256 + 100
-    assert observer._server.pending_clears
+        assert observer._server.blocks.pending_size <= 4 * 256 + 100
+    assert observer._server.blocks.pending_clears

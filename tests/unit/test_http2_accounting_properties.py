@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.accounting import Record
-from agent.core.http2 import PREFACE, Http2Observer, _settle
+from agent.core.http2 import PREFACE, Http2Observer
 from tests.unit.test_http1_accounting_properties import chunks
 from tests.unit.test_http2_accounting import DATA, END_STREAM, Peers, frame
 
@@ -30,7 +30,7 @@ def assert_bounded(observer: Http2Observer) -> None:
     for direction in (observer._client, observer._server):
         assert direction.partial is None or len(direction.partial) <= CAP
         assert direction.block is None or len(direction.block) <= CAP
-        assert direction.decoder.header_table_size <= 64 * 1024
+        assert direction.blocks.decoder.header_table_size <= 64 * 1024
     assert len(observer._streams) <= 16
 
 
@@ -150,7 +150,7 @@ def test_memoised_blocks_decode_as_hpack_does_and_keep_the_table_in_step(
     resizes, and blocks sent again. (Looked at after some blocks only, so that entries also
     wait long, through cuts of the waiting list.)"""
     observer, shadow, encoder = Http2Observer(), hpack.Decoder(), hpack.Encoder()
-    server = observer._server
+    server = observer._server.blocks
     sent: list[bytes] = []
     for plan, look in plans:
         if plan[0] == "nginx":
@@ -170,13 +170,13 @@ def test_memoised_blocks_decode_as_hpack_does_and_keep_the_table_in_step(
         try:
             expected = shadow.decode(block, raw=True)
         except hpack.HPACKError:
-            assert observer._decode(server, block) is None and observer.opaque
+            assert server.decode(block) is None
             return
-        assert observer._decode(server, block) == expected
+        assert server.decode(block) == expected
         assert len(server.memo) <= 64 and len(server.lasting) <= 64
         assert server.pending_size <= 4 * server.decoder.header_table_size + 64 * (32 + 60)
         if look:
-            _settle(server)
+            server.settle()
             assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
             assert server.decoder.header_table_size == shadow.header_table_size
             assert server.decoder.header_table._current_size == shadow.header_table._current_size

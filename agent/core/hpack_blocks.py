@@ -8,7 +8,8 @@ and never referred to) decodes the same at any table state; its memo keeps the e
 adds, and a repeat adds them to the table as hpack would have — lazily: the entries wait in
 a list until a block must be decoded against the table, and of a long wait only those that
 would still be in the table are added (a table keeps the newest entries that fit in it, RFC
-7541 4.4; the list is cut to them once it holds four times the table's size). Any other
+7541 4.4: once the list holds `PENDING_SLACK` more than the table's size, it is cut to them
+and the table, whose entries they would all evict, emptied). Any other
 block whose decoding left the table as it was (indexed fields, literals not indexed: the
 steady state of a busy connection) is memoised until the table changes. Small blocks only
 (`MEMO_BLOCK`, `MEMO_FIELDS`), at most `MEMO_SIZE` of each kind: a memo's memory stays
@@ -28,8 +29,9 @@ MEMO_SIZE: Final = 64
 MEMO_BLOCK: Final = 1024  # bytes of a block worth remembering (real ones: 3 to ~300)
 MEMO_FIELDS: Final = 64  # decoded fields of a block worth remembering
 _STATIC_ENTRIES: Final = 61  # RFC 7541 Appendix A: indices above read the dynamic table
-# Entries waiting to be added to the table, in tables' worth, before they are cut to one.
-_PENDING_TABLES: Final = 4
+# Entries waiting to be added to the table beyond a table's size before they are cut to
+# one: the table and the list hold at most two tables' worth plus this.
+PENDING_SLACK: Final = 16 * 1024
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 _T = TypeVar("_T")
 # hpack 4's HeaderTable keeps its size in `_current_size`; with another layout, `add` is used
@@ -39,8 +41,7 @@ _FAST_REPLAY: Final = isinstance(getattr(HeaderTable(), "_current_size", None), 
 class HeaderBlocks:
     """One direction's HPACK decoder, its memos, and the table entries waiting to be added."""
 
-    __slots__ = ("decoder", "lasting", "memo", "pending", "pending_clears", "pending_limit",
-                 "pending_size")
+    __slots__ = ("decoder", "lasting", "memo", "pending", "pending_limit", "pending_size")
 
     def __init__(self, max_header_list: int) -> None:
         self.decoder = hpack.Decoder(max_header_list_size=max_header_list)
@@ -50,8 +51,7 @@ class HeaderBlocks:
         # entries such blocks added since, not yet in the decoder's table (see `settle`)
         self.pending: Headers = []
         self.pending_size = 0
-        self.pending_clears = False  # the entries now in the table are all evicted by them
-        self.pending_limit = _PENDING_TABLES * self.decoder.header_table.maxsize  # then cut
+        self.pending_limit = self.decoder.header_table.maxsize + PENDING_SLACK  # then cut
 
     def decode(self, block: bytes) -> Headers | None:
         """A header block's fields, from a memo or hpack; None: a broken block (then this
@@ -83,7 +83,7 @@ class HeaderBlocks:
             return None
         changed = (table.maxsize != size or len(entries) != count
                    or (entries[0] if entries else None) is not newest)
-        self.pending_limit = _PENDING_TABLES * table.maxsize  # only a block resizes the table
+        self.pending_limit = table.maxsize + PENDING_SLACK  # only a block resizes the table
         if changed:
             self.memo.clear()  # the table changed: what was memoised may decode otherwise
         if len(block) <= MEMO_BLOCK and len(headers) <= MEMO_FIELDS:
@@ -97,20 +97,18 @@ class HeaderBlocks:
 
     def settle(self) -> None:
         """Add the pending entries to the decoder's table: it is then the peer's table."""
-        if self.pending or self.pending_clears:
-            table = self.decoder.header_table
-            if self.pending_clears:
-                table.dynamic_entries.clear()
-                table._current_size = 0
-            _replay(table, self.pending)
-            self.pending, self.pending_size, self.pending_clears = [], 0, False
+        if self.pending:
+            _replay(self.decoder.header_table, self.pending)
+            self.pending, self.pending_size = [], 0
 
     def _cut_pending(self) -> None:
         """Keep of the pending entries only the newest that fit in the table together: a table
         holds the longest run of newest entries that fits (RFC 7541 4.4), so when even the
         pending ones do not all fit, the older ones and the table's present entries would all
-        be evicted (an entry larger than the table empties it: the same cut)."""
-        maxsize, pending = self.decoder.header_table.maxsize, self.pending
+        be evicted (an entry larger than the table empties it: the same cut); the table is
+        emptied now."""
+        table = self.decoder.header_table
+        maxsize, pending = table.maxsize, self.pending
         kept, first = 0, len(pending)
         while first:
             name, value = pending[first - 1]
@@ -120,7 +118,9 @@ class HeaderBlocks:
             kept += entry_size
             first -= 1
         if first:
-            self.pending, self.pending_size, self.pending_clears = pending[first:], kept, True
+            table.dynamic_entries.clear()
+            table._current_size = 0
+            self.pending, self.pending_size = pending[first:], kept
 
 
 def _replay(table: HeaderTable, adds: Headers) -> None:

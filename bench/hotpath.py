@@ -21,6 +21,14 @@ Cases:
                         answer, the server's FIN, the close counted; the relay's own
                         set-up, labels and series lookups, observer and close accounting
   newconn-opaque        the same connection on a port declared opaque
+  relay-h2              one relayed HTTP/2 connection, h2load's requests and nginx h2c's 1 KiB
+                        answers as they were read on loopback (bench/h2transcripts.py: HEADERS,
+                        DATA, SETTINGS, WINDOW_UPDATE), observed by agent.core.http2
+  relay-grpc            the same with a grpcio unary echo (1 KiB message, trailers, window
+                        updates), observed by agent.core.http2
+  relay-h2-opaque       relay-h2's connection on a port declared opaque (no observer)
+                        (the h2 cases build the bytes of as many requests as the larger run
+                        feeds in both runs, so building them cancels out)
 
     python bench/hotpath.py                      # callgrind table (about 1 minute)
     python bench/hotpath.py --case C --requests N  # one run, no valgrind (what is counted)
@@ -46,7 +54,8 @@ AB_REQUEST = b"GET /1k HTTP/1.0\r\nHost: 10.42.2.3\r\nUser-Agent: ApacheBench/2.
 CLOSING_RESPONSE = RESPONSE.replace(b"Connection: keep-alive", b"Connection: close")
 PURE_PYTHON_ENV = "PINION_PURE_PYTHON"  # agent.core.compiled: the Python tunnel modules
 CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing-python",
-         "tunnel-framing-compiled", "newconn-http1", "newconn-opaque")
+         "tunnel-framing-compiled", "newconn-http1", "newconn-opaque", "relay-h2", "relay-grpc",
+         "relay-h2-opaque")
 
 
 class _Sink:
@@ -94,6 +103,37 @@ def relay_loop(case: str, requests: int) -> None:
     for _ in range(requests):
         relay.forward(relay.client, REQUEST)
         relay.forward(relay.upstream, RESPONSE)
+
+
+def h2_relay_loop(case: str, requests: int, prepare: int) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from h2transcripts import CONVERSATIONS, conversation
+
+    from agent.core.telemetry import PLAINTEXT, Telemetry
+    from agent.dataplane.context import PodContext
+    from agent.dataplane.relay import Relay
+
+    class Owner:
+        telemetry = Telemetry(time.monotonic, 60.0)
+
+        def accepted(self, relay: Relay) -> None:
+            pass
+
+    name = "grpc-unary" if case == "relay-grpc" else "h2load-nginx"
+    setup, reads = conversation(name, max(requests, prepare))
+    reads = reads[: len(reads) * requests // max(requests, prepare)]
+    expected = requests + CONVERSATIONS[name][3]
+    pod = PodContext("bench", "web", cast(Any, None), frozenset({80}))
+    relay = Relay(Owner(), pod, "inbound", 64 * 1024)
+    relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+    relay.open_record(PLAINTEXT)
+    if case == "relay-h2-opaque":
+        relay.observer = None
+    for from_client, data in setup + reads:
+        relay.forward(relay.client if from_client else relay.upstream, data)
+    http = relay.http
+    if case != "relay-h2-opaque" and (http is None or http.requests != expected):
+        sys.exit(f"{case}: the observer counted {http and http.requests} requests of {expected}")
 
 
 def newconn_loop(case: str, connections: int) -> None:
@@ -151,22 +191,25 @@ def tunnel_loop(case: str, requests: int) -> None:
         client.receive_data(server.data_to_send())
 
 
-def run_case(case: str, requests: int) -> None:
+def run_case(case: str, requests: int, prepare: int = 0) -> None:
     if case.startswith("tunnel-framing"):
         tunnel_loop(case, requests)
     elif case.startswith("newconn-"):
         newconn_loop(case, requests)
+    elif case in ("relay-h2", "relay-grpc", "relay-h2-opaque"):
+        h2_relay_loop(case, requests, prepare)
     else:
         relay_loop(case, requests)
 
 
-def instructions(case: str, requests: int) -> int:
+def instructions(case: str, requests: int, prepare: int) -> int:
     environment = dict(os.environ)
     environment.pop(PURE_PYTHON_ENV, None)
     if case == "tunnel-framing-python":
         environment[PURE_PYTHON_ENV] = "1"
     run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, __file__, "--case", case, "--requests", str(requests)],
+                          sys.executable, __file__, "--case", case, "--requests", str(requests),
+                          "--prepare", str(prepare)],
                          capture_output=True, text=True, timeout=600, check=True, env=environment)
     found = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
     if found is None:
@@ -179,9 +222,12 @@ def main() -> None:
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--base", type=int, default=200, help="requests of the baseline run")
+    parser.add_argument("--prepare", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="the cases of the callgrind table (default: all)")
     args = parser.parse_args()
     if args.case:
-        run_case(args.case, args.requests)
+        run_case(args.case, args.requests, args.prepare)
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed (apt-get install valgrind)")
@@ -189,8 +235,9 @@ def main() -> None:
           f"python {sys.version.split()[0]}\n")
     print("| case | instructions per request |")
     print("|---|---:|")
-    for case in CASES:
-        low, high = instructions(case, args.base), instructions(case, args.requests)
+    for case in args.cases:
+        low = instructions(case, args.base, args.requests)
+        high = instructions(case, args.requests, args.requests)
         print(f"| {case} | {(high - low) / (args.requests - args.base):,.0f} |", flush=True)
 
 if __name__ == "__main__":

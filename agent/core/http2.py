@@ -5,9 +5,7 @@ CONTINUATION, PUSH_PROMISE, SETTINGS, RST_STREAM, the first 8 bytes of GOAWAY). 
 every other frame are skipped by length without copying. Header blocks are decoded with one
 `hpack.Decoder` per direction, in byte-stream order, so the dynamic tables stay in step with
 the peers' — every block is decoded, even ones we do not need (request trailers, pushes).
-hpack is pure Python (~10 us a block), so a block whose decoding left the dynamic table as
-it was (indexed fields, literals not indexed: the steady state of a busy connection, a
-server's `date` changing once a second included) is memoised until a block changes the table.
+Blocks are decoded, or found in memos, by `agent.core.hpack_blocks.HeaderBlocks`.
 
 A request starts with the client's HEADERS on a new stream (odd id above every earlier one).
 Latency runs to the first non-1xx response HEADERS (`:status`). The Record is emitted at the
@@ -32,9 +30,7 @@ Not followed: h2c via HTTP/1.1 Upgrade (that connection is opaque after the 101)
 from __future__ import annotations
 
 import struct
-from typing import Final, cast
-
-import hpack
+from typing import Final
 
 from agent.core.accounting import (
     CLOSED,
@@ -46,6 +42,7 @@ from agent.core.accounting import (
     classify,
     parse_grpc_status,
 )
+from agent.core.hpack_blocks import HeaderBlocks, Headers
 from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -62,13 +59,10 @@ _FRAME_HEADER: Final = struct.Struct(">BHBBI")  # length (24 bits), type, flags,
 _DEFAULT_MAX_FRAME: Final = 16_384
 _LARGEST_MAX_FRAME: Final = (1 << 24) - 1
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 4, 5, 7, 9
+_COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY))
+_PASSED_OVER: Final = frozenset(range(256)) - _COLLECTED - {_DATA}
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
-_Headers = list[tuple[bytes, bytes]]
-# Decoded blocks that left the dynamic table as it was, per direction: the same bytes decode
-# the same way until the table changes (then the memo is cleared). Oldest out when full.
-_MEMO_SIZE: Final = 64
-_DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 
 
 class _Stream:
@@ -91,11 +85,10 @@ class _Direction:
         "block_flags",
         "block_push",
         "block_stream",
-        "decoder",
+        "blocks",
         "frame",
         "from_client",
         "max_frame",
-        "memo",
         "partial",
         "preface_left",
         "skip",
@@ -104,8 +97,7 @@ class _Direction:
     def __init__(self, from_client: bool) -> None:
         self.from_client = from_client
         self.preface_left = len(PREFACE) if from_client else 0
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
-        self.memo: dict[bytes, _Headers] = {}  # block -> headers, at this table state
+        self.blocks = HeaderBlocks(MAX_HEADER_LIST)  # this direction's HPACK state and memos
         self.max_frame = _DEFAULT_MAX_FRAME  # set by the *other* peer's SETTINGS
         self.skip = 0  # payload bytes still to pass over
         self.partial: bytearray | None = None  # a frame header or payload being collected
@@ -216,10 +208,18 @@ class Http2Observer:
                 high, low, ftype, flags, stream = unpack_from(data, pos)
                 length = high << 16 | low
                 pos += 9
-                need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
-                if need is None:
-                    continue
-                if size - pos >= need:
+                if ftype in _PASSED_OVER and d.block is None and length <= d.max_frame:
+                    need = None  # WINDOW_UPDATE, PING, PRIORITY, extensions: nothing to count
+                    d.skip = length
+                else:
+                    need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
+                if need is None:  # skipped by length (or given up): as much of it as is here
+                    skip = d.skip
+                    if skip:
+                        taken = skip if skip <= size - pos else size - pos
+                        d.skip = skip - taken
+                        pos += taken
+                elif size - pos >= need:
                     assert d.frame is not None
                     self._end_frame(d, d.frame, data[pos : pos + need])
                     pos += need
@@ -276,7 +276,7 @@ class Http2Observer:
                 self._response_ended(stream)
             d.skip = length
             return None
-        if ftype in (_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY):
+        if ftype in _COLLECTED:
             if ftype == _CONTINUATION and d.block is None:
                 self._give_up(PROTOCOL_ERROR)
                 return None
@@ -284,14 +284,16 @@ class Http2Observer:
                 self._give_up(PROTOCOL_ERROR)
                 return None
             d.frame = (ftype, flags, stream, length)
-            return self._payload_need(d.frame)
+            return length if ftype != _GOAWAY else min(length, 8)
         d.skip = length  # PRIORITY, PING, WINDOW_UPDATE, extensions: nothing to count
         return None
 
     def _end_frame(self, d: _Direction, frame: tuple[int, int, int, int], payload: bytes) -> None:
         ftype, flags, stream, length = frame
         d.frame = None
-        if ftype in (_HEADERS, _PUSH_PROMISE):
+        if ftype == _HEADERS and flags & (_END_HEADERS | _PADDED | _PRIORITY) == _END_HEADERS:
+            self._header_block(d, stream, flags, False, payload)  # the whole block, as it is
+        elif ftype in (_HEADERS, _PUSH_PROMISE):
             self._headers_frame(d, ftype, flags, stream, payload)
         elif ftype == _CONTINUATION:
             self._continuation(d, flags, payload)
@@ -346,32 +348,19 @@ class Http2Observer:
         other = self._server if d.from_client else self._client
         for setting, value in struct.iter_unpack(">HI", payload):
             if setting == _SETTINGS_HEADER_TABLE_SIZE:
-                allowed = max(other.decoder.max_allowed_table_size, min(value, MAX_TABLE_SIZE))
-                other.decoder.max_allowed_table_size = allowed
+                decoder = other.blocks.decoder
+                decoder.max_allowed_table_size = max(decoder.max_allowed_table_size,
+                                                     min(value, MAX_TABLE_SIZE))
             elif setting == _SETTINGS_MAX_FRAME_SIZE:
                 other.max_frame = max(other.max_frame, min(value, _LARGEST_MAX_FRAME))
 
     # --- header blocks and streams ----------------------------------------------------
 
     def _header_block(self, d: _Direction, stream: int, flags: int, push: bool, block: bytes) -> None:
-        headers = d.memo.get(block)
+        headers = d.blocks.decode(block)
         if headers is None:
-            table = d.decoder.header_table
-            entries = table.dynamic_entries
-            size, count = table.maxsize, len(entries)
-            newest = entries[0] if count else None  # add() puts a new tuple first
-            try:
-                headers = cast(_Headers, d.decoder.decode(block, raw=True))
-            except _DECODE_ERRORS:
-                self._give_up(PROTOCOL_ERROR)
-                return
-            if (table.maxsize != size or len(entries) != count
-                    or (entries[0] if entries else None) is not newest):
-                d.memo.clear()  # the table changed: what was memoised may decode otherwise
-            else:
-                if len(d.memo) >= _MEMO_SIZE:
-                    del d.memo[next(iter(d.memo))]
-                d.memo[block] = headers
+            self._give_up(PROTOCOL_ERROR)
+            return
         if push:
             return  # server push: decoded only to keep the table in step
         if d.from_client:
@@ -382,7 +371,7 @@ class Http2Observer:
         if state is not None:
             self._response_headers(stream, state, flags, headers)
 
-    def _request_started(self, stream: int, headers: _Headers) -> None:
+    def _request_started(self, stream: int, headers: Headers) -> None:
         if len(self._streams) >= self._max_streams:
             self._give_up(PROTOCOL_ERROR)
             return
@@ -407,7 +396,7 @@ class Http2Observer:
             else:
                 state.detail.response_bytes += length
 
-    def _response_headers(self, stream: int, state: _Stream, flags: int, headers: _Headers) -> None:
+    def _response_headers(self, stream: int, state: _Stream, flags: int, headers: Headers) -> None:
         for name, value in headers:
             if name == b":status":
                 status = int(value) if value.isdigit() and len(value) == 3 else None
@@ -462,7 +451,7 @@ class Http2Observer:
         return out
 
 
-def _tap_detail(headers: _Headers) -> RequestDetail:
+def _tap_detail(headers: Headers) -> RequestDetail:
     """:authority (or Host) and :path of a request, for a tap; never other header values."""
     authority = path = b""
     for name, value in headers:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import struct
 
 import hpack
+import pytest
+from hpack.hpack import encode_integer
 
 from agent.core.accounting import GRPC_FAILURE_LINKERD, Record
 from agent.core.detect import Protocol, observer_for
+from agent.core.hpack_blocks import PENDING_SLACK, HeaderBlocks
 from agent.core.http2 import PREFACE, Http2Observer
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = range(5)
@@ -274,50 +277,134 @@ def test_memoised_indexed_blocks_follow_dynamic_table_changes() -> None:
     assert respond(7, indexed_only) == [Record("failure", 200, 14, 1000.0, "GET")]  # entry 62 moved on
 
 
-def test_blocks_that_leave_the_table_as_it_was_are_memoised_literals_too() -> None:
-    """A server's response block: `:status` indexed, `date` a literal not indexed (as nginx
-    sends it, changing once a second). Decoding it changes no table, so the same bytes are
-    decoded once; a block that adds to the table clears the memo."""
-    peers, observer = Peers(), Http2Observer()
-    start(observer)
-    observer.client_bytes(b"".join(peers.request(s) for s in (1, 3, 5, 7)), 1.0)
-    server = observer._server
+def literal(name_index: int, value: bytes, indexing: bool = True) -> bytes:
+    """An HPACK literal field with a static name, its value not Huffman-coded: with
+    incremental indexing (0x40, as nginx sends every response header) or without (0x00)."""
+    name = encode_integer(name_index, 6 if indexing else 4)
+    name[0] |= 0x40 if indexing else 0x00
+    return bytes(name + encode_integer(len(value), 7)) + value
+
+
+def counting_decodes(direction: HeaderBlocks) -> list[bytes]:
+    """The blocks hpack is asked to decode from now on, in order."""
     decoded: list[bytes] = []
-    decode = server.decoder.decode
+    decoder = direction.decoder
+    decode = decoder.decode
 
     def counting(block: bytes, raw: bool = False) -> object:
         decoded.append(block)
         return decode(block, raw=raw)
 
-    server.decoder.decode = counting  # type: ignore[method-assign]
+    decoder.decode = counting  # type: ignore[method-assign]
+    return decoded
+
+
+def test_blocks_that_leave_the_table_as_it_was_are_memoised_until_it_changes() -> None:
+    """A response block reading the dynamic table (`:status` static, `server` entry 62) and
+    adding nothing: the same bytes are decoded once; a block that adds to the table clears
+    that memo, and the same bytes are decoded again."""
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    observer.client_bytes(b"".join(peers.request(s) for s in (1, 3, 5, 7, 9)), 1.0)
+    server = observer._server.blocks
 
     def respond(stream: int, block: bytes) -> list[Record]:
         return observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
 
-    dated = peers.server.encode([(":status", "200"),
-                                 hpack.NeverIndexedHeaderTuple("date", "Sun, 06 Dec 2026 12:00:00 GMT")])
-    assert respond(1, dated) == [ok(200, 1000.0)]
-    assert respond(3, dated) == [ok(200, 1000.0)]
-    assert decoded == [dated] and dated in server.memo  # decoded once
-    assert respond(5, peers.server.encode([(":status", "200"), ("grpc-status", "14")])) == [
+    assert respond(1, b"\x88" + literal(54, b"nginx")) == [ok(200, 1000.0)]  # server into the table
+    decoded = counting_decodes(server)
+    reads_table = b"\x88\xbe"  # :status 200, entry 62
+    assert respond(3, reads_table) == [ok(200, 1000.0)]
+    assert respond(5, reads_table) == [ok(200, 1000.0)]
+    assert decoded == [reads_table] and reads_table in server.memo  # decoded once
+    assert respond(7, peers.server.encode([(":status", "200"), ("grpc-status", "14")])) == [
         Record("failure", 200, 14, 1000.0, "GET")]
     assert server.memo == {}  # grpc-status went into the table: nothing memoised may stand
-    assert respond(7, dated) == [ok(200, 1000.0)]
-    assert decoded.count(dated) == 2
+    assert respond(9, reads_table) == [Record("failure", 200, 14, 1000.0, "GET")]  # entry 62 moved on
+    assert decoded.count(reads_table) == 2
 
 
-def test_the_memo_keeps_the_newest_blocks() -> None:
-    from agent.core.http2 import _MEMO_SIZE
+@pytest.mark.parametrize("fast_replay", [True, False], ids=["replayed", "replayed-by-hpack"])
+def test_blocks_that_never_read_the_table_are_decoded_once_and_keep_it_in_step(
+        fast_replay: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nginx's responses: `:status` static, every other field a literal with a static name and
+    incremental indexing, the same bytes on every response within a second (`date`), and never
+    referred to. Such a block decodes the same at any table state, so it is decoded once; each
+    repeat adds its entries to the table as hpack would (when a block needs the table: they
+    wait till then), so a later block that does read the table (here entries 62 and 63) is
+    decoded against the table the server really has. (Entries are added by the observer
+    itself, or at once by hpack's `add` if hpack's table changes shape.)"""
+    from agent.core import hpack_blocks
+
+    assert hpack_blocks._FAST_REPLAY
+    monkeypatch.setattr(hpack_blocks, "_FAST_REPLAY", fast_replay)
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    streams = range(1, 2 * 100 + 1, 2)
+    observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
+    server = observer._server.blocks
+    decoded = counting_decodes(server)
+    shadow = hpack.Decoder()  # decodes every block: the table the observer must be in step with
+    nginx = (b"\x88" + literal(54, b"nginx/1.22.1") + literal(33, b"Sun, 06 Dec 2026 12:00:00 GMT")
+             + literal(28, b"1024") + literal(31, b"application/octet-stream"))
+    *repeats, last = streams
+    for stream in repeats:
+        records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, nginx), 2.0)
+        assert records == [ok(200, 1000.0)]
+        shadow.decode(nginx, raw=True)
+        if not fast_replay:
+            assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
+    assert decoded == [nginx]
+    assert list(server.lasting) == [nginx] and server.memo == {}
+    if fast_replay:  # waiting, cut to what the table can hold (4,096), the table emptied
+        assert server.decoder.header_table.dynamic_entries != shadow.header_table.dynamic_entries
+        assert server.pending_size <= 4096 + PENDING_SLACK + 233
+    server.settle()
+    assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
+    assert server.decoder.header_table._current_size == shadow.header_table._current_size
+    assert not server.pending
+    reads_table = b"\x88\xbe\xbf"  # :status 200, the newest entry and the one before
+    expected = shadow.decode(reads_table, raw=True)
+    assert expected[1:] == [(b"content-type", b"application/octet-stream"), (b"content-length", b"1024")]
+    assert server.decoder.decode(reads_table, raw=True) == expected
+    records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, last, reads_table), 2.0)
+    assert records == [ok(200, 1000.0)]
+
+
+def test_a_table_resize_or_a_dynamic_name_is_not_taken_astable_free() -> None:
+    from agent.core.hpack_blocks import table_free
+
+    nginx = b"\x88" + literal(54, b"nginx") + literal(33, b"today", indexing=False)
+    assert table_free(nginx, 3) == [1]
+    assert table_free(b"\x3f\xe1\x1f" + nginx, 3) is None  # size update to 4096 first
+    assert table_free(b"\x88\x7e\x01x", 2) is None  # literal, its name entry 62
+    assert table_free(b"\x88\xbe", 2) is None  # indexed entry 62
+    assert table_free(nginx, 4) is None  # not the fields hpack found: never trusted
+    huffman_name = b"\x40\x82\x94\xe7\x03abc"  # new name "foo" Huffman-coded, value "abc"
+    assert hpack.Decoder().decode(huffman_name, raw=True) == [(b"foo", b"abc")]
+    assert table_free(huffman_name, 1) == [0]
+    long_value = literal(33, bytes(255), indexing=False)  # multi-octet integers: 0f 12, 7f 80 01
+    assert long_value[:5] == b"\x0f\x12\x7f\x80\x01"
+    assert hpack.Decoder().decode(long_value, raw=True)[0][0] == b"date"
+    assert table_free(long_value, 1) == []
+
+
+def test_the_memo_keeps_the_newest_blocks_and_only_small_ones() -> None:
+    from agent.core.hpack_blocks import MEMO_BLOCK, MEMO_SIZE
 
     peers, observer = Peers(), Http2Observer()
     start(observer)
-    streams = range(1, 2 * (_MEMO_SIZE + 5), 2)
+    streams = range(1, 2 * (MEMO_SIZE + 6), 2)
     observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
     blocks = [peers.server.encode([(":status", "200"), hpack.NeverIndexedHeaderTuple(
-        "date", f"second {n}")]) for n in range(len(streams))]
-    for stream, block in zip(streams, blocks, strict=True):
+        "date", f"second {n}")]) for n in range(len(streams) - 1)]
+    for stream, block in zip(streams, blocks, strict=False):
         observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, block), 2.0)
-    assert list(observer._server.memo) == blocks[-_MEMO_SIZE:]
+    assert list(observer._server.blocks.lasting) == blocks[-MEMO_SIZE:]
+    large = b"\x88" + literal(33, bytes(MEMO_BLOCK), indexing=False)  # a date of 1 KiB
+    assert observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, streams[-1], large), 2.0) == [
+        ok(200, 1000.0)]
+    assert large not in observer._server.blocks.lasting and large not in observer._server.blocks.memo
 
 
 def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
@@ -333,3 +420,52 @@ def test_the_agent_classifies_grpc_as_linkerd_does() -> None:
     assert found == [Record("success", 200, 5, 500.0, "GET")]
     assert denied == [Record("failure", 200, 7, 500.0, "GET")]
     assert observer.authority == "svc"  # the first request's :authority
+
+
+def test_waiting_entries_are_cut_to_what_the_table_holds_exactly() -> None:
+    """A table of 100 holds two entries of 50 (RFC 7541 4.4: size 32 + name + value), not
+    three; an entry larger than the table empties it. The cut waiting list, once added, leaves
+    the table hpack's own adds leave."""
+    from hpack.table import HeaderTable
+
+    from agent.core.hpack_blocks import HeaderBlocks
+
+    fifty = [(b"a", bytes([c]) * 17) for c in b"xyz"]
+    oversize = (b"big", b"v" * 80)
+    for pending in (fifty, [*fifty, oversize], [oversize, *fifty[:2]], [fifty[0], oversize, fifty[1]]):
+        direction = HeaderBlocks(64 * 1024)
+        direction.decoder.header_table.maxsize = 100
+        direction.decoder.header_table.add(b"old", b"entry")
+        direction.pending = list(pending)
+        direction.pending_size = sum(32 + len(n) + len(v) for n, v in pending)
+        direction._cut_pending()
+        reference = HeaderTable()
+        reference.maxsize = 100
+        for name, value in [(b"old", b"entry"), *pending]:
+            reference.add(name, value)
+        direction.settle()
+        assert direction.decoder.header_table.dynamic_entries == reference.dynamic_entries
+        assert direction.decoder.header_table._current_size == reference._current_size
+        if pending is fifty:
+            assert list(reference.dynamic_entries) == [fifty[2], fifty[1]]  # exactly full
+
+
+def test_waiting_entries_stay_within_a_resized_table_and_the_slack() -> None:
+    """After the server shrinks its table (a size update in a block), entries waiting for it
+    are cut at the new size (plus the slack), not the old one: memory follows the table."""
+    peers, observer = Peers(), Http2Observer()
+    start(observer)
+    streams = range(1, 2 * 100 + 1, 2)
+    observer.client_bytes(b"".join(peers.request(s) for s in streams), 1.0)
+    resize = encode_integer(256, 5)
+    resize[0] |= 0x20
+    nginx = b"\x88" + literal(54, b"n" * 200) + literal(28, b"1" * 200)  # entries of 238 and 246
+    first, *rest = streams
+    block = bytes(resize) + nginx
+    records = observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, first, block), 2.0)
+    assert records == [ok(200, 1000.0)] and observer._server.blocks.decoder.header_table_size == 256
+    for stream in rest:
+        observer.server_bytes(frame(HEADERS, END_HEADERS | END_STREAM, stream, nginx), 2.0)
+        assert observer._server.blocks.pending_size <= 256 + PENDING_SLACK + 484
+        table = observer._server.blocks.decoder.header_table
+        assert table._current_size + observer._server.blocks.pending_size <= 2 * 256 + PENDING_SLACK + 484

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import random
 
+import hpack
+from hpack.hpack import encode_integer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.accounting import Record
+from agent.core.hpack_blocks import PENDING_SLACK
 from agent.core.http2 import PREFACE, Http2Observer
 from tests.unit.test_http1_accounting_properties import chunks
 from tests.unit.test_http2_accounting import DATA, END_STREAM, Peers, frame
@@ -28,7 +31,7 @@ def assert_bounded(observer: Http2Observer) -> None:
     for direction in (observer._client, observer._server):
         assert direction.partial is None or len(direction.partial) <= CAP
         assert direction.block is None or len(direction.block) <= CAP
-        assert direction.decoder.header_table_size <= 64 * 1024
+        assert direction.blocks.decoder.header_table_size <= 64 * 1024
     assert len(observer._streams) <= 16
 
 
@@ -112,3 +115,70 @@ def expected(plan: tuple[int, int | None, int, bool]) -> Record:
     status, grpc_status, _, _ = plan
     failed = status >= 500 or grpc_status not in (None, 0)
     return Record("failure" if failed else "success", status, grpc_status, 1000.0, "GET")
+
+
+def _nginx_block(status: int, date: int) -> bytes:
+    """A response block as nginx sends it: `:status`, then literals with static names and
+    incremental indexing (server, date, content-length), never referring to the table."""
+    fields = [(54, b"nginx/1.22.1"), (33, f"Sun, 06 Dec 2026 12:00:{date:02d} GMT".encode()),
+              (28, b"1024")]
+    block = bytearray(hpack.Encoder().encode([(":status", str(status))]))
+    for name_index, value in fields:
+        name = encode_integer(name_index, 6)
+        name[0] |= 0x40
+        block += name + encode_integer(len(value), 7) + value
+    return bytes(block)
+
+
+header_block_plan = st.one_of(
+    st.tuples(st.just("nginx"), st.sampled_from([200, 404]), st.integers(0, 2)),
+    st.tuples(st.just("encoder"), st.lists(st.tuples(
+        st.sampled_from(["server", "x-a", "x-b", "date", "grpc-status"]),
+        st.sampled_from(["", "0", "nginx", "a long value " * 3]),
+        st.sampled_from(["index", "never"])), min_size=1, max_size=4), st.booleans()),
+    st.tuples(st.just("resize"), st.sampled_from([0, 64, 200, 4096])),
+    st.tuples(st.just("repeat"), st.integers(0, 10)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(header_block_plan, st.booleans()), max_size=60))
+def test_memoised_blocks_decode_as_hpack_does_and_keep_the_table_in_step(
+        plans: list[tuple[tuple, bool]]) -> None:
+    """Every block through the observer's memos gives the fields a plain hpack decoder gives
+    for the same byte stream, and the table, once the entries waiting for it are added, is
+    the same: nginx-style blocks, an encoder that indexes and refers to its table, table
+    resizes, and blocks sent again. (Looked at after some blocks only, so that entries also
+    wait long, through cuts of the waiting list.)"""
+    observer, shadow, encoder = Http2Observer(), hpack.Decoder(), hpack.Encoder()
+    server = observer._server.blocks
+    sent: list[bytes] = []
+    for plan, look in plans:
+        if plan[0] == "nginx":
+            block = _nginx_block(plan[1], plan[2])
+        elif plan[0] == "encoder":
+            headers = [(n, v) if how == "index" else hpack.NeverIndexedHeaderTuple(n, v)
+                       for n, v, how in plan[1]]
+            block = encoder.encode([(":status", "200"), *headers], huffman=plan[2])
+        elif plan[0] == "resize":
+            encoder.header_table_size = plan[1]  # the next block starts with a size update
+            continue
+        elif sent:
+            block = sent[plan[1] % len(sent)]  # the same bytes again (may mean otherwise now)
+        else:
+            continue
+        sent.append(block)
+        try:
+            expected = shadow.decode(block, raw=True)
+        except hpack.HPACKError:
+            assert server.decode(block) is None
+            return
+        assert server.decode(block) == expected
+        assert len(server.memo) <= 64 and len(server.lasting) <= 64
+        held = server.pending_size + server.decoder.header_table._current_size
+        assert held <= 2 * server.decoder.header_table_size + PENDING_SLACK + 64 * (32 + 60)
+        if look:
+            server.settle()
+            assert server.decoder.header_table.dynamic_entries == shadow.header_table.dynamic_entries
+            assert server.decoder.header_table_size == shadow.header_table_size
+            assert server.decoder.header_table._current_size == shadow.header_table._current_size

@@ -47,7 +47,7 @@ def copy_of_core(tmp_path: Path) -> Path:
 
 @needs_build
 def test_a_build_of_these_sources_is_chosen(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    finder = compiled.CompiledTunnelFinder(str(copy_of_core(tmp_path)))
+    finder = compiled.CompiledModuleFinder(str(copy_of_core(tmp_path)))
     spec = finder.find_spec("agent.core.tunnel")
     assert spec is not None and spec.origin is not None
     origin = Path(spec.origin)
@@ -61,7 +61,7 @@ def test_a_build_missing_a_shim_is_not_loaded(tmp_path: Path, caplog: pytest.Log
     directory = copy_of_core(tmp_path)
     (shim,) = (directory / f"_tunnel_{compiled.source_digest()}").glob("tunnel_frames.*")
     shim.unlink()
-    assert compiled.CompiledTunnelFinder(str(directory)).find_spec("agent.core.tunnel") is None
+    assert compiled.CompiledModuleFinder(str(directory)).find_spec("agent.core.tunnel") is None
     assert len(caplog.records) == 1
 
 
@@ -71,7 +71,7 @@ def test_an_edited_source_is_never_shadowed_by_its_old_build(
     directory = copy_of_core(tmp_path)
     with open(directory / "tunnel.py", "a") as source:
         source.write("\nEDITED = True\n")
-    finder = compiled.CompiledTunnelFinder(str(directory))
+    finder = compiled.CompiledModuleFinder(str(directory))
     with caplog.at_level(logging.WARNING, logger="agent.core.compiled"):
         assert finder.find_spec("agent.core.tunnel_frames") is None  # the .py is loaded...
         assert finder.find_spec("agent.core.tunnel") is None  # ...for both modules

@@ -6,11 +6,11 @@ headers and a C compiler both already need for python-iptables; the agent runs w
 (the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
 
 agent.core.tunnel_frames + agent.core.tunnel (the mesh tunnel's framing) and agent.core.counters
-(the per-request counters): the same sources compiled by mypyc, one group each (a build
-requirement in pyproject.toml; nothing at run time). A group's files are named after a digest
-of its sources (agent/core/compiled.py), which loads them only when it matches the sources
-beside them: an edited `.py` never runs as a stale build. Without mypy (`--no-build-isolation`
-in an environment that lacks it) the agent runs the Python modules."""
+(the per-request counters): the same sources compiled by mypyc, one group (a build requirement
+in pyproject.toml; nothing at run time). The files are named after a digest of the sources
+(agent/core/compiled.py), which loads them only when it matches the sources beside them: an
+edited `.py` never runs as a stale build. Without mypy (`--no-build-isolation` in an
+environment that lacks it) the agent runs the Python modules."""
 
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ def _compiled_rules() -> ModuleType:
 
 
 def mypyc_extensions() -> list[Extension]:
-    """One mypyc build per group of agent/core/compiled.py, each named after its sources' digest."""
     try:
         from mypyc.build import mypycify
     except ImportError:
@@ -46,23 +45,20 @@ def mypyc_extensions() -> list[Extension]:
         return []
     rules = _compiled_rules()
     core = os.path.join("agent", "core")
-    extensions: list[Extension] = []
-    for group in rules.GROUPS:
-        digest = rules.source_digest(os.path.join(HERE, core), group)
-        shims = rules.shim_directory(digest, group)
-        for stale in glob.glob(os.path.join(HERE, core, f"_{group.name}_*")):  # of other sources
-            if not os.path.basename(stale).startswith(shims):
+    digest = rules.source_digest(os.path.join(HERE, core))
+    for prefix in (rules.PREFIX, *rules.FORMER_PREFIXES):  # in-place builds of other sources
+        for stale in glob.glob(os.path.join(HERE, core, prefix + "*")):
+            if not os.path.basename(stale).startswith(rules.shim_directory(digest)):
                 shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
-        built: list[Extension] = mypycify(
-            [os.path.join(core, module + ".py") for module in group.modules],
-            group_name=rules.group_name(digest, group), opt_level="3", debug_level="0")
-        for extension in built:  # the shims: in a directory of their own, never shadowing a .py
-            if not extension.name.endswith("__mypyc"):
-                module = extension.name.rsplit(".", 1)[1]
-                extension.name = f"agent.core.{shims}.{module}"
-        # an in-place build (pip install -e) copies the shims there, and does not create it
-        os.makedirs(os.path.join(HERE, core, shims), exist_ok=True)
-        extensions.extend(built)
+    extensions: list[Extension] = mypycify(
+        [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
+        group_name=rules.group_name(digest), opt_level="3", debug_level="0")
+    for extension in extensions:  # the shims: in a directory of their own, never shadowing a .py
+        if not extension.name.endswith("__mypyc"):
+            module = extension.name.rsplit(".", 1)[1]
+            extension.name = f"agent.core.{rules.shim_directory(digest)}.{module}"
+    # an in-place build (pip install -e) copies the shims there, and does not create it
+    os.makedirs(os.path.join(HERE, core, rules.shim_directory(digest)), exist_ok=True)
     return extensions
 
 

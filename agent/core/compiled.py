@@ -1,19 +1,19 @@
-"""Which build of the agent's mypyc-compiled modules runs: the compiled build (setup.py) or
-the Python sources. Two groups are compiled, each built and checked on its own:
-
-- `tunnel`: `agent.core.tunnel_frames` and `agent.core.tunnel`, the mesh tunnel's framing;
-- `counters`: `agent.core.counters`, the per-request and per-chunk counters.
+"""Which build of the agent's mypyc-compiled modules runs: the modules compiled by mypyc
+(setup.py), or their Python sources. Compiled together, as one mypyc group (one shared
+library: the runtime mypyc links into each group is paid once, measured in
+docs/fastpath.md): `agent.core.tunnel_frames` and `agent.core.tunnel` (the mesh tunnel's
+framing) and `agent.core.counters` (the per-request and per-chunk counters).
 
 A compiled build is used only when it was built from exactly the sources beside it. setup.py
-names a group's files after a digest of its sources: mypyc's shared library
-`_<group>_<digest>__mypyc.<ext>` and, in the directory `_<group>_<digest>/` (no `__init__.py`:
-not a package, so nothing walks into it), one shim per module, e.g. `tunnel.<ext>`. They
-never shadow the `.py` files; the import hook below loads the shims in place of the sources
-only when the digest of the group's sources on disk names an existing build. A build left
-from other sources (an edited `.py` in an editable install) is never loaded: the group's
-Python modules are, and one warning says so. The modules of one group always come from the
-same build. Environment `PINION_PURE_PYTHON=1` forces the Python modules of every group (the
-tests of the fallback use it; agents started by the tests inherit it).
+names its files after a digest of those sources: mypyc's shared library
+`_compiled_<digest>__mypyc.<ext>` and, in the directory `_compiled_<digest>/` (no
+`__init__.py`: not a package, so nothing walks into it), one shim per module, `tunnel.<ext>`.
+They never shadow the `.py` files; the import hook below loads the shims in place of the
+sources only when the digest of the sources on disk names an existing build. A build left
+from other sources (an edited `.py` in an editable install) is never loaded: the Python
+modules are, all of them (the modules always come from one build), and one warning says so.
+Environment `PINION_PURE_PYTHON=1` forces the Python modules (the tests of the fallback use
+it; agents started by the tests inherit it).
 """
 
 from __future__ import annotations
@@ -27,21 +27,12 @@ import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Final, NamedTuple
+from typing import Final
 
-
-class Group(NamedTuple):
-    """Modules of this package compiled together (one mypyc group), in dependency order."""
-
-    name: str  # in the build's file names: _<name>_<digest>
-    modules: tuple[str, ...]
-    what: str  # what the agent's log calls it
-
-
-TUNNEL: Final = Group("tunnel", ("tunnel_frames", "tunnel"), "tunnel framing")
-COUNTERS: Final = Group("counters", ("counters",), "counters")
-GROUPS: Final = (TUNNEL, COUNTERS)
-COMPILED_MODULES: Final = TUNNEL.modules  # the tunnel group's (its tests' name for them)
+# The modules of this package compiled together (one mypyc group), in dependency order.
+COMPILED_MODULES: Final = ("tunnel_frames", "tunnel", "counters")
+PREFIX: Final = "_compiled_"  # of the build's files: _compiled_<digest>...
+FORMER_PREFIXES: Final = ("_tunnel_",)  # of builds by earlier setup.py (the tunnel alone)
 PURE_PYTHON_ENV: Final = "PINION_PURE_PYTHON"
 _PACKAGE: Final = "agent.core"
 _HERE: Final = os.path.dirname(os.path.abspath(__file__))
@@ -49,77 +40,63 @@ _HERE: Final = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger(__name__)
 
 
-def source_digest(directory: str = _HERE, group: Group = TUNNEL) -> str:
-    """The digest a build of `group` from `directory` carries in its file names."""
+def source_digest(directory: str = _HERE) -> str:
+    """The digest a build of COMPILED_MODULES from `directory` carries in its file names."""
     digest = hashlib.sha256()
-    for module in group.modules:
+    for module in COMPILED_MODULES:
         with open(os.path.join(directory, module + ".py"), "rb") as source:
             digest.update(module.encode() + b"\0" + source.read() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def group_name(digest: str, group: Group = TUNNEL) -> str:
+def group_name(digest: str) -> str:
     """The mypyc group (and shared library prefix) of a build from sources of `digest`."""
-    return f"{_PACKAGE}._{group.name}_{digest}"
+    return f"{_PACKAGE}.{PREFIX}{digest}"
 
 
-def shim_directory(digest: str, group: Group = TUNNEL) -> str:
-    """The directory (beside the sources) of the group's compiled shims."""
-    return f"_{group.name}_{digest}"
-
-
-def group_of(name: str) -> Group | None:
-    """The group that compiles module `name` (e.g. agent.core.tunnel), if any."""
-    if name.startswith(_PACKAGE + "."):
-        module = name[len(_PACKAGE) + 1:]
-        for group in GROUPS:
-            if module in group.modules:
-                return group
-    return None
+def shim_directory(digest: str) -> str:
+    """The directory (beside the sources) of the modules' compiled shims."""
+    return f"{PREFIX}{digest}"
 
 
 class CompiledModuleFinder:
-    """A meta-path finder that answers for the compiled groups' modules only, with the build
-    of the group that matches its sources, or not at all (the normal finders then load the
-    `.py`)."""
+    """A meta-path finder that answers for COMPILED_MODULES only, with the build that
+    matches the sources, or not at all (the normal finders then load the `.py`)."""
 
     def __init__(self, directory: str = _HERE) -> None:
         self.directory = directory
-        self._chosen: dict[str, dict[str, str]] = {}  # group -> {module: compiled file}; {} = Python
+        self._chosen: dict[str, str] | None = None  # module name -> compiled file; {} = Python
 
     def find_spec(self, name: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
-        group = group_of(name)
-        if group is None:
+        if not name.startswith(_PACKAGE + ".") or name[len(_PACKAGE) + 1:] not in COMPILED_MODULES:
             return None
-        chosen = self._chosen.get(group.name)
-        if chosen is None:
-            chosen = self._chosen[group.name] = self._choose(group)
-        location = chosen.get(name)
+        if self._chosen is None:
+            self._chosen = self._choose()
+        location = self._chosen.get(name)
         return None if location is None else importlib.util.spec_from_file_location(name, location)
 
-    def _choose(self, group: Group) -> dict[str, str]:
+    def _choose(self) -> dict[str, str]:
         if os.environ.get(PURE_PYTHON_ENV) == "1":
             return {}
         try:
             files = os.listdir(self.directory)
-            digest = source_digest(self.directory, group)
+            digest = source_digest(self.directory)
         except OSError:  # no sources to check a build against: do not trust one
             return {}
-        prefix = f"_{group.name}_"
-        builds = sorted(name for name in files if name.startswith(prefix))
-        shims = os.path.join(self.directory, shim_directory(digest, group))
+        builds = sorted(name for name in files if name.startswith((PREFIX, *FORMER_PREFIXES)))
+        shims = os.path.join(self.directory, shim_directory(digest))
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             wanted = {f"{_PACKAGE}.{module}": os.path.join(shims, module + suffix)
-                      for module in group.modules}
-            if f"{prefix}{digest}__mypyc{suffix}" in files and all(
+                      for module in COMPILED_MODULES}
+            if f"{PREFIX}{digest}__mypyc{suffix}" in files and all(
                     os.path.exists(path) for path in wanted.values()):
                 return wanted
         if builds:
-            log.warning("compiled %s in %s is no complete build of the sources beside it (%s; "
-                        "found %s): running the Python modules; rebuild with `make venv` or "
-                        "`pip install -e .`", group.what, self.directory,
-                        ", ".join(module + ".py" for module in group.modules), ", ".join(builds))
+            log.warning("compiled modules in %s are no complete build of the sources "
+                        "beside it (%s; found %s): running the Python modules; rebuild with "
+                        "`make venv` or `pip install -e .`", self.directory,
+                        ", ".join(module + ".py" for module in COMPILED_MODULES), ", ".join(builds))
         return {}
 
 
@@ -130,7 +107,7 @@ def install() -> None:
 
 
 def is_compiled(module: ModuleType) -> bool:
-    """Whether `module` (one of a group's, e.g. agent.core.tunnel) is the compiled build."""
+    """Whether `module` (one of COMPILED_MODULES) is the compiled build."""
     return isinstance(getattr(module, "__loader__", None), importlib.machinery.ExtensionFileLoader)
 
 

@@ -7,6 +7,13 @@
         change of sys.getallocatedblocks() and of gc-tracked objects. Twice: into series
         that exist already (what a busy node's burst is), and into series the burst makes.
 
+    python bench/counters_memory.py arenas [--series N] [--requests N]
+        Whether the counters pin pymalloc arenas (issue #21): each build, in a fresh process,
+        counts the burst into existing series while the burst holds other small objects
+        (a tuple, an int, a float and a list per request, as queued work would), then drops
+        them; printed: pymalloc's arenas (sys._debugmallocstats) before, at the peak and
+        after, and the same burst held without counting anything.
+
     sudo python bench/counters_memory.py idle --tree NAME=PATH [--tree ...] [--rounds N]
         An idle agent's RSS and PSS (/proc/<pid>/smaps_rollup, 3 s after it is ready) from
         each checkout in turn (its in-place builds), one lab node (netns, removed at the end),
@@ -17,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -69,6 +79,58 @@ def burst(module: Any, series: int, requests: int, warm: bool) -> tuple[int, int
     gc.collect()
     left = sum(stat.count for stat in snapshot.statistics("filename"))
     return left, sys.getallocatedblocks() - blocks, len(gc.get_objects()) - objects
+
+
+def arenas() -> int:
+    """pymalloc's arenas allocated now (sys._debugmallocstats writes to the C stderr)."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        for line in captured.read().decode().splitlines():
+            if line.startswith("# arenas allocated current"):
+                return int(line.split("=")[1].replace(",", ""))
+    raise RuntimeError("no arena count from sys._debugmallocstats")
+
+
+def held_burst(module: Any, series: int, requests: int) -> tuple[int, int, int]:
+    """(arenas before, at the peak, after) of a burst counted while other objects are held."""
+    from agent.core.accounting import Record
+
+    telemetry = module.Telemetry(time.monotonic, 60.0) if module is not None else None
+    pods = [f"pod-{index}" for index in range(series)]
+    tcp = [module.TcpLabels("inbound", "default", pod) for pod in pods] if module else []
+    http = [module.HttpLabels("inbound", "default", pod) for pod in pods] if module else []
+    ok = [Record("success", 200, None, 0.4 + (index % 7)) for index in range(16)]
+
+    def count(index: int) -> None:
+        if telemetry is None:
+            return
+        record = telemetry.open(tcp[index % series])
+        record.read(41 + index % 5)
+        record.wrote(1350 + index % 3)
+        record.close(False)
+        counters = telemetry.http(http[index % series])
+        counters.requests += 1
+        counters.record(ok[index % 16])
+
+    for index in range(series * 2):
+        count(index)
+    gc.collect()
+    before = arenas()
+    held = []
+    for index in range(requests):
+        count(index)
+        held.append((index * 1000, float(index), [index]))
+    peak = arenas()
+    del held
+    gc.collect()
+    return before, peak, arenas()
 
 
 def rollup(pid: int) -> dict[str, int]:
@@ -124,7 +186,8 @@ def idle(trees: dict[str, str], rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("burst", "idle"))
+    parser.add_argument("what", choices=("burst", "arenas", "idle"))
+    parser.add_argument("--build", choices=("compiled", "python", "none"), help=argparse.SUPPRESS)
     parser.add_argument("--series", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH (idle)")
@@ -136,6 +199,23 @@ def main() -> None:
         return
     if not 1 <= args.series <= 100_000 or not 1 <= args.requests <= 10_000_000:
         sys.exit("--series 1..100000, --requests 1..10000000")
+    if args.what == "arenas" and args.build:  # one build, in this fresh process
+        module = None if args.build == "none" else builds()[
+            "compiled (mypyc)" if args.build == "compiled" else "python"]
+        print(*held_burst(module, args.series, args.requests))
+        return
+    if args.what == "arenas":
+        print(f"{args.requests:,} requests over {args.series} label sets, each holding 4 objects "
+              f"until the burst ends; python {sys.version.split()[0]}\n")
+        print("| counters | arenas before | at the peak | after the held objects are dropped |")
+        print("|---|---:|---:|---:|")
+        for build in ("compiled", "python", "none"):
+            run = subprocess.run([sys.executable, __file__, "arenas", "--build", build, "--series",
+                                  str(args.series), "--requests", str(args.requests)],
+                                 capture_output=True, text=True, timeout=300, check=True)
+            before, peak, after = run.stdout.split()
+            print(f"| {build} | {before} | {peak} | {after} |", flush=True)
+        return
     print(f"{args.requests:,} requests over {args.series} label sets; python {sys.version.split()[0]}\n")
     print("| build | series | blocks alive from the burst (tracemalloc) | allocated blocks Δ "
           "| gc objects Δ |")

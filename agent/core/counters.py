@@ -26,6 +26,8 @@ LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 4
                              1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
 _BOUNDS: Final[tuple[float, ...]] = tuple(float(bound) for bound in LATENCY_BUCKETS_MS)
 _BUCKETS: Final = len(LATENCY_BUCKETS_MS) + 1
+_INF: Final = float("inf")
+_NO_LATENCY: Final = float("-inf")  # what the first bucket's range is above
 # errno of a connection failure the agent itself caused (idle reset, refusal, shutdown).
 AGENT_ABORTED: Final = "ECONNABORTED"
 
@@ -91,8 +93,9 @@ class HttpCounters:
     of equal responses, and of equal buckets, is counted in a plain attribute and added to
     its array slot when the run ends (an array store is a generic call, even compiled)."""
 
-    __slots__ = ("_bucket_run", "_buckets", "_codes", "_counts", "_run", "_run_bucket",
-                 "_run_code", "_run_slot", "latency_count", "latency_sum", "requests")
+    __slots__ = ("_bucket_run", "_buckets", "_codes", "_counts", "_run", "_run_above",
+                 "_run_bucket", "_run_code", "_run_slot", "_run_upto", "latency_count",
+                 "latency_sum", "requests")
 
     def __init__(self) -> None:
         self.requests: int = 0
@@ -104,8 +107,10 @@ class HttpCounters:
         self._run_code: int = _NO_CODE  # the current run of equal responses: code, slot, length
         self._run_slot: int = 0
         self._run: int = 0
-        self._run_bucket: int = 0  # the current run of latencies in one bucket: bucket, length
-        self._bucket_run: int = 0
+        self._run_bucket: int = 0  # the current run of latencies in one bucket: bucket, length,
+        self._bucket_run: int = 0  # and the bucket's bounds (above the one before, up to its own)
+        self._run_above: float = _NO_LATENCY
+        self._run_upto: float = _BOUNDS[0]
 
     def record(self, record: Record) -> None:
         self.count(record.classification, record.status_code, record.grpc_status, record.latency_ms)
@@ -125,13 +130,18 @@ class HttpCounters:
                 self._counts[self._run_slot] += self._run
             self._run_code, self._run_slot, self._run = code, slot, 1
         if latency_ms is not None:
-            bucket = latency_bucket(latency_ms)
-            if bucket == self._run_bucket:
+            if self._run_above < latency_ms <= self._run_upto:  # in the bucket of the run
                 self._bucket_run += 1
             else:
-                if self._bucket_run:
-                    self._buckets[self._run_bucket] += self._bucket_run
-                self._run_bucket, self._bucket_run = bucket, 1
+                bucket = latency_bucket(latency_ms)
+                if bucket == self._run_bucket:
+                    self._bucket_run += 1
+                else:
+                    if self._bucket_run:
+                        self._buckets[self._run_bucket] += self._bucket_run
+                    self._run_bucket, self._bucket_run = bucket, 1
+                    self._run_above = _BOUNDS[bucket - 1] if bucket else _NO_LATENCY
+                    self._run_upto = _BOUNDS[bucket] if bucket < _BUCKETS - 1 else _INF
             self.latency_sum += latency_ms
             self.latency_count += 1
 

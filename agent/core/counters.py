@@ -5,11 +5,12 @@ connection's share of its TCP series. Rendered at scrape time (agent/observabili
 This module is compiled by mypyc (agent/core/compiled.py, setup.py), as the tunnel framing is,
 and stays the reference and the fallback as Python. Compiled, its classes are native: `int`
 and `float` attributes are stored unboxed in the object, so counting a chunk or a request
-allocates no Python object — a counter updated mid-burst leaves no new int or float behind
-to pin an allocator arena (issue #21), and an update is a few machine instructions, not a
-dict or list store of a fresh object (issue #16). For the same reason the latency buckets
-and the response counts are C arrays (`array.array`), and a response is counted under an int
-code of (classification, status, gRPC status); the label strings are made at scrape time.
+allocates no Python object — a burst leaves no new int or float behind in the counters
+(issue #21) — and an update is a few machine instructions, not a dict or list store of a
+fresh object (issue #16). For the same reason the latency buckets and the response counts
+are C arrays (`array.array`), and a response is counted under an int code of
+(classification, status, gRPC status); the label strings are made at scrape time. Measured:
+docs/fastpath.md, "The counters, compiled by mypyc".
 
 Nothing here imports the rest of the agent at run time (a Record is only read)."""
 

@@ -46,10 +46,14 @@ def mypyc_extensions() -> list[Extension]:
     rules = _compiled_rules()
     core = os.path.join("agent", "core")
     digest = rules.source_digest(os.path.join(HERE, core))
-    for prefix in (rules.PREFIX, *rules.FORMER_PREFIXES):  # in-place builds of other sources
-        for stale in glob.glob(os.path.join(HERE, core, prefix + "*")):
-            if not os.path.basename(stale).startswith(rules.shim_directory(digest)):
-                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+    # builds of other sources: in place, and in setuptools' build directory (which a wheel
+    # made from this tree would otherwise carry: they are never loaded, only shipped)
+    places = [os.path.join(HERE, core), *glob.glob(os.path.join(HERE, "build", "lib*", core))]
+    for place in places:
+        for prefix in (rules.PREFIX, *rules.FORMER_PREFIXES):
+            for stale in glob.glob(os.path.join(place, prefix + "*")):
+                if not os.path.basename(stale).startswith(rules.shim_directory(digest)):
+                    shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     extensions: list[Extension] = mypycify(
         [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
         group_name=rules.group_name(digest), opt_level="3", debug_level="0")

@@ -5,11 +5,12 @@ agent.core._http1fast: the fast path of HTTP/1 request accounting (csrc/). `pip 
 headers and a C compiler both already need for python-iptables; the agent runs without it
 (the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
 
-agent.core.tunnel_frames + agent.core.tunnel: the mesh tunnel's framing, the same sources
-compiled by mypyc (a build requirement in pyproject.toml; nothing at run time). The files are
-named after a digest of the sources (agent/core/compiled.py), which loads them only when it
-matches the sources beside them: an edited `.py` never runs as a stale build. Without mypy
-(`--no-build-isolation` in an environment that lacks it) the agent runs the Python modules."""
+agent.core.tunnel_frames + agent.core.tunnel (the mesh tunnel's framing) and agent.core.counters
+(the per-request counters): the same sources compiled by mypyc, one group (a build requirement
+in pyproject.toml; nothing at run time). The files are named after a digest of the sources
+(agent/core/compiled.py), which loads them only when it matches the sources beside them: an
+edited `.py` never runs as a stale build. Without mypy (`--no-build-isolation` in an
+environment that lacks it) the agent runs the Python modules."""
 
 from __future__ import annotations
 
@@ -35,18 +36,24 @@ def _compiled_rules() -> ModuleType:
     return module
 
 
-def tunnel_extensions() -> list[Extension]:
+def mypyc_extensions() -> list[Extension]:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        print("setup.py: mypy (mypyc) is not installed: the tunnel framing stays Python", file=sys.stderr)
+        print("setup.py: mypy (mypyc) is not installed: the tunnel framing and the counters stay "
+              "Python", file=sys.stderr)
         return []
     rules = _compiled_rules()
     core = os.path.join("agent", "core")
     digest = rules.source_digest(os.path.join(HERE, core))
-    for stale in glob.glob(os.path.join(HERE, core, "_tunnel_*")):  # builds of other sources
-        if not os.path.basename(stale).startswith(f"_tunnel_{digest}"):
-            shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+    # builds of other sources: in place, and in setuptools' build directory (which a wheel
+    # made from this tree would otherwise carry: they are never loaded, only shipped)
+    places = [os.path.join(HERE, core), *glob.glob(os.path.join(HERE, "build", "lib*", core))]
+    for place in places:
+        for prefix in (rules.PREFIX, *rules.FORMER_PREFIXES):
+            for stale in glob.glob(os.path.join(place, prefix + "*")):
+                if not os.path.basename(stale).startswith(rules.shim_directory(digest)):
+                    shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     extensions: list[Extension] = mypycify(
         [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
         group_name=rules.group_name(digest), opt_level="3", debug_level="0")
@@ -68,6 +75,6 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),
-        *tunnel_extensions(),
+        *mypyc_extensions(),
     ],
 )

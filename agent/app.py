@@ -13,7 +13,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
-from agent.core.compiled import tunnel_build
+from agent.core.compiled import counters_build, tunnel_build
 from agent.core.telemetry import Telemetry
 from agent.dataplane.budget import MIN_CONNECTIONS, ConnectionBudget, sized_for
 from agent.dataplane.inbound import InboundProxy
@@ -100,6 +100,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
              config.admin_host, config.admin_port, config.cni_socket, backend.name,
              len(pods.pods()))
     log.info("tunnel framing: %s", tunnel_build())  # the mypyc build, or Python (agent.core.compiled)
+    log.info("counters: %s", counters_build())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,5 +1,5 @@
-"""Per-pod TCP and HTTP counters, kept as plain numbers on the hot path and rendered at
-scrape time.
+"""Per-pod TCP and HTTP series: their labels, their counters (agent/core/counters.py, compiled
+by mypyc: plain numbers on the hot path) by label set, rendered at scrape time.
 
 Every connection gets exactly one ConnectionRecord: opened once, closed once (even when
 aborted), so open/close totals always balance. Every HTTP request counted as started ends
@@ -8,18 +8,17 @@ for a grace period, then go, so memory stays bounded as pods come and go."""
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from agent.core.accounting import Record
+from agent.core.counters import AGENT_ABORTED as AGENT_ABORTED
+from agent.core.counters import LATENCY_BUCKETS_MS as LATENCY_BUCKETS_MS
+from agent.core.counters import ConnectionRecord as ConnectionRecord
+from agent.core.counters import HttpCounters as HttpCounters
+from agent.core.counters import TcpCounters as TcpCounters
 from agent.core.tap import TapHub
 
-# Linkerd's response_latency_ms bucket bounds (ms); +Inf is implied.
-LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
-                             1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
-_GRPC_STATUSES: Final = range(17)  # OK .. UNAUTHENTICATED; others are "other" (bounded labels)
 # Distinct `authority` label values one pod may have per direction; requests with another
 # authority are counted without the label (a client must not mint unlimited series).
 MAX_AUTHORITIES: Final = 16
@@ -28,8 +27,6 @@ MAX_AUTHORITIES: Final = 16
 NO_TLS_FROM_REMOTE: Final = "no_tls_from_remote"
 NOT_PROVIDED_BY_SERVICE_DISCOVERY: Final = "not_provided_by_service_discovery"
 LOOPBACK: Final = "loopback"
-# errno of a connection failure the agent itself caused (idle reset, refusal, shutdown).
-AGENT_ABORTED: Final = "ECONNABORTED"
 
 
 def workload_label(kind: str) -> str:
@@ -109,101 +106,6 @@ class HttpLabels:
 
     def __hash__(self) -> int:
         return self._hash
-
-
-
-class HttpCounters:
-    """request_total, response_total by (classification, status, grpc status), and the
-    latency histogram (per-bucket counts; the exposition makes them cumulative)."""
-
-    __slots__ = ("latency_buckets", "latency_count", "latency_sum", "requests", "responses")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.responses: dict[tuple[str, str, str], int] = {}
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.latency_sum = 0.0
-        self.latency_count = 0
-
-    def record(self, record: Record) -> None:
-        key = (record.classification, _status_label(record.status_code),
-               _grpc_label(record.grpc_status))
-        self.responses[key] = self.responses.get(key, 0) + 1
-        if record.latency_ms is not None:
-            self.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, record.latency_ms)] += 1
-            self.latency_sum += record.latency_ms
-            self.latency_count += 1
-
-
-def _status_label(status: int | None) -> str:
-    if status is None:
-        return ""
-    return str(status) if 100 <= status <= 599 else "other"
-
-
-def _grpc_label(status: int | None) -> str:
-    if status is None:
-        return ""
-    return str(status) if status in _GRPC_STATUSES else "other"
-
-
-class TcpCounters:
-    """One series' connection counts; failed closes by errno name (a bounded set: the
-    kernel's errno names and AGENT_ABORTED), kept only once one happens."""
-
-    __slots__ = ("close_errno", "close_failure", "close_success", "open_connections",
-                 "open_total", "read_bytes", "write_bytes")
-
-    def __init__(self) -> None:
-        self.open_total = 0
-        self.open_connections = 0
-        self.read_bytes = 0
-        self.write_bytes = 0
-        self.close_success = 0
-        self.close_failure = 0
-        self.close_errno: dict[str, int] | None = None
-
-    def failed_close(self, errno_name: str) -> None:
-        self.close_failure += 1
-        by_errno = self.close_errno
-        if by_errno is None:
-            by_errno = self.close_errno = {}
-        by_errno[errno_name] = by_errno.get(errno_name, 0) + 1
-
-
-class ConnectionRecord:
-    """One connection's share of the counters; `close` counts once, whatever calls it."""
-
-    __slots__ = ("_closed", "counters")
-
-    def __init__(self, counters: TcpCounters) -> None:
-        self.counters = counters
-        self._closed = False
-        counters.open_total += 1
-        counters.open_connections += 1
-
-    def read(self, nbytes: int) -> None:
-        self.counters.read_bytes += nbytes
-
-    def wrote(self, nbytes: int) -> None:
-        self.counters.write_bytes += nbytes
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self, failed: bool, errno_name: str = "") -> bool:
-        """Returns True the first time only. A failure is counted under `errno_name` (e.g.
-        "ECONNRESET"), AGENT_ABORTED when none is given."""
-        if self._closed:
-            return False
-        self._closed = True
-        self.counters.open_connections -= 1
-        if failed:
-            self.counters.failed_close(errno_name or AGENT_ABORTED)
-        else:
-            self.counters.close_success += 1
-        return True
 
 
 class Telemetry:

@@ -276,12 +276,15 @@ def test_certificate_renewal_under_traffic_drops_no_connection(tmp_path: Path) -
 @pytest.mark.skipif(not compiled.is_compiled(tunnel) and not os.environ.get("CI"),
                     reason="the tunnel framing is not compiled here (pip install -e . builds it)")
 def test_a_compiled_agent_and_a_python_agent_tunnel_to_each_other(tmp_path: Path) -> None:
-    """Node 0 runs the mypyc build of the tunnel framing, node 1 the Python sources
-    (PINION_PURE_PYTHON=1): requests both ways, and a download larger than every window."""
+    """Node 0 runs the mypyc build of the tunnel framing and the counters, node 1 the Python
+    sources (PINION_PURE_PYTHON=1): requests both ways, and a download larger than every
+    window, each counted alike by the two builds of the counters."""
     environments = [{compiled.PURE_PYTHON_ENV: "0"}, {compiled.PURE_PYTHON_ENV: "1"}]
     with tls_mesh_running(tmp_path, "nftables", environments=environments) as mesh:
         assert "tunnel framing: compiled (mypyc)" in mesh.agents[0].log()
+        assert "counters: compiled (mypyc)" in mesh.agents[0].log()
         assert "tunnel framing: python" in mesh.agents[1].log()
+        assert "counters: python" in mesh.agents[1].log()
         pods = [mesh.pod(0, "left"), mesh.pod(1, "right")]
         for pod in pods:
             mesh.serve(pod, HTTP_SERVER, "--port", "8080")
@@ -293,3 +296,16 @@ def test_a_compiled_agent_and_a_python_agent_tunnel_to_each_other(tmp_path: Path
             assert download.stdout == "200 3000000", download.stderr
         for agent in mesh.agents:
             assert agent.metrics().value("pinion_tunnel_connections", direction="outbound") == 1
+
+        def counted_alike() -> bool:  # 4 requests each way: the client's agent and the server's
+            metrics = [agent.metrics() for agent in mesh.agents]
+            return all(metrics[client].value(name, direction="outbound", pod=pods[client].name, **labels)
+                       == metrics[1 - client].value(name, direction="inbound", pod=pods[1 - client].name,
+                                                    **labels) == 4
+                       for client in (0, 1) for name, labels in (
+                           ("request_total", {}), ("response_total", {"status_code": "200"}),
+                           ("response_latency_ms_count", {}), ("tcp_close_total", {"tls": "true"})))
+
+        assert eventually(counted_alike), "\n".join(
+            line for agent in mesh.agents for line in agent.metrics().text.splitlines()
+            if line.startswith(("tcp_close_total", "request_total", "response_total")))

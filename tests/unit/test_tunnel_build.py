@@ -1,7 +1,8 @@
 """Which build of the tunnel framing runs (agent/core/compiled.py): the mypyc build when it
 was made from the sources beside it, else the Python sources with one warning, never a
 build of other sources; PINION_PURE_PYTHON=1 forces Python; and the tunnel's tests pass on
-the Python modules too (run here in a child pytest with that setting)."""
+the Python modules too (run here in a child pytest with that setting). The counters are
+compiled in the same build: tests/unit/test_counters_build.py."""
 
 from __future__ import annotations
 
@@ -40,18 +41,19 @@ def copy_of_core(tmp_path: Path) -> Path:
     directory.mkdir()
     for module in compiled.COMPILED_MODULES:
         shutil.copy2(CORE / f"{module}.py", directory)
-    for build in CORE.glob("_tunnel_*"):  # the shared library, and the shims' directory
+    for build in CORE.glob(compiled.PREFIX + "*"):  # the shared library, and the shims' directory
         (shutil.copytree if build.is_dir() else shutil.copy2)(build, directory / build.name)
     return directory
 
 
 @needs_build
 def test_a_build_of_these_sources_is_chosen(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    finder = compiled.CompiledTunnelFinder(str(copy_of_core(tmp_path)))
+    finder = compiled.CompiledModuleFinder(str(copy_of_core(tmp_path)))
     spec = finder.find_spec("agent.core.tunnel")
     assert spec is not None and spec.origin is not None
     origin = Path(spec.origin)
-    assert origin.parent.name == f"_tunnel_{compiled.source_digest()}" and origin.name.startswith("tunnel.")
+    assert origin.parent.name == compiled.shim_directory(compiled.source_digest())
+    assert origin.name.startswith("tunnel.")
     assert finder.find_spec("agent.core.connections") is None  # nothing else is its business
     assert not caplog.records
 
@@ -59,9 +61,9 @@ def test_a_build_of_these_sources_is_chosen(tmp_path: Path, caplog: pytest.LogCa
 @needs_build
 def test_a_build_missing_a_shim_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = copy_of_core(tmp_path)
-    (shim,) = (directory / f"_tunnel_{compiled.source_digest()}").glob("tunnel_frames.*")
+    (shim,) = (directory / compiled.shim_directory(compiled.source_digest())).glob("tunnel_frames.*")
     shim.unlink()
-    assert compiled.CompiledTunnelFinder(str(directory)).find_spec("agent.core.tunnel") is None
+    assert compiled.CompiledModuleFinder(str(directory)).find_spec("agent.core.tunnel") is None
     assert len(caplog.records) == 1
 
 
@@ -71,7 +73,7 @@ def test_an_edited_source_is_never_shadowed_by_its_old_build(
     directory = copy_of_core(tmp_path)
     with open(directory / "tunnel.py", "a") as source:
         source.write("\nEDITED = True\n")
-    finder = compiled.CompiledTunnelFinder(str(directory))
+    finder = compiled.CompiledModuleFinder(str(directory))
     with caplog.at_level(logging.WARNING, logger="agent.core.compiled"):
         assert finder.find_spec("agent.core.tunnel_frames") is None  # the .py is loaded...
         assert finder.find_spec("agent.core.tunnel") is None  # ...for both modules

@@ -69,12 +69,14 @@ def test_the_wheel_holds_the_compiled_http1_fast_path(wheel_files: list[str]) ->
             and name.endswith(".so")], "agent.core._http1fast was not compiled into the wheel"
 
 
-def test_the_wheel_holds_the_tunnel_framing_compiled_from_its_sources(wheel_files: list[str]) -> None:
+def test_the_wheel_holds_the_tunnel_framing_and_counters_compiled_from_their_sources(
+        wheel_files: list[str]) -> None:
     # mypyc's shared library and one shim per module, named after the digest of the sources
     # they were built from (agent/core/compiled.py loads nothing else)
     digest = compiled.source_digest(str(REPO / "agent" / "core"))
+    assert {"tunnel", "counters"} <= set(compiled.COMPILED_MODULES)
     for part in (*(f"/{module}." for module in compiled.COMPILED_MODULES), "__mypyc."):
-        assert [name for name in wheel_files if name.startswith(f"agent/core/_tunnel_{digest}{part}")
+        assert [name for name in wheel_files if name.startswith(f"agent/core/{compiled.PREFIX}{digest}{part}")
                 and name.endswith(".so")], f"{part}: no build of these sources in the wheel"
 
 

@@ -12,7 +12,7 @@ from types import ModuleType
 from agent.core import compiled, tunnel, tunnel_frames
 
 CORE = Path(compiled.__file__).parent
-NAMES = tuple(f"agent.core.{module}" for module in compiled.COMPILED_MODULES)  # frames first
+NAMES = ("agent.core.tunnel_frames", "agent.core.tunnel")  # frames first
 
 
 def python_build() -> tuple[ModuleType, ModuleType]:

@@ -3,15 +3,15 @@
 `bench/hotpath.py` counts pieces (a relay, the tunnel framing) driven directly. This script
 runs the path as the agents run it, on uvloop, with real sockets and real TLS:
 
-    client app --socketpair--> Relay (outbound) -> tunnel stream -> TunnelSession (client)
-      ==TLS 1.3 mTLS over a socketpair (uvloop's SSL protocol, AES-128-GCM)==>
-    TunnelSession (server) -> tunnel stream -> Relay (inbound) --socketpair--> server app
+    client app --TCP--> Relay (outbound) -> tunnel stream -> TunnelSession (client)
+      ==TLS 1.3 mTLS over TCP (uvloop's SSL protocol, AES-128-GCM)==>
+    TunnelSession (server) -> tunnel stream -> Relay (inbound) --TCP--> server app
 
 The client app sends wrk's GET and waits for nginx's 1 KiB response before the next, so
 every hop is one event-loop wake-up, as at a paced 1,000 req/s where each request finds the
 agents idle. Both agents' work (uvloop callbacks, TLS records, tunnel shell and framing,
 relays, HTTP/1 observation, counters) and the two toy apps run in this one process;
-`--case direct` is the apps alone over one socketpair, to subtract. valgrind's callgrind
+`--case direct` is the apps alone over one TCP connection, to subtract. valgrind's callgrind
 counts the instructions one more request costs (two request counts, the difference), so
 start-up, imports and the TLS handshake cancel out. System calls are counted as the
 user-space instructions around them, not the kernel's work.
@@ -71,6 +71,17 @@ def _contexts(files: dict[str, str]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair over loopback (the agents' sockets are TCP, and the tunnel
+    session takes a (host, port) peername)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        one = socket.create_connection(listener.getsockname())
+        other, _ = listener.accept()
+    for sock in (one, other):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return one, other
+
+
 class _App:
     """A toy app end: the client sends a request and waits for the whole response; the
     server answers each whole request. Plain non-blocking sockets on loop.add_reader."""
@@ -101,7 +112,7 @@ class _App:
 
 async def _direct(requests: int) -> None:
     loop = asyncio.get_running_loop()
-    cli, srv = socket.socketpair()
+    cli, srv = _tcp_pair()
     done: asyncio.Future[None] = loop.create_future()
     client = _App(loop, cli, REQUEST, len(RESPONSE), done, requests)
     _App(loop, srv, RESPONSE, len(REQUEST), None, requests)
@@ -111,17 +122,21 @@ async def _direct(requests: int) -> None:
 
 async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
     from agent.core.telemetry import PeerLabels, Telemetry
+    from agent.dataplane import tunnel as tunnel_module
     from agent.dataplane.context import PodContext
     from agent.dataplane.relay import Relay
     from agent.dataplane.tunnel import TunnelSession
 
     loop = asyncio.get_running_loop()
     server_context, client_context = _contexts(files)
+    if hasattr(tunnel_module, "direct_records"):  # the agents' TLS objects (mesh.py)
+        tunnel_module.direct_records(server_context)
+        tunnel_module.direct_records(client_context)
     telemetry = Telemetry(time.monotonic, 60.0)
     client_pod = PodContext("bench", "cli", cast(Any, None), frozenset({15001, 15006, 15008}))
     server_pod = PodContext("bench", "web", cast(Any, None), frozenset({15001, 15006, 15008}))
     done: asyncio.Future[None] = loop.create_future()
-    app_server_sock, agent_upstream_sock = socket.socketpair()
+    app_server_sock, agent_upstream_sock = _tcp_pair()
     _App(loop, app_server_sock, RESPONSE, len(REQUEST), None, requests)
     upstream_ready: asyncio.Future[None] = loop.create_future()
     tasks: list[asyncio.Task[None]] = []
@@ -147,7 +162,7 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
         relay.open_record(relay.peer_labels)
         session.attach(stream_id, relay.client)
 
-    tunnel_client_sock, tunnel_server_sock = socket.socketpair()
+    tunnel_client_sock, tunnel_server_sock = _tcp_pair()
     server_made = loop.create_task(loop.connect_accepted_socket(
         lambda: TunnelSession("server", on_stream=on_stream), tunnel_server_sock, ssl=server_context))
     _, session = await loop.create_connection(lambda: TunnelSession("client"),
@@ -166,7 +181,7 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
             relay.client.transport.resume_reading()
 
     relay_owner = ClientOwner()
-    app_client_sock, agent_client_sock = socket.socketpair()
+    app_client_sock, agent_client_sock = _tcp_pair()
 
     def client_side() -> asyncio.Protocol:
         relay = Relay(relay_owner, client_pod, "outbound", 64 * 1024)

@@ -473,6 +473,33 @@ class TunnelSession(asyncio.Protocol):
             self._on_closed(self)
 
 
+# ------------------------------------------------------------------- TLS records
+
+
+class DirectSSLObject(ssl.SSLObject):
+    """The TLS object uvloop's SSL protocol drives for a tunnel connection, with `read`,
+    `write` and `pending` the C methods of `_ssl` themselves: uvloop takes these three
+    once per connection and calls them for every record, and `ssl.SSLObject`'s are Python
+    functions that only pass their arguments on (a Python call each, six per request).
+    Everything else (handshake, certificates, shutdown) is `ssl.SSLObject`'s own."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        self = cast(DirectSSLObject, super()._create(*args, **kwargs))  # type: ignore[misc]
+        inner = getattr(self, "_sslobj", None)  # the _ssl object (CPython 3.7 and later)
+        if inner is not None:
+            self.read = inner.read  # type: ignore[method-assign]
+            self.write = inner.write  # type: ignore[method-assign]
+            self.pending = inner.pending  # type: ignore[method-assign]
+        return self
+
+
+def direct_records(context: ssl.SSLContext) -> ssl.SSLContext:
+    """`context`, its TLS objects made `DirectSSLObject`s (`SSLContext.sslobject_class`)."""
+    context.sslobject_class = DirectSSLObject
+    return context
+
+
 # ------------------------------------------------------------------- handshake errors
 
 

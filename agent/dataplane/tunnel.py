@@ -421,14 +421,9 @@ class TunnelSession(asyncio.Protocol):
     # ---------------------------------------------------------------- internals
 
     def _dispatch(self, event: core.Event) -> None:
-        # most frequent first: every stream brings DataReceived, StreamEnded, StreamAccepted
-        if isinstance(event, core.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.data_received(event.data)
-            else:  # nobody reads it: give the credit back rather than stall the peer
-                self.connection.acknowledge(event.stream_id, len(event.data))
-        elif isinstance(event, core.StreamEnded):
+        """Every event but DataReceived (data_received handles those itself), most frequent
+        first: every stream brings StreamEnded and StreamAccepted."""
+        if isinstance(event, core.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.eof_received()

@@ -263,6 +263,11 @@ class Connection:
         """Stream bytes queued for the peer and not yet taken by `data_to_send`."""
         return self._queued_data
 
+    @property
+    def has_output(self) -> bool:
+        """Some frame is queued for the peer (`data_to_send` would return bytes)."""
+        return bool(self._outbound)
+
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call."""
         outbound = self._outbound

@@ -39,7 +39,7 @@ from agent.core.multicluster import trust_domain_of
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.slots import SourceSlots
 from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
-from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
+from agent.dataplane.tunnel import TunnelSession, direct_records, handshake_failure_reason
 
 if TYPE_CHECKING:
     from agent.dataplane.context import PodContext
@@ -206,7 +206,7 @@ class MeshClient:
             self._metrics.tunnel_connections.labels("outbound").dec()
 
         try:
-            context = self._identities.client_context(identity)
+            context = direct_records(self._identities.client_context(identity))
             transport, session = await loop.create_connection(
                 lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams),
                 sock=sock, ssl=context, server_hostname="",
@@ -382,7 +382,7 @@ class TunnelAcceptor:
             self.gate.done(peer[0], in_tls)
 
     async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
-        context = self._identities.server_context(pod.identity or "")
+        context = direct_records(self._identities.server_context(pod.identity or ""))
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: self._session(pod), sock, ssl=context, ssl_handshake_timeout=timeout)

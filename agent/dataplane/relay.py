@@ -58,7 +58,7 @@ class RelayOwner(Protocol):
 class _Side(asyncio.Protocol):
     """One socket of a relayed pair. Reading pauses while the other side cannot keep up."""
 
-    __slots__ = ("eof", "is_client", "relay", "transport", "write_blocked")
+    __slots__ = ("data_received", "eof", "is_client", "relay", "transport", "write_blocked")
 
     def __init__(self, relay: Relay, is_client: bool) -> None:
         self.relay = relay
@@ -66,15 +66,16 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.eof = False
         self.write_blocked = False  # our send buffer is over the high-water mark
+        # The relay's own method for this side's bytes, as this protocol's data_received:
+        # uvloop's transports and tunnel streams take it once, so a chunk costs one Python
+        # call to reach the relay, not two (the per-wake-up cost, issue #16).
+        self.data_received = relay.from_client if is_client else relay.from_upstream  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a Transport (uvloop's are not subclasses: no cast() call on this path)
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=self.relay.buffer_high)  # type: ignore[attr-defined]
         self.relay.side_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.relay.forward(self, data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -164,30 +165,50 @@ class Relay:
                 self.account(observer.client_bytes(data, self.early_at), observer)
 
     def forward(self, side: _Side, data: bytes) -> None:
-        self.activity += 1
-        record, observer = self.record, self.observer
+        """`data` read on `side`: counted, observed, written to the other side."""
         if side is self.client:
-            if record is None:  # uvloop's early read: counted once the labels are known
-                self.early_at = self.early_at or time.monotonic()
-            else:
-                record.read(len(data))
-                if observer is not None:
-                    self.account(observer.client_bytes(data, time.monotonic()), observer)
-            target = self.upstream.transport
+            self.from_client(data)
         else:
-            if record is not None:
-                record.wrote(len(data))
+            self.from_upstream(data)
+
+    def from_client(self, data: bytes) -> None:
+        """The client side's data_received."""
+        self.activity += 1
+        record = self.record
+        if record is None:  # uvloop's early read: counted once the labels are known
+            self.early_at = self.early_at or time.monotonic()
+        else:
+            record.read(len(data))
+            observer = self.observer
             if observer is not None:
-                self.account(observer.server_bytes(data, time.monotonic()), observer)
-            target = self.client.transport
+                self.account(observer.client_bytes(data, time.monotonic()), observer)
+        target = self.upstream.transport
         if target is None:
-            self.early.append(data)
-            if sum(map(len, self.early)) > self.buffer_high and side.transport is not None:
-                side.transport.pause_reading()  # uvloop may not honour the first pause
+            self._hold_early(self.client, data)
         elif not target.is_closing():
             target.write(data)
-            if self.draining and side is self.upstream:
+
+    def from_upstream(self, data: bytes) -> None:
+        """The upstream side's data_received."""
+        self.activity += 1
+        record = self.record
+        if record is not None:
+            record.wrote(len(data))
+        observer = self.observer
+        if observer is not None:
+            self.account(observer.server_bytes(data, time.monotonic()), observer)
+        target = self.client.transport
+        if target is None:
+            self._hold_early(self.upstream, data)
+        elif not target.is_closing():
+            target.write(data)
+            if self.draining:
                 self.close_if_at_rest()
+
+    def _hold_early(self, side: _Side, data: bytes) -> None:
+        self.early.append(data)
+        if sum(map(len, self.early)) > self.buffer_high and side.transport is not None:
+            side.transport.pause_reading()  # uvloop may not honour the first pause
 
     def drain(self) -> None:
         """The agent is stopping: end this connection at its next clean point, HTTP/1

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from agent.core import tunnel as core
 from agent.core.telemetry import PeerLabels
+from agent.core.tunnel import DataReceived
 from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, describe_code
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class StreamTransport:
         return True
 
     def write(self, data: bytes) -> None:
-        if self.is_closing() or not data:
+        if self._closing or self._lost or not data:
             return
         replay = self.replay
         if replay is not None:
@@ -92,18 +93,19 @@ class StreamTransport:
                 self.replay = None  # too much to keep: this stream cannot move any more
             else:
                 replay.append(data)
-        self._ensure_accepted()
-        if self._pending or self.session.write_paused:
+        if not self.accepted:
+            self._ensure_accepted()
+        session = self.session
+        if self._pending or session.write_paused:
             self._hold_output(data)
             return
-        connection = self.session.connection
         try:
-            sent = connection.send_data(self.stream_id, data)
+            sent = session.connection.send_data(self.stream_id, data)
         except core.LocalProtocolError:
             return  # the stream was reset meanwhile; connection_lost is on its way
         if sent < len(data):
             self._hold_output(data[sent:])
-        self.session.flush()
+        session.flush()
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -292,6 +294,7 @@ class TunnelSession(asyncio.Protocol):
         self._admit = admit
         self._closed = False
         self._flush_scheduled = False
+        self._call_soon: Callable[..., Any] | None = None  # the loop's, once connected
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -299,7 +302,9 @@ class TunnelSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=OUTPUT_HIGH)
         self.peername = transport.get_extra_info("peername")
-        self.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._call_soon = loop.call_soon
+        self.idle_since = loop.time()
         if self._admit is not None and not self._admit(self, transport):
             self._closed = True  # identity refused: not a word, not a stream
             self.transport.abort()
@@ -309,8 +314,16 @@ class TunnelSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        streams = self.streams
         for event in self.connection.receive_data(data):
-            self._dispatch(event)
+            if type(event) is DataReceived:  # most events: inline, one Python call fewer
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.data_received(event.data)
+                else:  # nobody reads it: give the credit back rather than stall the peer
+                    self.connection.acknowledge(event.stream_id, len(event.data))
+            else:
+                self._dispatch(event)
         self.flush()
         if self.connection.terminated:
             self._shutdown(ConnectionResetError(self._why()))
@@ -383,11 +396,12 @@ class TunnelSession(asyncio.Protocol):
         """Write what the connection queued, at the end of this event-loop iteration: the
         frames of every stream that moved in one iteration leave in one TLS record and one
         send, instead of one each (an ACK, a response and its FIN are often three)."""
-        if self.connection.queued_data >= OUTPUT_HIGH:
+        connection = self.connection
+        if connection.queued_data >= OUTPUT_HIGH:
             self._write_queued()  # now: the transport pauses every stream if the peer lags
-        elif not self._flush_scheduled and self.transport is not None:
+        elif not self._flush_scheduled and connection.has_output and self._call_soon is not None:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_queued)
+            self._call_soon(self._write_queued)
 
     def _write_queued(self) -> None:
         self._flush_scheduled = False
@@ -407,14 +421,9 @@ class TunnelSession(asyncio.Protocol):
     # ---------------------------------------------------------------- internals
 
     def _dispatch(self, event: core.Event) -> None:
-        # most frequent first: every stream brings DataReceived, StreamEnded, StreamAccepted
-        if isinstance(event, core.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.data_received(event.data)
-            else:  # nobody reads it: give the credit back rather than stall the peer
-                self.connection.acknowledge(event.stream_id, len(event.data))
-        elif isinstance(event, core.StreamEnded):
+        """Every event but DataReceived (data_received handles those itself), most frequent
+        first: every stream brings StreamEnded and StreamAccepted."""
+        if isinstance(event, core.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.eof_received()
@@ -457,6 +466,33 @@ class TunnelSession(asyncio.Protocol):
         self.streams.clear()
         if self._on_closed is not None:
             self._on_closed(self)
+
+
+# ------------------------------------------------------------------- TLS records
+
+
+class DirectSSLObject(ssl.SSLObject):
+    """The TLS object uvloop's SSL protocol drives for a tunnel connection, with `read`,
+    `write` and `pending` the C methods of `_ssl` themselves: uvloop takes these three
+    once per connection and calls them for every record, and `ssl.SSLObject`'s are Python
+    functions that only pass their arguments on (a Python call each, six per request).
+    Everything else (handshake, certificates, shutdown) is `ssl.SSLObject`'s own."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        self = cast(DirectSSLObject, super()._create(*args, **kwargs))  # type: ignore[misc]
+        inner = getattr(self, "_sslobj", None)  # the _ssl object (CPython 3.7 and later)
+        if inner is not None:
+            self.read = inner.read  # type: ignore[method-assign]
+            self.write = inner.write  # type: ignore[method-assign]
+            self.pending = inner.pending  # type: ignore[method-assign]
+        return self
+
+
+def direct_records(context: ssl.SSLContext) -> ssl.SSLContext:
+    """`context`, its TLS objects made `DirectSSLObject`s (`SSLContext.sslobject_class`)."""
+    context.sslobject_class = DirectSSLObject
+    return context
 
 
 # ------------------------------------------------------------------- handshake errors

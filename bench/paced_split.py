@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""User and system CPU per request of the proxies at side_by_side.py's paced load, and
+(optionally) py-spy profiles of both agents under it: where a paced request's CPU goes.
+
+side_by_side.py (in ../shared/bench, not part of this repository) gives CPU per request of
+each proxy pair; this script reuses its lab, pods, nginx, peers and paced client and adds
+the split the question needs: /proc/<pid>/task/*/stat utime and stime of every thread of
+both ends, per request, for haproxy, pinion and pinion-opaque, the configurations
+interleaved. With --pyspy DIR it then profiles both agents (`py-spy record --native`, raw
+collapsed stacks, one file per agent) during one more paced pinion run.
+
+    cd /tmp && flock /tmp/pinion-bench.lock python3 <checkout>/bench/paced_split.py \\
+        --checkout <checkout> [--rounds 2] [--duration 4] [--pyspy DIR --pyspy-seconds 20]
+
+Root only (network namespaces); about 15 s per configuration and round.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = ("haproxy", "pinion", "pinion-opaque")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkout", required=True)
+    parser.add_argument("--sbs", default=os.environ.get("SBS_DIR", "/work/shared/bench"),
+                        help="the directory of side_by_side.py and lab.py")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=int, default=4, help="seconds per paced run")
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--pyspy", help="write py-spy profiles of both agents here")
+    parser.add_argument("--pyspy-seconds", type=int, default=20)
+    parser.add_argument("--pyspy-bin", default="py-spy")
+    args = parser.parse_args()
+    sys.path.insert(0, args.sbs)
+    import lab  # found at run time, beside side_by_side.py
+    import side_by_side as sbs
+
+    checkout = os.path.abspath(args.checkout)
+    os.environ["LAB_PINION_ROOT"] = checkout
+    lab.PINION_ROOT = checkout
+    os.environ["PATH"] = sbs.RUNTIME_PATH
+    os.environ.pop("PYTHONPATH", None)
+    lab.TEARDOWN_BUDGET = 60.0
+    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=16, ab_n=100,
+                            pods=1, cni_n=1, quick=True)
+    settings.warm_s, settings.warm_ab = 1, 100
+
+    def ticks(pids: list[int]) -> tuple[int, int]:
+        user = system = 0
+        for pid in pids:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                user, system = user + int(fields[11]), system + int(fields[12])
+        return user, system
+
+    class Split(sbs.Bench):
+        def run(self) -> None:
+            with sbs.BenchLab("split") as L:
+                self.L = L
+                self.setup()
+                self.warmup()
+                per = {c: ([], []) for c in CONFIGS}
+                for r in range(args.rounds):
+                    for cfg in sbs.rotated(CONFIGS, r):
+                        pids = [p.pid for p in self.procs_of(cfg)]
+                        u0, s0 = ticks(pids)
+                        self.measure(cfg, "paced", r + 1)
+                        u1, s1 = ticks(pids)
+                        n = self.rows[-1].get("n") or 1
+                        us = 1e6 / os.sysconf("SC_CLK_TCK") / n
+                        per[cfg][0].append((u1 - u0) * us)
+                        per[cfg][1].append((s1 - s0) * us)
+                print(f"paced {args.rate:.0f} req/s over 16 connections, {args.duration} s runs, "
+                      f"{args.rounds} rounds; CPU µs per request, both ends (median, runs)\n")
+                print("| config | user | system | total | user runs | system runs |")
+                print("|---|---:|---:|---:|---|---|")
+                for cfg in CONFIGS:
+                    user, system = per[cfg]
+                    total = statistics.median([a + b for a, b in zip(user, system, strict=True)])
+                    runs = [", ".join(f"{v:.0f}" for v in values) for values in (user, system)]
+                    print(f"| {cfg} | {statistics.median(user):.0f} | {statistics.median(system):.0f} | "
+                          f"{total:.0f} | {runs[0]} | {runs[1]} |")
+                if args.pyspy:
+                    self.profile(L)
+
+        def profile(self, L: object) -> None:
+            os.makedirs(args.pyspy, exist_ok=True)
+            self.s.duration = args.pyspy_seconds
+            spies = []
+            for name in ("n1", "n2"):
+                agent = self.L.nodes[name].agent
+                spies.append(subprocess.Popen(
+                    [args.pyspy_bin, "record", "--native", "-r", "250", "-f", "raw",
+                     "-d", str(args.pyspy_seconds + 1), "-p", str(agent.pid),
+                     "-o", os.path.join(args.pyspy, f"{name}.raw")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
+            self.measure("pinion", "paced", 99)
+            for spy in spies:
+                spy.wait(timeout=120)
+
+    bench = Split(settings, checkout, "paced_split")
+
+    def interrupted(number: int, _frame: object) -> None:
+        raise lab.Interrupted(f"interrupted by {signal.Signals(number).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+    bench.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""bench/meshpath.py, the instruction count of a paced request through the whole mesh path,
+runs without valgrind too: every case completes its requests, and the mesh cases' relays
+counted every response (the script fails otherwise), so a count it reports is of a path
+that really carried and observed the requests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("case", ["direct", "mesh", "mesh-opaque"])
+def test_each_case_carries_its_requests(case: str) -> None:
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "meshpath.py"), "--case", case,
+                          "--requests", "50"], capture_output=True, text=True, timeout=60,
+                         env=environment, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_path_that_loses_the_counts_fails_the_run(tmp_path: Path) -> None:
+    """The check is real: with the observers gone the mesh case refuses to report."""
+    shim = tmp_path / "sitecustomize.py"
+    shim.write_text("import agent.core.detect as d\n"
+                    "d.ConnectionObserver.client_bytes = lambda self, data, now: []\n"
+                    "d.ConnectionObserver.server_bytes = lambda self, data, now: []\n")
+    environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "meshpath.py"), "--case", "mesh",
+                          "--requests", "20"], capture_output=True, text=True, timeout=60,
+                         env=environment, cwd=REPO)
+    assert run.returncode != 0
+    assert "counted [0, 0] responses for 20 requests" in run.stderr

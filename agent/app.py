@@ -76,7 +76,8 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
              f" (memory limit {memory.limit // 2**20} MiB)" if memory.limit else "")
     budget.when_exhausted(metrics.budget_pauses.inc, lambda: None)
     metrics.accepting.set_function(lambda: 0.0 if budget.exhausted else 1.0)
-    metrics.budget.labels("limit").set_function(lambda: budget.limit)
+    metrics.budget.labels("limit").set_function(lambda: budget.allowed)
+    metrics.budget.labels("paced").set_function(lambda: budget.paced)
     metrics.budget.labels("ceiling").set_function(lambda: budget.ceiling)
     metrics.budget.labels("open").set_function(lambda: budget.live)
     pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,8 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
         limited.get("/metrics")
         cgroup.reset_peak()
         run.before_mib = cgroup.usage() / MIB
+        if args.signal_agent:  # e.g. a heap probe's "before" (see --signal-agent)
+            os.kill(limited.process.pid, getattr(signal, f"SIG{args.signal_agent}"))
         run.offered_rps = 2 * run.capacity_rps
         rate = max(1, int(run.offered_rps / len(clients)))
         start = time.monotonic()
@@ -246,6 +249,9 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
             run.peak_traffic_mib = cgroup.peak() / MIB
             time.sleep(30)
             run.after_30s_mib = cgroup.usage() / MIB
+            if args.signal_agent:  # the probe's "after", before the breakdown's scrape
+                os.kill(limited.process.pid, getattr(signal, f"SIG{args.signal_agent}"))
+                time.sleep(5)
             with contextlib.suppress(Exception):
                 metrics = limited.metrics()
                 run.breakdown = {s.labels.get("part", s.name): s.value / MIB for s in metrics.samples
@@ -283,6 +289,10 @@ def main() -> int:
     parser.add_argument("--scrape-seconds", type=float, default=5.0)
     parser.add_argument("--agent-args", nargs="*", default=[], metavar="FLAG",
                         help="more flags for the limited agent (e.g. --max-connections=1024)")
+    parser.add_argument("--signal-agent", metavar="NAME",
+                        help="a signal (e.g. USR1) sent to the limited agent just before the "
+                             "traffic and 30 s after it: for a probe loaded into it (a "
+                             "sitecustomize on PYTHONPATH) to compare its heap at both")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:

@@ -157,6 +157,12 @@ class ConnectionBudget:
             self._set_limit(max(MIN_CONNECTIONS, min(self.limit, self.live // 2)))
         self._pace(now)
 
+    def cpu_throttled(self, now: float) -> None:
+        """The agent's cpu cgroup ran out of its quota since the last tick: its CPU is the
+        limit, whether or not the loop shows it yet (a closed loop of a few clients keeps it
+        on time): pace."""
+        self._busy_at = now
+
     def _pace(self, now: float) -> None:
         """Once a RATE_WINDOW: the completion rate measured, young connections aged, and
         the pace set (while the CPU is or lately was the limit: `served_rate *

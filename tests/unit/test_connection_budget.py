@@ -13,7 +13,7 @@ from agent.dataplane.budget import (
     out_of_budget,
     sized_for,
 )
-from agent.memory import CgroupMemory
+from agent.memory import CgroupCpu, CgroupMemory
 
 MIB = 1024 * 1024
 
@@ -235,3 +235,43 @@ def test_the_pace_never_applies_when_the_cpu_was_never_the_limit() -> None:
         budget.loop_lag(0.0, now=float(second))
     assert budget.paced == budget.allowed == 300 and budget.young == 30
     assert not budget.exhausted and calls.log == []
+
+
+def test_a_cpu_cgroup_out_of_its_quota_paces_it_even_with_the_loop_on_time() -> None:
+    """A few clients in a closed loop keep a throttled agent's loop on time (it runs at the
+    start of each CFS period), so the lag alone does not see that its CPU is the limit."""
+    budget, _ = budget_with(1000)
+    pod = RelaySet(budget)
+    budget.loop_lag(0.0, now=10.0)
+    for tick in range(1, 11):
+        for _ in range(40):
+            conn = Conn(10.0 + tick / 10)
+            pod.add(conn)
+            pod.discard(conn)
+        budget.loop_lag(0.0, now=10.0 + tick / 10)
+    assert budget.served_rate == 400.0 and budget.paced == 1000  # on time: not paced
+    budget.cpu_throttled(11.05)
+    for tick in range(11, 21):
+        budget.loop_lag(0.0, now=10.0 + tick / 10)
+    assert not budget.cpu_busy and budget.paced == budget.allowed == 64  # the floor (360/s)
+
+
+def test_cgroup_cpu_reads_the_throttled_periods_v2_and_v1(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "agent").mkdir(parents=True)
+    (v2 / "kubepods" / "agent" / "cpu.stat").write_text(
+        "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_periods 12\nnr_throttled 5\n"
+        "throttled_usec 900\n")
+    proc = tmp_path / "cgroup-v2"
+    proc.write_text("0::/kubepods/agent\n")
+    assert CgroupCpu(str(proc), str(v2)).throttled() == 5
+
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "pinion").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "pinion" / "cpu.stat").write_text(
+        "nr_periods 40\nnr_throttled 7\nthrottled_time 123\n")
+    proc1 = tmp_path / "cgroup-v1"
+    proc1.write_text("12:pids:/x\n4:cpu,cpuacct:/pinion\n1:name=systemd:/y\n0::/z\n")
+    assert CgroupCpu(str(proc1), str(v1)).throttled() == 7
+
+    assert CgroupCpu(str(tmp_path / "missing"), str(v1)).throttled() == 0  # no cgroup: never

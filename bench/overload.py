@@ -53,6 +53,8 @@ class Run:
     served: int = 0
     failed: int = 0
     before_mib: float = 0.0
+    before_anon_mib: float = 0.0  # of before_mib (memory.stat), in --json only
+    before_kernel_mib: float = 0.0
     peak_traffic_mib: float = 0.0
     after_30s_mib: float = 0.0
     peak_pods_mib: float = 0.0
@@ -156,6 +158,7 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
         limited.get("/metrics")
         cgroup.reset_peak()
         run.before_mib = cgroup.usage() / MIB
+        run.before_anon_mib, run.before_kernel_mib = cgroup.anon() / MIB, cgroup.kernel() / MIB
         if args.signal_agent:  # e.g. a heap probe's "before" (see --signal-agent)
             os.kill(limited.process.pid, getattr(signal, f"SIG{args.signal_agent}"))
         run.offered_rps = 2 * run.capacity_rps

@@ -62,7 +62,8 @@ class Run:
     oom_kills: int = 0
     agent_alive: bool = True
     samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, all, anon, kernel
-    load: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, open, tasks, streams
+    # t, open, tasks, tunnels; open at the clients' agent
+    load: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     breakdown: dict[str, float] = field(default_factory=dict)
 
 
@@ -111,7 +112,7 @@ def sampling(cgroup: Cgroup, run: Run, start: float) -> Iterator[None]:
 
 
 def scrape_every(agent: LabAgent, seconds: float, stop: threading.Event, run: Run,
-                 start: float) -> threading.Thread:
+                 start: float, clients: LabAgent) -> threading.Thread:
     def loop() -> None:
         while not stop.wait(seconds):
             with contextlib.suppress(Exception):
@@ -119,7 +120,8 @@ def scrape_every(agent: LabAgent, seconds: float, stop: threading.Event, run: Ru
                 run.load.append((round(time.monotonic() - start, 1),
                                  metrics.value("tcp_open_connections"),
                                  metrics.value("pinion_event_loop_tasks"),
-                                 metrics.value("pinion_tunnel_connections")))
+                                 metrics.value("pinion_tunnel_connections"),
+                                 clients.metrics().value("tcp_open_connections")))
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -165,7 +167,7 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
         rate = max(1, int(run.offered_rps / len(clients)))
         start = time.monotonic()
         stop = threading.Event()
-        scraper = scrape_every(limited, args.scrape_seconds, stop, run, start)
+        scraper = scrape_every(limited, args.scrape_seconds, stop, run, start, agents[0])
         with sampling(cgroup, run, start):
             loads = [h2load(client, f"http://{server.ip}/1k", rate, args.seconds)
                      for client, server in zip(clients, servers, strict=False)]

@@ -39,10 +39,10 @@ LAG_BUSY_SECONDS = 0.05
 LAG_BUSY_TICKS = 3
 CPU_SHRINK_EVERY = 1.0  # seconds between two shrinks while the CPU stays the limit
 # Pacing (Little's law), while the CPU is or lately was the limit: young connections held at
-# most the rate the agent completes them times this wait; 0.2 CPU serving ~1,000 new
-# connections a second so holds ~100 (bench/overload.py), not the ~300 its memory allows.
+# most the rate the agent completes them times this wait; 0.2 CPU completing ~600 a second
+# under bench/overload.py's 2x load so holds the floor, 64, not the ~300 its memory allows.
 TARGET_WAIT = 0.1
-PACE_HOLD_SECONDS = 30.0  # pacing lasts this long after the loop was last late (a burst
+PACE_HOLD_SECONDS = 30.0  # pacing lasts this long after the CPU was last the limit (a burst
 # often comes back; the pace follows what is served, so a lasting one costs little)
 SETTLE_SECONDS = 5  # a connection open this long is long-lived: counted, not paced
 RATE_WINDOW = 1.0  # seconds over which the completion rate is measured
@@ -76,7 +76,7 @@ class ConnectionBudget:
         self.served_rate = 0.0  # connections completed a second, the best lately seen
         self._served = 0  # completed since `_window_at`
         self._window_at: float | None = None
-        self._busy_at = float("-inf")  # when the loop was last late several ticks running
+        self._busy_at = float("-inf")  # when the CPU was last the limit (lag, throttling)
         self.exhausted = False
         self.pressure = False  # the memory cgroup is nearly full (`agent.app` watches it)
         self.pauses = 0  # times the budget ran out (a counter on /metrics)

@@ -27,7 +27,7 @@ from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, re
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
-from agent.memory import CgroupMemory, give_back_memory, resident_bytes
+from agent.memory import CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
 from agent.observability.tap import NodeOrToken, TapAuthorizer, TapCollector, TapEndpoint
@@ -76,7 +76,8 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
              f" (memory limit {memory.limit // 2**20} MiB)" if memory.limit else "")
     budget.when_exhausted(metrics.budget_pauses.inc, lambda: None)
     metrics.accepting.set_function(lambda: 0.0 if budget.exhausted else 1.0)
-    metrics.budget.labels("limit").set_function(lambda: budget.limit)
+    metrics.budget.labels("limit").set_function(lambda: budget.allowed)
+    metrics.budget.labels("paced").set_function(lambda: budget.paced)
     metrics.budget.labels("ceiling").set_function(lambda: budget.ceiling)
     metrics.budget.labels("open").set_function(lambda: budget.live)
     pods = PodManager(config, switch, sockets, backend, Proxies(outbound, inbound, acceptor),
@@ -123,7 +124,8 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
 
         telemetry.on_scrape(count_buffers)
         if memory.limit is not None:
-            background.append(tasks.create_task(_watch_memory(memory, memory.limit, budget)))
+            background.append(tasks.create_task(_watch_memory(memory, memory.limit, budget,
+                                                                  CgroupCpu())))
         if cluster is not None:
             background.append(tasks.create_task(cluster.run()))
             background.append(tasks.create_task(_ready_when_synced(cluster, admin)))
@@ -236,7 +238,8 @@ async def _sweep_forever(config: Config, pods: PodManager, mesh: MeshClient | No
 
 
 async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudget,
-                        high: float = 0.8, low: float = 0.7, every: float = 0.1) -> None:
+                        cpu: CgroupCpu | None = None, high: float = 0.8, low: float = 0.7,
+                        every: float = 0.1) -> None:
     """Memory pressure is backpressure too. With the cgroup 80 % full (after giving back what
     can be), the agent stops taking new connections (`ConnectionBudget`) and lowers its
     budget to what fit, less a fifth; under 70 % it takes them again, and every 5 s with room
@@ -244,15 +247,20 @@ async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudg
     (heap, and kernel memory a v1 cgroup also charges) is learnt, not assumed; far cheaper
     than the OOM killer, which takes every connection of the node with it. A CPU that
     cannot keep up (the loop running late) lowers the budget the same way
-    (`ConnectionBudget.loop_lag`). And once a burst of connections is over, what it left
+    (`ConnectionBudget.loop_lag`), and a cpu cgroup out of its quota paces it
+    (`ConnectionBudget.cpu_throttled`). And once a burst of connections is over, what it left
     is collected and given back."""
     busiest = 0  # connections at the top of the last burst
     calm_since = collected = 0.0
     loop = asyncio.get_running_loop()
     due = loop.time() + every
+    throttled = cpu.throttled() if cpu is not None else 0
     while True:
         await asyncio.sleep(every)
         now = loop.time()
+        if cpu is not None and (seen := cpu.throttled()) != throttled:
+            throttled = seen
+            budget.cpu_throttled(now)
         budget.loop_lag(now - due, now)
         due = now + every
         busiest = max(busiest, budget.live)

@@ -83,3 +83,33 @@ def resident_bytes() -> int:
 
     fields = _read("/proc/self/statm").split()
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") if len(fields) > 1 else 0
+
+
+class CgroupCpu:
+    """The agent's own cpu cgroup's throttling count (v2 `cpu.stat` nr_throttled, v1 the
+    `cpu` controller's): it grows when the agent used all the CPU its limit allows in a
+    period, i.e. when the CPU is what limits it. `throttled()` is 0 without a cpu cgroup
+    or limit (a Pi's whole core: the event loop's lag tells that one)."""
+
+    def __init__(self, proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> None:
+        self.stat_path: str | None = None
+        for line in _read(proc_cgroup).splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if controllers == "" and hierarchy == "0":  # v2 (unless a v1 cpu controller is found)
+                candidate = f"{root}/{path.lstrip('/')}".rstrip("/") + "/cpu.stat"
+                if "nr_throttled" in _read(candidate):
+                    self.stat_path = candidate
+            elif "cpu" in controllers.split(","):
+                candidate = f"{root}/{controllers}/{path.lstrip('/')}".rstrip("/") + "/cpu.stat"
+                if "nr_throttled" in _read(candidate):
+                    self.stat_path = candidate
+                    break
+
+    def throttled(self) -> int:
+        """Periods in which the cgroup ran out of its CPU quota, so far."""
+        for line in _read(self.stat_path).splitlines():
+            name, _, value = line.partition(" ")
+            if name == "nr_throttled":
+                return int(value)
+        return 0

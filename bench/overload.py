@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,85 +39,10 @@ from foundation import start_nginx, write_nginx_site  # noqa: E402
 
 from agent.identity.files import init_identity_dir  # noqa: E402
 from agent.lab.agents import LabAgent, start_agents, stop_agents  # noqa: E402
+from agent.lab.limits import Cgroup, LimitedAgent  # noqa: E402
 from agent.lab.topology import Lab, Pod  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-class Cgroup:
-    """The agent's memory and CPU limits: cgroup v1 controllers if mounted, else v2."""
-
-    def __init__(self, name: str, memory_bytes: int, cpu: float) -> None:
-        self.v1 = Path("/sys/fs/cgroup/memory").is_dir() and Path("/sys/fs/cgroup/cpu").is_dir()
-        if self.v1:
-            self.memory = Path("/sys/fs/cgroup/memory") / name
-            self.cpu = Path("/sys/fs/cgroup/cpu") / name
-            for path in (self.memory, self.cpu):
-                path.mkdir()
-            (self.memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
-            with contextlib.suppress(OSError):  # no swap here, but say so if there were
-                (self.memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-            (self.cpu / "cpu.cfs_period_us").write_text("100000")
-            (self.cpu / "cpu.cfs_quota_us").write_text(str(int(cpu * 100000)))
-        else:
-            self.memory = self.cpu = Path("/sys/fs/cgroup") / name
-            self.memory.mkdir()
-            (self.memory / "memory.max").write_text(str(memory_bytes))
-            (self.memory / "cpu.max").write_text(f"{int(cpu * 100000)} 100000")
-
-    def usage(self) -> int:
-        name = "memory.usage_in_bytes" if self.v1 else "memory.current"
-        return int((self.memory / name).read_text())
-
-    def peak(self) -> int:
-        name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
-        return int((self.memory / name).read_text())
-
-    def reset_peak(self) -> None:
-        with contextlib.suppress(OSError):
-            (self.memory / ("memory.max_usage_in_bytes" if self.v1 else "memory.peak")).write_text("0")
-
-    def anon(self) -> int:
-        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
-        return int(stat.get("rss" if self.v1 else "anon", 0))
-
-    def kernel(self) -> int:
-        """Kernel memory charged to the group (v1: memory.kmem.usage_in_bytes; v2: the
-        kernel-side counters of memory.stat)."""
-        if self.v1:
-            with contextlib.suppress(OSError):
-                return int((self.memory / "memory.kmem.usage_in_bytes").read_text())
-            return 0
-        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
-        return sum(int(stat.get(k, 0)) for k in ("kernel", "sock")) or int(stat.get("slab", 0))
-
-    def oom_kills(self) -> int:
-        if self.v1:
-            text = (self.memory / "memory.oom_control").read_text()
-        else:
-            text = (self.memory / "memory.events").read_text()
-        match = re.search(r"oom_kill (\d+)", text)
-        return int(match.group(1)) if match else 0
-
-    def remove(self) -> None:
-        for path in {self.memory, self.cpu}:
-            for _ in range(50):
-                try:
-                    path.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-
-
-class LimitedAgent(LabAgent):
-    """Started inside the cgroup (a v1 group charges only what is allocated after joining)."""
-
-    cgroup: Cgroup
-
-    def argv(self) -> list[str]:
-        joins = "; ".join(f"echo $$ > {path}/cgroup.procs"
-                          for path in sorted({str(self.cgroup.memory), str(self.cgroup.cpu)}))
-        return ["/bin/sh", "-c", f'{joins}; exec "$@"', "sh", *super().argv()]
 
 
 @dataclass
@@ -127,6 +53,8 @@ class Run:
     served: int = 0
     failed: int = 0
     before_mib: float = 0.0
+    before_anon_mib: float = 0.0  # of before_mib (memory.stat), in --json only
+    before_kernel_mib: float = 0.0
     peak_traffic_mib: float = 0.0
     after_30s_mib: float = 0.0
     peak_pods_mib: float = 0.0
@@ -134,7 +62,8 @@ class Run:
     oom_kills: int = 0
     agent_alive: bool = True
     samples: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, all, anon, kernel
-    load: list[tuple[float, float, float, float]] = field(default_factory=list)  # t, open, tasks, streams
+    # t, open, tasks, tunnels; open at the clients' agent
+    load: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     breakdown: dict[str, float] = field(default_factory=dict)
 
 
@@ -183,7 +112,7 @@ def sampling(cgroup: Cgroup, run: Run, start: float) -> Iterator[None]:
 
 
 def scrape_every(agent: LabAgent, seconds: float, stop: threading.Event, run: Run,
-                 start: float) -> threading.Thread:
+                 start: float, clients: LabAgent) -> threading.Thread:
     def loop() -> None:
         while not stop.wait(seconds):
             with contextlib.suppress(Exception):
@@ -191,7 +120,8 @@ def scrape_every(agent: LabAgent, seconds: float, stop: threading.Event, run: Ru
                 run.load.append((round(time.monotonic() - start, 1),
                                  metrics.value("tcp_open_connections"),
                                  metrics.value("pinion_event_loop_tasks"),
-                                 metrics.value("pinion_tunnel_connections")))
+                                 metrics.value("pinion_tunnel_connections"),
+                                 clients.metrics().value("tcp_open_connections")))
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -230,11 +160,14 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
         limited.get("/metrics")
         cgroup.reset_peak()
         run.before_mib = cgroup.usage() / MIB
+        run.before_anon_mib, run.before_kernel_mib = cgroup.anon() / MIB, cgroup.kernel() / MIB
+        if args.signal_agent:  # e.g. a heap probe's "before" (see --signal-agent)
+            os.kill(limited.process.pid, getattr(signal, f"SIG{args.signal_agent}"))
         run.offered_rps = 2 * run.capacity_rps
         rate = max(1, int(run.offered_rps / len(clients)))
         start = time.monotonic()
         stop = threading.Event()
-        scraper = scrape_every(limited, args.scrape_seconds, stop, run, start)
+        scraper = scrape_every(limited, args.scrape_seconds, stop, run, start, agents[0])
         with sampling(cgroup, run, start):
             loads = [h2load(client, f"http://{server.ip}/1k", rate, args.seconds)
                      for client, server in zip(clients, servers, strict=False)]
@@ -246,6 +179,9 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
             run.peak_traffic_mib = cgroup.peak() / MIB
             time.sleep(30)
             run.after_30s_mib = cgroup.usage() / MIB
+            if args.signal_agent:  # the probe's "after", before the breakdown's scrape
+                os.kill(limited.process.pid, getattr(signal, f"SIG{args.signal_agent}"))
+                time.sleep(5)
             with contextlib.suppress(Exception):
                 metrics = limited.metrics()
                 run.breakdown = {s.labels.get("part", s.name): s.value / MIB for s in metrics.samples
@@ -283,6 +219,10 @@ def main() -> int:
     parser.add_argument("--scrape-seconds", type=float, default=5.0)
     parser.add_argument("--agent-args", nargs="*", default=[], metavar="FLAG",
                         help="more flags for the limited agent (e.g. --max-connections=1024)")
+    parser.add_argument("--signal-agent", metavar="NAME",
+                        help="a signal (e.g. USR1) sent to the limited agent just before the "
+                             "traffic and 30 s after it: for a probe loaded into it (a "
+                             "sitecustomize on PYTHONPATH) to compare its heap at both")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:

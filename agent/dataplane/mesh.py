@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+ACCEPT_BATCH = 16  # connections a 15008 listener takes per wake-up: then the others' turn
 
 
 class Identities(Protocol):
@@ -313,7 +314,7 @@ class TunnelAcceptor:
 
     def serve(self, pod: PodContext, listener: socket.socket) -> TunnelListener:
         server = TunnelListener(listener)
-        server.task = self._spawn(self._accept_forever(pod, server))
+        server.watch(asyncio.get_running_loop(), lambda: self._accept_ready(pod, server))
         return server
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -322,17 +323,23 @@ class TunnelAcceptor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _accept_forever(self, pod: PodContext, server: TunnelListener) -> None:
-        loop = asyncio.get_running_loop()
-        while server.is_serving():
+    def _accept_ready(self, pod: PodContext, server: TunnelListener) -> None:
+        """The listener is readable: take what waits, a batch at most per wake-up. A reader
+        callback registered once, not a future per accept: an accept loop awaiting
+        `sock_accept` leaves a new future (and its handle) pending at every connection,
+        and the ones left after a burst pin the heap's arenas it allocated (issue #21)."""
+        listening = server.sockets[0]
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = await loop.sock_accept(server.sockets[0])
+                sock, address = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
                 if not server.is_serving():
                     return
                 log.warning("pod %s/%s: accepting on 15008: %s", pod.namespace, pod.name, exc)
-                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
-                continue
+                server.rest(0.1)  # e.g. EMFILE: do not spin
+                return
             self._admit(pod, server, sock, address)
 
     def _admit(self, pod: PodContext, server: TunnelListener, sock: socket.socket,
@@ -490,9 +497,29 @@ class TunnelListener:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sockets = [sock]
-        self.task: asyncio.Task[None] | None = None
         self.connections: set[asyncio.Task[None]] = set()
         self._serving = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: Callable[[], None] | None = None
+        self._resting: asyncio.TimerHandle | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None]) -> None:
+        """`ready()` whenever a connection waits in the backlog (until `close`)."""
+        self.sockets[0].setblocking(False)
+        self._loop, self._ready = loop, ready
+        loop.add_reader(self.sockets[0].fileno(), ready)
+
+    def rest(self, seconds: float) -> None:
+        """Stop watching for `seconds` (accepting failed: fds or memory short)."""
+        if self._loop is None or self._resting is not None or not self._serving:
+            return
+        self._loop.remove_reader(self.sockets[0].fileno())
+        self._resting = self._loop.call_later(seconds, self._wake)
+
+    def _wake(self) -> None:
+        self._resting = None
+        if self._serving and self._loop is not None and self._ready is not None:
+            self._loop.add_reader(self.sockets[0].fileno(), self._ready)
 
     def is_serving(self) -> bool:
         return self._serving
@@ -501,9 +528,13 @@ class TunnelListener:
         if not self._serving:
             return
         self._serving = False
-        for task in [self.task, *self.connections]:
-            if task is not None:
-                task.cancel()
+        if self._resting is not None:
+            self._resting.cancel()
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sockets[0].fileno())
+        self._ready = None
+        for task in list(self.connections):
+            task.cancel()
         self.sockets[0].close()
 
 

@@ -289,7 +289,9 @@ class AgentMetrics:
                                registry=registry)
         self.budget = Gauge("pinion_connection_budget", "The connection budget: limit (what "
                             "the agent holds at most now: lowered under memory pressure or "
-                            "while its CPU cannot keep up, grown back with room), ceiling "
+                            "while its CPU cannot keep up, grown back with room; at most "
+                            "paced), paced (while the CPU is the limit: what it completes a "
+                            "second × 0.1 s, plus connections open over 5 s), ceiling "
                             "(where it started, --max-connections or sized from the memory "
                             "limit), open (connections it holds)", ("kind",), registry=registry)
         self.memory = Gauge("pinion_memory_bytes", "The agent's memory by part: cgroup_usage "

@@ -13,7 +13,7 @@ from agent.dataplane.budget import (
     out_of_budget,
     sized_for,
 )
-from agent.memory import CgroupMemory
+from agent.memory import CgroupCpu, CgroupMemory
 
 MIB = 1024 * 1024
 
@@ -172,3 +172,106 @@ def test_a_late_loop_with_few_connections_open_leaves_the_budget_alone() -> None
     for tick in range(10):
         budget.loop_lag(0.5, now=float(tick))
     assert budget.cpu_busy and budget.limit == 1000  # under the floor: nothing to shed
+
+
+class Conn:
+    """A relay as the budget sees it: when it was accepted (time.monotonic())."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+
+
+def test_while_the_cpu_is_the_limit_young_connections_are_paced_by_what_it_serves() -> None:
+    """Little's law: an agent completing 1,500 connections a second needs ~150 open (0.1 s
+    each) to serve them; more only wait inside it. So while its CPU is (or lately was) the
+    limit, the budget allows the young ones the rate * TARGET_WAIT (at least the floor),
+    plus every long-lived one; and it is the memory-sized limit again once the CPU has had
+    room for PACE_HOLD_SECONDS."""
+    budget, calls = budget_with(1000)
+    pod = RelaySet(budget)
+    long_lived = [Conn(1.0) for _ in range(40)]  # a pool opened long before
+    for conn in long_lived:
+        pod.add(conn)
+    budget.loop_lag(0.0, now=100.0)  # the first tick starts the rate window
+    for tick in range(1, 11):  # one second of a busy loop, 1,500 completions in it
+        for _ in range(150):
+            conn = Conn(100.0 + tick / 10)
+            pod.add(conn)
+            pod.discard(conn)
+        budget.loop_lag(0.2, now=100.0 + tick / 10)
+    assert budget.cpu_busy and budget.served_rate == 1500.0
+    assert budget.young == 0 and budget.paced == 40 + 150  # the long-lived ones, and 150
+    assert budget.allowed == 190 and budget.resume_at == 142 and budget.limit == 1000
+    young = [Conn(101.2) for _ in range(150)]
+    for conn in young:
+        pod.add(conn)
+    assert budget.young == 150 and budget.exhausted and calls.log == ["pause"]
+    for conn in young[:40]:
+        pod.discard(conn)  # 150 open: still out
+    assert budget.exhausted
+    for conn in young[40:48]:
+        pod.discard(conn)  # 142 open: back
+    assert not budget.exhausted and calls.log == ["pause", "resume"]
+    # The rate falls (nothing completes): the pace fades a tenth a second, never under
+    # the floor; the young ones of 101 s are long-lived (settled) after SETTLE_SECONDS.
+    budget.loop_lag(0.0, now=102.1)
+    assert budget.served_rate == 1350.0 and budget.young == 102 and budget.paced == 40 + 135
+    budget.loop_lag(0.0, now=107.2)
+    assert budget.young == 0 and budget.paced == 142 + 121  # all settled, and 121 paced
+    for tick in range(1, 20):
+        budget.loop_lag(0.0, now=107.2 + tick)
+    assert budget.paced == 142 + 64  # the floor
+    budget.loop_lag(0.0, now=140.0)  # the CPU last late 30 s ago and more: no pace
+    assert budget.paced == budget.allowed == 1000 and budget.resume_at == 750
+
+
+def test_the_pace_never_applies_when_the_cpu_was_never_the_limit() -> None:
+    budget, calls = budget_with(300)
+    pod = RelaySet(budget)
+    budget.loop_lag(0.0, now=0.0)
+    for second in range(1, 4):
+        for _ in range(10):  # a slow backend: few complete, many stay open
+            pod.add(Conn(float(second)))
+        budget.loop_lag(0.0, now=float(second))
+    assert budget.paced == budget.allowed == 300 and budget.young == 30
+    assert not budget.exhausted and calls.log == []
+
+
+def test_a_cpu_cgroup_out_of_its_quota_paces_it_even_with_the_loop_on_time() -> None:
+    """A few clients in a closed loop keep a throttled agent's loop on time (it runs at the
+    start of each CFS period), so the lag alone does not see that its CPU is the limit."""
+    budget, _ = budget_with(1000)
+    pod = RelaySet(budget)
+    budget.loop_lag(0.0, now=10.0)
+    for tick in range(1, 11):
+        for _ in range(40):
+            conn = Conn(10.0 + tick / 10)
+            pod.add(conn)
+            pod.discard(conn)
+        budget.loop_lag(0.0, now=10.0 + tick / 10)
+    assert budget.served_rate == 400.0 and budget.paced == 1000  # on time: not paced
+    budget.cpu_throttled(11.05)
+    for tick in range(11, 21):
+        budget.loop_lag(0.0, now=10.0 + tick / 10)
+    assert not budget.cpu_busy and budget.paced == budget.allowed == 64  # the floor (360/s)
+
+
+def test_cgroup_cpu_reads_the_throttled_periods_v2_and_v1(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "agent").mkdir(parents=True)
+    (v2 / "kubepods" / "agent" / "cpu.stat").write_text(
+        "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_periods 12\nnr_throttled 5\n"
+        "throttled_usec 900\n")
+    proc = tmp_path / "cgroup-v2"
+    proc.write_text("0::/kubepods/agent\n")
+    assert CgroupCpu(str(proc), str(v2)).throttled() == 5
+
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "pinion").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "pinion" / "cpu.stat").write_text(
+        "nr_periods 40\nnr_throttled 7\nthrottled_time 123\n")
+    proc1 = tmp_path / "cgroup-v1"
+    proc1.write_text("12:pids:/x\n4:cpu,cpuacct:/pinion\n1:name=systemd:/y\n0::/z\n")
+    assert CgroupCpu(str(proc1), str(v1)).throttled() == 7
+
+    assert CgroupCpu(str(tmp_path / "missing"), str(v1)).throttled() == 0  # no cgroup: never

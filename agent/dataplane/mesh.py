@@ -38,7 +38,15 @@ from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, Handsha
 from agent.core.multicluster import trust_domain_of
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.slots import SourceSlots
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
+from agent.dataplane.sockets import (
+    SocketFactory,
+    arm_reset,
+    close_handed_over,
+    connect,
+    first_bytes,
+    set_keepalive,
+    socket_identity,
+)
 from agent.dataplane.tunnel import TunnelSession, direct_records, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -206,6 +214,7 @@ class MeshClient:
             pod.tunnels.discard(session)
             self._metrics.tunnel_connections.labels("outbound").dec()
 
+        handed = socket_identity(sock)
         try:
             context = direct_records(self._identities.client_context(identity))
             transport, session = await loop.create_connection(
@@ -213,7 +222,7 @@ class MeshClient:
                 sock=sock, ssl=context, server_hostname="",
                 ssl_handshake_timeout=settings.handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
-            sock.close()
+            close_handed_over(sock, handed)  # uvloop may have closed it (and its number reused)
             reason = handshake_failure_reason(exc)
             self._metrics.handshake_failures.labels("outbound", reason).inc()
             raise TunnelError(f"tunnel_{reason}", f"mesh tunnel to {destination}: TLS "
@@ -357,6 +366,7 @@ class TunnelAcceptor:
     async def _handshake(self, pod: PodContext, sock: socket.socket, peer: tuple[str, int]) -> None:
         started, deadline = self._clock(), self._settings.accept_handshake_timeout
         in_tls = False
+        handed = socket_identity(sock)  # the event loop closes it if TLS fails
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small
@@ -380,10 +390,9 @@ class TunnelAcceptor:
             late = self._clock() - started >= 0.9 * deadline
             reason = "timeout" if late else handshake_failure_reason(exc)
             self._refused(pod, peer, reason, f"TLS handshake failed: {exc}")
-            arm_reset(sock)  # the event loop closed it if it got that far; else we do
-            sock.close()
+            close_handed_over(sock, handed, reset=True)  # unless the event loop closed it
         except BaseException:  # cancelled: the pod is going, or the agent
-            sock.close()
+            close_handed_over(sock, handed)
             raise
         finally:
             self.gate.done(peer[0], in_tls)

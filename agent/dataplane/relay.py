@@ -30,7 +30,13 @@ from agent.core.telemetry import (
     Telemetry,
 )
 from agent.dataplane.context import PodContext
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect
+from agent.dataplane.sockets import (
+    SocketFactory,
+    arm_reset,
+    close_handed_over,
+    connect,
+    socket_identity,
+)
 from agent.dataplane.tapping import publish_tapped
 from agent.observability.metrics import AgentMetrics
 
@@ -370,16 +376,17 @@ class PlainUpstream:
         except OSError as exc:
             self.refuse(relay, "socket", f"cannot create upstream socket: {exc}")
             return
+        handed = socket_identity(sock)
         try:
             loop = asyncio.get_running_loop()
             await connect(loop, sock, destination, self._connect_timeout)
             await loop.create_connection(lambda: relay.upstream, sock=sock)
         except asyncio.CancelledError:
-            sock.close()
+            close_handed_over(sock, handed)  # uvloop may have closed it (and its number reused)
             relay.abort()
             return
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            close_handed_over(sock, handed)
             relay.errno_name = errno_name(exc)
             reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
             self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")

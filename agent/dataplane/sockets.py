@@ -130,6 +130,36 @@ def arm_reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+def socket_identity(sock: socket.socket) -> tuple[int, int] | None:
+    """`sock`'s identity in the kernel (its sockfs device and inode), or None if it has no
+    open descriptor: a descriptor *number* is reused as soon as it is closed, this is not."""
+    try:
+        status = os.fstat(sock.fileno())
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def close_handed_over(sock: socket.socket, identity: tuple[int, int] | None,
+                      reset: bool = False) -> None:
+    """Close `sock` after the event loop it was handed to (`create_connection(sock=...)`,
+    `connect_accepted_socket`) failed with it; `identity` is `socket_identity(sock)` from
+    before. uvloop has then closed the descriptor itself but leaves the socket object holding
+    its number, which by now may be another connection's: closing (or arming a reset on) that
+    number would cut a stranger's connection, and the event loop's watcher of the stranger's
+    descriptor would go stale (EEXIST at the next registration, then an abort in libuv).
+    asyncio's own loop closes the object (fileno -1) or leaves it open. So close it — with an
+    RST if `reset` — only while the number is still this socket; else forget the number."""
+    if sock.fileno() < 0:
+        return
+    if identity is None or socket_identity(sock) != identity:
+        sock.detach()
+        return
+    if reset:
+        arm_reset(sock)
+    sock.close()
+
+
 async def first_bytes(sock: socket.socket) -> bool:
     """Wait until the peer sends something; False if it closed (or reset) instead. Nothing
     is read, nothing allocated but a future: what a listener does before any TLS state."""

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from agent.controlplane.issuer.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
 from agent.dataplane.slots import SourceSlots
-from agent.dataplane.sockets import arm_reset, first_bytes
+from agent.dataplane.sockets import arm_reset, close_handed_over, first_bytes, socket_identity
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class BoundedListener:
         writer: asyncio.StreamWriter | None = None
         has_slot = False
         stage = "silent"
+        handed = socket_identity(sock)
         try:
             async with asyncio.timeout(self._limits.handshake_timeout):
                 if not await first_bytes(sock):
@@ -159,8 +160,8 @@ class BoundedListener:
         except Exception:  # a bug in the handler must cost one connection, not the listener
             log.exception("%s: %s: the handler failed", self.name, peer)
         finally:
-            if writer is None:
-                _reset(sock)
+            if writer is None:  # unless the event loop closed it (TLS failed) and its number is reused
+                close_handed_over(sock, handed, reset=True)
             else:
                 await _close(writer)
             if has_slot:

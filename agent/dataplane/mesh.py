@@ -26,6 +26,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 import time
@@ -54,6 +55,12 @@ if TYPE_CHECKING:
     from agent.observability.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
+# A dial whose handshake the peer cut before it finished (eof: reset or closed) is tried again,
+# this many times in all, after a short jittered wait: a peer agent's handshake gate refuses a
+# source's connections beyond its per-source share of handshakes in progress (HandshakeLimits),
+# which one client pod dialling many pods of one node at once meets; a moment later the first
+# ones are done. Nothing of the client's has been sent yet, so trying again is safe.
+DIAL_ATTEMPTS = 3
 ACCEPT_BATCH = 16  # connections a 15008 listener takes per wake-up: then the others' turn
 
 
@@ -161,7 +168,20 @@ class MeshClient:
 
     async def _dial(self, pod: PodContext, key: tuple[str, str], expected: str,
                     port: int) -> TunnelSession | None:
-        """Connect to the destination's 15008 (or `port`) from the pod's netns, then TLS."""
+        """Connect to the destination's 15008 (or `port`) from the pod's netns, then TLS;
+        a handshake the peer cut short is tried again (DIAL_ATTEMPTS)."""
+        for attempt in range(1, DIAL_ATTEMPTS + 1):
+            try:
+                return await self._dial_once(pod, key, expected, port)
+            except TunnelError as exc:
+                if exc.reason != "tunnel_eof" or attempt == DIAL_ATTEMPTS:
+                    raise
+                log.debug("%s, trying again (attempt %d of %d)", exc, attempt + 1, DIAL_ATTEMPTS)
+            await asyncio.sleep(random.uniform(0.02, 0.1) * attempt)
+        raise AssertionError("unreachable")
+
+    async def _dial_once(self, pod: PodContext, key: tuple[str, str], expected: str,
+                         port: int) -> TunnelSession | None:
         settings, loop = self._settings, asyncio.get_running_loop()
         destination = key[1]
         try:

@@ -38,7 +38,14 @@ from agent.core.limits import OVER_CAPACITY, RATE_LIMITED, SOURCE_LIMIT, Handsha
 from agent.core.multicluster import trust_domain_of
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.slots import SourceSlots
-from agent.dataplane.sockets import SocketFactory, arm_reset, connect, first_bytes, set_keepalive
+from agent.dataplane.sockets import (
+    LISTEN_BACKLOG,
+    SocketFactory,
+    arm_reset,
+    connect,
+    first_bytes,
+    set_keepalive,
+)
 from agent.dataplane.tunnel import TunnelSession, direct_records, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -562,4 +569,4 @@ async def serve_tunnel(acceptor: TunnelAcceptor | None, pod: PodContext, sock: s
                 arm_reset(sock)
             cast(asyncio.Transport, transport).abort()
 
-    return await asyncio.get_running_loop().create_server(Refuse, sock=sock)
+    return await asyncio.get_running_loop().create_server(Refuse, sock=sock, backlog=LISTEN_BACKLOG)

@@ -40,6 +40,7 @@ from agent.core.multicluster import trust_domain_of
 from agent.core.telemetry import PeerLabels
 from agent.dataplane.slots import SourceSlots
 from agent.dataplane.sockets import (
+    LISTEN_BACKLOG,
     SocketFactory,
     arm_reset,
     close_handed_over,
@@ -591,4 +592,4 @@ async def serve_tunnel(acceptor: TunnelAcceptor | None, pod: PodContext, sock: s
                 arm_reset(sock)
             cast(asyncio.Transport, transport).abort()
 
-    return await asyncio.get_running_loop().create_server(Refuse, sock=sock)
+    return await asyncio.get_running_loop().create_server(Refuse, sock=sock, backlog=LISTEN_BACKLOG)

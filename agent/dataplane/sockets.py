@@ -14,6 +14,10 @@ from agent.dataplane.netns import NetNs, NetnsSwitch
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19  # linux/in.h
+# A pod's listeners' accept queue: what waits there while the agent is busy or its budget is
+# out. Every listen() of 15001/15006 must pass it: asyncio's and uvloop's create_server(sock=)
+# call listen() again with their own default, 100 (issue #21).
+LISTEN_BACKLOG = 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -22,7 +26,8 @@ class SocketFactory:
         self._switch = switch
         self._mark = mark
 
-    def listener(self, netns: NetNs, host: str, port: int, backlog: int = 1024) -> socket.socket:
+    def listener(self, netns: NetNs, host: str, port: int,
+                 backlog: int = LISTEN_BACKLOG) -> socket.socket:
         """A listening TCP socket bound inside `netns`."""
         sock = self._switch.call(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         try:

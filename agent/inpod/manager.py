@@ -27,7 +27,7 @@ from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.relay import reap_idle
-from agent.dataplane.sockets import SocketFactory
+from agent.dataplane.sockets import LISTEN_BACKLOG, SocketFactory
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
 from agent.inpod.keeper import ListenerHold, listener_key
 from agent.inpod.state import PodStateStore
@@ -293,7 +293,8 @@ class PodManager:
         if self._budget is not None and self._budget.exhausted:
             self._waiting.watch(sock.fileno(), (captured.pod.container_id, index))
             return  # out again meanwhile
-        server = await asyncio.get_running_loop().create_server(factory, sock=sock.dup())
+        server = await asyncio.get_running_loop().create_server(factory, sock=sock.dup(),
+                                                                  backlog=LISTEN_BACKLOG)
         if self._pods.get(captured.pod.container_id) is not captured or not self._accepting:
             server.close()  # released (or the agent stopping) meanwhile
             return
@@ -474,7 +475,7 @@ class PodManager:
             else:
                 own = sock.dup()
                 captured.accepting.append((len(captured.servers), own, factory))
-                server = await loop.create_server(factory, sock=sock)
+                server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 if self._budget is not None and self._budget.exhausted:
                     server.close()  # the budget is out: accepted once it is back
                     self._waiting.watch(own.fileno(), (captured.pod.container_id,

@@ -12,6 +12,7 @@ import sys
 import time
 
 from agent.lab.agents import REPO
+from agent.lab.topology import Pod
 from tests.netns.conftest import eventually, running_mesh
 
 LIMIT = 8  # back at 6
@@ -73,3 +74,43 @@ def test_a_pod_added_while_the_agent_holds_over_a_thousand_sockets() -> None:
         assert agent.process.poll() is None, agent.log()[-2000:]
         holders.send_signal(signal.SIGKILL)
         holders.wait(10)
+
+
+def _backlogs(pod: Pod) -> dict[int, int]:
+    """Each listening port in the pod's netns -> its accept queue's size (`ss`'s Send-Q)."""
+    found = {}
+    for line in pod.run(["ss", "-Hltn"]).stdout.splitlines():
+        fields = line.split()
+        found[int(fields[3].rsplit(":", 1)[1])] = int(fields[2])
+    return found
+
+
+def test_the_pods_listeners_keep_their_backlog_when_served_and_served_again() -> None:
+    # Issue #21: create_server(sock=) listen()s again with its own default, 100: under a
+    # burst the pods' 15001/15006 accept queues overflowed (ListenOverflows in the pod; the
+    # clients' handshakes and first bytes dropped and retried) long before the backlog the
+    # budget counts on, 1024, was used.
+    with running_mesh("iptables", ["--max-connections", str(LIMIT)]) as mesh:
+        client, server = mesh.pod(0, "busy"), mesh.pod(1, "web")
+        mesh.serve(server, "agent.lab.httpserver", "--port", "8080")
+        for pod in (client, server):
+            backlogs = _backlogs(pod)
+            assert (backlogs[15001], backlogs[15006], backlogs[15008]) == (1024, 1024, 1024), backlogs
+        agent = mesh.agents[0]
+        holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
+                                f"{server.ip}:8080", "--count", str(LIMIT), "--hold", "60",
+                                "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+        assert holders.stdout is not None and f'"opened": {LIMIT}' in holders.stdout.readline()
+        assert eventually(lambda: agent.metrics().value("pinion_accepting") == 0.0, 10)
+        waiting = client.spawn(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--max-time", "30", f"http://{server.ip}:8080/"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)
+        assert waiting.poll() is None  # it waits in the backlog of the closed listener
+        holders.send_signal(signal.SIGKILL)
+        holders.wait(10)
+        out, _ = waiting.communicate(timeout=30)
+        assert out.strip() == "200", out
+        assert eventually(lambda: agent.metrics().value("pinion_accepting") == 1.0, 10)
+        # 15001 was served again (a new create_server on the same socket): still 1024
+        assert _backlogs(client)[15001] == 1024, _backlogs(client)

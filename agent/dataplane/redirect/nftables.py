@@ -85,9 +85,12 @@ def _run_nft_process(commands: str, json_output: bool) -> str:
     select(), which glibc aborts the whole process for once the socket's fd is past
     FD_SETSIZE (1024): an agent holding a thousand connections would die at its next pod.
     A child starts with only its three fds; it inherits the calling thread's netns."""
-    argv = ["nft", *(["-j"] if json_output else []), "-f", "-"]
+    # With -j the command goes in argv: `nft -j -f -` reads the file as JSON commands, and
+    # prints nothing for a `list` (status 0, nftables 1.0.6). Only `list`s ask for JSON.
+    argv = ["nft", "-j", *commands.split()] if json_output else ["nft", "-f", "-"]
     try:
-        done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(argv, input=None if json_output else commands, capture_output=True,
+                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NftError(f"nft: {exc}") from None
     if done.returncode != 0:

@@ -84,8 +84,10 @@ def test_an_absent_agent_fails_the_pod_closed_and_leaves_no_netns(busy_mesh: Mes
         busy_mesh.pod(0, "late")
     assert failure.value.code == 11
     assert "not reachable" in failure.value.msg
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "late" not in names
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    ours = [line.split()[0] for line in listed.splitlines()  # this lab's (other labs may run)
+            if line.startswith(f"pn{busy_mesh.lab.run_id}-")]
+    assert ours and not [name for name in ours if "late" in name], ours
 
 
 def test_a_pod_deleted_during_add_leaves_nothing_behind(busy_mesh: Mesh) -> None:

@@ -9,7 +9,7 @@ and import cost cancel out).
 
 Cases:
   relay-http1-python    one relayed keep-alive connection, HTTP/1 observed by the llhttp-based
-                        Python observer (Relay.forward both ways: counters, observer, records)
+                        Python observer (both sides' data_received: counters, observer, records)
   relay-http1-compiled  the same with the compiled fast path (agent.core._http1fast)
   relay-opaque          the same connection declared opaque: no observation at all
   tunnel-framing-python    the mesh tunnel's framing for that request and response, both ends
@@ -101,8 +101,8 @@ def relay_loop(case: str, requests: int) -> None:
     if case == "relay-opaque":
         relay.observer = None
     for _ in range(requests):
-        relay.forward(relay.client, REQUEST)
-        relay.forward(relay.upstream, RESPONSE)
+        relay.client.data_received(REQUEST)
+        relay.upstream.data_received(RESPONSE)
 
 
 def h2_relay_loop(case: str, requests: int, prepare: int) -> None:
@@ -130,7 +130,7 @@ def h2_relay_loop(case: str, requests: int, prepare: int) -> None:
     if case == "relay-h2-opaque":
         relay.observer = None
     for from_client, data in setup + reads:
-        relay.forward(relay.client if from_client else relay.upstream, data)
+        (relay.client if from_client else relay.upstream).data_received(data)
     http = relay.http
     if case != "relay-h2-opaque" and (http is None or http.requests != expected):
         sys.exit(f"{case}: the observer counted {http and http.requests} requests of {expected}")
@@ -156,8 +156,8 @@ def newconn_loop(case: str, connections: int) -> None:
         if opaque:
             relay.observer = None  # what the proxies do for a port declared opaque
         relay.open_record(PLAINTEXT)
-        relay.forward(relay.client, AB_REQUEST)
-        relay.forward(relay.upstream, CLOSING_RESPONSE)
+        relay.client.data_received(AB_REQUEST)
+        relay.upstream.data_received(CLOSING_RESPONSE)
         relay.upstream.eof = True
         relay.half_closed(relay.upstream)
         relay.finish()

@@ -170,13 +170,6 @@ class Relay:
                     break
                 self.account(observer.client_bytes(data, self.early_at), observer)
 
-    def forward(self, side: _Side, data: bytes) -> None:
-        """`data` read on `side`: counted, observed, written to the other side."""
-        if side is self.client:
-            self.from_client(data)
-        else:
-            self.from_upstream(data)
-
     def from_client(self, data: bytes) -> None:
         """The client side's data_received."""
         self.activity += 1

@@ -205,6 +205,9 @@ def run_case(case: str, requests: int, prepare: int = 0) -> None:
 def instructions(case: str, requests: int, prepare: int) -> int:
     environment = dict(os.environ)
     environment.pop(PURE_PYTHON_ENV, None)
+    # str hashes (dict and set layouts, hence probe lengths) vary with the seed: ±0.7 k
+    # instructions between otherwise equal runs. One seed makes counts comparable.
+    environment["PYTHONHASHSEED"] = "0"
     if case == "tunnel-framing-python":
         environment[PURE_PYTHON_ENV] = "1"
     run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",

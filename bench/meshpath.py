@@ -213,7 +213,8 @@ def instructions(case: str, requests: int, certs: str, out: str = "/dev/null") -
     run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                           sys.executable, __file__, "--case", case, "--requests", str(requests),
                           "--certs", certs],
-                         capture_output=True, text=True, timeout=900, check=True)
+                         capture_output=True, text=True, timeout=900, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "0"})  # see bench/hotpath.py
     found = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
     if found is None:
         raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr[-2000:]}")

@@ -24,6 +24,191 @@
 
 #include "h1scan.h"
 
+/* ------------------------------------------------------------------------ tally */
+
+/* One HTTP series' counts as the fast path makes them (issue #16: counting without a Record
+ * or a Python call per request). HttpCounters (agent/core/counters.py) holds one, made when
+ * the first fast-path connection of the series is handed it, and adds it in at scrape time.
+ * A response is counted under counters.response_code's int (status 100..599 -> 1..500,
+ * another 501, none 0; no gRPC status on HTTP/1), the latency under counters.latency_bucket's
+ * bucket (the first bound >= the latency). tests/unit/test_http1_tally.py checks both. */
+#define TALLY_BUCKETS 26 /* 25 bounds and +Inf */
+#define TALLY_INLINE 3   /* response kinds kept in the object; more go to a grown array */
+static const double tally_bounds[TALLY_BUCKETS - 1] = {
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+    1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000};
+
+typedef struct {
+    long long code, count;
+} tally_code;
+
+typedef struct {
+    PyObject_HEAD
+    long long requests, latency_count;
+    double latency_sum;
+    long long buckets[TALLY_BUCKETS];
+    Py_ssize_t codes, capacity; /* response kinds seen, room in `responses` */
+    tally_code *responses;      /* `inline_responses` until more kinds come */
+    tally_code inline_responses[TALLY_INLINE];
+} Tally;
+
+static PyTypeObject TallyType;
+
+static int tally_bucket(double latency_ms) {
+    int low = 0, high = TALLY_BUCKETS - 1;
+    while (low < high) {
+        int middle = (low + high) / 2;
+        if (tally_bounds[middle] < latency_ms)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+static long long tally_response_code(int status, int failed) {
+    long long status_index = status == 0 ? 0 : (status >= 100 && status <= 599) ? status - 99 : 501;
+    return status_index * 19 * 2 + (failed ? 1 : 0); /* (status_index * 19 + no gRPC) * 2 + failed */
+}
+
+/* One finished request: status 0 = none; latency_ms < 0 = none. 0 ok, -1 error (memory). */
+static int tally_count(Tally *tally, int status, int failed, double latency_ms) {
+    long long code = tally_response_code(status, failed);
+    Py_ssize_t i;
+    for (i = 0; i < tally->codes; i++)
+        if (tally->responses[i].code == code)
+            break;
+    if (i == tally->codes) {
+        if (tally->codes == tally->capacity) {
+            Py_ssize_t capacity = tally->capacity * 2;
+            tally_code *grown = PyMem_New(tally_code, capacity);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(grown, tally->responses, sizeof(tally_code) * (size_t)tally->codes);
+            if (tally->responses != tally->inline_responses)
+                PyMem_Free(tally->responses);
+            tally->responses = grown, tally->capacity = capacity;
+        }
+        tally->responses[i].code = code, tally->responses[i].count = 0;
+        tally->codes++;
+    }
+    tally->responses[i].count++;
+    if (latency_ms >= 0) {
+        tally->buckets[tally_bucket(latency_ms)]++;
+        tally->latency_sum += latency_ms;
+        tally->latency_count++;
+    }
+    return 0;
+}
+
+static PyObject *Tally_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    Tally *self;
+    if (!_PyArg_NoPositional("Tally", args) || !_PyArg_NoKeywords("Tally", kwargs))
+        return NULL;
+    self = (Tally *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->responses = self->inline_responses, self->capacity = TALLY_INLINE;
+    return (PyObject *)self;
+}
+
+static void Tally_dealloc(Tally *self) {
+    if (self->responses != self->inline_responses)
+        PyMem_Free(self->responses);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* count(status, failed, latency_ms): what the fast path counts per finished request, for
+ * the tests (status None = no response, latency None = none). */
+static PyObject *Tally_count(Tally *self, PyObject *args) {
+    PyObject *status_object, *latency_object;
+    int failed, status = 0;
+    double latency_ms = -1.0;
+    if (!PyArg_ParseTuple(args, "OpO:count", &status_object, &failed, &latency_object))
+        return NULL;
+    if (status_object != Py_None) {
+        long value = PyLong_AsLong(status_object);
+        if (value == -1 && PyErr_Occurred())
+            return NULL;
+        if (value < 1 || value > 999) {
+            PyErr_SetString(PyExc_ValueError, "status must be None or 1..999");
+            return NULL;
+        }
+        status = (int)value;
+    }
+    if (latency_object != Py_None) {
+        latency_ms = PyFloat_AsDouble(latency_object);
+        if (latency_ms == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(latency_ms >= 0)) {
+            PyErr_SetString(PyExc_ValueError, "latency_ms must be None or >= 0");
+            return NULL;
+        }
+    }
+    if (tally_count(self, status, failed, latency_ms) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Tally_buckets(Tally *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(TALLY_BUCKETS);
+    int i;
+    for (i = 0; out != NULL && i < TALLY_BUCKETS; i++) {
+        PyObject *count = PyLong_FromLongLong(self->buckets[i]);
+        if (count == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, count);
+    }
+    return out;
+}
+
+static PyObject *Tally_responses(Tally *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyDict_New();
+    Py_ssize_t i;
+    for (i = 0; out != NULL && i < self->codes; i++) {
+        PyObject *code = PyLong_FromLongLong(self->responses[i].code);
+        PyObject *count = PyLong_FromLongLong(self->responses[i].count);
+        if (code == NULL || count == NULL || PyDict_SetItem(out, code, count) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(code);
+        Py_XDECREF(count);
+    }
+    return out;
+}
+
+static PyMemberDef Tally_members[] = {
+    {"requests", T_LONGLONG, offsetof(Tally, requests), READONLY, "requests started"},
+    {"latency_count", T_LONGLONG, offsetof(Tally, latency_count), READONLY, "latencies counted"},
+    {"latency_sum", T_DOUBLE, offsetof(Tally, latency_sum), READONLY, "their sum (ms)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef Tally_methods[] = {
+    {"count", (PyCFunction)Tally_count, METH_VARARGS,
+     "count(status, failed, latency_ms): one finished request, as the fast path counts it"},
+    {"buckets", (PyCFunction)Tally_buckets, METH_NOARGS,
+     "Per-bucket latency counts, one per bound and the last for +Inf (a new list)"},
+    {"responses", (PyCFunction)Tally_responses, METH_NOARGS,
+     "Responses by counters.response_code (a new dict)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "agent.core._http1fast.Tally",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One HTTP series' counts made by the fast path, added in at scrape time",
+    .tp_new = Tally_new,
+    .tp_dealloc = (destructor)Tally_dealloc,
+    .tp_members = Tally_members,
+    .tp_methods = Tally_methods,
+};
+
+/* ----------------------------------------------------------------------- observer */
+
 typedef struct {
     double start;      /* request headers complete (the `now` of that chunk) */
     double latency_ms; /* to the response headers; < 0 until then */
@@ -49,6 +234,9 @@ typedef struct {
      * llhttp takes nothing after its message (CR and LF aside); what comes is handed over */
     int request_closes, response_closes;
     int given_up; /* closed or abandoned before any hand-over: opaque, no more records */
+    /* the series' tally once the relay hands it over (count_into): requests that start and
+     * end on the fast path are counted there, not returned (no Record, no started count) */
+    Tally *tally;
 } Http1Fast;
 
 static PyObject *record_type; /* agent.core.accounting.Record */
@@ -56,7 +244,7 @@ static PyObject *method_strings[H1_METHODS];
 static PyObject *s_success, *s_failure, *s_reset, *s_closed, *s_empty;
 static PyObject *n_classification, *n_status_code, *n_grpc_status, *n_latency_ms, *n_method,
     *n_error, *n_client_bytes, *n_server_bytes, *n_closed, *n_abandon, *n_take_started,
-    *n_opaque, *n_authority, *n_at_rest, *n_detail;
+    *n_opaque, *n_authority, *n_at_rest, *n_detail, *n_on;
 
 /* ------------------------------------------------------------------------ records */
 
@@ -108,6 +296,15 @@ static int emit(PyObject **out, PyObject *record) {
 
 static PyObject *finish(PyObject *out) { return out != NULL ? out : PyList_New(0); }
 
+/* A request ended on the fast path: counted in the tally when there is one, else a Record
+ * appended to *out. 0 ok, -1 error. */
+static int end_request(Http1Fast *self, PyObject **out, const pending_t *pending, PyObject *error) {
+    if (self->tally != NULL)
+        return tally_count(self->tally, pending->status,
+                           error != NULL || pending->status >= 500, pending->latency_ms);
+    return emit(out, make_record(pending, error));
+}
+
 /* ------------------------------------------------------------------ pending ring */
 
 static pending_t *first(Http1Fast *self) { return &self->pending[self->head]; }
@@ -134,7 +331,10 @@ static int push(Http1Fast *self, int method, double now) {
     slot = &self->pending[(self->head + self->count) % self->capacity];
     slot->start = now, slot->latency_ms = -1.0, slot->method = method, slot->status = 0;
     self->count++;
-    self->started++;
+    if (self->tally != NULL)
+        self->tally->requests++;
+    else
+        self->started++;
     return 0;
 }
 
@@ -259,19 +459,12 @@ fail:
 
 /* -------------------------------------------------------------- the Observer API */
 
-static int parse_feed(PyObject *args, PyObject **data, PyObject **now_object, double *now) {
-    if (!PyArg_UnpackTuple(args, "feed", 2, 2, data, now_object))
-        return -1;
-    *now = PyFloat_AsDouble(*now_object);
-    return (*now == -1.0 && PyErr_Occurred()) ? -1 : 0;
-}
-
 /* A tap of the pod is open (its switch's `on`): requests that start now are handed over to
  * the Python observer, which reports them to the tap. An error reading it counts as on. */
 static int tap_on(Http1Fast *self) {
     if (self->tap == NULL || self->tap == Py_None)
         return 0;
-    PyObject *on = PyObject_GetAttrString(self->tap, "on");
+    PyObject *on = PyObject_GetAttr(self->tap, n_on);
     if (on == NULL) {
         PyErr_Clear();
         return 1;
@@ -285,18 +478,17 @@ static int tap_on(Http1Fast *self) {
     return truth;
 }
 
-static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
-    PyObject *data, *now_object, *out = NULL;
+/* The feeds. Each returns a new reference: a list of Records, or None when no Record came
+ * (the public methods below turn None into what they promise). */
+static PyObject *feed_client(Http1Fast *self, PyObject *data, PyObject *now_object, double now) {
+    PyObject *out = NULL;
     Py_buffer view;
     Py_ssize_t pos = 0;
-    double now;
     h1_head head;
-    if (parse_feed(args, &data, &now_object, &now) < 0)
-        return NULL;
     if (self->delegate != NULL)
         return PyObject_CallMethodObjArgs(self->delegate, n_client_bytes, data, now_object, NULL);
     if (self->given_up)
-        return PyList_New(0);
+        Py_RETURN_NONE;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     if (self->request_heads == 0 && self->authority == NULL) {
@@ -333,24 +525,21 @@ static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *args) {
     }
     if (pos < view.len)
         out = hand_over(self, out, n_client_bytes, data, &view, pos, now_object);
-    else
-        out = finish(out);
+    else if (out == NULL)
+        out = Py_NewRef(Py_None);
     PyBuffer_Release(&view);
     return out;
 }
 
-static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
-    PyObject *data, *now_object, *out = NULL;
+static PyObject *feed_server(Http1Fast *self, PyObject *data, PyObject *now_object, double now) {
+    PyObject *out = NULL;
     Py_buffer view;
     Py_ssize_t pos = 0;
-    double now;
     h1_head head;
-    if (parse_feed(args, &data, &now_object, &now) < 0)
-        return NULL;
     if (self->delegate != NULL)
         return PyObject_CallMethodObjArgs(self->delegate, n_server_bytes, data, now_object, NULL);
     if (self->given_up)
-        return PyList_New(0);
+        Py_RETURN_NONE;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     while (pos < view.len) {
@@ -363,7 +552,7 @@ static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
             if (ended < 0)
                 break;
             if (ended) {
-                if (emit(&out, make_record(first(self), NULL)) < 0)
+                if (end_request(self, &out, first(self), NULL) < 0)
                     goto fail;
                 pop_first(self);
             }
@@ -378,15 +567,15 @@ static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *args) {
         self->response_closes = head.closes;
         h1_start_body(&self->response_body, &head);
         if (self->response_body.state == H1_BODY_NONE) {
-            if (emit(&out, make_record(first(self), NULL)) < 0)
+            if (end_request(self, &out, first(self), NULL) < 0)
                 goto fail;
             pop_first(self);
         }
     }
     if (pos < view.len)
         out = hand_over(self, out, n_server_bytes, data, &view, pos, now_object);
-    else
-        out = finish(out);
+    else if (out == NULL)
+        out = Py_NewRef(Py_None);
     PyBuffer_Release(&view);
     return out;
 fail:
@@ -395,23 +584,86 @@ fail:
     return NULL;
 }
 
+/* Nothing for the relay to take: no Record, no request started outside a tally, no
+ * hand-over, not given up. */
+static int quiet(Http1Fast *self) {
+    return self->started == 0 && self->delegate == NULL && !self->given_up;
+}
+
+static PyObject *as_list(PyObject *fed) {
+    if (fed != Py_None)
+        return fed;
+    Py_DECREF(fed);
+    return PyList_New(0);
+}
+
+static int feed_arguments(PyObject *const *args, Py_ssize_t nargs, double *now) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "expected (data, now), got %zd arguments", nargs);
+        return -1;
+    }
+    *now = PyFloat_CheckExact(args[1]) ? PyFloat_AS_DOUBLE(args[1]) : PyFloat_AsDouble(args[1]);
+    return (*now == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *Http1Fast_client_bytes(Http1Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    double now;
+    PyObject *fed;
+    if (feed_arguments(args, nargs, &now) < 0 || (fed = feed_client(self, args[0], args[1], now)) == NULL)
+        return NULL;
+    return as_list(fed);
+}
+
+static PyObject *Http1Fast_server_bytes(Http1Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    double now;
+    PyObject *fed;
+    if (feed_arguments(args, nargs, &now) < 0 || (fed = feed_server(self, args[0], args[1], now)) == NULL)
+        return NULL;
+    return as_list(fed);
+}
+
+/* The relay's one call per chunk (issue #16): as client_bytes / server_bytes, but None when
+ * there is nothing for the relay to do, which is every chunk of a connection counting into
+ * a tally on the fast path; else the Records (maybe none: take_started, opaque, delegated). */
+static PyObject *Http1Fast_feed_client(Http1Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    double now;
+    PyObject *fed;
+    if (feed_arguments(args, nargs, &now) < 0 || (fed = feed_client(self, args[0], args[1], now)) == NULL)
+        return NULL;
+    return fed == Py_None && !quiet(self) ? as_list(fed) : fed;
+}
+
+static PyObject *Http1Fast_feed_server(Http1Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    double now;
+    PyObject *fed;
+    if (feed_arguments(args, nargs, &now) < 0 || (fed = feed_server(self, args[0], args[1], now)) == NULL)
+        return NULL;
+    return fed == Py_None && !quiet(self) ? as_list(fed) : fed;
+}
+
 /* Every request in flight ends as a failure with `error`; then the observer is opaque. */
-static PyObject *give_up(Http1Fast *self, PyObject *error) {
-    PyObject *out = NULL;
+static int give_up_into(Http1Fast *self, PyObject **out, PyObject *error) {
     self->given_up = 1;
     while (self->count) {
-        if (emit(&out, make_record(first(self), error)) < 0) {
-            Py_XDECREF(out);
-            return NULL;
-        }
+        if (end_request(self, out, first(self), error) < 0)
+            return -1;
         pop_first(self);
+    }
+    return 0;
+}
+
+static PyObject *give_up(Http1Fast *self, PyObject *error) {
+    PyObject *out = NULL;
+    if (give_up_into(self, &out, error) < 0) {
+        Py_XDECREF(out);
+        return NULL;
     }
     return finish(out);
 }
 
 static PyObject *Http1Fast_closed(Http1Fast *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"now", "reset", NULL};
-    PyObject *now_object;
+    PyObject *now_object, *out = NULL;
     int reset;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Op:closed", keywords, &now_object, &reset))
         return NULL;
@@ -423,20 +675,15 @@ static PyObject *Http1Fast_closed(Http1Fast *self, PyObject *args, PyObject *kwa
     /* a response that ends the connection, cut short by a close (not a reset), counts as
      * ended (as Http1Observer's may_end_at_eof); the rest fail */
     if (!reset && self->count && first(self)->status && self->response_closes) {
-        PyObject *out = NULL, *more;
-        if (emit(&out, make_record(first(self), NULL)) < 0)
+        if (end_request(self, &out, first(self), NULL) < 0)
             return NULL;
         pop_first(self);
-        more = give_up(self, s_closed);
-        if (more == NULL || PyList_SetSlice(out, PyList_GET_SIZE(out), PyList_GET_SIZE(out), more) < 0) {
-            Py_XDECREF(more);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(more);
-        return out;
     }
-    return give_up(self, reset ? s_reset : s_closed);
+    if (give_up_into(self, &out, reset ? s_reset : s_closed) < 0) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return finish(out);
 }
 
 static PyObject *Http1Fast_abandon(Http1Fast *self, PyObject *error) {
@@ -462,6 +709,15 @@ static PyObject *Http1Fast_take_started(Http1Fast *self, PyObject *Py_UNUSED(ign
         started += value;
     }
     return PyLong_FromSsize_t(started);
+}
+
+static PyObject *Http1Fast_count_into(Http1Fast *self, PyObject *tally) {
+    if (!PyObject_TypeCheck(tally, &TallyType)) {
+        PyErr_Format(PyExc_TypeError, "count_into takes a Tally, not %.100s", Py_TYPE(tally)->tp_name);
+        return NULL;
+    }
+    Py_XSETREF(self->tally, (Tally *)Py_NewRef(tally));
+    Py_RETURN_NONE;
 }
 
 static PyObject *Http1Fast_get_opaque(Http1Fast *self, void *Py_UNUSED(closure)) {
@@ -529,6 +785,7 @@ static int Http1Fast_traverse(Http1Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->grpc_failures);
     Py_VISIT(self->tap);
     Py_VISIT(self->authority);
+    Py_VISIT(self->tally);
     return 0;
 }
 
@@ -538,6 +795,7 @@ static int Http1Fast_clear(Http1Fast *self) {
     Py_CLEAR(self->grpc_failures);
     Py_CLEAR(self->tap);
     Py_CLEAR(self->authority);
+    Py_CLEAR(self->tally);
     return 0;
 }
 
@@ -549,10 +807,16 @@ static void Http1Fast_dealloc(Http1Fast *self) {
 }
 
 static PyMethodDef Http1Fast_methods[] = {
-    {"client_bytes", (PyCFunction)Http1Fast_client_bytes, METH_VARARGS,
+    {"client_bytes", (PyCFunction)(void (*)(void))Http1Fast_client_bytes, METH_FASTCALL,
      "client_bytes(data, now) -> list[Record]"},
-    {"server_bytes", (PyCFunction)Http1Fast_server_bytes, METH_VARARGS,
+    {"server_bytes", (PyCFunction)(void (*)(void))Http1Fast_server_bytes, METH_FASTCALL,
      "server_bytes(data, now) -> list[Record]"},
+    {"feed_client", (PyCFunction)(void (*)(void))Http1Fast_feed_client, METH_FASTCALL,
+     "feed_client(data, now) -> list[Record] | None: None when the relay has nothing to do"},
+    {"feed_server", (PyCFunction)(void (*)(void))Http1Fast_feed_server, METH_FASTCALL,
+     "feed_server(data, now) -> list[Record] | None: None when the relay has nothing to do"},
+    {"count_into", (PyCFunction)Http1Fast_count_into, METH_O,
+     "count_into(tally): count the requests that start and end on the fast path there"},
     {"closed", (PyCFunction)(void (*)(void))Http1Fast_closed, METH_VARARGS | METH_KEYWORDS, "closed(now, reset) -> list[Record]"},
     {"abandon", (PyCFunction)Http1Fast_abandon, METH_O, "abandon(error) -> list[Record]"},
     {"take_started", (PyCFunction)Http1Fast_take_started, METH_NOARGS, "take_started() -> int"},
@@ -660,6 +924,7 @@ PyMODINIT_FUNC PyInit__http1fast(void) {
     INTERN(n_authority, "authority");
     INTERN(n_at_rest, "at_rest");
     INTERN(n_detail, "detail");
+    INTERN(n_on, "on");
     if ((accounting = PyImport_ImportModule("agent.core.accounting")) == NULL)
         return NULL;
     record_type = PyObject_GetAttrString(accounting, "Record");
@@ -670,11 +935,12 @@ PyMODINIT_FUNC PyInit__http1fast(void) {
         PyErr_SetString(PyExc_TypeError, "agent.core.accounting.Record is not a class");
         return NULL;
     }
-    if (PyType_Ready(&Http1FastType) < 0)
+    if (PyType_Ready(&Http1FastType) < 0 || PyType_Ready(&TallyType) < 0)
         return NULL;
     if ((m = PyModule_Create(&module)) == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Http1Fast", (PyObject *)&Http1FastType) < 0 ||
+        PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEAD", H1_MAX_HEAD) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -17,7 +17,7 @@ Nothing here imports the rest of the agent at run time (a Record is only read)."
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from agent.core.accounting import Record
@@ -86,22 +86,45 @@ def latency_bucket(latency_ms: float) -> int:
     return low
 
 
+class Tally(Protocol):
+    """Counts of one series kept elsewhere (agent.core._http1fast.Tally: the HTTP/1 fast path
+    counts requests there in C, without a Record or a Python call per request), added in
+    when the counters are read. Responses by `response_code`, latencies by `latency_bucket`."""
+
+    @property
+    def requests(self) -> int: ...
+
+    @property
+    def latency_count(self) -> int: ...
+
+    @property
+    def latency_sum(self) -> float: ...
+
+    def buckets(self) -> list[int]: ...
+
+    def responses(self) -> dict[int, int]: ...
+
+
 class HttpCounters:
     """request_total, response_total by (classification, status, grpc status), and the
     latency histogram (per-bucket counts; the exposition makes them cumulative).
+
+    What `count` and `requests` count here is added to what a `tally` holds (once the HTTP/1
+    fast path was handed one: `agent.core.http1.count_fast`) when the totals are read.
 
     Requests of one series mostly end alike (the same status, the same latency bucket): a run
     of equal responses, and of equal buckets, is counted in a plain attribute and added to
     its array slot when the run ends (an array store is a generic call, even compiled)."""
 
-    __slots__ = ("_bucket_run", "_buckets", "_codes", "_counts", "_run", "_run_above",
-                 "_run_bucket", "_run_code", "_run_slot", "_run_upto", "latency_count",
-                 "latency_sum", "requests")
+    __slots__ = ("_bucket_run", "_buckets", "_codes", "_counts", "_latency_count",
+                 "_latency_sum", "_requests", "_run", "_run_above", "_run_bucket", "_run_code",
+                 "_run_slot", "_run_upto", "tally")
 
     def __init__(self) -> None:
-        self.requests: int = 0
-        self.latency_sum: float = 0.0
-        self.latency_count: int = 0
+        self._requests: int = 0
+        self._latency_sum: float = 0.0
+        self._latency_count: int = 0
+        self.tally: Tally | None = None
         self._buckets = array("q", bytes(8 * _BUCKETS))
         self._codes: dict[int, int] = {}  # response code -> its slot in _counts
         self._counts = array("q")
@@ -143,8 +166,33 @@ class HttpCounters:
                     self._run_bucket, self._bucket_run = bucket, 1
                     self._run_above = _BOUNDS[bucket - 1] if bucket else _NO_LATENCY
                     self._run_upto = _BOUNDS[bucket] if bucket < _BUCKETS - 1 else _INF
-            self.latency_sum += latency_ms
-            self.latency_count += 1
+            self._latency_sum += latency_ms
+            self._latency_count += 1
+
+    def start(self, requests: int) -> None:
+        """`requests` more requests started."""
+        self._requests += requests
+
+    @property
+    def requests(self) -> int:
+        """Requests started (request_total)."""
+        tally = self.tally
+        return self._requests if tally is None else self._requests + tally.requests
+
+    @requests.setter
+    def requests(self, total: int) -> None:
+        tally = self.tally
+        self._requests = total if tally is None else total - tally.requests
+
+    @property
+    def latency_count(self) -> int:
+        tally = self.tally
+        return self._latency_count if tally is None else self._latency_count + tally.latency_count
+
+    @property
+    def latency_sum(self) -> float:
+        tally = self.tally
+        return self._latency_sum if tally is None else self._latency_sum + tally.latency_sum
 
     @property
     def responses(self) -> dict[tuple[str, str, str], int]:
@@ -152,13 +200,19 @@ class HttpCounters:
         counts = self._counts.tolist()
         if self._run:
             counts[self._run_slot] += self._run
-        return {response_labels(code): counts[slot] for code, slot in self._codes.items()}
+        by_code = {code: counts[slot] for code, slot in self._codes.items()}
+        if self.tally is not None:
+            for code, count in self.tally.responses().items():
+                by_code[code] = by_code.get(code, 0) + count
+        return {response_labels(code): count for code, count in by_code.items()}
 
     @property
     def latency_buckets(self) -> list[int]:
         """Per-bucket counts, one per bound and the last for +Inf (a new list)."""
         buckets = self._buckets.tolist()
         buckets[self._run_bucket] += self._bucket_run
+        if self.tally is not None:
+            buckets = [mine + theirs for mine, theirs in zip(buckets, self.tally.buckets(), strict=True)]
         return buckets
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
+from typing import Protocol as Interface
 
 from agent.core.accounting import (
     GRPC_FAILURE_LINKERD,
@@ -28,9 +29,12 @@ from agent.core.accounting import (
     OpaqueObserver,
     Record,
 )
-from agent.core.http1 import http1_at_rest, http1_observer
+from agent.core.http1 import count_fast, http1_at_rest, http1_observer
 from agent.core.http2 import Http2Observer
 from agent.core.tap import NEVER, TapSwitch
+
+if TYPE_CHECKING:
+    from agent.core.counters import HttpCounters
 
 
 class Protocol(enum.Enum):
@@ -89,8 +93,23 @@ def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
     return OpaqueObserver()
 
 
+class DirectFeed(Interface):
+    """An observer the proxy may feed without the ConnectionObserver in between (the compiled
+    HTTP/1 fast path counting into its series: `ConnectionObserver.count_fast`). A feed
+    returns None when the proxy has nothing to do, else the Records that ended (maybe none:
+    then requests started, the observer turned opaque, or it stopped counting by itself);
+    the proxy then settles with the ConnectionObserver and feeds that again."""
+
+    def feed_client(self, data: bytes, now: float) -> list[Record] | None: ...
+
+    def feed_server(self, data: bytes, now: float) -> list[Record] | None: ...
+
+
 class ConnectionObserver:
     """One connection's observer: sniffs the first client bytes, then delegates.
+
+    The proxy calls `feed_client` / `feed_server` per chunk: one call whose answer says
+    whether there is anything to take (`take_started`, the Records returned, `opaque`).
 
     Also the last line of defence: if a protocol observer ever raises (a bug: they are
     written not to), the connection turns opaque and its in-flight requests end as
@@ -166,6 +185,43 @@ class ConnectionObserver:
             return inner.server_bytes(data, now)
         except Exception:
             return self._abandon()
+
+    def feed_client(self, data: bytes, now: float) -> list[Record] | None:
+        """`client_bytes` for the proxy: None when there is nothing to take (no request
+        started or ended, not opaque), else the Records (maybe none)."""
+        records = self.client_bytes(data, now)
+        inner = self._inner
+        if records or inner is None:
+            return records or None
+        started = inner.take_started()
+        if started:
+            self._carried_started += started
+            return records
+        return records if self._carried_started or inner.opaque else None
+
+    def feed_server(self, data: bytes, now: float) -> list[Record] | None:
+        """`server_bytes` for the proxy, answered as `feed_client`."""
+        records = self.server_bytes(data, now)
+        inner = self._inner
+        if records or inner is None:
+            return records or None
+        started = inner.take_started()
+        if started:
+            self._carried_started += started
+            return records
+        return records if self._carried_started or inner.opaque else None
+
+    def count_fast(self, counters: HttpCounters) -> DirectFeed | None:
+        """Once the first request's series is known: let the compiled HTTP/1 fast path count
+        into it directly (agent.core.http1.count_fast). Returns the observer the proxy may
+        feed itself until a feed returns something; None when there is none."""
+        inner = self._inner
+        return None if inner is None else count_fast(inner, counters)
+
+    def failed(self) -> list[Record]:
+        """A direct feed raised (a bug: observers are written not to): as when a feed through
+        this observer raises, the connection turns opaque and its requests end as failures."""
+        return self._abandon()
 
     def closed(self, now: float, reset: bool) -> list[Record]:
         inner = self._inner

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools  # untyped (mypy config ignores missing imports); used through _Parser below
 
@@ -51,6 +51,9 @@ from agent.core.accounting import (
     host_in,
 )
 from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
+
+if TYPE_CHECKING:
+    from agent.core.counters import HttpCounters
 
 MAX_HEADER_BYTES: Final = 64 * 1024  # per message head; also caps bytes held after Upgrade
 MAX_PENDING: Final = 4096  # pipelined requests awaiting responses
@@ -569,6 +572,20 @@ def http1_observer(
     # (which taps them); the fast path checks the switch before each request head.
     return _Http1Fast(functools.partial(Http1Observer.adopt, tap=tap), max_header_bytes,
                       max_pending, grpc_failures, tap)
+
+
+def count_fast(observer: Observer, counters: HttpCounters) -> _http1fast.Http1Fast | None:
+    """Hand the connection's series to the compiled fast path, if `observer` is one that has
+    not handed over: from now on it counts the requests that start and end on it into the
+    series' tally (made here on first use) instead of returning Records (issue #16), and the
+    proxy may feed it directly (`feed_client`/`feed_server`). None for any other observer."""
+    if _Http1Fast is None or not isinstance(observer, _Http1Fast) or observer.delegated:
+        return None
+    tally = counters.tally
+    if not isinstance(tally, _http1fast.Tally):
+        tally = counters.tally = _http1fast.Tally()
+    observer.count_into(tally)
+    return observer
 
 
 def http1_at_rest(observer: Observer) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.core.accounting import Record
-from agent.core.detect import ConnectionObserver
+from agent.core.detect import ConnectionObserver, DirectFeed
 from agent.core.detect import Protocol as Wire
 from agent.core.telemetry import (
     PLAINTEXT,
@@ -108,7 +108,8 @@ class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
     __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
-                 "draining", "early", "early_at", "errno_name", "failed", "http", "idle_since",
+                 "draining", "early", "early_at", "errno_name", "failed", "fast", "http",
+                 "idle_since",
                  "moves", "observer", "peer_labels", "peer_pod", "pod", "proxy", "record",
                  "seen_activity",
                  "source", "started", "upstream")
@@ -137,6 +138,9 @@ class Relay:
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
         self.observer: ConnectionObserver | None = ConnectionObserver(proxy.telemetry.tap.switch)
+        # The compiled HTTP/1 observer once it counts into the connection's series itself: fed
+        # directly, one C call per chunk, until a feed returns something to settle (issue #16).
+        self.fast: DirectFeed | None = None
         self.http: HttpCounters | None = None
         self.draining = False  # the agent is stopping: close at the next clean point
         self.moves = 0  # times a refused tunnel stream was carried to another connection
@@ -168,7 +172,9 @@ class Relay:
                 observer = self.observer
                 if observer is None:
                     break
-                self.account(observer.client_bytes(data, self.early_at), observer)
+                records = observer.feed_client(data, self.early_at)
+                if records is not None:
+                    self.settle(records)
 
     def from_client(self, data: bytes) -> None:
         """The client side's data_received."""
@@ -178,9 +184,18 @@ class Relay:
             self.early_at = self.early_at or time.monotonic()
         else:
             record.read(len(data))
-            observer = self.observer
-            if observer is not None:
-                self.account(observer.client_bytes(data, time.monotonic()), observer)
+            fast = self.fast
+            if fast is not None:
+                try:
+                    records = fast.feed_client(data, time.monotonic())
+                except Exception:  # a bug: as ConnectionObserver, end its requests, go opaque
+                    records = self.observer_failed()
+                if records is not None:
+                    self.settle(records)
+            elif self.observer is not None:
+                records = self.observer.feed_client(data, time.monotonic())
+                if records is not None:
+                    self.settle(records)
         target = self.upstream.transport
         if target is None:
             self._hold_early(self.client, data)
@@ -193,9 +208,18 @@ class Relay:
         record = self.record
         if record is not None:
             record.wrote(len(data))
-        observer = self.observer
-        if observer is not None:
-            self.account(observer.server_bytes(data, time.monotonic()), observer)
+        fast = self.fast
+        if fast is not None:
+            try:
+                records = fast.feed_server(data, time.monotonic())
+            except Exception:  # a bug: as ConnectionObserver, end its requests, go opaque
+                records = self.observer_failed()
+            if records is not None:
+                self.settle(records)
+        elif self.observer is not None:
+            records = self.observer.feed_server(data, time.monotonic())
+            if records is not None:
+                self.settle(records)
         target = self.client.transport
         if target is None:
             self._hold_early(self.upstream, data)
@@ -230,7 +254,15 @@ class Relay:
             if side.transport is not None and not side.transport.is_closing():
                 side.transport.close()  # the client's close cancels a connect in progress
 
-    def account(self, records: list[Record], observer: ConnectionObserver) -> None:
+    def settle(self, records: list[Record]) -> None:
+        """The observer has news: count the requests it started and the Records it returned
+        (publishing tapped ones), drop it once opaque. At the first request, with the series
+        known, the compiled HTTP/1 observer is handed it and fed directly from then on; any
+        later news from it (a hand-over to the Python observer, giving up) ends that."""
+        observer = self.observer
+        if observer is None:
+            return
+        self.fast = None
         started = observer.take_started()
         if started or records:
             http = self.http
@@ -238,13 +270,18 @@ class Relay:
                 # the first request of a connection: find its pod's HTTP series
                 http = self.http = self.proxy.telemetry.http(self.pod.http_labels(
                     self.direction, self.peer_labels, observer.authority))
-            http.requests += started
+                self.fast = observer.count_fast(http)
+            http.start(started)
             for record in records:
                 http.record(record)
                 if record.detail is not None:  # started while a tap was open
                     publish_tapped(self, record)
         if observer.opaque:
-            self.observer = None  # in-flight requests were already ended as failures
+            self.observer = self.fast = None  # in-flight requests were already ended as failures
+
+    def observer_failed(self) -> list[Record]:
+        observer = self.observer
+        return [] if observer is None else observer.failed()
 
     def half_closed(self, side: _Side) -> None:
         target = self.other(side)
@@ -314,7 +351,7 @@ class Relay:
             self.pod.relays.discard(self)
             observer = self.observer
             if observer is not None:
-                self.account(observer.closed(time.monotonic(), reset=self.failed), observer)
+                self.settle(observer.closed(time.monotonic(), reset=self.failed))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
                           self.pod.name, self.destination, "failed" if self.failed else "closed",

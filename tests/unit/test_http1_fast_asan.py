@@ -1,8 +1,10 @@
 """The C glue of the HTTP/1 fast path (csrc/http1fast.c: the pending ring, the hand-over,
-Records) under AddressSanitizer and UBSan: the extension is compiled with them into a
-temporary file, loaded in a child interpreter in place of the installed one, and driven by
-the differential tests of test_http1_fast.py (300 generated conversations, 200 byte
-soups), the Host finder's tests and the authority / at_rest scenarios. The libFuzzer run
+Records, the series' Tally and the relay's direct feed) under AddressSanitizer and UBSan: the
+extension is compiled with them into a temporary file, loaded in a child interpreter in place
+of the installed one, and driven by the differential tests of test_http1_fast.py (300
+generated conversations, 200 byte soups) and test_http1_tally.py (the tally against the
+counters, a relay on either path), the Host finder's tests and the authority / at_rest
+scenarios. The libFuzzer run
 (test_http1_fast_fuzz.py) covers the scanner, body walker and Host finder alone."""
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ CHILD = textwrap.dedent("""
     t.test_the_c_host_finder_cases()
     t.test_authority_on_the_fast_path_and_after_a_hand_over()
     t.test_at_rest_on_the_fast_path_and_after_a_hand_over()
+    from tests.unit import test_http1_tally as tally
+    tally.test_the_tally_counts_what_the_counters_count()
+    tally.test_a_relay_counts_the_same_on_the_fast_path_and_in_python()
     print("instrumented run ok")
 """)
 

@@ -26,7 +26,7 @@ from agent.dataplane.netns import NetNs
 from agent.dataplane.relay import Relay
 from agent.observability.metrics import build_registry
 
-from .test_http1_fast import conversation
+from .test_http1_fast import conversation, message, request_line, status_line
 from .test_relay import Pipe, Proxy
 
 if not os.environ.get("CI"):  # in CI the extension must be there: `make venv` builds it
@@ -148,14 +148,69 @@ def both_ways(netns: NetNs, monkeypatch: pytest.MonkeyPatch, steps: list[tuple[b
     return fast, python
 
 
+def same_scrape(one: list[str], other: list[str]) -> bool:
+    """Equal lines; a latency sum to the last bits only when one store summed all of it (a
+    connection handed over mid-way has part of its latencies in the tally, summed apart)."""
+    if len(one) != len(other):
+        return False
+    for mine, theirs in zip(one, other, strict=True):
+        if mine.startswith("response_latency_ms_sum"):
+            (label, value), (other_label, other_value) = mine.rsplit(" ", 1), theirs.rsplit(" ", 1)
+            if label != other_label or abs(float(value) - float(other_value)) > 1e-9 * abs(float(value)):
+                return False
+        elif mine != theirs:
+            return False
+    return True
+
+
+@st.composite
+def relayed_conversation(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """test_http1_fast's conversations, with the server's bytes held back until the client's
+    first head is through: a server that speaks first makes the connection opaque before any
+    observer sees HTTP (detect.py), which would leave most examples nothing to compare."""
+    steps = draw(conversation())
+    ordered: list[tuple[bool, bytes]] = []
+    held: list[tuple[bool, bytes]] = []
+    client = b""
+    for index, (from_client, data) in enumerate(steps):
+        if from_client:
+            ordered.append((from_client, data))
+            client += data
+            if b"\r\n\r\n" in client:
+                return ordered + held + steps[index + 1:]
+        else:
+            held.append((from_client, data))
+    return ordered + held
+
+
+@st.composite
+def keep_alive_conversation(draw: st.DrawFn) -> list[tuple[bool, bytes]]:
+    """Requests each in one read, answered in order, responses cut in up to two reads, now and
+    then two requests pipelined: mostly the fast path's own ground, with every shape of
+    message test_http1_fast draws, so hand-overs and give-ups come in the middle of it."""
+    requests = draw(st.lists(message(request_line), min_size=1, max_size=8))
+    responses = draw(st.lists(message(status_line), max_size=8))
+    steps: list[tuple[bool, bytes]] = []
+    for index, request in enumerate(requests):
+        if steps and steps[-1][0] and draw(st.integers(0, 4)) == 0:
+            steps[-1] = (True, steps[-1][1] + request)  # pipelined behind the one before
+        else:
+            steps.append((True, request))
+        if index < len(responses):
+            response = responses[index]
+            cut = draw(st.integers(0, len(response)))
+            steps += [(False, piece) for piece in (response[:cut], response[cut:]) if piece]
+    return steps
+
+
 @settings(max_examples=int(os.environ.get("PINION_DIFF_EXAMPLES", "300")), deadline=None)
-@given(conversation(), st.booleans())
+@given(st.one_of(relayed_conversation(), keep_alive_conversation()), st.booleans())
 def test_a_relay_counts_the_same_on_the_fast_path_and_in_python(
         steps: list[tuple[bool, bytes]], reset: bool) -> None:
     monkeypatch, netns = pytest.MonkeyPatch(), NetNs.current()
     try:
         fast, python = both_ways(netns, monkeypatch, steps, reset)
-        assert fast.scrape() == python.scrape()
+        assert same_scrape(fast.scrape(), python.scrape())
     finally:
         monkeypatch.undo()
         netns.close()

@@ -9,9 +9,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import prometheus_client
-from prometheus_client import CollectorRegistry
-
 from agent.config import Config
 from agent.core.compiled import counters_build, tunnel_build
 from agent.core.telemetry import Telemetry
@@ -29,6 +26,7 @@ from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
 from agent.memory import CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
+from agent.observability.exposition import CollectorRegistry
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
 from agent.observability.tap import NodeOrToken, TapAuthorizer, TapCollector, TapEndpoint
 
@@ -41,7 +39,6 @@ log = logging.getLogger("pinion")
 
 
 async def run_agent(config: Config, cleanup: bool = False) -> int:
-    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     switch = NetnsSwitch(NetNs.current())
     backend = choose_backend(config.redirect, config)
     backend.prepare()

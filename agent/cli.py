@@ -40,8 +40,16 @@ _AGENT_FLAGS = ("node_name", "admin_addr", "cni_socket", "identity_dir", "state_
                 "max_taps")
 
 
+# The commands this module's parser defines itself: run as one of them (the agent, the issuer,
+# the keeper: long-lived processes on every node), the process never builds the parsers of
+# the viz and multicluster commands, nor imports their modules (docs/benchmarks.md, idle RSS).
+_OWN_COMMANDS = frozenset({"agent", "rules", "demo", "keeper", "cni", "identity", "issuer",
+                           "install"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
@@ -52,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; given the command being run, only what that command needs."""
     parser = argparse.ArgumentParser(prog="pinion", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -150,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_identity_parser(sub)
     _add_issuer_parser(sub)
     _add_install_parser(sub)
-    _add_viz_parsers(sub)
-    _add_multicluster_parser(sub)
+    if command not in _OWN_COMMANDS:
+        _add_viz_parsers(sub)
+        _add_multicluster_parser(sub)
     return parser
 
 

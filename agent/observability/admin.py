@@ -23,9 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
 from agent.memory import give_back_memory
+from agent.observability.exposition import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from agent.observability.metrics import AdminMetrics
 from agent.observability.tap import TapEndpoint
 

@@ -7,15 +7,6 @@ import asyncio
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 from agent.core.telemetry import (
     LATENCY_BUCKETS_MS,
     LOOPBACK,
@@ -27,6 +18,17 @@ from agent.core.telemetry import (
     TcpLabels,
     Telemetry,
     workload_label,
+)
+from agent.observability.exposition import (
+    Collector,
+    CollectorRegistry,
+    Counter,
+    CounterMetricFamily,
+    Gauge,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    ProcessCollector,
 )
 
 _BOUNDS = [*(str(b) for b in LATENCY_BUCKETS_MS), "+Inf"]
@@ -246,7 +248,7 @@ class AdminMetrics:
 
 
 class AgentMetrics:
-    """The agent's own counters (not per connection: these may use prometheus_client types)."""
+    """The agent's own counters (not per connection: updated where they happen)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.meshed_pods = Gauge("pinion_meshed_pods", "Pods captured by this agent",
@@ -312,7 +314,7 @@ def _tasks_alive() -> float:
 
 
 def build_registry(telemetry: Telemetry) -> tuple[CollectorRegistry, AgentMetrics]:
-    registry = CollectorRegistry(auto_describe=False)
+    registry = CollectorRegistry()
     registry.register(TcpCollector(telemetry))
     registry.register(PodStartCollector(telemetry, ProcessCollector(registry=None)))
     return registry, AgentMetrics(registry)

@@ -27,9 +27,6 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qs
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from agent.core.tap import (
     DEFAULT_MAX_RPS,
     Resource,
@@ -39,6 +36,7 @@ from agent.core.tap import (
     TapRequestError,
     TooManyTaps,
 )
+from agent.observability.exposition import Collector, CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 TAP_GROUP = "tap.pinion.dev"  # the RBAC group of the `<resource>/tap` subresource

@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from agent.viz.stats import Sample
 
 DEFAULT_AGENT = "127.0.0.1:4191"
@@ -78,6 +76,10 @@ def _reason(exc: BaseException, timeout: float) -> str:
 
 def parse_metrics(text: str) -> tuple[Sample, ...]:
     """Prometheus text to samples; ValueError when it does not parse."""
+    # Imported here: prometheus_client brings http.server, email, urllib and their kin (~3 MiB),
+    # and the agent's own processes import this module with the CLI's parsers.
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         return tuple(Sample(s.name, dict(s.labels), float(s.value))
                      for family in text_string_to_metric_families(text) for s in family.samples)

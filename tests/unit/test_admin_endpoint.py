@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.observability.admin import AdminLimits, AdminServer, is_local_peer, public_pod_view
+from agent.observability.exposition import CollectorRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -240,7 +240,7 @@ def test_pods_in_public_view_to_any_other_caller() -> None:
 
 CHILD = """
 import asyncio, os, sys
-from prometheus_client import CollectorRegistry
+from agent.observability.exposition import CollectorRegistry
 from agent.observability.admin import AdminServer
 
 def stats():

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.core.telemetry import Telemetry
 from agent.inpod.cni_server import CniServer, StandaloneAdmission, replay_pending
 from agent.inpod.errors import CaptureError
 from agent.model import CaptureSettings, Pod, PodKey
+from agent.observability.exposition import CollectorRegistry, generate_latest
 from agent.observability.metrics import build_registry
 
 T = TypeVar("T")

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.core import compiled
 from agent.core.accounting import Record
+from agent.observability.exposition import CollectorRegistry, generate_latest
 
 from .counters_builds import Build, process_build, python_build
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.controlplane.issuer.limits import ListenerLimits
 from agent.core.limits import RateLimit
 from agent.identity.remote import IssuerRefused
+from agent.observability.exposition import CollectorRegistry
 from tests.unit.test_issuer_decisions import CART
 from tests.unit.test_issuer_server import Running, csr_for, identity_dir, insecure_client, raw, serve
 

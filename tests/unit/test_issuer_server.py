@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.controlplane.issuer.decisions import CertificateIssuer, IssuerPolicy
 from agent.controlplane.issuer.server import IssuerServer, IssuerSettings, ServingCertificate
@@ -25,6 +24,7 @@ from agent.identity.remote import IssuerRefused, KubeSigner
 from agent.identity.spiffe import SpiffeId, issuer_id
 from agent.identity.store import IdentityManager
 from agent.identity.tls import AES_FIRST
+from agent.observability.exposition import CollectorRegistry
 from tests.unit.test_issuer_decisions import CART, WEB, FakePods, FakeReviews, pod
 
 ISSUER = issuer_id("cluster.local")

@@ -5,9 +5,8 @@ plus the agent's own counters."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 from agent.core.telemetry import PLAINTEXT, HttpLabels, PeerLabels, TcpLabels, Telemetry
+from agent.observability.exposition import CollectorRegistry, generate_latest
 from agent.observability.metrics import build_registry
 
 GRACE = 300.0

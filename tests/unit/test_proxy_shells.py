@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.core.telemetry import PeerLabels, Telemetry
 from agent.core.tunnel_frames import ErrorCode
@@ -23,6 +22,7 @@ from agent.dataplane.netns import NetNs
 from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.relay import RelaySettings, _Side
 from agent.model import InboundPolicy
+from agent.observability.exposition import CollectorRegistry
 from agent.observability.metrics import AgentMetrics, build_registry
 from tests.unit.test_relay import Pipe
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.controlplane.kube.tapauth import kube_tap_authorizer
 from agent.core.tap import Resource, TapHub
 from agent.observability.admin import AdminServer
+from agent.observability.exposition import CollectorRegistry
 from agent.observability.tap import NodeOrToken, TapAuthorizer, TapCaller, TapEndpoint, TapRefused
 from tests.support.kubeapi import FakeApiServer
 

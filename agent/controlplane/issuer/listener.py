@@ -28,11 +28,10 @@ from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
-
 from agent.controlplane.issuer.limits import REFUSAL_REASONS, ListenerLimits, admit_connection
 from agent.dataplane.slots import SourceSlots
 from agent.dataplane.sockets import arm_reset, close_handed_over, first_bytes, socket_identity
+from agent.observability.exposition import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
-
 from agent.config import parse_host_port
 from agent.controlplane.issuer.decisions import (
     MAX_BODY_BYTES,
@@ -46,6 +43,7 @@ from agent.identity.crypto import generate_key, make_csr
 from agent.identity.spiffe import issuer_id
 from agent.identity.tls import load_credentials
 from agent.observability.admin import AdminServer
+from agent.observability.exposition import CollectorRegistry, Counter, ProcessCollector
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +284,6 @@ async def run_issuer(settings: IssuerSettings) -> int:
     except (OSError, ValueError, IssueError, KubeConfigError) as exc:
         log.error("issuer: cannot start: %s", exc)
         return 1
-    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     policy = IssuerPolicy(signer.trust_domain, settings.agent_namespace, settings.agent_service_account,

@@ -15,10 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import prometheus_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from agent.config import DEFAULT_ISSUER_URL, DEFAULT_TOKEN_FILE, DEFAULT_TRUST_BUNDLE
 from agent.controlplane.cluster.objects import project_namespace, project_pod, project_service, project_slice
 from agent.controlplane.cluster.state import ClusterState
@@ -40,6 +36,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityManager
 from agent.identity.tls import choose_suites
 from agent.observability.admin import AdminServer
+from agent.observability.exposition import Collector, CounterMetricFamily, GaugeMetricFamily
 from agent.observability.metrics import build_registry
 
 log = logging.getLogger("pinion.gateway")
@@ -150,7 +147,6 @@ def _watch(client: KubeClient, path: str, project: Callable[[dict[str, Any]], T 
 
 
 async def run_gateway(config: GatewayConfig) -> int:
-    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     registry, metrics = build_registry(Telemetry(time.monotonic, 60.0))
     identities = _identities(config)
     identity = SpiffeId(identities.trust_domain, config.namespace, config.service_account)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
+from agent.observability.exposition import generate_latest
 
 from agent.core import http1
 from agent.core.accounting import Record

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from agent.observability.exposition import generate_latest
 
 from agent.core import http1
 from agent.core.accounting import Record
@@ -24,6 +23,7 @@ from agent.dataplane import relay as relay_module
 from agent.dataplane.context import PodContext
 from agent.dataplane.netns import NetNs
 from agent.dataplane.relay import Relay
+from agent.observability.exposition import generate_latest
 from agent.observability.metrics import build_registry
 
 from .test_http1_fast import conversation, message, request_line, status_line

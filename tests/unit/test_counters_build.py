@@ -24,7 +24,7 @@ needs_build = pytest.mark.skipif(not BUILT and not os.environ.get("CI"),
                                  reason="not built here: pip install -e . builds it")
 COUNTER_TESTS = ["tests/unit/test_telemetry.py", "tests/unit/test_metrics.py",
                  "tests/unit/test_relay.py", "tests/unit/test_authority_label.py",
-                 "tests/unit/test_counters.py"]
+                 "tests/unit/test_counters.py", "tests/unit/test_http1_tally.py"]
 
 
 def test_this_process_runs_the_build_it_was_asked_for() -> None:

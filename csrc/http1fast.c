@@ -478,6 +478,18 @@ static int tap_on(Http1Fast *self) {
     return truth;
 }
 
+/* A chunk's bytes: a bytes object (what transports deliver) read in place, anything else
+ * through the buffer protocol. PyBuffer_Release does nothing for the first (no `obj`). */
+static int chunk_view(PyObject *data, Py_buffer *view) {
+    if (PyBytes_CheckExact(data)) {
+        view->buf = PyBytes_AS_STRING(data);
+        view->len = PyBytes_GET_SIZE(data);
+        view->obj = NULL;
+        return 0;
+    }
+    return PyObject_GetBuffer(data, view, PyBUF_SIMPLE);
+}
+
 /* The feeds. Each returns a new reference: a list of Records, or None when no Record came
  * (the public methods below turn None into what they promise). */
 static PyObject *feed_client(Http1Fast *self, PyObject *data, PyObject *now_object, double now) {
@@ -489,7 +501,7 @@ static PyObject *feed_client(Http1Fast *self, PyObject *data, PyObject *now_obje
         return PyObject_CallMethodObjArgs(self->delegate, n_client_bytes, data, now_object, NULL);
     if (self->given_up)
         Py_RETURN_NONE;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+    if (chunk_view(data, &view) < 0)
         return NULL;
     if (self->request_heads == 0 && self->authority == NULL) {
         /* as Http1Observer.client_bytes: each chunk until the first head is complete */
@@ -540,7 +552,7 @@ static PyObject *feed_server(Http1Fast *self, PyObject *data, PyObject *now_obje
         return PyObject_CallMethodObjArgs(self->delegate, n_server_bytes, data, now_object, NULL);
     if (self->given_up)
         Py_RETURN_NONE;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+    if (chunk_view(data, &view) < 0)
         return NULL;
     while (pos < view.len) {
         const uint8_t *p = (const uint8_t *)view.buf + pos;

@@ -280,6 +280,7 @@ class Relay:
             self.observer = self.fast = None  # in-flight requests were already ended as failures
 
     def observer_failed(self) -> list[Record]:
+        """A direct feed raised: its requests end as failures, the connection turns opaque."""
         observer = self.observer
         return [] if observer is None else observer.failed()
 

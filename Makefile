@@ -28,11 +28,10 @@ venv: $(VENV)/.installed
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
 
 # setup.py compiles csrc/ (agent.core._http1fast) and, with mypyc, the tunnel framing, the
-# counters, the relay and the tunnel shell (agent/core/compiled.py names the sources) into the
-# editable install: a change there re-runs the install, which rebuilds it (a build of other
-# sources is never loaded).
-COMPILED_SOURCES := agent/core/tunnel.py agent/core/tunnel_frames.py agent/core/counters.py \
-  agent/dataplane/relay.py agent/dataplane/tunnel.py agent/core/compiled.py
+# counters, the relay and the tunnel shell into the editable install: a change to them or to
+# an agent module they import (agent/core/compiled.py lists them all) re-runs the install,
+# which rebuilds it (a build of other sources is never loaded).
+COMPILED_SOURCES := $(shell python3 agent/core/compiled.py)
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) $(COMPILED_SOURCES)
 	@missing=$$(for p in $(VENV_BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -5,7 +5,10 @@ docs/fastpath.md): `agent.core.tunnel_frames` and `agent.core.tunnel` (the mesh 
 framing), `agent.core.counters` (the per-request and per-chunk counters), and the data
 path's shell around them, `agent.dataplane.relay` and `agent.dataplane.tunnel`.
 
-A compiled build is used only when it was built from exactly the sources it compiles.
+A compiled build is used only when it was built from exactly the sources it compiles and the
+sources of every agent module they import (TYPE_DEPENDENCIES: mypyc compiles against their
+types; a `set` annotation that is a subclass at run time, say, becomes a call that passes the
+subclass's method by, so a build made against other annotations is another program).
 setup.py names its files after a digest of those sources: mypyc's shared library
 `agent/_compiled_<digest>__mypyc.<ext>` and, in the directory `agent/_compiled_<digest>/`
 (no `__init__.py`: not a package, so nothing walks into it), one shim per module under its
@@ -38,6 +41,12 @@ from typing import Final
 # The modules compiled together (one mypyc group), named below `agent`, in dependency order.
 COMPILED_MODULES: Final = ("core.tunnel_frames", "core.tunnel", "core.counters",
                            "dataplane.relay", "dataplane.tunnel")
+# The agent modules they import, transitively (TYPE_CHECKING imports too): mypyc compiles
+# against their types. tests/unit/test_compiled_build.py checks the list is whole.
+TYPE_DEPENDENCIES: Final = (
+    "core", "core.accounting", "core.detect", "core.hpack_blocks", "core.http1", "core.http2",
+    "core.tap", "core.telemetry", "dataplane.budget", "dataplane.context", "dataplane.netns",
+    "dataplane.sockets", "dataplane.tapping", "model", "observability.metrics")
 PREFIX: Final = "_compiled_"  # of the build's files: agent/_compiled_<digest>...
 # builds by earlier setup.py, in agent/core: of the tunnel alone, and of agent.core's modules
 FORMER_BUILDS: Final = (os.path.join("core", "_tunnel_"), os.path.join("core", PREFIX))
@@ -50,14 +59,16 @@ log = logging.getLogger(__name__)
 
 
 def source_path(root: str, module: str) -> str:
-    """The source of `module` (one of COMPILED_MODULES) in the package directory `root`."""
-    return os.path.join(root, *module.split(".")) + ".py"
+    """The source of `module` (named below `agent`) in the package directory `root`."""
+    path = os.path.join(root, *module.split("."))
+    return os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
 
 
 def source_digest(root: str = _ROOT) -> str:
-    """The digest a build of COMPILED_MODULES from the package directory `root` carries."""
+    """The digest a build of COMPILED_MODULES from the package directory `root` carries: of
+    their sources and of TYPE_DEPENDENCIES' (~250 KB read and hashed, once per process)."""
     digest = hashlib.sha256()
-    for module in COMPILED_MODULES:
+    for module in (*COMPILED_MODULES, *TYPE_DEPENDENCIES):
         with open(source_path(root, module), "rb") as source:
             digest.update(module.encode() + b"\0" + source.read() + b"\0")
     return digest.hexdigest()[:16]
@@ -134,7 +145,8 @@ class CompiledModuleFinder:
             log.warning("compiled modules in %s are no complete build of the sources "
                         "(%s; found %s): running the Python modules; rebuild with "
                         "`make venv` or `pip install -e .`", self.root,
-                        ", ".join(source_path("", module) for module in COMPILED_MODULES),
+                        ", ".join(source_path("", module) for module in COMPILED_MODULES)
+                        + f" and the {len(TYPE_DEPENDENCIES)} agent modules they import",
                         ", ".join(builds) or shim_directory(digest) + " (incomplete)")
         return {}
 
@@ -173,3 +185,8 @@ def counters_build() -> str:
     from agent.core import counters
 
     return _build(counters)
+
+
+if __name__ == "__main__":  # the sources a build depends on, for the Makefile (stdlib only)
+    print(*(os.path.relpath(source_path(_ROOT, module)) for module in
+            (*COMPILED_MODULES, *TYPE_DEPENDENCIES)), os.path.relpath(__file__))

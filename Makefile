@@ -27,11 +27,11 @@ venv: $(VENV)/.installed
 # the venv module, Python headers and a C compiler. Installed when missing (as root).
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
 
-# setup.py compiles csrc/ (agent.core._http1fast) and, with mypyc, the tunnel framing and the
-# counters (agent/core/compiled.py names the sources) into the editable install: a change there
-# re-runs the install, which rebuilds it (a build of other sources is never loaded).
-COMPILED_SOURCES := agent/core/tunnel.py agent/core/tunnel_frames.py agent/core/counters.py \
-  agent/core/compiled.py
+# setup.py compiles csrc/ (agent.core._http1fast) and, with mypyc, the tunnel framing, the
+# counters, the relay and the tunnel shell into the editable install: a change to them or to
+# an agent module they import (agent/core/compiled.py lists them all) re-runs the install,
+# which rebuilds it (a build of other sources is never loaded).
+COMPILED_SOURCES := $(shell python3 agent/core/compiled.py)
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) $(COMPILED_SOURCES)
 	@missing=$$(for p in $(VENV_BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

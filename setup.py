@@ -5,8 +5,9 @@ agent.core._http1fast: the fast path of HTTP/1 request accounting (csrc/). `pip 
 headers and a C compiler both already need for python-iptables; the agent runs without it
 (the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
 
-agent.core.tunnel_frames + agent.core.tunnel (the mesh tunnel's framing) and agent.core.counters
-(the per-request counters): the same sources compiled by mypyc, one group (a build requirement
+agent.core.tunnel_frames + agent.core.tunnel (the mesh tunnel's framing), agent.core.counters
+(the per-request counters), agent.dataplane.relay and agent.dataplane.tunnel (the relay and the
+tunnel's I/O shell): the same sources compiled by mypyc, one group (a build requirement
 in pyproject.toml; nothing at run time). The files are named after a digest of the sources
 (agent/core/compiled.py), which loads them only when it matches the sources beside them: an
 edited `.py` never runs as a stale build. Without mypy (`--no-build-isolation` in an
@@ -40,29 +41,28 @@ def mypyc_extensions() -> list[Extension]:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        print("setup.py: mypy (mypyc) is not installed: the tunnel framing and the counters stay "
-              "Python", file=sys.stderr)
+        print("setup.py: mypy (mypyc) is not installed: the tunnel framing, the counters, the relay "
+              "and the tunnel shell stay Python", file=sys.stderr)
         return []
     rules = _compiled_rules()
-    core = os.path.join("agent", "core")
-    digest = rules.source_digest(os.path.join(HERE, core))
+    package = os.path.join(HERE, "agent")
+    digest = rules.source_digest(package)
     # builds of other sources: in place, and in setuptools' build directory (which a wheel
     # made from this tree would otherwise carry: they are never loaded, only shipped)
-    places = [os.path.join(HERE, core), *glob.glob(os.path.join(HERE, "build", "lib*", core))]
-    for place in places:
-        for prefix in (rules.PREFIX, *rules.FORMER_PREFIXES):
-            for stale in glob.glob(os.path.join(place, prefix + "*")):
-                if not os.path.basename(stale).startswith(rules.shim_directory(digest)):
-                    shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+    for place in [package, *glob.glob(os.path.join(HERE, "build", "lib*", "agent"))]:
+        for stale in rules.stale_builds(place, digest):
+            shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     extensions: list[Extension] = mypycify(
-        [os.path.join(core, module + ".py") for module in rules.COMPILED_MODULES],
+        [os.path.relpath(rules.source_path(package, module), HERE)
+         for module in rules.COMPILED_MODULES],
         group_name=rules.group_name(digest), opt_level="3", debug_level="0")
     for extension in extensions:  # the shims: in a directory of their own, never shadowing a .py
         if not extension.name.endswith("__mypyc"):
-            module = extension.name.rsplit(".", 1)[1]
-            extension.name = f"agent.core.{rules.shim_directory(digest)}.{module}"
-    # an in-place build (pip install -e) copies the shims there, and does not create it
-    os.makedirs(os.path.join(HERE, core, rules.shim_directory(digest)), exist_ok=True)
+            module = extension.name.removeprefix("agent.")
+            extension.name = rules.shim_module(digest, module)
+            # an in-place build (pip install -e) copies the shims there, and does not create it
+            os.makedirs(os.path.dirname(rules.shim_path(package, digest, module, ".so")),
+                        exist_ok=True)
     return extensions
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.core.compiled import counters_build, tunnel_build
+from agent.core.compiled import counters_build, loaded_builds, tunnel_build
 from agent.core.telemetry import Telemetry
 from agent.dataplane.budget import MIN_CONNECTIONS, ConnectionBudget, sized_for
 from agent.dataplane.inbound import InboundProxy
@@ -99,6 +99,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
              len(pods.pods()))
     log.info("tunnel framing: %s", tunnel_build())  # the mypyc build, or Python (agent.core.compiled)
     log.info("counters: %s", counters_build())
+    log.info("relay and tunnel shell: %s", loaded_builds().get("agent.dataplane.relay"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -185,12 +185,31 @@ class StreamAccepted:
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Stream bytes; `acknowledge(stream_id, len(data))` once they are consumed."""
+    """Stream bytes; `acknowledge(stream_id, len(data))` once they are consumed.
 
-    stream_id: int
-    data: bytes
+    The one event made for every DATA frame, so not a dataclass: a frozen dataclass's
+    `__init__` is the Python one `dataclasses` generates, even compiled (~3.3 k instructions,
+    a third of a DATA frame's parsing). Its attributes are `Final`: read-only at run time in
+    the compiled build (mypyc makes no setter), to the type checker in the Python one.
+    Equality, hash and repr are a frozen dataclass's."""
+
+    __slots__ = ("data", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes) -> None:
+        self.stream_id: Final = stream_id
+        self.data: Final = data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataReceived):
+            return NotImplemented
+        return self.stream_id == other.stream_id and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.stream_id, self.data))
+
+    def __repr__(self) -> str:
+        return f"DataReceived(stream_id={self.stream_id!r}, data={self.data!r})"
 
 
 @dataclass(frozen=True, slots=True)

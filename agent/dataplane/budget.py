@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.dataplane.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +212,10 @@ class ConnectionBudget:
             resume()
 
 
-class RelaySet(set):  # type: ignore[type-arg]  # of Relay: typed at the use (PodContext)
-    """A pod's relays, counted against the agent's budget as they come and go."""
+class RelaySet(set["Relay"]):
+    """A pod's relays, counted against the agent's budget as they come and go. Typed as
+    itself wherever it is used, never as a plain `set`: compiled code (mypyc, the relay)
+    calls a `set`'s `add` and `discard` as C functions, passing these by."""
 
     __slots__ = ("budget",)
 
@@ -217,7 +223,7 @@ class RelaySet(set):  # type: ignore[type-arg]  # of Relay: typed at the use (Po
         super().__init__()
         self.budget = budget
 
-    def add(self, relay: object) -> None:
+    def add(self, relay: Relay) -> None:
         if relay not in self:
             super().add(relay)
             if self.budget is not None:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from agent.core.telemetry import MAX_AUTHORITIES, HttpLabels, PeerLabels, TcpLabels
+from agent.dataplane.budget import RelaySet
 from agent.dataplane.netns import NetNs
 from agent.model import InboundPolicy
 
 if TYPE_CHECKING:
-    from agent.dataplane.relay import Relay
     from agent.dataplane.tunnel import TunnelSession
 
 
@@ -32,7 +32,8 @@ class PodContext:
     owner_kind: str = ""  # its workload (Kubernetes mode), for deployment="web" labels
     owner_name: str = ""
     idle_timeout: float = 3600.0  # a relay with no byte either way this long is reset
-    relays: set[Relay] = field(default_factory=set)
+    # a RelaySet, typed as one: the relay (compiled) calls its own discard, not set's
+    relays: RelaySet = field(default_factory=RelaySet)
     tunnels: set[TunnelSession] = field(default_factory=set)
     # the label sets of its series, built once per (direction, peer) and not per connection
     series_labels: dict[tuple[str, PeerLabels], tuple[TcpLabels, HttpLabels]] = \

@@ -276,15 +276,17 @@ def test_certificate_renewal_under_traffic_drops_no_connection(tmp_path: Path) -
 @pytest.mark.skipif(not compiled.is_compiled(tunnel) and not os.environ.get("CI"),
                     reason="the tunnel framing is not compiled here (pip install -e . builds it)")
 def test_a_compiled_agent_and_a_python_agent_tunnel_to_each_other(tmp_path: Path) -> None:
-    """Node 0 runs the mypyc build of the tunnel framing and the counters, node 1 the Python
+    """Node 0 runs the mypyc build (tunnel framing, counters, relay, tunnel shell), node 1 the Python
     sources (PINION_PURE_PYTHON=1): requests both ways, and a download larger than every
     window, each counted alike by the two builds of the counters."""
     environments = [{compiled.PURE_PYTHON_ENV: "0"}, {compiled.PURE_PYTHON_ENV: "1"}]
     with tls_mesh_running(tmp_path, "nftables", environments=environments) as mesh:
         assert "tunnel framing: compiled (mypyc)" in mesh.agents[0].log()
         assert "counters: compiled (mypyc)" in mesh.agents[0].log()
+        assert "relay and tunnel shell: compiled (mypyc)" in mesh.agents[0].log()
         assert "tunnel framing: python" in mesh.agents[1].log()
         assert "counters: python" in mesh.agents[1].log()
+        assert "relay and tunnel shell: python" in mesh.agents[1].log()
         pods = [mesh.pod(0, "left"), mesh.pod(1, "right")]
         for pod in pods:
             mesh.serve(pod, HTTP_SERVER, "--port", "8080")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.core.telemetry import Telemetry
 from agent.dataplane.budget import (
     CONNECTION_BYTES,
     DEFAULT_MAX_CONNECTIONS,
@@ -13,6 +14,9 @@ from agent.dataplane.budget import (
     out_of_budget,
     sized_for,
 )
+from agent.dataplane.context import PodContext
+from agent.dataplane.netns import NetNs
+from agent.dataplane.relay import Relay
 from agent.memory import CgroupCpu, CgroupMemory
 
 MIB = 1024 * 1024
@@ -50,6 +54,35 @@ def test_relay_sets_count_each_relay_once_and_the_budget_runs_out_at_its_limit()
     pods[1].discard(relays[1])  # 6: back
     assert not budget.exhausted and calls.log == ["pause", "resume"]
     assert budget.pauses == 1 and not out_of_budget(pods[0])
+
+
+class Owner:
+    """A relay's proxy, as far as a relay that only opens and ends needs one."""
+
+    def __init__(self) -> None:
+        self.telemetry = Telemetry(lambda: 0.0, 60.0)
+
+    def accepted(self, relay: Relay) -> None:
+        pass
+
+
+def test_a_relay_counted_closed_gives_its_connection_back_to_the_budget() -> None:
+    """The relay (compiled by mypyc: agent/core/compiled.py) calls its pod's RelaySet's own
+    discard: typed as a plain set, the compiled relay called set.discard and every connection
+    stayed counted until the agent refused all new ones."""
+    budget, calls = budget_with(2)
+    netns = NetNs.current()
+    try:
+        pod = PodContext("shop", "front-1", netns, frozenset((15001,)), relays=RelaySet(budget))
+        for _ in range(5):  # more connections, one after another, than the budget holds at once
+            relay = Relay(Owner(), pod, "outbound", 64 * 1024)
+            pod.relays.add(relay)
+            assert budget.live == 1
+            relay.finish()
+            assert budget.live == 0 and not pod.relays
+        assert calls.log == []
+    finally:
+        netns.close()
 
 
 def test_memory_pressure_runs_it_out_whatever_the_count() -> None:

@@ -9,6 +9,7 @@ garbage, resets, taps opening) exactly as the pure-Python observer does."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from agent.core import http1
 from agent.core.accounting import Record
 from agent.core.counters import LATENCY_BUCKETS_MS, HttpCounters
+from agent.core.detect import ConnectionObserver
 from agent.dataplane import relay as relay_module
 from agent.dataplane.context import PodContext
 from agent.dataplane.netns import NetNs
@@ -92,12 +94,13 @@ def test_a_tally_refuses_what_no_request_ends_with() -> None:
 # ------------------------------------------------------------- a relay, both ways
 
 class Clock:
-    """The relay's `time`: every reading 1.5 ms after the one before."""
+    """`time.monotonic` for the relay: every reading 1.5 ms after the one before. Patched on
+    the time module itself: the compiled relay holds the module, not a name to patch."""
 
     def __init__(self) -> None:
         self.now = 100.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         self.now += 0.0015
         return self.now
 
@@ -137,11 +140,11 @@ def both_ways(netns: NetNs, monkeypatch: pytest.MonkeyPatch, steps: list[tuple[b
               reset: bool) -> tuple[Relayed, Relayed]:
     """The same conversation through a relay on the compiled path and on the Python observer."""
     with monkeypatch.context() as patch:
-        patch.setattr(relay_module, "time", Clock())
+        patch.setattr(time, "monotonic", Clock())
         fast = Relayed(netns)
         fast.run(steps, reset)
     with monkeypatch.context() as patch:
-        patch.setattr(relay_module, "time", Clock())
+        patch.setattr(time, "monotonic", Clock())
         patch.setattr(http1, "_Http1Fast", None)
         python = Relayed(netns)
         python.run(steps, reset)
@@ -218,20 +221,25 @@ def test_a_relay_counts_the_same_on_the_fast_path_and_in_python(
 
 def test_keep_alive_requests_reach_python_once_per_connection(
         netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first request finds the series (one settle); every later chunk is one C call that
-    counts into the series' tally and returns None: no Record, no started count."""
-    settles: list[list[Record]] = []
-    original = Relay.settle
+    """The first request finds the series (the Python observer sees its head); every later
+    chunk is one C call that counts into the series' tally and returns None: no Record, no
+    started count, no Python observer (spied on: the relay may be compiled, the observer is
+    not)."""
+    fed: list[str] = []
+    for side in ("feed_client", "feed_server"):
+        original = getattr(ConnectionObserver, side)
 
-    def spy(self: Relay, records: list[Record]) -> None:
-        settles.append(list(records))
-        original(self, records)
+        def spy(self: ConnectionObserver, data: bytes, now: float, side: str = side,
+                original: Any = original) -> Any:
+            fed.append(side)
+            return original(self, data, now)
 
-    monkeypatch.setattr(Relay, "settle", spy)
-    monkeypatch.setattr(relay_module, "time", Clock())
+        monkeypatch.setattr(ConnectionObserver, side, spy)
+    monkeypatch.setattr(time, "monotonic", Clock())
     relayed = Relayed(netns)
     relayed.run([(True, GET), (False, OK)] * 50 + [(True, GET), (False, FAILED)], reset=False)
-    assert settles == [[], []]  # the first request; the close (the fast path gives up)
+    monkeypatch.undo()
+    assert fed == ["feed_client"]  # the first head only
     [(_, http)] = list(relayed.proxy.telemetry.http_series())
     assert isinstance(http.tally, Tally)
     assert http.requests == 51 and http.latency_count == 51

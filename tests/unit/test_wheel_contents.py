@@ -69,15 +69,18 @@ def test_the_wheel_holds_the_compiled_http1_fast_path(wheel_files: list[str]) ->
             and name.endswith(".so")], "agent.core._http1fast was not compiled into the wheel"
 
 
-def test_the_wheel_holds_the_tunnel_framing_and_counters_compiled_from_their_sources(
+def test_the_wheel_holds_the_modules_compiled_by_mypyc_from_their_sources(
         wheel_files: list[str]) -> None:
     # mypyc's shared library and one shim per module, named after the digest of the sources
     # they were built from (agent/core/compiled.py loads nothing else)
-    digest = compiled.source_digest(str(REPO / "agent" / "core"))
-    assert {"tunnel", "counters"} <= set(compiled.COMPILED_MODULES)
-    for part in (*(f"/{module}." for module in compiled.COMPILED_MODULES), "__mypyc."):
-        assert [name for name in wheel_files if name.startswith(f"agent/core/{compiled.PREFIX}{digest}{part}")
+    digest = compiled.source_digest(str(REPO / "agent"))
+    assert {"core.tunnel", "core.counters", "dataplane.relay"} <= set(compiled.COMPILED_MODULES)
+    build = f"agent/{compiled.shim_directory(digest)}"
+    for part in (*(f"/{module.replace('.', '/')}." for module in compiled.COMPILED_MODULES),
+                 "__mypyc."):
+        assert [name for name in wheel_files if name.startswith(build + part)
                 and name.endswith(".so")], f"{part}: no build of these sources in the wheel"
+    assert not [name for name in wheel_files if name.startswith("agent/core/_compiled_")]
 
 
 def test_the_wheel_holds_only_the_agent_package(wheel_files: list[str]) -> None:

@@ -96,10 +96,7 @@ elif [ -z "$result" ]; then
 fi
 if [ -n "$SMOKE_RESULTS" ]; then  # the result files, from between their markers
   mkdir -p "$SMOKE_RESULTS"
-  awk -v dir="$SMOKE_RESULTS" '
-    /^pinion-smoke: end of file / { out = ""; next }
-    out != "" { print > out; next }
-    /^pinion-smoke: file [A-Za-z0-9._-]+ follows$/ { out = dir "/" $3 }' "$work/console.txt"
+  awk -v dir="$SMOKE_RESULTS" -f "$HERE/console-files.awk" "$work/console.txt"
   echo "smoke-arm64: result files in $SMOKE_RESULTS:" $(ls "$SMOKE_RESULTS") >&2
 fi
 echo "smoke-arm64: exit $result, ${elapsed} s in the VM; console in $SMOKE_LOG" >&2

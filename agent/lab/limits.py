@@ -41,9 +41,14 @@ class Cgroup:
         name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
         return int((self.memory / name).read_text())
 
-    def reset_peak(self) -> None:
-        with contextlib.suppress(OSError):
+    def reset_peak(self) -> bool:
+        """Start peak() over; False where the kernel cannot (cgroup v2's memory.peak takes a
+        write only since Linux 6.12: before, it is the peak since the group was made)."""
+        try:
             (self.memory / ("memory.max_usage_in_bytes" if self.v1 else "memory.peak")).write_text("0")
+        except OSError:
+            return False
+        return True
 
     def anon(self) -> int:
         stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())

@@ -14,14 +14,16 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 # What the image's builder and runtime stages hold (deploy/Dockerfile), what the unit suite
 # needs besides (make, openssl, curl, tcpdump, the CNI plugins, kubectl, the fuzzer's runtime),
-# and, for the kernel smoke, Debian's arm64 kernel with an initramfs that can mount a virtio
-# disk (mount: not Essential, so not in mmdebstrap's apt variant).
+# for the kernel smoke, Debian's arm64 kernel with an initramfs that can mount a virtio disk
+# (mount: not Essential, so not in mmdebstrap's apt variant), and for bench/overload.py in that
+# VM (tools/arm64/smoke.sh --run) its pods' server and its two load tools: nginx, ab, h2load.
 PACKAGES=(
   python3 python3-venv python3-dev gcc libc6-dev make dpkg-dev
   clang llvm libbpf-dev libbpf1 linux-libc-dev
   iptables nftables libnftables1 iproute2 procps openssl ca-certificates curl
   containernetworking-plugins kmod tcpdump mount kubernetes-client libclang-rt-dev
   linux-image-arm64 initramfs-tools
+  nginx apache2-utils nghttp2-client
 )
 
 mirror() {  # the first Debian archive URI apt on this machine uses
@@ -43,8 +45,12 @@ add_packages() {  # apt-get install in the chroot, in a private mount namespace
   local root=$1; shift
   cp -L /etc/resolv.conf "$root/etc/resolv.conf"
   sed -i 's/ main bookworm main$/ main/' "$root/etc/apt/sources.list"  # an early build's typo
+  # No service starts from a maintainer script: nginx's postinst would run its init script in
+  # the chroot, i.e. in the host's network namespace, listening on the host's port 80.
   unshare --mount --propagation private -- /bin/sh -ec '
     root=$1; shift
+    printf "#!/bin/sh\nexit 101\n" > "$root/usr/sbin/policy-rc.d"; chmod 755 "$root/usr/sbin/policy-rc.d"
+    trap "rm -f \"$root/usr/sbin/policy-rc.d\"" EXIT
     mount -t proc proc "$root/proc"; mount --rbind /dev "$root/dev"
     chroot "$root" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends "$@"

@@ -2,6 +2,9 @@
 # PID 1 of the arm64 kernel smoke (tools/arm64/smoke.sh boots Debian's arm64 kernel with
 # init=this): mount what a node has (proc, sys, cgroup2, bpffs), run the netns tests named in
 # /src/.smoke-tests with CI=true (a missing capability fails), print the result, power off.
+# With /src/.smoke-command instead (smoke.sh --run), run that shell command, with cgroup2's cpu
+# and memory controllers enabled for child groups as on a k3s node, and print the files it left
+# in $PINION_RESULT_DIR between markers for smoke.sh to copy out.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
        LANG=C.UTF-8 CI=true PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc 2>/dev/null  # the initramfs moved /proc, /sys, /dev here already
@@ -28,12 +31,45 @@ import_start=$(cut -d' ' -f1 /proc/uptime)
 "$venv/bin/python" -c 'import agent.app'
 echo "pinion-smoke: python -c 'import agent.app' took" \
      "$(awk -v a="$import_start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN {printf "%.1f", b - a}') s"
-read -r -a tests < /src/.smoke-tests
+
+run_command() {  # smoke.sh --run: the command, then the files it wrote, between markers
+  # A node's systemd (or k3s) gives child cgroups these; the root group's processes (this
+  # script) stay where they are: the no-internal-processes rule spares the root.
+  echo "+cpu +memory" > /sys/fs/cgroup/cgroup.subtree_control
+  echo "pinion-smoke: cgroup2 controllers $(cat /sys/fs/cgroup/cgroup.controllers);" \
+       "enabled for children: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
+  dmesg -n 1  # the kernel's own lines (an OOM kill's among them) stay off the command's output
+  local levels=emerg,alert,crit,err,warn kernel_lines
+  kernel_lines=$(dmesg --level=$levels | wc -l)
+  export PINION_RESULT_DIR=/tmp/pinion-result PATH="$venv/bin:$PATH"
+  mkdir -p "$PINION_RESULT_DIR"
+  echo "pinion-smoke: running: $(cat /src/.smoke-command)"
+  timeout 5400 bash -c "$(cat /src/.smoke-command)" 2>&1
+  status=$?
+  echo "pinion-smoke: the kernel's warnings and errors during the command (dmesg, the last 40):"
+  dmesg --level=$levels | tail -n +$((kernel_lines + 1)) | tail -40
+  for file in "$PINION_RESULT_DIR"/*; do
+    [ -f "$file" ] || continue
+    echo "pinion-smoke: file ${file##*/} follows"
+    cat "$file"; [ -z "$(tail -c1 "$file")" ] || echo  # the marker on a line of its own
+    echo "pinion-smoke: end of file ${file##*/}"
+  done
+  return "$status"
+}
+
 start=$(cut -d' ' -f1 /proc/uptime)
-timeout 5400 "$venv/bin/python" -m pytest -v --color=no -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1
-status=$?
+if [ -s /src/.smoke-command ]; then
+  run_command
+  status=$?
+  what="the command"
+else
+  read -r -a tests < /src/.smoke-tests
+  timeout 5400 "$venv/bin/python" -m pytest -v --color=no -p no:cacheprovider -o timeout=1200 "${tests[@]}" 2>&1
+  status=$?
+  what=pytest
+fi
 end=$(cut -d' ' -f1 /proc/uptime)
-echo "pinion-smoke: pytest took $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%d", b - a}') s"
+echo "pinion-smoke: $what took $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%d", b - a}') s"
 echo "pinion-smoke: exit $status"
 sync
 echo o > /proc/sysrq-trigger  # power off: qemu exits

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 if os.environ.get("PINION_PROBE"):
+    import bisect
     import collections
     import ctypes
     import gc
@@ -100,12 +101,18 @@ if os.environ.get("PINION_PROBE"):
         return "# resident kB by kind: " + ", ".join(f"{k}={v}" for k, v in rss.most_common())
 
     def _objects_in(new: list[Span]) -> list[str]:
+        spans = sorted(new)
+        lows = [low for low, _ in spans]
+
         def inside(address: int) -> bool:
-            return any(low <= address < high for low, high in new)
+            at = bisect.bisect_right(lows, address) - 1
+            return at >= 0 and address < spans[at][1]
 
         lines = []
         objects = gc.get_objects()
-        seen = {id(o) for o in objects}
+        # only what lies in new memory is remembered: a set of every object's id would cost
+        # the agent more than its cgroup leaves it (OOM-killed at 48 and 64 MiB)
+        seen = {id(o) for o in objects if inside(id(o))}
         tracked: collections.Counter[str] = collections.Counter()
         samples: dict[str, list[str]] = collections.defaultdict(list)
         for obj in objects:
@@ -119,15 +126,14 @@ if os.environ.get("PINION_PROBE"):
         other_samples: dict[str, list[str]] = collections.defaultdict(list)
         for obj in objects:
             for ref in gc.get_referents(obj):
-                if id(ref) in seen:
+                if id(ref) in seen or not inside(id(ref)):
                     continue
                 seen.add(id(ref))
-                if inside(id(ref)):
-                    name = type(ref).__qualname__
-                    other[name] += 1
-                    if len(other_samples[name]) < 4:
-                        other_samples[name].append(
-                            f"{repr(ref)[:100]}  <- {type(obj).__qualname__} {repr(obj)[:80]}")
+                name = type(ref).__qualname__
+                other[name] += 1
+                if len(other_samples[name]) < 4:
+                    other_samples[name].append(
+                        f"{repr(ref)[:100]}  <- {type(obj).__qualname__} {repr(obj)[:80]}")
         lines.append(f"# gc objects in new memory: {sum(tracked.values())}")
         for name, count in tracked.most_common(40):
             lines.append(f"{count:6d} {name}")
@@ -144,8 +150,8 @@ if os.environ.get("PINION_PROBE"):
         for obj in objects:
             for ref in gc.get_referents(obj):
                 if isinstance(ref, (dict, set, frozenset, list, bytearray, bytes, str)) \
-                        and not gc.is_tracked(ref):
-                    untracked[id(ref)] = ref
+                        and not gc.is_tracked(ref) and sys.getsizeof(ref) >= 32768:
+                    untracked[id(ref)] = ref  # the big ones only: all would not fit the cgroup
         big = []
         for obj in [*objects, *untracked.values()]:
             if not isinstance(obj, (dict, set, frozenset, list, bytearray, bytes, str,

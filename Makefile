@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 # the venv module, Python headers and a C compiler. Installed when missing (as root).
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc
 
-# setup.py compiles csrc/ (agent.core._http1fast) and, with mypyc, the tunnel framing and the
+# setup.py compiles csrc/ (agent.core._http1fast, agent._arenas) and, with mypyc, the tunnel framing and the
 # counters (agent/core/compiled.py names the sources) into the editable install: a change there
 # re-runs the install, which rebuilds it (a build of other sources is never loaded).
 COMPILED_SOURCES := agent/core/tunnel.py agent/core/tunnel_frames.py agent/core/counters.py \

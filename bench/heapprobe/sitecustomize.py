@@ -168,6 +168,55 @@ if os.environ.get("PINION_PROBE"):
         lines += [f"   {b[0]:9d} {b[1]} len={b[2]} owners={b[3]} {b[4]}" for b in big[:25]]
         return lines
 
+    def _heap_census() -> list[str]:
+        """glibc's main heap ([heap]) walked chunk by chunk: the chunks in use, by the Python
+        type whose address sits where an object's ob_type would (plain or gc-tracked), else
+        by size. Free chunks in tcache count as in use (they are few)."""
+        types: dict[int, str] = {}
+        for obj in gc.get_objects():
+            kind = type(obj)
+            types.setdefault(id(kind), kind.__qualname__)
+        for kind in (bytes, str, int, float, tuple, list, dict, set, frozenset, bytearray):
+            types.setdefault(id(kind), kind.__qualname__)
+        heap = None
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith("[heap]"):
+                    heap = tuple(int(x, 16) for x in line.split()[0].split("-"))
+        if heap is None:
+            return ["# heap census: no [heap]"]
+        low, high = heap
+        memory = ctypes.string_at(low, high - low)
+        census: collections.Counter[str] = collections.Counter()
+        sizes: collections.Counter[str] = collections.Counter()
+        at = 0
+        chunks = []
+        while at + 16 <= len(memory):
+            size = int.from_bytes(memory[at + 8:at + 16], "little") & ~7
+            if size < 32 or at + size > len(memory):
+                break
+            chunks.append((at, size))
+            at += size
+        for index, (at, size) in enumerate(chunks[:-1]):
+            following = chunks[index + 1][0]
+            if not int.from_bytes(memory[following + 8:following + 16], "little") & 1:
+                continue  # free
+            payload = at + 16
+            name = None
+            for offset in (8, 24):
+                if payload + offset + 8 <= len(memory):
+                    name = types.get(int.from_bytes(memory[payload + offset:payload + offset + 8],
+                                                    "little"))
+                    if name:
+                        break
+            label = name or f"<{1 << (size - 1).bit_length()} B>"
+            census[label] += 1
+            sizes[label] += size
+        lines = [f"# heap census: {len(chunks)} chunks, in use {sum(sizes.values()) / 2**20:.2f} MiB"]
+        lines += [f"census {label!s:40} {census[label]:7d} {sizes[label]:10d}"
+                  for label, _ in sizes.most_common(60)]
+        return lines
+
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         n = int(str(_state["n"])) + 1
         _state["n"] = n
@@ -186,6 +235,7 @@ if os.environ.get("PINION_PROBE"):
         else:
             _state["before"] = spans
         lines += _big_containers()
+        lines += _heap_census()
         with open(f"/tmp/pinion-heapprobe-{os.getpid()}-{n}.txt", "w") as report:
             report.write("\n".join(lines) + "\n\n" + stats)
 

@@ -5,6 +5,9 @@ agent.core._http1fast: the fast path of HTTP/1 request accounting (csrc/). `pip 
 headers and a C compiler both already need for python-iptables; the agent runs without it
 (the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
 
+agent._arenas: gives back the free pools inside pymalloc's arenas after a burst (csrc/arenas.c;
+without it the agent keeps them, as before).
+
 agent.core.tunnel_frames + agent.core.tunnel (the mesh tunnel's framing), agent.core.counters
 (the per-request counters), agent.dataplane.relay and agent.dataplane.tunnel (the relay and the
 tunnel's I/O shell): the same sources compiled by mypyc, one group (a build requirement
@@ -72,6 +75,12 @@ setup(
             "agent.core._http1fast",
             sources=["csrc/http1fast.c", "csrc/h1scan.c"],
             depends=["csrc/h1scan.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+        ),
+        Extension(  # the free pools of pymalloc's arenas given back (issue #21)
+            "agent._arenas",
+            sources=["csrc/arenas.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),

@@ -24,7 +24,7 @@ from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, re
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
-from agent.memory import CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
+from agent.memory import BurstEnd, CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.exposition import CollectorRegistry
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
@@ -105,7 +105,9 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tasks:
-        background = [tasks.create_task(_sweep_forever(config, pods, mesh, admission))]
+        # without a memory limit there is no memory watch: the sweep sees a burst end instead
+        unwatched = budget if memory.limit is None else None
+        background = [tasks.create_task(_sweep_forever(config, pods, mesh, admission, unwatched))]
         if identities is not None:
             background.append(tasks.create_task(identities.run()))
         if identities is not None and config.identity_dir is None:  # the issuer's mounted bundle
@@ -222,9 +224,15 @@ async def _ready_when_synced(cluster: KubernetesMode, admin: AdminServer) -> Non
 
 
 async def _sweep_forever(config: Config, pods: PodManager, mesh: MeshClient | None,
-                         admission: Admission) -> None:
+                         admission: Admission, budget: ConnectionBudget | None = None) -> None:
+    """`budget`: also give back what a burst of its connections left once it is over (an agent
+    without a memory limit, which `_watch_memory` does not watch; seen at each sweep)."""
+    burst = BurstEnd(MIN_CONNECTIONS)
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(config.sweep_interval_seconds)
+        if budget is not None and burst.over(budget.live, loop.time()):
+            give_back_memory(full=True)
         try:
             if mesh is not None:
                 mesh.reap_idle()
@@ -248,8 +256,8 @@ async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudg
     (`ConnectionBudget.loop_lag`), and a cpu cgroup out of its quota paces it
     (`ConnectionBudget.cpu_throttled`). And once a burst of connections is over, what it left
     is collected and given back."""
-    busiest = 0  # connections at the top of the last burst
-    calm_since = collected = 0.0
+    burst = BurstEnd(MIN_CONNECTIONS)
+    calm_since = 0.0
     loop = asyncio.get_running_loop()
     due = loop.time() + every
     throttled = cpu.throttled() if cpu is not None else 0
@@ -261,12 +269,8 @@ async def _watch_memory(memory: CgroupMemory, limit: int, budget: ConnectionBudg
             budget.cpu_throttled(now)
         budget.loop_lag(now - due, now)
         due = now + every
-        busiest = max(busiest, budget.live)
-        if busiest >= MIN_CONNECTIONS and budget.live <= busiest // 8 and now - collected >= 10.0:
-            # A burst is over: its connections lived long enough to reach the oldest
-            # generation, and an agent that now allocates little never collects it.
+        if burst.over(budget.live, now):
             give_back_memory(full=True)
-            busiest, collected = budget.live, now
         used = memory.usage() / limit
         if used >= high or budget.cpu_busy:
             calm_since = now

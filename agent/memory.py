@@ -1,9 +1,10 @@
 """Giving memory back after a burst: what an idle agent would otherwise keep.
 
 A relay and its two sides form a reference cycle, freed only by a garbage collection, which
-an idle agent (allocating nothing) does not trigger; and glibc keeps freed heap pages unless
-asked to trim. After many connections end at once (an idle sweep, a flood that stopped), one
-call does both, in a few milliseconds."""
+an idle agent (allocating nothing) does not trigger; CPython's small-object allocator keeps
+every pool a burst emptied resident while one object lives in its arena; and glibc keeps
+freed heap pages unless asked to trim. After many connections end at once (an idle sweep, a
+flood that stopped), one call does all three, in a few milliseconds."""
 
 from __future__ import annotations
 
@@ -18,9 +19,45 @@ def give_back_memory(full: bool = False) -> None:
     """`full`: also the oldest generation, where connections that lived through a few
     collections (a burst that lasted seconds) end up; a full collection takes tens of ms."""
     gc.collect(2 if full else 1)  # the young generations: where a short burst's cycles are
+    release_free_pools()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def release_free_pools() -> int:
+    """The pages of the free pools in pymalloc's arenas given back (all but each pool's first:
+    its header), in bytes; 0 without agent._arenas (csrc/arenas.c) or on a Python whose pools
+    it does not know (then it never recorded an arena)."""
+    try:
+        import agent._arenas as _arenas
+    except ImportError:
+        return 0
+    released: int = _arenas.release()
+    return released
+
+
+class BurstEnd:
+    """Says when a burst of connections is over, so that what it left is given back once (a
+    full collection: its connections lived long enough to reach the oldest generation, and an
+    agent that now allocates little never collects it): the connections open fell to an
+    eighth of the most seen since the last give-back, which was at least `burst` connections
+    and `spacing` seconds ago. Fed from a loop that runs anyway (the memory watch's tick, the
+    sweep), it wakes nothing of its own: an idle agent stays asleep."""
+
+    __slots__ = ("burst", "given_at", "spacing", "top")
+
+    def __init__(self, burst: int, spacing: float = 10.0) -> None:
+        self.burst, self.spacing = burst, spacing
+        self.top = 0  # connections at the top of the burst so far
+        self.given_at = float("-inf")
+
+    def over(self, live: int, now: float) -> bool:
+        self.top = max(self.top, live)
+        if self.top < self.burst or live > self.top // 8 or now - self.given_at < self.spacing:
+            return False
+        self.top, self.given_at = live, now
+        return True
 
 
 @cache

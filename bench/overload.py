@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def one_mode(mode: str, args: argparse.Namespace) -> Run:
         stop_agents(agents)
         lab.close()
         cgroup.remove()
+        shutil.rmtree(identity.parent, ignore_errors=True)
     return run
 
 

@@ -91,7 +91,9 @@ class MeshSettings:
     accept_handshake_timeout: float = 3.0  # a peer's on our 15008: agents of the cluster, fast
     idle_timeout: float = 60.0  # close a client connection with no stream this long
     # ...or this long, for a second or later connection to one peer: opened only because
-    # the first was full (a burst), it would keep its TLS state for a minute after it
+    # the first was full (a burst), it would keep its TLS state for a minute after it; and
+    # for the first too once its peer had spares: its TLS buffers (uvloop's read buffer, the
+    # memory BIOs, at both ends) keep the size the burst grew them to while it stays open
     spare_idle_timeout: float = 5.0
     not_meshed_ttl: float = 60.0  # remember "refused" this long
     meshed_ttl: float = 600.0  # and "meshed" this long (no downgrade meanwhile)
@@ -117,6 +119,7 @@ class MeshClient:
         self._clock = clock
         self._networks = tuple(ipaddress.IPv4Network(n) for n in settings.networks)
         self._sessions: dict[tuple[str, str], list[TunnelSession]] = {}
+        self._bursts: set[tuple[str, str]] = set()  # peers seen with spares: see reap_idle
         self._dialing: dict[tuple[str, str], asyncio.Task[TunnelSession | None]] = {}
         self._not_meshed: dict[str, float] = {}
         self._meshed: dict[str, float] = {}
@@ -266,17 +269,28 @@ class MeshClient:
 
     def reap_idle(self) -> int:
         """Close client sessions without a stream for longer than the idle timeout; those
-        beyond the first to a peer (a burst's) after `spare_idle_timeout`."""
+        beyond the first to a peer (a burst's) after `spare_idle_timeout`; and, once those
+        are gone, the first too after `spare_idle_timeout` if its peer was seen with spares
+        (it carried the burst: its TLS buffers, and its peer's, stay as large as the burst
+        made them while it is open; the next request dials a fresh one)."""
         now = asyncio.get_running_loop().time()
         settings = self._settings
         idle = []
-        for sessions in self._sessions.values():
+        for key, sessions in self._sessions.items():
+            if len(sessions) > 1:
+                self._bursts.add(key)
+            # the first goes once the spares have (it is what the next request finds)
+            after_burst = len(sessions) == 1 and key in self._bursts
             for index, session in enumerate(sessions):
-                timeout = settings.idle_timeout if index == 0 else settings.spare_idle_timeout
+                spare = index > 0 or after_burst
+                timeout = settings.spare_idle_timeout if spare else settings.idle_timeout
                 if not session.streams and now - session.idle_since > timeout:
                     idle.append(session)
+                    if index == 0:  # the burst's first: the next one starts afresh
+                        self._bursts.discard(key)
         for session in idle:
             session.close()
+        self._bursts.intersection_update(self._sessions)  # and peers with none left
         cutoff = self._clock()
         for cache in (self._not_meshed, self._meshed):
             for destination in [d for d, until in cache.items() if until <= cutoff]:

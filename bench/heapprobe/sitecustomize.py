@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 if os.environ.get("PINION_PROBE"):
+    import bisect
     import collections
     import ctypes
     import gc
@@ -100,12 +101,18 @@ if os.environ.get("PINION_PROBE"):
         return "# resident kB by kind: " + ", ".join(f"{k}={v}" for k, v in rss.most_common())
 
     def _objects_in(new: list[Span]) -> list[str]:
+        spans = sorted(new)
+        lows = [low for low, _ in spans]
+
         def inside(address: int) -> bool:
-            return any(low <= address < high for low, high in new)
+            at = bisect.bisect_right(lows, address) - 1
+            return at >= 0 and address < spans[at][1]
 
         lines = []
         objects = gc.get_objects()
-        seen = {id(o) for o in objects}
+        # only what lies in new memory is remembered: a set of every object's id would cost
+        # the agent more than its cgroup leaves it (OOM-killed at 48 and 64 MiB)
+        seen = {id(o) for o in objects if inside(id(o))}
         tracked: collections.Counter[str] = collections.Counter()
         samples: dict[str, list[str]] = collections.defaultdict(list)
         for obj in objects:
@@ -119,15 +126,14 @@ if os.environ.get("PINION_PROBE"):
         other_samples: dict[str, list[str]] = collections.defaultdict(list)
         for obj in objects:
             for ref in gc.get_referents(obj):
-                if id(ref) in seen:
+                if id(ref) in seen or not inside(id(ref)):
                     continue
                 seen.add(id(ref))
-                if inside(id(ref)):
-                    name = type(ref).__qualname__
-                    other[name] += 1
-                    if len(other_samples[name]) < 4:
-                        other_samples[name].append(
-                            f"{repr(ref)[:100]}  <- {type(obj).__qualname__} {repr(obj)[:80]}")
+                name = type(ref).__qualname__
+                other[name] += 1
+                if len(other_samples[name]) < 4:
+                    other_samples[name].append(
+                        f"{repr(ref)[:100]}  <- {type(obj).__qualname__} {repr(obj)[:80]}")
         lines.append(f"# gc objects in new memory: {sum(tracked.values())}")
         for name, count in tracked.most_common(40):
             lines.append(f"{count:6d} {name}")
@@ -144,8 +150,8 @@ if os.environ.get("PINION_PROBE"):
         for obj in objects:
             for ref in gc.get_referents(obj):
                 if isinstance(ref, (dict, set, frozenset, list, bytearray, bytes, str)) \
-                        and not gc.is_tracked(ref):
-                    untracked[id(ref)] = ref
+                        and not gc.is_tracked(ref) and sys.getsizeof(ref) >= 32768:
+                    untracked[id(ref)] = ref  # the big ones only: all would not fit the cgroup
         big = []
         for obj in [*objects, *untracked.values()]:
             if not isinstance(obj, (dict, set, frozenset, list, bytearray, bytes, str,
@@ -160,6 +166,55 @@ if os.environ.get("PINION_PROBE"):
         big.sort(reverse=True)
         lines = [f"# containers of 32 KiB or more: {len(big)}, {sum(b[0] for b in big) / 2**20:.2f} MiB"]
         lines += [f"   {b[0]:9d} {b[1]} len={b[2]} owners={b[3]} {b[4]}" for b in big[:25]]
+        return lines
+
+    def _heap_census() -> list[str]:
+        """glibc's main heap ([heap]) walked chunk by chunk: the chunks in use, by the Python
+        type whose address sits where an object's ob_type would (plain or gc-tracked), else
+        by size. Free chunks in tcache count as in use (they are few)."""
+        types: dict[int, str] = {}
+        for obj in gc.get_objects():
+            kind = type(obj)
+            types.setdefault(id(kind), kind.__qualname__)
+        for kind in (bytes, str, int, float, tuple, list, dict, set, frozenset, bytearray):
+            types.setdefault(id(kind), kind.__qualname__)
+        heap = None
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith("[heap]"):
+                    heap = tuple(int(x, 16) for x in line.split()[0].split("-"))
+        if heap is None:
+            return ["# heap census: no [heap]"]
+        low, high = heap
+        memory = ctypes.string_at(low, high - low)
+        census: collections.Counter[str] = collections.Counter()
+        sizes: collections.Counter[str] = collections.Counter()
+        at = 0
+        chunks = []
+        while at + 16 <= len(memory):
+            size = int.from_bytes(memory[at + 8:at + 16], "little") & ~7
+            if size < 32 or at + size > len(memory):
+                break
+            chunks.append((at, size))
+            at += size
+        for index, (at, size) in enumerate(chunks[:-1]):
+            following = chunks[index + 1][0]
+            if not int.from_bytes(memory[following + 8:following + 16], "little") & 1:
+                continue  # free
+            payload = at + 16
+            name = None
+            for offset in (8, 24):
+                if payload + offset + 8 <= len(memory):
+                    name = types.get(int.from_bytes(memory[payload + offset:payload + offset + 8],
+                                                    "little"))
+                    if name:
+                        break
+            label = name or f"<{1 << (size - 1).bit_length()} B>"
+            census[label] += 1
+            sizes[label] += size
+        lines = [f"# heap census: {len(chunks)} chunks, in use {sum(sizes.values()) / 2**20:.2f} MiB"]
+        lines += [f"census {label!s:40} {census[label]:7d} {sizes[label]:10d}"
+                  for label, _ in sizes.most_common(60)]
         return lines
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -180,6 +235,7 @@ if os.environ.get("PINION_PROBE"):
         else:
             _state["before"] = spans
         lines += _big_containers()
+        lines += _heap_census()
         with open(f"/tmp/pinion-heapprobe-{os.getpid()}-{n}.txt", "w") as report:
             report.write("\n".join(lines) + "\n\n" + stats)
 

@@ -49,3 +49,32 @@ def test_the_first_connection_to_a_peer_keeps_the_idle_timeout() -> None:
         assert gone.closed and not kept.closed
 
     asyncio.run(run())
+
+
+def test_after_a_burst_the_first_connection_goes_too_once_its_spares_have() -> None:
+    """It carried the burst: its buffers (and its peer's) keep the size the burst grew them
+    to while it is open. The next request to that peer dials a fresh connection."""
+    async def run() -> None:
+        first, spare = Session(10), Session(10)
+        pool = _pool(web=[first, spare])
+        assert pool.reap_idle() == 1 and spare.closed and not first.closed
+        key = ("spiffe://cluster.local/ns/shop/sa/front", "web")
+        pool._sessions[key] = cast(Any, [first])  # the spare's close took it out of the pool
+        assert pool.reap_idle() == 1 and first.closed
+        del pool._sessions[key]
+        fresh = Session(10)
+        pool._sessions[key] = cast(Any, [fresh])  # a later dial: no burst seen on it
+        assert pool.reap_idle() == 0 and not fresh.closed
+
+    asyncio.run(run())
+
+
+def test_the_first_connection_of_a_burst_in_use_stays() -> None:
+    async def run() -> None:
+        first, spare = Session(10, streams=1), Session(10)
+        pool = _pool(web=[first, spare])
+        pool.reap_idle()
+        pool._sessions[("spiffe://cluster.local/ns/shop/sa/front", "web")] = cast(Any, [first])
+        assert pool.reap_idle() == 0 and not first.closed
+
+    asyncio.run(run())

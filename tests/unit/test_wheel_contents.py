@@ -63,10 +63,12 @@ def test_the_wheel_holds_the_agent_the_demo_lab_and_the_manifests(wheel_files: l
     assert manifests and manifests <= set(wheel_files)
 
 
-def test_the_wheel_holds_the_compiled_http1_fast_path(wheel_files: list[str]) -> None:
+def test_the_wheel_holds_the_compiled_http1_fast_path_and_arena_release(wheel_files: list[str]) -> None:
     # built from csrc/ by setup.py (the tree copied above has no in-place build of it)
     assert [name for name in wheel_files if name.startswith("agent/core/_http1fast.")
             and name.endswith(".so")], "agent.core._http1fast was not compiled into the wheel"
+    assert [name for name in wheel_files if name.startswith("agent/_arenas.")
+            and name.endswith(".so")], "agent._arenas was not compiled into the wheel"
 
 
 def test_the_wheel_holds_the_modules_compiled_by_mypyc_from_their_sources(

@@ -43,6 +43,7 @@ typedef struct pool_header {
 } pool_header;
 
 #define POOL_SIZE ((uintptr_t)16384) /* 64-bit builds with the radix tree (the default) */
+#define ARENA_SIZE ((size_t)1 << 20)  /* their arenas: 1 MiB */
 #define ALIGNMENT 16
 #define RELEASED_SZIDX 0xffffu /* no size class: the pool is set up again when taken */
 #define MAX_ARENAS 8192        /* 8 GiB of arenas; past it, new ones go unrecorded */
@@ -56,7 +57,10 @@ static long page_size;
 
 static void *record_alloc(void *ctx, size_t size) {
     void *arena = previous.alloc(previous.ctx, size);
-    if (arena != NULL && arena_count < MAX_ARENAS) {
+    /* Only pymalloc's arenas (ARENA_SIZE): CPython 3.11+ takes its frames' stack chunks
+     * (16 KiB and up, _PyObject_VirtualAlloc) from this allocator too, and those are live
+     * memory whatever their first bytes look like. */
+    if (arena != NULL && size == ARENA_SIZE && arena_count < MAX_ARENAS) {
         arenas[arena_count] = arena;
         arena_sizes[arena_count] = size;
         arena_count++;
@@ -111,10 +115,14 @@ static PyObject *release(PyObject *self, PyObject *unused) {
     for (Py_ssize_t i = 0; watching && i < arena_count; i++) {
         uintptr_t first = ((uintptr_t)arenas[i] + POOL_SIZE - 1) & ~(POOL_SIZE - 1);
         uintptr_t end = (uintptr_t)arenas[i] + arena_sizes[i];
+        unsigned int index = ((pool_header *)first)->arenaindex;
         for (uintptr_t at = first; at + POOL_SIZE <= end; at += POOL_SIZE) {
             pool_header *pool = (pool_header *)at;
             if (pool->ref.count != 0 || pool->maxnextoffset == 0 || pool->szidx == RELEASED_SZIDX)
                 continue; /* in use, never carved (untouched: reading maps no memory), or done */
+            if (pool->arenaindex != index || pool->szidx >= 64 ||
+                pool->maxnextoffset > POOL_SIZE)
+                break; /* not a pool of this arena as pymalloc lays them out: leave it all */
             if (madvise((void *)(at + (uintptr_t)page_size), tail, MADV_DONTNEED) == 0) {
                 pool->szidx = RELEASED_SZIDX;
                 released += tail;

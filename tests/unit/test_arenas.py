@@ -71,3 +71,40 @@ def test_without_pymalloc_nothing_is_recorded_or_touched() -> None:
     out = run("import json, agent._arenas as a; print(json.dumps([a.watch(), a.release(), a.arenas()]))",
               PYTHONMALLOC="malloc")
     assert out == [False, 0, [0, 0]]
+
+
+THREAD_FRAMES = textwrap.dedent("""
+    import json, threading
+    import agent  # records from here on
+    from agent.memory import release_free_pools
+
+    # CPython takes its frames' stack chunks from the arena allocator too: a thread parked
+    # deep in calls keeps live frames there, which a release must never touch
+    parked, go, results = threading.Barrier(5), threading.Event(), []
+
+    def deep(n, total=0):
+        if n == 0:
+            parked.wait()
+            go.wait()
+            return total
+        local = [n, str(n)]
+        return deep(n - 1, total + local[0] + len(local[1]))
+
+    threads = [threading.Thread(target=lambda: results.append(deep(400))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    parked.wait()
+    for _ in range(5):
+        release_free_pools()
+    go.set()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(results))
+""")
+
+
+def test_live_frames_of_parked_threads_are_never_given_back() -> None:
+    """The agent crashed at exit (SIGSEGV, `pinion demo` in iptables mode) while the arena
+    recorder also took the frames' stack chunks for arenas: only 1 MiB arenas are recorded."""
+    expected = sum(n + len(str(n)) for n in range(1, 401))
+    assert run(THREAD_FRAMES) == [expected] * 4  # type: ignore[comparison-overlap]

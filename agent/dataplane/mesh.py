@@ -23,6 +23,7 @@ bytes to send (`agent.dataplane.tunnel`), so one authenticated peer pins a few M
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -30,7 +31,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -62,6 +63,13 @@ log = logging.getLogger(__name__)
 # which one client pod dialling many pods of one node at once meets; a moment later the first
 # ones are done. Nothing of the client's has been sent yet, so trying again is safe.
 DIAL_ATTEMPTS = 3
+# At most this many of one pod's tunnel dials are between connect and the end of their TLS
+# handshake at once; the others wait their turn here. A peer agent's gate refuses a source's
+# connections beyond HandshakeLimits.per_source (16) before their handshake: a pod opening
+# connections to 50 pods of one node at once was refused and dialled again, and under load
+# its third try could be refused too (a reset to the app). Half the peer's share: the pod's
+# other clients of that node, and a restarting agent's, still fit.
+DIALS_PER_POD = HandshakeLimits().per_source // 2
 ACCEPT_BATCH = 16  # connections a 15008 listener takes per wake-up: then the others' turn
 
 
@@ -107,6 +115,12 @@ class MeshSettings:
     gateways: frozenset[str] = frozenset()
 
 
+@dataclass(eq=False)
+class _DialSlots:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # dials holding or waiting for a slot: the entry goes at 0
+
+
 class MeshClient:
     """Outbound: a pooled, verified tunnel session for (source pod, destination IP)."""
 
@@ -121,6 +135,7 @@ class MeshClient:
         self._sessions: dict[tuple[str, str], list[TunnelSession]] = {}
         self._bursts: set[tuple[str, str]] = set()  # peers seen with spares: see reap_idle
         self._dialing: dict[tuple[str, str], asyncio.Task[TunnelSession | None]] = {}
+        self._dial_slots: dict[int, _DialSlots] = {}  # by id() of the pod: while it dials
         self._not_meshed: dict[str, float] = {}
         self._meshed: dict[str, float] = {}
 
@@ -176,13 +191,29 @@ class MeshClient:
         a handshake the peer cut short is tried again (DIAL_ATTEMPTS)."""
         for attempt in range(1, DIAL_ATTEMPTS + 1):
             try:
-                return await self._dial_once(pod, key, expected, port)
+                async with self._slot(pod):
+                    return await self._dial_once(pod, key, expected, port)
             except TunnelError as exc:
                 if exc.reason != "tunnel_eof" or attempt == DIAL_ATTEMPTS:
                     raise
                 log.debug("%s, trying again (attempt %d of %d)", exc, attempt + 1, DIAL_ATTEMPTS)
             await asyncio.sleep(random.uniform(0.02, 0.1) * attempt)
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, pod: PodContext) -> AsyncIterator[None]:
+        """One of the pod's DIALS_PER_POD dial slots, held until the handshake's end."""
+        slots = self._dial_slots.get(id(pod))
+        if slots is None:
+            slots = self._dial_slots[id(pod)] = _DialSlots(asyncio.Semaphore(DIALS_PER_POD))
+        slots.users += 1
+        try:
+            async with slots.semaphore:
+                yield
+        finally:
+            slots.users -= 1
+            if slots.users == 0:
+                del self._dial_slots[id(pod)]
 
     async def _dial_once(self, pod: PodContext, key: tuple[str, str], expected: str,
                          port: int) -> TunnelSession | None:

@@ -10,7 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from agent.dataplane.mesh import DIAL_ATTEMPTS, MeshClient, MeshSettings, TunnelError
+from agent.core.limits import HandshakeLimits
+from agent.dataplane.mesh import DIAL_ATTEMPTS, DIALS_PER_POD, MeshClient, MeshSettings, TunnelError
 
 
 def client_failing_with(reasons: list[str],
@@ -57,3 +58,41 @@ def test_other_failures_are_not_tried_again(reason: str, monkeypatch: pytest.Mon
         dial(client)
     assert len(tries) == 1
 
+
+
+def test_one_pods_dials_wait_for_a_slot_so_a_peers_gate_never_refuses_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pod dialling 30 pods of a node at once: at most DIALS_PER_POD are in their
+    handshake together (the peer's gate admits HandshakeLimits.per_source), the others wait,
+    all get a session; another pod's dials do not wait behind them; nothing is kept after."""
+    none = cast(Any, None)
+    client = MeshClient(none, none, none, MeshSettings())
+    in_flight: dict[str, int] = {"busy": 0, "most": 0}
+    other_pod_started: list[int] = []
+
+    async def dial_once(pod: object, key: tuple[str, str], expected: str, port: int) -> object:
+        if pod == "other":
+            other_pod_started.append(in_flight["busy"])
+            return object()
+        in_flight["busy"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["busy"])
+        await asyncio.sleep(0.01)
+        in_flight["busy"] -= 1
+        return object()
+
+    monkeypatch.setattr(client, "_dial_once", dial_once)
+
+    async def main() -> list[Any]:
+        pod, other = "web", "other"
+        dials = [client._dial(cast(Any, pod), ("spiffe://a", f"10.42.2.{n}"), "", 15008)
+                 for n in range(30)]
+        tasks = [asyncio.ensure_future(dial) for dial in dials]
+        await asyncio.sleep(0.002)
+        await client._dial(cast(Any, other), ("spiffe://b", "10.42.2.99"), "", 15008)
+        return await asyncio.gather(*tasks)
+
+    sessions = asyncio.run(main())
+    assert all(session is not None for session in sessions) and len(sessions) == 30
+    assert 1 < in_flight["most"] <= DIALS_PER_POD <= HandshakeLimits().per_source // 2
+    assert other_pod_started == [DIALS_PER_POD]  # started while web's slots were all taken
+    assert client._dial_slots == {}

@@ -189,19 +189,13 @@ class ConnectionObserver:
     def feed_client(self, data: bytes, now: float) -> list[Record] | None:
         """`client_bytes` for the proxy: None when there is nothing to take (no request
         started or ended, not opaque), else the Records (maybe none)."""
-        records = self.client_bytes(data, now)
-        inner = self._inner
-        if records or inner is None:
-            return records or None
-        started = inner.take_started()
-        if started:
-            self._carried_started += started
-            return records
-        return records if self._carried_started or inner.opaque else None
+        return self._answer(self.client_bytes(data, now))
 
     def feed_server(self, data: bytes, now: float) -> list[Record] | None:
         """`server_bytes` for the proxy, answered as `feed_client`."""
-        records = self.server_bytes(data, now)
+        return self._answer(self.server_bytes(data, now))
+
+    def _answer(self, records: list[Record]) -> list[Record] | None:
         inner = self._inner
         if records or inner is None:
             return records or None

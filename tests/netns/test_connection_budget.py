@@ -23,10 +23,7 @@ def test_over_its_budget_the_agent_makes_new_connections_wait_then_serves_them()
         client, server = mesh.pod(0, "busy"), mesh.pod(1, "web")
         mesh.serve(server, "agent.lab.httpserver", "--port", "8080")
         agent = mesh.agents[0]
-        holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
-                                f"{server.ip}:8080", "--count", str(LIMIT), "--hold", "60",
-                                "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
-        assert holders.stdout is not None and f'"opened": {LIMIT}' in holders.stdout.readline()
+        holders = _hold(client, server, LIMIT)
         assert eventually(lambda: agent.metrics().value("pinion_accepting") == 0.0, 10)
         metrics = agent.metrics()
         assert metrics.value("pinion_connection_budget_exhausted_total") == 1
@@ -61,10 +58,7 @@ def test_a_pod_added_while_the_agent_holds_over_a_thousand_sockets() -> None:
         client, server = mesh.pod(0, "many"), mesh.pod(1, "web")
         mesh.serve(server, "agent.lab.httpserver", "--port", "8080")
         agent = mesh.agents[0]
-        holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
-                                f"{server.ip}:8080", "--count", "600", "--hold", "60",
-                                "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
-        assert holders.stdout is not None and '"opened": 600' in holders.stdout.readline()
+        holders = _hold(client, server, 600)
         assert agent.process is not None
         assert eventually(lambda: len(os.listdir(f"/proc/{agent.process.pid}/fd")) > 1100, 10)
         late = mesh.pod(0, "late")  # rules written through nft: the agent must live on
@@ -74,6 +68,15 @@ def test_a_pod_added_while_the_agent_holds_over_a_thousand_sockets() -> None:
         assert agent.process.poll() is None, agent.log()[-2000:]
         holders.send_signal(signal.SIGKILL)
         holders.wait(10)
+
+
+def _hold(client: Pod, server: Pod, count: int) -> subprocess.Popen[str]:
+    """`count` idle connections from `client` to `server`'s :8080, held 60 s; once all are open."""
+    holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
+                            f"{server.ip}:8080", "--count", str(count), "--hold", "60",
+                            "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    assert holders.stdout is not None and f'"opened": {count}' in holders.stdout.readline()
+    return holders
 
 
 def _backlogs(pod: Pod) -> dict[int, int]:
@@ -97,10 +100,7 @@ def test_the_pods_listeners_keep_their_backlog_when_served_and_served_again() ->
             backlogs = _backlogs(pod)
             assert (backlogs[15001], backlogs[15006], backlogs[15008]) == (1024, 1024, 1024), backlogs
         agent = mesh.agents[0]
-        holders = client.spawn([sys.executable, "-m", "tests.netns.attacks", "idle",
-                                f"{server.ip}:8080", "--count", str(LIMIT), "--hold", "60",
-                                "--say", "-1"], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
-        assert holders.stdout is not None and f'"opened": {LIMIT}' in holders.stdout.readline()
+        holders = _hold(client, server, LIMIT)
         assert eventually(lambda: agent.metrics().value("pinion_accepting") == 0.0, 10)
         waiting = client.spawn(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                                 "--max-time", "30", f"http://{server.ip}:8080/"],

@@ -36,3 +36,17 @@ def test_a_path_that_loses_the_counts_fails_the_run(tmp_path: Path) -> None:
                          env=environment, cwd=REPO)
     assert run.returncode != 0
     assert "counted [0, 0] responses for 20 requests" in run.stderr
+
+
+def test_cpu_time_reports_every_case_from_runs_that_carried_their_requests() -> None:
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "meshpath.py"), "--cpu-time",
+                          "--requests", "1000", "--base", "100", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=120, env=environment, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:5]]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "µs" not in line}
+    assert set(rows) == {"direct", "mesh", "mesh-opaque"}
+    for case, (user, system, total) in rows.items():
+        assert user > 0 and abs(user + system - total) < 0.2, (case, user, system, total)
+    assert rows["mesh"][2] > rows["direct"][2]  # the agents' work is in it

@@ -22,8 +22,9 @@ user-space instructions around them, not the kernel's work.
     python bench/meshpath.py --cpu-time            # user and system CPU per request, kernel included
 
 `--cpu-time` runs each case in processes of their own (30,000 minus 3,000 requests, 3
-interleaved rounds, the median) with `MALLOC_MMAP_THRESHOLD_=131072` as deploy/daemonset.yaml
-sets it, and reads the processes' user and system time: what callgrind cannot see (system calls, page faults).
+interleaved rounds, the median) with `MALLOC_MMAP_THRESHOLD_=131072`, the threshold an agent
+fixes at start (agent.memory.fix_mmap_threshold), and reads the processes' user and system
+time: what callgrind cannot see (system calls, page faults).
 """
 
 from __future__ import annotations

@@ -20,11 +20,15 @@ user-space instructions around them, not the kernel's work.
     python bench/meshpath.py --case mesh --requests N   # one run, no valgrind
     python bench/meshpath.py --profile OUT         # one callgrind profile of the mesh case
     python bench/meshpath.py --cpu-time            # user and system CPU per request, kernel included
+    python bench/meshpath.py --cpu-time --pace 0.001 --requests 5000   # idle between requests
 
 `--cpu-time` runs each case in processes of their own (30,000 minus 3,000 requests, 3
 interleaved rounds, the median) with `MALLOC_MMAP_THRESHOLD_=131072`, the threshold an agent
 fixes at start (agent.memory.fix_mmap_threshold), and reads the processes' user and system
-time: what callgrind cannot see (system calls, page faults).
+time: what callgrind cannot see (system calls, page faults). With `--pace S` the client waits
+S seconds before each next request, so the process sleeps between requests as the agents do
+at a paced load; on this VM that costs the same instructions ~4 times the CPU (caches,
+TLBs and branch predictors cold after each sleep: docs/fastpath.md).
 """
 
 from __future__ import annotations
@@ -95,9 +99,10 @@ class _App:
     server answers each whole request. Plain non-blocking sockets on loop.add_reader."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, send: bytes,
-                 expect: int, done: asyncio.Future[None] | None, requests: int) -> None:
+                 expect: int, done: asyncio.Future[None] | None, requests: int,
+                 pace: float = 0.0) -> None:
         self.loop, self.sock, self.send, self.expect = loop, sock, send, expect
-        self.done, self.left, self.got = done, requests, 0
+        self.done, self.left, self.got, self.pace = done, requests, 0, pace
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self.readable)
 
@@ -115,20 +120,23 @@ class _App:
             if self.left == 0:
                 self.done.set_result(None)
                 return
-            self.sock.send(self.send)
+            if self.pace:  # the process sleeps between requests, as agents do when paced
+                self.loop.call_later(self.pace, self.sock.send, self.send)
+            else:
+                self.sock.send(self.send)
 
 
-async def _direct(requests: int) -> None:
+async def _direct(requests: int, pace: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     cli, srv = _tcp_pair()
     done: asyncio.Future[None] = loop.create_future()
-    client = _App(loop, cli, REQUEST, len(RESPONSE), done, requests)
+    client = _App(loop, cli, REQUEST, len(RESPONSE), done, requests, pace)
     _App(loop, srv, RESPONSE, len(REQUEST), None, requests)
     client.start()
     await done
 
 
-async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
+async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float = 0.0) -> None:
     from agent.core.telemetry import PeerLabels, Telemetry
     from agent.dataplane import tunnel as tunnel_module
     from agent.dataplane.context import PodContext
@@ -198,7 +206,7 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
         return relay.client
 
     await loop.connect_accepted_socket(client_side, agent_client_sock)
-    client = _App(loop, app_client_sock, REQUEST, len(RESPONSE), done, requests)
+    client = _App(loop, app_client_sock, REQUEST, len(RESPONSE), done, requests, pace)
     client.start()
     await done
     # the path ran as measured: both relays counted every request (or, opaque, none)
@@ -207,14 +215,14 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str]) -> None:
         raise SystemExit(f"the relays counted {counted} responses for {requests} requests")
 
 
-def run_case(case: str, requests: int, certs: str) -> None:
+def run_case(case: str, requests: int, certs: str, pace: float = 0.0) -> None:
     import uvloop
 
     if case == "direct":
-        uvloop.run(_direct(requests))
+        uvloop.run(_direct(requests, pace))
         return
     files = {name: os.path.join(certs, name) for name in ("ca", "server", "client")}
-    uvloop.run(_mesh(requests, case == "mesh-opaque", files))
+    uvloop.run(_mesh(requests, case == "mesh-opaque", files, pace))
 
 
 def instructions(case: str, requests: int, certs: str, out: str = "/dev/null") -> int:
@@ -229,27 +237,29 @@ def instructions(case: str, requests: int, certs: str, out: str = "/dev/null") -
     return int(found.group(1))
 
 
-def cpu_time(case: str, requests: int, certs: str) -> tuple[float, float]:
+def cpu_time(case: str, requests: int, certs: str, pace: float = 0.0) -> tuple[float, float]:
     """User and system CPU seconds of one run of `case`, in its own process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, __file__, "--case", case, "--requests", str(requests),
-                    "--certs", certs], check=True, timeout=900,
+                    "--certs", certs, "--pace", str(pace)], check=True, timeout=900,
                    env={**os.environ, "PYTHONHASHSEED": "0", "MALLOC_MMAP_THRESHOLD_": "131072"})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
 
 
-def cpu_table(requests: int, base: int, rounds: int, certs: str) -> None:
+def cpu_table(requests: int, base: int, rounds: int, certs: str, pace: float = 0.0) -> None:
     """Per request: (a run of `requests`) minus (a run of `base`), so start-up, imports and
     the handshake cancel out as in the instruction counts."""
     spent: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
     for _ in range(rounds):
         for case in CASES:
-            high, low = cpu_time(case, requests, certs), cpu_time(case, base, certs)
+            high, low = cpu_time(case, requests, certs, pace), cpu_time(case, base, certs, pace)
             spent[case].append(((high[0] - low[0]) / (requests - base),
                                 (high[1] - low[1]) / (requests - base)))
     print(f"CPU per request (user + system, {requests} - {base} requests, median of {rounds} "
-          f"interleaved runs, MALLOC_MMAP_THRESHOLD_=131072), python {sys.version.split()[0]}\n")
+          f"interleaved runs, MALLOC_MMAP_THRESHOLD_=131072"
+          + (f", {pace * 1000:g} ms idle before each request" if pace else "")
+          + f"), python {sys.version.split()[0]}\n")
     print("| case | user µs | system µs | total µs |")
     print("|---|---:|---:|---:|")
     for case, runs in spent.items():
@@ -269,17 +279,21 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="user and system CPU per request instead of instructions")
     parser.add_argument("--rounds", type=int, default=3, help="--cpu-time's interleaved rounds")
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="seconds the client waits before each next request (the process "
+                             "goes idle between requests, as the agents do at a paced load)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshpath-") as scratch:
         certs = args.certs or scratch
         if not args.certs:
             _certificates(certs)
         if args.case:
-            run_case(args.case, args.requests, certs)
+            run_case(args.case, args.requests, certs, args.pace)
             return
         if args.cpu_time:
             requests = args.requests if args.requests != 2000 else 30000
-            cpu_table(requests, args.base if args.base != 200 else requests // 10, args.rounds, certs)
+            cpu_table(requests, args.base if args.base != 200 else requests // 10, args.rounds, certs,
+                      args.pace)
             return
         if shutil.which("valgrind") is None:
             sys.exit("valgrind is needed (apt-get install valgrind)")

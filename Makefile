@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables libnftables1 containernetworking-plugins \
                 curl wrk nginx-light procps python3-venv python3-dev gcc libc6-dev \
                 nghttp2-client nghttp2-server prometheus apache2-utils openssl tcpdump \
-                clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
+                libssl-dev clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev libclang-rt-dev \
                 podman mmdebstrap containerd runc chromium
 
 .PHONY: deps venv bpf keeper cni fuzz-keeper fuzz-cni test unit netns demo bench bench-quick lint clean \

@@ -179,12 +179,24 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float 
         session.attach(stream_id, relay.client)
 
     tunnel_client_sock, tunnel_server_sock = _tcp_pair()
-    server_made = loop.create_task(loop.connect_accepted_socket(
-        lambda: TunnelSession("server", on_stream=on_stream), tunnel_server_sock, ssl=server_context))
-    _, session = await loop.create_connection(lambda: TunnelSession("client"),
-                                              sock=tunnel_client_sock, ssl=client_context,
-                                              server_hostname="")
-    await server_made
+    try:  # as the agents connect (mesh.py): the handshake, then the session seals its records
+        from agent.dataplane.tls import handshake
+    except ImportError:  # a tree from before: uvloop's SSL protocol under the session
+        server_made = loop.create_task(loop.connect_accepted_socket(
+            lambda: TunnelSession("server", on_stream=on_stream), tunnel_server_sock,
+            ssl=server_context))
+        _, session = await loop.create_connection(lambda: TunnelSession("client"),
+                                                  sock=tunnel_client_sock, ssl=client_context,
+                                                  server_hostname="")
+        await server_made
+    else:
+        server_tls = loop.create_task(handshake(tunnel_server_sock, server_context, True, 10.0))
+        client_tls = await handshake(tunnel_client_sock, client_context, False, 10.0)
+        server_end = await server_tls
+        await loop.connect_accepted_socket(
+            lambda: TunnelSession("server", on_stream=on_stream, tls=server_end), tunnel_server_sock)
+        _, session = await loop.create_connection(lambda: TunnelSession("client", tls=client_tls),
+                                                  sock=tunnel_client_sock)
 
     class ClientOwner:
         def __init__(self) -> None:

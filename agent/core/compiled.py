@@ -40,7 +40,7 @@ from typing import Final
 
 # The modules compiled together (one mypyc group), named below `agent`, in dependency order.
 COMPILED_MODULES: Final = ("core.tunnel_frames", "core.tunnel", "core.counters",
-                           "dataplane.relay", "dataplane.tunnel")
+                           "dataplane.relay", "dataplane.tls", "dataplane.tunnel")
 # The agent modules they import, transitively (TYPE_CHECKING imports too): mypyc compiles
 # against their types. tests/unit/test_compiled_build.py checks the list is whole.
 TYPE_DEPENDENCIES: Final = (

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.core import multicluster
 from agent.core.connections import Route
@@ -67,11 +67,11 @@ class GatewayAcceptor(TunnelAcceptor):
         super().__init__(identities, metrics, settings, streams)
         self.linked_domains = linked_domains
 
-    def client_identity(self, pod: PodContext, transport: asyncio.BaseTransport) -> str:
+    def client_identity(self, pod: PodContext, ssl_object: Any) -> str:
         from agent.identity.tls import IdentityError, peer_identity
 
         try:  # the TLS handshake verified the chain against the bundle; now the name
-            client_id = str(peer_identity(transport.get_extra_info("ssl_object")))
+            client_id = str(peer_identity(ssl_object))
         except IdentityError as exc:
             raise IdentityRejected(exc.reason, str(exc)) from None
         decision = multicluster.admit_client(client_id, self.linked_domains)

@@ -50,7 +50,8 @@ from agent.dataplane.sockets import (
     set_keepalive,
     socket_identity,
 )
-from agent.dataplane.tunnel import TunnelSession, direct_records, handshake_failure_reason
+from agent.dataplane.tls import TunnelTls, handshake
+from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
     from agent.dataplane.context import PodContext
@@ -271,11 +272,11 @@ class MeshClient:
 
         handed = socket_identity(sock)
         try:
-            context = direct_records(self._identities.client_context(identity))
-            transport, session = await loop.create_connection(
-                lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams),
-                sock=sock, ssl=context, server_hostname="",
-                ssl_handshake_timeout=settings.handshake_timeout)
+            context = self._identities.client_context(identity)
+            tls = await handshake(sock, context, False, settings.handshake_timeout)
+            _, session = await loop.create_connection(
+                lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams,
+                                      tls=tls), sock=sock)
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
             close_handed_over(sock, handed)  # uvloop may have closed it (and its number reused)
             reason = handshake_failure_reason(exc)
@@ -285,7 +286,7 @@ class MeshClient:
         self._metrics.tunnel_connections.labels("outbound").inc()
         try:  # a remote cluster's gateway proves an ID of its own (linked) trust domain
             domain = trust_domain_of(expected) or self._identities.trust_domain
-            server_id = verify_identity(transport, domain)
+            server_id = verify_identity(session.ssl_object, domain)
             if expected and server_id != expected:
                 raise IdentityRejected("unexpected_identity", f"server proved {server_id}, "
                                        f"but the pod at {destination} is {expected}")
@@ -342,12 +343,11 @@ class IdentityRejected(Exception):
         self.reason = reason
 
 
-def verify_identity(transport: asyncio.BaseTransport, trust_domain: str,
-                    allowed: tuple[str, ...] = ()) -> str:
-    """The peer's SPIFFE ID, checked against the trust domain and `allowed` (if any)."""
+def verify_identity(ssl_object: Any, trust_domain: str, allowed: tuple[str, ...] = ()) -> str:
+    """The peer's SPIFFE ID (from the connection's `ssl.SSLObject`, `TunnelSession.ssl_object`),
+    checked against the trust domain and `allowed` (if any)."""
     from agent.identity.tls import IdentityError, verify_peer
 
-    ssl_object = transport.get_extra_info("ssl_object")
     try:
         identity = verify_peer(ssl_object, trust_domain)
     except IdentityError as exc:
@@ -464,10 +464,11 @@ class TunnelAcceptor:
             self.gate.done(peer[0], in_tls)
 
     async def _tls(self, pod: PodContext, sock: socket.socket, timeout: float) -> None:
-        context = direct_records(self._identities.server_context(pod.identity or ""))
+        context = self._identities.server_context(pod.identity or "")
         try:
+            tls = await handshake(sock, context, True, timeout)
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self._session(pod), sock, ssl=context, ssl_handshake_timeout=timeout)
+                lambda: self._session(pod, tls), sock)
         except BaseException as exc:
             # exception -> traceback -> the event loop's frame -> its waiter -> exception: a
             # cycle that keeps a failed handshake's TLS buffers until a garbage collection
@@ -482,14 +483,14 @@ class TunnelAcceptor:
                 RATE_LIMITED: f"over {limits.rate:g} TLS handshakes a second from this address",
                 }.get(reason, reason)
 
-    def _session(self, pod: PodContext) -> TunnelSession:
+    def _session(self, pod: PodContext, tls: TunnelTls | None = None) -> TunnelSession:
         def on_stream(session: TunnelSession, stream_id: int, port: int,
                       metadata: Mapping[str, str]) -> None:
             self._streams.tunneled(pod, session, stream_id, port, metadata)
 
         def admit(session: TunnelSession, transport: asyncio.BaseTransport) -> bool:
             try:
-                client_id = self.client_identity(pod, transport)
+                client_id = self.client_identity(pod, session.ssl_object)
                 self._count_peer(pod, client_id, session)
             except IdentityRejected as exc:
                 self._refused(pod, session.peername, exc.reason, str(exc))
@@ -507,12 +508,12 @@ class TunnelAcceptor:
                 self._uncount_peer(session)
 
         return TunnelSession("server", on_stream=on_stream, on_closed=closed, admit=admit,
-                             max_streams=self._settings.max_streams)
+                             max_streams=self._settings.max_streams, tls=tls)
 
-    def client_identity(self, pod: PodContext, transport: asyncio.BaseTransport) -> str:
+    def client_identity(self, pod: PodContext, ssl_object: Any) -> str:
         """The client's proven SPIFFE ID if it may tunnel into `pod`; else IdentityRejected.
         (A multicluster gateway's callers are checked stream by stream, by inbound_stream.)"""
-        client_id = verify_identity(transport, self._identities.trust_domain)
+        client_id = verify_identity(ssl_object, self._identities.trust_domain)
         if client_id not in self._settings.gateways and not pod.inbound.admits(client_id):
             raise IdentityRejected("not_allowed", f"{client_id} is not in the pod's allowed clients")
         return client_id

@@ -30,6 +30,7 @@ from agent.core import tunnel as core
 from agent.core.telemetry import PeerLabels
 from agent.core.tunnel import DataReceived
 from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, describe_code
+from agent.dataplane.tls import TunnelTls
 
 log = logging.getLogger(__name__)
 OUTPUT_HIGH = 256 * 1024  # bytes queued for one TLS connection before every stream pauses
@@ -279,8 +280,12 @@ class TunnelSession(asyncio.Protocol):
                  on_closed: Callable[[TunnelSession], None] | None = None,
                  admit: Callable[[TunnelSession, asyncio.BaseTransport], bool] | None = None,
                  initial_window: int = DEFAULT_WINDOW, max_streams: int = 256,
-                 connection_window: int = DEFAULT_CONNECTION_WINDOW) -> None:
+                 connection_window: int = DEFAULT_CONNECTION_WINDOW,
+                 tls: TunnelTls | None = None) -> None:
         self.connection = core.Connection(role, initial_window, max_streams, connection_window)
+        # Set: the transport is plain TCP and this session opens and seals the TLS records
+        # itself (agent/dataplane/tls.py); None: the transport is an SSL transport.
+        self.tls = tls
         self.is_client = role == "client"
         self.transport: asyncio.Transport | None = None
         self.peername: tuple[str, int] | None = None
@@ -310,10 +315,39 @@ class TunnelSession(asyncio.Protocol):
             self.transport.abort()
             return
         self.flush()  # our preface
+        if self.tls is not None and self.tls.has_input:  # came with the handshake's last bytes
+            self.data_received(b"")
+
+    @property
+    def ssl_object(self) -> Any:
+        """The connection's `ssl.SSLObject` (the peer's certificate, the cipher)."""
+        if self.tls is not None:
+            return self.tls.ssl_object
+        return None if self.transport is None else self.transport.get_extra_info("ssl_object")
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        tls = self.tls
+        if tls is not None:
+            try:
+                data = tls.open(data)
+            except ssl.SSLError as exc:  # a record that does not open: nothing more can
+                self._fatal(exc)
+                return
+            if tls.has_output and self.transport is not None:
+                self.transport.write(tls.output())
+            if tls.peer_closed:
+                if data:
+                    self._received(data)
+                if not self._closed and not self.eof_received() and self.transport is not None:
+                    self.transport.close()
+                return
+            if not data:
+                return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         streams = self.streams
         for event in self.connection.receive_data(data):
             if type(event) is DataReceived:  # most events: inline, one Python call fewer
@@ -407,6 +441,13 @@ class TunnelSession(asyncio.Protocol):
         self._flush_scheduled = False
         data = self.connection.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
+            tls = self.tls
+            if tls is not None:
+                try:
+                    data = tls.seal(data)
+                except ssl.SSLError as exc:
+                    self._fatal(exc)
+                    return
             self.transport.write(data)
 
     def close(self, error_code: int = core.ErrorCode.NO_ERROR) -> None:
@@ -450,6 +491,13 @@ class TunnelSession(asyncio.Protocol):
             elif not self.streams:
                 self.close()  # the peer is going away and nothing is left to finish
 
+    def _fatal(self, exc: Exception) -> None:
+        """The TLS layer failed (a bad record, a fatal alert): no more bytes either way."""
+        log.info("mesh tunnel with %s: TLS failed: %s", self.peername, exc)
+        if self.transport is not None:
+            self.transport.abort()  # first: nothing more is sealed or sent
+        self._shutdown(exc)
+
     def _why(self) -> str:
         error = self.connection.error
         return f"mesh tunnel protocol error: {error}" if error else "mesh tunnel ended by the peer"
@@ -460,6 +508,8 @@ class TunnelSession(asyncio.Protocol):
         self._closed = True
         if self.transport is not None:
             self._write_queued()  # a GOAWAY, the last frames: before the TLS close_notify
+            if self.tls is not None and not self.transport.is_closing():
+                self.transport.write(self.tls.close_notify())
             self.transport.close()
         for stream in list(self.streams.values()):
             stream._lose(exc)

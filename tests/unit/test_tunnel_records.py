@@ -106,8 +106,8 @@ async def _exchange(server_context: ssl.SSLContext, client_context: ssl.SSLConte
             assert method.__self__ is ssl_object._sslobj, name
         assert isinstance(ssl_object.read, RecordRead)  # _ssl's read, asked for one record at most
         assert ssl_object.read._read.__self__ is ssl_object._sslobj
-    assert verify_identity(client_transport, "cluster.local") == str(WEB)
-    assert verify_identity(server_transport, "cluster.local") == str(CART)
+    assert verify_identity(client_transport.get_extra_info("ssl_object"), "cluster.local") == str(WEB)
+    assert verify_identity(server_transport.get_extra_info("ssl_object"), "cluster.local") == str(CART)
 
     sizes = (1, 1_000, 3 * 1024 * 1024)  # one byte, one record, many records and windows
     upstreams = [Collector() for _ in sizes]

@@ -1,0 +1,254 @@
+"""The tunnel's TLS driven by the session itself (agent/dataplane/tls.py): the handshake on
+the raw socket with the agents' own mTLS contexts, failures labelled as uvloop's were, then
+two tunnel sessions on plain TCP transports sealing and opening their records — megabytes
+both ways on several streams, identities read from the sessions, bytes that came with the
+handshake's last flight, close_notify, a record that does not open."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import uvloop
+
+from agent.dataplane.mesh import verify_identity
+from agent.dataplane.tls import TunnelTls, handshake
+from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
+from agent.identity.files import init_identity_dir
+from agent.identity.spiffe import SpiffeId
+from tests.unit.test_identity_tls import manager_for, with_pods
+
+CART = SpiffeId("cluster.local", "shop", "cart")
+WEB = SpiffeId("cluster.local", "shop", "web")
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    path: Path = tmp_path_factory.mktemp("ca")
+    init_identity_dir(path)
+    manager = with_pods(manager_for(path), cart=CART, web=WEB)
+    return manager.server_context("web"), manager.client_context("cart")
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """A client context whose certificate another CA signed."""
+    path: Path = tmp_path_factory.mktemp("other-ca")
+    init_identity_dir(path)
+    return with_pods(manager_for(path), cart=CART).client_context("cart")
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        one = socket.create_connection(listener.getsockname())
+        other, _ = listener.accept()
+    for sock in (one, other):
+        sock.setblocking(False)
+    return one, other
+
+
+def _payload(seed: int, size: int) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB, not a TLS multiple
+    return (block * (size // len(block) + 1))[:size]
+
+
+class Collector(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def eof_received(self) -> bool:
+        if not self.ended.done():
+            self.ended.set_result(None)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(exc)
+
+
+async def _connected(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
+                     served: dict[int, Collector]) -> tuple[TunnelSession, TunnelSession]:
+    loop = asyncio.get_running_loop()
+
+    def on_stream(session: TunnelSession, stream_id: int, port: int, metadata: Any) -> None:
+        served[stream_id] = Collector()
+        session.attach(stream_id, served[stream_id])
+
+    client_sock, server_sock = _tcp_pair()
+    server_tls = loop.create_task(handshake(server_sock, server_context, True, 5.0))
+    client_tls = await handshake(client_sock, client_context, False, 5.0)
+    server_end = await server_tls
+    _, server = await loop.connect_accepted_socket(
+        lambda: TunnelSession("server", on_stream=on_stream, tls=server_end), server_sock)
+    _, client = await loop.create_connection(lambda: TunnelSession("client", tls=client_tls),
+                                             sock=client_sock)
+    return client, server
+
+
+def test_sessions_seal_their_records_and_carry_megabytes_both_ways(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    async def run() -> None:
+        served: dict[int, Collector] = {}
+        client, server = await _connected(*contexts, served)
+        assert verify_identity(client.ssl_object, "cluster.local") == str(WEB)
+        assert verify_identity(server.ssl_object, "cluster.local") == str(CART)
+        assert client.transport is not None and client.transport.get_extra_info("ssl_object") is None
+        sizes = (1, 1_000, 3 * 1024 * 1024)  # one byte, one record, many records and windows
+        upstreams = [Collector() for _ in sizes]
+        streams = [client.open_stream(protocol, 80, {"pod": "cart"}) for protocol in upstreams]
+        for index, (stream, size) in enumerate(zip(streams, sizes, strict=True)):
+            stream.write(_payload(index, size))
+            stream.write_eof()
+        async with asyncio.timeout(20):
+            while len(served) < len(sizes) or not all(c.ended.done() for c in served.values()):
+                await asyncio.sleep(0.01)
+        for index, stream in enumerate(streams):
+            collector = served[stream.stream_id]
+            assert bytes(collector.received) == _payload(index, sizes[index])
+            assert collector.transport is not None
+            collector.transport.write(_payload(100 + index, sizes[index]))
+            collector.transport.write_eof()
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(upstream.ended for upstream in upstreams))
+        for index, upstream in enumerate(upstreams):
+            assert bytes(upstream.received) == _payload(100 + index, sizes[index])
+        # closing one end: GOAWAY and close_notify go out, the other end sees the close
+        ended = server.transport
+        client.close()
+        async with asyncio.timeout(5):
+            while ended is not None and not ended.is_closing():
+                await asyncio.sleep(0.01)
+        assert server.tls is not None and server.tls.peer_closed
+
+    uvloop.run(run())
+
+
+def test_a_record_that_does_not_open_ends_the_connection_and_its_streams(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    async def run() -> None:
+        served: dict[int, Collector] = {}
+        client, server = await _connected(*contexts, served)
+        upstream = Collector()
+        client.open_stream(upstream, 80, {"pod": "cart"})
+        async with asyncio.timeout(5):
+            while not served:
+                await asyncio.sleep(0.01)
+        assert server.transport is not None and client.transport is not None
+        # a forged application-data record (type 23, TLS 1.2 on the wire, 40 bytes)
+        client.transport.write(bytes([23, 3, 3, 0, 40]) + b"\x5a" * 40)
+        async with asyncio.timeout(5):
+            lost = await next(iter(served.values())).ended
+        assert isinstance(lost, ssl.SSLError)
+        assert server.transport.is_closing()
+
+    uvloop.run(run())
+
+
+def test_bytes_that_came_with_the_last_handshake_flight_are_opened_first(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_context, client_context = contexts
+    ends = {}
+    for name, context, server_side in (("server", server_context, True),
+                                       ("client", client_context, False)):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ends[name] = (context.wrap_bio(incoming, outgoing, server_side=server_side), incoming,
+                      outgoing)
+    done = set()
+    for _ in range(10):  # the handshake in memory, until the client is done
+        for name in ("client", "server"):
+            tls, _, outgoing = ends[name]
+            try:
+                tls.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+            other = ends["server" if name == "client" else "client"][1]
+            other.write(outgoing.read())
+        if "client" in done:
+            break
+    client = TunnelTls(*ends["client"])
+    ends["server"][1].write(client.seal(b"preface and first frames"))  # with the client's Finished
+    server_tls, incoming, outgoing = ends["server"]
+    server_tls.do_handshake()  # completes, the application record still waiting
+    server = TunnelTls(server_tls, incoming, outgoing)
+    assert server.has_input
+    assert server.open(b"") == b"preface and first frames"
+    assert not server.has_input
+
+
+def _failure(server_context: ssl.SSLContext, client_context: ssl.SSLContext | None,
+             client_sends: bytes = b"", timeout: float = 5.0,
+             client_reads: bool = True) -> tuple[str, str]:
+    """Both ends' labels (handshake_failure_reason) when a handshake fails."""
+    async def run() -> tuple[str, str]:
+        client_sock, server_sock = _tcp_pair()
+        server = asyncio.ensure_future(handshake(server_sock, server_context, True, timeout))
+        client_label = "none"
+        if client_context is not None:
+            try:
+                tls = await handshake(client_sock, client_context, False, timeout)
+                client_label = "ok"
+                if client_reads:  # TLS 1.3: a client learns of its refusal on its first read
+                    loop = asyncio.get_running_loop()
+                    async with asyncio.timeout(2):
+                        data = await loop.sock_recv(client_sock, 4096)
+                    tls.open(data)
+                    client_label = "eof" if not data else "opened"
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                client_label = handshake_failure_reason(exc)
+        elif client_sends:
+            client_sock.send(client_sends)
+        try:
+            await server
+            server_label = "ok"
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            server_label = handshake_failure_reason(exc)
+        client_sock.close()
+        server_sock.close()
+        return server_label, client_label
+
+    return uvloop.run(run())
+
+
+def test_failed_handshakes_are_labelled_as_before(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext], stranger: ssl.SSLContext) -> None:
+    server_context, client_context = contexts
+    assert _failure(server_context, stranger)[0] == "unknown_ca"
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+    assert _failure(server_context, anonymous) == ("no_certificate", "no_certificate")
+    assert _failure(server_context, None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == "not_tls"
+    assert _failure(server_context, None, timeout=0.2)[0] == "timeout"  # says nothing
+    assert _failure(server_context, client_context, client_reads=False) == ("ok", "ok")  # control
+
+
+def test_a_peer_that_closes_mid_handshake_is_an_eof(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_context, _ = contexts
+
+    async def run() -> str:
+        client_sock, server_sock = _tcp_pair()
+        client_sock.close()
+        try:
+            await handshake(server_sock, server_context, True, 5.0)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            return handshake_failure_reason(exc)
+        finally:
+            server_sock.close()
+        return "ok"
+
+    assert uvloop.run(run()) == "eof"

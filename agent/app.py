@@ -24,14 +24,7 @@ from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, re
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
-from agent.memory import (
-    BurstEnd,
-    CgroupCpu,
-    CgroupMemory,
-    fix_mmap_threshold,
-    give_back_memory,
-    resident_bytes,
-)
+from agent.memory import BurstEnd, CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
 from agent.observability.admin import AdminServer
 from agent.observability.exposition import CollectorRegistry
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
@@ -46,7 +39,6 @@ log = logging.getLogger("pinion")
 
 
 async def run_agent(config: Config, cleanup: bool = False) -> int:
-    fix_mmap_threshold()  # as deployed agents ran with MALLOC_MMAP_THRESHOLD_ (agent.memory)
     switch = NetnsSwitch(NetNs.current())
     backend = choose_backend(config.redirect, config)
     backend.prepare()

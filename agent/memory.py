@@ -11,12 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import cache
-
-MMAP_THRESHOLD = 128 * 1024  # bytes: a block this large gets a mapping of its own
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def give_back_memory(full: bool = False) -> None:
@@ -27,23 +23,6 @@ def give_back_memory(full: bool = False) -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def fix_mmap_threshold(environ: Mapping[str, str] = os.environ) -> bool:
-    """Blocks of `MMAP_THRESHOLD` and more get a mapping of their own, unmapped when freed,
-    from now on. glibc starts there, but raises its threshold to the size of each larger
-    block freed (up to 32 MiB): after the first pod list of a 2,000-pod cluster its 2 MiB
-    page buffers stay in the heap (+4 MiB, docs/benchmarks.md, bench/kube_memory.py). The
-    DaemonSet used to set MALLOC_MMAP_THRESHOLD_; the agent sets it itself at start, so an
-    agent started anywhere (the lab's, a test's) runs as deployed ones do: a block asked for
-    per operation above it costs an mmap, a page fault per page and an munmap every time, and
-    shows in every benchmark (tunnel records: `RecordRead`). An operator's own
-    MALLOC_MMAP_THRESHOLD_ stays as glibc applied it. False: left as it was (that variable,
-    or no glibc)."""
-    if "MALLOC_MMAP_THRESHOLD_" in environ:
-        return False
-    mallopt = _mallopt()
-    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def release_free_pools() -> int:
@@ -84,27 +63,14 @@ class BurstEnd:
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where there is none (musl)."""
-    function = _libc_function("malloc_trim")
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
     if function is not None:
         function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
     return function
-
-
-@cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's mallopt, or None where there is none."""
-    function = _libc_function("mallopt")
-    if function is not None:
-        function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return function
-
-
-def _libc_function(symbol: str) -> ctypes._NamedFuncPointer | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), symbol) if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 class CgroupMemory:

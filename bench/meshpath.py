@@ -23,12 +23,12 @@ user-space instructions around them, not the kernel's work.
     python bench/meshpath.py --cpu-time --pace 0.001 --requests 5000   # idle between requests
 
 `--cpu-time` runs each case in processes of their own (30,000 minus 3,000 requests, 3
-interleaved rounds, the median) with `MALLOC_MMAP_THRESHOLD_=131072`, the threshold an agent
-fixes at start (agent.memory.fix_mmap_threshold), and reads the processes' user and system
-time: what callgrind cannot see (system calls, page faults). With `--pace S` the client waits
-S seconds before each next request, so the process sleeps between requests as the agents do
-at a paced load; on this VM that costs the same instructions ~4 times the CPU (caches,
-TLBs and branch predictors cold after each sleep: docs/fastpath.md).
+interleaved rounds, the median) with `MALLOC_MMAP_THRESHOLD_=131072` as deploy/daemonset.yaml
+sets it, and reads the processes' user and system time: what callgrind cannot see (system
+calls, page faults). With `--pace S` the client waits S seconds before each next request, so
+the process sleeps between requests as the agents do at a paced load; on this VM that costs
+the same instructions ~4 times the CPU (caches, TLBs and branch predictors cold after each
+sleep: docs/fastpath.md).
 """
 
 from __future__ import annotations

@@ -256,6 +256,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, cgroups)")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # as deploy/daemonset.yaml sets it
     runs = [one_mode(mode, args) for mode in args.modes]
     print(f"One agent: {args.memory} MiB memory, {args.cpu} CPU; {args.pods} meshed nginx pods; "
           f"offered 2× what it serves for {args.seconds} s (new connection per request), "

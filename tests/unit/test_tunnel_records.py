@@ -232,7 +232,7 @@ uvloop.run(main(sys.argv[4] == "direct"))
 
 def _faults_per_record(mode: str, key: Path, certificate: Path) -> float:
     root = str(Path(__file__).resolve().parents[2])
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as agents set it
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as deploy/daemonset.yaml
     run = subprocess.run([sys.executable, "-c", _FAULTS, root, str(certificate), str(key), mode],
                          capture_output=True, text=True, timeout=120, env=environment, check=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])

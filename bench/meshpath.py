@@ -145,7 +145,7 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float 
 
     loop = asyncio.get_running_loop()
     server_context, client_context = _contexts(files)
-    if hasattr(tunnel_module, "direct_records"):  # the agents' TLS objects (mesh.py)
+    if hasattr(tunnel_module, "direct_records"):  # trees of session 8 and d6242f2's: their TLS objects
         tunnel_module.direct_records(server_context)
         tunnel_module.direct_records(client_context)
     telemetry = Telemetry(time.monotonic, 60.0)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any, cast, final
+from typing import Any, cast
 
 from agent.core import tunnel as core
 from agent.core.telemetry import PeerLabels
@@ -516,62 +516,6 @@ class TunnelSession(asyncio.Protocol):
         self.streams.clear()
         if self._on_closed is not None:
             self._on_closed(self)
-
-
-# ------------------------------------------------------------------- TLS records
-
-
-RECORD_PLAINTEXT_MAX = 16384  # the most a TLS record carries (RFC 8446 5.1): one read's worth
-
-
-@final
-class RecordRead:
-    """`_ssl`'s read with the size asked for held to one record's plaintext.
-
-    uvloop's SSL protocol reads every record with `read(262144)`, and `_ssl` allocates a
-    bytes object of the size asked before it reads, then shrinks it. 256 KiB is above
-    glibc's mmap threshold (128 KiB where the DaemonSet sets it; by default too, since the
-    freed block is the shrunk one and the threshold never rises): every record read was an
-    mmap, a page fault, an mremap and an munmap. One record never holds more than 16 KiB,
-    so asking that much reads the same bytes from the heap; uvloop reads again while
-    anything is pending, as before."""
-
-    __slots__ = ("_read",)
-
-    def __init__(self, read: Callable[..., Any]) -> None:
-        self._read = read
-
-    def __call__(self, size: int = 1024, buffer: Any = None) -> Any:
-        if size > RECORD_PLAINTEXT_MAX:
-            size = RECORD_PLAINTEXT_MAX
-        if buffer is None:
-            return self._read(size)
-        return self._read(size, buffer)
-
-
-class DirectSSLObject(ssl.SSLObject):
-    """The TLS object uvloop's SSL protocol drives for a tunnel connection, with `write`
-    and `pending` the C methods of `_ssl` themselves and `read` theirs behind `RecordRead`:
-    uvloop takes these three once per connection and calls them for every record, and
-    `ssl.SSLObject`'s are Python functions that only pass their arguments on (a Python call
-    each, six per request). Everything else (handshake, certificates, shutdown) is
-    `ssl.SSLObject`'s own."""
-
-    @classmethod
-    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
-        self = cast(DirectSSLObject, super()._create(*args, **kwargs))  # type: ignore[misc]
-        inner = getattr(self, "_sslobj", None)  # the _ssl object (CPython 3.7 and later)
-        if inner is not None:
-            self.read = RecordRead(inner.read)  # type: ignore[method-assign,assignment]
-            self.write = inner.write  # type: ignore[method-assign]
-            self.pending = inner.pending  # type: ignore[method-assign]
-        return self
-
-
-def direct_records(context: ssl.SSLContext) -> ssl.SSLContext:
-    """`context`, its TLS objects made `DirectSSLObject`s (`SSLContext.sslobject_class`)."""
-    context.sslobject_class = DirectSSLObject
-    return context
 
 
 # ------------------------------------------------------------------- handshake errors

@@ -34,7 +34,7 @@ needs_build = pytest.mark.skipif(not BUILT and not os.environ.get("CI"),
 TESTS_OF_THE_MODULES = [
     "tests/unit/test_tunnel.py", "tests/unit/test_tunnel_properties.py",
     "tests/unit/test_tunnel_moves.py", "tests/unit/test_tunnel_shell.py",
-    "tests/unit/test_tunnel_records.py", "tests/unit/test_telemetry.py",
+    "tests/unit/test_tunnel_tls.py", "tests/unit/test_telemetry.py",
     "tests/unit/test_metrics.py", "tests/unit/test_authority_label.py",
     "tests/unit/test_counters.py", "tests/unit/test_relay.py", "tests/unit/test_relay_drain.py",
     "tests/unit/test_proxy_shells.py", "tests/unit/test_connection_budget.py",

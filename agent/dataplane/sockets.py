@@ -165,18 +165,24 @@ def close_handed_over(sock: socket.socket, identity: tuple[int, int] | None,
     sock.close()
 
 
+async def readable(sock: socket.socket) -> None:
+    """Wait until `sock` (non-blocking) has something to read, or its end: a future and the
+    event loop's reader, nothing read."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def first_bytes(sock: socket.socket) -> bool:
     """Wait until the peer sends something; False if it closed (or reset) instead. Nothing
     is read, nothing allocated but a future: what a listener does before any TLS state."""
-    loop = asyncio.get_running_loop()
     while True:
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = sock.fileno()
-        loop.add_reader(fd, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
+        await readable(sock)
         try:
             return bool(sock.recv(1, socket.MSG_PEEK))
         except (BlockingIOError, InterruptedError):

@@ -25,6 +25,8 @@ import socket
 import ssl
 from typing import Any
 
+from agent.dataplane.sockets import readable
+
 RECORD_PLAINTEXT_MAX = 16384  # the most a TLS record carries (RFC 8446 5.1)
 HANDSHAKE_READ = 16384  # bytes read from the socket at a time while handshaking
 
@@ -126,25 +128,19 @@ async def handshake(sock: socket.socket, context: ssl.SSLContext, server_side: b
                 await loop.sock_sendall(sock, written)
             if done:
                 return TunnelTls(ssl_object, incoming, outgoing)
-            data = await _receive(loop, sock)
+            data = await _receive(sock)
             if not data:
                 raise ConnectionResetError("the peer closed the connection during the TLS handshake")
             incoming.write(data)
 
 
-async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def _receive(sock: socket.socket) -> bytes:
     while True:
         try:
             return sock.recv(HANDSHAKE_READ)
         except (BlockingIOError, InterruptedError):
             pass
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = sock.fileno()
-        loop.add_reader(fd, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
+        await readable(sock)
 
 
 def _send_best_effort(sock: socket.socket, data: bytes) -> None:
@@ -152,7 +148,3 @@ def _send_best_effort(sock: socket.socket, data: bytes) -> None:
         with contextlib.suppress(OSError):
             sock.send(data)
 
-
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)

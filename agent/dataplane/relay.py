@@ -129,7 +129,7 @@ class Relay:
         self.failed = False
         self.errno_name = ""  # why it failed, as tcp_close_total's errno label ("" = unknown)
         self.destination: tuple[str, int] | None = None
-        self.source: tuple[str, int] | None = None  # inbound: the client the app should see
+        self.source: tuple[Any, ...] | None = None  # inbound: the client the app should see
         self.early_at = 0.0  # when the first client byte came, if before the path was chosen
         self.started = time.monotonic()
         # bytes moving: a count, not a clock read per chunk; `reap_idle` compares it
@@ -427,7 +427,7 @@ class PlainUpstream:
         if not client.is_closing() and not relay.upstream.write_blocked:
             client.resume_reading()  # else resume_writing will, once upstream drains
 
-    def _upstream_socket(self, pod: PodContext, source: tuple[str, int] | None) -> socket.socket:
+    def _upstream_socket(self, pod: PodContext, source: tuple[Any, ...] | None) -> socket.socket:
         for _ in range(3):
             try:
                 return self._sockets.upstream(pod.netns, source)

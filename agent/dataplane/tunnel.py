@@ -288,7 +288,7 @@ class TunnelSession(asyncio.Protocol):
         self.tls = tls
         self.is_client = role == "client"
         self.transport: asyncio.Transport | None = None
-        self.peername: tuple[str, int] | None = None
+        self.peername: tuple[Any, ...] | None = None  # (host, port), or IPv6's four
         self.peer_id = ""  # the verified SPIFFE ID, once the handshake is checked
         self.labels = PeerLabels()
         self.streams: dict[int, StreamTransport] = {}

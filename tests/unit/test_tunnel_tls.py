@@ -356,3 +356,21 @@ def test_reading_records_maps_no_fresh_pages(tmp_path: Path) -> None:
     # the control: 0.7-1.3 faults per record on this glibc (one fresh page, most reads)
     assert plain >= 0.3, f"uvloop's SSL protocol no longer maps pages ({plain:.2f} per record)"
     assert tunnel < 0.05, f"{tunnel:.2f} page faults per record opened by TunnelTls"
+
+
+def test_a_session_with_an_ipv6_peer_comes_up() -> None:
+    """IPv6 peernames are four-tuples: the compiled session once required two (TypeError in
+    connection_made, the connection dropped)."""
+    async def run() -> tuple[Any, ...] | None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as listener:
+            one = socket.create_connection(listener.getsockname()[:2])
+            other, _ = listener.accept()
+        _, session = await loop.connect_accepted_socket(lambda: TunnelSession("server"), other)
+        peername = session.peername
+        session.close()
+        one.close()
+        return peername
+
+    peername = uvloop.run(run())
+    assert peername is not None and len(peername) == 4 and peername[0] == "::1"

@@ -163,8 +163,10 @@ def test_a_record_that_does_not_open_ends_the_connection_and_its_streams(
     uvloop.run(run())
 
 
-def test_bytes_that_came_with_the_last_handshake_flight_are_opened_first(
-        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+def _in_memory(contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+               until: str) -> dict[str, tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]]:
+    """Both ends' TLS objects and BIOs, their handshake run in memory until `until`
+    ("client": the client is done, the server still waits for its Finished; "both")."""
     server_context, client_context = contexts
     ends = {}
     for name, context, server_side in (("server", server_context, True),
@@ -172,19 +174,27 @@ def test_bytes_that_came_with_the_last_handshake_flight_are_opened_first(
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         ends[name] = (context.wrap_bio(incoming, outgoing, server_side=server_side), incoming,
                       outgoing)
-    done = set()
-    for _ in range(10):  # the handshake in memory, until the client is done
+    done: set[str] = set()
+    for _ in range(10):
         for name in ("client", "server"):
             tls, _, outgoing = ends[name]
-            try:
-                tls.do_handshake()
-                done.add(name)
-            except ssl.SSLWantReadError:
-                pass
-            other = ends["server" if name == "client" else "client"][1]
-            other.write(outgoing.read())
-        if "client" in done:
-            break
+            if name not in done:
+                try:
+                    tls.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+            ends["server" if name == "client" else "client"][1].write(outgoing.read())
+            if until == "client" and "client" in done:
+                return ends
+        if len(done) == 2:
+            return ends
+    raise AssertionError("the handshake in memory did not finish")
+
+
+def test_bytes_that_came_with_the_last_handshake_flight_are_opened_first(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    ends = _in_memory(contexts, until="client")
     client = TunnelTls(*ends["client"])
     ends["server"][1].write(client.seal(b"preface and first frames"))  # with the client's Finished
     server_tls, incoming, outgoing = ends["server"]
@@ -374,25 +384,7 @@ def test_records_are_read_one_record_at_a_time(
         contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     """What keeps the allocation per read on the heap: never more than one record's
     plaintext (16 KiB) asked of `_ssl`, whatever arrives at once."""
-    server_context, client_context = contexts
-    ends = {}
-    for name, context, server_side in (("server", server_context, True),
-                                       ("client", client_context, False)):
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        ends[name] = (context.wrap_bio(incoming, outgoing, server_side=server_side), incoming,
-                      outgoing)
-    for _ in range(10):
-        finished = 0
-        for name in ("client", "server"):
-            tls, _, outgoing = ends[name]
-            try:
-                tls.do_handshake()
-                finished += 1
-            except ssl.SSLWantReadError:
-                pass
-            ends["server" if name == "client" else "client"][1].write(outgoing.read())
-        if finished == 2:
-            break
+    ends = _in_memory(contexts, until="both")
     client = TunnelTls(*ends["client"])
     server_tls, incoming, outgoing = ends["server"]
     recorded = _Recorded(server_tls)

@@ -18,19 +18,16 @@ paced 1,000 req/s), CPU per request from `getrusage` (a run of N minus a run of 
     python bench/engine_floor.py                                  # the table (about 3 minutes)
     python bench/engine_floor.py --case c-relay --requests N [--pace S]   # one run
 
-Needs gcc, the Python headers and libssl-dev. The handshake is Python's (`ssl.SSLObject`
-over memory BIOs, pumped over the blocking TCP pair); the relays take the SSL* from it.
+Needs gcc, the Python headers and libssl-dev. The handshake is the agents' own
+(`agent.dataplane.tls.handshake`); the relays take the SSL* from its `ssl.SSLObject`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import resource
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -41,6 +38,7 @@ from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
+from agent.dataplane.tls import handshake  # noqa: E402
 from bench.meshpath import REQUEST, RESPONSE, _App, _certificates, _contexts, _tcp_pair  # noqa: E402
 
 
@@ -59,49 +57,19 @@ def _load(directory: str) -> ModuleType:
     return engine_floor  # type: ignore[no-any-return]
 
 
-def _handshake(client: ssl.SSLObject, server: ssl.SSLObject,
-               bios: dict[str, tuple[ssl.MemoryBIO, ssl.MemoryBIO]],
-               client_sock: socket.socket, server_sock: socket.socket) -> None:
-    """Both handshakes, their records carried over the (blocking) TCP pair."""
-    ends = (("client", client, client_sock), ("server", server, server_sock))
-    done = {"client": False, "server": False}
-    for _ in range(20):
-        for name, obj, _sock in ends:
-            if not done[name]:
-                try:
-                    obj.do_handshake()
-                    done[name] = True
-                except ssl.SSLWantReadError:
-                    pass
-        for name, _obj, sock in ends:
-            out = bios[name][1].read()
-            if out:
-                sock.sendall(out)
-        for name, _obj, sock in ends:
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                bios[name][0].write(sock.recv(65536))
-            sock.setblocking(True)
-        if all(done.values()):
-            return  # what is left on the wire (tickets) the relays read
-    raise RuntimeError("the handshake did not finish")
-
-
 async def _c_relay(requests: int, pace: float, certs: str, module: ModuleType) -> None:
     loop = asyncio.get_running_loop()
     server_context, client_context = _contexts(
         {name: os.path.join(certs, name) for name in ("ca", "server", "client")})
-    bios = {"client": (ssl.MemoryBIO(), ssl.MemoryBIO()), "server": (ssl.MemoryBIO(), ssl.MemoryBIO())}
-    client = client_context.wrap_bio(*bios["client"], server_side=False, server_hostname=None)
-    server = server_context.wrap_bio(*bios["server"], server_side=True)
     app_client, a_plain = _tcp_pair()
     a_tls, b_tls = _tcp_pair()
     b_plain, app_server = _tcp_pair()
-    _handshake(client, server, bios, a_tls, b_tls)
     for sock in (a_plain, a_tls, b_tls, b_plain):
         sock.setblocking(False)
-    one = module.make(client._sslobj, a_tls.fileno(), a_plain.fileno())  # type: ignore[attr-defined]
-    other = module.make(server._sslobj, b_tls.fileno(), b_plain.fileno())  # type: ignore[attr-defined]
+    server = loop.create_task(handshake(b_tls, server_context, True, 10.0))  # as the agents do
+    client = await handshake(a_tls, client_context, False, 10.0)
+    one = module.make(client.ssl_object._sslobj, a_tls.fileno(), a_plain.fileno())
+    other = module.make((await server).ssl_object._sslobj, b_tls.fileno(), b_plain.fileno())
     loop.add_reader(a_plain.fileno(), one.on_plain_readable)
     loop.add_reader(a_tls.fileno(), one.on_tls_readable)
     loop.add_reader(b_tls.fileno(), other.on_tls_readable)

@@ -84,6 +84,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),
+        Extension(  # the mesh tunnel's TLS records and socket in C (issue #16; libssl-dev)
+            "agent.dataplane._tlsio",
+            sources=["csrc/tlsio.c"],
+            libraries=["ssl", "crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+        ),
         *mypyc_extensions(),
     ],
 )

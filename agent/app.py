@@ -20,6 +20,7 @@ from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import CgroupBackend, choose_backend
 from agent.dataplane.relay import RelaySettings
 from agent.dataplane.sockets import SocketFactory
+from agent.dataplane.tls import tls_transport_build
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
@@ -100,6 +101,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     log.info("tunnel framing: %s", tunnel_build())  # the mypyc build, or Python (agent.core.compiled)
     log.info("counters: %s", counters_build())
     log.info("relay and tunnel shell: %s", loaded_builds().get("agent.dataplane.relay"))
+    log.info("tunnel TLS records: %s", tls_transport_build())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

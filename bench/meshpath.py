@@ -193,10 +193,19 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float 
         server_tls = loop.create_task(handshake(tunnel_server_sock, server_context, True, 10.0))
         client_tls = await handshake(tunnel_client_sock, client_context, False, 10.0)
         server_end = await server_tls
-        await loop.connect_accepted_socket(
-            lambda: TunnelSession("server", on_stream=on_stream, tls=server_end), tunnel_server_sock)
-        _, session = await loop.create_connection(lambda: TunnelSession("client", tls=client_tls),
-                                                  sock=tunnel_client_sock)
+        try:  # the records in C where built (tls.start_session), as mesh.py starts sessions
+            from agent.dataplane.tls import start_session
+        except ImportError:  # a tree from before: the session seals its records on uvloop TCP
+            await loop.connect_accepted_socket(
+                lambda: TunnelSession("server", on_stream=on_stream, tls=server_end),
+                tunnel_server_sock)
+            _, session = await loop.create_connection(
+                lambda: TunnelSession("client", tls=client_tls), sock=tunnel_client_sock)
+        else:
+            await start_session(tunnel_server_sock, server_end, lambda records: TunnelSession(
+                "server", on_stream=on_stream, tls=records))
+            session = await start_session(tunnel_client_sock, client_tls,
+                                          lambda records: TunnelSession("client", tls=records))
 
     class ClientOwner:
         def __init__(self) -> None:

@@ -44,10 +44,10 @@ COMPILED_MODULES: Final = ("core.tunnel_frames", "core.tunnel", "core.counters",
 # The agent modules they import, transitively (TYPE_CHECKING imports too): mypyc compiles
 # against their types. tests/unit/test_compiled_build.py checks the list is whole.
 TYPE_DEPENDENCIES: Final = (
-    "core", "core.accounting", "core.detect", "core.hpack_blocks", "core.http1", "core.http2",
-    "core.tap", "core.telemetry", "dataplane.budget", "dataplane.context", "dataplane.netns",
-    "dataplane.sockets", "dataplane.tapping", "model", "observability.exposition",
-    "observability.metrics")
+    "core", "core.accounting", "core.compiled", "core.detect", "core.hpack_blocks", "core.http1",
+    "core.http2", "core.tap", "core.telemetry", "dataplane", "dataplane.budget",
+    "dataplane.context", "dataplane.netns", "dataplane.sockets", "dataplane.tapping", "model",
+    "observability.exposition", "observability.metrics")
 PREFIX: Final = "_compiled_"  # of the build's files: agent/_compiled_<digest>...
 # builds by earlier setup.py, in agent/core: of the tunnel alone, and of agent.core's modules
 FORMER_BUILDS: Final = (os.path.join("core", "_tunnel_"), os.path.join("core", PREFIX))

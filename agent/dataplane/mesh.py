@@ -50,7 +50,7 @@ from agent.dataplane.sockets import (
     set_keepalive,
     socket_identity,
 )
-from agent.dataplane.tls import TunnelTls, handshake
+from agent.dataplane.tls import TunnelTls, handshake, start_session
 from agent.dataplane.tunnel import TunnelSession, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ class MeshClient:
 
     async def _handshake(self, pod: PodContext, key: tuple[str, str], sock: socket.socket,
                          expected: str) -> TunnelSession:
-        loop, settings = asyncio.get_running_loop(), self._settings
+        settings = self._settings
         identity, destination = key
 
         def closed(session: TunnelSession) -> None:
@@ -274,9 +274,8 @@ class MeshClient:
         try:
             context = self._identities.client_context(identity)
             tls = await handshake(sock, context, False, settings.handshake_timeout)
-            _, session = await loop.create_connection(
-                lambda: TunnelSession("client", on_closed=closed, max_streams=settings.max_streams,
-                                      tls=tls), sock=sock)
+            session = await start_session(sock, tls, lambda records: TunnelSession(
+                "client", on_closed=closed, max_streams=settings.max_streams, tls=records))
         except (OSError, ssl.SSLError, TimeoutError, KeyError) as exc:
             close_handed_over(sock, handed)  # uvloop may have closed it (and its number reused)
             reason = handshake_failure_reason(exc)
@@ -467,8 +466,7 @@ class TunnelAcceptor:
         context = self._identities.server_context(pod.identity or "")
         try:
             tls = await handshake(sock, context, True, timeout)
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self._session(pod, tls), sock)
+            await start_session(sock, tls, lambda records: self._session(pod, records))
         except BaseException as exc:
             # exception -> traceback -> the event loop's frame -> its waiter -> exception: a
             # cycle that keeps a failed handshake's TLS buffers until a garbage collection

@@ -15,17 +15,30 @@ subclasses from OpenSSL, `TimeoutError`, `ConnectionResetError` when the peer cl
 `handshake_failure_reason` labels failures as before. Nothing is read past what the
 handshake needs that is not kept: bytes that came with the last handshake record stay in
 the incoming BIO, and the session opens them first.
+
+`start_session` then puts the session on the socket. Where `agent.dataplane._tlsio` is built
+(csrc/tlsio.c) its `TlsTransport` does the socket and the records in C, one call per
+readiness (`TLS_TRANSPORT`), and the session sees a transport that speaks plaintext (as an
+SSL transport); otherwise, or with `PINION_PURE_PYTHON=1`, the session runs on a plain uvloop
+TCP transport and opens and seals the records itself through `TunnelTls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import socket
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from agent.core.compiled import PURE_PYTHON_ENV
 from agent.dataplane.sockets import readable
+
+log = logging.getLogger(__name__)
+_P = TypeVar("_P", bound=asyncio.Protocol)
 
 RECORD_PLAINTEXT_MAX = 16384  # the most a TLS record carries (RFC 8446 5.1)
 HANDSHAKE_READ = 16384  # bytes read from the socket at a time while handshaking
@@ -132,6 +145,43 @@ async def handshake(sock: socket.socket, context: ssl.SSLContext, server_side: b
             if not data:
                 raise ConnectionResetError("the peer closed the connection during the TLS handshake")
             incoming.write(data)
+
+
+def _c_transport() -> Any:
+    """`agent.dataplane._tlsio.TlsTransport`, when built and not refused by the environment."""
+    if os.environ.get(PURE_PYTHON_ENV) == "1":
+        return None
+    try:
+        from agent.dataplane._tlsio import TlsTransport
+    except ImportError:
+        return None
+    return TlsTransport
+
+
+TLS_TRANSPORT: Any = _c_transport()  # not Final: tests take it away (the Python path)
+
+
+def tls_transport_build() -> str:
+    """What carries the tunnel's records, for the start-up log."""
+    return "C (agent.dataplane._tlsio)" if TLS_TRANSPORT is not None else "python (TunnelTls)"
+
+
+async def start_session(sock: socket.socket, tls: TunnelTls,
+                        make: Callable[[TunnelTls | None], _P]) -> _P:
+    """The protocol `make` builds, connected on `sock` after `handshake`. `make` gets the
+    `TunnelTls` when the protocol must open and seal records itself (the Python path), None
+    when the transport does (the C one)."""
+    if TLS_TRANSPORT is not None:
+        protocol = make(None)
+        try:
+            transport = TLS_TRANSPORT(asyncio.get_running_loop(), sock, tls.ssl_object, protocol)
+        except TypeError as exc:  # an _ssl of another layout: the records stay Python's
+            log.warning("tunnel TLS in C unavailable (%s): records in Python", exc)
+        else:
+            transport.start()
+            return protocol
+    _, protocol = await asyncio.get_running_loop().connect_accepted_socket(lambda: make(tls), sock)
+    return protocol
 
 
 async def _receive(sock: socket.socket) -> bytes:

@@ -284,7 +284,7 @@ class TunnelSession(asyncio.Protocol):
                  tls: TunnelTls | None = None) -> None:
         self.connection = core.Connection(role, initial_window, max_streams, connection_window)
         # Set: the transport is plain TCP and this session opens and seals the TLS records
-        # itself (agent/dataplane/tls.py); None: the transport is an SSL transport.
+        # itself (agent/dataplane/tls.py); None: the transport does (the C TlsTransport).
         self.tls = tls
         self.is_client = role == "client"
         self.transport: asyncio.Transport | None = None
@@ -378,6 +378,8 @@ class TunnelSession(asyncio.Protocol):
             stream.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError):  # the C transport's bad record or fatal alert
+            log.info("mesh tunnel with %s: TLS failed: %s", self.peername, exc)
         self._shutdown(exc or ConnectionResetError("mesh tunnel connection closed"))
 
     # ----------------------------------------------------------------- streams

@@ -1,0 +1,683 @@
+/* agent.dataplane._tlsio: the mesh tunnel's TLS connection as one C transport (issue #16).
+ *
+ * `TlsTransport` is an asyncio transport for one tunnel connection whose TLS handshake is done
+ * (agent/dataplane/tls.py `handshake`: an `ssl.SSLObject` on memory BIOs). It takes the socket
+ * and the SSL* and does, in C, what a plain uvloop TCP transport plus the session's own record
+ * calls did in several layers: on readiness (loop.add_reader calls `_read_ready`, a C method:
+ * no Python frame) one recv, the records opened into one plaintext chunk for the protocol's
+ * data_received; `write` seals the plaintext and sends it at once, keeping what the socket did
+ * not take until `_write_ready`. The OpenSSL calls are made with the GIL held: memory BIOs
+ * never block, and dropping and taking the GIL around each (as `_ssl` does) costs more than the
+ * record. The protocol sees an asyncio transport (the parts TunnelSession uses, asyncio's
+ * semantics): pause_writing above the high-water mark, resume_writing at the low one; close
+ * sends what is buffered, then our close_notify, then closes; abort drops it; the peer's
+ * close_notify or EOF is eof_received; a record that does not open, or a socket error, ends
+ * the connection with connection_lost(exc). connection_lost is called once, from the loop.
+ *
+ * The SSL* comes out of `_ssl`'s object by its layout (CPython 3.7+ Modules/_ssl.c
+ * PySSLSocket: PyObject_HEAD, PyObject *Socket, SSL *ssl, ...), checked by the type's name and
+ * by the app data CPython sets on every SSL it makes (SSL_set_app_data(ssl, self) in
+ * newPySSLSocket): any other layout raises TypeError and the Python path is taken. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <openssl/ssl.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/crypto.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#define READ_SIZE 65536        /* bytes read from the socket per readiness callback */
+#define PLAIN_CHUNK 65536      /* plaintext delivered to the protocol at a time, at most */
+#define SEND_STAGE 32768       /* sealed bytes staged on the stack on their way to send() */
+#define KEEP_CAPACITY 65536    /* an emptied output buffer larger than this is freed */
+
+typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *loop, *sock, *ssl_object, *protocol, *peername, *sockname;
+    PyObject *data_received;   /* protocol.data_received, bound once */
+    PyObject *read_cb, *write_cb, *lost_cb;  /* our own bound methods, made once */
+    PyObject *owner;           /* the _ssl object: keeps the SSL* and its BIOs alive */
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    int fd;
+    char *out;
+    size_t out_start, out_end, out_cap;
+    size_t high, low;
+    char reading, writing, closing, lost_scheduled, lost, protocol_paused, started;
+} TlsTransport;
+
+static PyObject *SSLError; /* ssl.SSLError */
+
+static size_t out_len(TlsTransport *self) { return self->out_end - self->out_start; }
+
+/* ------------------------------------------------------------------ loop calls */
+
+static int loop_call(TlsTransport *self, const char *method, PyObject *cb) {
+    PyObject *r = cb == NULL
+        ? PyObject_CallMethod(self->loop, method, "i", self->fd)
+        : PyObject_CallMethod(self->loop, method, "iO", self->fd, cb);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int start_reading(TlsTransport *self) {
+    if (self->reading || self->closing) return 0;
+    if (loop_call(self, "add_reader", self->read_cb) < 0) return -1;
+    self->reading = 1;
+    return 0;
+}
+
+static int stop_reading(TlsTransport *self) {
+    if (!self->reading) return 0;
+    self->reading = 0;
+    return loop_call(self, "remove_reader", NULL);
+}
+
+static int stop_writing(TlsTransport *self) {
+    if (!self->writing) return 0;
+    self->writing = 0;
+    return loop_call(self, "remove_writer", NULL);
+}
+
+/* A protocol callback (or our own Python call) raised: asyncio's "Fatal error" report. */
+static void report(TlsTransport *self, const char *message) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value == NULL) { Py_XDECREF(type); Py_XDECREF(tb); return; }
+    PyObject *context = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", message, "exception", value,
+                                      "transport", (PyObject *)self,
+                                      "protocol", self->protocol ? self->protocol : Py_None);
+    if (context != NULL) {
+        PyObject *r = PyObject_CallMethod(self->loop, "call_exception_handler", "O", context);
+        Py_XDECREF(r);
+        Py_DECREF(context);
+    }
+    PyErr_Clear();
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+}
+
+/* Stop everything now; connection_lost(exc) from the loop, soon (exc may be NULL). */
+static void force_close(TlsTransport *self, PyObject *exc) {
+    self->closing = 1;
+    if (stop_reading(self) < 0) PyErr_Clear();
+    if (stop_writing(self) < 0) PyErr_Clear();
+    self->out_start = self->out_end = 0;
+    if (self->lost_scheduled) return;
+    self->lost_scheduled = 1;
+    PyObject *r = PyObject_CallMethod(self->loop, "call_soon", "OO", self->lost_cb, exc ? exc : Py_None);
+    if (r == NULL) PyErr_Clear();
+    Py_XDECREF(r);
+}
+
+/* The pending Python error (a socket error) ends the connection with it. */
+static void fail_with_error(TlsTransport *self) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    force_close(self, value);
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+}
+
+/* An ssl.SSLError for OpenSSL's first queued error (or `why`), with library and reason. */
+static PyObject *ssl_error(int why) {
+    unsigned long code = ERR_peek_last_error();
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    const char *library = code ? ERR_lib_error_string(code) : NULL;
+    char message[256];
+    snprintf(message, sizeof message, "[%s] %s (SSL_get_error %d)", library ? library : "SSL",
+             reason ? reason : "TLS record failed", why);
+    ERR_clear_error();
+    PyObject *exc = PyObject_CallFunction(SSLError, "is", why, message);
+    if (exc == NULL) return NULL;
+    PyObject *r = PyUnicode_FromString(reason ? reason : "TLS_RECORD_FAILED");
+    PyObject *l = PyUnicode_FromString(library ? library : "SSL");
+    if (r == NULL || l == NULL || PyObject_SetAttrString(exc, "reason", r) < 0
+            || PyObject_SetAttrString(exc, "library", l) < 0) {
+        Py_XDECREF(r); Py_XDECREF(l); Py_DECREF(exc);
+        return NULL;
+    }
+    Py_DECREF(r); Py_DECREF(l);
+    return exc;
+}
+
+/* ------------------------------------------------------------------ output */
+
+static int reserve(TlsTransport *self, size_t more) {
+    size_t used = out_len(self);
+    if (self->out_start > 0 && used > 0 && self->out_end + more > self->out_cap) {
+        memmove(self->out, self->out + self->out_start, used);
+        self->out_start = 0; self->out_end = used;
+    } else if (used == 0) {
+        self->out_start = self->out_end = 0;
+    }
+    if (self->out_end + more <= self->out_cap) return 0;
+    size_t cap = self->out_cap ? self->out_cap : 16384;
+    while (cap < self->out_end + more) cap *= 2;
+    char *grown = PyMem_Realloc(self->out, cap);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    self->out = grown;
+    self->out_cap = cap;
+    return 0;
+}
+
+static void maybe_pause_protocol(TlsTransport *self) {
+    if (self->protocol_paused || out_len(self) <= self->high || self->protocol == NULL) return;
+    self->protocol_paused = 1;
+    PyObject *r = PyObject_CallMethod(self->protocol, "pause_writing", NULL);
+    if (r == NULL) report(self, "protocol.pause_writing() failed");
+    Py_XDECREF(r);
+}
+
+/* Move what OpenSSL sealed to the socket; keep what it does not take. 0, or -1 with the
+ * connection force-closed (a socket error) or a Python error set (out of memory). */
+static int flush_sealed(TlsTransport *self) {
+    char stage[SEND_STAGE];
+    size_t pending;
+    while ((pending = BIO_ctrl_pending(self->wbio)) > 0) {
+        if (out_len(self) == 0 && !self->writing) {
+            int n = BIO_read(self->wbio, stage, pending > sizeof stage ? (int)sizeof stage : (int)pending);
+            if (n <= 0) break;
+            ssize_t sent = send(self->fd, stage, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (sent < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) sent = 0;
+                else { PyErr_SetFromErrno(PyExc_OSError); fail_with_error(self); return -1; }
+            }
+            if ((size_t)sent < (size_t)n) {
+                if (reserve(self, (size_t)n - (size_t)sent) < 0) return -1;
+                memcpy(self->out + self->out_end, stage + sent, (size_t)n - (size_t)sent);
+                self->out_end += (size_t)n - (size_t)sent;
+            }
+        } else {
+            if (reserve(self, pending) < 0) return -1;
+            int n = BIO_read(self->wbio, self->out + self->out_end, (int)pending);
+            if (n <= 0) break;
+            self->out_end += (size_t)n;
+        }
+    }
+    if (out_len(self) > 0 && !self->writing) {
+        if (loop_call(self, "add_writer", self->write_cb) < 0) return -1;
+        self->writing = 1;
+    }
+    maybe_pause_protocol(self);
+    return 0;
+}
+
+static void finish_close_if_drained(TlsTransport *self) {
+    if (self->closing && out_len(self) == 0 && !self->lost_scheduled) force_close(self, NULL);
+}
+
+/* ------------------------------------------------------------------ input */
+
+/* Deliver `n` plaintext bytes; 0, or -1 when the protocol raised (reported, closed). */
+static int deliver(TlsTransport *self, const char *data, size_t n) {
+    PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
+    if (chunk == NULL) { report(self, "out of memory for received data"); force_close(self, NULL); return -1; }
+    PyObject *r = PyObject_CallOneArg(self->data_received, chunk);
+    Py_DECREF(chunk);
+    if (r == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        Py_INCREF(value);
+        PyErr_Restore(type, value, tb);
+        report(self, "Fatal error: protocol.data_received() call failed.");
+        force_close(self, value);
+        Py_DECREF(value);
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+static void peer_finished(TlsTransport *self) {
+    /* the peer's close_notify, or its EOF: asyncio's eof_received, then close unless kept */
+    if (stop_reading(self) < 0) PyErr_Clear();
+    PyObject *keep = PyObject_CallMethod(self->protocol, "eof_received", NULL);
+    if (keep == NULL) {
+        report(self, "Fatal error: protocol.eof_received() call failed.");
+        force_close(self, NULL);
+        return;
+    }
+    int truth = PyObject_IsTrue(keep);
+    Py_DECREF(keep);
+    if (truth <= 0 && !self->closing) {
+        PyErr_Clear();
+        PyObject *r = PyObject_CallMethod((PyObject *)self, "close", NULL);
+        if (r == NULL) PyErr_Clear();
+        Py_XDECREF(r);
+    }
+}
+
+/* Open every whole record waiting in the incoming BIO and hand the plaintext over. */
+static void open_records(TlsTransport *self) {
+    char plain[PLAIN_CHUNK];
+    size_t used = 0;
+    int peer_closed = 0;
+    while (!self->closing) {
+        size_t got = 0;
+        if (used == sizeof plain) {
+            if (deliver(self, plain, used) < 0) return;
+            used = 0;
+            continue;
+        }
+        /* Ask only while something waits (as uvloop and TunnelTls do): a read that finds a
+         * partial record fails, and a failure queues an OpenSSL error, ~1 k instructions. */
+        if (BIO_ctrl_pending(self->rbio) == 0 && SSL_pending(self->ssl) == 0) break;
+        if (SSL_read_ex(self->ssl, plain + used, sizeof plain - used, &got)) {
+            used += got;
+            continue;
+        }
+        int why = SSL_get_error(self->ssl, 0);
+        if (why == SSL_ERROR_WANT_READ) { ERR_clear_error(); break; }
+        if (why == SSL_ERROR_ZERO_RETURN) { ERR_clear_error(); peer_closed = 1; break; }
+        if (used && deliver(self, plain, used) < 0) { ERR_clear_error(); return; }
+        PyObject *exc = ssl_error(why);
+        if (exc == NULL) { report(self, "TLS record failed"); force_close(self, NULL); return; }
+        force_close(self, exc);  /* a record that does not open: nothing more either way */
+        Py_DECREF(exc);
+        return;
+    }
+    if (used && !self->closing && deliver(self, plain, used) < 0) return;
+    if (self->closing) return;
+    if (BIO_ctrl_pending(self->wbio) > 0 && flush_sealed(self) < 0) {  /* a key update's answer */
+        if (PyErr_Occurred()) { report(self, "TLS output failed"); force_close(self, NULL); }
+        return;
+    }
+    if (peer_closed) peer_finished(self);
+}
+
+static PyObject *read_ready(TlsTransport *self, PyObject *unused) {
+    char buf[READ_SIZE];
+    if (self->closing || self->lost) Py_RETURN_NONE;
+    ssize_t n = recv(self->fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) n = -2;
+        else { PyErr_SetFromErrno(PyExc_OSError); fail_with_error(self); Py_RETURN_NONE; }
+    }
+    if (n == 0) {
+        open_records(self);  /* whatever came before the EOF */
+        if (!self->closing) peer_finished(self);
+        Py_RETURN_NONE;
+    }
+    if (n > 0 && BIO_write(self->rbio, buf, (int)n) != (int)n) {
+        PyErr_NoMemory();
+        report(self, "TLS input failed");
+        force_close(self, NULL);
+        Py_RETURN_NONE;
+    }
+    open_records(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *write_ready(TlsTransport *self, PyObject *unused) {
+    if (self->lost) Py_RETURN_NONE;
+    size_t n = out_len(self);
+    if (n > 0) {
+        ssize_t sent = send(self->fd, self->out + self->out_start, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) Py_RETURN_NONE;
+            PyErr_SetFromErrno(PyExc_OSError);
+            fail_with_error(self);
+            Py_RETURN_NONE;
+        }
+        self->out_start += (size_t)sent;
+    }
+    if (out_len(self) == 0) {
+        self->out_start = self->out_end = 0;
+        if (self->out_cap > KEEP_CAPACITY) {
+            PyMem_Free(self->out);
+            self->out = NULL;
+            self->out_cap = 0;
+        }
+        if (stop_writing(self) < 0) { report(self, "remove_writer failed"); force_close(self, NULL); Py_RETURN_NONE; }
+    }
+    if (self->protocol_paused && out_len(self) <= self->low && !self->closing) {
+        self->protocol_paused = 0;
+        PyObject *r = PyObject_CallMethod(self->protocol, "resume_writing", NULL);
+        if (r == NULL) report(self, "protocol.resume_writing() failed");
+        Py_XDECREF(r);
+    }
+    finish_close_if_drained(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *call_connection_lost(TlsTransport *self, PyObject *exc) {
+    if (self->lost) Py_RETURN_NONE;
+    self->lost = 1;
+    self->closing = 1;
+    if (stop_reading(self) < 0) PyErr_Clear();
+    if (stop_writing(self) < 0) PyErr_Clear();
+    PyObject *protocol = self->protocol;
+    self->protocol = NULL;
+    Py_CLEAR(self->data_received);
+    if (protocol != NULL) {
+        PyObject *r = PyObject_CallMethod(protocol, "connection_lost", "O", exc);
+        if (r == NULL) {
+            self->protocol = protocol;  /* for the report */
+            report(self, "protocol.connection_lost() failed");
+            self->protocol = NULL;
+        }
+        Py_XDECREF(r);
+        Py_DECREF(protocol);
+    }
+    PyObject *r = PyObject_CallMethod(self->sock, "close", NULL);
+    if (r == NULL) PyErr_Clear();
+    Py_XDECREF(r);
+    PyMem_Free(self->out);
+    self->out = NULL;
+    self->out_start = self->out_end = self->out_cap = 0;
+    Py_CLEAR(self->read_cb);
+    Py_CLEAR(self->write_cb);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ transport API */
+
+static PyObject *tt_start(TlsTransport *self, PyObject *unused) {
+    if (self->started) { PyErr_SetString(PyExc_RuntimeError, "already started"); return NULL; }
+    self->started = 1;
+    PyObject *r = PyObject_CallMethod(self->protocol, "connection_made", "O", (PyObject *)self);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    if (self->closing) Py_RETURN_NONE;
+    if (self->protocol == NULL) Py_RETURN_NONE;
+    self->data_received = PyObject_GetAttrString(self->protocol, "data_received");
+    if (self->data_received == NULL) return NULL;
+    if (BIO_ctrl_pending(self->rbio) > 0 || SSL_pending(self->ssl) > 0)
+        open_records(self);  /* bytes that came with the handshake's last flight */
+    if (!self->closing && start_reading(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_write(TlsTransport *self, PyObject *data) {
+    if (self->closing) Py_RETURN_NONE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (view.len == 0) { PyBuffer_Release(&view); Py_RETURN_NONE; }
+    size_t written = 0;
+    int ok = SSL_write_ex(self->ssl, view.buf, (size_t)view.len, &written);
+    PyBuffer_Release(&view);
+    if (!ok) {
+        int why = SSL_get_error(self->ssl, 0);
+        PyObject *exc = ssl_error(why);
+        if (exc == NULL) return NULL;
+        force_close(self, exc);
+        Py_DECREF(exc);
+        Py_RETURN_NONE;
+    }
+    if (flush_sealed(self) < 0 && PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_writelines(TlsTransport *self, PyObject *chunks) {
+    PyObject *it = PyObject_GetIter(chunks);
+    if (it == NULL) return NULL;
+    PyObject *chunk;
+    while ((chunk = PyIter_Next(it)) != NULL) {
+        PyObject *r = tt_write(self, chunk);
+        Py_DECREF(chunk);
+        if (r == NULL) { Py_DECREF(it); return NULL; }
+        Py_DECREF(r);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_close(TlsTransport *self, PyObject *unused) {
+    if (self->closing) Py_RETURN_NONE;
+    self->closing = 1;
+    if (stop_reading(self) < 0) PyErr_Clear();
+    (void)SSL_shutdown(self->ssl);  /* our close_notify, after what is buffered */
+    ERR_clear_error();
+    if (flush_sealed(self) < 0) {
+        PyErr_Clear();
+        force_close(self, NULL);
+        Py_RETURN_NONE;
+    }
+    finish_close_if_drained(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_abort(TlsTransport *self, PyObject *unused) {
+    force_close(self, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_is_closing(TlsTransport *self, PyObject *unused) {
+    return PyBool_FromLong(self->closing);
+}
+
+static PyObject *tt_get_extra_info(TlsTransport *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"name", "default", NULL};
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|O", names, &name, &dflt)) return NULL;
+    PyObject *value = dflt;
+    if (PyUnicode_CompareWithASCIIString(name, "peername") == 0) value = self->peername;
+    else if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0) value = self->sockname;
+    else if (PyUnicode_CompareWithASCIIString(name, "socket") == 0) value = self->sock;
+    else if (PyUnicode_CompareWithASCIIString(name, "ssl_object") == 0) value = self->ssl_object;
+    if (value == NULL) value = dflt;
+    Py_INCREF(value);
+    return value;
+}
+
+static PyObject *tt_set_write_buffer_limits(TlsTransport *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"high", "low", NULL};
+    PyObject *high = Py_None, *low = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO", names, &high, &low)) return NULL;
+    Py_ssize_t h = 65536, l;
+    if (high != Py_None) { h = PyNumber_AsSsize_t(high, PyExc_OverflowError); if (h == -1 && PyErr_Occurred()) return NULL; }
+    else if (low != Py_None) { l = PyNumber_AsSsize_t(low, PyExc_OverflowError); if (l == -1 && PyErr_Occurred()) return NULL; h = 4 * l; }
+    if (low != Py_None) { l = PyNumber_AsSsize_t(low, PyExc_OverflowError); if (l == -1 && PyErr_Occurred()) return NULL; }
+    else l = h / 4;
+    if (h < l || l < 0) { PyErr_Format(PyExc_ValueError, "high (%zd) must be >= low (%zd) must be >= 0", h, l); return NULL; }
+    self->high = (size_t)h;
+    self->low = (size_t)l;
+    maybe_pause_protocol(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_get_write_buffer_size(TlsTransport *self, PyObject *unused) {
+    return PyLong_FromSize_t(out_len(self));
+}
+
+static PyObject *tt_pause_reading(TlsTransport *self, PyObject *unused) {
+    if (stop_reading(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_resume_reading(TlsTransport *self, PyObject *unused) {
+    if (self->closing || self->reading || !self->started) Py_RETURN_NONE;
+    if (start_reading(self) < 0) return NULL;
+    if (BIO_ctrl_pending(self->rbio) > 0 || SSL_pending(self->ssl) > 0) {
+        PyObject *r = PyObject_CallMethod(self->loop, "call_soon", "O", self->read_cb);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *tt_is_reading(TlsTransport *self, PyObject *unused) {
+    return PyBool_FromLong(self->reading);
+}
+
+static PyObject *tt_can_write_eof(TlsTransport *self, PyObject *unused) { Py_RETURN_FALSE; }
+
+static PyObject *tt_write_eof(TlsTransport *self, PyObject *unused) {
+    PyErr_SetString(PyExc_NotImplementedError, "TLS does not half-close: close() sends close_notify");
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ the type */
+
+static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"loop", "sock", "ssl_object", "protocol", NULL};
+    PyObject *loop, *sock, *ssl_object, *protocol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO", names, &loop, &sock, &ssl_object, &protocol))
+        return -1;
+    if (self->loop != NULL) { PyErr_SetString(PyExc_RuntimeError, "already initialised"); return -1; }
+    PyObject *inner = PyObject_GetAttrString(ssl_object, "_sslobj");
+    if (inner == NULL) return -1;
+    if (strcmp(Py_TYPE(inner)->tp_name, "_ssl._SSLSocket") != 0) {
+        PyErr_Format(PyExc_TypeError, "not an _ssl._SSLSocket: %s", Py_TYPE(inner)->tp_name);
+        Py_DECREF(inner);
+        return -1;
+    }
+    SSL *ssl = ((ssl_socket_head *)inner)->ssl;
+    if (ssl == NULL || SSL_get_app_data(ssl) != (void *)inner) {
+        PyErr_SetString(PyExc_TypeError, "_ssl._SSLSocket's layout is not the one known");
+        Py_DECREF(inner);
+        return -1;
+    }
+    BIO *rbio = SSL_get_rbio(ssl), *wbio = SSL_get_wbio(ssl);
+    if (rbio == NULL || wbio == NULL || BIO_method_type(rbio) != BIO_TYPE_MEM
+            || BIO_method_type(wbio) != BIO_TYPE_MEM) {
+        PyErr_SetString(PyExc_TypeError, "the SSL object is not on memory BIOs");
+        Py_DECREF(inner);
+        return -1;
+    }
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0) { Py_DECREF(inner); return -1; }
+    /* As uvloop does for every TCP transport: frames are small and must not wait for the
+     * peer's delayed ACK (Nagle). Not TCP (a test's socketpair): nothing to set. */
+    int one = 1;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    self->owner = inner;
+    self->ssl = ssl;
+    self->rbio = rbio;
+    self->wbio = wbio;
+    self->fd = fd;
+    Py_INCREF(loop); self->loop = loop;
+    Py_INCREF(sock); self->sock = sock;
+    Py_INCREF(ssl_object); self->ssl_object = ssl_object;
+    Py_INCREF(protocol); self->protocol = protocol;
+    self->high = 65536;
+    self->low = 16384;
+    self->peername = PyObject_CallMethod(sock, "getpeername", NULL);
+    if (self->peername == NULL) PyErr_Clear();
+    self->sockname = PyObject_CallMethod(sock, "getsockname", NULL);
+    if (self->sockname == NULL) PyErr_Clear();
+    self->read_cb = PyObject_GetAttrString((PyObject *)self, "_read_ready");
+    self->write_cb = PyObject_GetAttrString((PyObject *)self, "_write_ready");
+    self->lost_cb = PyObject_GetAttrString((PyObject *)self, "_connection_lost");
+    if (self->read_cb == NULL || self->write_cb == NULL || self->lost_cb == NULL) return -1;
+    return 0;
+}
+
+static int tt_traverse(TlsTransport *self, visitproc visit, void *arg) {
+    Py_VISIT(self->loop); Py_VISIT(self->sock); Py_VISIT(self->ssl_object); Py_VISIT(self->protocol);
+    Py_VISIT(self->peername); Py_VISIT(self->sockname); Py_VISIT(self->data_received);
+    Py_VISIT(self->read_cb); Py_VISIT(self->write_cb); Py_VISIT(self->lost_cb); Py_VISIT(self->owner);
+    return 0;
+}
+
+static int tt_clear(TlsTransport *self) {
+    Py_CLEAR(self->protocol); Py_CLEAR(self->data_received);
+    Py_CLEAR(self->read_cb); Py_CLEAR(self->write_cb); Py_CLEAR(self->lost_cb);
+    Py_CLEAR(self->peername); Py_CLEAR(self->sockname);
+    return 0;
+}
+
+static void tt_dealloc(TlsTransport *self) {
+    PyObject_GC_UnTrack(self);
+    tt_clear(self);
+    Py_CLEAR(self->loop); Py_CLEAR(self->sock); Py_CLEAR(self->ssl_object); Py_CLEAR(self->owner);
+    PyMem_Free(self->out);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef tt_methods[] = {
+    {"start", (PyCFunction)tt_start, METH_NOARGS,
+     "Call the protocol's connection_made, open what came with the handshake, start reading."},
+    {"write", (PyCFunction)tt_write, METH_O, "Seal `data` as TLS records and send them."},
+    {"writelines", (PyCFunction)tt_writelines, METH_O, "write() each chunk."},
+    {"close", (PyCFunction)tt_close, METH_NOARGS,
+     "Send what is buffered, then close_notify, then close; connection_lost(None) from the loop."},
+    {"abort", (PyCFunction)tt_abort, METH_NOARGS, "Close now, dropping what is buffered."},
+    {"is_closing", (PyCFunction)tt_is_closing, METH_NOARGS, NULL},
+    {"get_extra_info", (PyCFunction)(void (*)(void))tt_get_extra_info, METH_VARARGS | METH_KEYWORDS,
+     "peername, sockname, socket, ssl_object."},
+    {"set_write_buffer_limits", (PyCFunction)(void (*)(void))tt_set_write_buffer_limits,
+     METH_VARARGS | METH_KEYWORDS, NULL},
+    {"get_write_buffer_size", (PyCFunction)tt_get_write_buffer_size, METH_NOARGS, NULL},
+    {"pause_reading", (PyCFunction)tt_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)tt_resume_reading, METH_NOARGS, NULL},
+    {"is_reading", (PyCFunction)tt_is_reading, METH_NOARGS, NULL},
+    {"can_write_eof", (PyCFunction)tt_can_write_eof, METH_NOARGS, NULL},
+    {"write_eof", (PyCFunction)tt_write_eof, METH_NOARGS, NULL},
+    {"_read_ready", (PyCFunction)read_ready, METH_NOARGS, NULL},
+    {"_write_ready", (PyCFunction)write_ready, METH_NOARGS, NULL},
+    {"_connection_lost", (PyCFunction)call_connection_lost, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *tt_protocol(TlsTransport *self, void *closure) {
+    PyObject *p = self->protocol ? self->protocol : Py_None;
+    Py_INCREF(p);
+    return p;
+}
+
+static PyGetSetDef tt_getset[] = {
+    {"protocol", (getter)tt_protocol, NULL, "the protocol, until connection_lost", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TlsTransportType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.dataplane._tlsio.TlsTransport",
+    .tp_basicsize = sizeof(TlsTransport),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "TlsTransport(loop, sock, ssl_object, protocol): a tunnel connection's TLS "
+              "records and socket in C, as an asyncio transport; start() begins.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)tt_init,
+    .tp_dealloc = (destructor)tt_dealloc,
+    .tp_traverse = (traverseproc)tt_traverse,
+    .tp_clear = (inquiry)tt_clear,
+    .tp_methods = tt_methods,
+    .tp_getset = tt_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "agent.dataplane._tlsio",
+    "The mesh tunnel's TLS connection as one C transport (csrc/tlsio.c).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tlsio(void) {
+    if (PyType_Ready(&TlsTransportType) < 0) return NULL;
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL) return NULL;
+    /* The SSL* is `_ssl`'s: the same OpenSSL must be the one linked here. */
+    PyObject *number = PyObject_GetAttrString(ssl, "OPENSSL_VERSION_NUMBER");
+    unsigned long theirs = number ? PyLong_AsUnsignedLong(number) : 0;
+    Py_XDECREF(number);
+    if (PyErr_Occurred() || theirs != OpenSSL_version_num()) {
+        PyErr_Clear();
+        Py_DECREF(ssl);
+        PyErr_Format(PyExc_ImportError, "the ssl module runs OpenSSL %lx, this extension %lx",
+                     theirs, OpenSSL_version_num());
+        return NULL;
+    }
+    SSLError = PyObject_GetAttrString(ssl, "SSLError");
+    Py_DECREF(ssl);
+    if (SSLError == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&TlsTransportType);
+    if (PyModule_AddObject(m, "TlsTransport", (PyObject *)&TlsTransportType) < 0) {
+        Py_DECREF(&TlsTransportType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,58 @@
+"""The C transport of the tunnel's records (csrc/tlsio.c, agent.dataplane._tlsio) under
+AddressSanitizer and UBSan: compiled with them into a temporary file, loaded in a child
+interpreter in place of the installed one, and driven by test_tunnel_tls.py's tests of it —
+sessions carrying megabytes both ways, a forged record, a peer that stops reading, abort, a
+raising protocol, a wrong object — and the fuzz test that feeds it records cut anywhere, with
+flipped bytes and garbage (300 examples)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_http1_fast_asan import runtime
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHILD = textwrap.dedent("""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("agent.dataplane._tlsio", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agent.dataplane._tlsio"] = module
+    spec.loader.exec_module(module)
+    import pytest
+    chosen = "(c] or transport or garbage or stops_reading or abort or raises) and not pages"
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_tls.py",
+                        "-k", chosen])
+    from agent.dataplane import tls
+    assert tls.TLS_TRANSPORT is module.TlsTransport, "the instrumented build is not the one in use"
+    print("instrumented run ok" if code == 0 else f"pytest exit {code}")
+""")
+
+
+def test_the_c_transport_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("gcc is missing: `make deps` installs it")
+        pytest.skip("gcc is not installed")
+    module = tmp_path / "_tlsio_asan.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    f"-I{sysconfig.get_paths()['include']}", str(REPO / "csrc/tlsio.c"),
+                    "-lssl", "-lcrypto", "-o", str(module)], check=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=str(REPO), PINION_DIFF_EXAMPLES="300",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # the interpreter's own leaks
+               LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}")
+    env.pop("PINION_PURE_PYTHON", None)
+    run = subprocess.run([sys.executable, "-c", CHILD, str(module)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-4000:]
+    assert "instrumented run ok" in run.stdout, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

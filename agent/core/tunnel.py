@@ -147,6 +147,12 @@ _TRANSITIONS: Final[dict[tuple[StreamState, _Action], StreamState]] = {
     },
 }
 _PEER_MAY_SEND: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
+# The members the per-frame path names, as module constants: `Enum.MEMBER` from compiled code
+# is a getattr through EnumType.__getattr__ (Python 3.11), ~0.9 k instructions each; a Final
+# name is a C static (issue #16: six per request).
+_CLOSED: Final = StreamState.CLOSED
+_SEND_DATA: Final = _Action.SEND_DATA
+_RECV_DATA: Final = _Action.RECV_DATA
 
 
 class _Stream:
@@ -318,7 +324,7 @@ class Connection:
         """Queue as much of `data` as the peer's window takes; returns that count.
 
         When it returns less than len(data), retry the rest after `WindowOpened`."""
-        stream = self._sending_stream(stream_id, _A.SEND_DATA)
+        stream = self._sending_stream(stream_id, _SEND_DATA)
         size = len(data)
         allowed = min(stream.send_window, self._connection_send)
         if size > allowed:
@@ -411,34 +417,53 @@ class Connection:
         if self._terminated or not data:
             return events
         inbound = self._inbound
-        source: bytes | bytearray | memoryview = data
+        source: bytes
         if inbound:
             inbound += data
-            source = inbound
-        view = memoryview(source)
+            if self._waits_for_payload(inbound):
+                return events  # copied below only once the frame is whole
+            source = bytes(inbound)
+        else:
+            source = data if type(data) is bytes else bytes(data)
         failure: RemoteProtocolError | None = None
         try:
-            consumed = self._parse(view, events)
+            consumed = self._parse(source, events)
         except RemoteProtocolError as error:
             failure, consumed = error, 0
-        finally:
-            view.release()
         if failure is not None:
             self._fail(failure, events)
-        elif source is inbound and not self._terminated:
+        elif inbound and not self._terminated:
             del inbound[:consumed]
-        elif consumed < len(data) and not self._terminated:
-            inbound += data[consumed:]  # the start of a frame: less than one frame
+        elif consumed < len(source) and not self._terminated:
+            inbound += source[consumed:]  # the start of a frame: less than one frame
         return events
 
-    def _parse(self, view: memoryview, events: list[Event]) -> int:
-        """Handle every complete frame in `view`; returns how many bytes were used."""
-        unpack_from, pos, end = HEADER.unpack_from, 0, len(view)
+    def _waits_for_payload(self, inbound: bytearray) -> bool:
+        """`inbound` is the start of a well-formed DATA frame whose payload is not all here
+        (what `_parse` would wait for too, without an error to raise first)."""
+        if len(inbound) < HEADER_SIZE or inbound[0] != VERSION or inbound[1] != DATA \
+                or self._peer_window is None:
+            return False
+        length = inbound[8] << 24 | inbound[9] << 16 | inbound[10] << 8 | inbound[11]
+        limit = MAX_OPEN_HEADER if inbound[3] & SYN else MAX_FRAME_PAYLOAD
+        return length <= limit and len(inbound) < HEADER_SIZE + length
+
+    def _parse(self, data: bytes, events: list[Event]) -> int:
+        """Handle every complete frame in `data`; returns how many bytes were used. The
+        header (`HEADER`: >BBHII) is read byte by byte: compiled, each index and shift is
+        native, where `struct` builds a tuple of objects per frame (issue #16)."""
+        pos, end = 0, len(data)
         while end - pos >= HEADER_SIZE and not self._terminated:
-            version, frame_type, flags, stream_id, length = unpack_from(view, pos)
+            version = data[pos]
+            frame_type = data[pos + 1]
+            flags = data[pos + 2] << 8 | data[pos + 3]
+            stream_id = (data[pos + 4] << 24 | data[pos + 5] << 16 | data[pos + 6] << 8
+                         | data[pos + 7])
+            length = (data[pos + 8] << 24 | data[pos + 9] << 16 | data[pos + 10] << 8
+                      | data[pos + 11])
             if version != VERSION:
                 raise RemoteProtocolError(f"unsupported tunnel version {version}")
-            if self._peer_window is None and (frame_type, stream_id) != (WINDOW_UPDATE, 0):
+            if self._peer_window is None and (frame_type != WINDOW_UPDATE or stream_id != 0):
                 raise RemoteProtocolError("expected the connection preface (WINDOW_UPDATE on stream 0)")
             if frame_type != DATA:
                 pos += HEADER_SIZE
@@ -451,7 +476,7 @@ class Connection:
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
-            payload = bytes(view[pos + HEADER_SIZE : stop]) if length else b""
+            payload = data[pos + HEADER_SIZE : stop] if length else b""
             pos = stop
             self._on_data(flags, stream_id, payload, events)
         return pos
@@ -479,7 +504,7 @@ class Connection:
                 return
             if self._client and not stream.accepted:
                 raise RemoteProtocolError(f"DATA on stream {stream_id} before ACK")
-            self._transition(stream_id, stream, _A.RECV_DATA)
+            self._transition(stream_id, stream, _RECV_DATA)
             if payload:
                 if len(payload) > stream.receive_window:
                     raise RemoteProtocolError(
@@ -620,7 +645,7 @@ class Connection:
             error = LocalProtocolError if action.name.startswith("SEND") else RemoteProtocolError
             raise error(f"cannot {action.value} on stream {stream_id} in state {stream.state.value}")
         stream.state = new_state
-        if new_state is StreamState.CLOSED:
+        if new_state is _CLOSED:
             del self._streams[stream_id]
             if stream.unacknowledged:  # never to be consumed: the connection gets it back
                 self._credit_connection(stream.unacknowledged)

@@ -153,6 +153,7 @@ _PEER_MAY_SEND: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
 _CLOSED: Final = StreamState.CLOSED
 _SEND_DATA: Final = _Action.SEND_DATA
 _RECV_DATA: Final = _Action.RECV_DATA
+_PACK_HEADER: Final = HEADER.pack  # bound once: a method call looks `pack` up each time
 
 
 class _Stream:
@@ -339,11 +340,11 @@ class Connection:
         payload = data[:size] if type(data) is bytes else bytes(memoryview(data)[:size])
         outbound = self._outbound
         if size <= MAX_FRAME_PAYLOAD:
-            outbound += (HEADER.pack(VERSION, DATA, 0, stream_id, size), payload)
+            outbound += (_PACK_HEADER(VERSION, DATA, 0, stream_id, size), payload)
             return size
         for start in range(0, size, MAX_FRAME_PAYLOAD):
             chunk = payload[start : start + MAX_FRAME_PAYLOAD]
-            outbound += (HEADER.pack(VERSION, DATA, 0, stream_id, len(chunk)), chunk)
+            outbound += (_PACK_HEADER(VERSION, DATA, 0, stream_id, len(chunk)), chunk)
         return size
 
     def end_stream(self, stream_id: int) -> None:

@@ -136,7 +136,7 @@ class OutboundProxy:
         relay.moves += 1
         self._metrics.streams_moved.inc()
         relay.early[:0] = sent  # first, before anything the client sends meanwhile
-        relay.upstream.transport = None
+        relay.upstream.detach()
         relay.upstream.write_blocked = False
         # A server going away (GOAWAY) has a successor: at once. One that is not refused it
         # for load (its connection budget is out): back off before asking again.

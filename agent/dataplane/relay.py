@@ -64,7 +64,8 @@ class RelayOwner(Protocol):
 class _Side(asyncio.Protocol):
     """One socket of a relayed pair. Reading pauses while the other side cannot keep up."""
 
-    __slots__ = ("data_received", "eof", "is_client", "relay", "transport", "write_blocked")
+    __slots__ = ("closing", "data_received", "eof", "is_client", "relay", "send", "transport",
+                 "write_blocked")
 
     def __init__(self, relay: Relay, is_client: bool) -> None:
         self.relay = relay
@@ -76,12 +77,24 @@ class _Side(asyncio.Protocol):
         # uvloop's transports and tunnel streams take it once, so a chunk costs one Python
         # call to reach the relay, not two (the per-wake-up cost, issue #16).
         self.data_received = relay.from_client if is_client else relay.from_upstream  # type: ignore[method-assign]
+        # The transport's write and is_closing, bound once: the relay calls them per chunk, and
+        # a method call on a transport from compiled code looks the method up each time.
+        self.send: Callable[[bytes], object] | None = None
+        self.closing: Callable[[], bool] = _never_closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a Transport (uvloop's are not subclasses: no cast() call on this path)
         self.transport = transport  # type: ignore[assignment]
+        self.send = transport.write  # type: ignore[attr-defined]
+        self.closing = transport.is_closing
         transport.set_write_buffer_limits(high=self.relay.buffer_high)  # type: ignore[attr-defined]
         self.relay.side_made(self)
+
+    def detach(self) -> None:
+        """No transport (a tunnel stream refused: the relay dials another)."""
+        self.transport = None
+        self.send = None
+        self.closing = _never_closing
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -107,9 +120,9 @@ class _Side(asyncio.Protocol):
 class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
-    __slots__ = ("activity", "buffer_high", "client", "connecting", "destination", "direction",
-                 "draining", "early", "early_at", "errno_name", "failed", "fast", "http",
-                 "idle_since",
+    __slots__ = ("_fast", "_feed_client", "_feed_server", "activity", "buffer_high", "client",
+                 "connecting", "destination", "direction", "draining", "early", "early_at",
+                 "errno_name", "failed", "http", "idle_since",
                  "moves", "observer", "peer_labels", "peer_pod", "pod", "proxy", "record",
                  "seen_activity",
                  "source", "started", "upstream")
@@ -140,12 +153,25 @@ class Relay:
         self.observer: ConnectionObserver | None = ConnectionObserver(proxy.telemetry.tap.switch)
         # The compiled HTTP/1 observer once it counts into the connection's series itself: fed
         # directly, one C call per chunk, until a feed returns something to settle (issue #16).
-        self.fast: DirectFeed | None = None
+        self._fast: DirectFeed | None = None
+        self._feed_client: Callable[[bytes, float], list[Record] | None] | None = None
+        self._feed_server: Callable[[bytes, float], list[Record] | None] | None = None
         self.http: HttpCounters | None = None
         self.draining = False  # the agent is stopping: close at the next clean point
         self.moves = 0  # times a refused tunnel stream was carried to another connection
         # what a tunnel stream said of its client pod: (namespace, pod, owner kind, owner name)
         self.peer_pod: tuple[str, str, str, str] | None = None
+
+    @property
+    def fast(self) -> DirectFeed | None:
+        return self._fast
+
+    @fast.setter
+    def fast(self, fast: DirectFeed | None) -> None:
+        """Its feeds bound once (called per chunk; see _Side.send)."""
+        self._fast = fast
+        self._feed_client = None if fast is None else fast.feed_client
+        self._feed_server = None if fast is None else fast.feed_server
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -184,10 +210,10 @@ class Relay:
             self.early_at = self.early_at or time.monotonic()
         else:
             record.read(len(data))
-            fast = self.fast
-            if fast is not None:
+            feed = self._feed_client
+            if feed is not None:
                 try:
-                    records = fast.feed_client(data, time.monotonic())
+                    records = feed(data, time.monotonic())
                 except Exception:  # a bug: as ConnectionObserver, end its requests, go opaque
                     records = self.observer_failed()
                 if records is not None:
@@ -196,11 +222,12 @@ class Relay:
                 records = self.observer.feed_client(data, time.monotonic())
                 if records is not None:
                     self.settle(records)
-        target = self.upstream.transport
-        if target is None:
+        upstream = self.upstream
+        send = upstream.send
+        if send is None:
             self._hold_early(self.client, data)
-        elif not target.is_closing():
-            target.write(data)
+        elif not upstream.closing():
+            send(data)
 
     def from_upstream(self, data: bytes) -> None:
         """The upstream side's data_received."""
@@ -208,10 +235,10 @@ class Relay:
         record = self.record
         if record is not None:
             record.wrote(len(data))
-        fast = self.fast
-        if fast is not None:
+        feed = self._feed_server
+        if feed is not None:
             try:
-                records = fast.feed_server(data, time.monotonic())
+                records = feed(data, time.monotonic())
             except Exception:  # a bug: as ConnectionObserver, end its requests, go opaque
                 records = self.observer_failed()
             if records is not None:
@@ -220,11 +247,12 @@ class Relay:
             records = self.observer.feed_server(data, time.monotonic())
             if records is not None:
                 self.settle(records)
-        target = self.client.transport
-        if target is None:
+        client = self.client
+        send = client.send
+        if send is None:
             self._hold_early(self.upstream, data)
-        elif not target.is_closing():
-            target.write(data)
+        elif not client.closing():
+            send(data)
             if self.draining:
                 self.close_if_at_rest()
 
@@ -357,6 +385,10 @@ class Relay:
                 log.debug("%s %s/%s -> %s: %s after %.1f ms", self.direction, self.pod.namespace,
                           self.pod.name, self.destination, "failed" if self.failed else "closed",
                           (time.monotonic() - self.started) * 1000)
+
+
+def _never_closing() -> bool:
+    return False
 
 
 def errno_name(exc: BaseException) -> str:

@@ -288,6 +288,9 @@ class TunnelSession(asyncio.Protocol):
         self.tls = tls
         self.is_client = role == "client"
         self.transport: asyncio.Transport | None = None
+        # transport.write and .is_closing, bound once (a method call looks them up each time)
+        self._send: Callable[[bytes], object] | None = None
+        self._transport_closing: Callable[[], bool] = _not_connected
         self.peername: tuple[Any, ...] | None = None  # (host, port), or IPv6's four
         self.peer_id = ""  # the verified SPIFFE ID, once the handshake is checked
         self.labels = PeerLabels()
@@ -305,6 +308,8 @@ class TunnelSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._send = self.transport.write
+        self._transport_closing = self.transport.is_closing
         self.transport.set_write_buffer_limits(high=OUTPUT_HIGH)
         self.peername = transport.get_extra_info("peername")
         loop = asyncio.get_running_loop()
@@ -442,7 +447,8 @@ class TunnelSession(asyncio.Protocol):
     def _write_queued(self) -> None:
         self._flush_scheduled = False
         data = self.connection.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        send = self._send
+        if data and send is not None and not self._transport_closing():
             tls = self.tls
             if tls is not None:
                 try:
@@ -450,7 +456,7 @@ class TunnelSession(asyncio.Protocol):
                 except ssl.SSLError as exc:
                     self._fatal(exc)
                     return
-            self.transport.write(data)
+            send(data)
 
     def close(self, error_code: int = core.ErrorCode.NO_ERROR) -> None:
         """GOAWAY, then close the TLS connection (streams still open are reset)."""
@@ -518,6 +524,10 @@ class TunnelSession(asyncio.Protocol):
         self.streams.clear()
         if self._on_closed is not None:
             self._on_closed(self)
+
+
+def _not_connected() -> bool:
+    return True
 
 
 # ------------------------------------------------------------------- handshake errors

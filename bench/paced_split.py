@@ -7,10 +7,15 @@ each proxy pair; this script reuses its lab, pods, nginx, peers and paced client
 the split the question needs: /proc/<pid>/task/*/stat utime and stime of every thread of
 both ends, per request, for haproxy, pinion and pinion-opaque, the configurations
 interleaved. With --pyspy DIR it then profiles both agents (`py-spy record --native`, raw
-collapsed stacks, one file per agent) during one more paced pinion run.
+collapsed stacks, one file per agent) during one more paced pinion run. With --perf DIR it
+samples, by time (`perf record -e cpu-clock`: this VM has no hardware counters, and time is
+what the paced ratio measures, cold caches included), both agents during one more paced
+pinion run and both haproxy ends during one more paced haproxy run: `perf report -i
+DIR/pinion.data --sort dso,sym` then shows where a paced request's user time goes.
 
     cd /tmp && flock /tmp/pinion-bench.lock python3 <checkout>/bench/paced_split.py \\
         --checkout <checkout> [--rounds 2] [--duration 4] [--pyspy DIR --pyspy-seconds 20]
+        [--perf DIR]
 
 Root only (network namespaces); about 15 s per configuration and round.
 """
@@ -38,6 +43,7 @@ def main() -> int:
     parser.add_argument("--pyspy", help="write py-spy profiles of both agents here")
     parser.add_argument("--pyspy-seconds", type=int, default=20)
     parser.add_argument("--pyspy-bin", default="py-spy")
+    parser.add_argument("--perf", help="write perf cpu-clock samples of pinion and haproxy here")
     args = parser.parse_args()
     sys.path.insert(0, args.sbs)
     import lab  # found at run time, beside side_by_side.py
@@ -91,6 +97,21 @@ def main() -> int:
                           f"{total:.0f} | {runs[0]} | {runs[1]} |")
                 if args.pyspy:
                     self.profile(L)
+                if args.perf:
+                    self.sample()
+
+        def sample(self) -> None:
+            os.makedirs(args.perf, exist_ok=True)
+            for cfg in ("pinion", "haproxy"):
+                pids = ",".join(str(p.pid) for p in self.procs_of(cfg))
+                perf = subprocess.Popen(
+                    ["perf", "record", "-q", "-e", "cpu-clock", "-F", "20000", "-p", pids,
+                     "-o", os.path.join(args.perf, f"{cfg}.data")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                self.measure(cfg, "paced", 98)
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=60)
 
         def profile(self, L: object) -> None:
             os.makedirs(args.pyspy, exist_ok=True)

@@ -111,7 +111,7 @@ static void force_close(TlsTransport *self, PyObject *exc) {
     if (stop_reading(self) < 0) PyErr_Clear();
     if (stop_writing(self) < 0) PyErr_Clear();
     self->out_start = self->out_end = 0;
-    if (self->lost_scheduled) return;
+    if (self->lost_scheduled || self->lost_cb == NULL) return;
     self->lost_scheduled = 1;
     PyObject *r = PyObject_CallMethod(self->loop, "call_soon", "OO", self->lost_cb, exc ? exc : Py_None);
     if (r == NULL) PyErr_Clear();
@@ -377,6 +377,7 @@ static PyObject *call_connection_lost(TlsTransport *self, PyObject *exc) {
     self->out_start = self->out_end = self->out_cap = 0;
     Py_CLEAR(self->read_cb);
     Py_CLEAR(self->write_cb);
+    Py_CLEAR(self->lost_cb);  /* (the loop's handle holds the one running) no cycle is left */
     Py_RETURN_NONE;
 }
 

@@ -666,3 +666,29 @@ def test_records_cut_anywhere_open_once_and_garbage_ends_the_connection(
         assert end.calls.count("lost") == 1
 
     uvloop.run(run())
+
+
+def test_a_closed_transport_is_freed_without_the_garbage_collector(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """No reference cycle outlives the connection (a flood of short tunnel connections must
+    not wait for a collection to give their transports back)."""
+    import gc
+
+    async def run() -> int:
+        one, other = await _transports(contexts)
+        one.transport.write(b"x" * 100_000)
+        one.transport.close()
+        async with asyncio.timeout(5):
+            await one.lost
+            await other.lost
+        await asyncio.sleep(0)  # the loop's handles are gone
+        one.transport = other.transport = None
+        return sum(type(o).__name__ == "TlsTransport" for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        left = uvloop.run(run())
+    finally:
+        gc.enable()
+    assert left == 0

@@ -18,7 +18,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 # (mount: not Essential, so not in mmdebstrap's apt variant), and for bench/overload.py in that
 # VM (tools/arm64/smoke.sh --run) its pods' server and its two load tools: nginx, ab, h2load.
 PACKAGES=(
-  python3 python3-venv python3-dev gcc libc6-dev make dpkg-dev
+  python3 python3-venv python3-dev gcc libc6-dev libssl-dev make dpkg-dev
   clang llvm libbpf-dev libbpf1 linux-libc-dev
   iptables nftables libnftables1 iproute2 procps openssl ca-certificates curl
   containernetworking-plugins kmod tcpdump mount kubernetes-client libclang-rt-dev

@@ -59,10 +59,13 @@ CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-f
 
 
 class _Sink:
-    """The transport a relay writes to: takes the bytes, never pushes back."""
+    """The transport a relay writes to: takes the bytes (counted), never pushes back."""
+
+    def __init__(self) -> None:
+        self.written = 0
 
     def write(self, data: bytes) -> None:
-        pass
+        self.written += len(data)
 
     def is_closing(self) -> bool:
         return False
@@ -75,6 +78,22 @@ class _Sink:
 
     def close(self) -> None:
         pass
+
+
+def _sinks(relay: Any) -> _Sink:
+    """Both sides of `relay` connected to one sink, as `_Side.connection_made` would (the
+    transport, and its write and is_closing bound), without the proxy's accept."""
+    sink = _Sink()
+    for side in (relay.client, relay.upstream):
+        side.transport = sink
+        if hasattr(side, "send"):  # trees since a7835e4 bind them
+            side.send, side.closing = sink.write, sink.is_closing
+    return sink
+
+
+def _relayed(case: str, sink: _Sink, expected: int) -> None:
+    if sink.written != expected:
+        sys.exit(f"{case}: the relay passed on {sink.written} bytes of {expected}")
 
 
 def relay_loop(case: str, requests: int) -> None:
@@ -96,13 +115,14 @@ def relay_loop(case: str, requests: int) -> None:
 
     pod = PodContext("bench", "web", cast(Any, None), frozenset({80}))
     relay = Relay(Owner(), pod, "inbound", 64 * 1024)
-    relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+    sink = _sinks(relay)
     relay.open_record(PLAINTEXT)
     if case == "relay-opaque":
         relay.observer = None
     for _ in range(requests):
         relay.client.data_received(REQUEST)
         relay.upstream.data_received(RESPONSE)
+    _relayed(case, sink, requests * (len(REQUEST) + len(RESPONSE)))
 
 
 def h2_relay_loop(case: str, requests: int, prepare: int) -> None:
@@ -125,12 +145,13 @@ def h2_relay_loop(case: str, requests: int, prepare: int) -> None:
     expected = requests + CONVERSATIONS[name][3]
     pod = PodContext("bench", "web", cast(Any, None), frozenset({80}))
     relay = Relay(Owner(), pod, "inbound", 64 * 1024)
-    relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+    sink = _sinks(relay)
     relay.open_record(PLAINTEXT)
     if case == "relay-h2-opaque":
         relay.observer = None
     for from_client, data in setup + reads:
         (relay.client if from_client else relay.upstream).data_received(data)
+    _relayed(case, sink, sum(len(data) for _, data in setup + reads))
     http = relay.http
     if case != "relay-h2-opaque" and (http is None or http.requests != expected):
         sys.exit(f"{case}: the observer counted {http and http.requests} requests of {expected}")
@@ -152,12 +173,13 @@ def newconn_loop(case: str, connections: int) -> None:
     owner = Owner()
     for _ in range(connections):
         relay = Relay(owner, pod, "inbound", 64 * 1024)
-        relay.client.transport = relay.upstream.transport = cast(Any, _Sink())
+        sink = _sinks(relay)
         if opaque:
             relay.observer = None  # what the proxies do for a port declared opaque
         relay.open_record(PLAINTEXT)
         relay.client.data_received(AB_REQUEST)
         relay.upstream.data_received(CLOSING_RESPONSE)
+        _relayed(case, sink, len(AB_REQUEST) + len(CLOSING_RESPONSE))
         relay.upstream.eof = True
         relay.half_closed(relay.upstream)
         relay.finish()

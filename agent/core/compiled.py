@@ -40,12 +40,13 @@ from typing import Final
 
 # The modules compiled together (one mypyc group), named below `agent`, in dependency order.
 COMPILED_MODULES: Final = ("core.tunnel_frames", "core.tunnel", "core.counters",
+                           "core.hpack_blocks", "core.http2",
                            "dataplane.relay", "dataplane.tls", "dataplane.tunnel")
 # The agent modules they import, transitively (TYPE_CHECKING imports too): mypyc compiles
 # against their types. tests/unit/test_compiled_build.py checks the list is whole.
 TYPE_DEPENDENCIES: Final = (
-    "core", "core.accounting", "core.compiled", "core.detect", "core.hpack_blocks", "core.http1",
-    "core.http2", "core.tap", "core.telemetry", "dataplane", "dataplane.budget",
+    "core", "core.accounting", "core.compiled", "core.detect", "core.http1",
+    "core.tap", "core.telemetry", "dataplane", "dataplane.budget",
     "dataplane.context", "dataplane.netns", "dataplane.sockets", "dataplane.tapping", "model",
     "observability.exposition", "observability.metrics")
 PREFIX: Final = "_compiled_"  # of the build's files: agent/_compiled_<digest>...

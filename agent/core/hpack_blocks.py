@@ -18,7 +18,7 @@ small.
 
 from __future__ import annotations
 
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import hpack
 from hpack.table import HeaderTable
@@ -35,7 +35,8 @@ PENDING_SLACK: Final = 16 * 1024
 _DECODE_ERRORS: Final = (hpack.HPACKError, IndexError, ValueError)
 _T = TypeVar("_T")
 # hpack 4's HeaderTable keeps its size in `_current_size`; with another layout, `add` is used
-_FAST_REPLAY: Final = isinstance(getattr(HeaderTable(), "_current_size", None), int)
+# (not Final: a constant would be compiled in, and the tests take the other path too)
+_FAST_REPLAY: bool = isinstance(getattr(HeaderTable(), "_current_size", None), int)
 
 
 class HeaderBlocks:
@@ -76,13 +77,13 @@ class HeaderBlocks:
         table = self.decoder.header_table
         entries = table.dynamic_entries
         size, count = table.maxsize, len(entries)
-        newest = entries[0] if count else None  # add() puts a new tuple first
+        newest = _newest(entries)  # add() puts a new tuple first
         try:
             headers = cast(Headers, self.decoder.decode(block, raw=True))
         except _DECODE_ERRORS:
             return None
         changed = (table.maxsize != size or len(entries) != count
-                   or (entries[0] if entries else None) is not newest)
+                   or _newest(entries) is not newest)
         self.pending_limit = table.maxsize + PENDING_SLACK  # only a block resizes the table
         if changed:
             self.memo.clear()  # the table changed: what was memoised may decode otherwise
@@ -121,6 +122,12 @@ class HeaderBlocks:
             table.dynamic_entries.clear()
             table._current_size = 0
             self.pending, self.pending_size = pending[first:], kept
+
+
+def _newest(entries: Any) -> object:
+    """The table's newest entry, the object itself (typed Any: compiled by mypyc, a
+    `tuple[bytes, bytes]` would be unboxed and boxed anew, and never be the same object)."""
+    return entries[0] if entries else None
 
 
 def _replay(table: HeaderTable, adds: Headers) -> None:

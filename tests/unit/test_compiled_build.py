@@ -30,8 +30,9 @@ BUILT = compiled.is_compiled(counters)
 needs_build = pytest.mark.skipif(not BUILT and not os.environ.get("CI"),
                                  reason="not built here: pip install -e . builds it")
 # The tests of what is compiled: the tunnel framing, the counters and what renders them, the
-# relay and the tunnel shell that drive both.
+# relay and the tunnel shell that drive both, the HTTP/2 observer and its header blocks.
 TESTS_OF_THE_MODULES = [
+    "tests/unit/test_http2_accounting.py", "tests/unit/test_http2_accounting_properties.py",
     "tests/unit/test_tunnel.py", "tests/unit/test_tunnel_properties.py",
     "tests/unit/test_tunnel_moves.py", "tests/unit/test_tunnel_shell.py",
     "tests/unit/test_tunnel_tls.py", "tests/unit/test_telemetry.py",

@@ -55,19 +55,29 @@ def runtime(name: str) -> str:
     return path
 
 
-def test_the_c_glue_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
+def instrumented(module: Path, sources: list[str], libraries: tuple[str, ...] = ()
+                 ) -> dict[str, str]:
+    """`sources` (under csrc/) built with ASan and UBSan into `module`; the environment a
+    child interpreter loads it in (the sanitizers' runtimes preloaded, 300 examples for the
+    generated tests)."""
     if shutil.which("gcc") is None:
         if os.environ.get("CI"):
             pytest.fail("gcc is missing: `make deps` installs it")
         pytest.skip("gcc is not installed")
-    module = tmp_path / "_http1fast_asan.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                    f"-I{sysconfig.get_paths()['include']}", str(REPO / "csrc/http1fast.c"),
-                    str(REPO / "csrc/h1scan.c"), "-o", str(module)], check=True, timeout=120)
-    env = dict(os.environ, PYTHONPATH=str(REPO), PINION_DIFF_EXAMPLES="300",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # the interpreter's own leaks
-               LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}")
+                    f"-I{sysconfig.get_paths()['include']}",
+                    *(str(REPO / "csrc" / source) for source in sources),
+                    *(f"-l{library}" for library in libraries), "-o", str(module)],
+                   check=True, timeout=120)
+    return dict(os.environ, PYTHONPATH=str(REPO), PINION_DIFF_EXAMPLES="300",
+                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # the interpreter's own leaks
+                LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}")
+
+
+def test_the_c_glue_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
+    module = tmp_path / "_http1fast_asan.so"
+    env = instrumented(module, ["http1fast.c", "h1scan.c"])
     run = subprocess.run([sys.executable, "-c", CHILD, str(module)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

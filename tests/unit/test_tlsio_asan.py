@@ -7,17 +7,12 @@ flipped bytes and garbage (300 examples)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from tests.unit.test_http1_fast_asan import runtime
+from tests.unit.test_http1_fast_asan import instrumented
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,18 +33,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_the_c_transport_is_clean_under_asan_and_ubsan(tmp_path: Path) -> None:
-    if shutil.which("gcc") is None:
-        if os.environ.get("CI"):
-            pytest.fail("gcc is missing: `make deps` installs it")
-        pytest.skip("gcc is not installed")
     module = tmp_path / "_tlsio_asan.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                    f"-I{sysconfig.get_paths()['include']}", str(REPO / "csrc/tlsio.c"),
-                    "-lssl", "-lcrypto", "-o", str(module)], check=True, timeout=120)
-    env = dict(os.environ, PYTHONPATH=str(REPO), PINION_DIFF_EXAMPLES="300",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # the interpreter's own leaks
-               LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libubsan.so')}")
+    env = instrumented(module, ["tlsio.c"], ("ssl", "crypto"))
     env.pop("PINION_PURE_PYTHON", None)
     run = subprocess.run([sys.executable, "-c", CHILD, str(module)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)

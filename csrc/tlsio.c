@@ -40,7 +40,7 @@ typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
 
 typedef struct {
     PyObject_HEAD
-    PyObject *loop, *sock, *ssl_object, *protocol, *peername, *sockname;
+    PyObject *loop, *sock, *ssl_object, *protocol, *peername;
     PyObject *data_received;   /* protocol.data_received, bound once */
     PyObject *read_cb, *write_cb, *lost_cb;  /* our own bound methods, made once */
     PyObject *owner;           /* the _ssl object: keeps the SSL* and its BIOs alive */
@@ -464,8 +464,12 @@ static PyObject *tt_get_extra_info(TlsTransport *self, PyObject *args, PyObject 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|O", names, &name, &dflt)) return NULL;
     PyObject *value = dflt;
     if (PyUnicode_CompareWithASCIIString(name, "peername") == 0) value = self->peername;
-    else if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0) value = self->sockname;
-    else if (PyUnicode_CompareWithASCIIString(name, "socket") == 0) value = self->sock;
+    else if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0) {
+        /* asked of no tunnel connection on its way: not a system call at every connect */
+        PyObject *sockname = self->lost ? NULL : PyObject_CallMethod(self->sock, "getsockname", NULL);
+        if (sockname != NULL) return sockname;
+        PyErr_Clear();
+    } else if (PyUnicode_CompareWithASCIIString(name, "socket") == 0) value = self->sock;
     else if (PyUnicode_CompareWithASCIIString(name, "ssl_object") == 0) value = self->ssl_object;
     if (value == NULL) value = dflt;
     Py_INCREF(value);
@@ -566,8 +570,6 @@ static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
     self->low = 16384;
     self->peername = PyObject_CallMethod(sock, "getpeername", NULL);
     if (self->peername == NULL) PyErr_Clear();
-    self->sockname = PyObject_CallMethod(sock, "getsockname", NULL);
-    if (self->sockname == NULL) PyErr_Clear();
     self->read_cb = PyObject_GetAttrString((PyObject *)self, "_read_ready");
     self->write_cb = PyObject_GetAttrString((PyObject *)self, "_write_ready");
     self->lost_cb = PyObject_GetAttrString((PyObject *)self, "_connection_lost");
@@ -577,7 +579,7 @@ static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
 
 static int tt_traverse(TlsTransport *self, visitproc visit, void *arg) {
     Py_VISIT(self->loop); Py_VISIT(self->sock); Py_VISIT(self->ssl_object); Py_VISIT(self->protocol);
-    Py_VISIT(self->peername); Py_VISIT(self->sockname); Py_VISIT(self->data_received);
+    Py_VISIT(self->peername); Py_VISIT(self->data_received);
     Py_VISIT(self->read_cb); Py_VISIT(self->write_cb); Py_VISIT(self->lost_cb); Py_VISIT(self->owner);
     return 0;
 }
@@ -585,7 +587,7 @@ static int tt_traverse(TlsTransport *self, visitproc visit, void *arg) {
 static int tt_clear(TlsTransport *self) {
     Py_CLEAR(self->protocol); Py_CLEAR(self->data_received);
     Py_CLEAR(self->read_cb); Py_CLEAR(self->write_cb); Py_CLEAR(self->lost_cb);
-    Py_CLEAR(self->peername); Py_CLEAR(self->sockname);
+    Py_CLEAR(self->peername);
     return 0;
 }
 
@@ -622,17 +624,6 @@ static PyMethodDef tt_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyObject *tt_protocol(TlsTransport *self, void *closure) {
-    PyObject *p = self->protocol ? self->protocol : Py_None;
-    Py_INCREF(p);
-    return p;
-}
-
-static PyGetSetDef tt_getset[] = {
-    {"protocol", (getter)tt_protocol, NULL, "the protocol, until connection_lost", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject TlsTransportType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "agent.dataplane._tlsio.TlsTransport",
@@ -646,7 +637,6 @@ static PyTypeObject TlsTransportType = {
     .tp_traverse = (traverseproc)tt_traverse,
     .tp_clear = (inquiry)tt_clear,
     .tp_methods = tt_methods,
-    .tp_getset = tt_getset,
 };
 
 static struct PyModuleDef module = {

@@ -6,7 +6,6 @@ import ssl
 from typing import Any
 
 class TlsTransport:
-    protocol: asyncio.BaseProtocol | None
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  ssl_object: ssl.SSLObject, protocol: asyncio.BaseProtocol) -> None: ...
     def start(self) -> None: ...

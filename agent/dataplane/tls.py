@@ -171,12 +171,14 @@ async def start_session(sock: socket.socket, tls: TunnelTls,
     """The protocol `make` builds, connected on `sock` after `handshake`. `make` gets the
     `TunnelTls` when the protocol must open and seal records itself (the Python path), None
     when the transport does (the C one)."""
+    global TLS_TRANSPORT
     if TLS_TRANSPORT is not None:
         protocol = make(None)
         try:
             transport = TLS_TRANSPORT(asyncio.get_running_loop(), sock, tls.ssl_object, protocol)
-        except TypeError as exc:  # an _ssl of another layout: the records stay Python's
+        except TypeError as exc:  # an _ssl of another layout: so for every connection
             log.warning("tunnel TLS in C unavailable (%s): records in Python", exc)
+            TLS_TRANSPORT = None
         else:
             transport.start()
             return protocol

@@ -692,3 +692,31 @@ def test_a_closed_transport_is_freed_without_the_garbage_collector(
     finally:
         gc.enable()
     assert left == 0
+
+
+def test_a_c_transport_that_refuses_the_tls_object_leaves_the_records_to_python(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `_ssl` of another layout refuses every connection alike: the first one falls back
+    to the Python records, and the C transport is not tried again (one warning, not one per
+    connection)."""
+    from agent.dataplane import tls as module
+
+    tried: list[int] = []
+
+    def refusing(*args: Any) -> Any:
+        tried.append(1)
+        raise TypeError("_ssl._SSLSocket's layout is not the one known")
+
+    monkeypatch.setattr(module, "TLS_TRANSPORT", refusing)
+
+    async def run() -> None:
+        for _ in range(2):
+            served: dict[int, Collector] = {}
+            client, server = await _connected(*contexts, served)
+            assert client.tls is not None and server.tls is not None  # the Python path
+            assert verify_identity(client.ssl_object, "cluster.local") == str(WEB)
+            client.close()
+            server.close()
+
+    uvloop.run(run())
+    assert tried == [1] and module.TLS_TRANSPORT is None

@@ -136,6 +136,40 @@ async def _direct(requests: int, pace: float = 0.0) -> None:
     await done
 
 
+async def _sessions(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
+                    on_stream: Any) -> Any:
+    """Both ends of a tunnel connection over loopback TCP, as this tree's agents start them
+    (mesh.py); returns the client session. Older trees are measured as they ran, so A/B runs
+    against them compare like with like: before session 9, uvloop's SSL protocol under the
+    session; in session 9, the session sealing its records on a uvloop TCP transport."""
+    from agent.dataplane.tunnel import TunnelSession
+
+    loop = asyncio.get_running_loop()
+    client_sock, server_sock = _tcp_pair()
+    try:
+        from agent.dataplane import tls
+    except ImportError:  # before session 9
+        server_made = loop.create_task(loop.connect_accepted_socket(
+            lambda: TunnelSession("server", on_stream=on_stream), server_sock, ssl=server_context))
+        _, session = await loop.create_connection(lambda: TunnelSession("client"), sock=client_sock,
+                                                  ssl=client_context, server_hostname="")
+        await server_made
+        return session
+    server_tls = loop.create_task(tls.handshake(server_sock, server_context, True, 10.0))
+    client_tls = await tls.handshake(client_sock, client_context, False, 10.0)
+    server_end = await server_tls
+    if not hasattr(tls, "start_session"):  # session 9
+        await loop.connect_accepted_socket(
+            lambda: TunnelSession("server", on_stream=on_stream, tls=server_end), server_sock)
+        _, session = await loop.create_connection(lambda: TunnelSession("client", tls=client_tls),
+                                                  sock=client_sock)
+        return session
+    await tls.start_session(server_sock, server_end, lambda records: TunnelSession(
+        "server", on_stream=on_stream, tls=records))
+    return await tls.start_session(client_sock, client_tls,
+                                   lambda records: TunnelSession("client", tls=records))
+
+
 async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float = 0.0) -> None:
     from agent.core.telemetry import PeerLabels, Telemetry
     from agent.dataplane import tunnel as tunnel_module
@@ -178,34 +212,7 @@ async def _mesh(requests: int, opaque: bool, files: dict[str, str], pace: float 
         relay.open_record(relay.peer_labels)
         session.attach(stream_id, relay.client)
 
-    tunnel_client_sock, tunnel_server_sock = _tcp_pair()
-    try:  # as the agents connect (mesh.py): the handshake, then the session seals its records
-        from agent.dataplane.tls import handshake
-    except ImportError:  # a tree from before: uvloop's SSL protocol under the session
-        server_made = loop.create_task(loop.connect_accepted_socket(
-            lambda: TunnelSession("server", on_stream=on_stream), tunnel_server_sock,
-            ssl=server_context))
-        _, session = await loop.create_connection(lambda: TunnelSession("client"),
-                                                  sock=tunnel_client_sock, ssl=client_context,
-                                                  server_hostname="")
-        await server_made
-    else:
-        server_tls = loop.create_task(handshake(tunnel_server_sock, server_context, True, 10.0))
-        client_tls = await handshake(tunnel_client_sock, client_context, False, 10.0)
-        server_end = await server_tls
-        try:  # the records in C where built (tls.start_session), as mesh.py starts sessions
-            from agent.dataplane.tls import start_session
-        except ImportError:  # a tree from before: the session seals its records on uvloop TCP
-            await loop.connect_accepted_socket(
-                lambda: TunnelSession("server", on_stream=on_stream, tls=server_end),
-                tunnel_server_sock)
-            _, session = await loop.create_connection(
-                lambda: TunnelSession("client", tls=client_tls), sock=tunnel_client_sock)
-        else:
-            await start_session(tunnel_server_sock, server_end, lambda records: TunnelSession(
-                "server", on_stream=on_stream, tls=records))
-            session = await start_session(tunnel_client_sock, client_tls,
-                                          lambda records: TunnelSession("client", tls=records))
+    session = await _sessions(server_context, client_context, on_stream)
 
     class ClientOwner:
         def __init__(self) -> None:

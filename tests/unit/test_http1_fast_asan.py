@@ -21,12 +21,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-CHILD = textwrap.dedent("""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("agent.core._http1fast", sys.argv[1])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["agent.core._http1fast"] = module
-    spec.loader.exec_module(module)
+
+def loading(name: str) -> str:
+    """The start of a child script: the extension at sys.argv[1] imported as `name` (as
+    `module`), in place of the installed one."""
+    return textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("{name}", sys.argv[1])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["{name}"] = module
+        spec.loader.exec_module(module)
+    """)
+
+
+CHILD = loading("agent.core._http1fast") + textwrap.dedent("""
     from agent.core import http1
     assert http1._Http1Fast is module.Http1Fast, "the instrumented build is not the one in use"
     from tests.unit import test_http1_fast as t

@@ -12,16 +12,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.unit.test_http1_fast_asan import instrumented
+from tests.unit.test_http1_fast_asan import instrumented, loading
 
 REPO = Path(__file__).resolve().parents[2]
 
-CHILD = textwrap.dedent("""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("agent.dataplane._tlsio", sys.argv[1])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["agent.dataplane._tlsio"] = module
-    spec.loader.exec_module(module)
+CHILD = loading("agent.dataplane._tlsio") + textwrap.dedent("""
     import pytest
     chosen = "(c] or transport or garbage or stops_reading or abort or raises) and not pages"
     code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_tls.py",

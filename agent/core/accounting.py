@@ -31,12 +31,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+# Classifying a response is done per request on the hot path: in the compiled counters module
+# (issue #16), named here too as the observers' shared vocabulary.
+from agent.core.counters import Classification, classify, parse_grpc_status
 
 if TYPE_CHECKING:
     from agent.core.tap import RequestDetail
 
-Classification = Literal["success", "failure"]
+__all__ = ["CLOSED", "GRPC_FAILURE_LINKERD", "PROTOCOL_ERROR", "REFUSED", "RESET", "Classification",
+           "Observer", "OpaqueObserver", "Record", "authority_label", "classify", "host_in",
+           "parse_grpc_status"]
+
 
 # Why a request ended without a complete response (Record.error).
 RESET: Final = "reset"  # RST_STREAM, or the TCP connection was reset
@@ -60,24 +67,6 @@ class Record:
     method: str | None = None
     error: str | None = None  # None when a response completed; else RESET, CLOSED, ...
     detail: RequestDetail | None = None  # path, authority, sizes: only while a tap is open
-
-
-def classify(
-    status_code: int | None,
-    grpc_status: int | None,
-    error: str | None,
-    grpc_failures: frozenset[int] | None = None,
-) -> Classification:
-    """`grpc_failures=None` is the design's rule: every gRPC status but OK (0) fails."""
-    if error is not None:
-        return "failure"
-    if grpc_status is not None and (
-        grpc_status != 0 if grpc_failures is None else grpc_status in grpc_failures
-    ):
-        return "failure"
-    if status_code is not None and status_code >= 500:
-        return "failure"
-    return "success"
 
 
 class Observer(Protocol):
@@ -155,10 +144,3 @@ def host_in(head_bytes: bytes) -> str:
     the chunk does not hold a whole Host line)."""
     found = _HOST_HEADER.search(head_bytes)
     return authority_label(found.group(1)) if found else ""
-
-
-def parse_grpc_status(value: bytes) -> int | None:
-    """`grpc-status` header value -> int; None when it is not a small decimal number."""
-    if 0 < len(value) <= 3 and value.isdigit():
-        return int(value)
-    return None

@@ -17,10 +17,12 @@ Nothing here imports the rest of the agent at run time (a Record is only read)."
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 if TYPE_CHECKING:
     from agent.core.accounting import Record
+
+Classification = Literal["success", "failure"]
 
 # Linkerd's response_latency_ms bucket bounds (ms); +Inf is implied.
 LATENCY_BUCKETS_MS: Final = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
@@ -84,6 +86,36 @@ def latency_bucket(latency_ms: float) -> int:
         else:
             high = middle
     return low
+
+
+def classify(
+    status_code: int | None,
+    grpc_status: int | None,
+    error: str | None,
+    grpc_failures: frozenset[int] | None = None,
+) -> Classification:
+    """`grpc_failures=None` is the design's rule: every gRPC status but OK (0) fails."""
+    if error is not None:
+        return "failure"
+    if grpc_status is not None and (
+        grpc_status != 0 if grpc_failures is None else grpc_status in grpc_failures
+    ):
+        return "failure"
+    if status_code is not None and status_code >= 500:
+        return "failure"
+    return "success"
+
+
+def parse_grpc_status(value: bytes) -> int | None:
+    """`grpc-status` header value -> int; None when it is not a small decimal number."""
+    if not 0 < len(value) <= 3:
+        return None
+    status = 0
+    for byte in value:  # digits by hand: compiled, no str made and parsed per response
+        if not 48 <= byte <= 57:
+            return None
+        status = status * 10 + byte - 48
+    return status
 
 
 class Tally(Protocol):

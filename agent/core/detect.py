@@ -95,7 +95,8 @@ def observer_for(protocol: Protocol, tap: TapSwitch = NEVER) -> Observer:
 
 class DirectFeed(Interface):
     """An observer the proxy may feed without the ConnectionObserver in between (the compiled
-    HTTP/1 fast path counting into its series: `ConnectionObserver.count_fast`). A feed
+    HTTP/1 fast path or the HTTP/2 observer counting into its series:
+    `ConnectionObserver.count_fast`). A feed
     returns None when the proxy has nothing to do, else the Records that ended (maybe none:
     then requests started, the observer turned opaque, or it stopped counting by itself);
     the proxy then settles with the ConnectionObserver and feeds that again."""
@@ -206,10 +207,16 @@ class ConnectionObserver:
         return records if self._carried_started or inner.opaque else None
 
     def count_fast(self, counters: HttpCounters) -> DirectFeed | None:
-        """Once the first request's series is known: let the compiled HTTP/1 fast path count
-        into it directly (agent.core.http1.count_fast). Returns the observer the proxy may
-        feed itself until a feed returns something; None when there is none."""
+        """Once the first request's series is known: let the protocol's observer count into
+        it directly — the compiled HTTP/1 fast path (agent.core.http1.count_fast), the
+        HTTP/2 observer (`Http2Observer.count_into`). Returns the observer the proxy may feed
+        itself until a feed returns something; None when there is none."""
         inner = self._inner
+        if isinstance(inner, Http2Observer):
+            if inner.opaque:
+                return None
+            inner.count_into(counters)
+            return inner
         return None if inner is None else count_fast(inner, counters)
 
     def failed(self) -> list[Record]:

@@ -30,7 +30,7 @@ Not followed: h2c via HTTP/1.1 Upgrade (that connection is opaque after the 101)
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from agent.core.accounting import (
     CLOSED,
@@ -44,6 +44,9 @@ from agent.core.accounting import (
 )
 from agent.core.hpack_blocks import HeaderBlocks, Headers
 from agent.core.tap import NEVER, RequestDetail, TapSwitch, clean, split_target
+
+if TYPE_CHECKING:
+    from agent.core.counters import HttpCounters
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # An encoded header block (HEADERS + CONTINUATIONs). hpack costs ~0.9 us per byte of
@@ -61,6 +64,9 @@ _LARGEST_MAX_FRAME: Final = (1 << 24) - 1
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 4, 5, 7, 9
 _COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS, _RST_STREAM, _GOAWAY))
 _PASSED_OVER: Final = frozenset(range(256)) - _COLLECTED - {_DATA}
+# Each frame type's kind, indexed by the type: 1 for the types passed over unseen. Indexing
+# `bytes` is native when compiled; a frozenset membership test is a generic call (issue #16).
+_SKIPPED: Final = bytes(1 if ftype in _PASSED_OVER else 0 for ftype in range(256))
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 
@@ -114,6 +120,7 @@ class Http2Observer:
     __slots__ = (
         "_authority",
         "_client",
+        "_counters",
         "_grpc_failures",
         "_highest_stream",
         "_max_header_bytes",
@@ -147,6 +154,9 @@ class Http2Observer:
         self._started = 0
         self._opaque = False
         self._authority = ""  # the first request's :authority (a label value)
+        # The connection's series, once handed over (`count_into`): requests counted there
+        # as they start and end, not returned (issue #16).
+        self._counters: HttpCounters | None = None
 
     # --- the Observer interface -------------------------------------------------------
 
@@ -176,6 +186,35 @@ class Http2Observer:
         self._feed(self._server, data)
         return self._take_out()
 
+    def count_into(self, counters: HttpCounters) -> None:
+        """From now on count into `counters` (the connection's series): a request that starts
+        is counted there at once (`take_started` no longer sees it), one that ends without a
+        tap's detail too (no Record); only tapped requests still end in Records. The proxy
+        feeds `feed_client`/`feed_server` directly then (agent.core.detect.DirectFeed)."""
+        self._counters = counters
+
+    def feed_client(self, data: bytes, now: float) -> list[Record] | None:
+        """`client_bytes` fed directly: None when there is nothing for the proxy to do (no
+        Record, no uncounted start, not opaque), else what `client_bytes` returns."""
+        if self._opaque:
+            return []
+        self._now = now
+        self._feed(self._client, data)
+        return self._answer()
+
+    def feed_server(self, data: bytes, now: float) -> list[Record] | None:
+        """`server_bytes` fed directly, answered as `feed_client`."""
+        if self._opaque:
+            return []
+        self._now = now
+        self._feed(self._server, data)
+        return self._answer()
+
+    def _answer(self) -> list[Record] | None:
+        if self._out or self._started or self._opaque:
+            return self._take_out()
+        return None
+
     def closed(self, now: float, reset: bool) -> list[Record]:
         if not self._opaque:
             self._now = now
@@ -193,7 +232,6 @@ class Http2Observer:
         pos, size = 0, len(data)
         if d.preface_left:
             pos = self._skip_preface(d, data)
-        unpack_from = _FRAME_HEADER.unpack_from
         while pos < size and not self._opaque:
             if d.skip:
                 taken = min(d.skip, size - pos)
@@ -204,15 +242,18 @@ class Http2Observer:
             elif size - pos < 9:
                 d.partial = bytearray(data[pos:])
                 return
-            else:
-                high, low, ftype, flags, stream = unpack_from(data, pos)
-                length = high << 16 | low
+            else:  # the 9-byte header read by index: compiled, native ints (issue #16)
+                length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+                ftype = data[pos + 3]
+                flags = data[pos + 4]
+                stream = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8 \
+                    | data[pos + 8]
                 pos += 9
-                if ftype in _PASSED_OVER and d.block is None and length <= d.max_frame:
+                if _SKIPPED[ftype] and d.block is None and length <= d.max_frame:
                     need = None  # WINDOW_UPDATE, PING, PRIORITY, extensions: nothing to count
                     d.skip = length
                 else:
-                    need = self._begin_frame(d, ftype, flags, stream & 0x7FFF_FFFF, length)
+                    need = self._begin_frame(d, ftype, flags, stream, length)
                 if need is None:  # skipped by length (or given up): as much of it as is here
                     skip = d.skip
                     if skip:
@@ -386,7 +427,11 @@ class Http2Observer:
         self._highest_stream = stream
         detail = _tap_detail(headers) if self._tap.on else None
         self._streams[stream] = _Stream(method, self._now, detail)
-        self._started += 1
+        counters = self._counters
+        if counters is None:
+            self._started += 1
+        else:
+            counters.start(1)
 
     def _tap_data(self, d: _Direction, stream: int, length: int) -> None:
         state = self._streams.get(stream)
@@ -399,7 +444,7 @@ class Http2Observer:
     def _response_headers(self, stream: int, state: _Stream, flags: int, headers: Headers) -> None:
         for name, value in headers:
             if name == b":status":
-                status = int(value) if value.isdigit() and len(value) == 3 else None
+                status = _status(value)
                 if state.status is None and status is not None:
                     if 100 <= status < 200 and not flags & _END_STREAM:
                         return  # informational: the final headers are still to come
@@ -423,17 +468,23 @@ class Http2Observer:
             self._finish(state, error)
 
     def _finish(self, state: _Stream, error: str | None) -> None:
-        if state.detail is not None:
-            state.detail.end_ms = (self._now - state.start) * 1000.0
+        classification = classify(state.status, state.grpc_status, error, self._grpc_failures)
+        detail = state.detail
+        counters = self._counters
+        if detail is None and counters is not None:
+            counters.count(classification, state.status, state.grpc_status, state.latency_ms)
+            return
+        if detail is not None:
+            detail.end_ms = (self._now - state.start) * 1000.0
         self._out.append(
             Record(
-                classification=classify(state.status, state.grpc_status, error, self._grpc_failures),
+                classification=classification,
                 status_code=state.status,
                 grpc_status=state.grpc_status,
                 latency_ms=state.latency_ms,
                 method=state.method,
                 error=error,
-                detail=state.detail,
+                detail=detail,
             )
         )
 
@@ -449,6 +500,17 @@ class Http2Observer:
             return []
         self._out = []
         return out
+
+
+def _status(value: bytes) -> int | None:
+    """A `:status` value: three digits, read as a number without `int()` (no parse of a new
+    str: compiled, three native subtractions); None for anything else."""
+    if len(value) != 3:
+        return None
+    hundreds, tens, units = value[0] - 48, value[1] - 48, value[2] - 48
+    if 0 <= hundreds <= 9 and 0 <= tens <= 9 and 0 <= units <= 9:
+        return hundreds * 100 + tens * 10 + units
+    return None
 
 
 def _tap_detail(headers: Headers) -> RequestDetail:

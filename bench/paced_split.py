@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--pyspy-seconds", type=int, default=20)
     parser.add_argument("--pyspy-bin", default="py-spy")
     parser.add_argument("--perf", help="write perf cpu-clock samples of pinion and haproxy here")
+    parser.add_argument("--strace", help="write syscall counts (strace -c) of pinion and haproxy "
+                        "during one more paced run each here, and print them per request")
     args = parser.parse_args()
     sys.path.insert(0, args.sbs)
     import lab  # found at run time, beside side_by_side.py
@@ -99,6 +101,8 @@ def main() -> int:
                     self.profile(L)
                 if args.perf:
                     self.sample()
+                if args.strace:
+                    self.syscalls()
 
         def sample(self) -> None:
             os.makedirs(args.perf, exist_ok=True)
@@ -112,6 +116,35 @@ def main() -> int:
                 self.measure(cfg, "paced", 98)
                 perf.send_signal(signal.SIGINT)
                 perf.wait(timeout=60)
+
+        def syscalls(self) -> None:
+            """Syscalls per request of both ends (strace slows what it traces: these runs
+            count calls, their CPU is not measured)."""
+            os.makedirs(args.strace, exist_ok=True)
+            counts: dict[str, dict[str, float]] = {}
+            for cfg in ("pinion", "haproxy"):
+                output = os.path.join(args.strace, f"{cfg}.txt")
+                command = ["strace", "-c", "-f", "-o", output]
+                for proc in self.procs_of(cfg):
+                    command += ["-p", str(proc.pid)]
+                tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                self.measure(cfg, "paced", 97)
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=60)
+                n = self.rows[-1].get("n") or 1
+                with open(output) as table:
+                    for line in table:
+                        fields = line.split()
+                        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+                            calls = int(fields[3])
+                            counts.setdefault(fields[-1], {})[cfg] = calls / n
+            print("\nsyscalls per request, both ends (strace -c during one paced run each)\n")
+            print("| syscall | pinion | haproxy |")
+            print("|---|---:|---:|")
+            for name, per in sorted(counts.items(), key=lambda kv: -max(kv[1].values())):
+                print(f"| {name} | {per.get('pinion', 0):.2f} | {per.get('haproxy', 0):.2f} |")
 
         def profile(self, L: object) -> None:
             os.makedirs(args.pyspy, exist_ok=True)

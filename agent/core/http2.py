@@ -66,7 +66,7 @@ _COLLECTED: Final = frozenset((_HEADERS, _CONTINUATION, _PUSH_PROMISE, _SETTINGS
 _PASSED_OVER: Final = frozenset(range(256)) - _COLLECTED - {_DATA}
 # Each frame type's kind, indexed by the type: 1 for the types passed over unseen. Indexing
 # `bytes` is native when compiled; a frozenset membership test is a generic call (issue #16).
-_SKIPPED: Final = bytes(1 if ftype in _PASSED_OVER else 0 for ftype in range(256))
+_SKIPPED: Final = bytes([1 if ftype in _PASSED_OVER else 0 for ftype in range(256)])
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _SETTINGS_HEADER_TABLE_SIZE, _SETTINGS_MAX_FRAME_SIZE = 1, 5
 

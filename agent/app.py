@@ -21,6 +21,7 @@ from agent.dataplane.redirect import CgroupBackend, choose_backend
 from agent.dataplane.relay import RelaySettings
 from agent.dataplane.sockets import SocketFactory
 from agent.dataplane.tls import tls_transport_build
+from agent.dataplane.tunnel import sync_lanes
 from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, replay_pending
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
@@ -44,6 +45,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     backend = choose_backend(config.redirect, config)
     backend.prepare()
     telemetry = Telemetry(time.monotonic, config.metrics_grace_seconds)
+    telemetry.on_scrape(sync_lanes)  # bytes the tunnel's lanes moved, counted before a scrape
     registry, metrics = build_registry(telemetry)
     if isinstance(backend, CgroupBackend):
         registry.register(EbpfCollector(backend.map_bytes))

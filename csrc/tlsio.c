@@ -17,7 +17,22 @@
  * The SSL* comes out of `_ssl`'s object by its layout (CPython 3.7+ Modules/_ssl.c
  * PySSLSocket: PyObject_HEAD, PyObject *Socket, SSL *ssl, ...), checked by the type's name and
  * by the app data CPython sets on every SSL it makes (SSL_set_app_data(ssl, self) in
- * newPySSLSocket): any other layout raises TypeError and the Python path is taken. */
+ * newPySSLSocket): any other layout raises TypeError and the Python path is taken.
+ *
+ * Lanes (the engine's first step on the receive side): a stream in steady state — accepted,
+ * reading, its relay counting in C or not observing at all — is registered by the session as a
+ * `Lane` in `lanes` (stream id -> Lane). From then on this transport cuts the plaintext into
+ * tunnel frames itself (agent/core/tunnel_frames.py; a frame cut by a record or a read waits
+ * here, whole frames only go on) and a DATA frame without flags for an active lane does not
+ * reach Python: its payload goes to the lane's feed (the relay's compiled observer) and is
+ * written to the pod's transport from here, and the lane counts it. Every other frame goes to
+ * the session in order, in runs. Before each run the lanes that moved bytes report them
+ * (`synced(received, chunks, last)`: the session's windows, credit, the relay's byte counts),
+ * so the session never sees a frame before the bytes that came ahead of it are counted; after
+ * a read, a lane reports once `report_at` bytes are pending, or when it is off, and every lane
+ * reports once `lane_cap` may be pending on the connection: a paced request's read calls no
+ * Python at all, and the peer's windows never wait for credit held here (the session pulls
+ * the rest with `take` when it reads the counts: a scrape, a sweep, a lane taken off). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -26,6 +41,8 @@
 #include <openssl/err.h>
 #include <openssl/crypto.h>
 #include <errno.h>
+#include <stdint.h>
+#include <time.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -36,7 +53,30 @@
 #define SEND_STAGE 32768       /* sealed bytes staged on the stack on their way to send() */
 #define KEEP_CAPACITY 65536    /* an emptied output buffer larger than this is freed */
 
+/* The tunnel's frames (agent/core/tunnel_frames.py): a 12-byte header >BBHII (version, type,
+ * flags, stream id, length); DATA carries `length` bytes, other types none. */
+#define FRAME_HEADER 12
+#define FRAME_VERSION 2
+#define FRAME_DATA 0
+#define FRAME_SYN 0x1
+#define MAX_FRAME_PAYLOAD 65536
+#define MAX_OPEN_HEADER 4096
+#define TOUCHED_MAX 8          /* lanes that moved bytes in one read, before they report */
+
 typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *feed;            /* callable(bytes, now) -> None or news; or None: nothing observes */
+    PyObject *write, *is_closing;  /* the pod transport's */
+    PyObject *news;            /* callable(records or None (the feed raised)) */
+    PyObject *synced;          /* callable(received, chunks, last) */
+    unsigned long long received, chunks, last;  /* since the last report */
+    unsigned long long delivered;  /* frames delivered, in all */
+    unsigned long long report_at;  /* report after a read once this much is pending */
+    unsigned long stream_id;
+    char active, touched;
+} Lane;
 
 typedef struct {
     PyObject_HEAD
@@ -51,9 +91,17 @@ typedef struct {
     size_t out_start, out_end, out_cap;
     size_t high, low;
     char reading, writing, closing, lost_scheduled, lost, protocol_paused, started;
+    PyObject *lanes;           /* stream id -> Lane (a dict the session fills) */
+    Lane *last_lane;           /* the lane found last (a reference) */
+    char *tail;                /* the start of a frame, waiting for the rest (cutting only) */
+    size_t tail_len, tail_cap;
+    char cutting;              /* frames are cut here: once a lane was registered */
+    Py_ssize_t lane_cap;       /* all lanes report once this much may be pending, together */
+    Py_ssize_t pending_total;  /* delivered since the last walk (an upper bound) */
 } TlsTransport;
 
 static PyObject *SSLError; /* ssl.SSLError */
+static PyTypeObject LaneType;
 
 static size_t out_len(TlsTransport *self) { return self->out_end - self->out_start; }
 
@@ -238,6 +286,219 @@ static int deliver(TlsTransport *self, const char *data, size_t n) {
     return 0;
 }
 
+/* The rest of the engine's receive side: lanes. */
+
+static double monotonic_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);  /* time.monotonic()'s clock */
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+/* The lane registered for `stream_id` and active, or NULL (a borrowed reference). */
+static Lane *find_lane(TlsTransport *self, unsigned long stream_id) {
+    Lane *lane = self->last_lane;
+    if (lane != NULL && lane->stream_id == stream_id && lane->active) return lane;
+    PyObject *key = PyLong_FromUnsignedLong(stream_id);
+    if (key == NULL) { PyErr_Clear(); return NULL; }
+    PyObject *found = PyDict_GetItemWithError(self->lanes, key);
+    Py_DECREF(key);
+    if (found == NULL) { PyErr_Clear(); return NULL; }
+    if (!Py_IS_TYPE(found, &LaneType) || !((Lane *)found)->active) return NULL;
+    Py_INCREF(found);
+    Py_XSETREF(self->last_lane, (Lane *)found);
+    return (Lane *)found;
+}
+
+/* A Python call from the lane path raised: asyncio's report, and the connection ends. */
+static int lane_failed(TlsTransport *self, const char *message) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    Py_XINCREF(value);
+    PyErr_Restore(type, value, tb);
+    report(self, message);
+    force_close(self, value);
+    Py_XDECREF(value);
+    return -1;
+}
+
+/* Report what `lane` moved since it last did: `synced(received, chunks, last)`. */
+static int report_lane(TlsTransport *self, Lane *lane) {
+    if (!lane->received) return 0;
+    unsigned long long received = lane->received, chunks = lane->chunks, last = lane->last;
+    lane->received = lane->chunks = lane->last = 0;
+    PyObject *args[3] = {PyLong_FromUnsignedLongLong(received), PyLong_FromUnsignedLongLong(chunks),
+                         PyLong_FromUnsignedLongLong(last)};
+    PyObject *r = args[0] && args[1] && args[2] ? PyObject_Vectorcall(lane->synced, args, 3, NULL) : NULL;
+    Py_XDECREF(args[0]); Py_XDECREF(args[1]); Py_XDECREF(args[2]);
+    if (r == NULL) return lane_failed(self, "Fatal error: a lane's report failed.");
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The lanes that moved bytes in this read, in the order they first moved: each reports once
+ * `report_at` is pending (`everything`: whatever is), or when it is off (its last chunk may be
+ * owed). What stays pending is reported by a later read, or pulled by the session (`take`). */
+static int report_lanes(TlsTransport *self, Lane **touched, int *count, int everything) {
+    int n = *count, failed = 0;
+    *count = 0;
+    for (int i = 0; i < n; i++) {
+        Lane *lane = touched[i];
+        lane->touched = 0;
+        if (!failed && (everything || !lane->active || lane->received >= lane->report_at)) {
+            if (lane->received <= (unsigned long long)self->pending_total)
+                self->pending_total -= (Py_ssize_t)lane->received;
+            failed = report_lane(self, lane);
+        }
+        Py_DECREF(lane);
+    }
+    return failed;
+}
+
+/* Every lane of the connection reports what is pending (their sum may have reached the cap:
+ * the peer's connection window must never wait for credit held here). */
+static int report_every_lane(TlsTransport *self) {
+    self->pending_total = 0;
+    PyObject *lanes = PyDict_Values(self->lanes);  /* a copy: a report may change the dict */
+    if (lanes == NULL) return lane_failed(self, "out of memory");
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lanes) && !failed; i++) {
+        PyObject *lane = PyList_GET_ITEM(lanes, i);
+        if (Py_IS_TYPE(lane, &LaneType)) failed = report_lane(self, (Lane *)lane);
+    }
+    Py_DECREF(lanes);
+    return failed;
+}
+
+/* One DATA frame's payload on its lane: the relay's observer, then the pod's transport, as
+ * Relay.from_upstream / from_client do. 0, or -1 (reported, closing). */
+static int lane_deliver(TlsTransport *self, Lane *lane, const char *data, size_t n,
+                        Lane **touched, int *count) {
+    if (!lane->touched) {
+        if (*count == TOUCHED_MAX && report_lanes(self, touched, count, 1) < 0) return -1;
+        Py_INCREF(lane);
+        lane->touched = 1;
+        touched[(*count)++] = lane;
+    }
+    PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
+    if (chunk == NULL) return lane_failed(self, "out of memory for received data");
+    if (lane->feed != Py_None) {
+        PyObject *now = PyFloat_FromDouble(monotonic_now());
+        if (now == NULL) { Py_DECREF(chunk); return lane_failed(self, "out of memory"); }
+        PyObject *args[2] = {chunk, now};
+        PyObject *answer = PyObject_Vectorcall(lane->feed, args, 2, NULL);
+        Py_DECREF(now);
+        if (answer == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_DECREF(chunk);
+            return lane_failed(self, "Fatal error: a lane's feed failed.");
+        }
+        if (answer == NULL) PyErr_Clear();  /* a bug in the observer: the relay settles it */
+        if (answer != Py_None) {  /* news (or the feed raised): the relay settles, in Python */
+            lane->active = 0;  /* the session registers it again if it still may */
+            PyObject *r = PyObject_CallOneArg(lane->news, answer ? answer : Py_None);
+            Py_XDECREF(answer);
+            if (r == NULL) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's news failed."); }
+            Py_DECREF(r);
+        } else {
+            Py_DECREF(answer);
+        }
+    }
+    PyObject *closing = PyObject_CallNoArgs(lane->is_closing);
+    int truth = closing == NULL ? -1 : PyObject_IsTrue(closing);
+    Py_XDECREF(closing);
+    if (truth < 0) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's transport failed."); }
+    if (!truth) {
+        PyObject *r = PyObject_CallOneArg(lane->write, chunk);
+        if (r == NULL) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's write failed."); }
+        Py_DECREF(r);
+    }
+    Py_DECREF(chunk);
+    lane->received += n;
+    lane->chunks += 1;
+    lane->last = n;
+    lane->delivered += 1;
+    self->pending_total += (Py_ssize_t)n;
+    return 0;
+}
+
+/* Keep data[from:n] (the start of a frame) for the next read. */
+static int keep_tail(TlsTransport *self, const char *data, size_t from, size_t n) {
+    size_t left = n - from;
+    if (left > self->tail_cap) {
+        char *grown = PyMem_Realloc(self->tail, left);
+        if (grown == NULL) { PyErr_NoMemory(); return lane_failed(self, "out of memory for a frame"); }
+        self->tail = grown;
+        self->tail_cap = left;
+    }
+    memmove(self->tail, data + from, left);  /* data may be the tail itself */
+    self->tail_len = left;
+    return 0;
+}
+
+/* Plaintext in cutting mode: lane frames delivered here, every other frame to the session in
+ * runs, in order; a frame not whole yet is kept. 0, or -1 (reported, closing). */
+static int dispatch(TlsTransport *self, const char *data, size_t n) {
+    if (self->tail_len) {  /* the frame begun in an earlier read comes first */
+        if (self->tail_len + n > self->tail_cap) {
+            char *grown = PyMem_Realloc(self->tail, self->tail_len + n);
+            if (grown == NULL) { PyErr_NoMemory(); return lane_failed(self, "out of memory for a frame"); }
+            self->tail = grown;
+            self->tail_cap = self->tail_len + n;
+        }
+        memcpy(self->tail + self->tail_len, data, n);
+        n += self->tail_len;
+        self->tail_len = 0;
+        data = self->tail;
+    }
+    Lane *touched[TOUCHED_MAX];
+    int count = 0;
+    size_t pos = 0, run = 0;  /* data[run:pos]: frames for the session, not yet handed over */
+    while (n - pos >= FRAME_HEADER && !self->closing) {
+        const unsigned char *h = (const unsigned char *)data + pos;
+        uint32_t length = be32(h + 8);
+        size_t size = FRAME_HEADER;
+        if (h[0] != FRAME_VERSION) { pos = n; break; }  /* the session says what is wrong */
+        if (h[1] == FRAME_DATA) {
+            if (length > (h[3] & FRAME_SYN ? MAX_OPEN_HEADER : MAX_FRAME_PAYLOAD)) { pos = n; break; }
+            size += length;
+        }
+        if (size > n - pos) break;  /* not whole yet */
+        Lane *lane = NULL;
+        if (h[1] == FRAME_DATA && h[2] == 0 && h[3] == 0 && length > 0)
+            lane = find_lane(self, be32(h + 4));
+        if (lane == NULL) { pos += size; continue; }
+        if (pos > run) {  /* what came before goes first, with the lanes' counts reported */
+            if (report_lanes(self, touched, &count, 1) < 0) return -1;
+            if (deliver(self, data + run, pos - run) < 0) return -1;
+            run = pos;
+            if (self->closing) break;
+            lane = find_lane(self, be32(h + 4));  /* the session may have changed it */
+            if (lane == NULL) { pos += size; continue; }
+        }
+        if (lane_deliver(self, lane, (const char *)h + FRAME_HEADER, length, touched, &count) < 0)
+            return -1;
+        pos += size;
+        run = pos;
+    }
+    if (report_lanes(self, touched, &count, pos > run) < 0) return -1;
+    if (!self->closing && self->pending_total >= self->lane_cap && report_every_lane(self) < 0)
+        return -1;
+    if (self->closing) return 0;
+    if (pos > run && deliver(self, data + run, pos - run) < 0) return -1;
+    if (self->closing || pos == n) return 0;
+    return keep_tail(self, data, pos, n);
+}
+
+/* The plaintext of a read: to the session whole, or cut into frames once lanes were used. */
+static int received(TlsTransport *self, const char *data, size_t n) {
+    if (!self->cutting && self->lanes != NULL && PyDict_GET_SIZE(self->lanes) > 0) self->cutting = 1;
+    return self->cutting ? dispatch(self, data, n) : deliver(self, data, n);
+}
+
 static void peer_finished(TlsTransport *self) {
     /* the peer's close_notify, or its EOF: asyncio's eof_received, then close unless kept */
     if (stop_reading(self) < 0) PyErr_Clear();
@@ -265,7 +526,7 @@ static void open_records(TlsTransport *self) {
     while (!self->closing) {
         size_t got = 0;
         if (used == sizeof plain) {
-            if (deliver(self, plain, used) < 0) return;
+            if (received(self, plain, used) < 0) return;
             used = 0;
             continue;
         }
@@ -279,14 +540,14 @@ static void open_records(TlsTransport *self) {
         int why = SSL_get_error(self->ssl, 0);
         if (why == SSL_ERROR_WANT_READ) { ERR_clear_error(); break; }
         if (why == SSL_ERROR_ZERO_RETURN) { ERR_clear_error(); peer_closed = 1; break; }
-        if (used && deliver(self, plain, used) < 0) { ERR_clear_error(); return; }
+        if (used && received(self, plain, used) < 0) { ERR_clear_error(); return; }
         PyObject *exc = ssl_error(why);
         if (exc == NULL) { report(self, "TLS record failed"); force_close(self, NULL); return; }
         force_close(self, exc);  /* a record that does not open: nothing more either way */
         Py_DECREF(exc);
         return;
     }
-    if (used && !self->closing && deliver(self, plain, used) < 0) return;
+    if (used && !self->closing && received(self, plain, used) < 0) return;
     if (self->closing) return;
     if (BIO_ctrl_pending(self->wbio) > 0 && flush_sealed(self) < 0) {  /* a key update's answer */
         if (PyErr_Occurred()) { report(self, "TLS output failed"); force_close(self, NULL); }
@@ -378,6 +639,11 @@ static PyObject *call_connection_lost(TlsTransport *self, PyObject *exc) {
     Py_CLEAR(self->read_cb);
     Py_CLEAR(self->write_cb);
     Py_CLEAR(self->lost_cb);  /* (the loop's handle holds the one running) no cycle is left */
+    if (self->lanes != NULL) PyDict_Clear(self->lanes);  /* they hold the session's methods */
+    Py_CLEAR(self->last_lane);
+    PyMem_Free(self->tail);
+    self->tail = NULL;
+    self->tail_len = self->tail_cap = 0;
     Py_RETURN_NONE;
 }
 
@@ -568,6 +834,9 @@ static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
     Py_INCREF(protocol); self->protocol = protocol;
     self->high = 65536;
     self->low = 16384;
+    self->lanes = PyDict_New();
+    if (self->lanes == NULL) return -1;
+    self->lane_cap = 128 * 1024;
     self->peername = PyObject_CallMethod(sock, "getpeername", NULL);
     if (self->peername == NULL) PyErr_Clear();
     self->read_cb = PyObject_GetAttrString((PyObject *)self, "_read_ready");
@@ -581,6 +850,7 @@ static int tt_traverse(TlsTransport *self, visitproc visit, void *arg) {
     Py_VISIT(self->loop); Py_VISIT(self->sock); Py_VISIT(self->ssl_object); Py_VISIT(self->protocol);
     Py_VISIT(self->peername); Py_VISIT(self->data_received);
     Py_VISIT(self->read_cb); Py_VISIT(self->write_cb); Py_VISIT(self->lost_cb); Py_VISIT(self->owner);
+    Py_VISIT(self->lanes); Py_VISIT(self->last_lane);
     return 0;
 }
 
@@ -588,6 +858,7 @@ static int tt_clear(TlsTransport *self) {
     Py_CLEAR(self->protocol); Py_CLEAR(self->data_received);
     Py_CLEAR(self->read_cb); Py_CLEAR(self->write_cb); Py_CLEAR(self->lost_cb);
     Py_CLEAR(self->peername);
+    Py_CLEAR(self->lanes); Py_CLEAR(self->last_lane);
     return 0;
 }
 
@@ -596,6 +867,7 @@ static void tt_dealloc(TlsTransport *self) {
     tt_clear(self);
     Py_CLEAR(self->loop); Py_CLEAR(self->sock); Py_CLEAR(self->ssl_object); Py_CLEAR(self->owner);
     PyMem_Free(self->out);
+    PyMem_Free(self->tail);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -624,6 +896,14 @@ static PyMethodDef tt_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef tt_members[] = {
+    {"lanes", T_OBJECT, offsetof(TlsTransport, lanes), READONLY,
+     "stream id -> Lane: the streams whose DATA this transport delivers itself"},
+    {"lane_cap", T_PYSSIZET, offsetof(TlsTransport, lane_cap), 0,
+     "bytes all lanes may hold unreported together before every lane reports"},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyTypeObject TlsTransportType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "agent.dataplane._tlsio.TlsTransport",
@@ -637,6 +917,104 @@ static PyTypeObject TlsTransportType = {
     .tp_traverse = (traverseproc)tt_traverse,
     .tp_clear = (inquiry)tt_clear,
     .tp_methods = tt_methods,
+    .tp_members = tt_members,
+};
+
+/* ------------------------------------------------------------------ Lane */
+
+static int lane_init(Lane *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"stream_id", "feed", "write", "is_closing", "news", "synced",
+                            "report_at", NULL};
+    unsigned long stream_id;
+    unsigned long long report_at = 0;
+    PyObject *feed, *write, *is_closing, *news, *synced;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "kOOOOO|K", names, &stream_id, &feed, &write,
+                                     &is_closing, &news, &synced, &report_at))
+        return -1;
+    if ((feed != Py_None && !PyCallable_Check(feed)) || !PyCallable_Check(write)
+            || !PyCallable_Check(is_closing) || !PyCallable_Check(news) || !PyCallable_Check(synced)) {
+        PyErr_SetString(PyExc_TypeError, "a Lane's feed (or None), write, is_closing, news and synced are callables");
+        return -1;
+    }
+    self->stream_id = stream_id;
+    self->report_at = report_at;
+    Py_INCREF(feed); Py_XSETREF(self->feed, feed);
+    Py_INCREF(write); Py_XSETREF(self->write, write);
+    Py_INCREF(is_closing); Py_XSETREF(self->is_closing, is_closing);
+    Py_INCREF(news); Py_XSETREF(self->news, news);
+    Py_INCREF(synced); Py_XSETREF(self->synced, synced);
+    self->active = 1;
+    return 0;
+}
+
+static int lane_traverse(Lane *self, visitproc visit, void *arg) {
+    Py_VISIT(self->feed); Py_VISIT(self->write); Py_VISIT(self->is_closing);
+    Py_VISIT(self->news); Py_VISIT(self->synced);
+    return 0;
+}
+
+static int lane_clear(Lane *self) {
+    Py_CLEAR(self->feed); Py_CLEAR(self->write); Py_CLEAR(self->is_closing);
+    Py_CLEAR(self->news); Py_CLEAR(self->synced);
+    return 0;
+}
+
+static void lane_dealloc(Lane *self) {
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *lane_off(Lane *self, PyObject *unused) {
+    self->active = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_take(Lane *self, PyObject *unused) {
+    PyObject *counts = Py_BuildValue("(KK)", self->received, self->chunks);
+    if (counts != NULL) self->received = self->chunks = self->last = 0;
+    return counts;
+}
+
+static PyObject *lane_get_active(Lane *self, void *unused) { return PyBool_FromLong(self->active); }
+
+static PyObject *lane_get_pending(Lane *self, void *unused) {
+    return PyLong_FromUnsignedLongLong(self->received);
+}
+
+static PyObject *lane_get_delivered(Lane *self, void *unused) {
+    return PyLong_FromUnsignedLongLong(self->delivered);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"off", (PyCFunction)lane_off, METH_NOARGS,
+     "Deliver no more: the stream's next frames go to the session (counts not yet reported are)."},
+    {"take", (PyCFunction)lane_take, METH_NOARGS,
+     "(bytes, frames) delivered and not reported yet, now reported to the caller."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef lane_getset[] = {
+    {"active", (getter)lane_get_active, NULL, "frames are delivered here", NULL},
+    {"pending", (getter)lane_get_pending, NULL, "bytes delivered, not yet reported", NULL},
+    {"delivered", (getter)lane_get_delivered, NULL, "DATA frames delivered, in all", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.dataplane._tlsio.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Lane(stream_id, feed, write, is_closing, news, synced, report_at=0): a stream "
+              "whose DATA frames the transport delivers itself (registered in TlsTransport.lanes).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lane_init,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
 };
 
 static struct PyModuleDef module = {
@@ -645,7 +1023,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__tlsio(void) {
-    if (PyType_Ready(&TlsTransportType) < 0) return NULL;
+    if (PyType_Ready(&TlsTransportType) < 0 || PyType_Ready(&LaneType) < 0) return NULL;
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL) return NULL;
     /* The SSL* is `_ssl`'s: the same OpenSSL must be the one linked here. */
@@ -667,6 +1045,12 @@ PyMODINIT_FUNC PyInit__tlsio(void) {
     Py_INCREF(&TlsTransportType);
     if (PyModule_AddObject(m, "TlsTransport", (PyObject *)&TlsTransportType) < 0) {
         Py_DECREF(&TlsTransportType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
         Py_DECREF(m);
         return NULL;
     }

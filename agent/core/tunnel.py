@@ -387,6 +387,36 @@ class Connection:
             stream.receive_window += credit
             self._outbound.append(pack_header(WINDOW_UPDATE, 0, stream_id, credit))
 
+    def lane_received(self, stream_id: int, nbytes: int, consumed: int) -> bool:
+        """`nbytes` of DATA (frames without flags) on the stream, delivered by the I/O shell
+        itself since the last call, `consumed` of them already passed on: counted against the
+        windows as `receive_data` counts them, and acknowledged (`acknowledge(consumed)`).
+        False: the peer broke a window — the connection failed as `receive_data` would fail
+        it (GOAWAY FLOW_CONTROL_ERROR queued, `error`)."""
+        if self._terminated:
+            return False
+        error: RemoteProtocolError | None = None
+        if nbytes > self._connection_receive:
+            error = RemoteProtocolError(f"{nbytes} bytes on the connection, window "
+                                        f"{self._connection_receive}", ErrorCode.FLOW_CONTROL_ERROR)
+        else:
+            self._connection_receive -= nbytes
+            stream = self._streams.get(stream_id)
+            if stream is None:  # closed meanwhile: nobody will consume them
+                self._credit_connection(nbytes)
+                return True
+            if nbytes > stream.receive_window:
+                error = RemoteProtocolError(f"{nbytes} bytes on stream {stream_id}, window "
+                                            f"{stream.receive_window}", ErrorCode.FLOW_CONTROL_ERROR)
+            else:
+                stream.receive_window -= nbytes
+                stream.unacknowledged += nbytes
+                if consumed:
+                    self.acknowledge(stream_id, consumed)
+                return True
+        self._fail(error, [])
+        return False
+
     def ping(self, opaque: int | None = None) -> int:
         """Queue a PING; the peer's reply arrives as `PongReceived(opaque)`."""
         self._check_alive()

@@ -116,13 +116,48 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.side_lost(self, exc)
 
+    # A tunnel stream's lane (agent.dataplane.tunnel): its DATA delivered from C, as
+    # from_client / from_upstream would deliver it, while the relay is in steady state.
+
+    def lane_parts(self, off: Callable[[], None]) -> tuple[Any, Callable[[bytes], object],
+                                                          Callable[[], bool]] | None:
+        """What a lane for this side's bytes calls — the compiled observer's feed (None when
+        nothing observes), the other side's write and is_closing — or None when the relay
+        needs its Python path (an observer that is not counting by itself, no upstream yet,
+        draining). `off` is kept: the relay takes the lane off when that changes."""
+        relay = self.relay
+        other = relay.other(self)
+        if relay.draining or relay.record is None or relay.early or other.send is None:
+            return None
+        feed = relay._feed_client if self.is_client else relay._feed_server
+        if feed is None and relay.observer is not None:
+            return None
+        relay.lane_off = off
+        return feed, other.send, other.closing
+
+    def lane_counted(self, nbytes: int, chunks: int) -> None:
+        """A lane delivered `nbytes` in `chunks` reads: the connection's bytes and activity."""
+        relay = self.relay
+        relay.activity += chunks
+        record = relay.record
+        if record is not None:
+            if self.is_client:
+                record.read(nbytes)
+            else:
+                record.wrote(nbytes)
+
+    def lane_news(self, records: list[Record] | None) -> None:
+        """A lane's feed had news (None: it raised): settled as from_client would."""
+        relay = self.relay
+        relay.settle(records if records is not None else relay.observer_failed())
+
 
 class Relay:
     """A client connection and its upstream: forwards bytes, FINs and RSTs, counts once."""
 
     __slots__ = ("_fast", "_feed_client", "_feed_server", "activity", "buffer_high", "client",
                  "connecting", "destination", "direction", "draining", "early", "early_at",
-                 "errno_name", "failed", "http", "idle_since",
+                 "errno_name", "failed", "http", "idle_since", "lane_off",
                  "moves", "observer", "peer_labels", "peer_pod", "pod", "proxy", "record",
                  "seen_activity",
                  "source", "started", "upstream")
@@ -161,6 +196,8 @@ class Relay:
         self.moves = 0  # times a refused tunnel stream was carried to another connection
         # what a tunnel stream said of its client pod: (namespace, pod, owner kind, owner name)
         self.peer_pod: tuple[str, str, str, str] | None = None
+        # takes a tunnel stream's lane off (its feed or its steady state changed)
+        self.lane_off: Callable[[], None] | None = None
 
     @property
     def fast(self) -> DirectFeed | None:
@@ -168,7 +205,12 @@ class Relay:
 
     @fast.setter
     def fast(self, fast: DirectFeed | None) -> None:
-        """Its feeds bound once (called per chunk; see _Side.send)."""
+        """Its feeds bound once (called per chunk; see _Side.send); a lane calling the old
+        ones is taken off."""
+        off = self.lane_off
+        if off is not None:
+            self.lane_off = None
+            off()
         self._fast = fast
         self._feed_client = None if fast is None else fast.feed_client
         self._feed_server = None if fast is None else fast.feed_server
@@ -267,6 +309,10 @@ class Relay:
         as a server closes an idle keep-alive connection. HTTP/2 and opaque streams have
         no such point: they run on until they end or the drain deadline resets them."""
         self.draining = True
+        off = self.lane_off
+        if off is not None:
+            self.lane_off = None
+            off()
         self.close_if_at_rest()
 
     def mid_request(self) -> bool:

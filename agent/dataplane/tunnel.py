@@ -9,6 +9,19 @@ the relay as an asyncio transport. The relay cannot tell a stream from a socket.
   waits for WindowOpened, and the relay is told to pause); received bytes are acknowledged
   only once the relay passed them on without pausing us, so a slow reader stalls its own
   stream, never its neighbours.
+- Lanes (with the C transport, `agent.dataplane._tlsio`): a stream in steady state — accepted,
+  reading, its relay counting in C or observing nothing, the other side connected — is
+  registered as a `Lane` on its TLS connection, and its DATA frames are delivered by the
+  transport itself: the relay's compiled observer and the pod's transport's write, called
+  from C, without the session, the Connection or the relay in between. What a lane moved is
+  counted as above — windows, credit, the relay's bytes, acknowledged only once passed on —
+  when the transport reports it (`StreamTransport.lane_synced`: before the session sees any
+  other frame, and after a read once `LANE_REPORT` of a stream's window or `LANE_CAP` of the
+  connection's is pending: the peer never waits for credit held there) or when it is pulled
+  (`sync_lanes`: every scrape and every sweep, so metrics and idle times are exact when
+  read; a lane taken off). Anything out of the steady state (a pause, news from the observer,
+  a FIN, a reset, the relay draining) takes the lane off; the stream's next frames come
+  through the session, which registers the lane again when it may.
 
 Memory per connection is bounded whatever the peer does. Received: every byte still in
 this process is unacknowledged (a relay that cannot pass a chunk on pauses the stream, and
@@ -24,7 +37,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from agent.core import tunnel as core
 from agent.core.telemetry import PeerLabels
@@ -32,17 +45,40 @@ from agent.core.tunnel import DataReceived
 from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, describe_code
 from agent.dataplane.tls import TunnelTls
 
+
+def _lane_class() -> Any:
+    """`agent.dataplane._tlsio.Lane` (None when not built: no transport has lanes then)."""
+    try:
+        from agent.dataplane._tlsio import Lane
+    except ImportError:
+        return None
+    return Lane
+
+
+_LANE: Final[Any] = _lane_class()
+
 log = logging.getLogger(__name__)
 OUTPUT_HIGH = 256 * 1024  # bytes queued for one TLS connection before every stream pauses
 REPLAY_LIMIT = 64 * 1024  # bytes a client stream keeps until accepted, to move if refused
+# Lanes are used when the transport has them (a plain global, not Final: tests turn them off)
+LANES: bool = True
+# A lane reports after a read once this share of the stream's window is pending, and every
+# lane of a connection once this share of the connection's window may be: with the credit
+# the Connection itself holds back (half a window), the peer always has a third of its
+# windows left to send in.
+LANE_REPORT: Final = 16  # initial_window // 16
+LANE_CAP: Final = 8  # connection_window // 8
+_LANED: set[TunnelSession] = set()  # sessions whose transport has lanes
+_PEER_SENDS: Final = frozenset((core.StreamState.OPEN, core.StreamState.HALF_CLOSED_LOCAL))
 
 
 class StreamTransport:
     """One tunnel stream, with the parts of asyncio.Transport the relay uses."""
 
-    __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high", "_lost",
-                 "_owed", "_paused", "_pending", "_pending_size", "_write_paused", "accepted",
-                 "on_refused", "protocol", "replay", "replay_size", "session", "stream_id")
+    __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high",
+                 "_lane_counted", "_lost", "_owed", "_paused", "_pending", "_pending_size",
+                 "_write_paused", "accepted", "lane", "on_refused", "protocol", "replay",
+                 "replay_size", "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -67,6 +103,8 @@ class StreamTransport:
         self.replay: list[bytes] | None = [] if session.is_client else None
         self.replay_size = 0
         self.on_refused: Callable[[list[bytes]], bool] | None = None
+        self.lane: Any = None  # a _tlsio.Lane, registered on the C transport: DATA delivered there
+        self._lane_counted: Callable[[int, int], None] | None = None  # the relay's, bound once
 
     # ---------------------------------------------------------------- transport API
 
@@ -123,6 +161,8 @@ class StreamTransport:
 
     def pause_reading(self) -> None:
         self._paused = True
+        if self.lane is not None:
+            self.lane_off()
 
     def resume_reading(self) -> None:
         self._ensure_accepted()
@@ -144,6 +184,8 @@ class StreamTransport:
         """Graceful: our FIN once pending bytes are out; the stream ends with the peer's."""
         if self._closing or self._lost:
             return
+        if self.lane is not None:
+            self.lane_off()
         self.write_eof()
         self._closing = True
         if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
@@ -153,6 +195,8 @@ class StreamTransport:
         """Reset the stream (RST); CONNECT_ERROR when a server stream was never accepted."""
         if self._lost:
             return
+        if self.lane is not None:
+            self.lane_off()
         code = core.ErrorCode.CANCEL if self.accepted else core.ErrorCode.CONNECT_ERROR
         connection = self.session.connection
         if not connection.terminated:
@@ -175,8 +219,12 @@ class StreamTransport:
                 self._owed += len(data)
                 return
         self.session.connection.acknowledge(self.stream_id, len(data))
+        if self.lane is None and self.session.lanes is not None and not self._closing:
+            self._register_lane()
 
     def eof_received(self) -> None:
+        if self.lane is not None:
+            self.lane_off()
         if self._paused:
             self._held_eof = True
             return
@@ -233,6 +281,8 @@ class StreamTransport:
         same of a stream it had not accepted yet (it connects upstream before accepting)."""
         if self._lost:
             return
+        if self.lane is not None:
+            self.lane_off()
         self._lost = True
         self._held.clear()
         self._pending.clear()
@@ -242,6 +292,73 @@ class StreamTransport:
                 and not self._closing and self.on_refused(replay)):
             return  # carried over to another connection: the relay never notices
         self.protocol.connection_lost(exc)
+
+    # ---------------------------------------------------------------- lanes
+
+    def _register_lane(self) -> None:
+        """In steady state: let the C transport deliver this stream's DATA (module docstring).
+        Asked after every delivery through the session while there is no lane."""
+        lanes = self.session.lanes
+        parts = getattr(self.protocol, "lane_parts", None)
+        connection = self.session.connection
+        if (lanes is None or parts is None or self._paused or self._held or not self.accepted
+                or connection.buffered_input
+                or connection.stream_state(self.stream_id) not in _PEER_SENDS):
+            return
+        found = parts(self.lane_off)
+        if found is None:
+            return
+        feed, write, is_closing = found
+        self._lane_counted = getattr(self.protocol, "lane_counted", None)
+        lane = self.lane = _LANE(self.stream_id, feed, write, is_closing, self._lane_news,
+                                 self.lane_synced, connection.initial_window // LANE_REPORT)
+        lanes[self.stream_id] = lane
+
+    def lane_off(self) -> None:
+        """Deliver through the session again; what the lane moved is counted now (a chunk it
+        is still writing, by the transport's report after it)."""
+        lane = self.lane
+        if lane is not None:
+            self.lane = None
+            lane.off()
+            lanes = self.session.lanes
+            if lanes is not None and lanes.get(self.stream_id) is lane:
+                del lanes[self.stream_id]
+            self.lane_pull(lane)
+
+    def lane_pull(self, lane: Any) -> None:
+        """Count what `lane` delivered and has not reported (no chunk of it is in flight)."""
+        received, chunks = lane.take()
+        if received:
+            self._lane_count(received, chunks, 0)
+
+    def lane_synced(self, received: int, chunks: int, last: int) -> None:
+        """The transport's report: `received` bytes in `chunks` DATA frames delivered on this
+        stream's lane, the last of `last` bytes (owed when it left the relay paused)."""
+        owed = last if self._paused and not self._closing and not self._lost else 0
+        self._lane_count(received, chunks, owed)
+
+    def _lane_count(self, received: int, chunks: int, owed: int) -> None:
+        session = self.session
+        connection = session.connection
+        if connection.terminated:
+            return  # nothing more is counted or credited on it
+        if not connection.lane_received(self.stream_id, received, received - owed):
+            session.lane_failed()  # the peer broke a window
+            return
+        self._owed += owed  # the last chunk filled the pod's buffer: acknowledged on resume
+        counted = self._lane_counted
+        if counted is not None:
+            counted(received, chunks)
+        if connection.has_output:
+            session.flush()  # credit due
+
+    def _lane_news(self, records: object) -> None:
+        """The observer had news for the relay (or raised: None); the lane is off."""
+        self.lane_off()
+        news = getattr(self.protocol, "lane_news", None)
+        if news is not None:
+            news(records)
 
     # ---------------------------------------------------------------- internals
 
@@ -303,6 +420,8 @@ class TunnelSession(asyncio.Protocol):
         self._closed = False
         self._flush_scheduled = False
         self._call_soon: Callable[..., Any] | None = None  # the loop's, once connected
+        # the C transport's lanes (stream id -> Lane); None: no transport that has them
+        self.lanes: dict[int, Any] | None = None
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -319,6 +438,10 @@ class TunnelSession(asyncio.Protocol):
             self._closed = True  # identity refused: not a word, not a stream
             self.transport.abort()
             return
+        lanes = self.lanes = getattr(transport, "lanes", None) if LANES else None
+        if lanes is not None:  # (until _shutdown: a session admitted always gets there)
+            cast(Any, transport).lane_cap = self.connection.connection_window // LANE_CAP
+            _LANED.add(self)
         self.flush()  # our preface
         if self.tls is not None and self.tls.has_input:  # came with the handshake's last bytes
             self.data_received(b"")
@@ -499,6 +622,20 @@ class TunnelSession(asyncio.Protocol):
             elif not self.streams:
                 self.close()  # the peer is going away and nothing is left to finish
 
+    def sync_lanes(self) -> None:
+        """Count what every lane delivered and has not reported."""
+        lanes = self.lanes
+        if lanes:
+            for stream_id, lane in list(lanes.items()):
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.lane_pull(lane)
+
+    def lane_failed(self) -> None:
+        """A lane's report broke a window (the Connection failed and queued GOAWAY)."""
+        log.info("mesh tunnel with %s: %s", self.peername, self._why())
+        self._shutdown(ConnectionResetError(self._why()))
+
     def _fatal(self, exc: Exception) -> None:
         """The TLS layer failed (a bad record, a fatal alert): no more bytes either way."""
         log.info("mesh tunnel with %s: TLS failed: %s", self.peername, exc)
@@ -522,12 +659,22 @@ class TunnelSession(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream._lose(exc)
         self.streams.clear()
+        _LANED.discard(self)
+        if self.lanes:
+            self.lanes.clear()
         if self._on_closed is not None:
             self._on_closed(self)
 
 
 def _not_connected() -> bool:
     return True
+
+
+def sync_lanes() -> None:
+    """Every lane's unreported bytes counted (windows, credit, the relays' bytes and activity):
+    before metrics are read and before idle connections are looked for."""
+    for session in list(_LANED):
+        session.sync_lanes()
 
 
 # ------------------------------------------------------------------- handshake errors

@@ -28,6 +28,7 @@ from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.relay import reap_idle
 from agent.dataplane.sockets import LISTEN_BACKLOG, SocketFactory
+from agent.dataplane.tunnel import sync_lanes
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
 from agent.inpod.keeper import ListenerHold, listener_key
 from agent.inpod.state import PodStateStore
@@ -221,6 +222,7 @@ class PodManager:
             # state and buffers the allocator keeps unless asked to give them back
             give_back_memory()
         self._tunnels_seen = tunnels
+        sync_lanes()  # what the tunnel's lanes moved: the relays' activity is current
         for captured in self._pods.values():
             context = captured.context
             if context.relays:

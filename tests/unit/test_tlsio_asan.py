@@ -2,8 +2,10 @@
 AddressSanitizer and UBSan: compiled with them into a temporary file, loaded in a child
 interpreter in place of the installed one, and driven by test_tunnel_tls.py's tests of it —
 sessions carrying megabytes both ways, a forged record, a peer that stops reading, abort, a
-raising protocol, a wrong object — and the fuzz test that feeds it records cut anywhere, with
-flipped bytes and garbage (300 examples)."""
+raising protocol, a wrong object — the fuzz test that feeds it records cut anywhere, with
+flipped bytes and garbage (300 examples), and test_tunnel_lanes.py whole: frames cut anywhere
+across records and reads into lanes and the session (300 examples), relays over sessions,
+megabytes through a lane, a pod that stops reading."""
 
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ CHILD = loading("agent.dataplane._tlsio") + textwrap.dedent("""
     chosen = "(c] or transport or garbage or stops_reading or abort or raises) and not pages"
     code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_tls.py",
                         "-k", chosen])
-    from agent.dataplane import tls
+    code = code or pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_lanes.py"])
+    from agent.dataplane import tls, tunnel
     assert tls.TLS_TRANSPORT is module.TlsTransport, "the instrumented build is not the one in use"
+    assert tunnel._LANE is module.Lane, "the instrumented build's lanes are not the ones in use"
     print("instrumented run ok" if code == 0 else f"pytest exit {code}")
 """)
 

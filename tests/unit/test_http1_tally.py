@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -103,13 +102,6 @@ class Clock:
     def __call__(self) -> float:
         self.now += 0.0015
         return self.now
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    namespace = NetNs.current()
-    yield namespace
-    namespace.close()
 
 
 class Relayed:
@@ -219,12 +211,9 @@ def test_a_relay_counts_the_same_on_the_fast_path_and_in_python(
         netns.close()
 
 
-def test_keep_alive_requests_reach_python_once_per_connection(
-        netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first request finds the series (the Python observer sees its head); every later
-    chunk is one C call that counts into the series' tally and returns None: no Record, no
-    started count, no Python observer (spied on: the relay may be compiled, the observer is
-    not)."""
+def spy_on_feeds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ConnectionObserver's feeds, each call named in the list returned (the relay may be
+    compiled, the observer is not: it can be spied on)."""
     fed: list[str] = []
     for side in ("feed_client", "feed_server"):
         original = getattr(ConnectionObserver, side)
@@ -235,6 +224,16 @@ def test_keep_alive_requests_reach_python_once_per_connection(
             return original(self, data, now)
 
         monkeypatch.setattr(ConnectionObserver, side, spy)
+    return fed
+
+
+def test_keep_alive_requests_reach_python_once_per_connection(
+        netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first request finds the series (the Python observer sees its head); every later
+    chunk is one C call that counts into the series' tally and returns None: no Record, no
+    started count, no Python observer (spied on: the relay may be compiled, the observer is
+    not)."""
+    fed = spy_on_feeds(monkeypatch)
     monkeypatch.setattr(time, "monotonic", Clock())
     relayed = Relayed(netns)
     relayed.run([(True, GET), (False, OK)] * 50 + [(True, GET), (False, FAILED)], reset=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from agent.dataplane import relay as relay_module
 from agent.dataplane.netns import NetNs
 
 from .test_http1_accounting_properties import chunks
-from .test_http1_tally import Clock, Relayed, same_scrape
+from .test_http1_tally import Clock, Relayed, same_scrape, spy_on_feeds
 from .test_http2_accounting import DATA, END_STREAM, RST_STREAM, Peers, frame
 from .test_http2_accounting_properties import encode_step, raw_frame, response_steps, stream_plan
 
@@ -126,13 +125,6 @@ def test_status_and_grpc_status_are_read_as_int_read_them(value: bytes) -> None:
 
 # ------------------------------------------------------------------ through a relay
 
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    namespace = NetNs.current()
-    yield namespace
-    namespace.close()
-
-
 def h2_conversation(requests: int, peers: Peers | None = None) -> list[tuple[bool, bytes]]:
     peers = peers or Peers()
     steps: list[tuple[bool, bytes]] = [(True, PREFACE + peers.request(1))]
@@ -146,16 +138,7 @@ def h2_conversation(requests: int, peers: Peers | None = None) -> list[tuple[boo
 def test_a_relay_feeds_the_http2_observer_directly(netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ConnectionObserver sees the first request only; the relay's direct feed is the
     HTTP/2 observer, and every request is in the series."""
-    fed: list[str] = []
-    for side in ("feed_client", "feed_server"):
-        original = getattr(ConnectionObserver, side)
-
-        def spy(self: ConnectionObserver, data: bytes, now: float, side: str = side,
-                original: Any = original) -> Any:
-            fed.append(side)
-            return original(self, data, now)
-
-        monkeypatch.setattr(ConnectionObserver, side, spy)
+    fed = spy_on_feeds(monkeypatch)
     monkeypatch.setattr(time, "monotonic", Clock())
     relayed = Relayed(netns)
     relayed.run(h2_conversation(30), reset=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -89,13 +89,6 @@ class Mesh:
 
     def pooled(self, pod: PodContext, destination: str, expected: str = "") -> Session:
         return self.session
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    namespace = NetNs.current()
-    yield namespace
-    namespace.close()
 
 
 @pytest.fixture

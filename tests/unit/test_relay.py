@@ -5,7 +5,6 @@ counted per connection. No sockets, no event loop, no root."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -105,13 +104,6 @@ class Proxy:
     def counters(self) -> TcpCounters:
         [(_, counters)] = list(self.telemetry.series())
         return counters
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    namespace = NetNs.current()
-    yield namespace
-    namespace.close()
 
 
 class Connection:

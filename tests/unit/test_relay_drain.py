@@ -11,13 +11,13 @@ import socket
 from typing import Any
 
 from agent.dataplane.netns import NetNs
-from tests.unit.test_relay import Connection, Pipe, netns  # noqa: F401 - the fixture
+from tests.unit.test_relay import Connection, Pipe
 
 REQUEST = b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
-def test_draining_between_requests_closes_at_once(netns: NetNs) -> None:  # noqa: F811
+def test_draining_between_requests_closes_at_once(netns: NetNs) -> None:
     connection = Connection(netns)
     upstream = connection.connect_upstream()
     connection.client.send(REQUEST)
@@ -29,7 +29,7 @@ def test_draining_between_requests_closes_at_once(netns: NetNs) -> None:  # noqa
     assert bytes(connection.client.received) == RESPONSE
 
 
-def test_draining_mid_request_closes_right_after_the_response(netns: NetNs) -> None:  # noqa: F811
+def test_draining_mid_request_closes_right_after_the_response(netns: NetNs) -> None:
     connection = Connection(netns)
     upstream = connection.connect_upstream()
     connection.client.send(REQUEST)
@@ -47,7 +47,7 @@ def test_draining_mid_request_closes_right_after_the_response(netns: NetNs) -> N
     assert (counters.close_success, counters.close_failure) == (1, 0)
 
 
-def test_draining_a_connection_not_read_yet_waits_for_its_request(netns: NetNs) -> None:  # noqa: F811
+def test_draining_a_connection_not_read_yet_waits_for_its_request(netns: NetNs) -> None:
     """Accepted just before the drain: its request may be in the kernel, unread (the client
     side is not read until the upstream is connected). Closing it would lose that request."""
     connection = Connection(netns)
@@ -60,7 +60,7 @@ def test_draining_a_connection_not_read_yet_waits_for_its_request(netns: NetNs) 
     assert bytes(connection.client.received) == RESPONSE
 
 
-def test_draining_leaves_opaque_and_http2_connections_running(netns: NetNs) -> None:  # noqa: F811
+def test_draining_leaves_opaque_and_http2_connections_running(netns: NetNs) -> None:
     opaque = Connection(netns)
     upstream = opaque.connect_upstream()
     opaque.client.send(b"\x16\x03\x01 not http at all")
@@ -75,7 +75,7 @@ def test_draining_leaves_opaque_and_http2_connections_running(netns: NetNs) -> N
     assert not h2.client.closed and not upstream2.closed
 
 
-def test_an_http1_servers_fin_between_messages_closes_the_client_whole(netns: NetNs) -> None:  # noqa: F811
+def test_an_http1_servers_fin_between_messages_closes_the_client_whole(netns: NetNs) -> None:
     connection = Connection(netns)
     upstream = connection.connect_upstream()
     connection.client.send(REQUEST)
@@ -84,7 +84,7 @@ def test_an_http1_servers_fin_between_messages_closes_the_client_whole(netns: Ne
     assert connection.client.closed and not connection.client.eof_sent  # closed, not half
 
 
-def test_a_fin_mid_response_is_still_only_a_half_close(netns: NetNs) -> None:  # noqa: F811
+def test_a_fin_mid_response_is_still_only_a_half_close(netns: NetNs) -> None:
     connection = Connection(netns)
     upstream = connection.connect_upstream()
     connection.client.send(REQUEST)
@@ -121,7 +121,7 @@ def _over_a_socket(connection: Connection) -> SocketPipe:
     return upstream
 
 
-def test_an_http1_clients_fin_between_messages_resets_the_idle_app_socket(netns: NetNs) -> None:  # noqa: F811
+def test_an_http1_clients_fin_between_messages_resets_the_idle_app_socket(netns: NetNs) -> None:
     """The client asked nothing more: the agent closes its socket to the pod's app with RST
     rather than FIN, so that socket does not sit in TIME_WAIT for 60 s (kernel memory
     charged to the agent's cgroup, per connection); the close is still counted a success."""
@@ -142,7 +142,7 @@ def test_an_http1_clients_fin_between_messages_resets_the_idle_app_socket(netns:
     assert (counters.close_success, counters.close_failure) == (1, 0)
 
 
-def test_an_http1_clients_fin_mid_request_is_passed_on_as_a_fin(netns: NetNs) -> None:  # noqa: F811
+def test_an_http1_clients_fin_mid_request_is_passed_on_as_a_fin(netns: NetNs) -> None:
     """A request sent, then the client's FIN (allowed in HTTP/1.1): the response is owed."""
     connection = Connection(netns, direction="inbound")
     upstream = _over_a_socket(connection)
@@ -153,7 +153,7 @@ def test_an_http1_clients_fin_mid_request_is_passed_on_as_a_fin(netns: NetNs) ->
     assert bytes(connection.client.received) == RESPONSE
 
 
-def test_an_outbound_clients_fin_stays_a_fin(netns: NetNs) -> None:  # noqa: F811
+def test_an_outbound_clients_fin_stays_a_fin(netns: NetNs) -> None:
     """Outbound, the upstream is a tunnel stream or a socket to another pod, maybe another
     agent's listener (which would count an RST as a failure): the FIN travels, and the
     agent at the other end applies the rule to its own socket to the app."""
@@ -166,7 +166,7 @@ def test_an_outbound_clients_fin_stays_a_fin(netns: NetNs) -> None:  # noqa: F81
     assert upstream.eof_sent or upstream.closed
 
 
-def test_an_opaque_clients_fin_stays_a_half_close(netns: NetNs) -> None:  # noqa: F811
+def test_an_opaque_clients_fin_stays_a_half_close(netns: NetNs) -> None:
     connection = Connection(netns, direction="inbound")
     upstream = _over_a_socket(connection)
     connection.client.send(b"\x16\x03\x01 not http at all")

@@ -13,7 +13,6 @@ import asyncio
 import os
 import ssl
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -248,13 +247,6 @@ def test_a_lane_only_takes_data_that_is_whole_and_flagless(
 
 REQUEST = b"GET /1k.bin HTTP/1.1\r\nHost: web.shop\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n" + b"x" * 1024
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    namespace = NetNs.current()
-    yield namespace
-    namespace.close()
 
 
 class Mesh:

@@ -26,13 +26,14 @@
  * here, whole frames only go on) and a DATA frame without flags for an active lane does not
  * reach Python: its payload goes to the lane's feed (the relay's compiled observer) and is
  * written to the pod's transport from here, and the lane counts it. Every other frame goes to
- * the session in order, in runs. Before each run the lanes that moved bytes report them
- * (`synced(received, chunks, last)`: the session's windows, credit, the relay's byte counts),
- * so the session never sees a frame before the bytes that came ahead of it are counted; after
- * a read, a lane reports once `report_at` bytes are pending, or when it is off, and every lane
- * reports once `lane_cap` may be pending on the connection: a paced request's read calls no
- * Python at all, and the peer's windows never wait for credit held here (the session pulls
- * the rest with `take` when it reads the counts: a scrape, a sweep, a lane taken off). */
+ * the session in order, in runs. Before each run every lane with bytes not yet reported reports
+ * them (`synced(received, chunks, last)`: the session's windows, credit, the relay's byte
+ * counts), so the session never sees a frame before the bytes that came ahead of it are
+ * counted; after a read, a lane reports once `report_at` bytes are pending, or when it is off,
+ * and every lane reports once `lane_cap` may be pending on the connection: a paced request's
+ * read calls no Python at all, and the peer's windows never wait for credit held here (the
+ * session pulls the rest with `take` when it reads the counts: a scrape, a sweep, a lane taken
+ * off). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -266,22 +267,26 @@ static void finish_close_if_drained(TlsTransport *self) {
 /* ------------------------------------------------------------------ input */
 
 /* Deliver `n` plaintext bytes; 0, or -1 when the protocol raised (reported, closed). */
+/* A Python call made on received data raised: asyncio's report, and the connection ends with
+ * the exception. Always -1. */
+static int callback_failed(TlsTransport *self, const char *message) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    Py_XINCREF(value);
+    PyErr_Restore(type, value, tb);
+    report(self, message);
+    force_close(self, value);
+    Py_XDECREF(value);
+    return -1;
+}
+
 static int deliver(TlsTransport *self, const char *data, size_t n) {
     PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
     if (chunk == NULL) { report(self, "out of memory for received data"); force_close(self, NULL); return -1; }
     PyObject *r = PyObject_CallOneArg(self->data_received, chunk);
     Py_DECREF(chunk);
-    if (r == NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        Py_INCREF(value);
-        PyErr_Restore(type, value, tb);
-        report(self, "Fatal error: protocol.data_received() call failed.");
-        force_close(self, value);
-        Py_DECREF(value);
-        return -1;
-    }
+    if (r == NULL) return callback_failed(self, "Fatal error: protocol.data_received() call failed.");
     Py_DECREF(r);
     return 0;
 }
@@ -313,29 +318,18 @@ static Lane *find_lane(TlsTransport *self, unsigned long stream_id) {
     return (Lane *)found;
 }
 
-/* A Python call from the lane path raised: asyncio's report, and the connection ends. */
-static int lane_failed(TlsTransport *self, const char *message) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    Py_XINCREF(value);
-    PyErr_Restore(type, value, tb);
-    report(self, message);
-    force_close(self, value);
-    Py_XDECREF(value);
-    return -1;
-}
-
 /* Report what `lane` moved since it last did: `synced(received, chunks, last)`. */
 static int report_lane(TlsTransport *self, Lane *lane) {
     if (!lane->received) return 0;
     unsigned long long received = lane->received, chunks = lane->chunks, last = lane->last;
     lane->received = lane->chunks = lane->last = 0;
+    self->pending_total = received < (unsigned long long)self->pending_total
+        ? self->pending_total - (Py_ssize_t)received : 0;
     PyObject *args[3] = {PyLong_FromUnsignedLongLong(received), PyLong_FromUnsignedLongLong(chunks),
                          PyLong_FromUnsignedLongLong(last)};
     PyObject *r = args[0] && args[1] && args[2] ? PyObject_Vectorcall(lane->synced, args, 3, NULL) : NULL;
     Py_XDECREF(args[0]); Py_XDECREF(args[1]); Py_XDECREF(args[2]);
-    if (r == NULL) return lane_failed(self, "Fatal error: a lane's report failed.");
+    if (r == NULL) return callback_failed(self, "Fatal error: a lane's report failed.");
     Py_DECREF(r);
     return 0;
 }
@@ -349,11 +343,8 @@ static int report_lanes(TlsTransport *self, Lane **touched, int *count, int ever
     for (int i = 0; i < n; i++) {
         Lane *lane = touched[i];
         lane->touched = 0;
-        if (!failed && (everything || !lane->active || lane->received >= lane->report_at)) {
-            if (lane->received <= (unsigned long long)self->pending_total)
-                self->pending_total -= (Py_ssize_t)lane->received;
+        if (!failed && (everything || !lane->active || lane->received >= lane->report_at))
             failed = report_lane(self, lane);
-        }
         Py_DECREF(lane);
     }
     return failed;
@@ -362,9 +353,9 @@ static int report_lanes(TlsTransport *self, Lane **touched, int *count, int ever
 /* Every lane of the connection reports what is pending (their sum may have reached the cap:
  * the peer's connection window must never wait for credit held here). */
 static int report_every_lane(TlsTransport *self) {
-    self->pending_total = 0;
+    self->pending_total = 0;  /* an upper bound: what `take` pulled is in it too */
     PyObject *lanes = PyDict_Values(self->lanes);  /* a copy: a report may change the dict */
-    if (lanes == NULL) return lane_failed(self, "out of memory");
+    if (lanes == NULL) return callback_failed(self, "out of memory");
     int failed = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lanes) && !failed; i++) {
         PyObject *lane = PyList_GET_ITEM(lanes, i);
@@ -372,6 +363,14 @@ static int report_every_lane(TlsTransport *self) {
     }
     Py_DECREF(lanes);
     return failed;
+}
+
+/* The session is about to run: every lane reports what it delivered — those of this read, in
+ * the order they moved, then any holding bytes from earlier reads — so the session never sees
+ * a frame before every byte delivered ahead of it is counted. */
+static int report_before_session(TlsTransport *self, Lane **touched, int *count) {
+    if (report_lanes(self, touched, count, 1) < 0) return -1;
+    return self->pending_total > 0 ? report_every_lane(self) : 0;
 }
 
 /* One DATA frame's payload on its lane: the relay's observer, then the pod's transport, as
@@ -385,23 +384,23 @@ static int lane_deliver(TlsTransport *self, Lane *lane, const char *data, size_t
         touched[(*count)++] = lane;
     }
     PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
-    if (chunk == NULL) return lane_failed(self, "out of memory for received data");
+    if (chunk == NULL) return callback_failed(self, "out of memory for received data");
     if (lane->feed != Py_None) {
         PyObject *now = PyFloat_FromDouble(monotonic_now());
-        if (now == NULL) { Py_DECREF(chunk); return lane_failed(self, "out of memory"); }
+        if (now == NULL) { Py_DECREF(chunk); return callback_failed(self, "out of memory"); }
         PyObject *args[2] = {chunk, now};
         PyObject *answer = PyObject_Vectorcall(lane->feed, args, 2, NULL);
         Py_DECREF(now);
         if (answer == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
             Py_DECREF(chunk);
-            return lane_failed(self, "Fatal error: a lane's feed failed.");
+            return callback_failed(self, "Fatal error: a lane's feed failed.");
         }
         if (answer == NULL) PyErr_Clear();  /* a bug in the observer: the relay settles it */
         if (answer != Py_None) {  /* news (or the feed raised): the relay settles, in Python */
             lane->active = 0;  /* the session registers it again if it still may */
             PyObject *r = PyObject_CallOneArg(lane->news, answer ? answer : Py_None);
             Py_XDECREF(answer);
-            if (r == NULL) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's news failed."); }
+            if (r == NULL) { Py_DECREF(chunk); return callback_failed(self, "Fatal error: a lane's news failed."); }
             Py_DECREF(r);
         } else {
             Py_DECREF(answer);
@@ -410,10 +409,10 @@ static int lane_deliver(TlsTransport *self, Lane *lane, const char *data, size_t
     PyObject *closing = PyObject_CallNoArgs(lane->is_closing);
     int truth = closing == NULL ? -1 : PyObject_IsTrue(closing);
     Py_XDECREF(closing);
-    if (truth < 0) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's transport failed."); }
+    if (truth < 0) { Py_DECREF(chunk); return callback_failed(self, "Fatal error: a lane's transport failed."); }
     if (!truth) {
         PyObject *r = PyObject_CallOneArg(lane->write, chunk);
-        if (r == NULL) { Py_DECREF(chunk); return lane_failed(self, "Fatal error: a lane's write failed."); }
+        if (r == NULL) { Py_DECREF(chunk); return callback_failed(self, "Fatal error: a lane's write failed."); }
         Py_DECREF(r);
     }
     Py_DECREF(chunk);
@@ -425,16 +424,22 @@ static int lane_deliver(TlsTransport *self, Lane *lane, const char *data, size_t
     return 0;
 }
 
+/* Room for `size` bytes in the tail buffer (a frame is at most 12 + 64 KiB; with the read
+ * appended to it, at most one read more). 0, or -1 (reported, closing). */
+static int tail_room(TlsTransport *self, size_t size) {
+    if (size <= self->tail_cap) return 0;
+    char *grown = PyMem_Realloc(self->tail, size);
+    if (grown == NULL) { PyErr_NoMemory(); return callback_failed(self, "out of memory for a frame"); }
+    self->tail = grown;
+    self->tail_cap = size;
+    return 0;
+}
+
 /* Keep data[from:n] (the start of a frame) for the next read. */
 static int keep_tail(TlsTransport *self, const char *data, size_t from, size_t n) {
     size_t left = n - from;
-    if (left > self->tail_cap) {
-        char *grown = PyMem_Realloc(self->tail, left);
-        if (grown == NULL) { PyErr_NoMemory(); return lane_failed(self, "out of memory for a frame"); }
-        self->tail = grown;
-        self->tail_cap = left;
-    }
-    memmove(self->tail, data + from, left);  /* data may be the tail itself */
+    if (tail_room(self, left) < 0) return -1;  /* (never grows when data is the tail itself) */
+    memmove(self->tail, data + from, left);
     self->tail_len = left;
     return 0;
 }
@@ -443,12 +448,7 @@ static int keep_tail(TlsTransport *self, const char *data, size_t from, size_t n
  * runs, in order; a frame not whole yet is kept. 0, or -1 (reported, closing). */
 static int dispatch(TlsTransport *self, const char *data, size_t n) {
     if (self->tail_len) {  /* the frame begun in an earlier read comes first */
-        if (self->tail_len + n > self->tail_cap) {
-            char *grown = PyMem_Realloc(self->tail, self->tail_len + n);
-            if (grown == NULL) { PyErr_NoMemory(); return lane_failed(self, "out of memory for a frame"); }
-            self->tail = grown;
-            self->tail_cap = self->tail_len + n;
-        }
+        if (tail_room(self, self->tail_len + n) < 0) return -1;
         memcpy(self->tail + self->tail_len, data, n);
         n += self->tail_len;
         self->tail_len = 0;
@@ -472,7 +472,7 @@ static int dispatch(TlsTransport *self, const char *data, size_t n) {
             lane = find_lane(self, be32(h + 4));
         if (lane == NULL) { pos += size; continue; }
         if (pos > run) {  /* what came before goes first, with the lanes' counts reported */
-            if (report_lanes(self, touched, &count, 1) < 0) return -1;
+            if (report_before_session(self, touched, &count) < 0) return -1;
             if (deliver(self, data + run, pos - run) < 0) return -1;
             run = pos;
             if (self->closing) break;
@@ -484,7 +484,9 @@ static int dispatch(TlsTransport *self, const char *data, size_t n) {
         pos += size;
         run = pos;
     }
-    if (report_lanes(self, touched, &count, pos > run) < 0) return -1;
+    if ((pos > run ? report_before_session(self, touched, &count)
+                   : report_lanes(self, touched, &count, 0)) < 0)
+        return -1;
     if (!self->closing && self->pending_total >= self->lane_cap && report_every_lane(self) < 0)
         return -1;
     if (self->closing) return 0;

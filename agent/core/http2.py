@@ -173,18 +173,10 @@ class Http2Observer:
         return started
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
-        if self._opaque:
-            return []
-        self._now = now
-        self._feed(self._client, data)
-        return self._take_out()
+        return self._take_out() if self._fed(self._client, data, now) else []
 
     def server_bytes(self, data: bytes, now: float) -> list[Record]:
-        if self._opaque:
-            return []
-        self._now = now
-        self._feed(self._server, data)
-        return self._take_out()
+        return self._take_out() if self._fed(self._server, data, now) else []
 
     def count_into(self, counters: HttpCounters) -> None:
         """From now on count into `counters` (the connection's series): a request that starts
@@ -196,19 +188,19 @@ class Http2Observer:
     def feed_client(self, data: bytes, now: float) -> list[Record] | None:
         """`client_bytes` fed directly: None when there is nothing for the proxy to do (no
         Record, no uncounted start, not opaque), else what `client_bytes` returns."""
-        if self._opaque:
-            return []
-        self._now = now
-        self._feed(self._client, data)
-        return self._answer()
+        return self._answer() if self._fed(self._client, data, now) else []
 
     def feed_server(self, data: bytes, now: float) -> list[Record] | None:
         """`server_bytes` fed directly, answered as `feed_client`."""
+        return self._answer() if self._fed(self._server, data, now) else []
+
+    def _fed(self, d: _Direction, data: bytes, now: float) -> bool:
+        """`data` of one direction walked at `now`; False: opaque, nothing is looked at."""
         if self._opaque:
-            return []
+            return False
         self._now = now
-        self._feed(self._server, data)
-        return self._answer()
+        self._feed(d, data)
+        return True
 
     def _answer(self) -> list[Record] | None:
         if self._out or self._started or self._opaque:

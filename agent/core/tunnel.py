@@ -395,27 +395,19 @@ class Connection:
         it (GOAWAY FLOW_CONTROL_ERROR queued, `error`)."""
         if self._terminated:
             return False
-        error: RemoteProtocolError | None = None
-        if nbytes > self._connection_receive:
-            error = RemoteProtocolError(f"{nbytes} bytes on the connection, window "
-                                        f"{self._connection_receive}", ErrorCode.FLOW_CONTROL_ERROR)
-        else:
-            self._connection_receive -= nbytes
+        try:
+            self._take_connection_window(nbytes)
             stream = self._streams.get(stream_id)
             if stream is None:  # closed meanwhile: nobody will consume them
                 self._credit_connection(nbytes)
                 return True
-            if nbytes > stream.receive_window:
-                error = RemoteProtocolError(f"{nbytes} bytes on stream {stream_id}, window "
-                                            f"{stream.receive_window}", ErrorCode.FLOW_CONTROL_ERROR)
-            else:
-                stream.receive_window -= nbytes
-                stream.unacknowledged += nbytes
-                if consumed:
-                    self.acknowledge(stream_id, consumed)
-                return True
-        self._fail(error, [])
-        return False
+            self._take_stream_window(stream_id, stream, nbytes)
+        except RemoteProtocolError as error:
+            self._fail(error, [])
+            return False
+        if consumed:
+            self.acknowledge(stream_id, consumed)
+        return True
 
     def ping(self, opaque: int | None = None) -> int:
         """Queue a PING; the peer's reply arrives as `PongReceived(opaque)`."""
@@ -519,11 +511,7 @@ class Connection:
             self._on_open(stream_id, payload, events)
         else:
             if payload:  # every stream's DATA counts against the connection window
-                if len(payload) > self._connection_receive:
-                    raise RemoteProtocolError(
-                        f"{len(payload)} bytes on the connection, window {self._connection_receive}",
-                        ErrorCode.FLOW_CONTROL_ERROR)
-                self._connection_receive -= len(payload)
+                self._take_connection_window(len(payload))
             stream = self._streams.get(stream_id)
             if stream is None:
                 self._credit_connection(len(payload))  # nobody will consume it
@@ -537,12 +525,7 @@ class Connection:
                 raise RemoteProtocolError(f"DATA on stream {stream_id} before ACK")
             self._transition(stream_id, stream, _RECV_DATA)
             if payload:
-                if len(payload) > stream.receive_window:
-                    raise RemoteProtocolError(
-                        f"{len(payload)} bytes on stream {stream_id}, window {stream.receive_window}",
-                        ErrorCode.FLOW_CONTROL_ERROR)
-                stream.receive_window -= len(payload)
-                stream.unacknowledged += len(payload)
+                self._take_stream_window(stream_id, stream, len(payload))
                 events.append(DataReceived(stream_id, payload))
         if flags & FIN and stream_id in self._streams:
             self._transition(stream_id, self._streams[stream_id], _A.RECV_FIN)
@@ -681,6 +664,21 @@ class Connection:
             if stream.unacknowledged:  # never to be consumed: the connection gets it back
                 self._credit_connection(stream.unacknowledged)
                 stream.unacknowledged = 0
+
+    def _take_connection_window(self, nbytes: int) -> None:
+        """`nbytes` of DATA came: out of what the peer may still send on the connection."""
+        if nbytes > self._connection_receive:
+            raise RemoteProtocolError(f"{nbytes} bytes on the connection, window "
+                                      f"{self._connection_receive}", ErrorCode.FLOW_CONTROL_ERROR)
+        self._connection_receive -= nbytes
+
+    def _take_stream_window(self, stream_id: int, stream: _Stream, nbytes: int) -> None:
+        """`nbytes` of DATA came on the stream: out of its window, delivered unacknowledged."""
+        if nbytes > stream.receive_window:
+            raise RemoteProtocolError(f"{nbytes} bytes on stream {stream_id}, window "
+                                      f"{stream.receive_window}", ErrorCode.FLOW_CONTROL_ERROR)
+        stream.receive_window -= nbytes
+        stream.unacknowledged += nbytes
 
     def _credit_connection(self, nbytes: int) -> None:
         """Consumed (or dropped) bytes: credit the peer in one WINDOW_UPDATE once half the

@@ -207,13 +207,18 @@ class Relay:
     def fast(self, fast: DirectFeed | None) -> None:
         """Its feeds bound once (called per chunk; see _Side.send); a lane calling the old
         ones is taken off."""
+        self.take_lane_off()
+        self._fast = fast
+        self._feed_client = None if fast is None else fast.feed_client
+        self._feed_server = None if fast is None else fast.feed_server
+
+    def take_lane_off(self) -> None:
+        """A tunnel stream's lane calls what is changing now: its stream delivers through the
+        session (and this relay's Python path) until it registers a lane again."""
         off = self.lane_off
         if off is not None:
             self.lane_off = None
             off()
-        self._fast = fast
-        self._feed_client = None if fast is None else fast.feed_client
-        self._feed_server = None if fast is None else fast.feed_server
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
@@ -309,10 +314,7 @@ class Relay:
         as a server closes an idle keep-alive connection. HTTP/2 and opaque streams have
         no such point: they run on until they end or the drain deadline resets them."""
         self.draining = True
-        off = self.lane_off
-        if off is not None:
-            self.lane_off = None
-            off()
+        self.take_lane_off()
         self.close_if_at_rest()
 
     def mid_request(self) -> bool:

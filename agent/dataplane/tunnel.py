@@ -161,8 +161,7 @@ class StreamTransport:
 
     def pause_reading(self) -> None:
         self._paused = True
-        if self.lane is not None:
-            self.lane_off()
+        self.lane_off()
 
     def resume_reading(self) -> None:
         self._ensure_accepted()
@@ -184,8 +183,7 @@ class StreamTransport:
         """Graceful: our FIN once pending bytes are out; the stream ends with the peer's."""
         if self._closing or self._lost:
             return
-        if self.lane is not None:
-            self.lane_off()
+        self.lane_off()
         self.write_eof()
         self._closing = True
         if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
@@ -195,8 +193,7 @@ class StreamTransport:
         """Reset the stream (RST); CONNECT_ERROR when a server stream was never accepted."""
         if self._lost:
             return
-        if self.lane is not None:
-            self.lane_off()
+        self.lane_off()
         code = core.ErrorCode.CANCEL if self.accepted else core.ErrorCode.CONNECT_ERROR
         connection = self.session.connection
         if not connection.terminated:
@@ -223,8 +220,7 @@ class StreamTransport:
             self._register_lane()
 
     def eof_received(self) -> None:
-        if self.lane is not None:
-            self.lane_off()
+        self.lane_off()
         if self._paused:
             self._held_eof = True
             return
@@ -281,8 +277,7 @@ class StreamTransport:
         same of a stream it had not accepted yet (it connects upstream before accepting)."""
         if self._lost:
             return
-        if self.lane is not None:
-            self.lane_off()
+        self.lane_off()
         self._lost = True
         self._held.clear()
         self._pending.clear()

@@ -125,14 +125,17 @@ def _build(plan: list[tuple[str, int, int]]) -> list[tuple[int, bytes, bool]]:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(plan=frames, record=st.integers(1, 20_000), cuts=st.lists(st.integers(1, 30_000), min_size=1,
                                                                    max_size=8),
-       off_at=st.one_of(st.none(), st.integers(0, 13)), news_at=st.one_of(st.none(), st.integers(0, 13)))
+       off_at=st.one_of(st.none(), st.integers(0, 13)), news_at=st.one_of(st.none(), st.integers(0, 13)),
+       report_at=st.sampled_from([0, 1, 5_000, 2**40]), cap=st.sampled_from([1, 100_000, 2**40]))
 def test_the_transport_cuts_frames_and_keeps_their_order(
         contexts: tuple[ssl.SSLContext, ssl.SSLContext], plan: list[tuple[str, int, int]],
-        record: int, cuts: list[int], off_at: int | None, news_at: int | None) -> None:
+        record: int, cuts: list[int], off_at: int | None, news_at: int | None, report_at: int,
+        cap: int) -> None:
     """Streams 1 and 3 have lanes (5 has none). Whatever the records and reads, the session
     gets exactly the frames no active lane took, each lane's write gets its payloads, and the
-    two, put back in the order they happened, are the plaintext sent; a lane reports what it
-    moved before the session sees the next frame; a lane taken off (or whose feed has news)
+    two, put back in the order they happened, are the plaintext sent; whatever the lanes'
+    report thresholds, a lane reports what it moved before the session sees the next frame,
+    and what it has not reported it gives `take`; a lane taken off (or whose feed has news)
     leaves its stream's next frames to the session."""
     Lane = _lane_class()
 
@@ -156,10 +159,12 @@ def test_the_transport_cuts_frames_and_keeps_their_order(
 
             lane = Lane(stream, feed, write, lambda: False,
                         lambda records: log.append(("news", stream, records)),
-                        lambda received, chunks, last: log.append(("synced", stream, received, chunks, last)))
+                        lambda received, chunks, last: log.append(("synced", stream, received, chunks, last)),
+                        report_at)
             lanes[stream] = lane
             return lane
 
+        end.transport.lane_cap = cap
         for stream in (1, 3):
             end.transport.lanes[stream] = make(stream)
         built = _build(plan)
@@ -172,7 +177,7 @@ def test_the_transport_cuts_frames_and_keeps_their_order(
             await loop.sock_sendall(sock, piece)
             sent += len(piece)
             await asyncio.sleep(0)
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(10):
             while sum(len(e[1]) if e[0] == "session" else HEADER.size + len(e[2]) if e[0] == "lane"
                       else 0 for e in log) < len(plaintext):
                 await asyncio.sleep(0.005)
@@ -192,8 +197,11 @@ def test_the_transport_cuts_frames_and_keeps_their_order(
                 assert pending.pop(entry[1]) == entry[2]
             elif entry[0] == "session":
                 assert not pending, "the session ran before a lane reported"
-        assert not pending
-        assert sum(e[3] for e in log if e[0] == "synced") == len(taken)
+        taken_back = {stream: lane.take() for stream, lane in lanes.items()}
+        assert {stream: size for stream, size in pending.items() if size} == \
+            {stream: size for stream, (size, _) in taken_back.items() if size}
+        assert sum(e[3] for e in log if e[0] == "synced") + \
+            sum(chunks for _, chunks in taken_back.values()) == len(taken)
         # off (by the write, or by news): no frame of that stream through it afterwards (the
         # chunk whose feed had news is still written: the relay writes it too)
         for stream in lanes:
@@ -225,15 +233,16 @@ def test_a_lane_only_takes_data_that_is_whole_and_flagless(
         whole = frame(DATA, 0, 1, b"x" * 1000)
         for piece in (whole[:5], whole[5:700], whole[700:]):  # a frame in three records
             await loop.sock_sendall(sock, client_tls.seal(piece))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # (each piece a read of its own, mostly)
+        await until(lambda: got)
         assert got == [b"x" * 1000] and bytes(end.received) == b""
         other = frame(DATA, FIN, 1, b"end") + frame(DATA, 0, 1, b"") + frame(DATA, SYN, 3, b"h")
         await loop.sock_sendall(sock, client_tls.seal(other))
-        await asyncio.sleep(0.05)
+        await until(lambda: len(end.received) >= len(other))
         assert bytes(end.received) == other and got == [b"x" * 1000]
         bad = bytes([VERSION + 1]) + frame(DATA, 0, 1, b"y")[1:]
         await loop.sock_sendall(sock, client_tls.seal(bad + frame(DATA, 0, 1, b"z")))
-        await asyncio.sleep(0.05)
+        await until(lambda: len(end.received) > len(other))
         assert bytes(end.received) == other + bad + frame(DATA, 0, 1, b"z")
         assert got == [b"x" * 1000]
         sock.close()
@@ -432,13 +441,14 @@ def test_a_pod_that_stops_reading_takes_the_lane_off_and_loses_nothing(
             mesh.pod.send(chunk)
             sent += len(chunk)
             await asyncio.sleep(0)
-        await asyncio.sleep(0.1)
+        await until(lambda: mesh.upstream.write_paused)
         assert stream.lane is None and mesh.upstream.write_paused
         held = sum(map(len, stream._held))
         assert held <= mesh.server.connection.initial_window
-        while len(mesh.upstream.received) < sent:
-            mesh.upstream.drain()
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while len(mesh.upstream.received) < sent:
+                mesh.upstream.drain()
+                await asyncio.sleep(0.01)
         assert bytes(mesh.upstream.received[10:]) == chunk * 103
         mesh.upstream.drain()
         mesh.pod.send(chunk)

@@ -63,6 +63,7 @@
 #define MAX_FRAME_PAYLOAD 65536
 #define MAX_OPEN_HEADER 4096
 #define TOUCHED_MAX 8          /* lanes that moved bytes in one read, before they report */
+#define PLAIN_FLUSH 65536      /* senders' plaintext sealed at once when this much waits */
 
 typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
 
@@ -99,6 +100,15 @@ typedef struct {
     char cutting;              /* frames are cut here: once a lane was registered */
     Py_ssize_t lane_cap;       /* all lanes report once this much may be pending, together */
     Py_ssize_t pending_total;  /* delivered since the last walk (an upper bound) */
+    /* The send side: senders' DATA frames, not sealed yet (sealed together at `_flush`, from
+     * the loop once per iteration, or at once when PLAIN_FLUSH is queued, or ahead of the
+     * session's next write) */
+    char *plain;
+    size_t plain_len, plain_cap;
+    char flush_scheduled;
+    char session_queued;       /* the session has frames queued, to be written soon: a sender
+                                * hands its bytes to the session (after them) meanwhile */
+    PyObject *call_soon, *flush_cb;  /* loop.call_soon and our `_flush`, bound once */
 } TlsTransport;
 
 static PyObject *SSLError; /* ssl.SSLError */
@@ -160,6 +170,7 @@ static void force_close(TlsTransport *self, PyObject *exc) {
     if (stop_reading(self) < 0) PyErr_Clear();
     if (stop_writing(self) < 0) PyErr_Clear();
     self->out_start = self->out_end = 0;
+    self->plain_len = 0;
     if (self->lost_scheduled || self->lost_cb == NULL) return;
     self->lost_scheduled = 1;
     PyObject *r = PyObject_CallMethod(self->loop, "call_soon", "OO", self->lost_cb, exc ? exc : Py_None);
@@ -258,6 +269,51 @@ static int flush_sealed(TlsTransport *self) {
     }
     maybe_pause_protocol(self);
     return 0;
+}
+
+/* Seal `n` plaintext bytes and send what the socket takes. 0, or -1 with a Python error set
+ * (out of memory); a TLS failure ends the connection (force_close with the SSLError), 0. */
+static int seal(TlsTransport *self, const char *data, size_t n) {
+    size_t written = 0;
+    if (!SSL_write_ex(self->ssl, data, n, &written)) {
+        int why = SSL_get_error(self->ssl, 0);
+        PyObject *exc = ssl_error(why);
+        if (exc == NULL) return -1;
+        force_close(self, exc);
+        Py_DECREF(exc);
+        return 0;
+    }
+    if (flush_sealed(self) < 0 && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+static void drop_plain(TlsTransport *self) {
+    self->plain_len = 0;
+    if (self->plain_cap > KEEP_CAPACITY) {
+        PyMem_Free(self->plain);
+        self->plain = NULL;
+        self->plain_cap = 0;
+    }
+}
+
+/* The senders' frames, sealed and sent (with `more` after them, in the same records). */
+static int seal_plain(TlsTransport *self, const char *more, size_t n) {
+    if (self->plain_len == 0) return n ? seal(self, more, n) : 0;
+    if (n) {
+        if (self->plain_len + n > self->plain_cap) {
+            size_t cap = self->plain_cap;
+            while (cap < self->plain_len + n) cap *= 2;
+            char *grown = PyMem_Realloc(self->plain, cap);
+            if (grown == NULL) { PyErr_NoMemory(); return -1; }
+            self->plain = grown;
+            self->plain_cap = cap;
+        }
+        memcpy(self->plain + self->plain_len, more, n);
+        self->plain_len += n;
+    }
+    int r = seal(self, self->plain, self->plain_len);
+    drop_plain(self);
+    return r;
 }
 
 static void finish_close_if_drained(TlsTransport *self) {
@@ -641,6 +697,10 @@ static PyObject *call_connection_lost(TlsTransport *self, PyObject *exc) {
     Py_CLEAR(self->read_cb);
     Py_CLEAR(self->write_cb);
     Py_CLEAR(self->lost_cb);  /* (the loop's handle holds the one running) no cycle is left */
+    Py_CLEAR(self->flush_cb);
+    PyMem_Free(self->plain);
+    self->plain = NULL;
+    self->plain_len = self->plain_cap = 0;
     if (self->lanes != NULL) PyDict_Clear(self->lanes);  /* they hold the session's methods */
     Py_CLEAR(self->last_lane);
     PyMem_Free(self->tail);
@@ -671,19 +731,18 @@ static PyObject *tt_write(TlsTransport *self, PyObject *data) {
     if (self->closing) Py_RETURN_NONE;
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
-    if (view.len == 0) { PyBuffer_Release(&view); Py_RETURN_NONE; }
-    size_t written = 0;
-    int ok = SSL_write_ex(self->ssl, view.buf, (size_t)view.len, &written);
+    /* the senders' frames waiting for `_flush` came first: they go first, in the same records */
+    int r = view.len > 0 || self->plain_len > 0 ? seal_plain(self, view.buf, (size_t)view.len) : 0;
     PyBuffer_Release(&view);
-    if (!ok) {
-        int why = SSL_get_error(self->ssl, 0);
-        PyObject *exc = ssl_error(why);
-        if (exc == NULL) return NULL;
-        force_close(self, exc);
-        Py_DECREF(exc);
-        Py_RETURN_NONE;
-    }
-    if (flush_sealed(self) < 0 && PyErr_Occurred()) return NULL;
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The loop's call, once per iteration in which a sender queued frames. */
+static PyObject *tt_flush(TlsTransport *self, PyObject *unused) {
+    self->flush_scheduled = 0;
+    if (self->closing || self->plain_len == 0) Py_RETURN_NONE;
+    if (seal_plain(self, NULL, 0) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -704,6 +763,8 @@ static PyObject *tt_writelines(TlsTransport *self, PyObject *chunks) {
 
 static PyObject *tt_close(TlsTransport *self, PyObject *unused) {
     if (self->closing) Py_RETURN_NONE;
+    if (self->plain_len > 0 && seal_plain(self, NULL, 0) < 0) PyErr_Clear();  /* senders' frames */
+    if (self->closing) Py_RETURN_NONE;  /* (sealing them failed) */
     self->closing = 1;
     if (stop_reading(self) < 0) PyErr_Clear();
     (void)SSL_shutdown(self->ssl);  /* our close_notify, after what is buffered */
@@ -761,7 +822,7 @@ static PyObject *tt_set_write_buffer_limits(TlsTransport *self, PyObject *args, 
 }
 
 static PyObject *tt_get_write_buffer_size(TlsTransport *self, PyObject *unused) {
-    return PyLong_FromSize_t(out_len(self));
+    return PyLong_FromSize_t(out_len(self) + self->plain_len);
 }
 
 static PyObject *tt_pause_reading(TlsTransport *self, PyObject *unused) {
@@ -844,7 +905,11 @@ static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
     self->read_cb = PyObject_GetAttrString((PyObject *)self, "_read_ready");
     self->write_cb = PyObject_GetAttrString((PyObject *)self, "_write_ready");
     self->lost_cb = PyObject_GetAttrString((PyObject *)self, "_connection_lost");
-    if (self->read_cb == NULL || self->write_cb == NULL || self->lost_cb == NULL) return -1;
+    self->flush_cb = PyObject_GetAttrString((PyObject *)self, "_flush");
+    self->call_soon = PyObject_GetAttrString(loop, "call_soon");
+    if (self->read_cb == NULL || self->write_cb == NULL || self->lost_cb == NULL
+            || self->flush_cb == NULL || self->call_soon == NULL)
+        return -1;
     return 0;
 }
 
@@ -853,6 +918,7 @@ static int tt_traverse(TlsTransport *self, visitproc visit, void *arg) {
     Py_VISIT(self->peername); Py_VISIT(self->data_received);
     Py_VISIT(self->read_cb); Py_VISIT(self->write_cb); Py_VISIT(self->lost_cb); Py_VISIT(self->owner);
     Py_VISIT(self->lanes); Py_VISIT(self->last_lane);
+    Py_VISIT(self->call_soon); Py_VISIT(self->flush_cb);
     return 0;
 }
 
@@ -861,6 +927,7 @@ static int tt_clear(TlsTransport *self) {
     Py_CLEAR(self->read_cb); Py_CLEAR(self->write_cb); Py_CLEAR(self->lost_cb);
     Py_CLEAR(self->peername);
     Py_CLEAR(self->lanes); Py_CLEAR(self->last_lane);
+    Py_CLEAR(self->call_soon); Py_CLEAR(self->flush_cb);
     return 0;
 }
 
@@ -870,6 +937,7 @@ static void tt_dealloc(TlsTransport *self) {
     Py_CLEAR(self->loop); Py_CLEAR(self->sock); Py_CLEAR(self->ssl_object); Py_CLEAR(self->owner);
     PyMem_Free(self->out);
     PyMem_Free(self->tail);
+    PyMem_Free(self->plain);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -895,6 +963,7 @@ static PyMethodDef tt_methods[] = {
     {"_read_ready", (PyCFunction)read_ready, METH_NOARGS, NULL},
     {"_write_ready", (PyCFunction)write_ready, METH_NOARGS, NULL},
     {"_connection_lost", (PyCFunction)call_connection_lost, METH_O, NULL},
+    {"_flush", (PyCFunction)tt_flush, METH_NOARGS, "Seal and send the senders' frames."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -903,6 +972,8 @@ static PyMemberDef tt_members[] = {
      "stream id -> Lane: the streams whose DATA this transport delivers itself"},
     {"lane_cap", T_PYSSIZET, offsetof(TlsTransport, lane_cap), 0,
      "bytes all lanes may hold unreported together before every lane reports"},
+    {"session_queued", T_BOOL, offsetof(TlsTransport, session_queued), 0,
+     "the session has frames queued for its next write: senders hand their bytes to it"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1019,13 +1090,182 @@ static PyTypeObject LaneType = {
     .tp_getset = lane_getset,
 };
 
+/* ------------------------------------------------------------------ Sender */
+
+/* The engine's send side: one tunnel stream's writes framed here. The session hands a sender
+ * credit out of the stream's and the connection's send windows (counted as sent there: the
+ * peer's windows are never exceeded); while it lasts, a write becomes DATA frames in the
+ * transport's plaintext, sealed with every other sender's at the end of the loop iteration.
+ * Anything else — no credit left, the session holding frames of its own, the transport paused
+ * or closing, the sender taken off — goes to the stream's own write (Python), which takes the
+ * sender's credit back first. */
+typedef struct {
+    PyObject_HEAD
+    TlsTransport *transport;
+    PyObject *fallback, *fallback_closing;  /* the stream's write and is_closing */
+    unsigned long long credit;   /* bytes it may still send */
+    unsigned long long frames, sent;  /* DATA frames and bytes it sent, in all */
+    unsigned long stream_id;
+    char active;
+} Sender;
+
+static PyTypeObject SenderType;
+
+static int plain_room(TlsTransport *t, size_t more) {
+    if (t->plain_len + more <= t->plain_cap) return 0;
+    size_t cap = t->plain_cap ? t->plain_cap : 16384;
+    while (cap < t->plain_len + more) cap *= 2;
+    char *grown = PyMem_Realloc(t->plain, cap);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    t->plain = grown;
+    t->plain_cap = cap;
+    return 0;
+}
+
+static void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+
+static PyObject *sender_write(Sender *self, PyObject *data) {
+    TlsTransport *t = self->transport;
+    Py_ssize_t n = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) : 0;
+    if (!self->active || n == 0 || (unsigned long long)n > self->credit || t->closing
+            || t->protocol_paused || t->session_queued || t->flush_cb == NULL)
+        return PyObject_CallOneArg(self->fallback, data);
+    size_t frames = ((size_t)n + MAX_FRAME_PAYLOAD - 1) / MAX_FRAME_PAYLOAD;
+    if (plain_room(t, (size_t)n + frames * FRAME_HEADER) < 0) return NULL;
+    const char *from = PyBytes_AS_STRING(data);
+    for (size_t left = (size_t)n; left > 0; ) {
+        size_t length = left > MAX_FRAME_PAYLOAD ? MAX_FRAME_PAYLOAD : left;
+        unsigned char *h = (unsigned char *)t->plain + t->plain_len;
+        h[0] = FRAME_VERSION; h[1] = FRAME_DATA; h[2] = 0; h[3] = 0;
+        put_be32(h + 4, (uint32_t)self->stream_id);
+        put_be32(h + 8, (uint32_t)length);
+        memcpy(h + FRAME_HEADER, from, length);
+        t->plain_len += FRAME_HEADER + length;
+        from += length;
+        left -= length;
+    }
+    self->credit -= (unsigned long long)n;
+    self->frames += frames;
+    self->sent += (unsigned long long)n;
+    if (t->plain_len >= PLAIN_FLUSH) {
+        if (seal_plain(t, NULL, 0) < 0) return NULL;
+    } else if (!t->flush_scheduled) {
+        PyObject *handle = PyObject_CallOneArg(t->call_soon, t->flush_cb);
+        if (handle == NULL) return NULL;
+        Py_DECREF(handle);
+        t->flush_scheduled = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *sender_is_closing(Sender *self, PyObject *unused) {
+    if (self->active && !self->transport->closing) Py_RETURN_FALSE;  /* closing takes it off */
+    return PyObject_CallNoArgs(self->fallback_closing);
+}
+
+static PyObject *sender_grant(Sender *self, PyObject *credit) {
+    unsigned long long n = PyLong_AsUnsignedLongLong(credit);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    self->credit += n;
+    self->active = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *sender_take(Sender *self, PyObject *unused) {
+    unsigned long long credit = self->credit;
+    self->credit = 0;
+    self->active = 0;
+    return PyLong_FromUnsignedLongLong(credit);
+}
+
+static int sender_init(Sender *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"transport", "stream_id", "write", "is_closing", NULL};
+    PyObject *transport, *write, *is_closing;
+    unsigned long stream_id;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!kOO", names, &TlsTransportType, &transport,
+                                     &stream_id, &write, &is_closing))
+        return -1;
+    if (!PyCallable_Check(write) || !PyCallable_Check(is_closing)) {
+        PyErr_SetString(PyExc_TypeError, "a Sender's write and is_closing are callables");
+        return -1;
+    }
+    if (stream_id > 0xffffffffUL) { PyErr_SetString(PyExc_ValueError, "stream id over 32 bits"); return -1; }
+    Py_INCREF(transport); Py_XSETREF(self->transport, (TlsTransport *)transport);
+    Py_INCREF(write); Py_XSETREF(self->fallback, write);
+    Py_INCREF(is_closing); Py_XSETREF(self->fallback_closing, is_closing);
+    self->stream_id = stream_id;
+    self->credit = 0;
+    self->active = 0;
+    return 0;
+}
+
+static int sender_traverse(Sender *self, visitproc visit, void *arg) {
+    Py_VISIT(self->transport); Py_VISIT(self->fallback); Py_VISIT(self->fallback_closing);
+    return 0;
+}
+
+static int sender_clear(Sender *self) {
+    Py_CLEAR(self->transport); Py_CLEAR(self->fallback); Py_CLEAR(self->fallback_closing);
+    self->active = 0;
+    return 0;
+}
+
+static void sender_dealloc(Sender *self) {
+    PyObject_GC_UnTrack(self);
+    sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *sender_get_active(Sender *self, void *unused) { return PyBool_FromLong(self->active); }
+static PyObject *sender_get_credit(Sender *self, void *unused) { return PyLong_FromUnsignedLongLong(self->credit); }
+static PyObject *sender_get_frames(Sender *self, void *unused) { return PyLong_FromUnsignedLongLong(self->frames); }
+static PyObject *sender_get_sent(Sender *self, void *unused) { return PyLong_FromUnsignedLongLong(self->sent); }
+
+static PyMethodDef sender_methods[] = {
+    {"write", (PyCFunction)sender_write, METH_O,
+     "DATA frames within the credit, sealed at the end of the iteration; else the stream's write."},
+    {"is_closing", (PyCFunction)sender_is_closing, METH_NOARGS, NULL},
+    {"grant", (PyCFunction)sender_grant, METH_O, "More credit (taken from the windows): active."},
+    {"take", (PyCFunction)sender_take, METH_NOARGS, "Off: the credit not used, returned."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef sender_getset[] = {
+    {"active", (getter)sender_get_active, NULL, "writes are framed here", NULL},
+    {"credit", (getter)sender_get_credit, NULL, "bytes it may still send", NULL},
+    {"frames", (getter)sender_get_frames, NULL, "DATA frames it sent, in all", NULL},
+    {"sent", (getter)sender_get_sent, NULL, "bytes it sent, in all", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.dataplane._tlsio.Sender",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Sender(transport, stream_id, write, is_closing): a stream's writes framed and "
+              "sealed by its TlsTransport while it has credit (grant); else write(data).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sender_init,
+    .tp_dealloc = (destructor)sender_dealloc,
+    .tp_traverse = (traverseproc)sender_traverse,
+    .tp_clear = (inquiry)sender_clear,
+    .tp_methods = sender_methods,
+    .tp_getset = sender_getset,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent.dataplane._tlsio",
     "The mesh tunnel's TLS connection as one C transport (csrc/tlsio.c).", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__tlsio(void) {
-    if (PyType_Ready(&TlsTransportType) < 0 || PyType_Ready(&LaneType) < 0) return NULL;
+    if (PyType_Ready(&TlsTransportType) < 0 || PyType_Ready(&LaneType) < 0
+            || PyType_Ready(&SenderType) < 0)
+        return NULL;
     PyObject *ssl = PyImport_ImportModule("ssl");
     if (ssl == NULL) return NULL;
     /* The SSL* is `_ssl`'s: the same OpenSSL must be the one linked here. */
@@ -1053,6 +1293,12 @@ PyMODINIT_FUNC PyInit__tlsio(void) {
     Py_INCREF(&LaneType);
     if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&SenderType);
+    if (PyModule_AddObject(m, "Sender", (PyObject *)&SenderType) < 0) {
+        Py_DECREF(&SenderType);
         Py_DECREF(m);
         return NULL;
     }

@@ -147,6 +147,7 @@ _TRANSITIONS: Final[dict[tuple[StreamState, _Action], StreamState]] = {
     },
 }
 _PEER_MAY_SEND: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
+_WE_MAY_SEND: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_REMOTE})
 # The members the per-frame path names, as module constants: `Enum.MEMBER` from compiled code
 # is a getattr through EnumType.__getattr__ (Python 3.11), ~0.9 k instructions each; a Final
 # name is a C static (issue #16: six per request).
@@ -207,6 +208,7 @@ class Connection:
         self._inbound = bytearray()
         self._outbound: list[bytes] = [pack_header(WINDOW_UPDATE, 0, 0, initial_window)]
         self._queued_data = 0  # stream bytes in _outbound
+        self._granted = 0  # send credit handed out by `grant` and not returned
         if connection_window > INITIAL_CONNECTION_WINDOW:  # our real budget, at once
             self._outbound.append(pack_header(WINDOW_UPDATE, 0, 0,
                                               connection_window - INITIAL_CONNECTION_WINDOW))
@@ -346,6 +348,40 @@ class Connection:
             chunk = payload[start : start + MAX_FRAME_PAYLOAD]
             outbound += (_PACK_HEADER(VERSION, DATA, 0, stream_id, len(chunk)), chunk)
         return size
+
+    def grant(self, stream_id: int, most: int) -> int:
+        """Hand the I/O shell up to `most` bytes of the stream's and the connection's send
+        windows, to frame DATA itself: counted as sent from now on (`give_back` says what it
+        did not send). At most a quarter of the connection's window left goes to one grant,
+        and none to a stream that may not send: 0."""
+        stream = self._streams.get(stream_id)
+        if (self._terminated or stream is None or stream.state not in _WE_MAY_SEND
+                or (not stream.accepted and not self._client)):
+            return 0
+        credit = min(most, stream.send_window, self._connection_send // 4)
+        if credit <= 0:
+            return 0
+        stream.send_window -= credit
+        self._connection_send -= credit
+        self._granted += credit
+        return credit
+
+    def give_back(self, stream_id: int, unused: int, sent: int) -> None:
+        """The I/O shell is done with its grants on the stream: it sent `sent` bytes of them,
+        the windows have the `unused` rest again."""
+        if unused < 0 or sent < 0 or unused + sent > self._granted:
+            raise LocalProtocolError(f"giving back {unused} and {sent} sent bytes, "
+                                     f"{self._granted} are granted")
+        self._granted -= unused + sent
+        self._connection_send += unused
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.send_window += unused
+
+    @property
+    def granted(self) -> int:
+        """Send credit handed out by `grant` and not accounted for by `give_back`."""
+        return self._granted
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: we send no more bytes on this stream (FIN)."""

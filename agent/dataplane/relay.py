@@ -116,6 +116,13 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.side_lost(self, exc)
 
+    def use_sender(self, write: Callable[[bytes], object], is_closing: Callable[[], bool]) -> None:
+        """This side is a tunnel stream whose writes its TLS connection frames in C
+        (agent.dataplane._tlsio.Sender): the relay calls the sender's write and is_closing,
+        which fall back to the stream's own when the sender cannot take a write."""
+        self.send = write
+        self.closing = is_closing
+
     # A tunnel stream's lane (agent.dataplane.tunnel): its DATA delivered from C, as
     # from_client / from_upstream would deliver it, while the relay is in steady state.
 

@@ -46,16 +46,17 @@ from agent.core.tunnel_frames import DEFAULT_CONNECTION_WINDOW, DEFAULT_WINDOW, 
 from agent.dataplane.tls import TunnelTls
 
 
-def _lane_class() -> Any:
-    """`agent.dataplane._tlsio.Lane` (None when not built: no transport has lanes then)."""
+def _tlsio_class(name: str) -> Any:
+    """`agent.dataplane._tlsio.<name>` (None when not built: no transport has lanes then)."""
     try:
-        from agent.dataplane._tlsio import Lane
+        from agent.dataplane import _tlsio
     except ImportError:
         return None
-    return Lane
+    return getattr(_tlsio, name)
 
 
-_LANE: Final[Any] = _lane_class()
+_LANE: Final[Any] = _tlsio_class("Lane")
+_SENDER: Final[Any] = _tlsio_class("Sender")
 
 log = logging.getLogger(__name__)
 OUTPUT_HIGH = 256 * 1024  # bytes queued for one TLS connection before every stream pauses
@@ -68,6 +69,9 @@ LANES: bool = True
 # windows left to send in.
 LANE_REPORT: Final = 16  # initial_window // 16
 LANE_CAP: Final = 8  # connection_window // 8
+# Senders are used when the transport has them (a plain global, not Final: tests turn them off)
+SENDERS: bool = True
+SENDER_GRANT: Final = 64 * 1024  # send credit handed to a sender at a time, at most
 _LANED: set[TunnelSession] = set()  # sessions whose transport has lanes
 _PEER_SENDS: Final = frozenset((core.StreamState.OPEN, core.StreamState.HALF_CLOSED_LOCAL))
 
@@ -78,7 +82,7 @@ class StreamTransport:
     __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high",
                  "_lane_counted", "_lost", "_owed", "_paused", "_pending", "_pending_size",
                  "_write_paused", "accepted", "lane", "on_refused", "protocol", "replay",
-                 "replay_size", "session", "stream_id")
+                 "replay_size", "sender", "sender_credit", "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -105,6 +109,8 @@ class StreamTransport:
         self.on_refused: Callable[[list[bytes]], bool] | None = None
         self.lane: Any = None  # a _tlsio.Lane, registered on the C transport: DATA delivered there
         self._lane_counted: Callable[[int, int], None] | None = None  # the relay's, bound once
+        self.sender: Any = None  # a _tlsio.Sender once granted credit: writes framed in C
+        self.sender_credit = 0  # granted to it since it was last taken off
 
     # ---------------------------------------------------------------- transport API
 
@@ -123,6 +129,12 @@ class StreamTransport:
         return True
 
     def write(self, data: bytes) -> None:
+        """The sender's fallback too (no credit left, the session holding frames, the TLS
+        connection paused): its credit comes back first, this write goes through the
+        Connection, and the sender gets credit again if the stream may still use it."""
+        sender = self.sender
+        if sender is not None and sender.active:
+            self._sender_off()
         if self._closing or self._lost or not data:
             return
         replay = self.replay
@@ -139,18 +151,21 @@ class StreamTransport:
             self._hold_output(data)
             return
         try:
-            sent = session.connection.send_data(self.stream_id, data)
+            sent = self._send_data(data)
         except core.LocalProtocolError:
             return  # the stream was reset meanwhile; connection_lost is on its way
         if sent < len(data):
             self._hold_output(data[sent:])
         session.flush()
+        if not self._pending and session.senders:
+            self._grant()
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.write(chunk)
 
     def write_eof(self) -> None:
+        self._sender_off()
         if self.is_closing() or self._eof_sent:
             return
         self._ensure_accepted()
@@ -184,6 +199,7 @@ class StreamTransport:
         if self._closing or self._lost:
             return
         self.lane_off()
+        self._sender_off()
         self.write_eof()
         self._closing = True
         if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
@@ -194,6 +210,7 @@ class StreamTransport:
         if self._lost:
             return
         self.lane_off()
+        self._sender_off()
         code = core.ErrorCode.CANCEL if self.accepted else core.ErrorCode.CONNECT_ERROR
         connection = self.session.connection
         if not connection.terminated:
@@ -234,10 +251,10 @@ class StreamTransport:
         if self._lost:
             return
         pending, self._pending, self._pending_size = self._pending, [], 0
-        session, connection = self.session, self.session.connection
+        session = self.session
         for index, data in enumerate(pending):
             try:
-                sent = 0 if session.write_paused else connection.send_data(self.stream_id, data)
+                sent = 0 if session.write_paused else self._send_data(data)
             except core.LocalProtocolError:
                 return  # reset meanwhile (an abort whose connection_lost is on its way)
             if sent < len(data):
@@ -252,6 +269,8 @@ class StreamTransport:
         if self._write_paused and not self.session.write_paused:
             self._write_paused = False
             self.protocol.resume_writing()
+        if session.senders and not self._pending:
+            self._grant()
 
     def pause_writing(self) -> None:
         if not self._write_paused:
@@ -267,6 +286,8 @@ class StreamTransport:
 
     def peer_accepted(self) -> None:
         self.replay = None  # the destination has it now: never sent twice
+        if self.session.senders and not self._pending:
+            self._grant()
 
     def reset_by_peer(self, error_code: int) -> None:
         exc = ConnectionResetError(f"stream reset by peer ({describe_code(error_code)})")
@@ -278,6 +299,7 @@ class StreamTransport:
         if self._lost:
             return
         self.lane_off()
+        self._sender_off()
         self._lost = True
         self._held.clear()
         self._pending.clear()
@@ -355,6 +377,47 @@ class StreamTransport:
         if news is not None:
             news(records)
 
+    # ---------------------------------------------------------------- senders
+
+    def _grant(self) -> None:
+        """In steady state (accepted by both ends, nothing waiting, not ending, the TLS
+        connection not paused): credit for the stream's Sender, which frames the relay's
+        writes in C until it runs out (module docstring)."""
+        session = self.session
+        if (self._closing or self._lost or self._eof_wanted or self._eof_sent or not self.accepted
+                or self.replay is not None or session.write_paused):
+            return
+        sender = self.sender
+        if sender is None:
+            use = getattr(self.protocol, "use_sender", None)
+            if use is None:
+                return
+            sender = self.sender = _SENDER(session.transport, self.stream_id, self.write,
+                                           self.is_closing)
+            use(sender.write, sender.is_closing)
+        credit = session.connection.grant(self.stream_id, SENDER_GRANT)
+        if credit:
+            self.sender_credit += credit
+            sender.grant(credit)
+
+    def _sender_off(self) -> None:
+        """The sender's credit back to the windows: writes go through the Connection."""
+        sender = self.sender
+        if sender is not None and sender.active:
+            unused, granted = sender.take(), self.sender_credit
+            self.sender_credit = 0
+            self.session.connection.give_back(self.stream_id, unused, granted - unused)
+
+    def _send_data(self, data: bytes) -> int:
+        """Connection.send_data; short of the connection's window while senders hold credit,
+        their credit comes back (idle streams must not keep it from this one) and it tries
+        once more."""
+        connection = self.session.connection
+        sent = connection.send_data(self.stream_id, data)
+        if sent < len(data) and connection.granted and self.session.take_credit_back():
+            sent += connection.send_data(self.stream_id, data[sent:])
+        return sent
+
     # ---------------------------------------------------------------- internals
 
     def _hold_output(self, data: bytes) -> None:
@@ -417,6 +480,7 @@ class TunnelSession(asyncio.Protocol):
         self._call_soon: Callable[..., Any] | None = None  # the loop's, once connected
         # the C transport's lanes (stream id -> Lane); None: no transport that has them
         self.lanes: dict[int, Any] | None = None
+        self.senders = False  # the C transport frames streams' writes (_tlsio.Sender)
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -437,6 +501,7 @@ class TunnelSession(asyncio.Protocol):
         if lanes is not None:  # (until _shutdown: a session admitted always gets there)
             cast(Any, transport).lane_cap = self.connection.connection_window // LANE_CAP
             _LANED.add(self)
+        self.senders = SENDERS and _SENDER is not None and hasattr(transport, "session_queued")
         self.flush()  # our preface
         if self.tls is not None and self.tls.has_input:  # came with the handshake's last bytes
             self.data_received(b"")
@@ -560,10 +625,14 @@ class TunnelSession(asyncio.Protocol):
             self._write_queued()  # now: the transport pauses every stream if the peer lags
         elif not self._flush_scheduled and connection.has_output and self._call_soon is not None:
             self._flush_scheduled = True
+            if self.senders:  # senders' writes come after these frames: they go through us
+                cast(Any, self.transport).session_queued = True
             self._call_soon(self._write_queued)
 
     def _write_queued(self) -> None:
         self._flush_scheduled = False
+        if self.senders:
+            cast(Any, self.transport).session_queued = False
         data = self.connection.data_to_send()
         send = self._send
         if data and send is not None and not self._transport_closing():
@@ -616,6 +685,14 @@ class TunnelSession(asyncio.Protocol):
                 log.info("mesh tunnel with %s: %s", self.peername, event.reason)
             elif not self.streams:
                 self.close()  # the peer is going away and nothing is left to finish
+
+    def take_credit_back(self) -> bool:
+        """Every sender's unused credit back to the windows: False when none held any."""
+        if not self.connection.granted:
+            return False
+        for stream in list(self.streams.values()):
+            stream._sender_off()
+        return True
 
     def sync_lanes(self) -> None:
         """Count what every lane delivered and has not reported."""

@@ -40,6 +40,7 @@ TESTS_OF_THE_MODULES = [
     "tests/unit/test_counters.py", "tests/unit/test_relay.py", "tests/unit/test_relay_drain.py",
     "tests/unit/test_proxy_shells.py", "tests/unit/test_connection_budget.py",
     "tests/unit/test_http1_tally.py", "tests/unit/test_http2_tally.py",
+    "tests/unit/test_tunnel_senders.py",
 ]
 
 

@@ -5,7 +5,9 @@ sessions carrying megabytes both ways, a forged record, a peer that stops readin
 raising protocol, a wrong object — the fuzz test that feeds it records cut anywhere, with
 flipped bytes and garbage (300 examples), and test_tunnel_lanes.py whole: frames cut anywhere
 across records and reads into lanes and the session (300 examples), relays over sessions,
-megabytes through a lane, a pod that stops reading."""
+megabytes through a lane, a pod that stops reading; and test_tunnel_senders.py whole: writes of
+any size both ways framed by senders, against the windows and the session's own frames (25
+examples), idle credit taken back, a peer that stops reading, a reset stream."""
 
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ CHILD = loading("agent.dataplane._tlsio") + textwrap.dedent("""
     chosen = "(c] or transport or garbage or stops_reading or abort or raises) and not pages"
     code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_tls.py",
                         "-k", chosen])
-    code = code or pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_lanes.py"])
+    code = code or pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_tunnel_lanes.py",
+                                "tests/unit/test_tunnel_senders.py"])
     from agent.dataplane import tls, tunnel
     assert tls.TLS_TRANSPORT is module.TlsTransport, "the instrumented build is not the one in use"
     assert tunnel._LANE is module.Lane, "the instrumented build's lanes are not the ones in use"
+    assert tunnel._SENDER is module.Sender, "the instrumented build's senders are not the ones in use"
     print("instrumented run ok" if code == 0 else f"pytest exit {code}")
 """)
 

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from agent.core import tunnel as core
 from agent.core.tunnel_frames import (
     DATA,
+    DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_WINDOW,
     FIN,
     GOAWAY,
     PING,
@@ -37,23 +39,12 @@ from agent.dataplane.netns import NetNs
 from agent.dataplane.relay import Relay
 from agent.dataplane.tls import TunnelTls, handshake, start_session
 from agent.dataplane.tunnel import TunnelSession
-from agent.identity.files import init_identity_dir
 from agent.observability.exposition import generate_latest
 from agent.observability.metrics import build_registry
-from tests.unit.test_identity_tls import manager_for, with_pods
 from tests.unit.test_relay import Pipe, Proxy
-from tests.unit.test_tunnel_tls import CART, WEB, Endpoint, _c_transport, _tcp_pair
+from tests.unit.test_tunnel_tls import Endpoint, _c_transport, _tcp_pair
 
 HEADER = struct.Struct(">BBHII")
-
-
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """The server pod's and the client pod's mTLS contexts, one CA."""
-    path = tmp_path_factory.mktemp("ca")
-    init_identity_dir(path)
-    manager = with_pods(manager_for(path), cart=CART, web=WEB)
-    return manager.server_context("web"), manager.client_context("cart")
 
 
 def _lane_class() -> Any:
@@ -262,9 +253,14 @@ class Mesh:
     """An outbound relay (client pod's pipe -> tunnel stream) and an inbound one (tunnel
     stream -> server pod's pipe) over two sessions whose records the C transport carries."""
 
-    def __init__(self, netns: NetNs, upstream_high: int = 64 * 1024) -> None:
+    def __init__(self, netns: NetNs, upstream_high: int = 64 * 1024,
+                 initial_window: int = DEFAULT_WINDOW,
+                 connection_window: int = DEFAULT_CONNECTION_WINDOW) -> None:
+        """The windows: what the server end grants the client end."""
         self.netns = netns
         self.upstream_high = upstream_high
+        self.windows_granted = (initial_window, connection_window)
+        self.upstreams: list[Pipe] = []  # every inbound relay's server pod, in stream order
         self.outbound_proxy, self.inbound_proxy = Proxy(), Proxy()
         self.inbound: Relay | None = None
         self.upstream: Pipe | None = None
@@ -280,6 +276,7 @@ class Mesh:
             stream = session.attach(stream_id, relay.client)
             relay.open_record(relay.peer_labels)
             upstream = self.upstream = Pipe(relay.upstream)
+            self.upstreams.append(upstream)
             relay.upstream.connection_made(upstream)  # type: ignore[arg-type]
             upstream.high = self.upstream_high  # (the relay set its own)
             stream.resume_reading()  # accepts the stream
@@ -289,17 +286,25 @@ class Mesh:
         server_tls = loop.create_task(handshake(server_sock, server_context, True, 5.0))
         client_tls = await handshake(client_sock, client_context, False, 5.0)
         server_end = await server_tls
+        initial_window, connection_window = self.windows_granted
         self.server = await start_session(server_sock, server_end, lambda tls: TunnelSession(
-            "server", on_stream=on_stream, tls=tls))
+            "server", on_stream=on_stream, tls=tls, initial_window=initial_window,
+            connection_window=connection_window))
         self.client = await start_session(client_sock, client_tls,
                                           lambda tls: TunnelSession("client", tls=tls))
+        self.outbound, self.pod = self.open()
+
+    def open(self) -> tuple[Relay, Pipe]:
+        """Another outbound relay on the client session: a new stream, a new client pod."""
+        assert self.client is not None
         front = PodContext("shop", "front", self.netns, frozenset((15001, 15006, 15008)))
-        self.outbound = Relay(self.outbound_proxy, front, "outbound", 64 * 1024)
-        self.pod = Pipe(self.outbound.client)
-        self.outbound.client.connection_made(self.pod)  # type: ignore[arg-type]
-        self.outbound.open_record(self.outbound.peer_labels)
-        self.client.open_stream(self.outbound.upstream, 80, {"pod": "front"})
-        self.pod.resume_reading()
+        outbound = Relay(self.outbound_proxy, front, "outbound", 64 * 1024)
+        pod = Pipe(outbound.client)
+        outbound.client.connection_made(pod)  # type: ignore[arg-type]
+        outbound.open_record(outbound.peer_labels)
+        self.client.open_stream(outbound.upstream, 80, {"pod": "front"})
+        pod.resume_reading()
+        return outbound, pod
 
     async def exchange(self, count: int, request: bytes = REQUEST, response: bytes = RESPONSE) -> None:
         assert self.client is not None

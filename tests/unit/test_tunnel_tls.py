@@ -40,14 +40,6 @@ WEB = SpiffeId("cluster.local", "shop", "web")
 
 
 @pytest.fixture(scope="module")
-def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    path: Path = tmp_path_factory.mktemp("ca")
-    init_identity_dir(path)
-    manager = with_pods(manager_for(path), cart=CART, web=WEB)
-    return manager.server_context("web"), manager.client_context("cart")
-
-
-@pytest.fixture(scope="module")
 def stranger(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     """A client context whose certificate another CA signed."""
     path: Path = tmp_path_factory.mktemp("other-ca")

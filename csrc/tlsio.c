@@ -64,6 +64,7 @@
 #define MAX_OPEN_HEADER 4096
 #define TOUCHED_MAX 8          /* lanes that moved bytes in one read, before they report */
 #define PLAIN_FLUSH 65536      /* senders' plaintext sealed at once when this much waits */
+#define BURST_GAP 50e-6        /* a sender's write this soon after the last one is batched */
 
 typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
 
@@ -106,6 +107,8 @@ typedef struct {
     char *plain;
     size_t plain_len, plain_cap;
     char flush_scheduled;
+    double last_send;          /* when a sender last wrote (time.monotonic()'s clock) */
+    double burst_gap;          /* a write sooner than this after the last one is batched */
     char session_queued;       /* the session has frames queued, to be written soon: a sender
                                 * hands its bytes to the session (after them) meanwhile */
     PyObject *call_soon, *flush_cb;  /* loop.call_soon and our `_flush`, bound once */
@@ -900,6 +903,7 @@ static int tt_init(TlsTransport *self, PyObject *args, PyObject *kwargs) {
     self->lanes = PyDict_New();
     if (self->lanes == NULL) return -1;
     self->lane_cap = 128 * 1024;
+    self->burst_gap = BURST_GAP;
     self->peername = PyObject_CallMethod(sock, "getpeername", NULL);
     if (self->peername == NULL) PyErr_Clear();
     self->read_cb = PyObject_GetAttrString((PyObject *)self, "_read_ready");
@@ -972,6 +976,8 @@ static PyMemberDef tt_members[] = {
      "stream id -> Lane: the streams whose DATA this transport delivers itself"},
     {"lane_cap", T_PYSSIZET, offsetof(TlsTransport, lane_cap), 0,
      "bytes all lanes may hold unreported together before every lane reports"},
+    {"burst_gap", T_DOUBLE, offsetof(TlsTransport, burst_gap), 0,
+     "seconds: a sender's write this soon after the last one waits for the iteration's end"},
     {"session_queued", T_BOOL, offsetof(TlsTransport, session_queued), 0,
      "the session has frames queued for its next write: senders hand their bytes to it"},
     {NULL, 0, 0, 0, NULL},
@@ -1150,14 +1156,19 @@ static PyObject *sender_write(Sender *self, PyObject *data) {
     self->credit -= (unsigned long long)n;
     self->frames += frames;
     self->sent += (unsigned long long)n;
-    if (t->plain_len >= PLAIN_FLUSH) {
+    /* Alone (no other sender wrote in the last BURST_GAP: a paced request) it leaves now; in
+     * a burst, with the others at the end of the loop iteration, in the same records. */
+    double now = monotonic_now(), last = t->last_send;
+    t->last_send = now;
+    if (t->flush_scheduled && t->plain_len < PLAIN_FLUSH) Py_RETURN_NONE;
+    if (t->plain_len >= PLAIN_FLUSH || now - last >= t->burst_gap) {
         if (seal_plain(t, NULL, 0) < 0) return NULL;
-    } else if (!t->flush_scheduled) {
-        PyObject *handle = PyObject_CallOneArg(t->call_soon, t->flush_cb);
-        if (handle == NULL) return NULL;
-        Py_DECREF(handle);
-        t->flush_scheduled = 1;
+        Py_RETURN_NONE;
     }
+    PyObject *handle = PyObject_CallOneArg(t->call_soon, t->flush_cb);
+    if (handle == NULL) return NULL;
+    Py_DECREF(handle);
+    t->flush_scheduled = 1;
     Py_RETURN_NONE;
 }
 

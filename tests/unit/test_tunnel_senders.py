@@ -255,6 +255,38 @@ def test_a_request_after_the_senders_stream_is_reset_is_not_sent(
     uvloop.run(run())
 
 
+def test_a_write_alone_leaves_at_once_and_a_burst_in_one_batch(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext], netns: NetNs) -> None:
+    """A sender's write that follows no other within `burst_gap` is sealed and sent at once (a
+    paced request waits for nothing); writes in a burst wait for the end of the loop
+    iteration and leave together."""
+
+    async def run() -> None:
+        mesh = Mesh(netns)
+        await mesh.start(contexts)
+        assert mesh.client is not None
+        await mesh.exchange(2)
+        transport: Any = mesh.client.transport
+        [stream] = streams_of(mesh.client)
+        assert stream.sender is not None and stream.sender.active
+        asked = len(mesh.upstream.received) if mesh.upstream else 0
+        transport.burst_gap = 0.0  # every write alone
+        mesh.pod.send(REQUEST)
+        assert transport.get_write_buffer_size() == 0  # sealed and sent already
+        transport.burst_gap = 3600.0  # every write in a burst
+        mesh.pod.send(REQUEST)
+        mesh.pod.send(REQUEST)
+        assert transport.get_write_buffer_size() >= 2 * len(REQUEST)  # waiting, together
+        frames = stream.sender.frames
+        await asyncio.sleep(0)
+        assert transport.get_write_buffer_size() == 0 and stream.sender.frames == frames
+        await until(lambda: mesh.upstream is not None
+                    and len(mesh.upstream.received) == asked + 3 * len(REQUEST))
+        await closed(mesh)
+
+    uvloop.run(run())
+
+
 # ------------------------------------------------------------ the Connection's grants
 
 def _server_with_stream(initial_window: int = 1000) -> core.Connection:

@@ -65,6 +65,7 @@
 #define TOUCHED_MAX 8          /* lanes that moved bytes in one read, before they report */
 #define PLAIN_FLUSH 65536      /* senders' plaintext sealed at once when this much waits */
 #define BURST_GAP 50e-6        /* a sender's write this soon after the last one is batched */
+#define ALONE_STAGE 16384      /* a write alone up to this size is framed on the stack */
 
 typedef struct { PyObject_HEAD PyObject *socket; SSL *ssl; } ssl_socket_head;
 
@@ -290,9 +291,11 @@ static int seal(TlsTransport *self, const char *data, size_t n) {
     return 0;
 }
 
+/* Emptied: freed (a burst is over when its frames are sealed; a quiet connection keeps no
+ * plaintext buffer, ~16 KiB each otherwise). */
 static void drop_plain(TlsTransport *self) {
     self->plain_len = 0;
-    if (self->plain_cap > KEEP_CAPACITY) {
+    if (self->plain != NULL) {
         PyMem_Free(self->plain);
         self->plain = NULL;
         self->plain_cap = 0;
@@ -1133,38 +1136,52 @@ static void put_be32(unsigned char *p, uint32_t v) {
     p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
 }
 
+/* `n` bytes as DATA frames of the sender's stream at `to` (room for them and their headers). */
+static size_t put_frames(Sender *self, char *to, const char *from, size_t n) {
+    size_t at = 0;
+    for (size_t left = n; left > 0; ) {
+        size_t length = left > MAX_FRAME_PAYLOAD ? MAX_FRAME_PAYLOAD : left;
+        unsigned char *h = (unsigned char *)to + at;
+        h[0] = FRAME_VERSION; h[1] = FRAME_DATA; h[2] = 0; h[3] = 0;
+        put_be32(h + 4, (uint32_t)self->stream_id);
+        put_be32(h + 8, (uint32_t)length);
+        memcpy(h + FRAME_HEADER, from, length);
+        at += FRAME_HEADER + length;
+        from += length;
+        left -= length;
+        self->frames += 1;
+    }
+    self->credit -= (unsigned long long)n;
+    self->sent += (unsigned long long)n;
+    return at;
+}
+
 static PyObject *sender_write(Sender *self, PyObject *data) {
     TlsTransport *t = self->transport;
     Py_ssize_t n = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) : 0;
     if (!self->active || n == 0 || (unsigned long long)n > self->credit || t->closing
             || t->protocol_paused || t->session_queued || t->flush_cb == NULL)
         return PyObject_CallOneArg(self->fallback, data);
-    size_t frames = ((size_t)n + MAX_FRAME_PAYLOAD - 1) / MAX_FRAME_PAYLOAD;
-    if (plain_room(t, (size_t)n + frames * FRAME_HEADER) < 0) return NULL;
-    const char *from = PyBytes_AS_STRING(data);
-    for (size_t left = (size_t)n; left > 0; ) {
-        size_t length = left > MAX_FRAME_PAYLOAD ? MAX_FRAME_PAYLOAD : left;
-        unsigned char *h = (unsigned char *)t->plain + t->plain_len;
-        h[0] = FRAME_VERSION; h[1] = FRAME_DATA; h[2] = 0; h[3] = 0;
-        put_be32(h + 4, (uint32_t)self->stream_id);
-        put_be32(h + 8, (uint32_t)length);
-        memcpy(h + FRAME_HEADER, from, length);
-        t->plain_len += FRAME_HEADER + length;
-        from += length;
-        left -= length;
-    }
-    self->credit -= (unsigned long long)n;
-    self->frames += frames;
-    self->sent += (unsigned long long)n;
-    /* Alone (no other sender wrote in the last BURST_GAP: a paced request) it leaves now; in
-     * a burst, with the others at the end of the loop iteration, in the same records. */
+    /* Alone (no other sender wrote in the last `burst_gap`: a paced request) it leaves now,
+     * staged on the stack when small (a quiet connection keeps no buffer); in a burst, with
+     * the others at the end of the loop iteration, in the same records. */
     double now = monotonic_now(), last = t->last_send;
     t->last_send = now;
-    if (t->flush_scheduled && t->plain_len < PLAIN_FLUSH) Py_RETURN_NONE;
-    if (t->plain_len >= PLAIN_FLUSH || now - last >= t->burst_gap) {
+    int alone = !t->flush_scheduled && now - last >= t->burst_gap;
+    if (alone && n <= ALONE_STAGE) {
+        char stage[FRAME_HEADER + ALONE_STAGE];
+        size_t size = put_frames(self, stage, PyBytes_AS_STRING(data), (size_t)n);
+        if (seal(t, stage, size) < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    size_t frames = ((size_t)n + MAX_FRAME_PAYLOAD - 1) / MAX_FRAME_PAYLOAD;
+    if (plain_room(t, (size_t)n + frames * FRAME_HEADER) < 0) return NULL;
+    t->plain_len += put_frames(self, t->plain + t->plain_len, PyBytes_AS_STRING(data), (size_t)n);
+    if (alone || t->plain_len >= PLAIN_FLUSH) {
         if (seal_plain(t, NULL, 0) < 0) return NULL;
         Py_RETURN_NONE;
     }
+    if (t->flush_scheduled) Py_RETURN_NONE;
     PyObject *handle = PyObject_CallOneArg(t->call_soon, t->flush_cb);
     if (handle == NULL) return NULL;
     Py_DECREF(handle);

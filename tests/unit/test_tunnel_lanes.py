@@ -42,17 +42,13 @@ from agent.dataplane.tunnel import TunnelSession
 from agent.observability.exposition import generate_latest
 from agent.observability.metrics import build_registry
 from tests.unit.test_relay import Pipe, Proxy
-from tests.unit.test_tunnel_tls import Endpoint, _c_transport, _tcp_pair
+from tests.unit.test_tunnel_tls import Endpoint, _c_transport, _tcp_pair, tlsio_class
 
 HEADER = struct.Struct(">BBHII")
 
 
 def _lane_class() -> Any:
-    try:
-        from agent.dataplane._tlsio import Lane
-    except ImportError as exc:
-        raise AssertionError(f"agent.dataplane._tlsio is not built (setup.py): {exc}") from None
-    return Lane
+    return tlsio_class("Lane")
 
 
 class Logged(Endpoint):

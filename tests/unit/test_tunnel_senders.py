@@ -27,17 +27,9 @@ from agent.dataplane import tunnel as tunnel_shell
 from agent.dataplane.netns import NetNs
 from agent.dataplane.tunnel import OUTPUT_HIGH, StreamTransport, TunnelSession
 from tests.unit.test_tunnel_lanes import REQUEST, Mesh, frame, until
-from tests.unit.test_tunnel_tls import _c_transport
+from tests.unit.test_tunnel_tls import _c_transport, tlsio_class
 
 OPAQUE = b"\x16\x03\x01 not http"  # the first bytes of a stream nothing observes
-
-
-def _sender_class() -> Any:
-    try:
-        from agent.dataplane._tlsio import Sender
-    except ImportError as exc:
-        raise AssertionError(f"agent.dataplane._tlsio is not built (setup.py): {exc}") from None
-    return Sender
 
 
 @pytest.fixture(autouse=True)
@@ -331,7 +323,7 @@ def test_a_grant_never_exceeds_the_streams_window_and_survives_its_close() -> No
 def test_a_sender_without_credit_or_given_other_than_bytes_falls_back() -> None:
     """The stream's own write takes what the sender cannot (no credit, more than the credit,
     a bytearray); a sender that is off asks the stream whether it is closing."""
-    Sender = _sender_class()
+    Sender = tlsio_class("Sender")
     calls: list[Any] = []
 
     async def run() -> None:

@@ -84,13 +84,18 @@ class Collector(asyncio.Protocol):
             self.ended.set_result(exc)
 
 
-def _c_transport() -> Any:
-    """The C transport, whatever PINION_PURE_PYTHON says (it only keeps agents off it)."""
+def tlsio_class(name: str) -> Any:
+    """`agent.dataplane._tlsio.<name>`: built by setup.py (CI builds it), or the test fails."""
     try:
-        from agent.dataplane._tlsio import TlsTransport
+        from agent.dataplane import _tlsio
     except ImportError as exc:
         raise AssertionError(f"agent.dataplane._tlsio is not built (setup.py): {exc}") from None
-    return TlsTransport
+    return getattr(_tlsio, name)
+
+
+def _c_transport() -> Any:
+    """The C transport, whatever PINION_PURE_PYTHON says (it only keeps agents off it)."""
+    return tlsio_class("TlsTransport")
 
 
 @pytest.fixture(params=RECORDS)

@@ -302,18 +302,23 @@ static void drop_plain(TlsTransport *self) {
     }
 }
 
+/* Room for `more` bytes of frames in the senders' plaintext. 0, or -1 (out of memory). */
+static int plain_room(TlsTransport *t, size_t more) {
+    if (t->plain_len + more <= t->plain_cap) return 0;
+    size_t cap = t->plain_cap ? t->plain_cap : 16384;
+    while (cap < t->plain_len + more) cap *= 2;
+    char *grown = PyMem_Realloc(t->plain, cap);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    t->plain = grown;
+    t->plain_cap = cap;
+    return 0;
+}
+
 /* The senders' frames, sealed and sent (with `more` after them, in the same records). */
 static int seal_plain(TlsTransport *self, const char *more, size_t n) {
     if (self->plain_len == 0) return n ? seal(self, more, n) : 0;
     if (n) {
-        if (self->plain_len + n > self->plain_cap) {
-            size_t cap = self->plain_cap;
-            while (cap < self->plain_len + n) cap *= 2;
-            char *grown = PyMem_Realloc(self->plain, cap);
-            if (grown == NULL) { PyErr_NoMemory(); return -1; }
-            self->plain = grown;
-            self->plain_cap = cap;
-        }
+        if (plain_room(self, n) < 0) return -1;
         memcpy(self->plain + self->plain_len, more, n);
         self->plain_len += n;
     }
@@ -704,9 +709,7 @@ static PyObject *call_connection_lost(TlsTransport *self, PyObject *exc) {
     Py_CLEAR(self->write_cb);
     Py_CLEAR(self->lost_cb);  /* (the loop's handle holds the one running) no cycle is left */
     Py_CLEAR(self->flush_cb);
-    PyMem_Free(self->plain);
-    self->plain = NULL;
-    self->plain_len = self->plain_cap = 0;
+    drop_plain(self);
     if (self->lanes != NULL) PyDict_Clear(self->lanes);  /* they hold the session's methods */
     Py_CLEAR(self->last_lane);
     PyMem_Free(self->tail);
@@ -738,7 +741,7 @@ static PyObject *tt_write(TlsTransport *self, PyObject *data) {
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
     /* the senders' frames waiting for `_flush` came first: they go first, in the same records */
-    int r = view.len > 0 || self->plain_len > 0 ? seal_plain(self, view.buf, (size_t)view.len) : 0;
+    int r = seal_plain(self, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     if (r < 0) return NULL;
     Py_RETURN_NONE;
@@ -1113,23 +1116,13 @@ typedef struct {
     TlsTransport *transport;
     PyObject *fallback, *fallback_closing;  /* the stream's write and is_closing */
     unsigned long long credit;   /* bytes it may still send */
-    unsigned long long frames, sent;  /* DATA frames and bytes it sent, in all */
+    unsigned long long frames;   /* DATA frames it sent, in all */
+    unsigned long long sent;     /* bytes it sent since it was last taken off */
     unsigned long stream_id;
     char active;
 } Sender;
 
 static PyTypeObject SenderType;
-
-static int plain_room(TlsTransport *t, size_t more) {
-    if (t->plain_len + more <= t->plain_cap) return 0;
-    size_t cap = t->plain_cap ? t->plain_cap : 16384;
-    while (cap < t->plain_len + more) cap *= 2;
-    char *grown = PyMem_Realloc(t->plain, cap);
-    if (grown == NULL) { PyErr_NoMemory(); return -1; }
-    t->plain = grown;
-    t->plain_cap = cap;
-    return 0;
-}
 
 static void put_be32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
@@ -1203,10 +1196,11 @@ static PyObject *sender_grant(Sender *self, PyObject *credit) {
 }
 
 static PyObject *sender_take(Sender *self, PyObject *unused) {
-    unsigned long long credit = self->credit;
-    self->credit = 0;
+    PyObject *taken = Py_BuildValue("(KK)", self->credit, self->sent);
+    if (taken == NULL) return NULL;
+    self->credit = self->sent = 0;
     self->active = 0;
-    return PyLong_FromUnsignedLongLong(credit);
+    return taken;
 }
 
 static int sender_init(Sender *self, PyObject *args, PyObject *kwargs) {
@@ -1257,7 +1251,8 @@ static PyMethodDef sender_methods[] = {
      "DATA frames within the credit, sealed at the end of the iteration; else the stream's write."},
     {"is_closing", (PyCFunction)sender_is_closing, METH_NOARGS, NULL},
     {"grant", (PyCFunction)sender_grant, METH_O, "More credit (taken from the windows): active."},
-    {"take", (PyCFunction)sender_take, METH_NOARGS, "Off: the credit not used, returned."},
+    {"take", (PyCFunction)sender_take, METH_NOARGS,
+     "Off: (the credit not used, the bytes sent) since it was last taken off."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1265,7 +1260,7 @@ static PyGetSetDef sender_getset[] = {
     {"active", (getter)sender_get_active, NULL, "writes are framed here", NULL},
     {"credit", (getter)sender_get_credit, NULL, "bytes it may still send", NULL},
     {"frames", (getter)sender_get_frames, NULL, "DATA frames it sent, in all", NULL},
-    {"sent", (getter)sender_get_sent, NULL, "bytes it sent, in all", NULL},
+    {"sent", (getter)sender_get_sent, NULL, "bytes it sent since it was last taken off", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

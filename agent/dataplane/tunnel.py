@@ -82,7 +82,7 @@ class StreamTransport:
     __slots__ = ("_closing", "_eof_sent", "_eof_wanted", "_held", "_held_eof", "_high",
                  "_lane_counted", "_lost", "_owed", "_paused", "_pending", "_pending_size",
                  "_write_paused", "accepted", "lane", "on_refused", "protocol", "replay",
-                 "replay_size", "sender", "sender_credit", "session", "stream_id")
+                 "replay_size", "sender", "session", "stream_id")
 
     def __init__(self, session: TunnelSession, stream_id: int, protocol: asyncio.Protocol) -> None:
         self.session = session
@@ -110,7 +110,6 @@ class StreamTransport:
         self.lane: Any = None  # a _tlsio.Lane, registered on the C transport: DATA delivered there
         self._lane_counted: Callable[[int, int], None] | None = None  # the relay's, bound once
         self.sender: Any = None  # a _tlsio.Sender once granted credit: writes framed in C
-        self.sender_credit = 0  # granted to it since it was last taken off
 
     # ---------------------------------------------------------------- transport API
 
@@ -132,9 +131,7 @@ class StreamTransport:
         """The sender's fallback too (no credit left, the session holding frames, the TLS
         connection paused): its credit comes back first, this write goes through the
         Connection, and the sender gets credit again if the stream may still use it."""
-        sender = self.sender
-        if sender is not None and sender.active:
-            self._sender_off()
+        self._sender_off()
         if self._closing or self._lost or not data:
             return
         replay = self.replay
@@ -157,8 +154,7 @@ class StreamTransport:
         if sent < len(data):
             self._hold_output(data[sent:])
         session.flush()
-        if not self._pending and session.senders:
-            self._grant()
+        self._grant()
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -199,8 +195,7 @@ class StreamTransport:
         if self._closing or self._lost:
             return
         self.lane_off()
-        self._sender_off()
-        self.write_eof()
+        self.write_eof()  # (the sender's credit back first)
         self._closing = True
         if self.session.connection.stream_state(self.stream_id) is core.StreamState.CLOSED:
             self._lose(None)
@@ -269,8 +264,7 @@ class StreamTransport:
         if self._write_paused and not self.session.write_paused:
             self._write_paused = False
             self.protocol.resume_writing()
-        if session.senders and not self._pending:
-            self._grant()
+        self._grant()
 
     def pause_writing(self) -> None:
         if not self._write_paused:
@@ -286,8 +280,7 @@ class StreamTransport:
 
     def peer_accepted(self) -> None:
         self.replay = None  # the destination has it now: never sent twice
-        if self.session.senders and not self._pending:
-            self._grant()
+        self._grant()
 
     def reset_by_peer(self, error_code: int) -> None:
         exc = ConnectionResetError(f"stream reset by peer ({describe_code(error_code)})")
@@ -384,8 +377,9 @@ class StreamTransport:
         connection not paused): credit for the stream's Sender, which frames the relay's
         writes in C until it runs out (module docstring)."""
         session = self.session
-        if (self._closing or self._lost or self._eof_wanted or self._eof_sent or not self.accepted
-                or self.replay is not None or session.write_paused):
+        if (not session.senders or self._pending or self._closing or self._lost or self._eof_wanted
+                or self._eof_sent or not self.accepted or self.replay is not None
+                or session.write_paused):
             return
         sender = self.sender
         if sender is None:
@@ -397,16 +391,14 @@ class StreamTransport:
             use(sender.write, sender.is_closing)
         credit = session.connection.grant(self.stream_id, SENDER_GRANT)
         if credit:
-            self.sender_credit += credit
             sender.grant(credit)
 
     def _sender_off(self) -> None:
         """The sender's credit back to the windows: writes go through the Connection."""
         sender = self.sender
         if sender is not None and sender.active:
-            unused, granted = sender.take(), self.sender_credit
-            self.sender_credit = 0
-            self.session.connection.give_back(self.stream_id, unused, granted - unused)
+            unused, sent = sender.take()
+            self.session.connection.give_back(self.stream_id, unused, sent)
 
     def _send_data(self, data: bytes) -> int:
         """Connection.send_data; short of the connection's window while senders hold credit,

@@ -344,7 +344,7 @@ def test_a_sender_without_credit_or_given_other_than_bytes_falls_back() -> None:
             sender.write(bytearray(b"a"))  # not bytes
             assert calls == [b"abc", b"abc", bytearray(b"a")]
             assert sender.credit == 2 and sender.frames == 0 and transport.get_write_buffer_size() == 0
-            assert sender.take() == 2 and not sender.active and sender.credit == 0
+            assert sender.take() == (2, 0) and not sender.active and sender.credit == 0
         finally:
             one.close()
             other.close()

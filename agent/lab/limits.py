@@ -15,7 +15,10 @@ from agent.lab.agents import LabAgent
 class Cgroup:
     """The agent's memory and CPU limits: cgroup v1 controllers if mounted, else v2."""
 
-    def __init__(self, name: str, memory_bytes: int, cpu: float) -> None:
+    def __init__(self, name: str, memory_bytes: int, cpu: float, period: float = 0.1) -> None:
+        """`cpu` cores' worth of each CFS `period` (seconds; 0.1 is the kernel's and
+        Kubernetes' default): the group runs `cpu * period` seconds of it, then waits."""
+        period_us = int(period * 1_000_000)
         self.v1 = Path("/sys/fs/cgroup/memory").is_dir() and Path("/sys/fs/cgroup/cpu").is_dir()
         if self.v1:
             self.memory = Path("/sys/fs/cgroup/memory") / name
@@ -25,13 +28,13 @@ class Cgroup:
             (self.memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
             with contextlib.suppress(OSError):  # no swap here, but say so if there were
                 (self.memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-            (self.cpu / "cpu.cfs_period_us").write_text("100000")
-            (self.cpu / "cpu.cfs_quota_us").write_text(str(int(cpu * 100000)))
+            (self.cpu / "cpu.cfs_period_us").write_text(str(period_us))
+            (self.cpu / "cpu.cfs_quota_us").write_text(str(int(cpu * period_us)))
         else:
             self.memory = self.cpu = Path("/sys/fs/cgroup") / name
             self.memory.mkdir()
             (self.memory / "memory.max").write_text(str(memory_bytes))
-            (self.memory / "cpu.max").write_text(f"{int(cpu * 100000)} 100000")
+            (self.memory / "cpu.max").write_text(f"{int(cpu * period_us)} {period_us}")
 
     def usage(self) -> int:
         name = "memory.usage_in_bytes" if self.v1 else "memory.current"

@@ -17,13 +17,20 @@ from tests.netns.conftest import Mesh, eventually
 
 MIB = 1024 * 1024
 BURST = 300  # connections opened at once: far over the pace, far under the memory-sized limit
+# 0.1 CPU as 100 ms of each second. With the default 100 ms period the agent runs 10 ms at a
+# time: on this lab's cores (a new relayed connection ~0.6 ms of the agent's CPU, half of it
+# the kernel's) that accepts ~15 connections before the quota stops it, under the floor of
+# the pace (64), so the budget never has to act and the test would show nothing. A slice of
+# 100 ms would take ~150 at once, as a 10 ms slice does on a core several times faster — the
+# case pacing is for: here the budget runs out at the pace (64) some 15 times in the burst.
+CPU, CPU_PERIOD = 0.1, 1.0
 
 
 def test_a_burst_on_a_cpu_bound_agent_is_paced_waits_in_the_backlog_and_is_served() -> None:
     agents: list[LabAgent] = []
     lab = Lab(nodes=2, extra_plugins=lambda node: [agents[node.index].plugin_config()])
     try:
-        cgroup = Cgroup(f"pinion-pacing-{lab.run_id}", 256 * MIB, 0.1)
+        cgroup = Cgroup(f"pinion-pacing-{lab.run_id}", 256 * MIB, CPU, CPU_PERIOD)
     except BaseException:
         lab.close()
         raise

@@ -22,6 +22,7 @@ import contextlib
 import hmac
 import json
 import logging
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -228,6 +229,11 @@ class TapEndpoint:
         loop = asyncio.get_running_loop()
         next_stats = loop.time() + limits.stats_interval
         reported = (0, 0)
+        # Each tap flushes on a phase of its own: taps opened together (a dashboard's, or
+        # twenty `tap` commands) would otherwise all wake for the same first event and write
+        # in the same loop iteration, every flush_interval: one long stall of the data path
+        # instead of several short ones (p99 at 1,000 req/s with 20 taps, test_tap).
+        phase = random.random() * limits.flush_interval
         try:
             while not gone.done():
                 waiter = asyncio.ensure_future(wake.wait())
@@ -237,7 +243,9 @@ class TapEndpoint:
                 if gone.done():
                     break
                 wake.clear()
-                await asyncio.sleep(limits.flush_interval)  # let a burst gather: one write
+                # let a burst gather (one write), up to this tap's next slot
+                await asyncio.sleep(limits.flush_interval
+                                    - (loop.time() - phase) % limits.flush_interval)
                 events = subscription.take()
                 if events:
                     writer.write(b"".join(event.line() for event in events))

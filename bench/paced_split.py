@@ -44,6 +44,12 @@ def main() -> int:
     parser.add_argument("--pyspy-seconds", type=int, default=20)
     parser.add_argument("--pyspy-bin", default="py-spy")
     parser.add_argument("--perf", help="write perf cpu-clock samples of pinion and haproxy here")
+    parser.add_argument("--hops", help="write packet captures (tcpdump) of one more paced run "
+                        "of pinion and of haproxy here, and print where a request's time goes, "
+                        "hop by hop (bench/hops.py)")
+    parser.add_argument("--sched", help="write `perf sched record` of one more paced run of "
+                        "pinion and of haproxy here, and print the scheduling delay (woken to "
+                        "running) of the client, the proxies and the server")
     parser.add_argument("--strace", help="write syscall counts (strace -c) of pinion and haproxy "
                         "during one more paced run each here, and print them per request")
     args = parser.parse_args()
@@ -103,6 +109,10 @@ def main() -> int:
                     self.sample()
                 if args.strace:
                     self.syscalls()
+                if args.hops:
+                    self.hops()
+                if args.sched:
+                    self.sched()
 
         def sample(self) -> None:
             os.makedirs(args.perf, exist_ok=True)
@@ -116,6 +126,82 @@ def main() -> int:
                 self.measure(cfg, "paced", 98)
                 perf.send_signal(signal.SIGINT)
                 perf.wait(timeout=60)
+
+        def hops(self) -> None:
+            """One more paced run of pinion and of haproxy under `tcpdump -i any` in the client's
+            pod, both nodes and the server's pod (tcpdump wakes about once a second: it costs the
+            run little), then bench/hops.py's table."""
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import hops
+
+            os.makedirs(args.hops, exist_ok=True)
+            nodes = self.L.nodes["n1"].netns, self.L.nodes["n2"].netns
+            plans = {"pinion": (self.cli_mesh.netns, self.web_mesh.netns, {80, 15001}, 15008),
+                     "haproxy": (self.cli_plain.netns, self.web_plain.netns, {sbs.HA_CLI}, sbs.HA_SRV)}
+            results = {}
+            for cfg, (client, server, client_ports, tls_port) in plans.items():
+                files, dumps = {}, []
+                for role, netns in (("client", client), ("node1", nodes[0]), ("node2", nodes[1]),
+                                    ("server", server)):
+                    files[role] = os.path.join(args.hops, f"{cfg}-{role}.pcap")
+                    dumps.append(subprocess.Popen(
+                        ["ip", "netns", "exec", netns, "tcpdump", "-q", "-i", "any", "-s", "128",
+                         "-B", "16384", "--time-stamp-precision=nano", "-w", files[role], "tcp"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                time.sleep(1.0)
+                self.measure(cfg, "paced", 96)
+                for dump in dumps:
+                    dump.send_signal(signal.SIGINT)
+                for dump in dumps:
+                    _, err = dump.communicate(timeout=30)
+                    dropped = [line for line in err.splitlines() if "dropped by kernel" in line]
+                    if dropped and not dropped[0].startswith("0 "):
+                        print(f"{cfg}: tcpdump {dropped[0]}", file=sys.stderr)
+                captured = {role: hops.read_pcap(path) for role, path in files.items()}
+                ends = [next((captured[role] for role in roles  # the first with the TLS port's
+                              if any(tls_port in (s.sport, s.dport) for s in captured[role])), [])
+                        for roles in (("client", "node1"), ("server", "node2"))]
+                results[cfg] = hops.requests(captured["client"], ends[0], ends[1],
+                                             captured["server"], client_ports, tls_port, 80)
+            print(f"\nhop by hop, one paced run each ({args.rate:.0f} req/s, 16 connections), from "
+                  "packet captures; requests alone in flight (bench/hops.py)\n")
+            print(hops.table(results))
+
+        def sched(self) -> None:
+            """How long each process of a paced run waits for a CPU once woken (`perf sched
+            timehist`'s "sch delay"): with one request in flight a wait is that request's."""
+            os.makedirs(args.sched, exist_ok=True)
+            print(f"\nscheduling delay, woken to running, one paced run each ({args.rate:.0f} req/s), "
+                  "perf sched timehist; µs\n")
+            print("| config | process | wake-ups | p50 | p90 | p99 | p99.9 |")
+            print("|---|---|---:|---:|---:|---:|---:|")
+            for cfg in ("pinion", "haproxy"):
+                data = os.path.join(args.sched, f"{cfg}.data")
+                record = subprocess.Popen(["perf", "sched", "record", "-a", "-o", data],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+                self.measure(cfg, "paced", 95)
+                record.send_signal(signal.SIGINT)
+                record.wait(timeout=60)
+                out = subprocess.run(["perf", "sched", "timehist", "-i", data], text=True,
+                                     capture_output=True, timeout=300).stdout
+                delays: dict[str, list[float]] = {}
+                for line in out.splitlines():
+                    fields = line.split()
+                    # time cpu task[tid/pid] wait sch-delay run
+                    if len(fields) >= 6 and fields[0][0].isdigit() and "[" in fields[2]:
+                        try:
+                            delay = float(fields[4]) * 1000  # ms -> µs
+                        except ValueError:
+                            continue
+                        name = fields[2].split("[")[0]
+                        delays.setdefault(name, []).append(delay)
+                for name, values in sorted(delays.items(), key=lambda kv: -len(kv[1]))[:6]:
+                    values.sort()
+                    at = [values[min(len(values) - 1, int(p * len(values)))]
+                          for p in (0.5, 0.9, 0.99, 0.999)]
+                    print(f"| {cfg} | {name} | {len(values)} | " + " | ".join(f"{v:.0f}" for v in at)
+                          + " |")
 
         def syscalls(self) -> None:
             """Syscalls per request of both ends (strace slows what it traces: these runs

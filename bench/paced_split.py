@@ -40,6 +40,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=int, default=4, help="seconds per paced run")
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--load", choices=("paced", "newconn"), default="paced",
+                        help="what the CPU split and the profiles run: side_by_side.py's paced "
+                        "client, or its ab with a new connection per request (--ab-n of them)")
+    parser.add_argument("--ab-n", type=int, default=5000)
     parser.add_argument("--pyspy", help="write py-spy profiles of both agents here")
     parser.add_argument("--pyspy-seconds", type=int, default=20)
     parser.add_argument("--pyspy-bin", default="py-spy")
@@ -63,7 +67,7 @@ def main() -> int:
     os.environ["PATH"] = sbs.RUNTIME_PATH
     os.environ.pop("PYTHONPATH", None)
     lab.TEARDOWN_BUDGET = 60.0
-    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=16, ab_n=100,
+    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=16, ab_n=args.ab_n,
                             pods=1, cni_n=1, quick=True)
     settings.warm_s, settings.warm_ab = 1, 100
 
@@ -87,14 +91,15 @@ def main() -> int:
                     for cfg in sbs.rotated(CONFIGS, r):
                         pids = [p.pid for p in self.procs_of(cfg)]
                         u0, s0 = ticks(pids)
-                        self.measure(cfg, "paced", r + 1)
+                        self.measure(cfg, args.load, r + 1)
                         u1, s1 = ticks(pids)
                         n = self.rows[-1].get("n") or 1
                         us = 1e6 / os.sysconf("SC_CLK_TCK") / n
                         per[cfg][0].append((u1 - u0) * us)
                         per[cfg][1].append((s1 - s0) * us)
-                print(f"paced {args.rate:.0f} req/s over 16 connections, {args.duration} s runs, "
-                      f"{args.rounds} rounds; CPU µs per request, both ends (median, runs)\n")
+                what = (f"paced {args.rate:.0f} req/s over 16 connections, {args.duration} s runs"
+                        if args.load == "paced" else f"ab -n {args.ab_n} -c 16, a new connection each")
+                print(f"{what}, {args.rounds} rounds; CPU µs per request, both ends (median, runs)\n")
                 print("| config | user | system | total | user runs | system runs |")
                 print("|---|---:|---:|---:|---|---|")
                 for cfg in CONFIGS:
@@ -123,7 +128,7 @@ def main() -> int:
                      "-o", os.path.join(args.perf, f"{cfg}.data")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
-                self.measure(cfg, "paced", 98)
+                self.measure(cfg, args.load, 98)
                 perf.send_signal(signal.SIGINT)
                 perf.wait(timeout=60)
 
@@ -244,7 +249,7 @@ def main() -> int:
                      "-o", os.path.join(args.pyspy, f"{name}.raw")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1.0)
-            self.measure("pinion", "paced", 99)
+            self.measure("pinion", args.load, 99)
             for spy in spies:
                 spy.wait(timeout=120)
 

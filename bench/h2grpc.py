@@ -265,6 +265,10 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
                     self.warmup()
                     self.measure_rounds()
                     self.loads.append(("after the rounds", sbs.loadavg()))
+                    if self.args.pyspy:
+                        self.profile()
+                    if self.args.strace:
+                        self.syscalls()
                     self.memory_end()
                 except (Exception, lab.Interrupted) as e:
                     self.fatal = f"{type(e).__name__}: {e}"
@@ -498,6 +502,43 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
                                 self.measure_proto(proto, cfg, load, r + 1)
                                 time.sleep(0.3)
 
+        def profile(self) -> None:
+            """py-spy (raw collapsed stacks, --native) of both agents during one more paced
+            h2 run through Pinion with metrics, and one through the opaque port."""
+            os.makedirs(self.args.pyspy, exist_ok=True)
+            for cfg in ("pinion", "pinion-opaque"):
+                spies = [subprocess.Popen(
+                    [self.args.pyspy_bin, "record", "--native", "-r", "500", "-f", "raw",
+                     "-d", str(self.s.duration + 1), "-p", str(self.L.nodes[name].agent.pid),
+                     "-o", os.path.join(self.args.pyspy, f"{cfg}-{name}.raw")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("n1", "n2")]
+                time.sleep(1.0)
+                self.measure_proto("h2", cfg, "paced", 99)
+                for spy in spies:
+                    spy.wait(timeout=120)
+
+        def syscalls(self) -> None:
+            """System calls of both agents (strace -c -f) during one more paced h2 run with
+            metrics and one opaque, per request, on stderr (strace slows what it traces)."""
+            os.makedirs(self.args.strace, exist_ok=True)
+            for cfg in ("pinion", "pinion-opaque"):
+                out = os.path.join(self.args.strace, f"{cfg}.txt")
+                tracer = subprocess.Popen(
+                    ["strace", "-c", "-f", "-o", out, "-p", str(self.L.nodes["n1"].agent.pid),
+                     "-p", str(self.L.nodes["n2"].agent.pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+                row = self.measure_proto("h2", cfg, "paced", 98)
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=60)
+                n = (row or {}).get("n") or 1
+                log(f"{cfg}: system calls per request, both agents (strace -c, {n:.0f} requests)")
+                with open(out) as table:
+                    for line in table:
+                        fields = line.split()
+                        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+                            log(f"  {fields[-1]:16s} {int(fields[3]) / n:6.2f}")
+
         # -- report ---------------------------------------------------------------------
         def render(self) -> str:
             return render(self, sbs)
@@ -627,6 +668,11 @@ def parse_args(argv=None):
     p.add_argument("--grpc-python",
                    help="python with grpcio for the gRPC server and client (default: the checkout's venv)")
     p.add_argument("--keep-logs", help="copy the lab logs here")
+    p.add_argument("--pyspy", help="after the rounds, write py-spy profiles of both agents during "
+                   "one more paced h2 run with metrics and one opaque here")
+    p.add_argument("--pyspy-bin", default="py-spy")
+    p.add_argument("--strace", help="after the rounds, count both agents' system calls per request "
+                   "(strace -c) during one more paced h2 run with metrics and one opaque; tables here")
     return p.parse_args(argv)
 
 

@@ -269,6 +269,8 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
                         self.profile()
                     if self.args.strace:
                         self.syscalls()
+                    if self.args.hops:
+                        self.hops()
                     self.memory_end()
                 except (Exception, lab.Interrupted) as e:
                     self.fatal = f"{type(e).__name__}: {e}"
@@ -517,6 +519,27 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
                 for spy in spies:
                     spy.wait(timeout=120)
 
+        def hops(self) -> None:
+            """One more paced h2 run through Pinion with metrics, one opaque and one through
+            haproxy under tcpdump (bench/hops.py): each request's time, hop by hop, on stderr."""
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import hops
+
+            nodes = {"node1": self.L.nodes["n1"].netns, "node2": self.L.nodes["n2"].netns}
+            self.proto, self.cfg = "h2", self.cfgs["h2"]
+            results = {}
+            for cfg in ("pinion", "pinion-opaque", "haproxy"):
+                c = self.cfg[cfg]
+                server = self.web_plain if cfg == "haproxy" else self.web_mesh
+                port = H2_OPAQUE if cfg == "pinion-opaque" else H2_PORT
+                tls = HA_H2_SRV if cfg == "haproxy" else 15008
+                client_ports = {c["port"]} if cfg == "haproxy" else {c["port"], 15001}
+                results[cfg] = hops.captured_run(
+                    self.args.hops, f"h2-{cfg}", {"client": c["cli"].netns, **nodes,
+                                                  "server": server.netns},
+                    lambda cfg=cfg: self.measure_proto("h2", cfg, "paced", 97), client_ports, tls, port)
+            log("h2 paced, hop by hop (bench/hops.py; requests alone in flight):\n" + hops.table(results))
+
         def syscalls(self) -> None:
             """System calls of both agents (strace -c -f) during one more paced h2 run with
             metrics and one opaque, per request, on stderr (strace slows what it traces)."""
@@ -671,6 +694,9 @@ def parse_args(argv=None):
     p.add_argument("--pyspy", help="after the rounds, write py-spy profiles of both agents during "
                    "one more paced h2 run with metrics and one opaque here")
     p.add_argument("--pyspy-bin", default="py-spy")
+    p.add_argument("--hops", help="after the rounds, packet captures of one more paced h2 run "
+                   "with metrics, one opaque and one through haproxy here, and where each "
+                   "request's time goes, hop by hop (bench/hops.py), on stderr")
     p.add_argument("--strace", help="after the rounds, count both agents' system calls per request "
                    "(strace -c) during one more paced h2 run with metrics and one opaque; tables here")
     return p.parse_args(argv)

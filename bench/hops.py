@@ -29,8 +29,13 @@ import bisect
 import dataclasses
 import itertools
 import math
+import os
+import signal
 import struct
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 113, 276
 MIN_RECORD = 60  # TLS payload bigger than this carries data (not a lone WINDOW_UPDATE or ACK)
@@ -188,3 +193,40 @@ def table(results: dict[str, tuple[list[Request], int]]) -> str:
             lines.append(f"{lead}| {hop} | {pct(values, 50) * 1e6:.0f} | {pct(values, 90) * 1e6:.0f} "
                          f"| {pct(values, 99) * 1e6:.0f} | {sum(tail) / len(tail) * 1e6:.0f} |")
     return "\n".join(lines)
+
+
+def captured_run(directory: str, name: str, namespaces: dict[str, str], run: Callable[[], object],
+                 client_ports: Iterable[int], tls_port: int, server_port: int
+                 ) -> tuple[list[Request], int]:
+    """`run()` under `tcpdump -i any` in each of `namespaces` (role -> netns: "client" and
+    "server" — the pods —, "node1" and "node2"), the pcap files kept in `directory`, then
+    `requests()` of what they saw. tcpdump wakes about once a second (no -U): it costs the
+    run little. The TLS ends are the pods' captures if they carry the TLS port (Pinion's
+    tunnel), else the nodes' (a node-to-node proxy pair)."""
+    os.makedirs(directory, exist_ok=True)
+    files, dumps = {}, []
+    for role, netns in namespaces.items():
+        files[role] = os.path.join(directory, f"{name}-{role}.pcap")
+        dumps.append(subprocess.Popen(
+            ["ip", "netns", "exec", netns, "tcpdump", "-q", "-i", "any", "-s", "128", "-B", "16384",
+             "--time-stamp-precision=nano", "-w", files[role], "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        time.sleep(1.0)
+        run()
+    finally:
+        for dump in dumps:
+            dump.send_signal(signal.SIGINT)
+        for dump in dumps:
+            _, err = dump.communicate(timeout=30)
+            dropped = [line for line in err.splitlines() if "dropped by kernel" in line]
+            if dropped and not dropped[0].startswith("0 "):
+                print(f"{name}: tcpdump {dropped[0]}", file=sys.stderr)
+    seen = {role: read_pcap(path) for role, path in files.items()}
+
+    def carrying(*roles: str) -> list[Segment]:
+        return next((seen[role] for role in roles if role in seen
+                     and any(tls_port in (s.sport, s.dport) for s in seen[role])), [])
+
+    return requests(seen["client"], carrying("client", "node1"), carrying("server", "node2"),
+                    seen["server"], client_ports, tls_port, server_port)

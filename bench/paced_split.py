@@ -139,35 +139,14 @@ def main() -> int:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import hops
 
-            os.makedirs(args.hops, exist_ok=True)
-            nodes = self.L.nodes["n1"].netns, self.L.nodes["n2"].netns
+            nodes = {"node1": self.L.nodes["n1"].netns, "node2": self.L.nodes["n2"].netns}
             plans = {"pinion": (self.cli_mesh.netns, self.web_mesh.netns, {80, 15001}, 15008),
                      "haproxy": (self.cli_plain.netns, self.web_plain.netns, {sbs.HA_CLI}, sbs.HA_SRV)}
             results = {}
             for cfg, (client, server, client_ports, tls_port) in plans.items():
-                files, dumps = {}, []
-                for role, netns in (("client", client), ("node1", nodes[0]), ("node2", nodes[1]),
-                                    ("server", server)):
-                    files[role] = os.path.join(args.hops, f"{cfg}-{role}.pcap")
-                    dumps.append(subprocess.Popen(
-                        ["ip", "netns", "exec", netns, "tcpdump", "-q", "-i", "any", "-s", "128",
-                         "-B", "16384", "--time-stamp-precision=nano", "-w", files[role], "tcp"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-                time.sleep(1.0)
-                self.measure(cfg, "paced", 96)
-                for dump in dumps:
-                    dump.send_signal(signal.SIGINT)
-                for dump in dumps:
-                    _, err = dump.communicate(timeout=30)
-                    dropped = [line for line in err.splitlines() if "dropped by kernel" in line]
-                    if dropped and not dropped[0].startswith("0 "):
-                        print(f"{cfg}: tcpdump {dropped[0]}", file=sys.stderr)
-                captured = {role: hops.read_pcap(path) for role, path in files.items()}
-                ends = [next((captured[role] for role in roles  # the first with the TLS port's
-                              if any(tls_port in (s.sport, s.dport) for s in captured[role])), [])
-                        for roles in (("client", "node1"), ("server", "node2"))]
-                results[cfg] = hops.requests(captured["client"], ends[0], ends[1],
-                                             captured["server"], client_ports, tls_port, 80)
+                results[cfg] = hops.captured_run(
+                    args.hops, cfg, {"client": client, **nodes, "server": server},
+                    lambda cfg=cfg: self.measure(cfg, "paced", 96), client_ports, tls_port, 80)
             print(f"\nhop by hop, one paced run each ({args.rate:.0f} req/s, 16 connections), from "
                   "packet captures; requests alone in flight (bench/hops.py)\n")
             print(hops.table(results))

@@ -42,6 +42,9 @@ import time
 import traceback
 from types import ModuleType
 
+import hops  # beside this script
+import tracing
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_YARDSTICK = os.path.join(os.path.dirname(REPO), "shared", "bench")
 CONFIGS = ("direct", "haproxy", "pinion", "pinion-opaque")
@@ -507,24 +510,15 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
         def profile(self) -> None:
             """py-spy (raw collapsed stacks, --native) of both agents during one more paced
             h2 run through Pinion with metrics, and one through the opaque port."""
-            os.makedirs(self.args.pyspy, exist_ok=True)
             for cfg in ("pinion", "pinion-opaque"):
-                spies = [subprocess.Popen(
-                    [self.args.pyspy_bin, "record", "--native", "-r", "500", "-f", "raw",
-                     "-d", str(self.s.duration + 1), "-p", str(self.L.nodes[name].agent.pid),
-                     "-o", os.path.join(self.args.pyspy, f"{cfg}-{name}.raw")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("n1", "n2")]
-                time.sleep(1.0)
-                self.measure_proto("h2", cfg, "paced", 99)
-                for spy in spies:
-                    spy.wait(timeout=120)
+                agents = {self.L.nodes[name].agent.pid: os.path.join(self.args.pyspy, f"{cfg}-{name}.raw")
+                          for name in ("n1", "n2")}
+                tracing.pyspy(self.args.pyspy_bin, agents, self.s.duration, 500,
+                              lambda cfg=cfg: self.measure_proto("h2", cfg, "paced", 99))
 
         def hops(self) -> None:
             """One more paced h2 run through Pinion with metrics, one opaque and one through
             haproxy under tcpdump (bench/hops.py): each request's time, hop by hop, on stderr."""
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import hops
-
             nodes = {"node1": self.L.nodes["n1"].netns, "node2": self.L.nodes["n2"].netns}
             self.proto, self.cfg = "h2", self.cfgs["h2"]
             results = {}
@@ -545,22 +539,15 @@ def make_bench(sbs: ModuleType, lab: ModuleType):
             metrics and one opaque, per request, on stderr (strace slows what it traces)."""
             os.makedirs(self.args.strace, exist_ok=True)
             for cfg in ("pinion", "pinion-opaque"):
-                out = os.path.join(self.args.strace, f"{cfg}.txt")
-                tracer = subprocess.Popen(
-                    ["strace", "-c", "-f", "-o", out, "-p", str(self.L.nodes["n1"].agent.pid),
-                     "-p", str(self.L.nodes["n2"].agent.pid)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.0)
-                row = self.measure_proto("h2", cfg, "paced", 98)
-                tracer.send_signal(signal.SIGINT)
-                tracer.wait(timeout=60)
-                n = (row or {}).get("n") or 1
+                rows: list[dict] = []
+                calls = tracing.strace_calls(
+                    [self.L.nodes[name].agent.pid for name in ("n1", "n2")],
+                    os.path.join(self.args.strace, f"{cfg}.txt"),
+                    lambda cfg=cfg, rows=rows: rows.append(self.measure_proto("h2", cfg, "paced", 98) or {}))
+                n = rows[0].get("n") or 1
                 log(f"{cfg}: system calls per request, both agents (strace -c, {n:.0f} requests)")
-                with open(out) as table:
-                    for line in table:
-                        fields = line.split()
-                        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
-                            log(f"  {fields[-1]:16s} {int(fields[3]) / n:6.2f}")
+                for name, count in sorted(calls.items(), key=lambda kv: -kv[1]):
+                    log(f"  {name:16s} {count / n:6.2f}")
 
         # -- report ---------------------------------------------------------------------
         def render(self) -> str:

@@ -124,18 +124,18 @@ def requests(client: Sequence[Segment], tls_client: Sequence[Segment],
     """(`isolated` requests with their six events, how many requests in all). `client_ports`:
     the ports the client connects to (the proxy's, or the service's it is redirected from):
     the client's own port is the other one."""
-    service = set(client_ports) | {tls_port}
+    service = set(client_ports)
     asked: dict[int, list[float]] = {}  # client port -> request times (first segment each)
     told: dict[int, list[float]] = {}  # client port -> response times (first segment each)
     last_dir: dict[int, str] = {}
     for s in client:
+        if tls_port in (s.sport, s.dport):
+            continue  # the proxy's own TLS (Pinion's tunnel leaves from the client's pod)
         if s.dport in service and s.sport not in service:
             port, direction = s.sport, "req"
         elif s.sport in service and s.dport not in service:
             port, direction = s.dport, "resp"
         else:
-            continue
-        if s.dport == tls_port or s.sport == tls_port:
             continue
         if last_dir.get(port) != direction:  # the first segment of a message
             (asked if direction == "req" else told).setdefault(port, []).append(s.t)

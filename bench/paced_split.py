@@ -29,6 +29,9 @@ import subprocess
 import sys
 import time
 
+import hops  # beside this script
+import tracing
+
 CONFIGS = ("haproxy", "pinion", "pinion-opaque")
 
 
@@ -109,7 +112,7 @@ def main() -> int:
                     print(f"| {cfg} | {statistics.median(user):.0f} | {statistics.median(system):.0f} | "
                           f"{total:.0f} | {runs[0]} | {runs[1]} |")
                 if args.pyspy:
-                    self.profile(L)
+                    self.profile()
                 if args.perf:
                     self.sample()
                 if args.strace:
@@ -136,9 +139,6 @@ def main() -> int:
             """One more paced run of pinion and of haproxy under `tcpdump -i any` in the client's
             pod, both nodes and the server's pod (tcpdump wakes about once a second: it costs the
             run little), then bench/hops.py's table."""
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import hops
-
             nodes = {"node1": self.L.nodes["n1"].netns, "node2": self.L.nodes["n2"].netns}
             plans = {"pinion": (self.cli_mesh.netns, self.web_mesh.netns, {80, 15001}, 15008),
                      "haproxy": (self.cli_plain.netns, self.web_plain.netns, {sbs.HA_CLI}, sbs.HA_SRV)}
@@ -193,44 +193,24 @@ def main() -> int:
             os.makedirs(args.strace, exist_ok=True)
             counts: dict[str, dict[str, float]] = {}
             for cfg in ("pinion", "haproxy"):
-                output = os.path.join(args.strace, f"{cfg}.txt")
-                command = ["strace", "-c", "-f", "-o", output]
-                for proc in self.procs_of(cfg):
-                    command += ["-p", str(proc.pid)]
-                tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL)
-                time.sleep(0.5)
-                self.measure(cfg, "paced", 97)
-                tracer.send_signal(signal.SIGINT)
-                tracer.wait(timeout=60)
+                calls = tracing.strace_calls(
+                    [proc.pid for proc in self.procs_of(cfg)], os.path.join(args.strace, f"{cfg}.txt"),
+                    lambda cfg=cfg: self.measure(cfg, args.load, 97))
                 n = self.rows[-1].get("n") or 1
-                with open(output) as table:
-                    for line in table:
-                        fields = line.split()
-                        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
-                            calls = int(fields[3])
-                            counts.setdefault(fields[-1], {})[cfg] = calls / n
-            print("\nsyscalls per request, both ends (strace -c during one paced run each)\n")
+                for name, count in calls.items():
+                    counts.setdefault(name, {})[cfg] = count / n
+            print(f"\nsyscalls per request, both ends (strace -c during one {args.load} run each)\n")
             print("| syscall | pinion | haproxy |")
             print("|---|---:|---:|")
             for name, per in sorted(counts.items(), key=lambda kv: -max(kv[1].values())):
                 print(f"| {name} | {per.get('pinion', 0):.2f} | {per.get('haproxy', 0):.2f} |")
 
-        def profile(self, L: object) -> None:
-            os.makedirs(args.pyspy, exist_ok=True)
+        def profile(self) -> None:
             self.s.duration = args.pyspy_seconds
-            spies = []
-            for name in ("n1", "n2"):
-                agent = self.L.nodes[name].agent
-                spies.append(subprocess.Popen(
-                    [args.pyspy_bin, "record", "--native", "-r", "250", "-f", "raw",
-                     "-d", str(args.pyspy_seconds + 1), "-p", str(agent.pid),
-                     "-o", os.path.join(args.pyspy, f"{name}.raw")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(1.0)
-            self.measure("pinion", args.load, 99)
-            for spy in spies:
-                spy.wait(timeout=120)
+            agents = {self.L.nodes[name].agent.pid: os.path.join(args.pyspy, f"{name}.raw")
+                      for name in ("n1", "n2")}
+            tracing.pyspy(args.pyspy_bin, agents, args.pyspy_seconds, 250,
+                          lambda: self.measure("pinion", args.load, 99))
 
     bench = Split(settings, checkout, "paced_split")
 

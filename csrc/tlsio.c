@@ -1248,7 +1248,8 @@ static PyObject *sender_get_sent(Sender *self, void *unused) { return PyLong_Fro
 
 static PyMethodDef sender_methods[] = {
     {"write", (PyCFunction)sender_write, METH_O,
-     "DATA frames within the credit, sealed at the end of the iteration; else the stream's write."},
+     "DATA frames within the credit: sealed at once if alone, at the iteration's end in a burst; "
+     "else the stream's write."},
     {"is_closing", (PyCFunction)sender_is_closing, METH_NOARGS, NULL},
     {"grant", (PyCFunction)sender_grant, METH_O, "More credit (taken from the windows): active."},
     {"take", (PyCFunction)sender_take, METH_NOARGS,

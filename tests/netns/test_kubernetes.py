@@ -208,6 +208,22 @@ def test_the_agent_captures_exactly_the_opted_in_pods_on_its_node(cluster: Clust
     assert cluster.captured(1) == {"shop/web-b"}
 
 
+def test_a_pod_a_stalled_watch_never_brings_is_found_by_asking_the_api(cluster: Cluster) -> None:
+    """The watch streams stay open and send nothing (a middlebox stopped forwarding): the
+    agent GETs the pod kubelet announced, lists its node's pods again, and the first ADD
+    succeeds; the new watch then brings later pods at once."""
+    cluster.api.stall_watches()
+    started = time.monotonic()
+    cluster.pod(0, "web-a")
+    assert 1.5 <= time.monotonic() - started < 10  # asked the API after 2 s, within one ADD
+    assert cluster.captured(0) == {"shop/web-a"}
+    assert "shop/web-a is in the API server but not in this watch" in cluster.agents[0].log()
+    started = time.monotonic()
+    cluster.pod(0, "web-b")  # the node's pod watch is a new stream now
+    assert time.monotonic() - started < 1.5
+    assert cluster.captured(0) == {"shop/web-a", "shop/web-b"}
+
+
 def test_opting_in_later_captures_and_opting_out_or_deleting_releases(cluster: Cluster) -> None:
     old = cluster.pod(0, "old", "legacy")
     web = cluster.pod(0, "web-a")

@@ -102,6 +102,7 @@ class _Api:
     requests: list[tuple[str, str]] = field(default_factory=list)
     connections: set[asyncio.StreamWriter] = field(default_factory=set)
     watches: set[asyncio.StreamWriter] = field(default_factory=set)
+    stalled: set[asyncio.StreamWriter] = field(default_factory=set)  # open, sending nothing
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
     accepted: int = 0  # connections, so tests can see keep-alive at work
 
@@ -286,6 +287,7 @@ class _Api:
         finally:
             self.store.unwatch(watcher)
             self.watches.discard(writer)
+            self.stalled.discard(writer)
         return True
 
     async def _stream(self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
@@ -300,6 +302,9 @@ class _Api:
         while (now := loop.time()) < deadline:
             if reader.at_eof() or writer.is_closing():
                 return False
+            if writer in self.stalled:  # held by a broken middlebox: events queue up unsent
+                await asyncio.sleep(0.05)
+                continue
             if bookmarks and now >= next_bookmark and events.empty():
                 bookmark = {"kind": resource.kind, "apiVersion": resource.group_version,
                             "metadata": {"resourceVersion": str(self.store.revision)}}
@@ -310,6 +315,8 @@ class _Api:
             try:
                 kind, obj = await asyncio.wait_for(events.get(), max(0.0, wake - now))
             except TimeoutError:
+                continue
+            if writer in self.stalled:  # never sent (a stalled stream does not come back)
                 continue
             writer.write(event_chunk(kind, obj))
             await writer.drain()
@@ -350,6 +357,9 @@ class _Api:
     def drop_watches(self) -> None:
         for writer in list(self.watches):
             writer.transport.abort()
+
+    def stall_watches(self) -> None:
+        self.stalled.update(self.watches)
 
     async def shutdown(self) -> None:
         for writer in list(self.connections):
@@ -484,6 +494,11 @@ class FakeApiServer:
     def drop_watches(self) -> None:
         """End every watch stream abruptly (no final chunk), as a restarting API server would."""
         self._on_loop(self._api.drop_watches)
+
+    def stall_watches(self) -> None:
+        """Every open watch stream stays open and sends nothing more (no events, no
+        bookmarks), as behind a middlebox that stopped forwarding; new watches are served."""
+        self._on_loop(self._api.stall_watches)
 
     @property
     def connections_accepted(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.controlplane.cluster.admission import ClusterAdmission
+from agent.controlplane.cluster.admission import ClusterAdmission, LookupFailed, PodLookup
 from agent.controlplane.cluster.objects import NamespaceRecord, PodRecord, project_pod
 from agent.controlplane.cluster.state import ClusterState
 from agent.inpod.errors import CaptureError
@@ -53,11 +53,13 @@ class FakePods:
 class World:
     """A node's admission with its pods, state and namespace as the watches would feed them."""
 
-    def __init__(self, tmp_path: Path, wait: float = 0.5) -> None:
+    def __init__(self, tmp_path: Path, wait: float = 0.5, lookup: PodLookup | None = None,
+                 resync: Callable[[str], None] | None = None) -> None:
         self.pods = FakePods()
         self.state = ClusterState()
         self.admission = ClusterAdmission(self.pods, self.state,
-                                          PodStateStore(tmp_path, "sandboxes"), wait_for_pod=wait)
+                                          PodStateStore(tmp_path, "sandboxes"), wait_for_pod=wait,
+                                          node="n1", lookup=lookup, resync=resync)
         self.admission.load()
         self.runner: asyncio.Task[None] | None = None
 
@@ -180,6 +182,76 @@ async def test_a_pod_the_api_never_shows_is_refused_with_try_again_later(world: 
         await world.admission.admit(sandbox("ghost"), {})
 
     assert refused.value.code == 11 and "not known to the API server" in refused.value.msg
+
+
+class Api:
+    """What a GET of a pod answers, and the resyncs asked of the node's watch."""
+
+    def __init__(self, answer: PodRecord | str | None) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, str]] = []
+        self.resyncs: list[str] = []
+        self.world: World | None = None
+
+    async def lookup(self, namespace: str, name: str) -> PodRecord | None:
+        self.asked.append((namespace, name))
+        if isinstance(self.answer, str):
+            raise LookupFailed(self.answer)
+        return self.answer
+
+    def resync(self, reason: str) -> None:
+        self.resyncs.append(reason)
+        assert self.world is not None and isinstance(self.answer, PodRecord)
+        answer = self.answer
+        asyncio.get_running_loop().call_later(0.02, lambda: self.world and self.world.admission
+                                              .local_pod_event("upsert", answer.key, None, answer))
+
+
+def test_a_pod_the_watch_lost_is_asked_of_the_api_and_the_watch_listed_again(tmp_path: Path) -> None:
+    """The watch never brings the pod (a stalled stream): the agent GETs it, finds it on this
+    node, asks the watch to list again, and the list brings it within the same ADD."""
+    record = project_pod(pod_object("web-1", "10.42.1.5"))
+    assert record is not None
+    api = Api(record)
+
+    async def body() -> None:
+        world = World(tmp_path, wait=2.0, lookup=api.lookup, resync=api.resync)
+        api.world = world
+        world.namespace("shop", "enabled")
+        started = asyncio.get_running_loop().time()
+        await world.admission.admit(sandbox("web-1"), {})
+        assert list(world.pods.captured_pods) == ["c1"]
+        assert 1.0 <= asyncio.get_running_loop().time() - started < 1.5  # asked at half the wait
+
+    asyncio.run(body())
+    assert api.asked == [("shop", "web-1")]
+    assert len(api.resyncs) == 1 and "shop/web-1 is in the API server" in api.resyncs[0]
+
+
+@pytest.mark.parametrize(("answer", "says"), [
+    (None, "the API server has no such pod"),
+    ("connection refused", "the API server could not be asked: connection refused"),
+    ("uid", "the API server's pod of that name has uid uid-other"),
+    ("node", "the API server has it on node 'n2', not this one"),
+])
+def test_what_the_api_says_of_a_pod_the_watch_never_brought_is_in_the_refusal(
+        tmp_path: Path, answer: str | None, says: str) -> None:
+    api = Api(answer)
+    if answer == "uid":
+        api.answer = project_pod({**pod_object("web-1", "10.42.1.5"),
+                                  "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-other"}})
+    elif answer == "node":
+        api.answer = project_pod(pod_object("web-1", "10.42.1.5", node="n2"))
+
+    async def body() -> None:
+        world = World(tmp_path, lookup=api.lookup, resync=api.resync)
+        with pytest.raises(CaptureError) as refused:
+            await world.admission.admit(sandbox("web-1"), {})
+        assert refused.value.code == 11 and "not known to the API server" in refused.value.msg
+        assert says in refused.value.msg
+
+    asyncio.run(body())
+    assert api.asked == [("shop", "web-1")] and api.resyncs == []
 
 
 @scenario

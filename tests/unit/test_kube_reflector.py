@@ -295,3 +295,28 @@ def test_a_refused_list_is_retried_with_backoff_until_it_works(server: FakeApiSe
         await client.close()
 
     run(scenario())
+
+
+def test_resync_ends_a_stalled_watch_and_lists_what_it_held_back(server: FakeApiServer) -> None:
+    server.apply(pod("web"))
+
+    async def scenario(reflector: Reflector[PodView], recorder: Recorder) -> None:
+        await asyncio.to_thread(server.stall_watches)
+        await asyncio.to_thread(server.apply, pod("cart", ip="10.42.0.9"))
+        await asyncio.to_thread(server.delete, "v1", "Pod", "default", "web")
+        await asyncio.sleep(0.5)  # bookmarks every 0.2 s: a live stream would have told by now
+        assert sorted(reflector.store) == ["default/web"]
+        recorder.calls.clear()
+        reflector.resync("a consumer knows of default/cart")
+        reflector.resync("asked twice before the list: one list")
+        await eventually(lambda: "default/cart" in reflector.store)
+        assert sorted(reflector.store) == ["default/cart"]
+        assert recorder.calls == [("delete", "default/web"), ("upsert", "default/cart")]
+        await eventually(lambda: len(watches(server)) == 2)  # watching again, from the list
+        assert watches(server)[1]["resourceVersion"] == [reflector.resource_version]
+        assert (reflector.resyncs, reflector.relists, reflector.restarts) == (1, 1, 0)
+        await asyncio.to_thread(server.apply, pod("api"))
+        await eventually(lambda: "default/api" in reflector.store)  # the new watch delivers
+
+    run(mirror(server, scenario))
+    assert len(lists(server)) == 2

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.controlplane.cluster.objects import NamespaceRecord, PodRecord
@@ -23,17 +24,35 @@ from agent.model import Pod
 
 log = logging.getLogger(__name__)
 
+# A healthy watch brings a pod within milliseconds of its creation, and kubelet asks the CNI
+# only after that: past this the agent asks the API server itself (one GET), and if the API
+# has the pod the watch has lost or not yet delivered, the watch is listed again.
+ASK_API_AFTER = 2.0
+
+
+class LookupFailed(Exception):
+    """The API server could not be asked (unreachable, refused): the reason, for the log."""
+
+
+# GET one pod ("namespace", "name"): its record, or None when the API server has none
+PodLookup = Callable[[str, str], Awaitable[PodRecord | None]]
+
 # What a change of these re-captures a pod for (rules, listeners, certificate, labels).
 _CAPTURE_FIELDS = ("service_account", "capture", "opaque_ports", "inbound", "owner_kind", "owner_name")
 
 
 class ClusterAdmission:
     def __init__(self, pods: Pods, state: ClusterState, sandboxes: PodStateStore, *,
-                 wait_for_pod: float = 10.0) -> None:
+                 wait_for_pod: float = 10.0, node: str = "", lookup: PodLookup | None = None,
+                 resync: Callable[[str], None] | None = None) -> None:
+        """`lookup` GETs a pod the watch does not have; `resync` lists this node's pods again."""
         self._pods = pods
         self._state = state
         self._store = sandboxes
         self._wait_for_pod = wait_for_pod
+        self._node = node
+        self._lookup = lookup
+        self._resync = resync
         self._sandboxes: dict[str, Pod] = {}  # container id -> the pod as announced
         self._local: dict[str, PodRecord] = {}  # "ns/name" -> what this node's pod watch says
         self._arrival = asyncio.Event()  # replaced on every local pod event (a broadcast)
@@ -112,23 +131,50 @@ class ClusterAdmission:
     # --- deciding -------------------------------------------------------------------------
     async def _record_for(self, pod: Pod) -> PodRecord:
         """This node's watch has the pod as soon as it is scheduled, before kubelet asks
-        the CNI; wait a little for a watch that lags, then let the runtime retry."""
-        deadline = time.monotonic() + self._wait_for_pod
+        the CNI; wait a little for a watch that lags (asking the API server itself once the
+        watch is late), then let the runtime retry."""
+        started = time.monotonic()
+        deadline = started + self._wait_for_pod
+        ask_at = started + min(ASK_API_AFTER, self._wait_for_pod / 2) if self._lookup else deadline
+        api_says = ""
         key = str(pod.key)
         while True:
             record = self._local.get(key)
             if record is not None and (not pod.uid or record.uid == pod.uid):
                 return record
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if self._lookup is not None and not api_says and now >= ask_at:
+                api_says = await self._ask_api(pod, now - started)
+                continue
+            if now >= deadline:
                 state = "synced" if self.synced.is_set() else "still listing"
                 raise CaptureError(CNI_TRY_AGAIN_LATER, f"pod {key} (uid {pod.uid or '?'}) is not "
-                                   f"known to the API server's watch on this node ({state}); "
-                                   "try again later")
+                                   f"known to the API server's watch on this node ({state}"
+                                   f"{'; ' + api_says if api_says else ''}); try again later")
             try:
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+                await asyncio.wait_for(self._arrival.wait(),
+                                       (ask_at if not api_says else deadline) - now)
             except TimeoutError:
                 continue
+
+    async def _ask_api(self, pod: Pod, waited: float) -> str:
+        """GET the pod the watch has not brought: what the API server says, for the error;
+        if it has the pod, on this node, this node's watch is listed again."""
+        assert self._lookup is not None
+        try:
+            found = await self._lookup(pod.key.namespace, pod.key.name)
+        except LookupFailed as exc:
+            return f"the API server could not be asked: {exc}"
+        if found is None:
+            return "the API server has no such pod"
+        if pod.uid and found.uid != pod.uid:
+            return f"the API server's pod of that name has uid {found.uid}"
+        if self._node and found.node != self._node:
+            return f"the API server has it on node {found.node or '(none)'!r}, not this one"
+        if self._resync is not None:
+            self._resync(f"pod {pod.key} is in the API server but not in this watch after "
+                         f"{waited:.1f}s")
+        return "the API server has it: this node's pods are being listed again"
 
     def _remember(self, pod: Pod) -> None:
         if self._sandboxes.get(pod.container_id) != pod:

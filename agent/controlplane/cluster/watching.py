@@ -7,9 +7,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from agent.config import Config
-from agent.controlplane.cluster.admission import ClusterAdmission
+from agent.controlplane.cluster.admission import ClusterAdmission, LookupFailed
 from agent.controlplane.cluster.objects import (
     JobRecord,
     NamespaceRecord,
@@ -23,7 +24,7 @@ from agent.controlplane.cluster.objects import (
     project_slice,
 )
 from agent.controlplane.cluster.state import ClusterState
-from agent.controlplane.kube.client import KubeClient
+from agent.controlplane.kube.client import ApiError, KubeClient
 from agent.controlplane.kube.config import KubeConfig
 from agent.controlplane.kube.reflector import Reflector
 from agent.inpod.pods import Pods
@@ -44,10 +45,12 @@ class KubernetesMode:
         self.client = KubeClient(KubeConfig.load(source))
         self.state = state
         sandboxes = PodStateStore(config.state_dir, "sandboxes", on_damaged)
-        self.admission = ClusterAdmission(pods, self.state, sandboxes,
-                                          wait_for_pod=config.pod_wait_seconds)
-        state, admission = self.state, self.admission
         node = config.node_name
+        self.admission = ClusterAdmission(pods, self.state, sandboxes,
+                                          wait_for_pod=config.pod_wait_seconds, node=node,
+                                          lookup=self._lookup_pod,
+                                          resync=lambda reason: self.local_pods.resync(reason))
+        state, admission = self.state, self.admission
         self.local_pods: Reflector[PodRecord] = self._watch(
             "/api/v1/pods", {"fieldSelector": f"spec.nodeName={node}"}, project_pod,
             admission.local_pod_event)
@@ -66,6 +69,14 @@ class KubernetesMode:
     def _watch(self, path: str, params: dict[str, str], project: Callable[[dict[str, Any]], T | None],
                on_event: Callable[[str, str, T | None, T | None], None]) -> Reflector[T]:
         return Reflector(self.client, path, project, on_event=on_event, params=params)
+
+    async def _lookup_pod(self, namespace: str, name: str) -> PodRecord | None:
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+        try:
+            found = await self.client.get_optional(path)
+        except (OSError, TimeoutError, ApiError) as exc:
+            raise LookupFailed(str(exc) or type(exc).__name__) from exc
+        return None if found is None else project_pod(found)
 
     def _namespace_event(self, kind: str, key: str, old: NamespaceRecord | None,
                          new: NamespaceRecord | None) -> None:

@@ -104,7 +104,8 @@ class Reflector(Generic[T]):
 
     `run()` never returns by itself: the caller owns it in a TaskGroup and cancels it. `synced` is set
     after the first complete list. Counters: `relists` (lists after the first), `restarts` (watch or
-    list failures that were retried), `events` (ADDED/MODIFIED/DELETED events received).
+    list failures that were retried), `events` (ADDED/MODIFIED/DELETED events received),
+    `resyncs` (lists a consumer asked for with `resync()`).
     """
 
     def __init__(self, client: KubeClient, path: str, project: Callable[[dict[str, Any]], T | None], *,
@@ -126,6 +127,21 @@ class Reflector(Generic[T]):
         self.relists = 0
         self.restarts = 0
         self.events = 0
+        self.resyncs = 0  # lists asked for by resync()
+        self._resync = asyncio.Event()
+        self._last_event = 0.0  # loop time of the last event or bookmark
+
+    def resync(self, reason: str) -> None:
+        """End the watch and list again: a consumer knows of an object the watch should have
+        brought and has not (a stream that stalls without breaking loses nothing by this)."""
+        if self._resync.is_set():
+            return
+        idle = asyncio.get_running_loop().time() - self._last_event if self._last_event else None
+        log.warning("%s: %s; listing again (the watch is at resourceVersion %s, %d events, the "
+                    "last %s)", self._path, reason, self.resource_version or "(none)", self.events,
+                    "never" if idle is None else f"{idle:.1f}s ago")
+        self.resyncs += 1
+        self._resync.set()
 
     async def run(self) -> None:
         must_list = not self.synced.is_set()
@@ -134,7 +150,7 @@ class Reflector(Generic[T]):
                 if must_list:
                     await self._list()
                     must_list = False
-                await self._watch()
+                must_list = await self._watch_until_resync()
             except Gone as error:
                 log.info("%s: %s; listing again", self._path, error.message or error.reason)
                 if must_list:  # the list itself expired (a stale continue token): do not spin
@@ -151,6 +167,7 @@ class Reflector(Generic[T]):
         await asyncio.sleep(delay)
 
     async def _list(self) -> None:
+        self._resync.clear()  # a resync() asked from now on gets a list that starts after it
         fresh: dict[str, T] = {}
         revision = ""
         params = {**self._params, "limit": str(self._page_size)}
@@ -182,6 +199,23 @@ class Reflector(Generic[T]):
         metadata = page.fields.get("metadata")
         return metadata if isinstance(metadata, dict) else {}
 
+    async def _watch_until_resync(self) -> bool:
+        """Watch until the stream ends (False) or resync() asks for a list (True); the
+        stream's failure is raised."""
+        watch = asyncio.ensure_future(self._watch())
+        asked = asyncio.ensure_future(self._resync.wait())
+        try:
+            await asyncio.wait((watch, asked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+            if not watch.done():
+                watch.cancel()
+                await asyncio.wait((watch,))  # its connection closed before listing again
+        if watch.cancelled():
+            return True
+        watch.result()
+        return self._resync.is_set()
+
     async def _watch(self) -> None:
         """One watch stream, until the server ends it (returns) or it fails (raises)."""
         params = {**self._params, "resourceVersion": self.resource_version, "allowWatchBookmarks": "true",
@@ -193,6 +227,7 @@ class Reflector(Generic[T]):
                 self._apply(event)
 
     def _apply(self, event: dict[str, Any]) -> None:
+        self._last_event = asyncio.get_running_loop().time()
         obj = event.get("object") or {}
         revision = (obj.get("metadata") or {}).get("resourceVersion")
         event_type = event.get("type")

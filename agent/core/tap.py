@@ -19,6 +19,7 @@ costs the tapped pods nothing but the drops.
 from __future__ import annotations
 
 import json
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,12 +40,15 @@ KINDS: Final = {"pod": "pod", "po": "pod", "pods": "pod", "deploy": "deployment"
 
 
 class TapSwitch:
-    """Whether any tap is open; the observers read `on`, only the hub writes it."""
+    """Whether a tap of one pod is open (`on`) and which (`taps`: those whose target is the
+    pod, before their other filters). The observers read `on`, only the hub writes them: a
+    tap of one pod leaves every other pod's connections on the compiled fast path."""
 
-    __slots__ = ("on",)
+    __slots__ = ("__weakref__", "on", "taps")
 
     def __init__(self) -> None:
         self.on = False
+        self.taps: list[Subscription] = []
 
 
 NEVER: Final = TapSwitch()  # for observers built without a hub: never on
@@ -236,8 +240,10 @@ class TapHub:
         self._clock = clock
         self.max_taps = max_taps
         self.queue_size = queue_size
-        self.switch = TapSwitch()
         self._taps: list[Subscription] = []
+        # each pod's switch (namespace, pod, owner kind, owner name), while its proxy holds it
+        self._switches: weakref.WeakValueDictionary[tuple[str, str, str, str], TapSwitch] = \
+            weakref.WeakValueDictionary()
         self.published = 0
         self.dropped = 0  # of taps already closed, plus `dropped` of the open ones
         self.limited = 0
@@ -255,7 +261,7 @@ class TapHub:
         subscription = Subscription(tap_filter, max_rps, self.queue_size, wake, self._clock())
         self._taps.append(subscription)
         self.opened += 1
-        self.switch.on = True
+        self._aim_all()
         return subscription
 
     def close(self, subscription: Subscription) -> None:
@@ -263,22 +269,39 @@ class TapHub:
             self._taps.remove(subscription)
             self.dropped += subscription.dropped
             self.limited += subscription.limited
-        self.switch.on = bool(self._taps)
+        self._aim_all()
+
+    def switch_for(self, namespace: str, pod: str, owner_kind: str, owner_name: str) -> TapSwitch:
+        """The pod's switch (one per pod identity, kept while someone holds it)."""
+        key = (namespace, pod, owner_kind, owner_name)
+        switch = self._switches.get(key)
+        if switch is None:
+            switch = self._switches[key] = TapSwitch()
+            self._aim(key, switch)
+        return switch
+
+    def _aim(self, key: tuple[str, str, str, str], switch: TapSwitch) -> None:
+        switch.taps = [subscription for subscription in self._taps
+                       if subscription.filter.target.matches(*key)]
+        switch.on = bool(switch.taps)
+
+    def _aim_all(self) -> None:
+        for key, switch in list(self._switches.items()):
+            self._aim(key, switch)
 
     def totals(self) -> tuple[int, int]:
         """(dropped, limited) over every tap ever opened."""
         return (self.dropped + sum(t.dropped for t in self._taps),
                 self.limited + sum(t.limited for t in self._taps))
 
-    def ready_for(self, namespace: str, pod: str, owner_kind: str,
-                  owner_name: str) -> list[Subscription]:
-        """The taps of this pod with room for one more event: the proxy builds an event only
-        if there is one (a busy pod's requests over every tap's rate cost no event)."""
+    def ready_for(self, switch: TapSwitch) -> list[Subscription]:
+        """The taps of the pod (its switch) with room for one more event: the proxy builds an
+        event only if there is one (a busy pod's requests over every tap's rate cost none)."""
+        mine = switch.taps
+        if not mine:
+            return mine
+        self.published += 1  # a finished request of a tapped pod
         now = self._clock()
-        mine = [subscription for subscription in self._taps
-                if subscription.filter.target.matches(namespace, pod, owner_kind, owner_name)]
-        if mine:
-            self.published += 1  # a finished request of a tapped pod
         return [subscription for subscription in mine if subscription.ready(now)]
 
     def publish(self, fields: dict[str, Any], taps: list[Subscription] | None = None) -> None:

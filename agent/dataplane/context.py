@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from agent.core.tap import TapSwitch
 from agent.core.telemetry import MAX_AUTHORITIES, HttpLabels, PeerLabels, TcpLabels
 from agent.dataplane.budget import RelaySet
 from agent.dataplane.netns import NetNs
@@ -32,6 +33,7 @@ class PodContext:
     owner_kind: str = ""  # its workload (Kubernetes mode), for deployment="web" labels
     owner_name: str = ""
     idle_timeout: float = 3600.0  # a relay with no byte either way this long is reset
+    tap: TapSwitch | None = None  # its tap switch, from the tap hub at its first relay
     # a RelaySet, typed as one: the relay (compiled) calls its own discard, not set's
     relays: RelaySet = field(default_factory=RelaySet)
     tunnels: set[TunnelSession] = field(default_factory=set)

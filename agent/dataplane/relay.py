@@ -192,7 +192,11 @@ class Relay:
         self.idle_since = self.started
         # L7: sniffs the first client bytes, then accounts HTTP/1 and HTTP/2 requests
         # without holding, changing or delaying a byte; dropped once the stream is opaque.
-        self.observer: ConnectionObserver | None = ConnectionObserver(proxy.telemetry.tap.switch)
+        switch = pod.tap
+        if switch is None:  # the pod's first relay: its switch (a tap of another pod is not its)
+            switch = pod.tap = proxy.telemetry.tap.switch_for(pod.namespace, pod.name,
+                                                              pod.owner_kind, pod.owner_name)
+        self.observer: ConnectionObserver | None = ConnectionObserver(switch)
         # The compiled HTTP/1 observer once it counts into the connection's series itself: fed
         # directly, one C call per chunk, until a feed returns something to settle (issue #16).
         self._fast: DirectFeed | None = None

@@ -65,7 +65,7 @@ def _peername(relay: Relay) -> object:
 
 
 def publish_tapped(relay: Relay, record: Record) -> None:
-    hub, pod = relay.proxy.telemetry.tap, relay.pod
-    ready = hub.ready_for(pod.namespace, pod.name, pod.owner_kind, pod.owner_name)
+    hub, switch = relay.proxy.telemetry.tap, relay.pod.tap
+    ready = hub.ready_for(switch) if switch is not None else None
     if ready:  # else no tap of this pod has room: no event is built
         hub.publish(tap_fields(relay, record), ready)

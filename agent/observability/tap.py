@@ -145,7 +145,7 @@ class TapEndpoint:
         self._authorizer = authorizer
         self._limits = limits
         self._authorizing = 0
-        self._wakes: dict[Subscription, asyncio.Event] = {}
+        self._flushers: dict[Subscription, _Flusher] = {}
         self._writers: set[asyncio.StreamWriter] = set()  # every /tap connection, to close
         self.refused: dict[str, int] = {}
 
@@ -198,12 +198,13 @@ class TapEndpoint:
             self._authorizing -= 1
 
     def _open(self, tap_filter: TapFilter, max_rps: float) -> Subscription:
-        wake = asyncio.Event()
+        flusher = _Flusher(self._limits)
         try:
-            subscription = self.hub.open(tap_filter, max_rps, wake.set)
+            subscription = self.hub.open(tap_filter, max_rps, flusher.wake)
         except TooManyTaps as exc:
             raise TapRefused(429, f"{exc}: retry later") from None
-        self._wakes[subscription] = wake
+        flusher.subscription = subscription
+        self._flushers[subscription] = flusher
         return subscription
 
     async def _refuse(self, writer: asyncio.StreamWriter, status: int, reason: str, message: str) -> None:
@@ -220,47 +221,81 @@ class TapEndpoint:
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       subscription: Subscription) -> None:
-        wake = self._wakes[subscription]
-        limits = self._limits
-        writer.transport.set_write_buffer_limits(high=limits.write_buffer)
+        flusher = self._flushers[subscription]
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                      b"Cache-Control: no-store\r\nConnection: close\r\n\r\n")
-        gone = asyncio.ensure_future(_until_eof(reader))
-        loop = asyncio.get_running_loop()
-        next_stats = loop.time() + limits.stats_interval
-        reported = (0, 0)
-        # Each tap flushes on a phase of its own: taps opened together (a dashboard's, or
-        # twenty `tap` commands) would otherwise all wake for the same first event and write
-        # in the same loop iteration, every flush_interval: one long stall of the data path
-        # instead of several short ones (p99 at 1,000 req/s with 20 taps, test_tap).
-        phase = random.random() * limits.flush_interval
         try:
-            while not gone.done():
-                waiter = asyncio.ensure_future(wake.wait())
-                await asyncio.wait((gone, waiter), timeout=max(0.0, next_stats - loop.time()),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if gone.done():
-                    break
-                wake.clear()
-                # let a burst gather (one write), up to this tap's next slot
-                await asyncio.sleep(limits.flush_interval
-                                    - (loop.time() - phase) % limits.flush_interval)
-                events = subscription.take()
-                if events:
-                    writer.write(b"".join(event.line() for event in events))
-                if loop.time() >= next_stats:
-                    next_stats = loop.time() + limits.stats_interval
-                    counts = (subscription.dropped, subscription.limited)
-                    if counts != reported:
-                        reported = counts
-                        writer.write(json.dumps({"kind": "stats", "dropped": counts[0],
-                                                 "limited": counts[1]}).encode() + b"\n")
-                await _drain_or_gone(writer, gone)  # a slow client: its queue overflows, counted
+            flusher.start(writer.transport)
+            await _until_eof(reader)
         finally:
-            gone.cancel()
-            self._wakes.pop(subscription, None)
+            flusher.stop()
+            self._flushers.pop(subscription, None)
             writer.close()
+
+
+class _Flusher:
+    """Writes one tap's events: woken (a plain callback, no task) when its queue stops being
+    empty, it writes them all at the next slot of its own phase — a burst is one write, at
+    most one per `flush_interval`, and taps opened together (a dashboard's, twenty `tap`
+    commands) do not all write in the same loop iteration, which would stall the data path
+    there. Every `stats_interval`, the tap's drop and limit counts if they changed. A client
+    that does not read: past `write_buffer` bytes unsent nothing more is written, its queue
+    fills and the overflow is counted as dropped."""
+
+    def __init__(self, limits: TapLimits) -> None:
+        self._limits = limits
+        self.subscription: Subscription | None = None
+        self._transport: asyncio.WriteTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._phase = random.random() * limits.flush_interval
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._stats_at: asyncio.TimerHandle | None = None
+        self._reported = (0, 0)
+
+    def start(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._stats_at = self._loop.call_later(self._limits.stats_interval, self._stats)
+        if self.subscription is not None and self.subscription.queue:
+            self.wake()  # events queued before the answer's head was written
+
+    def stop(self) -> None:
+        for handle in (self._flush_at, self._stats_at):
+            if handle is not None:
+                handle.cancel()
+        self._flush_at = self._stats_at = None
+        self._transport = None
+
+    def wake(self) -> None:
+        if self._flush_at is not None or self._transport is None or self._loop is None:
+            return
+        now, interval = self._loop.time(), self._limits.flush_interval
+        self._flush_at = self._loop.call_at(now + interval - (now - self._phase) % interval,
+                                            self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        transport, subscription = self._transport, self.subscription
+        if transport is None or subscription is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() >= self._limits.write_buffer:
+            self.wake()  # a slow client: look again at the next slot; the queue overflows meanwhile
+            return
+        events = subscription.take()
+        if events:
+            transport.write(b"".join(event.line() for event in events))
+
+    def _stats(self) -> None:
+        transport, subscription, loop = self._transport, self.subscription, self._loop
+        if transport is None or subscription is None or loop is None:
+            return
+        self._stats_at = loop.call_later(self._limits.stats_interval, self._stats)
+        counts = (subscription.dropped, subscription.limited)
+        if counts != self._reported and not transport.is_closing() \
+                and transport.get_write_buffer_size() < self._limits.write_buffer:
+            self._reported = counts
+            transport.write(json.dumps({"kind": "stats", "dropped": counts[0],
+                                        "limited": counts[1]}).encode() + b"\n")
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:
@@ -269,17 +304,6 @@ async def _until_eof(reader: asyncio.StreamReader) -> None:
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
         while await reader.read(4096):
             pass
-
-
-async def _drain_or_gone(writer: asyncio.StreamWriter, gone: asyncio.Future[None]) -> None:
-    drain = asyncio.ensure_future(writer.drain())
-    try:
-        await asyncio.wait((drain, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not drain.done():
-            drain.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await drain
 
 
 class TapCollector(Collector):

@@ -20,6 +20,7 @@ from agent.core import http1
 from agent.core.accounting import Record
 from agent.core.counters import LATENCY_BUCKETS_MS, HttpCounters
 from agent.core.detect import ConnectionObserver
+from agent.core.tap import Resource, TapFilter
 from agent.dataplane import relay as relay_module
 from agent.dataplane.context import PodContext
 from agent.dataplane.netns import NetNs
@@ -282,7 +283,8 @@ def test_a_tap_opened_mid_connection_sees_the_next_request(netns: NetNs) -> None
     relay_module.publish_tapped, original = (lambda relay, record: published.append(record),
                                              relay_module.publish_tapped)
     try:
-        relayed.proxy.telemetry.tap.switch.on = True
+        relayed.proxy.telemetry.tap.open(TapFilter(Resource("pod", "web", "shop")), 100.0,
+                                         lambda: None)
         relayed.client.send(b"GET /tapped HTTP/1.1\r\nHost: web\r\n\r\n")
         relayed.upstream.send(OK)
     finally:

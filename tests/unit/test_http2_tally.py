@@ -21,6 +21,7 @@ from agent.core.accounting import Record
 from agent.core.counters import HttpCounters, parse_grpc_status
 from agent.core.detect import ConnectionObserver
 from agent.core.http2 import PREFACE, Http2Observer, _status
+from agent.core.tap import Resource, TapFilter
 from agent.dataplane import relay as relay_module
 from agent.dataplane.netns import NetNs
 
@@ -181,10 +182,12 @@ def test_a_tap_opened_mid_connection_sees_the_next_http2_request(netns: NetNs) -
     relay_module.publish_tapped, original = (lambda relay, record: published.append(record),
                                              relay_module.publish_tapped)
     try:
-        relayed.proxy.telemetry.tap.switch.on = True
+        hub = relayed.proxy.telemetry.tap
+        tap = hub.open(TapFilter(Resource("pod", "web", "shop")), 100.0, lambda: None)
+        hub.open(TapFilter(Resource("pod", "other", "shop")), 100.0, lambda: None)
         relayed.client.send(peers.request(5, path="/tapped"))
         relayed.upstream.send(peers.response(5, 503) + frame(DATA, END_STREAM, 5, b"x"))
-        relayed.proxy.telemetry.tap.switch.on = False
+        hub.close(tap)  # a tap of another pod is open still: web's requests are not tapped
         relayed.client.send(peers.request(7))
         relayed.upstream.send(peers.response(7) + frame(DATA, END_STREAM, 7, b"x"))
     finally:

@@ -3,6 +3,7 @@ open (and switch parsers only between messages); the hub filters, rate-limits an
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -131,9 +132,10 @@ def test_each_tap_is_rate_limited_and_its_queue_bounded() -> None:
     now = [0.0]
     hub = TapHub(lambda: now[0], max_taps=2, queue_size=3)
     woken: list[int] = []
+    web = hub.switch_for("shop", "web-1", "deployment", "web")
     slow = hub.open(TapFilter(Resource.parse("ns/shop", "shop")), 1000.0, lambda: woken.append(1))
     limited = hub.open(TapFilter(Resource.parse("ns/shop", "shop")), 2.0, lambda: None)
-    assert hub.switch.on
+    assert web.on and web.taps == [slow, limited]
     with pytest.raises(TooManyTaps):
         hub.open(TapFilter(Resource.parse("ns/shop", "shop")), 1.0, lambda: None)
     for _ in range(10):
@@ -149,7 +151,32 @@ def test_each_tap_is_rate_limited_and_its_queue_bounded() -> None:
     hub.close(slow)
     hub.close(limited)
     assert limited.dropped == 1  # two new tokens, but room for one more in its queue
-    assert not hub.switch.on and hub.totals() == (8, 9)
+    assert not web.on and web.taps == [] and hub.totals() == (8, 9)
+
+
+def test_each_pods_switch_is_on_exactly_while_a_tap_targets_it() -> None:
+    """A tap of one pod turns on that pod's switch only: the other pods' connections stay
+    on the compiled fast path. Switches made before or after the tap agree; one nobody
+    holds any more is forgotten."""
+    hub = TapHub(lambda: 0.0)
+    web = hub.switch_for("shop", "web-1", "deployment", "web")
+    api = hub.switch_for("shop", "api-0", "statefulset", "api")
+    assert hub.switch_for("shop", "web-1", "deployment", "web") is web
+    deploy = hub.open(TapFilter(Resource.parse("deploy/web", "shop")), 10.0, lambda: None)
+    assert (web.on, api.on) == (True, False) and web.taps == [deploy]
+    other = hub.switch_for("other", "web-1", "deployment", "web")  # same names elsewhere
+    web2 = hub.switch_for("shop", "web-2", "deployment", "web")  # made while tapped
+    assert (other.on, web2.on) == (False, True)
+    namespace = hub.open(TapFilter(Resource.parse("ns/shop", "shop")), 10.0, lambda: None)
+    assert api.on and api.taps == [namespace] and web.taps == [deploy, namespace]
+    hub.close(deploy)
+    assert web.taps == [namespace] and web2.on
+    hub.close(namespace)
+    assert not any(switch.on for switch in (web, api, other, web2))
+    assert hub.ready_for(web) == [] and hub.published == 0
+    del api
+    gc.collect()
+    assert ("shop", "api-0", "statefulset", "api") not in hub._switches
 
 
 def test_the_proxy_builds_no_event_when_no_tap_of_the_pod_has_room() -> None:
@@ -157,14 +184,15 @@ def test_the_proxy_builds_no_event_when_no_tap_of_the_pod_has_room() -> None:
     hub = TapHub(lambda: now[0], queue_size=1)
     web = hub.open(TapFilter(Resource.parse("pod/web-1", "shop")), 1.0, lambda: None)
     other = hub.open(TapFilter(Resource.parse("pod/api-0", "shop")), 100.0, lambda: None)
-    assert hub.ready_for("shop", "web-1", "deployment", "web") == [web]
+    pod = hub.switch_for("shop", "web-1", "deployment", "web")
+    assert hub.ready_for(pod) == [web]
     hub.publish(fields(), [web])
     assert len(web.queue) == 1
     now[0] = 5.0  # tokens again, but the queue is full: counted as dropped, nothing to build
-    assert hub.ready_for("shop", "web-1", "deployment", "web") == []
+    assert hub.ready_for(pod) == []
     web.take()
-    hub.publish(fields(), hub.ready_for("shop", "web-1", "deployment", "web"))
-    assert hub.ready_for("shop", "web-1", "deployment", "web") == []  # no token left this second
+    hub.publish(fields(), hub.ready_for(pod))
+    assert hub.ready_for(pod) == []  # no token left this second
     assert (web.dropped, web.limited, web.sent) == (1, 1, 1)
     assert other.limited == other.dropped == 0 and not other.queue  # not its pod
 

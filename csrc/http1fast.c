@@ -757,6 +757,10 @@ static PyObject *Http1Fast_get_delegated(Http1Fast *self, void *Py_UNUSED(closur
     return PyBool_FromLong(self->delegate != NULL);
 }
 
+static PyObject *Http1Fast_get_delegate(Http1Fast *self, void *Py_UNUSED(closure)) {
+    return Py_NewRef(self->delegate != NULL ? self->delegate : Py_None);
+}
+
 /* ---------------------------------------------------------------------- the type */
 
 static int Http1Fast_init(Http1Fast *self, PyObject *args, PyObject *kwargs) {
@@ -843,6 +847,8 @@ static PyGetSetDef Http1Fast_getset[] = {
      "Between messages: every request answered in full, no next one begun", NULL},
     {"delegated", (getter)Http1Fast_get_delegated, NULL,
      "True once the connection was handed to the Python observer", NULL},
+    {"delegate", (getter)Http1Fast_get_delegate, NULL,
+     "The Python observer it handed the connection to (None before)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

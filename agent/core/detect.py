@@ -29,7 +29,7 @@ from agent.core.accounting import (
     OpaqueObserver,
     Record,
 )
-from agent.core.http1 import count_fast, http1_at_rest, http1_observer
+from agent.core.http1 import count_fast, http1_at_rest, http1_observer, reusable_after_hand_over
 from agent.core.http2 import Http2Observer
 from agent.core.tap import NEVER, TapSwitch
 
@@ -74,6 +74,9 @@ def detect(first_bytes: bytes) -> Protocol | None:
 
 
 EARLY_SERVER_LIMIT: Final = 4096
+# HTTP/1 connections taken back to the compiled fast path (ConnectionObserver.take_back) at
+# most this often each: one whose every message leaves it again stays with Python after.
+MAX_TAKE_BACKS: Final = 64
 
 
 def _starts_like_settings(data: bytes) -> bool:
@@ -117,10 +120,12 @@ class ConnectionObserver:
     failures, so the relay and the exactly-once accounting both survive.
     """
 
-    __slots__ = ("_carried_started", "_early_server", "_inner", "_prefix", "_tap", "protocol")
+    __slots__ = ("_carried_started", "_early_server", "_inner", "_prefix", "_tap", "protocol",
+                 "taken_back")
 
     def __init__(self, tap: TapSwitch = NEVER) -> None:
         self._tap = tap
+        self.taken_back = 0  # hand-overs to Python ended by `take_back`
         self._prefix = b""
         self._early_server = b""  # an HTTP/2 server's SETTINGS that beat the client preface
         self._inner: Observer | None = None
@@ -218,6 +223,26 @@ class ConnectionObserver:
             inner.count_into(counters)
             return inner
         return None if inner is None else count_fast(inner, counters)
+
+    def take_back(self, counters: HttpCounters) -> DirectFeed | None:
+        """An HTTP/1 connection the compiled fast path handed to the Python observer (for a
+        tap of its pod, or for a message the fast path does not take) goes back to a fresh
+        fast path, counting into `counters`, once the Python observer is between messages
+        and no tap of the pod is open: a long-lived keep-alive connection is not left on the
+        slow path by one odd message or one tap. The fresh one is returned for the proxy to
+        feed; None while it cannot be (mid-message, tapped, not HTTP/1, not built)."""
+        inner = self._inner
+        if (inner is None or self.protocol is not Protocol.HTTP1 or self._tap.on
+                or self.taken_back >= MAX_TAKE_BACKS or not reusable_after_hand_over(inner)):
+            return None
+        fresh = observer_for(Protocol.HTTP1, self._tap)
+        fast = count_fast(fresh, counters)
+        if fast is None:
+            return None
+        self._carried_started += inner.take_started()  # none: the proxy settled them
+        self._inner = fresh
+        self.taken_back += 1
+        return fast
 
     def failed(self) -> list[Record]:
         """A direct feed raised (a bug: observers are written not to): as when a feed through

@@ -126,6 +126,7 @@ class Http1Observer:
     __slots__ = (
         "_authority",
         "_client_held",
+        "_closing",
         "_grpc_failures",
         "_head_outstanding",
         "_head_swap",
@@ -197,6 +198,7 @@ class Http1Observer:
         self._client_held: list[bytes] | None = None
         self._held_bytes = 0
         self._muted = False  # `adopt` feeding a synthetic head: callbacks do nothing
+        self._closing = False  # a message either way said the connection ends after it
         self._authority = ""  # the first request's Host (a label value), looked for until its head ends
 
     @classmethod
@@ -259,6 +261,17 @@ class Http1Observer:
         connection now loses nothing (what a server does to an idle keep-alive connection)."""
         return not (self._opaque or self._pending or self._req_in_head
                     or self._client_held is not None)
+
+    @property
+    def keeps_alive(self) -> bool:
+        """At rest, both parsers between messages (a request body can still be arriving
+        after its response), and no message either way ended the connection (`Connection:
+        close`, HTTP/1.0 without keep-alive, a body read to the close), no HEAD or early
+        answer outstanding: a fresh parser reads the next messages as these parsers would."""
+        return (self.at_rest and self._req_idle and self._resp_idle and not self._closing
+                and self._request_parser is not None
+                and self._response_parser is not None and not self._head_outstanding
+                and not self._req_answered_early)
 
     def client_bytes(self, data: bytes, now: float) -> list[Record]:
         if self._opaque:
@@ -409,12 +422,12 @@ class Http1Observer:
     # --- llhttp callbacks (they must not raise) ---------------------------------------
 
     def _req_begin(self) -> None:
+        self._req_idle = False  # adopt's synthetic head too: the parser is inside a message
         if self._muted:
             return
         self._req_began_at = self._now
         self._req_in_head = True
         self._req_head_bytes = 0
-        self._req_idle = False
 
     def _tap_req_begin(self) -> None:
         self._tap_url = self._tap_host = b""
@@ -437,6 +450,9 @@ class Http1Observer:
             self._pending[0].detail.response_bytes += len(body)
 
     def _req_headers(self) -> None:
+        parser = self._request_parser
+        if parser is not None and not parser.should_keep_alive():
+            self._closing = True  # (adopt's synthetic heads too: they carry what was seen)
         if self._muted:
             return
         self._req_in_head = False
@@ -465,13 +481,16 @@ class Http1Observer:
             self._give_up(PROTOCOL_ERROR)
 
     def _resp_begin(self) -> None:
+        self._resp_idle = False
         if self._muted:
             return
         self._resp_in_head = True
         self._resp_head_bytes = 0
-        self._resp_idle = False
 
     def _resp_headers(self) -> None:
+        parser = self._response_parser
+        if parser is not None and not parser.should_keep_alive():
+            self._closing = True
         if self._muted:
             return
         self._resp_in_head = False
@@ -586,6 +605,16 @@ def count_fast(observer: Observer, counters: HttpCounters) -> _http1fast.Http1Fa
         tally = counters.tally = _http1fast.Tally()
     observer.count_into(tally)
     return observer
+
+
+def reusable_after_hand_over(observer: Observer) -> bool:
+    """A compiled fast path that handed its connection to the Python observer (for a tap of
+    the pod, or a message it does not take: a head cut across reads, HEAD, 1xx, ...) whose
+    Python observer is now where a fresh fast path could go on from (`keeps_alive`)."""
+    if _Http1Fast is None or not isinstance(observer, _Http1Fast):
+        return False
+    delegate = observer.delegate
+    return isinstance(delegate, Http1Observer) and delegate.keeps_alive
 
 
 def http1_at_rest(observer: Observer) -> bool:

@@ -365,6 +365,9 @@ class Relay:
                     publish_tapped(self, record)
         if observer.opaque:
             self.observer = self.fast = None  # in-flight requests were already ended as failures
+        elif self.fast is None and self.http is not None:
+            # handed to Python (a tap, an odd message): back on the fast path between messages
+            self.fast = observer.take_back(self.http)
 
     def observer_failed(self) -> list[Record]:
         """A direct feed raised: its requests end as failures, the connection turns opaque."""

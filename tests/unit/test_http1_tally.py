@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agent.core import http1
 from agent.core.accounting import Record
 from agent.core.counters import LATENCY_BUCKETS_MS, HttpCounters
-from agent.core.detect import ConnectionObserver
+from agent.core.detect import MAX_TAKE_BACKS, ConnectionObserver
 from agent.core.tap import Resource, TapFilter
 from agent.dataplane import relay as relay_module
 from agent.dataplane.context import PodContext
@@ -292,6 +292,86 @@ def test_a_tap_opened_mid_connection_sees_the_next_request(netns: NetNs) -> None
     assert [(r.status_code, r.detail.path if r.detail else None) for r in published] == [(200, "/tapped")]
     [(_, http)] = list(relayed.proxy.telemetry.http_series())
     assert http.requests == 2 and http.responses == {("success", "200", ""): 2}
+
+
+def test_a_connection_tapped_comes_back_to_the_fast_path_once_the_tap_closes(
+        netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tap hands a keep-alive connection to the Python observer; once the tap is closed,
+    the connection goes back to a fresh fast path between two messages, and its requests
+    no longer reach Python (spied on), counted as before."""
+    fed = spy_on_feeds(monkeypatch)
+    published: list[Record] = []
+    monkeypatch.setattr(relay_module, "publish_tapped", lambda relay, record: published.append(record))
+    monkeypatch.setattr(time, "monotonic", Clock())
+    relayed = Relayed(netns)
+    relayed.client.send(GET)
+    relayed.upstream.send(OK)
+    hub = relayed.proxy.telemetry.tap
+    tap = hub.open(TapFilter(Resource("pod", "web", "shop")), 100.0, lambda: None)
+    relayed.client.send(b"GET /tapped HTTP/1.1\r\nHost: web\r\n\r\n")
+    relayed.upstream.send(OK)
+    relayed.client.send(b"GET /tapped-too HTTP/1.1\r\nHost: web\r\n\r\n")
+    relayed.upstream.send(OK)
+    assert relayed.relay.fast is None  # the tap is open: Python keeps the connection
+    hub.close(tap)
+    relayed.client.send(GET)  # started in Python (the tap's parser is swapped out here)
+    relayed.upstream.send(OK)  # ... and at its end, between messages: back to the fast path
+    observer = relayed.relay.observer
+    assert relayed.relay.fast is not None and observer is not None and observer.taken_back == 1
+    fed.clear()
+    for _ in range(20):
+        relayed.client.send(GET)
+        relayed.upstream.send(OK)
+    assert fed == []
+    assert [r.detail.path if r.detail else None for r in published] == ["/tapped", "/tapped-too"]
+    [(_, http)] = list(relayed.proxy.telemetry.http_series())
+    assert http.requests == 24 and http.responses == {("success", "200", ""): 24}
+
+
+HEAD = b"HEAD /1k.bin HTTP/1.1\r\nHost: web.shop:8080\r\n\r\n"
+HEAD_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n"  # no body: it answers a HEAD
+
+
+def test_a_message_the_fast_path_does_not_take_hands_over_once_not_for_good(
+        netns: NetNs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HEAD (the fast path leaves it to Python) in a keep-alive connection: the GETs after
+    it are back on the fast path; a connection whose every other message leaves it is taken
+    back MAX_TAKE_BACKS times, then stays with Python; the counts are those of the Python
+    observer alone throughout."""
+    monkeypatch.setattr(time, "monotonic", Clock())
+    relayed = Relayed(netns)
+    relayed.client.send(GET)
+    relayed.upstream.send(OK)
+    relayed.client.send(HEAD)
+    relayed.upstream.send(HEAD_OK)
+    observer = relayed.relay.observer
+    assert relayed.relay.fast is not None and observer is not None and observer.taken_back == 1
+    for _ in range(MAX_TAKE_BACKS + 5):
+        relayed.client.send(HEAD)
+        relayed.upstream.send(HEAD_OK)
+        relayed.client.send(GET)
+        relayed.upstream.send(OK)
+    assert observer.taken_back == MAX_TAKE_BACKS and relayed.relay.fast is None
+    [(_, http)] = list(relayed.proxy.telemetry.http_series())
+    total = 2 + 2 * (MAX_TAKE_BACKS + 5)
+    assert http.requests == total and http.responses == {("success", "200", ""): total}
+
+
+@pytest.mark.parametrize("closing", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nbody",
+])
+def test_a_connection_that_said_close_is_not_taken_back(netns: NetNs, closing: bytes) -> None:
+    relayed = Relayed(netns)
+    relayed.client.send(GET)
+    relayed.upstream.send(OK)
+    relayed.client.send(HEAD)  # handed over
+    relayed.upstream.send(HEAD_OK)
+    relayed.client.send(GET)
+    relayed.upstream.send(closing[:5])  # a head cut across reads: handed over again
+    relayed.upstream.send(closing[5:])
+    observer = relayed.relay.observer
+    assert relayed.relay.fast is None and observer is not None and observer.taken_back == 1
 
 
 class Broken:

@@ -55,7 +55,11 @@ CLOSING_RESPONSE = RESPONSE.replace(b"Connection: keep-alive", b"Connection: clo
 PURE_PYTHON_ENV = "PINION_PURE_PYTHON"  # agent.core.compiled: the Python tunnel modules
 CASES = ("relay-http1-python", "relay-http1-compiled", "relay-opaque", "tunnel-framing-python",
          "tunnel-framing-compiled", "newconn-http1", "newconn-opaque", "relay-h2", "relay-grpc",
-         "relay-h2-opaque")
+         "relay-h2-opaque", "relay-http1-after-head")
+# relay-http1-after-head: the compiled path's keep-alive requests after one HEAD (which it
+# leaves to the Python observer) earlier in the connection
+HEAD_REQUEST = REQUEST.replace(b"GET", b"HEAD", 1)
+HEAD_RESPONSE = RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4]  # a HEAD's answer has no body
 
 
 class _Sink:
@@ -104,7 +108,7 @@ def relay_loop(case: str, requests: int) -> None:
 
     if case == "relay-http1-python":
         http1._Http1Fast = None  # the observer factory falls back to Http1Observer
-    elif case == "relay-http1-compiled" and http1._Http1Fast is None:
+    elif case in ("relay-http1-compiled", "relay-http1-after-head") and http1._Http1Fast is None:
         sys.exit("agent.core._http1fast is not built (pip install -e .)")
 
     class Owner:
@@ -119,10 +123,16 @@ def relay_loop(case: str, requests: int) -> None:
     relay.open_record(PLAINTEXT)
     if case == "relay-opaque":
         relay.observer = None
+    before = 0
+    if case == "relay-http1-after-head":
+        for request, response in ((REQUEST, RESPONSE), (HEAD_REQUEST, HEAD_RESPONSE)):
+            relay.client.data_received(request)
+            relay.upstream.data_received(response)
+            before += len(request) + len(response)
     for _ in range(requests):
         relay.client.data_received(REQUEST)
         relay.upstream.data_received(RESPONSE)
-    _relayed(case, sink, requests * (len(REQUEST) + len(RESPONSE)))
+    _relayed(case, sink, before + requests * (len(REQUEST) + len(RESPONSE)))
 
 
 def h2_relay_loop(case: str, requests: int, prepare: int) -> None:

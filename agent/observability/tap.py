@@ -145,7 +145,6 @@ class TapEndpoint:
         self._authorizer = authorizer
         self._limits = limits
         self._authorizing = 0
-        self._flushers: dict[Subscription, _Flusher] = {}
         self._writers: set[asyncio.StreamWriter] = set()  # every /tap connection, to close
         self.refused: dict[str, int] = {}
 
@@ -170,7 +169,7 @@ class TapEndpoint:
         try:
             tap_filter, max_rps = parse_tap_query(query)
             who = await self._authorize(caller, tap_filter.target)
-            subscription = self._open(tap_filter, max_rps)
+            subscription, flusher = self._open(tap_filter, max_rps)
         except TapRequestError as exc:
             await self._refuse(writer, 400, "bad_request", str(exc))
             return
@@ -181,7 +180,7 @@ class TapEndpoint:
         log.info("tap %s by %s (%s), max %g/s", tap_filter.target.text(), who, caller.address,
                  max_rps)
         try:
-            await self._stream(reader, writer, subscription)
+            await self._stream(reader, writer, flusher)
         finally:
             self.hub.close(subscription)
 
@@ -197,15 +196,14 @@ class TapEndpoint:
         finally:
             self._authorizing -= 1
 
-    def _open(self, tap_filter: TapFilter, max_rps: float) -> Subscription:
+    def _open(self, tap_filter: TapFilter, max_rps: float) -> tuple[Subscription, _Flusher]:
         flusher = _Flusher(self._limits)
         try:
             subscription = self.hub.open(tap_filter, max_rps, flusher.wake)
         except TooManyTaps as exc:
             raise TapRefused(429, f"{exc}: retry later") from None
         flusher.subscription = subscription
-        self._flushers[subscription] = flusher
-        return subscription
+        return subscription, flusher
 
     async def _refuse(self, writer: asyncio.StreamWriter, status: int, reason: str, message: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -220,8 +218,7 @@ class TapEndpoint:
         writer.close()
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      subscription: Subscription) -> None:
-        flusher = self._flushers[subscription]
+                      flusher: _Flusher) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                      b"Cache-Control: no-store\r\nConnection: close\r\n\r\n")
         try:
@@ -229,7 +226,6 @@ class TapEndpoint:
             await _until_eof(reader)
         finally:
             flusher.stop()
-            self._flushers.pop(subscription, None)
             writer.close()
 
 

@@ -26,7 +26,14 @@ from agent.inpod.cni_server import Admission, CniServer, StandaloneAdmission, re
 from agent.inpod.keeper import ListenerHold
 from agent.inpod.manager import PodManager, Proxies
 from agent.inpod.state import PodStateStore
-from agent.memory import BurstEnd, CgroupCpu, CgroupMemory, give_back_memory, resident_bytes
+from agent.memory import (
+    BurstEnd,
+    CgroupCpu,
+    CgroupMemory,
+    give_back_memory,
+    resident_bytes,
+    settle_for_serving,
+)
 from agent.observability.admin import AdminServer
 from agent.observability.exposition import CollectorRegistry
 from agent.observability.metrics import AgentMetrics, EbpfCollector, build_registry
@@ -104,6 +111,7 @@ async def run_agent(config: Config, cleanup: bool = False) -> int:
     log.info("counters: %s", counters_build())
     log.info("relay and tunnel shell: %s", loaded_builds().get("agent.dataplane.relay"))
     log.info("tunnel TLS records: %s", tls_transport_build())
+    settle_for_serving()  # start-up's objects out of the collector's way
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

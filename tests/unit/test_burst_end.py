@@ -5,6 +5,7 @@ the spacing; the memory watch does it from the tick it already runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -61,3 +62,25 @@ def test_the_memory_watch_gives_back_once_when_a_burst_ends(monkeypatch: pytest.
 
     asyncio.run(scenario())
     assert given == [True]
+
+
+def test_serving_starts_with_start_up_frozen_and_a_larger_young_generation() -> None:
+    """In a process of its own (freezing is for the process's life): start-up's objects are
+    out of the collector's sight, the agent's own module among them, and a full collection
+    walks only what was made after."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, json\n"
+        "from agent.memory import SERVING_THRESHOLDS, settle_for_serving\n"
+        "before = len(gc.get_objects())\n"
+        "settle_for_serving()\n"
+        "after = len(gc.get_objects())\n"
+        "print(json.dumps([gc.get_threshold() == SERVING_THRESHOLDS, gc.get_freeze_count(),"
+        " before, after]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    thresholds, frozen, before, after = json.loads(done.stdout)
+    assert thresholds
+    assert frozen > 1000 and after < before // 10

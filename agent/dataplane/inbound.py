@@ -87,7 +87,7 @@ class InboundProxy:
             if not decision.observe:
                 relay.observer = None
         relay.open_record(relay.peer_labels)
-        self._plain.spawn(relay, self._plain.connect(relay, destination))
+        self._plain.start(relay, destination)
 
     async def close(self) -> None:
         await self._plain.close()

@@ -66,7 +66,7 @@ class OutboundProxy:
         path = decision.path
         if path is Path.PLAIN:
             relay.open_record(relay.peer_labels)
-            self._plain.spawn(relay, self._plain.connect(relay, decision.destination))
+            self._plain.start(relay, decision.destination)
             return
         assert self._mesh is not None
         session = self._mesh.pooled(relay.pod, decision.destination[0], decision.identity)

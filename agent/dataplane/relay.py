@@ -35,6 +35,7 @@ from agent.dataplane.sockets import (
     arm_reset,
     close_handed_over,
     connect,
+    connect_at_once,
     socket_identity,
 )
 from agent.dataplane.tapping import publish_tapped
@@ -59,6 +60,13 @@ class RelayOwner(Protocol):
 
     def accepted(self, relay: Relay) -> None:
         """The client side is connected (and paused): choose the path, or refuse."""
+
+
+class Connecting(Protocol):
+    """An upstream connect in progress, as the relay sees it: the client going away cancels it
+    (a task, or `_Making`)."""
+
+    def cancel(self) -> object: ...
 
 
 class _Side(asyncio.Protocol):
@@ -179,7 +187,7 @@ class Relay:
         self.upstream = _Side(self, is_client=False)
         self.record: ConnectionRecord | None = None  # opened once the path is chosen
         self.peer_labels: PeerLabels = PLAINTEXT
-        self.connecting: asyncio.Task[None] | None = None
+        self.connecting: Connecting | None = None
         self.early: list[bytes] = []  # client bytes that beat the upstream connect
         self.failed = False
         self.errno_name = ""  # why it failed, as tcp_close_total's errno label ("" = unknown)
@@ -233,6 +241,10 @@ class Relay:
 
     def other(self, side: _Side) -> _Side:
         return self.upstream if side is self.client else self.client
+
+    def upstream_protocol(self) -> _Side:
+        """The upstream side, as the protocol factory of a transport made for it."""
+        return self.upstream
 
     def side_made(self, side: _Side) -> None:
         assert side.transport is not None
@@ -485,6 +497,7 @@ class PlainUpstream:
         self._metrics = metrics
         self._connect_timeout = connect_timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # once a connect is started
 
     def spawn(self, relay: Relay, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` as the relay's connecting task (cancelled if the client goes)."""
@@ -493,33 +506,74 @@ class PlainUpstream:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def connect(self, relay: Relay, destination: tuple[str, int]) -> None:
-        client = relay.client.transport
-        assert client is not None
+    def start(self, relay: Relay, destination: tuple[str, int]) -> None:
+        """Connect the relay's upstream. Within a node the kernel completes the connect inside
+        the call: then the transport is made at once, with no task — the event loop's
+        `create_connection` driven from here (`_Making`: its first step now, its last when the
+        transport is made) — so the client's first bytes reach the upstream two loop
+        iterations sooner, for less work (issue #16's new connections). A connect still in
+        progress is completed in the relay's task (`complete`), with its timeout."""
         try:
             sock = self._upstream_socket(relay.pod, relay.source)
         except OSError as exc:
             self.refuse(relay, "socket", f"cannot create upstream socket: {exc}")
             return
+        try:
+            connected = connect_at_once(sock, destination)
+        except OSError as exc:
+            sock.close()  # never handed to the event loop: still ours
+            self._connect_failed(relay, destination, exc)
+            return
+        if not connected:
+            self.spawn(relay, self.complete(relay, sock, destination))
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        handed = socket_identity(sock)
+        making = _Making(self, relay, loop.create_connection(relay.upstream_protocol, sock=sock),
+                         sock, handed, destination)
+        relay.connecting = making
+        making.step(None)
+
+    async def connect(self, relay: Relay, destination: tuple[str, int]) -> None:
+        """`start`'s work as a coroutine (a path that already runs in the relay's task)."""
+        try:
+            sock = self._upstream_socket(relay.pod, relay.source)
+        except OSError as exc:
+            self.refuse(relay, "socket", f"cannot create upstream socket: {exc}")
+            return
+        await self.complete(relay, sock, destination)
+
+    async def complete(self, relay: Relay, sock: socket.socket, destination: tuple[str, int]) -> None:
+        """Connect `sock` (made by `_upstream_socket`) and make the upstream's transport."""
         handed = socket_identity(sock)
         try:
             loop = asyncio.get_running_loop()
             await connect(loop, sock, destination, self._connect_timeout)
-            await loop.create_connection(lambda: relay.upstream, sock=sock)
+            await loop.create_connection(relay.upstream_protocol, sock=sock)
         except asyncio.CancelledError:
             close_handed_over(sock, handed)  # uvloop may have closed it (and its number reused)
             relay.abort()
             return
         except (OSError, TimeoutError) as exc:
             close_handed_over(sock, handed)
-            relay.errno_name = errno_name(exc)
-            reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
-            self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
+            self._connect_failed(relay, destination, exc)
             return
         finally:
             relay.connecting = None
-        if not client.is_closing() and not relay.upstream.write_blocked:
+        self.made(relay)
+
+    def made(self, relay: Relay) -> None:
+        """The upstream's transport is made: the client's bytes may flow."""
+        client = relay.client.transport
+        if client is not None and not client.is_closing() and not relay.upstream.write_blocked:
             client.resume_reading()  # else resume_writing will, once upstream drains
+
+    def _connect_failed(self, relay: Relay, destination: tuple[str, int], exc: BaseException) -> None:
+        relay.errno_name = errno_name(exc)
+        reason = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "timeout").lower()
+        self.refuse(relay, reason, f"connect {destination[0]}:{destination[1]}: {exc}")
 
     def _upstream_socket(self, pod: PodContext, source: tuple[Any, ...] | None) -> socket.socket:
         for _ in range(3):
@@ -542,6 +596,54 @@ class PlainUpstream:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Making:
+    """An upstream transport being made by the event loop, without a task: `create_connection`
+    (a coroutine) stepped by hand — its first step at once, the next when the future it
+    waits for is done (the loop calls the transport's connection_made first). Cancelled (the
+    client went away meanwhile), the relay is reset once the transport exists, as the task's
+    cancellation did."""
+
+    __slots__ = ("cancelled", "destination", "handed", "making", "owner", "relay", "sock")
+
+    def __init__(self, owner: PlainUpstream, relay: Relay, making: Any, sock: socket.socket,
+                 handed: tuple[int, int] | None, destination: tuple[str, int]) -> None:
+        self.owner = owner
+        self.relay = relay
+        self.making = making
+        self.sock = sock
+        self.handed = handed
+        self.destination = destination
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+    def step(self, _: object) -> None:
+        relay = self.relay
+        try:
+            waiting = self.making.send(None)
+        except StopIteration:
+            relay.connecting = None
+            if self.cancelled:
+                relay.abort()
+            else:
+                self.owner.made(relay)
+            return
+        except (OSError, asyncio.CancelledError) as exc:
+            relay.connecting = None
+            close_handed_over(self.sock, self.handed)  # the loop may have closed it already
+            if isinstance(exc, OSError) and not self.cancelled:
+                self.owner._connect_failed(relay, self.destination, exc)
+            else:
+                relay.abort()
+            return
+        if waiting is None:  # a bare yield: step again next iteration
+            asyncio.get_running_loop().call_soon(self.step, None)
+        else:
+            waiting.add_done_callback(self.step)
 
 
 def protocol_factory(owner: RelayOwner, pod: PodContext, direction: str,

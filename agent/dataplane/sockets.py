@@ -81,17 +81,8 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address:
     `getaddrinfo` in its thread pool (a thread hand-off for every connection). The writer
     is removed before this returns or raises (also when cancelled), so the caller may close
     the socket at once."""
-    code = sock.connect_ex(address)
-    if code == errno.EINPROGRESS:
-        # Within a node the handshake has often completed before connect() returned (the
-        # kernel ran the peer's side in the same softirq): ask once more before polling.
-        code = sock.connect_ex(address)
-        if code == errno.EISCONN:
-            return
-    if code == 0:
+    if connect_at_once(sock, address):
         return
-    if code not in (errno.EINPROGRESS, errno.EALREADY):
-        raise OSError(code, os.strerror(code))
     future: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, _settle, future, 0.0)
@@ -104,6 +95,24 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address:
     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code != 0:
         raise OSError(code, os.strerror(code))
+
+
+def connect_at_once(sock: socket.socket, address: tuple[str, int]) -> bool:
+    """Start connecting a non-blocking socket to an IP address: True if it is connected when
+    this returns, False if the handshake is still in progress (wait until it is writable),
+    OSError if it failed at once (ECONNREFUSED, ENETUNREACH...)."""
+    code = sock.connect_ex(address)
+    if code == errno.EINPROGRESS:
+        # Within a node the handshake has often completed before connect() returned (the
+        # kernel ran the peer's side in the same softirq): ask once more before polling.
+        code = sock.connect_ex(address)
+        if code == errno.EISCONN:
+            return True
+    if code == 0:
+        return True
+    if code in (errno.EINPROGRESS, errno.EALREADY):
+        return False
+    raise OSError(code, os.strerror(code))
 
 
 def _settle(future: asyncio.Future[None], timed_out_after: float) -> None:

@@ -203,3 +203,116 @@ def test_a_refused_tunnel_is_counted_as_mtls_not_as_plaintext(netns: NetNs, metr
     assert client.reset and errors(registry, "outbound", "tunnel_refused") == 1
     [(labels, counters)] = list(telemetry.series())
     assert labels.peer_labels.tls == "true" and counters.close_failure == 1  # nothing left in plaintext
+
+
+class LoopbackSockets:
+    """Upstream sockets as the factory makes them (non-blocking TCP), in the test's netns."""
+
+    def upstream(self, netns: NetNs, source: tuple[str, int] | None = None) -> socket.socket:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
+
+def run_on(kind: str, scenario: Any) -> Any:
+    """`scenario()` on asyncio's own event loop or uvloop's (the agent's): the upstream's
+    transport is made by stepping each one's create_connection by hand."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(scenario())
+    return asyncio.run(scenario())
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_connect_completed_at_once_makes_the_upstream_without_a_task(
+        netns: NetNs, metrics: Any, kind: str) -> None:
+    _, agent_metrics, telemetry = metrics
+    proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    front = pod(netns)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    async def scenario() -> tuple[bytes, bool]:
+        client = accept(proxy.protocol_factory(front), listener.getsockname())
+        [relay] = front.relays
+        assert not proxy._plain._tasks and relay.connecting is not None  # being made, no task
+        assert not client.reading  # nothing flows until the upstream's transport exists
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert relay.connecting is None and client.reading
+        client.send(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        server, _ = listener.accept()
+        server.settimeout(2)
+        got = server.recv(100)
+        server.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        for _ in range(50):
+            if client.received:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        for _ in range(50):
+            if client.closed:
+                break
+            await asyncio.sleep(0.01)
+        return got, bytes(client.received) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    got, answered = run_on(kind, scenario)
+    listener.close()
+    assert got == b"GET / HTTP/1.1\r\nHost: web\r\n\r\n" and answered
+    [(_, counters)] = list(telemetry.series())
+    assert (counters.open_total, counters.close_success, counters.close_failure) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_client_gone_while_the_upstream_is_made_resets_the_upstream(
+        netns: NetNs, metrics: Any, kind: str) -> None:
+    _, agent_metrics, telemetry = metrics
+    proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    front = pod(netns)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    async def scenario() -> None:
+        client = accept(proxy.protocol_factory(front), listener.getsockname())
+        [relay] = front.relays
+        assert relay.connecting is not None
+        client.lose(ConnectionResetError())  # before the loop made the upstream's transport
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert relay.connecting is None
+        upstream = relay.upstream.transport
+        assert upstream is not None and upstream.is_closing()
+        await asyncio.sleep(0.05)
+
+    run_on(kind, scenario)
+    server, _ = listener.accept()
+    server.settimeout(2)
+    with pytest.raises(ConnectionResetError):  # reset, as the client was: not a clean FIN
+        server.recv(100)
+    server.close()
+    listener.close()
+    [(_, counters)] = list(telemetry.series())
+    assert (counters.close_success, counters.close_failure) == (0, 1)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_connect_refused_at_once_is_counted_under_its_errno_without_a_task(
+        netns: NetNs, metrics: Any, kind: str) -> None:
+    registry, agent_metrics, telemetry = metrics
+    proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
+    front = pod(netns)
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()  # nothing listens there now: the kernel refuses within the connect call
+
+    async def scenario() -> ClientPipe:
+        client = accept(proxy.protocol_factory(front), address)
+        assert not proxy._plain._tasks
+        return client
+
+    client = run_on(kind, scenario)
+    assert client.reset
+    assert errors(registry, "inbound", "econnrefused") == 1
+    [(_, counters)] = list(telemetry.series())
+    assert counters.close_failure == 1 and counters.close_errno == {"ECONNREFUSED": 1}

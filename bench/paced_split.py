@@ -51,6 +51,9 @@ def main() -> int:
     parser.add_argument("--pyspy-seconds", type=int, default=20)
     parser.add_argument("--pyspy-bin", default="py-spy")
     parser.add_argument("--perf", help="write perf cpu-clock samples of pinion and haproxy here")
+    parser.add_argument("--perf-callgraph", action="store_true",
+                        help="with --perf: record call graphs (perf script then shows who called "
+                             "what: the Python, mypyc and uvloop callers of the kernel's time)")
     parser.add_argument("--hops", help="write packet captures (tcpdump) of one more paced run "
                         "of pinion and of haproxy here, and print where a request's time goes, "
                         "hop by hop (bench/hops.py)")
@@ -126,8 +129,11 @@ def main() -> int:
             os.makedirs(args.perf, exist_ok=True)
             for cfg in ("pinion", "haproxy"):
                 pids = ",".join(str(p.pid) for p in self.procs_of(cfg))
+                # call graphs (DWARF unwinding: no frame pointers here) at a tenth of the rate
+                callgraph = (["-F", "2000", "--call-graph", "dwarf,16384"] if args.perf_callgraph
+                             else ["-F", "20000"])
                 perf = subprocess.Popen(
-                    ["perf", "record", "-q", "-e", "cpu-clock", "-F", "20000", "-p", pids,
+                    ["perf", "record", "-q", "-e", "cpu-clock", *callgraph, "-p", pids,
                      "-o", os.path.join(args.perf, f"{cfg}.data")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)

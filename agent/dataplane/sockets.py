@@ -3,12 +3,14 @@ the original destination of a redirected connection. The proxy never touches nam
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
 import os
 import socket
 import struct
+from typing import Any
 
 from agent.dataplane.netns import NetNs, NetnsSwitch
 
@@ -123,9 +125,21 @@ def _settle(future: asyncio.Future[None], timed_out_after: float) -> None:
             future.set_result(None)
 
 
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """Where a REDIRECTed connection was going, from conntrack (SO_ORIGINAL_DST)."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+def original_destination(sock: Any) -> tuple[str, int]:
+    """Where a REDIRECTed connection was going, from conntrack (SO_ORIGINAL_DST). `sock` is a
+    transport's socket: uvloop's (a PseudoSocket) makes, uses and detaches a whole Python
+    `socket.socket` for every getsockopt (~5 µs of an accept's Python, issue #16), so the
+    option is read through a bare `_socket.socket` on its descriptor, C calls only. An object
+    without a descriptor (a test's stand-in for a redirected socket) is asked directly."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    else:
+        bare = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno())
+        try:
+            raw = bare.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        finally:
+            bare.detach()  # the descriptor stays the transport's
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntoa(raw[4:8]), port
 

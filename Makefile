@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 # the venv module, Python headers and a C compiler. Installed when missing (as root).
 VENV_BUILD_PACKAGES := python3-venv python3-dev gcc libssl-dev
 
-# setup.py compiles csrc/ (agent.core._http1fast, agent._arenas, agent.dataplane._tlsio) and, with mypyc, the tunnel framing, the
+# setup.py compiles csrc/ (agent.core._http1fast, agent._arenas, agent.dataplane._tlsio, _podio) and, with mypyc, the tunnel framing, the
 # counters, the relay and the tunnel shell into the editable install: a change to them or to
 # an agent module they import (agent/core/compiled.py lists them all) re-runs the install,
 # which rebuilds it (a build of other sources is never loaded).

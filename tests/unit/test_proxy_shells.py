@@ -16,6 +16,7 @@ import pytest
 
 from agent.core.telemetry import PeerLabels, Telemetry
 from agent.core.tunnel_frames import ErrorCode
+from agent.dataplane import relay as relay_module
 from agent.dataplane.context import PodContext
 from agent.dataplane.inbound import InboundProxy
 from agent.dataplane.netns import NetNs
@@ -213,8 +214,7 @@ class LoopbackSockets:
 
 
 def run_on(kind: str, scenario: Any) -> Any:
-    """`scenario()` on asyncio's own event loop or uvloop's (the agent's): the upstream's
-    transport is made by stepping each one's create_connection by hand."""
+    """`scenario()` on asyncio's own event loop or uvloop's (the agent's)."""
     if kind == "uvloop":
         import uvloop
 
@@ -223,11 +223,23 @@ def run_on(kind: str, scenario: Any) -> Any:
 
 
 LOOPS = ["asyncio", "uvloop"]
+# the upstream's transport: the C PodTransport (csrc/podio.c), or the event loop's own, made
+# by stepping its create_connection by hand (relay._Making)
+TRANSPORTS = ["podio", "loop"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "podio":
+        assert relay_module.POD_TRANSPORT is not None, "agent.dataplane._podio is not built"
+    else:
+        monkeypatch.setattr(relay_module, "POD_TRANSPORT", None)
+    return str(request.param)
 
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_a_connect_completed_at_once_makes_the_upstream_without_a_task(
-        netns: NetNs, metrics: Any, kind: str) -> None:
+        netns: NetNs, metrics: Any, kind: str, transport: str) -> None:
     _, agent_metrics, telemetry = metrics
     proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
     front = pod(netns)
@@ -237,11 +249,15 @@ def test_a_connect_completed_at_once_makes_the_upstream_without_a_task(
     async def scenario() -> tuple[bytes, bool]:
         client = accept(proxy.protocol_factory(front), listener.getsockname())
         [relay] = front.relays
-        assert not proxy._plain._tasks and relay.connecting is not None  # being made, no task
-        assert not client.reading  # nothing flows until the upstream's transport exists
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert relay.connecting is None and client.reading
+        assert not proxy._plain._tasks
+        if transport == "podio":  # made in the accept's own call: the client may send at once
+            assert relay.connecting is None and client.reading
+            assert type(relay.upstream.transport).__name__ == "PodTransport"
+        else:  # being made by the loop: nothing flows until its transport exists
+            assert relay.connecting is not None and not client.reading
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert relay.connecting is None and client.reading
         client.send(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         server, _ = listener.accept()
         server.settimeout(2)
@@ -266,8 +282,9 @@ def test_a_connect_completed_at_once_makes_the_upstream_without_a_task(
 
 
 @pytest.mark.parametrize("kind", LOOPS)
-def test_a_client_gone_while_the_upstream_is_made_resets_the_upstream(
-        netns: NetNs, metrics: Any, kind: str) -> None:
+def test_a_client_gone_while_the_loop_makes_the_upstream_resets_the_upstream(
+        netns: NetNs, metrics: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "POD_TRANSPORT", None)  # the loop's transport: made later
     _, agent_metrics, telemetry = metrics
     proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
     front = pod(netns)
@@ -298,7 +315,7 @@ def test_a_client_gone_while_the_upstream_is_made_resets_the_upstream(
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_a_connect_refused_at_once_is_counted_under_its_errno_without_a_task(
-        netns: NetNs, metrics: Any, kind: str) -> None:
+        netns: NetNs, metrics: Any, kind: str, transport: str) -> None:
     registry, agent_metrics, telemetry = metrics
     proxy = InboundProxy(LoopbackSockets(), telemetry, agent_metrics, SETTINGS)  # type: ignore[arg-type]
     front = pod(netns)

@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--load", choices=("paced", "newconn"), default="paced",
                         help="what the CPU split and the profiles run: side_by_side.py's paced "
                         "client, or its ab with a new connection per request (--ab-n of them)")
+    parser.add_argument("--conns", type=int, default=16,
+                        help="connections: the paced client's, or ab's concurrency (-c)")
     parser.add_argument("--ab-n", type=int, default=5000)
     parser.add_argument("--pyspy", help="write py-spy profiles of both agents here")
     parser.add_argument("--pyspy-seconds", type=int, default=20)
@@ -73,7 +75,7 @@ def main() -> int:
     os.environ["PATH"] = sbs.RUNTIME_PATH
     os.environ.pop("PYTHONPATH", None)
     lab.TEARDOWN_BUDGET = 60.0
-    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=16, ab_n=args.ab_n,
+    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=args.conns, ab_n=args.ab_n,
                             pods=1, cni_n=1, quick=True)
     settings.warm_s, settings.warm_ab = 1, 100
 

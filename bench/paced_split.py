@@ -75,8 +75,8 @@ def main() -> int:
     os.environ["PATH"] = sbs.RUNTIME_PATH
     os.environ.pop("PYTHONPATH", None)
     lab.TEARDOWN_BUDGET = 60.0
-    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=args.conns, ab_n=args.ab_n,
-                            pods=1, cni_n=1, quick=True)
+    settings = sbs.Settings(rounds=1, duration=args.duration, rate=args.rate, conns=args.conns,
+                            ab_n=args.ab_n, pods=1, cni_n=1, quick=True)
     settings.warm_s, settings.warm_ab = 1, 100
 
     def ticks(pids: list[int]) -> tuple[int, int]:

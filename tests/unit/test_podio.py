@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.dataplane.relay import POD_TRANSPORT
+from agent.dataplane._podio import PodTransport as POD_TRANSPORT
 from agent.dataplane.sockets import arm_reset
 
 LOOPS = ["asyncio", "uvloop"]

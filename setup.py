@@ -5,8 +5,9 @@ agent.core._http1fast: the fast path of HTTP/1 request accounting (csrc/). `pip 
 headers and a C compiler both already need for python-iptables; the agent runs without it
 (the pure-Python observer), but `make test` requires it (tests/unit/test_http1_fast.py).
 
-agent.dataplane._podio: the relay's connection to a pod's app as a C asyncio transport, made
-without a coroutine (csrc/podio.c; without it the relay uses the event loop's own).
+agent.dataplane._podio: a pod's sockets as C asyncio transports — the relay's connection to the
+pod's app, made without a coroutine, and the connections its 15001/15006 accept, accepted in C
+(csrc/podio.c; without it the event loop's own transports and servers).
 
 agent._arenas: gives back the free pools inside pymalloc's arenas after a burst (csrc/arenas.c;
 without it the agent keeps them, as before).
@@ -94,7 +95,7 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
         ),
-        Extension(  # a pod's upstream connection as a C asyncio transport (issue #16)
+        Extension(  # a pod's sockets as C asyncio transports, accepted in C (issue #16)
             "agent.dataplane._podio",
             sources=["csrc/podio.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",

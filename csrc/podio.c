@@ -1,8 +1,9 @@
-/* agent.dataplane._podio: the relay's connection to a pod's app as one C transport (issue #16).
+/* agent.dataplane._podio: a pod's sockets as C transports, and its listeners' accepts (issue #16).
  *
  * `PodTransport` is an asyncio transport for one connected, non-blocking TCP socket: the
  * upstream a relay opens from inside the pod's network namespace (agent/dataplane/relay.py,
- * `PlainUpstream`). uvloop's TCP transport for the same socket is made by a coroutine
+ * `PlainUpstream`), or a connection the pod's 15001/15006 accepted (`PodAcceptor`, below;
+ * agent/dataplane/listening.py). uvloop's TCP transport for the same socket is made by a coroutine
  * (`create_connection`: a future, a connection_made one loop iteration later, the transport
  * kept in a weak dictionary, a Python socket object made for each `get_extra_info("socket")`)
  * and costs a good part of a new connection's Python; this one is made by its constructor,
@@ -27,6 +28,7 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <unistd.h>
 
 #define READ_SIZE 65536        /* bytes read per readiness callback (on the stack) */
 #define DEFAULT_HIGH 65536     /* asyncio's default high-water mark */
@@ -541,18 +543,237 @@ static PyTypeObject PodTransportType = {
     .tp_methods = pt_methods,
 };
 
+/* ------------------------------------------------------------------ accepting */
+
+/* `PodAcceptor(loop, sock, factory, on_error)`: a pod's listener (15001, 15006) served from C.
+ * On readiness (`_accept_ready`, the loop's add_reader callback) it accepts up to
+ * ACCEPT_BATCH connections; each becomes a `PodTransport` on a bare `_socket.socket`, its
+ * protocol made by `factory()` and told `connection_made` at once (uvloop's server calls it
+ * one loop iteration later, after making its own transport and tracking it), then reading
+ * starts unless the protocol paused it. An accept that fails for want of descriptors or
+ * memory stops accepting and calls `on_error(exc)` (the caller retries later, as asyncio's
+ * servers do); anything else that fails is reported, and that one connection closed. */
+
+#define ACCEPT_BATCH 32
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *loop, *sock, *factory, *on_error, *ready_cb;
+    int fd, family;
+    char serving;
+} PodAcceptor;
+
+static PyObject *BareSocket;  /* _socket.socket */
+
+static void acceptor_report(PodAcceptor *self, const char *message) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value == NULL) { Py_XDECREF(type); Py_XDECREF(tb); return; }
+    PyObject *context = Py_BuildValue("{s:s,s:O,s:O}", "message", message, "exception", value,
+                                      "socket", self->sock);
+    if (context != NULL) {
+        PyObject *r = PyObject_CallMethod(self->loop, "call_exception_handler", "O", context);
+        Py_XDECREF(r);
+        Py_DECREF(context);
+    }
+    PyErr_Clear();
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+}
+
+/* One accepted descriptor: its transport and protocol (a failure is reported and that
+ * connection closed). */
+static void adopt(PodAcceptor *self, int fd) {
+    PyObject *sock = PyObject_CallFunction(BareSocket, "iiii", self->family, SOCK_STREAM, 0, fd);
+    if (sock == NULL) {
+        close(fd);
+        acceptor_report(self, "accepted connection: no socket object");
+        return;
+    }
+    PyObject *protocol = PyObject_CallNoArgs(self->factory);
+    if (protocol == NULL) {
+        acceptor_report(self, "accepted connection: the protocol factory failed");
+        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+        Py_XDECREF(r); PyErr_Clear();
+        Py_DECREF(sock);
+        return;
+    }
+    PyObject *transport = PyObject_CallFunctionObjArgs((PyObject *)&PodTransportType, self->loop,
+                                                       sock, protocol, NULL);
+    if (transport == NULL) {
+        acceptor_report(self, "accepted connection: no transport");
+        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+        Py_XDECREF(r); PyErr_Clear();
+        Py_DECREF(sock);
+        Py_DECREF(protocol);
+        return;
+    }
+    Py_DECREF(sock);
+    PyObject *r = PyObject_CallMethod(protocol, "connection_made", "O", transport);
+    Py_DECREF(protocol);
+    if (r == NULL) {
+        PodTransport *t = (PodTransport *)transport;
+        t->started = 1;  /* as asyncio: a raising connection_made ends the connection */
+        callback_failed(t, "Fatal error: protocol.connection_made() call failed.");
+    } else {
+        Py_DECREF(r);
+        PyObject *started = pt_start((PodTransport *)transport, NULL);
+        if (started == NULL) fail_with_error((PodTransport *)transport);
+        Py_XDECREF(started);
+    }
+    Py_DECREF(transport);
+}
+
+static PyObject *accept_ready(PodAcceptor *self, PyObject *unused) {
+    for (int i = 0; i < ACCEPT_BATCH && self->serving; i++) {
+        int fd = accept4(self->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED || errno == EPROTO)
+                break;
+            /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: stop; the owner retries later */
+            PyErr_SetFromErrno(PyExc_OSError);
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (self->serving) {
+                self->serving = 0;
+                PyObject *r = PyObject_CallMethod(self->loop, "remove_reader", "i", self->fd);
+                Py_XDECREF(r);
+                if (r == NULL) PyErr_Clear();
+            }
+            PyObject *r = value ? PyObject_CallOneArg(self->on_error, value) : NULL;
+            if (r == NULL) acceptor_report(self, "accepting: the error callback failed");
+            Py_XDECREF(r);
+            Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+            break;
+        }
+        adopt(self, fd);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pa_start(PodAcceptor *self, PyObject *unused) {
+    if (self->serving) Py_RETURN_NONE;
+    PyObject *r = PyObject_CallMethod(self->loop, "add_reader", "iO", self->fd, self->ready_cb);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    self->serving = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pa_stop(PodAcceptor *self, PyObject *unused) {
+    if (!self->serving) Py_RETURN_NONE;
+    self->serving = 0;
+    PyObject *r = PyObject_CallMethod(self->loop, "remove_reader", "i", self->fd);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *pa_get_serving(PodAcceptor *self, void *unused) { return PyBool_FromLong(self->serving); }
+
+static int pa_init(PodAcceptor *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"loop", "sock", "factory", "on_error", NULL};
+    PyObject *loop, *sock, *factory, *on_error;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO", names, &loop, &sock, &factory, &on_error))
+        return -1;
+    if (self->loop != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "PodAcceptor is initialised once");
+        return -1;
+    }
+    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
+    if (fileno == NULL) return -1;
+    int fd = (int)PyLong_AsLong(fileno);
+    Py_DECREF(fileno);
+    if (fd < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the listening socket is closed");
+        return -1;
+    }
+    PyObject *family = PyObject_GetAttrString(sock, "family");
+    if (family == NULL) return -1;
+    self->family = (int)PyLong_AsLong(family);
+    Py_DECREF(family);
+    if (self->family == -1 && PyErr_Occurred()) return -1;
+    self->ready_cb = PyObject_GetAttrString((PyObject *)self, "_accept_ready");
+    if (self->ready_cb == NULL) return -1;
+    Py_INCREF(loop); self->loop = loop;
+    Py_INCREF(sock); self->sock = sock;
+    Py_INCREF(factory); self->factory = factory;
+    Py_INCREF(on_error); self->on_error = on_error;
+    self->fd = fd;
+    return 0;
+}
+
+static int pa_traverse(PodAcceptor *self, visitproc visit, void *arg) {
+    Py_VISIT(self->loop); Py_VISIT(self->sock); Py_VISIT(self->factory);
+    Py_VISIT(self->on_error); Py_VISIT(self->ready_cb);
+    return 0;
+}
+
+static int pa_clear(PodAcceptor *self) {
+    Py_CLEAR(self->ready_cb); Py_CLEAR(self->on_error); Py_CLEAR(self->factory);
+    Py_CLEAR(self->sock); Py_CLEAR(self->loop);
+    return 0;
+}
+
+static void pa_dealloc(PodAcceptor *self) {
+    PyObject_GC_UnTrack(self);
+    pa_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef pa_methods[] = {
+    {"start", (PyCFunction)pa_start, METH_NOARGS, "Accept whenever the listener is readable."},
+    {"stop", (PyCFunction)pa_stop, METH_NOARGS, "Accept no more (the listener stays open)."},
+    {"_accept_ready", (PyCFunction)accept_ready, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pa_getset[] = {
+    {"serving", (getter)pa_get_serving, NULL, "Accepting now.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PodAcceptorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.dataplane._podio.PodAcceptor",
+    .tp_doc = "PodAcceptor(loop, sock, factory, on_error): a listening socket's connections as "
+              "PodTransports of factory() protocols, accepted from C.",
+    .tp_basicsize = sizeof(PodAcceptor),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pa_init,
+    .tp_dealloc = (destructor)pa_dealloc,
+    .tp_traverse = (traverseproc)pa_traverse,
+    .tp_clear = (inquiry)pa_clear,
+    .tp_methods = pa_methods,
+    .tp_getset = pa_getset,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent.dataplane._podio",
     "A pod's upstream TCP connection as one C asyncio transport (csrc/podio.c).", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__podio(void) {
-    if (PyType_Ready(&PodTransportType) < 0) return NULL;
+    if (PyType_Ready(&PodTransportType) < 0 || PyType_Ready(&PodAcceptorType) < 0) return NULL;
+    PyObject *socket_module = PyImport_ImportModule("_socket");
+    if (socket_module == NULL) return NULL;
+    BareSocket = PyObject_GetAttrString(socket_module, "socket");
+    Py_DECREF(socket_module);
+    if (BareSocket == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&PodTransportType);
     if (PyModule_AddObject(m, "PodTransport", (PyObject *)&PodTransportType) < 0) {
         Py_DECREF(&PodTransportType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&PodAcceptorType);
+    if (PyModule_AddObject(m, "PodAcceptor", (PyObject *)&PodAcceptorType) < 0) {
+        Py_DECREF(&PodAcceptorType);
         Py_DECREF(m);
         return NULL;
     }

@@ -21,13 +21,14 @@ from agent.core.telemetry import TcpLabels, Telemetry
 from agent.dataplane.budget import ConnectionBudget, RelaySet
 from agent.dataplane.context import PodContext
 from agent.dataplane.inbound import InboundProxy
+from agent.dataplane.listening import serve_pod
 from agent.dataplane.mesh import Listener, TunnelAcceptor, serve_tunnel
 from agent.dataplane.netns import NetNs, NetnsError, NetnsSwitch
 from agent.dataplane.outbound import OutboundProxy
 from agent.dataplane.redirect import Backend, CgroupBackend, RedirectError, make_backend, routing
 from agent.dataplane.redirect.plan import Plan, build_plan
 from agent.dataplane.relay import reap_idle
-from agent.dataplane.sockets import LISTEN_BACKLOG, SocketFactory
+from agent.dataplane.sockets import SocketFactory
 from agent.dataplane.tunnel import sync_lanes
 from agent.inpod.errors import CNI_CONTAINER_UNKNOWN, CNI_IO_FAILURE, CNI_TRY_AGAIN_LATER, CaptureError
 from agent.inpod.keeper import ListenerHold, listener_key
@@ -295,8 +296,7 @@ class PodManager:
         if self._budget is not None and self._budget.exhausted:
             self._waiting.watch(sock.fileno(), (captured.pod.container_id, index))
             return  # out again meanwhile
-        server = await asyncio.get_running_loop().create_server(factory, sock=sock.dup(),
-                                                                  backlog=LISTEN_BACKLOG)
+        server = await serve_pod(factory, sock.dup())
         if self._pods.get(captured.pod.container_id) is not captured or not self._accepting:
             server.close()  # released (or the agent stopping) meanwhile
             return
@@ -453,7 +453,6 @@ class PodManager:
         routing.remove(plan)
 
     async def _listen(self, captured: CapturedPod) -> None:
-        loop = asyncio.get_running_loop()
         ports, netns, context = self._config.ports, captured.netns, captured.context
         proxies = self._proxies
         wanted = (("127.0.0.1", ports.outbound, proxies.outbound.protocol_factory(context)),
@@ -477,7 +476,7 @@ class PodManager:
             else:
                 own = sock.dup()
                 captured.accepting.append((len(captured.servers), own, factory))
-                server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
+                server = await serve_pod(factory, sock)
                 if self._budget is not None and self._budget.exhausted:
                     server.close()  # the budget is out: accepted once it is back
                     self._waiting.watch(own.fileno(), (captured.pod.container_id,

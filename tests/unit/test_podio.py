@@ -328,3 +328,153 @@ def test_once_lost_the_transport_lets_go_of_its_protocol_without_the_collector(k
     finally:
         gc.enable()
     peer.close()
+
+
+# ---------------------------------------------------------------- PodAcceptor / PodServer
+
+
+def serve(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, tuple[str, int]]:
+    from agent.dataplane.listening import PodServer
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    address = listener.getsockname()
+    return PodServer(asyncio.get_running_loop(), listener, factory), address
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_accepted_connections_are_pod_transports_told_at_once(kind: str) -> None:
+    made: list[Recorder] = []
+
+    def factory() -> Recorder:
+        protocol = Recorder()
+        made.append(protocol)
+        return protocol
+
+    async def scenario() -> None:
+        server, address = serve(factory)
+        assert server.is_serving() and server.sockets[0].getsockname() == address
+        clients = []
+        for _ in range(70):  # more than one readiness callback accepts (32)
+            client = socket.create_connection(address)
+            client.settimeout(5)
+            clients.append(client)
+        await until(lambda: len(made) == 70)
+        assert all(p.events[:1] == ["made"] for p in made)
+        assert {type(p.transport).__name__ for p in made} == {"PodTransport"}
+        for index, client in enumerate(clients):
+            client.sendall(b"%d" % index)
+        await until(lambda: sorted(bytes(p.received) for p in made)
+                    == sorted(b"%d" % i for i in range(70)))
+        for protocol in made:
+            protocol.transport.write(b"back:" + bytes(protocol.received))
+            protocol.transport.close()
+        for index, client in enumerate(clients):
+            assert await asyncio.to_thread(receive_all, client, 100) == b"back:%d" % index
+            client.close()
+        await until(lambda: all(p.lost == [None] for p in made))
+        server.close()
+        assert not server.is_serving() and not server.sockets
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2)
+
+    run_on(kind, scenario)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_factory_that_raises_is_reported_and_that_connection_closed(kind: str) -> None:
+    calls = []
+
+    def factory() -> Recorder:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("the first one fails")
+        return Recorder()
+
+    async def scenario() -> list[dict[str, Any]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        server, address = serve(factory)
+        first = socket.create_connection(address)
+        first.settimeout(5)
+        await until(lambda: len(calls) == 1)
+        assert await asyncio.to_thread(first.recv, 10) == b""  # closed, not left hanging
+        second = socket.create_connection(address)
+        await until(lambda: len(calls) == 2)  # still serving
+        assert server.is_serving()
+        second.close()
+        first.close()
+        server.close()
+        return reported
+
+    reported = run_on(kind, scenario)
+    assert [type(c["exception"]) for c in reported] == [ValueError]
+    assert "factory" in reported[0]["message"]
+
+
+def test_without_the_c_module_a_listener_is_the_event_loops_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.dataplane import listening
+
+    monkeypatch.setattr(listening, "POD_ACCEPTOR", None)
+    made: list[Recorder] = []
+
+    async def scenario() -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        server = await listening.serve_pod(lambda: made.append(Recorder()) or made[-1], listener)
+        client = socket.create_connection(listener.getsockname())
+        await until(lambda: bool(made) and made[0].events[:1] == ["made"])
+        client.close()
+        server.close()
+        return type(server).__name__
+
+    assert run_on("asyncio", scenario) == "Server"
+
+
+_OUT_OF_DESCRIPTORS = """
+import asyncio, os, resource, socket, sys
+from agent.dataplane import listening
+listening.ACCEPT_RETRY_DELAY = 0.3
+
+async def main():
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.append(transport)
+            transport.write(b"served")
+            transport.close()
+    server = listening.PodServer(asyncio.get_running_loop(), listener, Echo)
+    client = socket.create_connection(listener.getsockname())  # waits in the backlog
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest, hard))  # no descriptor left to accept
+    await asyncio.sleep(0.2)
+    print("refused while out:", len(accepted), server.is_serving(), flush=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for _ in range(200):
+        if accepted:
+            break
+        await asyncio.sleep(0.01)
+    client.settimeout(2)
+    print("served after:", len(accepted), client.recv(10).decode(), flush=True)
+    server.close()
+
+asyncio.run(main())
+"""
+
+
+def test_out_of_descriptors_accepting_stops_and_starts_again_later() -> None:
+    """accept4 fails with EMFILE: logged, accepting stops (no busy loop on a listener that
+    stays readable), and starts again after ACCEPT_RETRY_DELAY; the connection that waited
+    in the backlog is then served. In a child process: its descriptor limit is lowered."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", _OUT_OF_DESCRIPTORS], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines == ["refused while out: 0 True", "served after: 1 served"], run.stdout
+    assert run.stderr.count("Too many open files") == 1, run.stderr  # once, not in a loop

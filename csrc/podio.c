@@ -45,6 +45,7 @@ typedef struct {
     size_t out_start, out_end, out_cap;
     size_t high, low;
     char started, paused, reading, writing, closing, eof_wanted, eof_sent;
+    char read_eof;                  /* the peer's FIN came: nothing more to read, ever */
     char lost_scheduled, lost, protocol_paused;
 } PodTransport;
 
@@ -62,7 +63,8 @@ static int loop_call(PodTransport *self, const char *method, PyObject *cb) {
 }
 
 static int start_reading(PodTransport *self) {
-    if (self->reading || self->closing || self->paused || !self->started || self->read_cb == NULL)
+    if (self->reading || self->closing || self->paused || !self->started || self->read_eof
+            || self->read_cb == NULL)
         return 0;
     if (loop_call(self, "add_reader", self->read_cb) < 0) return -1;
     self->reading = 1;
@@ -269,7 +271,9 @@ static PyObject *read_ready(PodTransport *self, PyObject *unused) {
         fail_with_error(self);
         Py_RETURN_NONE;
     }
-    /* the peer's FIN: no more reading; the protocol says whether our half stays open */
+    /* the peer's FIN: no more reading (a resume_reading later does not ask again); the
+     * protocol says whether our half stays open */
+    self->read_eof = 1;
     if (stop_reading(self) < 0) return NULL;
     PyObject *r = PyObject_CallMethod(self->protocol, "eof_received", NULL);
     if (r == NULL) {

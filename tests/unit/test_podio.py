@@ -194,6 +194,10 @@ def test_the_peers_fin_is_eof_received_whose_answer_says_whether_to_close(
         await until(lambda: "eof" in protocol.events)
         if keep_open:
             assert not transport.is_closing()
+            transport.pause_reading()  # as the relay, when the other side's writes back up
+            transport.resume_reading()
+            await asyncio.sleep(0.05)
+            assert protocol.events.count("eof") == 1  # the FIN is told once
             transport.write(b"after your FIN")
             assert await asyncio.to_thread(receive_all, peer, 14) == b"after your FIN"
             transport.close()

@@ -13,8 +13,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 # As a container's PID 1 a signal without a handler is ignored: a SIGTERM that comes while
 # we start (the imports take a few hundred ms) would wait out the grace period and end in
 # SIGKILL. Until a command installs its own handling, SIGTERM exits at once. Set before the
-# imports below, and only here: the CLI is the process's entry point.
-signal.signal(signal.SIGTERM, _exit_on_sigterm)
+# imports below, and only here: the CLI is the process's entry point — except in a test
+# run that imports it, whose SIGTERM must stop the run, not fail the test at hand.
+if "pytest" not in sys.modules:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

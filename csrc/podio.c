@@ -451,6 +451,16 @@ static PyObject *pt_get_write_buffer_size(PodTransport *self, PyObject *unused) 
     return PyLong_FromSize_t(out_len(self));
 }
 
+/* A socket object's descriptor (`sock.fileno()`); -1 with an exception set (closed: ValueError). */
+static int socket_fd(PyObject *sock) {
+    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
+    if (fileno == NULL) return -1;
+    int fd = (int)PyLong_AsLong(fileno);
+    Py_DECREF(fileno);
+    if (fd < 0 && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the socket is closed");
+    return fd < 0 ? -1 : fd;
+}
+
 static int pt_init(PodTransport *self, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"loop", "sock", "protocol", NULL};
     PyObject *loop, *sock, *protocol;
@@ -459,14 +469,8 @@ static int pt_init(PodTransport *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_RuntimeError, "PodTransport is initialised once");
         return -1;
     }
-    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
-    if (fileno == NULL) return -1;
-    int fd = (int)PyLong_AsLong(fileno);
-    Py_DECREF(fileno);
-    if (fd < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the socket is closed");
-        return -1;
-    }
+    int fd = socket_fd(sock);
+    if (fd < 0) return -1;
     int one = 1;  /* as uvloop's TCP transports: no Nagle delay on the relay's small writes */
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0 && errno != EOPNOTSUPP) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -686,14 +690,8 @@ static int pa_init(PodAcceptor *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_RuntimeError, "PodAcceptor is initialised once");
         return -1;
     }
-    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
-    if (fileno == NULL) return -1;
-    int fd = (int)PyLong_AsLong(fileno);
-    Py_DECREF(fileno);
-    if (fd < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "the listening socket is closed");
-        return -1;
-    }
+    int fd = socket_fd(sock);
+    if (fd < 0) return -1;
     PyObject *family = PyObject_GetAttrString(sock, "family");
     if (family == NULL) return -1;
     self->family = (int)PyLong_AsLong(family);

@@ -28,6 +28,7 @@ of its modules is found.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -36,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 # The modules compiled together (one mypyc group), named below `agent`, in dependency order.
 COMPILED_MODULES: Final = ("core.tunnel_frames", "core.tunnel", "core.counters",
@@ -157,6 +158,18 @@ def install() -> None:
     """Put the finder in front of the normal ones (once per process)."""
     if not any(isinstance(finder, CompiledModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, CompiledModuleFinder())
+
+
+def c_extension(module: str, name: str) -> Any:
+    """`name` of the C extension `module` (csrc/: agent.dataplane._tlsio, _podio), or None when
+    it is not built or PINION_PURE_PYTHON=1 keeps the agent off compiled code; the caller then
+    takes its Python (or event loop's) path."""
+    if os.environ.get(PURE_PYTHON_ENV) == "1":
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None
 
 
 def is_compiled(module: ModuleType) -> bool:

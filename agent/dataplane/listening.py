@@ -8,29 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agent.core.compiled import PURE_PYTHON_ENV
+from agent.core.compiled import c_extension
 from agent.dataplane.sockets import LISTEN_BACKLOG
 
 log = logging.getLogger(__name__)
 ACCEPT_RETRY_DELAY = 1.0  # seconds, as asyncio's servers: out of descriptors or memory, again after
 
 
-def _c_acceptor() -> Any:
-    if os.environ.get(PURE_PYTHON_ENV) == "1":
-        return None
-    try:
-        from agent.dataplane._podio import PodAcceptor
-    except ImportError:
-        return None
-    return PodAcceptor
-
-
-POD_ACCEPTOR: Any = _c_acceptor()  # not Final: tests take it away (the event loop's server)
+# pods' 15001/15006 accepted in C (csrc/podio.c); None: the event loop's server
+POD_ACCEPTOR: Any = c_extension("agent.dataplane._podio", "PodAcceptor")  # not Final: tests take it away
 
 
 class PodServer:

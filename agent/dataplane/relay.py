@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.core.accounting import Record
-from agent.core.compiled import PURE_PYTHON_ENV
+from agent.core.compiled import c_extension
 from agent.core.detect import ConnectionObserver, DirectFeed
 from agent.core.detect import Protocol as Wire
 from agent.core.telemetry import (
@@ -46,19 +45,8 @@ from agent.observability.metrics import AgentMetrics
 log = logging.getLogger(__name__)
 
 
-def _c_pod_transport() -> Any:
-    """`agent.dataplane._podio.PodTransport` (csrc/podio.c), when built and not refused by the
-    environment; None: the event loop's own transport."""
-    if os.environ.get(PURE_PYTHON_ENV) == "1":
-        return None
-    try:
-        from agent.dataplane._podio import PodTransport
-    except ImportError:
-        return None
-    return PodTransport
-
-
-POD_TRANSPORT: Any = _c_pod_transport()  # not Final: tests take it away (the event loop's path)
+# the relay's connection to a pod's app as a C transport (csrc/podio.c); None: the event loop's
+POD_TRANSPORT: Any = c_extension("agent.dataplane._podio", "PodTransport")  # not Final: tests take it away
 
 
 @dataclass(frozen=True, slots=True)

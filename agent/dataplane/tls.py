@@ -28,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from agent.core.compiled import PURE_PYTHON_ENV
+from agent.core.compiled import c_extension
 from agent.dataplane.sockets import readable
 
 log = logging.getLogger(__name__)
@@ -147,18 +146,8 @@ async def handshake(sock: socket.socket, context: ssl.SSLContext, server_side: b
             incoming.write(data)
 
 
-def _c_transport() -> Any:
-    """`agent.dataplane._tlsio.TlsTransport`, when built and not refused by the environment."""
-    if os.environ.get(PURE_PYTHON_ENV) == "1":
-        return None
-    try:
-        from agent.dataplane._tlsio import TlsTransport
-    except ImportError:
-        return None
-    return TlsTransport
-
-
-TLS_TRANSPORT: Any = _c_transport()  # not Final: tests take it away (the Python path)
+# the tunnel connection as one C transport (csrc/tlsio.c); None: TunnelTls, in Python
+TLS_TRANSPORT: Any = c_extension("agent.dataplane._tlsio", "TlsTransport")  # not Final: tests take it away
 
 
 def tls_transport_build() -> str:
